@@ -1,0 +1,1 @@
+"""Analyses: read the graph, write ``node.meta``; never modify the graph."""

@@ -1,0 +1,1 @@
+"""Structured channel pruning: coupling analysis, importance, prune, shrink, compact."""

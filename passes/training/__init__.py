@@ -1,0 +1,1 @@
+"""Sparse training passes (SWAT, dynamic sparse training) and their controllers."""

@@ -1,0 +1,42 @@
+"""sparsifx: graph transformations that make sparse neural networks real.
+
+Public names are loaded lazily so that ``import sparsifx`` stays light (ONNX and the backends are
+imported on first use).
+"""
+from __future__ import annotations
+
+import importlib
+
+from .errors import (BackendError, PassError, PostconditionError, PreconditionError, RecipeError, SparsifxError,
+                     TraceError, UnsupportedOpError, VerificationError)
+from .pass_base import PassBase, PassResult
+from .pass_manager import PassManager
+from .recipe import Recipe
+from .registry import register_pass
+from .tracing import trace
+from .api import sparsify
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it (imported on first access)
+_LAZY = {
+    "report": "sparsifx.report",
+    "export_onnx": "sparsifx.backends.onnx_export",
+    "save": "sparsifx.serialization",
+    "load": "sparsifx.serialization",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'sparsifx' has no attribute '{name}'")
+
+
+__all__ = ["sparsify", "trace", "Recipe", "PassBase", "PassResult", "PassManager", "register_pass", "report",
+           "export_onnx", "save", "load", "SparsifxError", "TraceError", "RecipeError", "PassError", "BackendError",
+           "PreconditionError", "PostconditionError", "UnsupportedOpError", "VerificationError"]
+
+from . import passes as _passes  # noqa: E402,F401  (registers the built-in passes)

@@ -1,0 +1,129 @@
+"""Weight masks as modules: ``MaskedLinear`` / ``MaskedConv*d`` compute with ``weight * mask``.
+
+A masked layer is a subclass of its dense class (so ``isinstance(m, nn.Conv2d)`` still holds and
+other passes keep working), is a tracing leaf, and keeps its qualified name in the graph. With
+``dense_grad=True`` the gradient reaching ``weight`` is the dense gradient of the effective weight
+(straight-through), which dynamic sparse training methods read for growth.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import PassError
+from .tracing import register_leaf_type
+
+
+class MaskedMixin:
+    """Shared behaviour of masked layers: a ``mask`` buffer shaped like ``weight``."""
+    mask: torch.Tensor
+    dense_grad: bool = False
+
+    def effective_weight(self) -> torch.Tensor:
+        w = self.weight
+        if self.dense_grad and torch.is_grad_enabled():
+            return w + (w * self.mask - w).detach()
+        return w * self.mask
+
+    def extra_repr(self) -> str:
+        density = float(self.mask.count_nonzero()) / max(1, self.mask.numel())
+        return f"{super().extra_repr()}, density={density:.4f}"
+
+
+@register_leaf_type
+class MaskedLinear(MaskedMixin, nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.effective_weight(), self.bias)
+
+
+@register_leaf_type
+class MaskedConv1d(MaskedMixin, nn.Conv1d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.effective_weight(), self.bias)
+
+
+@register_leaf_type
+class MaskedConv2d(MaskedMixin, nn.Conv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.effective_weight(), self.bias)
+
+
+@register_leaf_type
+class MaskedConv3d(MaskedMixin, nn.Conv3d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.effective_weight(), self.bias)
+
+
+# dense class -> masked class; the one table to extend for a new layer type
+MASKED_TYPES: dict[type, type] = {
+    nn.Linear: MaskedLinear, nn.Conv1d: MaskedConv1d, nn.Conv2d: MaskedConv2d, nn.Conv3d: MaskedConv3d,
+}
+DENSE_TYPES: dict[type, type] = {v: k for k, v in MASKED_TYPES.items()}
+
+
+def is_masked(module: nn.Module) -> bool:
+    return isinstance(module, MaskedMixin)
+
+
+def get_mask(module: nn.Module) -> torch.Tensor | None:
+    return module.mask if is_masked(module) else None
+
+
+def effective_weight(module: nn.Module) -> torch.Tensor:
+    """The weight a layer computes with (masked where it is masked)."""
+    return module.effective_weight() if is_masked(module) else module.weight
+
+
+def _swap_class(module: nn.Module, new_cls: type) -> nn.Module:
+    new = new_cls.__new__(new_cls)
+    new.__dict__ = module.__dict__.copy()
+    for key in ("_parameters", "_buffers", "_modules"):
+        new.__dict__[key] = dict(module.__dict__[key])
+    return new
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+def set_mask(root: nn.Module, name: str, mask: torch.Tensor) -> nn.Module:
+    """Install ``mask`` on layer ``name`` of ``root`` (swapping in its masked class); returns the layer."""
+    module = root.get_submodule(name)
+    if not is_masked(module):
+        masked_cls = MASKED_TYPES.get(type(module))
+        if masked_cls is None:
+            raise PassError(f"layer '{name}' of type {type(module).__name__} cannot be masked; "
+                            f"maskable types: {', '.join(t.__name__ for t in MASKED_TYPES)}")
+        module = _swap_class(module, masked_cls)
+        module.register_buffer("mask", torch.ones_like(module.weight, dtype=module.weight.dtype))
+        _set_submodule(root, name, module)
+    if tuple(mask.shape) != tuple(module.weight.shape):
+        raise PassError(f"mask shape {tuple(mask.shape)} does not match weight {tuple(module.weight.shape)} "
+                        f"of layer '{name}'")
+    module.mask.copy_(mask.to(module.mask.dtype))
+    return module
+
+
+def masked_layers(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    for name, module in root.named_modules():
+        if is_masked(module):
+            yield name, module
+
+
+def bake_masks(root: nn.Module) -> int:
+    """Replace every masked layer by its dense class with ``weight *= mask``; returns how many."""
+    count = 0
+    for name, module in list(masked_layers(root)):
+        dense = _swap_class(module, DENSE_TYPES[type(module)])
+        with torch.no_grad():
+            dense.weight.mul_(module.mask)
+        del dense._buffers["mask"]
+        dense.__dict__.pop("dense_grad", None)
+        _set_submodule(root, name, dense)
+        count += 1
+    return count

@@ -1,0 +1,123 @@
+"""Runs passes in order, keeps analyses fresh, and verifies semantics-preserving passes."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+
+from .errors import PassError, VerificationError
+from .pass_base import ALL_ANALYSES, PassBase, PassResult
+from .registry import ANALYSES
+
+log = logging.getLogger(__name__)
+
+MAX_FIXED_POINT_ITERATIONS = 100
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    rtol: float = 1e-4
+    atol: float = 1e-4
+
+
+@dataclass
+class PassRecord:
+    name: str
+    modified: bool
+    verified: bool
+
+
+@dataclass
+class ManagerResult(PassResult):
+    history: list[PassRecord] = field(default_factory=list)
+
+
+def run_model(gm: torch.nn.Module, inputs: Sequence[Any]) -> Any:
+    """Forward in eval mode without grad, restoring the training flag."""
+    was_training = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            return gm(*inputs)
+    finally:
+        gm.train(was_training)
+
+
+class PassManager:
+    """Run ``passes`` over a GraphModule.
+
+    ``example_inputs`` feed the analyses and verification. With ``verify=True`` every pass whose class
+    sets ``preserves_semantics`` is checked with ``torch.testing.assert_close``; a mismatch raises
+    ``VerificationError`` naming it and the passes before it. ``fixed_point`` repeats the whole list
+    until no pass modifies the module.
+    """
+
+    def __init__(self, passes: Iterable[PassBase], example_inputs: Sequence[Any] | None = None,
+                 verify: bool = False, tolerance: Tolerance = Tolerance(), fixed_point: bool = False,
+                 progress: bool = False):
+        self.passes = list(passes)
+        self.example_inputs = tuple(example_inputs) if example_inputs is not None else None
+        self.verify, self.tolerance, self.fixed_point, self.progress = verify, tolerance, fixed_point, progress
+        self._valid: set[str] = set()
+
+    @classmethod
+    def from_recipe(cls, recipe, **kwargs) -> "PassManager":
+        return cls(recipe.build_passes(), **kwargs)
+
+    def __call__(self, gm: fx.GraphModule) -> ManagerResult:
+        return self.run(gm)
+
+    def run(self, gm: fx.GraphModule) -> ManagerResult:
+        history: list[PassRecord] = []
+        any_modified = False
+        for _ in range(MAX_FIXED_POINT_ITERATIONS if self.fixed_point else 1):
+            round_modified = False
+            for p in self._iterate():
+                gm, modified = self._run_one(p, gm, history)
+                round_modified |= modified
+            any_modified |= round_modified
+            if not round_modified:
+                break
+        else:
+            raise PassError(f"passes did not reach a fixed point in {MAX_FIXED_POINT_ITERATIONS} rounds")
+        return ManagerResult(gm, any_modified, history)
+
+    def _iterate(self):
+        if not self.progress or len(self.passes) < 2:
+            return self.passes
+        from tqdm.auto import tqdm
+        return tqdm(self.passes, desc="sparsifx passes", unit="pass")
+
+    def _run_one(self, p: PassBase, gm: fx.GraphModule, history: list[PassRecord]):
+        self.ensure_analyses(gm, p.requires_analyses)
+        check = self.verify and p.preserves_semantics and self.example_inputs is not None
+        reference = run_model(gm, self.example_inputs) if check else None
+        log.info("running pass %s", p.label)
+        result = p(gm)
+        if result.modified:
+            self._invalidate(p.invalidates_analyses)
+            if check:
+                self._compare(p, reference, run_model(result.gm, self.example_inputs), history)
+        history.append(PassRecord(p.label, result.modified, check and result.modified))
+        return result.gm, result.modified
+
+    def ensure_analyses(self, gm: fx.GraphModule, names: Iterable[str]) -> None:
+        for name in names:
+            if name not in self._valid:
+                ANALYSES.get(name)(gm, self.example_inputs)
+                self._valid.add(name)
+
+    def _invalidate(self, names: Iterable[str]) -> None:
+        names = set(names)
+        self._valid = set() if ALL_ANALYSES in names else self._valid - names
+
+    def _compare(self, p: PassBase, expected: Any, actual: Any, history: list[PassRecord]) -> None:
+        try:
+            torch.testing.assert_close(actual, expected, rtol=self.tolerance.rtol, atol=self.tolerance.atol)
+        except AssertionError as exc:
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else "outputs differ"
+            detail = " ".join(str(exc).split())[:400] or first_line
+            raise VerificationError(p.label, [h.name for h in history], detail) from None

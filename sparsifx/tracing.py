@@ -1,0 +1,131 @@
+"""``trace``: symbolic tracing with leaf modules, opaque-leaf fallback and shape recording."""
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .errors import TraceError
+
+log = logging.getLogger(__name__)
+
+# Module classes that are always leaves (sparsifx's own layers register here).
+LEAF_TYPES: set[type] = set()
+MAX_OPAQUE_RETRIES = 64
+
+
+def register_leaf_type(cls: type) -> type:
+    """Class decorator: tracing never enters modules of this class."""
+    LEAF_TYPES.add(cls)
+    return cls
+
+
+class SparsifxTracer(fx.Tracer):
+    """An ``fx.Tracer`` that keeps given module paths and types as leaves and remembers which
+    module it was inside when tracing failed."""
+
+    def __init__(self, leaf_paths: Iterable[str] = (), leaf_types: Iterable[type] = ()):
+        super().__init__()
+        self.leaf_paths = set(leaf_paths)
+        self.leaf_types = tuple(LEAF_TYPES | set(leaf_types))
+        self._sparsifx_stack: list[str] = []
+        self.failed_in: list[str] | None = None
+
+    def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
+        if qualname in self.leaf_paths or isinstance(m, self.leaf_types):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        qualname = self.path_of_module(m)
+        self._sparsifx_stack.append(qualname)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = list(self._sparsifx_stack)
+            raise
+        finally:
+            self._sparsifx_stack.pop()
+
+
+def _last_node(tracer: SparsifxTracer) -> str:
+    graph = getattr(tracer, "graph", None)
+    nodes = list(graph.nodes) if graph is not None else []
+    return nodes[-1].format_node() if nodes else "<no node created>"
+
+
+def _trace_once(model, leaf_paths, leaf_types, concrete_args) -> tuple[fx.GraphModule | None, Exception | None,
+                                                                        SparsifxTracer]:
+    tracer = SparsifxTracer(leaf_paths, leaf_types)
+    try:
+        graph = tracer.trace(model, concrete_args=concrete_args)
+    except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError... depending on the construct
+        return None, exc, tracer
+    name = model.__class__.__name__
+    return fx.GraphModule(tracer.root, graph, name), None, tracer
+
+
+def trace(model: torch.nn.Module, example_inputs: Sequence[Any] | None = None,
+          leaf_modules: Iterable[str | type] = (), concrete_args: dict[str, Any] | None = None,
+          copy_model: bool = True) -> fx.GraphModule:
+    """Trace ``model`` into a ``GraphModule``.
+
+    ``leaf_modules`` are module paths or classes kept opaque. A submodule that symbolic tracing
+    cannot handle is retried as an opaque leaf; the paths end up in ``gm.meta["opaque_leaves"]``.
+    With ``example_inputs``, shapes are recorded in ``node.meta["tensor_meta"]``. The model is
+    deep-copied first unless ``copy_model=False``, so the result never aliases the user's weights.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TraceError(f"trace needs a torch.nn.Module, got {type(model).__name__}")
+    if copy_model:
+        model = copy.deepcopy(model)
+    leaf_paths = {m for m in leaf_modules if isinstance(m, str)}
+    leaf_types = {m for m in leaf_modules if isinstance(m, type)}
+    opaque: list[str] = []
+    for _ in range(MAX_OPAQUE_RETRIES):
+        gm, exc, tracer = _trace_once(model, leaf_paths | set(opaque), leaf_types, concrete_args)
+        if gm is not None:
+            break
+        culprit = (tracer.failed_in or [""])[-1]
+        if not culprit:
+            raise TraceError(
+                f"cannot trace model {type(model).__name__}: {type(exc).__name__}: {exc} "
+                f"(at the top-level forward, after node {_last_node(tracer)}). Remedies: pass "
+                "concrete_args for arguments that drive control flow, wrap the construct in a submodule and "
+                "list it in leaf_modules, or decorate the helper with torch.fx.wrap.") from exc
+        log.info("submodule %s is not traceable (%s); keeping it as an opaque leaf", culprit, exc)
+        opaque.append(culprit)
+    else:
+        raise TraceError(f"gave up after {MAX_OPAQUE_RETRIES} opaque-leaf retries: {opaque[-5:]}")
+    gm.meta["opaque_leaves"] = opaque
+    gm.meta["leaf_types"] = tuple(leaf_types)
+    if example_inputs is not None:
+        record_shapes(gm, example_inputs)
+    return gm
+
+
+def record_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
+    """Run ``gm`` once (eval, no grad) and store ``tensor_meta`` on every node."""
+    was_training = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example_inputs)
+    except Exception as exc:
+        raise TraceError(f"shape propagation failed on the example inputs: {type(exc).__name__}: {exc}") from exc
+    finally:
+        gm.train(was_training)
+
+
+def retrace(gm: fx.GraphModule) -> fx.GraphModule:
+    """Trace an existing GraphModule again with the same leaves (keeps opaque leaves opaque)."""
+    leaves = list(gm.meta.get("opaque_leaves", [])) + list(gm.meta.get("leaf_types", ()))
+    new = trace(gm, leaf_modules=leaves, copy_model=False)
+    new.meta.update({k: v for k, v in gm.meta.items() if k not in new.meta})
+    return new
+
