@@ -79,7 +79,7 @@ class PassManager:
                 gm, modified = self._run_one(p, gm, history)
                 round_modified |= modified
             any_modified |= round_modified
-            if not round_modified:
+            if not round_modified or not self.fixed_point:
                 break
         else:
             raise PassError(f"passes did not reach a fixed point in {MAX_FIXED_POINT_ITERATIONS} rounds")
