@@ -24,6 +24,7 @@ _LAZY = {
     "export_onnx": "sparsifx.backends.onnx_export",
     "save": "sparsifx.serialization",
     "load": "sparsifx.serialization",
+    "attach": "sparsifx.passes.training.dst_controller",
 }
 
 
@@ -36,7 +37,7 @@ def __getattr__(name: str):
 
 
 __all__ = ["sparsify", "trace", "Recipe", "PassBase", "PassResult", "PassManager", "register_pass", "report",
-           "export_onnx", "save", "load", "SparsifxError", "TraceError", "RecipeError", "PassError", "BackendError",
-           "PreconditionError", "PostconditionError", "UnsupportedOpError", "VerificationError"]
+           "export_onnx", "save", "load", "attach", "SparsifxError", "TraceError", "RecipeError", "PassError",
+           "BackendError", "PreconditionError", "PostconditionError", "UnsupportedOpError", "VerificationError"]
 
 from . import passes as _passes  # noqa: E402,F401  (registers the built-in passes)

@@ -1,0 +1,191 @@
+"""Shared base of the dynamic sparse training passes: mask installation plus a controller.
+
+``DSTPass.call``: every selected Conv/Linear ``layer(x) -> masked_layer(x, W ⊙ M)`` with ``M`` drawn from
+the configured layer-sparsity distribution (algorithms.md §0.3/§0.4), ``W ← W ⊙ M``, and a
+``SparseController`` stored in ``gm.meta["sparse_controller"]`` that updates the masks while training
+runs (``sparsifx.attach(model, optimizer, steps_per_epoch=...)``). Subclasses implement the method:
+``dense_grad_at`` (which forward passes need the dense weight gradient), ``before_step`` (update
+instead of the optimizer step, RigL), ``after_step`` (GMP) and ``on_epoch_end`` (SET, CTRE, sparse
+momentum). Layers whose target sparsity is 0 stay dense and are not part of the controller.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.fx as fx
+
+from sparsifx import validate
+from sparsifx.distributions import er_epsilon_density, layer_sparsities
+from sparsifx.errors import PreconditionError, RecipeError
+from sparsifx.masking import MASKED_TYPES, is_masked, set_mask
+from sparsifx.pass_base import PassBase, PassResult
+from sparsifx.selection import LayerSelection
+
+from .mask_ops import bernoulli_mask, random_mask
+
+log = logging.getLogger(__name__)
+
+DISTRIBUTIONS = ("uniform", "er", "erk", "er_epsilon")
+MASK_INITS = ("exact", "bernoulli", "ones")
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    """How the initial masks are drawn.
+
+    ``sparsity`` global target; ``distribution`` uniform | er | erk | er_epsilon (SET's
+    ``p = ε(n_in+n_out)/(n_in·n_out)``, ignores ``sparsity``); ``epsilon`` for er_epsilon;
+    ``erk_power_scale``; ``dense_first``/``dense_last`` keep the first/last selected layer dense (None: dense
+    first layer iff uniform, as RigL); ``init`` exact (k random positions) | bernoulli | ones; ``seed``.
+    """
+    sparsity: float = 0.9
+    distribution: str = "erk"
+    epsilon: float = 13.0
+    erk_power_scale: float = 1.0
+    dense_first: bool | None = False
+    dense_last: bool = False
+    init: str = "exact"
+    seed: int = 0
+
+    FIELDS: ClassVar[tuple[str, ...]] = ("sparsity", "distribution", "epsilon", "erk_power_scale", "dense_first",
+                                         "dense_last", "init", "seed")
+
+    def replace(self, params: dict[str, Any]) -> "MaskConfig":
+        checked = dict(params)
+        if "sparsity" in checked:
+            checked["sparsity"] = validate.number("sparsity", checked["sparsity"], 0.0, 1.0, hi_open=True)
+        if "distribution" in checked:
+            validate.choice("distribution", checked["distribution"], DISTRIBUTIONS)
+        if "epsilon" in checked:
+            checked["epsilon"] = validate.number("epsilon", checked["epsilon"], 0.0, lo_open=True)
+        if "erk_power_scale" in checked:
+            checked["erk_power_scale"] = validate.number("erk_power_scale", checked["erk_power_scale"], 0.0)
+        if checked.get("dense_first") is not None:
+            validate.boolean("dense_first", checked["dense_first"])
+        if "dense_last" in checked:
+            validate.boolean("dense_last", checked["dense_last"])
+        if "init" in checked:
+            validate.choice("init", checked["init"], MASK_INITS)
+        if "seed" in checked:
+            validate.integer("seed", checked["seed"], 0)
+        return dataclasses.replace(self, **checked)
+
+    def sparsities(self, shapes: dict[str, tuple], custom: dict[str, float]) -> dict[str, float]:
+        names = list(shapes)
+        dense_first = self.dense_first if self.dense_first is not None else self.distribution == "uniform"
+        dense = ([names[0]] if dense_first and names else []) + ([names[-1]] if self.dense_last and names else [])
+        if self.distribution == "er_epsilon":
+            out = {n: 1.0 - er_epsilon_density(s, self.epsilon) for n, s in shapes.items()}
+            return {**out, **{n: 0.0 for n in dense}, **custom}
+        return layer_sparsities(shapes, self.sparsity, self.distribution, dense_layers=dense, custom=custom,
+                                erk_power_scale=self.erk_power_scale)
+
+    def draw(self, shape: tuple, sparsity: float, generator: torch.Generator) -> torch.Tensor:
+        numel = 1
+        for s in shape:
+            numel *= int(s)
+        if self.init == "bernoulli":
+            return bernoulli_mask(shape, 1.0 - sparsity, generator)
+        if self.init == "ones":
+            return torch.ones(shape, dtype=torch.bool)
+        return random_mask(shape, round((1.0 - sparsity) * numel), generator)
+
+
+class DSTPass(PassBase):
+    """Base of the dynamic sparse training passes (not registered itself)."""
+
+    in_place = True
+    preserves_semantics = False
+    invalidates_analyses = ()
+    layer_params = ("sparsity",)
+    default_types: ClassVar[tuple[str, ...]] = ("Conv2d", "Linear")
+    default_mask: ClassVar[MaskConfig] = MaskConfig()
+    needs_total_steps: ClassVar[bool] = False
+
+    def __init__(self, *, mask: MaskConfig | None = None, selection: LayerSelection | None = None):
+        self.mask = mask or self.default_mask
+        self.selection = (selection or LayerSelection()).with_defaults(self.default_types)
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> "DSTPass":
+        mask_params = {k: v for k, v in params.items() if k in MaskConfig.FIELDS}
+        rest = {k: v for k, v in params.items() if k not in MaskConfig.FIELDS}
+        mask = cls.default_mask.replace(mask_params)
+        if "mask" in rest:
+            raise RecipeError("give mask settings as flat keys", "mask", allowed=", ".join(MaskConfig.FIELDS))
+        return super().from_params({**rest, "mask": mask})
+
+    # --- mask installation -------------------------------------------------------------------------------------
+    def _targets(self, gm: fx.GraphModule) -> list[tuple[str, torch.nn.Module]]:
+        return [(n, m) for n, m in self.selection.layers(gm) if is_masked(m) or type(m) in MASKED_TYPES]
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        from .dst_controller import SparseController
+
+        targets = self._targets(gm)
+        shapes = {n: tuple(m.weight.shape) for n, m in targets}
+        custom = {}
+        for n, m in targets:
+            value = self.selection.param(n, m, "sparsity", None)
+            if value is not None:
+                custom[n] = validate.number(f"by_name.{n}.sparsity", value, 0.0, 1.0, hi_open=True)
+        sparsities = self.mask.sparsities(shapes, custom)
+        generator = torch.Generator().manual_seed(self.mask.seed)
+        names = []
+        for n, m in targets:
+            if sparsities[n] <= 0.0 and not self.keep_dense_layers_masked:
+                continue
+            mask = self.initial_mask(shapes[n], sparsities[n], generator)
+            layer = set_mask(gm, n, mask)
+            layer.dense_grad = False
+            with torch.no_grad():
+                layer.weight.mul_(layer.mask)
+            names.append(n)
+        if not names:
+            log.warning("pass '%s' selected no layer to sparsify", self.label)
+            return PassResult(gm, False)
+        gm.meta["sparse_controller"] = SparseController(gm, self, names, target_sparsity=sparsities)
+        log.info("pass '%s' masked %d layers: %s", self.label, len(names),
+                 {n: round(sparsities[n], 4) for n in names})
+        return PassResult(gm, True)
+
+    keep_dense_layers_masked: ClassVar[bool] = False
+
+    def initial_mask(self, shape: tuple, sparsity: float, generator: torch.Generator) -> torch.Tensor:
+        return self.mask.draw(shape, sparsity, generator)
+
+    # --- the method protocol the controller calls -----------------------------------------------------------
+    def check_attach(self, ctrl) -> None:
+        """Raise ``PreconditionError`` when ``attach`` lacks something the method needs."""
+
+    def dense_grad_at(self, ctrl, t: int) -> bool:
+        """Whether the forward/backward of optimizer step ``t`` needs the dense weight gradient."""
+        return False
+
+    def before_step(self, ctrl, t: int) -> bool:
+        """Runs before optimizer step ``t``; return True to skip that step (the update replaces it)."""
+        return False
+
+    def after_step(self, ctrl, t: int) -> None:
+        """Runs after optimizer step ``t`` (masks already re-applied)."""
+
+    def on_epoch_end(self, ctrl, epoch: int) -> None:
+        """Runs after the last step of epoch ``epoch`` (1-based) except the last epoch."""
+
+    def weight_grad_density(self, ctrl, name: str, t: int) -> float:
+        """Density of the weight gradient computed at step ``t`` (1.0 on dense-gradient steps)."""
+        return 1.0 if self.dense_grad_at(ctrl, t) else ctrl.density(name)
+
+
+def resolve_end_step(ctrl, end_step: int | None, end_fraction: float, who: str) -> int:
+    """``end_step`` when given, else ``floor(end_fraction · total steps)`` from ``attach(..., epochs=)``."""
+    if end_step is not None:
+        return end_step
+    if ctrl.total_steps is None:
+        raise PreconditionError(f"{who} needs its end step: give end_step in the recipe or "
+                                "attach(..., steps_per_epoch=N, epochs=E) so end_fraction can be applied")
+    return int(end_fraction * ctrl.total_steps)

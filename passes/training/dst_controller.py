@@ -1,0 +1,227 @@
+"""``SparseController``: updates the masks of a DST-sparsified model while a plain training loop runs.
+
+Two added lines make a PyTorch loop sparse-train::
+
+    model = sparsifx.sparsify(net, {"stages": [{"pass": "rigl", "sparsity": 0.9}]})
+    sparsifx.attach(model, optimizer, steps_per_epoch=len(loader), epochs=epochs)
+
+``attach`` registers an optimizer step pre-hook and post-hook, so the user keeps calling
+``optimizer.step()``. Before step ``t`` the method may update the masks instead of stepping (RigL): the
+step is then skipped by hiding every gradient from the optimizer for that one call (torch optimizers
+skip parameters whose ``grad`` is None), and the gradients are restored afterwards. After each step
+``W ← W ⊙ M`` is re-applied, FLOPs are charged, GMP-style per-step updates and per-epoch updates (epoch
+``e`` ends after step ``e·steps_per_epoch``; none after the last epoch) run, and ``dense_grad`` is set
+on the masked layers for the next step's forward.
+"""
+from __future__ import annotations
+
+import logging
+import zlib
+from typing import Any, Iterable
+
+import torch
+import torch.nn as nn
+
+from sparsifx.errors import PreconditionError, SparsifxError
+
+from .distributed import sync_layers
+from .flops import FlopCounter, macs_rule
+from .mask_ops import zero_slots
+
+log = logging.getLogger(__name__)
+
+
+class SparseController:
+    """Owns the training-time state of one DST method on one model (see the module docstring)."""
+
+    def __init__(self, gm: nn.Module, method, names: Iterable[str], target_sparsity: dict[str, float] | None = None):
+        self.gm = gm
+        self.method = method
+        self.names = list(names)
+        self.target_sparsity = dict(target_sparsity or {})
+        self.step = 0
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.steps_per_epoch: int | None = None
+        self.epochs: int | None = None
+        self.data = None
+        self.state: dict[str, Any] = {}
+        self.history: list[dict[str, Any]] = []
+        self.flops = FlopCounter()
+        self._handles: list = []
+        self._hidden: list | None = None
+
+    # --- views ------------------------------------------------------------------------------------------------
+    @property
+    def layers(self) -> dict[str, nn.Module]:
+        return {n: self.gm.get_submodule(n) for n in self.names}
+
+    def density(self, name: str) -> float:
+        mask = self.gm.get_submodule(name).mask
+        return float(mask.count_nonzero()) / mask.numel()
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        return {n: m.mask.detach().clone() for n, m in self.layers.items()}
+
+    def nnz(self) -> dict[str, int]:
+        return {n: int(m.mask.count_nonzero()) for n, m in self.layers.items()}
+
+    @property
+    def total_steps(self) -> int | None:
+        if self.steps_per_epoch and self.epochs:
+            return self.steps_per_epoch * self.epochs
+        return None
+
+    def generator(self, *salt: Any) -> torch.Generator:
+        """A generator seeded from (mask seed, step, salt): identical on every rank."""
+        seed = self.method.mask.seed * 1_000_003 + self.step
+        for item in salt:
+            seed = (seed * 1_000_003 + zlib.crc32(str(item).encode())) % (2 ** 62)
+        return torch.Generator().manual_seed(seed)
+
+    # --- attaching --------------------------------------------------------------------------------------------
+    def attach(self, optimizer: torch.optim.Optimizer, steps_per_epoch: int | None = None,
+               epochs: int | None = None, data: Iterable | None = None) -> "SparseController":
+        """Hook ``optimizer`` (its ``step()`` now drives the mask updates); returns ``self``."""
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise PreconditionError(f"attach needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        for key, value in (("steps_per_epoch", steps_per_epoch), ("epochs", epochs)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise PreconditionError(f"attach: {key} must be a positive integer, got {value!r}")
+        self.detach()
+        self.optimizer, self.steps_per_epoch, self.epochs, self.data = optimizer, steps_per_epoch, epochs, data
+        self.method.check_attach(self)
+        self._handles = [optimizer.register_step_pre_hook(self._pre_hook),
+                         optimizer.register_step_post_hook(self._post_hook)]
+        for name, module in self.gm.named_modules():
+            if name and macs_rule(module) is not None:
+                self._handles.append(module.register_forward_hook(self._flop_hook(name)))
+        sync_layers(self.layers.values())
+        self._set_dense_grad()
+        return self
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _flop_hook(self, name: str):
+        rule = macs_rule(self.gm.get_submodule(name))
+        masked = name in self.names
+
+        def hook(module, inputs, output):
+            if self.flops.extra_mode or (module.training and torch.is_grad_enabled()):
+                self.flops.record(name, float(rule(module, output)), self.density(name) if masked else 1.0)
+        return hook
+
+    # --- the optimizer hooks ----------------------------------------------------------------------------------
+    def _params(self) -> list[torch.Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def _pre_hook(self, optimizer, args, kwargs):
+        if self.method.before_step(self, self.step):
+            self._hidden = [(p, p.grad) for p in self._params()]
+            for p, _ in self._hidden:
+                p.grad = None
+            sync_layers(self.layers.values())
+        return None
+
+    def _post_hook(self, optimizer, args, kwargs) -> None:
+        if self._hidden is not None:
+            for p, grad in self._hidden:
+                p.grad = grad
+            self._hidden = None
+        t = self.step
+        self.apply_masks()
+        self.flops.charge_step({n: (self.density(n), self.method.weight_grad_density(self, n, t))
+                                for n in self.names})
+        self.step += 1
+        self.method.after_step(self, t)
+        if self.steps_per_epoch and self.step % self.steps_per_epoch == 0:
+            epoch = self.step // self.steps_per_epoch
+            if self.epochs is None or epoch < self.epochs:
+                self.method.on_epoch_end(self, epoch)
+                sync_layers(self.layers.values())
+        self._set_dense_grad()
+
+    def _set_dense_grad(self) -> None:
+        dense = bool(self.method.dense_grad_at(self, self.step))
+        for module in self.layers.values():
+            module.dense_grad = dense
+
+    # --- mask edits used by the methods -----------------------------------------------------------------------
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """``W ← W ⊙ M`` on every controlled layer."""
+        for module in self.layers.values():
+            module.weight.mul_(module.mask)
+
+    @torch.no_grad()
+    def replace_mask(self, name: str, new_mask: torch.Tensor, init=None, reset_slots: bool = True,
+                     kind: str = "update") -> dict[str, int]:
+        """Install ``new_mask`` on ``name``: dropped weights -> 0, grown weights -> ``init(weight, grown, generator)``
+        values (kept at 0 when None), optimizer slots of grown positions -> 0 when ``reset_slots``."""
+        module = self.gm.get_submodule(name)
+        old = module.mask.bool()
+        new = new_mask.to(old.device).bool()
+        grown = new & ~old
+        module.weight.mul_(new.to(module.weight.dtype))
+        if init is not None and grown.any():
+            module.weight[grown] = init(module.weight, grown, self.generator("init", name))
+        if reset_slots:
+            zero_slots(self.optimizer, module.weight, grown)
+        module.mask.copy_(new.to(module.mask.dtype))
+        record = {"step": self.step, "layer": name, "kind": kind, "dropped": int((old & ~new).sum()),
+                  "grown": int(grown.sum()), "nnz": int(new.sum())}
+        self.history.append(record)
+        return record
+
+    # --- user events ------------------------------------------------------------------------------------------
+    def epoch_end(self) -> None:
+        """Run the per-epoch update now (for loops that do not pass ``steps_per_epoch``)."""
+        epoch = self.step // self.steps_per_epoch if self.steps_per_epoch else len(self.state.get("epochs", [])) + 1
+        self.state.setdefault("epochs", []).append(self.step)
+        self.method.on_epoch_end(self, epoch)
+        sync_layers(self.layers.values())
+
+    def observe(self, metric: float) -> None:
+        """Report a validation metric (higher is better) at an epoch end; CTRE_seq switches on it."""
+        self.state.setdefault("metrics", []).append(float(metric))
+
+    def training_flops(self) -> dict[str, float]:
+        return self.flops.summary()
+
+    def summary(self) -> dict[str, Any]:
+        return {"method": self.method.label, "step": self.step, "density": {n: self.density(n) for n in self.names},
+                "updates": len({(h["step"], h["kind"]) for h in self.history}), **self.training_flops()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "state": {k: v for k, v in self.state.items() if not k.startswith("_")}, "history": list(self.history),
+                "flops": {k: getattr(self.flops, k) for k in ("sparse", "dense", "extra", "steps")}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.state.update(state["state"])
+        self.history = list(state.get("history", []))
+        for key, value in state.get("flops", {}).items():
+            setattr(self.flops, key, value)
+        self._set_dense_grad()
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model) if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def controller(model: nn.Module) -> SparseController:
+    """The ``SparseController`` a DST pass stored on ``model`` (a GraphModule, or DDP around one)."""
+    meta = getattr(_unwrap(model), "meta", None)
+    ctrl = meta.get("sparse_controller") if isinstance(meta, dict) else None
+    if ctrl is None:
+        raise SparsifxError("model has no sparse controller: sparsify it with a dynamic sparse training pass "
+                            "(static, set, rigl, sparse_momentum, ctre, gmp) first")
+    return ctrl
+
+
+def attach(model: nn.Module, optimizer: torch.optim.Optimizer, steps_per_epoch: int | None = None,
+           epochs: int | None = None, data: Iterable | None = None) -> SparseController:
+    """Hook ``optimizer`` so that ``optimizer.step()`` also runs ``model``'s mask updates."""
+    return controller(model).attach(optimizer, steps_per_epoch=steps_per_epoch, epochs=epochs, data=data)

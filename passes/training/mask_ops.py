@@ -1,0 +1,75 @@
+"""Small tensor helpers shared by the DST methods: exact top-k masks, random masks, optimizer slots.
+
+Every function is deterministic given its ``torch.Generator`` so that all ranks of a distributed
+run reach the same decision from the same inputs (see ``distributed.py``).
+"""
+from __future__ import annotations
+
+import torch
+
+from sparsifx.errors import PassError
+
+# optimizer state keys that hold per-weight slots ("momentum") for the optimizers torch ships
+SLOT_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "square_avg", "acc_delta", "sum",
+             "ax", "mu_product", "prev", "exp_inf")
+
+
+def topk_mask(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask with exactly ``k`` True at the largest ``score`` entries (index-based, ties broken by index)."""
+    out = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
+    k = max(0, min(int(k), score.numel()))
+    if k:
+        out[torch.topk(score.flatten(), k, sorted=False).indices] = True
+    return out.view_as(score)
+
+
+def random_mask(shape, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Exactly ``k`` True positions drawn uniformly without replacement."""
+    n = 1
+    for s in shape:
+        n *= int(s)
+    out = torch.zeros(n, dtype=torch.bool)
+    out[torch.randperm(n, generator=generator)[:max(0, min(int(k), n))]] = True
+    return out.view(*shape)
+
+
+def random_among(candidates: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """``k`` positions chosen uniformly among the True entries of ``candidates`` (no duplicates)."""
+    idx = candidates.flatten().nonzero().squeeze(1)
+    k = min(int(k), idx.numel())
+    out = torch.zeros(candidates.numel(), dtype=torch.bool)
+    if k:
+        out[idx[torch.randperm(idx.numel(), generator=generator)[:k]]] = True
+    return out.view_as(candidates)
+
+
+def bernoulli_mask(shape, density: float, generator: torch.Generator) -> torch.Tensor:
+    return torch.rand(*shape, generator=generator) < density
+
+
+def noise(shape, std: float, generator: torch.Generator) -> torch.Tensor:
+    return torch.randn(*shape, generator=generator) * std
+
+
+def zero_slots(optimizer: torch.optim.Optimizer | None, param: torch.Tensor, where: torch.Tensor) -> int:
+    """Zero the optimizer's per-weight slots (momentum, Adam moments, ...) of ``param`` at ``where``."""
+    if optimizer is None or param not in optimizer.state:
+        return 0
+    count = 0
+    for key, value in optimizer.state[param].items():
+        if key in SLOT_KEYS and isinstance(value, torch.Tensor) and value.shape == param.shape:
+            value.masked_fill_(where.to(value.device), 0)
+            count += 1
+    return count
+
+
+def momentum_of(optimizer: torch.optim.Optimizer | None, param: torch.Tensor) -> torch.Tensor:
+    """Sparse momentum's momentum: SGD ``momentum_buffer``; Adam-style ``exp_avg/(sqrt(exp_avg_sq)+1e-8)``."""
+    state = optimizer.state.get(param, {}) if optimizer is not None else {}
+    if isinstance(state.get("momentum_buffer"), torch.Tensor):
+        return state["momentum_buffer"]
+    if isinstance(state.get("exp_avg"), torch.Tensor) and isinstance(state.get("exp_avg_sq"), torch.Tensor):
+        return state["exp_avg"] / (state["exp_avg_sq"].sqrt() + 1e-8)
+    raise PassError("sparse_momentum needs an optimizer with momentum (SGD momentum>0 or Adam-style exp_avg) that "
+                    "has taken at least one step; found state keys "
+                    f"{sorted(state)} for a weight of shape {tuple(param.shape)}")
