@@ -1,0 +1,253 @@
+"""Backend ``onnx``: export a module to ONNX, check it, and verify onnxruntime against torch.
+
+``export_onnx(module, path, example_inputs)``:
+
+1. exports a copy of ``module`` in eval mode (masked layers are baked first, ``weight * mask`` ->
+   ``weight``, so the file holds the effective, zero-containing weights and no mask arithmetic);
+2. runs ``onnx.checker``;
+3. runs onnxruntime on the example inputs and, with ``dynamic_batch``, on a batch of a different
+   size, and compares every output with torch (eval, no_grad) as ``|ort - torch| <= atol + rtol*|torch|``.
+
+A failure at any step raises ``BackendError`` naming the step and, for a mismatch, the observed max
+abs/rel error. Exporters (``exporter=``): ``"torchscript"`` (``torch.onnx.export(dynamo=False)``,
+fast, handles dynamic batch via ``dynamic_axes``), ``"dynamo"`` (torch.export-based) or ``"auto"``
+(torchscript first; if it cannot export the model, e.g. ``adaptive_avg_pool2d`` with a non-divisor
+output size, the dynamo exporter is tried and a warning names the first failure). The exporter used
+is logged and stored in ``LAST_EXPORT``.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from sparsifx.errors import BackendError
+from sparsifx.masking import bake_masks, masked_layers
+from sparsifx.registry import BACKENDS, Registry
+
+log = logging.getLogger(__name__)
+
+EXPORTERS: Registry[Callable] = Registry("onnx exporter")
+# protobuf cannot hold more than 2 GiB; above this many parameter bytes weights go to external data
+EXTERNAL_DATA_BYTES = 1_800_000_000
+
+
+@dataclass
+class ExportInfo:
+    """What the last ``export_onnx`` call did (for benchmarks and the CLI)."""
+    path: str = ""
+    exporter: str = ""
+    fallback_reason: str = ""
+    checks: list[dict] = field(default_factory=list)  # one per verified batch: batch, max_abs, max_rel
+
+    @property
+    def max_abs(self) -> float | None:
+        return max((c["max_abs"] for c in self.checks), default=None)
+
+
+LAST_EXPORT = ExportInfo()
+
+
+def _names(example_inputs: Sequence[Any], n_out: int) -> tuple[list[str], list[str]]:
+    return [f"input_{i}" for i in range(len(example_inputs))], [f"output_{i}" for i in range(n_out)]
+
+
+@EXPORTERS.register("torchscript")
+def _export_torchscript(module, inputs, path, dynamic_batch, opset, n_out):
+    in_names, out_names = _names(inputs, n_out)
+    axes = {n: {0: "batch"} for n in in_names + out_names} if dynamic_batch else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy exporter warns about its own deprecation
+        torch.onnx.export(module, tuple(inputs), str(path), dynamo=False, input_names=in_names,
+                          output_names=out_names, dynamic_axes=axes, opset_version=opset,
+                          do_constant_folding=True)
+
+
+@EXPORTERS.register("dynamo")
+def _export_dynamo(module, inputs, path, dynamic_batch, opset, n_out):
+    in_names, out_names = _names(inputs, n_out)
+    shapes = None
+    if dynamic_batch:
+        batch = torch.export.Dim("batch")
+        shapes = tuple({0: batch} if isinstance(x, torch.Tensor) and x.dim() > 0 else None for x in inputs)
+    big = sum(p.numel() * p.element_size() for p in module.parameters()) > EXTERNAL_DATA_BYTES
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # the exporter prints progress
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, tuple(inputs), str(path), dynamo=True, input_names=in_names,
+                          output_names=out_names, dynamic_shapes=shapes, opset_version=opset,
+                          external_data=big, verbose=False)
+
+
+AUTO_ORDER = ("torchscript", "dynamo")
+
+
+def _flat_outputs(out: Any) -> list[torch.Tensor]:
+    leaves = torch.utils._pytree.tree_leaves(out)
+    return [t for t in leaves if isinstance(t, torch.Tensor)]
+
+
+def _run_torch(module: torch.nn.Module, inputs: Sequence[Any]) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return _flat_outputs(module(*inputs))
+
+
+def _other_batch(inputs: Sequence[Any]) -> tuple:
+    """The example inputs with batch size ``b + 2``: random floats of similar scale, resampled ints."""
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for x in inputs:
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            out.append(x)
+            continue
+        b = x.shape[0]
+        shape = (b + 2, *x.shape[1:])
+        if x.is_floating_point():
+            scale = float(x.float().std()) if x.numel() > 1 else 1.0
+            out.append((torch.randn(shape, generator=gen) * (scale or 1.0) + float(x.float().mean())).to(x.dtype))
+        else:
+            idx = torch.randint(0, b, (b + 2,), generator=gen)
+            out.append(x[idx])
+    return tuple(out)
+
+
+def compare(actual: Sequence[Any], expected: Sequence[torch.Tensor], rtol: float, atol: float) -> dict:
+    """Max abs/rel error between onnxruntime outputs and torch outputs, and whether they are close."""
+    if len(actual) != len(expected):
+        return {"ok": False, "max_abs": float("inf"), "max_rel": float("inf"),
+                "detail": f"onnxruntime returned {len(actual)} outputs, torch {len(expected)}"}
+    max_abs = max_rel = 0.0
+    ok, detail = True, ""
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        a = torch.as_tensor(a)
+        e = e.detach().cpu()
+        if tuple(a.shape) != tuple(e.shape):
+            return {"ok": False, "max_abs": float("inf"), "max_rel": float("inf"),
+                    "detail": f"output {i}: shape {tuple(a.shape)} != torch {tuple(e.shape)}"}
+        if e.numel() == 0:
+            continue
+        a64, e64 = a.double(), e.double()
+        diff = (a64 - e64).abs()
+        max_abs = max(max_abs, float(diff.max()))
+        max_rel = max(max_rel, float((diff / e64.abs().clamp_min(atol)).max()))
+        if not bool((diff <= atol + rtol * e64.abs()).all()) or bool(torch.isnan(a64).ne(torch.isnan(e64)).any()):
+            ok, detail = False, detail or f"output {i} differs"
+    return {"ok": ok, "max_abs": max_abs, "max_rel": max_rel, "detail": detail}
+
+
+def _check_model(path: Path) -> None:
+    import onnx
+    try:
+        onnx.checker.check_model(str(path), full_check=False)
+    except Exception as exc:
+        raise BackendError(f"onnx.checker rejected {path}: {type(exc).__name__}: {exc}") from exc
+
+
+def _verify(module, path: Path, batches: list[tuple], rtol: float, atol: float, checks: list[dict]) -> None:
+    import onnxruntime as ort
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise BackendError(f"onnxruntime cannot load {path}: {type(exc).__name__}: {exc}") from exc
+    names = [i.name for i in session.get_inputs()]
+    for inputs in batches:
+        tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
+        feed = {n: x.detach().cpu().numpy() for n, x in zip(names, tensors)}
+        batch = int(tensors[0].shape[0]) if tensors and tensors[0].dim() else None
+        try:
+            got = session.run(None, feed)
+        except Exception as exc:
+            raise BackendError(f"onnxruntime failed on {path} with batch size {batch}: "
+                               f"{type(exc).__name__}: {exc}") from exc
+        result = compare(got, _run_torch(module, inputs), rtol, atol)
+        checks.append({"batch": batch, "max_abs": result["max_abs"], "max_rel": result["max_rel"]})
+        if not result["ok"]:
+            raise BackendError(f"onnxruntime output does not match torch for batch size {batch} ({path}): "
+                               f"{result['detail']}; max abs error {result['max_abs']:.3g}, max rel error "
+                               f"{result['max_rel']:.3g} (rtol={rtol}, atol={atol})")
+
+
+def _export(module, inputs, path: Path, exporter: str, dynamic_batch: bool, opset, n_out: int) -> tuple[str, str]:
+    order = AUTO_ORDER if exporter == "auto" else (exporter,)
+    failures = []
+    for name in order:
+        try:
+            EXPORTERS.get(name)(module, inputs, path, dynamic_batch, opset, n_out)
+        except Exception as exc:  # exporters raise many types; all become one BackendError below
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            failures.append(f"{name} exporter: {type(exc).__name__}: {first}")
+            log.warning("ONNX %s exporter failed (%s)%s", name, failures[-1],
+                        "; trying the next exporter" if name != order[-1] else "")
+            continue
+        return name, "; ".join(failures)
+    raise BackendError(f"ONNX export of {type(module).__name__} failed: " + " | ".join(failures))
+
+
+def export_onnx(module: torch.nn.Module, path: str | os.PathLike, example_inputs: Any, dynamic_batch: bool = True,
+                verify: bool = True, opset: int | None = None, sparse_weights: bool = False, rtol: float = 1e-4,
+                atol: float = 1e-4, exporter: str = "auto") -> Path:
+    """Export ``module`` to ``path`` (ONNX), check it and verify it with onnxruntime; returns the path.
+
+    ``sparse_weights=True`` rewrites initializers as sparse tensors with
+    ``sparsifx.backends.sparse_onnx.to_sparse_initializers`` before verification.
+    """
+    global LAST_EXPORT
+    if exporter != "auto" and exporter not in EXPORTERS:
+        raise BackendError(f"unknown ONNX exporter '{exporter}'; choose auto, {', '.join(EXPORTERS.names())}")
+    if not isinstance(module, torch.nn.Module):
+        raise BackendError(f"export_onnx needs a torch.nn.Module, got {type(module).__name__}")
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    if not any(isinstance(x, torch.Tensor) for x in inputs):
+        raise BackendError("export_onnx needs at least one example input tensor")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if any(True for _ in masked_layers(module)):
+        module = copy.deepcopy(module)
+        log.info("baked %d masked layers into dense weights for export", bake_masks(module))
+    was_training = module.training
+    module.eval()
+    try:
+        try:
+            n_out = len(_run_torch(module, inputs))
+        except Exception as exc:
+            raise BackendError(f"the module fails on the example inputs: {type(exc).__name__}: {exc}") from exc
+        # grad stays enabled: under no_grad, MultiheadAttention takes a fused fast path the exporters lack;
+        # a batch of 1 would be specialised by the exporters, so dynamic export traces a batch of b + 2
+        export_inputs = _other_batch(inputs) if dynamic_batch else inputs
+        used, fallback = _export(module, export_inputs, path, exporter, dynamic_batch, opset, n_out)
+        LAST_EXPORT = ExportInfo(str(path), used, fallback, [])
+        log.info("exported %s with the %s exporter", path, used)
+        if sparse_weights:
+            _sparsify_file(path)
+        _check_model(path)
+        if verify:
+            batches = [inputs] + ([export_inputs] if dynamic_batch else [])
+            _verify(module, path, batches, rtol, atol, LAST_EXPORT.checks)
+    finally:
+        module.train(was_training)
+    return path
+
+
+def _sparsify_file(path: Path) -> None:
+    try:
+        from sparsifx.backends.sparse_onnx import to_sparse_initializers
+    except ImportError as exc:
+        raise BackendError("sparse_weights=True needs sparsifx.backends.sparse_onnx.to_sparse_initializers, "
+                           f"which is not available: {exc}") from exc
+    import onnx
+    model = onnx.load(str(path))
+    try:
+        model = to_sparse_initializers(model)
+    except Exception as exc:
+        raise BackendError(f"converting initializers of {path} to sparse failed: {type(exc).__name__}: {exc}") from exc
+    onnx.save(model, str(path))
+
+
+BACKENDS.register("onnx", export_onnx)
