@@ -171,3 +171,13 @@ def test_mobilenet_v2_depthwise_uniform():
         assert zeros(m) == round(0.5 * m.weight.numel()), name
     with torch.no_grad():
         assert gm(x).shape == (1, 1000)
+
+
+def test_uniform_recipe_file_on_resnet18():
+    from pathlib import Path
+    recipe = Path(__file__).parents[2] / "examples" / "recipes" / "uniform_magnitude.yaml"
+    gm = sparsify(torchvision.models.resnet18(weights=None), recipe)
+    want = {"conv1": None, "fc": 0.3, "layer1.0.conv1": 0.5, "layer4.1.conv2": 0.7, "layer4.0.downsample.0": 0.5}
+    for name, s in want.items():
+        m = gm.get_submodule(name)
+        assert (s is None and not is_masked(m)) or zeros(m) == round(s * m.weight.numel()), name
