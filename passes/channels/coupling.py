@@ -1,0 +1,186 @@
+"""Channel-coupling analysis: run the channel rules over the FX graph, then form units and groups.
+
+``analyze_channels(gm)`` needs ``node.meta["tensor_meta"]`` (the ``shapes`` analysis). Each node's
+output gets a label tensor (see ``tracker``); an op without a rule is a barrier (its channels stay
+whole) and is listed in ``ChannelAnalysis.barriers``. A *unit* is a set of channels pruned as one (a
+connected component of coupled atoms); a *group* is a set of units of coupled producer spaces
+(e.g. every conv feeding one residual stream) that a ratio applies to.
+"""
+from __future__ import annotations
+
+import builtins
+import logging
+import math
+import operator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.fx as fx
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from sparsifx.errors import PreconditionError
+
+from . import rules_attention, rules_elementwise, rules_modules, rules_shape  # noqa: F401  (register rules)
+from .rules_base import UNKNOWN, RuleContext, find_rule, is_label, shape_of
+from .tracker import FIXED, Member, Tracker
+
+log = logging.getLogger(__name__)
+
+_STATIC_MODULES = {"_operator", "operator", "math", "builtins"}
+_SHAPE_ATTRS = {"shape", "ndim", "dtype", "is_cuda", "device"}
+
+
+@dataclass
+class Group:
+    """Units pruned under one ratio; ``modules`` are its producer layers."""
+    index: int
+    units: np.ndarray
+    modules: tuple[str, ...]
+
+
+@dataclass
+class ChannelAnalysis:
+    tracker: Tracker
+    unit: np.ndarray          # atom -> unit id
+    prunable: np.ndarray      # unit id -> bool
+    groups: list[Group]
+    signature: tuple[str, ...]
+
+    @property
+    def barriers(self) -> list[dict[str, str]]:
+        return self.tracker.barriers
+
+    @property
+    def members(self) -> list[Member]:
+        return self.tracker.members
+
+    def units_of(self, atoms: torch.Tensor) -> np.ndarray:
+        return self.unit[atoms.numpy()]
+
+
+def graph_signature(gm: fx.GraphModule) -> tuple[str, ...]:
+    return tuple(f"{n.op}:{n.name}" for n in gm.graph.nodes)
+
+
+def analyze_channels(gm: fx.GraphModule) -> ChannelAnalysis:
+    """Propagate channel labels through ``gm`` and compute units and groups."""
+    if not any("tensor_meta" in n.meta for n in gm.graph.nodes if n.op == "placeholder"):
+        raise PreconditionError("channel analysis needs shapes: trace with example_inputs or run the 'shapes' "
+                                "analysis (node.meta['tensor_meta'])")
+    cx = RuleContext(gm, Tracker())
+    for node in gm.graph.nodes:
+        cx.env[node] = _visit(cx, node)
+    _unite_shared_members(cx.t)
+    return _finalize(gm, cx.t)
+
+
+def _visit(cx: RuleContext, node: fx.Node):
+    if node.op == "placeholder":
+        return cx.fixed(node)
+    if node.op == "get_attr":
+        return _param_labels(cx, node)
+    if node.op == "output":
+        cx.t.fix(cx.value(node.args[0]))
+        return None
+    if "tensor_meta" not in node.meta:
+        return _static(cx, node)
+    rule = find_rule(cx.gm, node)
+    if rule is None:
+        cx.t.barrier(node, "no channel rule for this op", [cx.value(a) for a in node.args] +
+                     [cx.value(v) for v in node.kwargs.values()])
+        return cx.fixed(node)
+    return rule(cx, node)
+
+
+def _param_labels(cx: RuleContext, node: fx.Node):
+    """A parameter/buffer read by ``get_attr``: passive atoms along its last non-trivial dim."""
+    value = _fetch(cx.gm, node.target)
+    if not isinstance(value, torch.Tensor):
+        return value
+    shape = tuple(value.shape)
+    dims = [d for d, s in enumerate(shape) if s > 1]
+    if not dims or not value.is_floating_point():
+        return torch.full((1,) * len(shape), FIXED, dtype=torch.long)
+    d = dims[-1]
+    atoms = cx.t.fresh(shape[d], None)
+    owner, _, attr = node.target.rpartition(".")
+    cx.t.members.append(Member(owner, attr, d, atoms, "out", node.name))
+    return cx.t.place(atoms, d, len(shape))
+
+
+def _fetch(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _static(cx: RuleContext, node: fx.Node):
+    """Evaluate a non-tensor node (sizes, int arithmetic); tensors consumed here are fixed."""
+    args = cx.value(node.args)
+    kwargs = cx.value(node.kwargs)
+    if node.op == "call_method" and node.target in ("size", "dim") and is_label(args[0]):
+        shape = torch.Size(shape_of(node.args[0]))
+        if node.target == "dim":
+            return len(shape)
+        return shape if len(args) < 2 else shape[args[1]]
+    if node.op == "call_function" and node.target is builtins.getattr and is_label(args[0]):
+        if args[1] == "shape":
+            return torch.Size(shape_of(node.args[0]))
+        if args[1] == "ndim":
+            return len(shape_of(node.args[0]))
+        return UNKNOWN
+    flat = list(args) + list(kwargs.values())
+    labels = [a for a in fx.node.map_aggregate(flat, lambda a: a) if is_label(a)]
+    if labels:
+        cx.t.barrier(node, "tensor consumed by a non-tensor op", labels)
+        return UNKNOWN
+    mod = getattr(node.target, "__module__", None) or ""
+    if node.op == "call_function" and (mod in _STATIC_MODULES or node.target in (operator.getitem, math.sqrt)):
+        if any(a is UNKNOWN for a in flat):
+            return UNKNOWN
+        try:
+            return node.target(*args, **kwargs)
+        except Exception:  # a static helper that needs runtime values: its result stays unknown
+            return UNKNOWN
+    return UNKNOWN
+
+
+def _unite_shared_members(t: Tracker) -> None:
+    """A tensor dim sliced by several members (shared modules, params read twice) is sliced once."""
+    first: dict[tuple[str, str, int], torch.Tensor] = {}
+    for m in t.members:
+        key = (m.owner, m.tensor, m.dim)
+        if key in first and first[key].numel() == m.atoms.numel():
+            t.union(first[key], m.atoms)
+        elif key in first:
+            t.fix([first[key], m.atoms])
+        else:
+            first[key] = m.atoms
+
+
+def _finalize(gm: fx.GraphModule, t: Tracker) -> ChannelAnalysis:
+    unit = t.components()
+    space = t.atom_space().numpy()
+    n_units = int(unit.max()) + 1
+    prunable = np.zeros(n_units, dtype=bool)
+    prunable[unit[space >= 0]] = True
+    prunable[unit[FIXED]] = False
+    prod = np.nonzero((space >= 0) & prunable[unit])[0]
+    u, s = unit[prod], space[prod]
+    n_spaces = len(t.spaces)
+    graph = coo_matrix((np.ones(len(u), dtype=np.int8), (u, n_units + s)), shape=(n_units + n_spaces,) * 2)
+    _, label = connected_components(graph, directed=False)
+    groups: dict[int, list[int]] = {}
+    for uid in np.nonzero(prunable)[0]:
+        groups.setdefault(int(label[uid]), []).append(int(uid))
+    mods: dict[int, set[str]] = {}
+    for uu, ss in zip(u, s):
+        mods.setdefault(int(label[uu]), set()).add(t.spaces[ss])
+    out = [Group(i, np.array(units), tuple(sorted(mods.get(lab, ()))))
+           for i, (lab, units) in enumerate(sorted(groups.items()))]
+    log.info("channel analysis: %d units in %d groups, %d barriers", int(prunable.sum()), len(out),
+             len(t.barriers))
+    return ChannelAnalysis(t, unit, prunable, out, graph_signature(gm))

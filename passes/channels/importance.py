@@ -1,0 +1,116 @@
+"""Importance criteria scoring every channel unit: ``IMPORTANCE.get(name)(gm, analysis, options)``.
+
+A unit's score is the sum over its member tensors (conv/linear/norm weights, producing rows and
+consuming columns) of the member's per-channel score divided by that member's mean score, so layers of
+different scale weigh alike. Criteria:
+
+- ``l1`` / ``l2``: norm of each weight slice.
+- ``bn_scale``: ``|gamma|`` of BatchNorm members (network slimming); groups without BatchNorm use ``l1``.
+- ``random``: uniform scores from ``options.seed``.
+- ``taylor``: first-order Taylor ``|w * dL/dw|`` summed per slice, from one forward/backward on
+  ``options.batch`` (default ``gm.meta["example_inputs"]``) with ``options.loss_fn(output)`` (default
+  ``0.5 * sum(output**2) / batch``, any callable returning a scalar).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from sparsifx.errors import PreconditionError
+from sparsifx.registry import Registry
+
+from .coupling import ChannelAnalysis
+from .tracker import Member
+
+IMPORTANCE: Registry[Callable] = Registry("importance criterion")
+
+
+def member_tensor(gm: fx.GraphModule, m: Member) -> torch.Tensor:
+    owner = gm.get_submodule(m.owner) if m.owner else gm
+    return getattr(owner, m.tensor)
+
+
+def slice_scores(t: torch.Tensor, dim: int, p: int) -> torch.Tensor:
+    x = t.detach().float().transpose(0, dim).reshape(t.shape[dim], -1)
+    return x.abs().sum(1) if p == 1 else x.pow(2).sum(1).sqrt()
+
+
+def accumulate(gm: fx.GraphModule, a: ChannelAnalysis, fn: Callable[[Member, torch.Tensor], Any]) -> np.ndarray:
+    scores = np.zeros(len(a.prunable), dtype=np.float64)
+    for m in a.members:
+        if m.role == "aux" or m.tensor == "bias":
+            continue
+        t = member_tensor(gm, m)
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            continue
+        s = fn(m, t)
+        if s is None:
+            continue
+        s = s.double().numpy()
+        np.add.at(scores, a.unit[m.atoms.numpy()], s / (s.mean() + 1e-12))
+    return scores
+
+
+@IMPORTANCE.register("l1")
+def l1(gm: fx.GraphModule, a: ChannelAnalysis, options: Any = None) -> np.ndarray:
+    return accumulate(gm, a, lambda m, t: slice_scores(t, m.dim, 1))
+
+
+@IMPORTANCE.register("l2")
+def l2(gm: fx.GraphModule, a: ChannelAnalysis, options: Any = None) -> np.ndarray:
+    return accumulate(gm, a, lambda m, t: slice_scores(t, m.dim, 2))
+
+
+@IMPORTANCE.register("bn_scale")
+def bn_scale(gm: fx.GraphModule, a: ChannelAnalysis, options: Any = None) -> np.ndarray:
+    def gamma(m: Member, t: torch.Tensor):
+        owner = gm.get_submodule(m.owner) if m.owner else gm
+        is_bn = isinstance(owner, torch.nn.modules.batchnorm._BatchNorm)
+        return t.detach().float().abs() if is_bn and m.tensor == "weight" else None
+    scores = accumulate(gm, a, gamma)
+    fallback = l1(gm, a)
+    for g in a.groups:
+        if not np.any(scores[g.units]):
+            scores[g.units] = fallback[g.units]
+    return scores
+
+
+@IMPORTANCE.register("random")
+def random(gm: fx.GraphModule, a: ChannelAnalysis, options: Any = None) -> np.ndarray:
+    seed = getattr(options, "seed", 0)
+    return np.random.default_rng(seed).random(len(a.prunable))
+
+
+def default_loss(output: Any) -> torch.Tensor:
+    out = output[0] if isinstance(output, (tuple, list)) else output
+    return 0.5 * out.float().pow(2).sum() / max(1, out.shape[0] if out.ndim else 1)
+
+
+@IMPORTANCE.register("taylor")
+def taylor(gm: fx.GraphModule, a: ChannelAnalysis, options: Any = None) -> np.ndarray:
+    batch = getattr(options, "batch", None) or gm.meta.get("example_inputs")
+    if batch is None:
+        raise PreconditionError("importance 'taylor' needs a batch: pass batch=(inputs,) to channel_prune or "
+                                "set gm.meta['example_inputs']")
+    loss_fn = getattr(options, "loss_fn", None) or default_loss
+    batch = (batch,) if isinstance(batch, torch.Tensor) else tuple(batch)
+    params = [p for p in gm.parameters()]
+    saved = [(p.requires_grad, p.grad) for p in params]
+    for p in params:
+        p.requires_grad_(True)
+        p.grad = None
+    try:
+        with torch.enable_grad():
+            loss_fn(gm(*batch)).backward()
+
+        def score(m: Member, t: torch.Tensor):
+            g = t.grad if t.grad is not None else torch.zeros_like(t)
+            return slice_scores(t.detach() * g, m.dim, 1)
+        return accumulate(gm, a, score)
+    finally:
+        for p, (req, grad) in zip(params, saved):
+            p.grad = grad
+            p.requires_grad_(req)

@@ -1,0 +1,164 @@
+"""Pass ``channel_prune``: score coupled channel units, zero the least important ones (a masked model)."""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from sparsifx import validate
+from sparsifx.masking import is_masked
+from sparsifx.pass_base import PassBase, PassResult
+from sparsifx.registry import register_pass
+from sparsifx.selection import LayerSelection
+
+from .coupling import ChannelAnalysis, Group, analyze_channels
+from .importance import IMPORTANCE, member_tensor
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TYPES = ("Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
+                 "Linear", "Embedding")
+
+
+@dataclass
+class ChannelPlan:
+    """What ``shrink`` removes: ``pruned[unit]`` over ``analysis`` of the graph with ``analysis.signature``."""
+    analysis: ChannelAnalysis
+    pruned: np.ndarray
+    notes: list[str] = field(default_factory=list)
+
+    def pruned_atoms(self, atoms: torch.Tensor) -> np.ndarray:
+        return self.pruned[self.analysis.unit[atoms.numpy()]]
+
+
+@register_pass("channel_prune")
+class ChannelPrune(PassBase):
+    """``conv(x)[:, c] -> 0`` for the least important coupled channel units of every group.
+
+    Parameters: ``ratio`` (fraction of units pruned per group; per layer via ``by_name``/``by_type``/
+    ``by_pattern``: a group uses the smallest ratio of its producer layers), ``importance`` (a name in
+    ``IMPORTANCE``), ``round_to`` (kept units per group rounded up to a multiple), ``seed`` (``random``),
+    ``batch`` / ``loss_fn`` (``taylor``), selection keys ``types``/``ignore`` (a group is pruned only when
+    all its producer layers are selected). At least one unit is kept per group; model inputs and
+    outputs are never pruned. Zeroes producer rows, biases, norm affine params and parameters added to
+    the channels; records ``gm.meta["channel_plan"]`` for ``shrink``.
+    """
+
+    requires_analyses = ("shapes",)
+    layer_params = ("ratio",)
+
+    def __init__(self, *, ratio: float = 0.5, importance: str = "l1", round_to: int = 1, seed: int = 0,
+                 selection: LayerSelection | None = None, batch: Sequence[Any] | None = None,
+                 loss_fn: Callable[[Any], torch.Tensor] | None = None):
+        self.ratio = validate.number("ratio", ratio, 0.0, 1.0, hi_open=True)
+        self.importance = validate.choice("importance", importance, IMPORTANCE.names())
+        self.round_to = validate.integer("round_to", round_to, 1)
+        self.seed = validate.integer("seed", seed)
+        self.selection = (selection or LayerSelection()).with_defaults(DEFAULT_TYPES)
+        self.batch, self.loss_fn = batch, loss_fn
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        analysis = analyze_channels(gm)
+        scores = IMPORTANCE.get(self.importance)(gm, analysis, self)
+        pruned = np.zeros(len(analysis.prunable), dtype=bool)
+        notes: list[str] = []
+        selected = dict(self.selection.layers(gm))
+        for group in analysis.groups:
+            ratio = self._group_ratio(group, selected)
+            if ratio:
+                self._select(analysis, group, scores, ratio, pruned, notes)
+        modified = zero_units(gm, analysis, pruned)
+        plan = ChannelPlan(analysis, pruned, notes)
+        gm.meta["channel_plan"] = plan
+        gm.meta["channel_barriers"] = list(analysis.barriers)
+        gm.meta.setdefault("report_notes", []).append(
+            f"channel_prune: pruned {int(pruned.sum())} of {int(analysis.prunable.sum())} channel units in "
+            f"{len(analysis.groups)} groups; {len(analysis.barriers)} barrier ops" + "".join(f"; {n}" for n in notes))
+        return PassResult(gm, modified)
+
+    def _group_ratio(self, group: Group, selected: dict[str, torch.nn.Module]) -> float | None:
+        ratios = []
+        for name in group.modules:
+            if name not in selected:
+                return None
+            ratios.append(validate.number(f"by_name.{name}.ratio",
+                                          self.selection.param(name, selected[name], "ratio", self.ratio),
+                                          0.0, 1.0, hi_open=True))
+        return min(ratios) if ratios else None
+
+    def _select(self, a: ChannelAnalysis, group: Group, scores: np.ndarray, ratio: float,
+                pruned: np.ndarray, notes: list[str]) -> None:
+        units = group.units
+        n = len(units)
+        keep = n - int(math.floor(ratio * n + 1e-9))
+        keep = min(n, max(1, int(math.ceil(keep / self.round_to)) * self.round_to))
+        if keep >= n:
+            return
+        blocks = _block_keys(a, units)
+        chosen: list[int] = []
+        for key_units in blocks.values():
+            k = max(1, int(round(keep * len(key_units) / n)))
+            order = np.argsort(scores[key_units], kind="stable")
+            chosen.extend(key_units[order[:len(key_units) - k]].tolist())
+        trial = pruned.copy()
+        trial[chosen] = True
+        if not _constraints_hold(a, units, trial):
+            notes.append(f"group of {group.modules[0]} left whole: group structure cannot be kept balanced")
+            return
+        pruned[chosen] = True
+
+
+def _block_keys(a: ChannelAnalysis, units: np.ndarray) -> dict[tuple, np.ndarray]:
+    """Units keyed by their block in every grouped-conv constraint touching the group."""
+    member = set(units.tolist())
+    keys: dict[int, tuple] = {int(u): () for u in units}
+    for c in a.tracker.constraints:
+        cu = a.unit[c.atoms.numpy()]
+        if not member.intersection(cu.tolist()):
+            continue
+        size, seen = len(cu) // c.blocks, set()
+        for pos, u in enumerate(cu.tolist()):
+            if u in keys and u not in seen:
+                seen.add(u)
+                keys[u] = keys[u] + (pos // size,)
+    out: dict[tuple, list[int]] = {}
+    for u, k in keys.items():
+        out.setdefault(k, []).append(u)
+    return {k: np.array(v) for k, v in out.items()}
+
+
+def _constraints_hold(a: ChannelAnalysis, units: np.ndarray, pruned: np.ndarray) -> bool:
+    member = set(units.tolist())
+    for c in a.tracker.constraints:
+        cu = a.unit[c.atoms.numpy()]
+        if not member.intersection(cu.tolist()):
+            continue
+        kept = (~pruned[cu]).reshape(c.blocks, -1).sum(1)
+        if len(set(kept.tolist())) > 1:
+            return False
+    return True
+
+
+def zero_units(gm: fx.GraphModule, a: ChannelAnalysis, pruned: np.ndarray) -> bool:
+    """Zero the ``out`` members of pruned units (and masks of masked layers); True if any value changed."""
+    changed = False
+    with torch.no_grad():
+        for m in a.members:
+            if m.role != "out":
+                continue
+            idx = np.nonzero(pruned[a.unit[m.atoms.numpy()]])[0]
+            if not len(idx):
+                continue
+            index = torch.as_tensor(idx, dtype=torch.long)
+            t = member_tensor(gm, m)
+            changed |= bool(t.index_select(m.dim, index).any())
+            t.index_fill_(m.dim, index, 0)
+            owner = gm.get_submodule(m.owner) if m.owner else gm
+            if m.tensor == "weight" and is_masked(owner):
+                owner.mask.index_fill_(m.dim, index, 0)
+    return changed

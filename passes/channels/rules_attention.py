@@ -1,0 +1,94 @@
+"""Rules for attention: einsum/matmul contractions (within-head dims of q and k are united, v's head
+dims flow to the output), ``nn.MultiheadAttention`` and torchvision's fused Swin attention function."""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .rules_base import RuleContext, channel_rule, shape_of
+from .rules_shape import varying_dim
+from .tracker import FIXED, Check
+
+try:
+    from torchvision.models import swin_transformer as _swin
+    _SWIN_FUSED = (_swin.shifted_window_attention,)
+    _SWIN_BIAS = tuple(getattr(_swin, n) for n in ("_get_relative_position_bias",) if hasattr(_swin, n))
+except ImportError:  # pragma: no cover
+    _SWIN_FUSED, _SWIN_BIAS = (), ()
+
+
+def contract(cx: RuleContext, node: fx.Node, srcs, subs: list[str], rhs: str) -> torch.Tensor:
+    """Einsum semantics on labels: a letter's channels are united across operands; a letter summed
+    away must be varying in every operand that has it (pruned positions are zero in all of them)."""
+    labs = [cx.value(s) for s in srcs]
+    shapes = [shape_of(s) for s in srcs]
+    vecs: dict[str, torch.Tensor] = {}
+    for lab, sub in zip(labs, subs):
+        v = varying_dim(lab)
+        if v is None:
+            continue
+        letter, vec = sub[v], lab.reshape(-1)
+        if letter in vecs:
+            cx.t.union(vecs[letter], vec)
+        else:
+            vecs[letter] = vec
+    for letter in list(vecs):
+        holders = [(lab, shp, sub, src) for lab, shp, sub, src in zip(labs, shapes, subs, srcs) if letter in sub]
+        blocked = any(shp[sub.index(letter)] > 1 and (varying_dim(lab) is None or sub[varying_dim(lab)] != letter)
+                      for lab, shp, sub, _ in holders)
+        if blocked or (letter not in rhs and len(holders) < 2):
+            cx.t.fix(vecs.pop(letter))
+        elif letter not in rhs:
+            for _, _, sub, src in holders:
+                cx.t.checks.append(Check(node.name, src.name, sub.index(letter), vecs[letter], "zero"))
+    out_letters = [c for c in rhs if c in vecs]
+    for c in out_letters[:-1]:
+        cx.t.fix(vecs[c])
+    if not out_letters:
+        return torch.full((1,) * len(rhs), FIXED, dtype=torch.long)
+    return cx.t.place(vecs[out_letters[-1]], rhs.index(out_letters[-1]), len(rhs))
+
+
+@channel_rule(torch.einsum, torch.functional.einsum)
+def einsum(cx: RuleContext, node: fx.Node):
+    eq = node.args[0].replace(" ", "")
+    srcs = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+    if "..." in eq or "->" not in eq or not all(isinstance(s, fx.Node) for s in srcs):
+        cx.t.barrier(node, "einsum without explicit output subscripts", [cx.value(s) for s in srcs])
+        return cx.fixed(node)
+    lhs, rhs = eq.split("->")
+    return contract(cx, node, list(srcs), lhs.split(","), rhs)
+
+
+@channel_rule(operator.matmul, torch.matmul, torch.bmm, "method:matmul", "method:bmm")
+def matmul(cx: RuleContext, node: fx.Node):
+    """``a @ b`` as ``...ij,...jk->...ik`` (batch dims right-aligned)."""
+    a, b = node.args[0], node.args[1]
+    sa, sb = shape_of(a), shape_of(b)
+    if sa is None or sb is None or len(sa) < 2 or len(sb) < 2:
+        cx.t.barrier(node, "matmul with a vector operand", [cx.value(a), cx.value(b)])
+        return cx.fixed(node)
+    nb = max(len(sa), len(sb)) - 2
+    batch = "abcdefgh"[:nb]
+    sub_a = batch[nb - (len(sa) - 2):] + "ij"
+    sub_b = batch[nb - (len(sb) - 2):] + "jk"
+    return contract(cx, node, [a, b], [sub_a, sub_b], batch + "ik")
+
+
+@channel_rule(nn.MultiheadAttention)
+def multihead_attention(cx: RuleContext, node: fx.Node):
+    """Declared barrier: ``nn.MultiheadAttention`` keeps ``embed_dim`` and its heads whole."""
+    cx.t.barrier(node, "nn.MultiheadAttention: embed_dim and heads kept whole",
+                 [cx.value(a) for a in node.args] + [cx.value(v) for v in node.kwargs.values()])
+    return cx.fixed(node)
+
+
+@channel_rule(*_SWIN_FUSED, *_SWIN_BIAS)
+def swin_attention(cx: RuleContext, node: fx.Node):
+    """Declared barrier: torchvision's fused shifted-window attention takes qkv/proj weights as tensors."""
+    cx.t.barrier(node, "torchvision fused window attention: heads and embedding kept whole",
+                 [cx.value(a) for a in node.args] + [cx.value(v) for v in node.kwargs.values()])
+    return cx.fixed(node)

@@ -1,0 +1,129 @@
+"""The channel-rule registry and the context a rule works with.
+
+A rule maps the labels of a node's inputs to the labels of its output and records coupling on the
+``Tracker``. Keys: ``fn:<module>.<name>`` (call_function), ``method:<name>`` (call_method),
+``module:<module>.<Class>`` (call_module; looked up along the class MRO). Register with
+``@channel_rule(torch.cat, "method:cat", nn.Conv2d, ...)``: functions, classes or key strings.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+
+from sparsifx.registry import Registry
+
+from .tracker import FIXED, Tracker
+
+CHANNEL_RULES: Registry[Callable] = Registry("channel rule")
+
+
+def fn_key(fn: Any) -> str:
+    mod = getattr(fn, "__module__", None) or "torch"
+    return f"fn:{mod}.{getattr(fn, '__qualname__', getattr(fn, '__name__', repr(fn)))}"
+
+
+def rule_key(obj: Any) -> str:
+    if isinstance(obj, str):
+        return obj
+    if isinstance(obj, type):
+        return f"module:{obj.__module__}.{obj.__qualname__}"
+    return fn_key(obj)
+
+
+def channel_rule(*targets: Any) -> Callable[[Callable], Callable]:
+    """Register ``rule(cx, node) -> labels`` for every target (function, module class or key)."""
+    def add(rule: Callable) -> Callable:
+        for t in targets:
+            CHANNEL_RULES.register(rule_key(t), rule)
+        return rule
+    return add
+
+
+def find_rule(gm: fx.GraphModule, node: fx.Node) -> Callable | None:
+    if node.op == "call_function":
+        key = fn_key(node.target)
+        return CHANNEL_RULES.get(key) if key in CHANNEL_RULES else None
+    if node.op == "call_method":
+        key = f"method:{node.target}"
+        return CHANNEL_RULES.get(key) if key in CHANNEL_RULES else None
+    if node.op == "call_module":
+        for cls in type(gm.get_submodule(node.target)).__mro__:
+            key = rule_key(cls)
+            if key in CHANNEL_RULES:
+                return CHANNEL_RULES.get(key)
+    return None
+
+
+class Unknown:
+    """A non-tensor value the analysis cannot evaluate statically."""
+
+    def __repr__(self) -> str:
+        return "<unknown>"
+
+
+UNKNOWN = Unknown()
+
+
+class RuleContext:
+    """What a rule sees: the tracker, the module, input labels / static values and real shapes."""
+
+    def __init__(self, gm: fx.GraphModule, tracker: Tracker):
+        self.gm, self.t = gm, tracker
+        self.env: dict[fx.Node, Any] = {}
+
+    # values ---------------------------------------------------------------------------------------------
+    def value(self, arg: Any) -> Any:
+        return fx.node.map_aggregate(arg, lambda a: self.env.get(a, UNKNOWN) if isinstance(a, fx.Node) else a)
+
+    def _arg(self, node: fx.Node, i: int, key: str | None, default: Any = None) -> Any:
+        if i is not None and i < len(node.args):
+            return node.args[i]
+        if key is not None and key in node.kwargs:
+            return node.kwargs[key]
+        return default
+
+    def inp(self, node: fx.Node, i: int = 0, key: str | None = None, default: Any = None) -> Any:
+        """The label tensor / static value of argument ``i`` (or keyword ``key``)."""
+        return self.value(self._arg(node, i, key, default))
+
+    def inshape(self, node: fx.Node, i: int = 0, key: str | None = None) -> tuple[int, ...] | None:
+        return shape_of(self._arg(node, i, key))
+
+    def module(self, node: fx.Node) -> torch.nn.Module:
+        return self.gm.get_submodule(node.target)
+
+    # labels ---------------------------------------------------------------------------------------------
+    def fixed(self, node: fx.Node) -> Any:
+        """All-FIXED labels shaped like ``node``'s output (tuple-aware)."""
+        return _fixed_like(node.meta.get("tensor_meta"))
+
+
+def shape_of(arg: Any) -> tuple[int, ...] | None:
+    if isinstance(arg, fx.Node):
+        meta = arg.meta.get("tensor_meta")
+        if meta is not None and hasattr(meta, "shape"):
+            return tuple(meta.shape)
+    return None
+
+
+def out_shape(node: fx.Node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _fixed_like(meta: Any) -> Any:
+    if meta is None:
+        return UNKNOWN
+    if hasattr(meta, "shape"):
+        return torch.full((1,) * len(meta.shape), FIXED, dtype=torch.long)
+    if isinstance(meta, (tuple, list)):
+        return type(meta)(_fixed_like(m) for m in meta)
+    if isinstance(meta, dict):
+        return {k: _fixed_like(v) for k, v in meta.items()}
+    return UNKNOWN
+
+
+def is_label(v: Any) -> bool:
+    return isinstance(v, torch.Tensor)

@@ -1,0 +1,218 @@
+"""Rules for shape ops: reshape/flatten expand a channel into blocks (or split it, uniting the outer
+factor: channel shuffle, head split), permute/transpose move the channel dim, cat offsets, split/chunk
+index maps, getitem slices, reductions and spatial pooling. Ops whose constants depend on channel
+counts record a ``Rewrite`` for the shrink pass."""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .rules_base import RuleContext, UNKNOWN, channel_rule, is_label, out_shape, shape_of
+
+try:
+    from torchvision.models.swin_transformer import _patch_merging_pad
+    _PATCH_MERGING = (_patch_merging_pad,)
+except ImportError:  # pragma: no cover
+    _PATCH_MERGING = ()
+
+
+def varying_dim(lab: torch.Tensor) -> int | None:
+    dims = [d for d in range(lab.ndim) if lab.shape[d] > 1]
+    return dims[-1] if dims else None
+
+
+def reshape_labels(cx: RuleContext, lab: torch.Tensor, in_shape, shape) -> torch.Tensor:
+    if varying_dim(lab) is None:
+        return lab.reshape(-1)[:1].reshape((1,) * len(shape))
+    return cx.t.normalize(lab.expand(in_shape).reshape(shape))
+
+
+@channel_rule("method:view", "method:reshape", torch.reshape, torch.flatten, "method:flatten", nn.Flatten,
+              nn.Unflatten, torch.squeeze, "method:squeeze", torch.unsqueeze, "method:unsqueeze",
+              "method:unflatten", torch.unflatten)
+def reshape(cx: RuleContext, node: fx.Node):
+    """``x.view(sizes)``: labels follow the row-major element order; a split channel keeps its inner factor."""
+    lab, shape = cx.inp(node, 0, "input"), out_shape(node)
+    out = reshape_labels(cx, lab, cx.inshape(node, 0, "input"), shape)
+    d = varying_dim(out)
+    explicit = node.target in ("view", "reshape") if node.op == "call_method" else node.target is torch.reshape
+    if d is not None and explicit:
+        cx.t.rewrite_node(node, "sizes", labels=out)
+    return out
+
+
+@channel_rule("method:expand", "method:expand_as")
+def expand(cx: RuleContext, node: fx.Node):
+    lab, shape = cx.inp(node), out_shape(node)
+    out = lab.reshape((1,) * (len(shape) - lab.ndim) + tuple(lab.shape))
+    if varying_dim(out) is not None and node.target == "expand":
+        cx.t.rewrite_node(node, "sizes", labels=out)
+    return out
+
+
+@channel_rule(torch.permute, "method:permute")
+def permute(cx: RuleContext, node: fx.Node):
+    lab = cx.inp(node, 0, "input")
+    dims = node.args[1:] if node.op == "call_method" else (cx.inp(node, 1, "dims"),)
+    if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+        dims = dims[0]
+    return lab.permute(*[int(d) for d in dims])
+
+
+@channel_rule(torch.transpose, "method:transpose", torch.swapaxes, "method:swapaxes", torch.swapdims,
+              "method:swapdims")
+def transpose(cx: RuleContext, node: fx.Node):
+    return cx.inp(node, 0, "input").transpose(int(cx.inp(node, 1, "dim0")), int(cx.inp(node, 2, "dim1")))
+
+
+@channel_rule(torch.cat, torch.concat, torch.concatenate)
+def cat(cx: RuleContext, node: fx.Node):
+    """``cat(xs, dim)``: labels concatenate along ``dim`` (channel offset ranges)."""
+    tensors = node.args[0] if node.args else node.kwargs["tensors"]
+    dim = cx.inp(node, 1, "dim", 0)
+    return cat_labels(cx, [cx.value(t) for t in tensors], [shape_of(t) for t in tensors], dim)
+
+
+def cat_labels(cx: RuleContext, labs, shapes, dim: int) -> torch.Tensor:
+    nd = len(shapes[0])
+    dim %= nd
+    common = [1 if all(lab.shape[d] == 1 for lab in labs) else shapes[0][d] for d in range(nd)]
+    parts = []
+    for lab, shp in zip(labs, shapes):
+        target = list(common)
+        target[dim] = shp[dim]
+        parts.append(lab.expand(target))
+    return cx.t.normalize(torch.cat(parts, dim))
+
+
+@channel_rule(torch.stack)
+def stack(cx: RuleContext, node: fx.Node):
+    tensors = node.args[0] if node.args else node.kwargs["tensors"]
+    dim = cx.inp(node, 1, "dim", 0)
+    nd = len(shape_of(tensors[0])) + 1
+    dim %= nd
+    labs = [cx.value(t).unsqueeze(dim) for t in tensors]
+    shapes = [shape_of(t)[:dim] + (1,) + shape_of(t)[dim:] for t in tensors]
+    return cat_labels(cx, labs, shapes, dim)
+
+
+@channel_rule(torch.chunk, "method:chunk", torch.split, "method:split", torch.functional.split)
+def split(cx: RuleContext, node: fx.Node):
+    """``split/chunk``: each piece takes its index range; constant sizes are rewritten by shrink."""
+    lab = cx.inp(node, 0, "tensor" if node.op == "call_function" else None)
+    metas = node.meta["tensor_meta"]
+    dim = cx.inp(node, 2, "dim", 0) % lab.ndim
+    sizes = [m.shape[dim] for m in metas]
+    if lab.shape[dim] == 1:
+        return tuple(lab for _ in sizes)
+    cx.t.rewrite_node(node, "split", vec=lab.reshape(-1).clone(), dim=dim, sizes=sizes)
+    return tuple(cx.t.normalize(p) for p in torch.split(lab, sizes, dim))
+
+
+@channel_rule("fn:_operator.getitem")
+def getitem(cx: RuleContext, node: fx.Node):
+    """``x[idx]`` on tuples (static) and tensors (slices/ints/None/Ellipsis; tensor indices are a barrier)."""
+    base, idx = cx.inp(node, 0), cx.inp(node, 1)
+    if isinstance(base, (tuple, list)):
+        return base[idx]
+    if not is_label(base):
+        return cx.fixed(node)
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    if any(is_label(i) or i is UNKNOWN or isinstance(i, (list, torch.Tensor)) for i in idx):
+        cx.t.barrier(node, "advanced (tensor) indexing", base)
+        return cx.fixed(node)
+    return index_labels(cx, node, base, idx)
+
+
+def index_labels(cx: RuleContext, node: fx.Node, lab: torch.Tensor, idx: tuple):
+    n_ell = lab.ndim - sum(1 for i in idx if i is not None and i is not Ellipsis)
+    full = []  # (index item, its position in the node's index tuple)
+    for p, i in enumerate(idx):
+        full.extend([(slice(None), None)] * n_ell if i is Ellipsis else [(i, p)])
+    full.extend([(slice(None), None)] * (lab.ndim - sum(1 for i, _ in full if i is not None)))
+    new, d = [], 0
+    for i, p in full:
+        if i is None:
+            new.append(None)
+            continue
+        if lab.shape[d] == 1:
+            new.append(0 if isinstance(i, int) else slice(None))
+        elif isinstance(i, slice) and i.step in (None, 1):
+            new.append(i)
+            if (i.start, i.stop) != (None, None):
+                cx.t.rewrite_node(node, "slice", vec=lab.reshape(-1).clone(), pos=p)
+        else:  # an int or strided pick of channels: shrink cannot renumber it
+            cx.t.barrier(node, "picks single channels by index", lab)
+            return cx.fixed(node)
+        d += 1
+    return cx.t.normalize(lab[tuple(new)])
+
+
+REDUCTIONS = (torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var, torch.logsumexp)
+
+
+@channel_rule(*REDUCTIONS, *(f"method:{m}" for m in ("mean", "sum", "amax", "amin", "std", "var")))
+def reduce(cx: RuleContext, node: fx.Node):
+    """Reduction over ``dim``: channels varying along a reduced dim are fixed (the result would change)."""
+    lab = cx.inp(node, 0, "input")
+    dims = cx.inp(node, 1, "dim")
+    keep = bool(cx.inp(node, 2, "keepdim", False))
+    if dims is None or dims is UNKNOWN:
+        cx.t.barrier(node, "reduces over all dims", lab)
+        return cx.fixed(node)
+    dims = sorted({d % lab.ndim for d in (dims if isinstance(dims, (tuple, list)) else (dims,))})
+    if varying_dim(lab) in dims:
+        cx.t.barrier(node, "reduces across channels", lab)
+        return cx.fixed(node)
+    index = tuple(slice(0, 1) if (d in dims and keep) else (0 if d in dims else slice(None))
+                  for d in range(lab.ndim))
+    return lab[index]
+
+
+POOLS = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
+         F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.max_pool1d,
+         F.max_pool2d, F.max_pool3d, F.interpolate, F.upsample)
+POOL_MODULES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+                nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+                nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Upsample)
+
+
+@channel_rule(*POOLS, *POOL_MODULES)
+def pool(cx: RuleContext, node: fx.Node):
+    """Spatial pooling ``(N, C, *spatial)``: per channel; atoms varying over space are united."""
+    lab, shape = cx.inp(node, 0, "input"), out_shape(node)
+    if isinstance(shape, tuple) and len(shape) >= 3:
+        return cx.t.place(cx.t.along(lab, 1, shape[1]), 1, len(shape))
+    cx.t.barrier(node, "pooling on unexpected rank", lab)
+    return cx.fixed(node)
+
+
+@channel_rule(F.pad)
+def pad(cx: RuleContext, node: fx.Node):
+    lab, widths = cx.inp(node, 0, "input"), cx.inp(node, 1, "pad")
+    d = varying_dim(lab)
+    if d is not None and isinstance(widths, (tuple, list)):
+        k = lab.ndim - 1 - d
+        if 2 * k < len(widths) and (widths[2 * k] or widths[2 * k + 1]):
+            cx.t.barrier(node, "pads the channel dim", lab)
+            return cx.fixed(node)
+    return lab
+
+
+@channel_rule(torch.roll)
+def roll(cx: RuleContext, node: fx.Node):
+    lab, dims = cx.inp(node, 0, "input"), cx.inp(node, 2, "dims")
+    dims = dims if isinstance(dims, (tuple, list)) else (dims,)
+    if varying_dim(lab) in {int(d) % lab.ndim for d in dims if isinstance(d, int)}:
+        cx.t.barrier(node, "rolls the channel dim", lab)
+        return cx.fixed(node)
+    return lab
+
+
+@channel_rule(*_PATCH_MERGING)
+def patch_merging_pad(cx: RuleContext, node: fx.Node):
+    """torchvision Swin: ``(.., H, W, C) -> (.., H/2, W/2, 4C)`` = cat of four strided views along C."""
+    lab, shp = cx.inp(node), cx.inshape(node)
+    return cat_labels(cx, [lab] * 4, [shp] * 4, -1)

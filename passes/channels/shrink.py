@@ -1,0 +1,205 @@
+"""Pass ``shrink``: physically remove the channels a ``ChannelPlan`` pruned, exactly.
+
+Before cutting, the masked model runs twice (the example inputs and a random draw) and every consumer
+input is checked at the pruned positions: zero -> dropped; a non-zero constant -> folded into the
+consumer's bias when that is exact (``Linear``; ``Conv`` with groups 1 and no padding); anything else
+-> the unit is kept and the report says why.
+"""
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from sparsifx.errors import PassError, PreconditionError
+from sparsifx.masking import effective_weight
+from sparsifx.pass_base import PassBase, PassResult
+from sparsifx.registry import register_pass
+from sparsifx.tracing import record_shapes
+
+from .coupling import graph_signature
+from .prune import ChannelPlan
+from .rewrites import REWRITES
+from .slicers import slice_module
+
+log = logging.getLogger(__name__)
+
+
+@register_pass("shrink")
+class Shrink(PassBase):
+    """``conv(x)`` with pruned (zeroed) channels -> a smaller ``conv``; reshape/split/slice constants,
+    groups and size attributes renumbered; constant channels folded into consumer biases.
+
+    Parameters: ``seed`` (the random input draw of the exactness check). Needs ``gm.meta["channel_plan"]``
+    (from ``channel_prune``); without one it changes nothing.
+    """
+
+    preserves_semantics = True
+    requires_analyses = ("shapes",)
+
+    def __init__(self, *, seed: int = 0):
+        self.seed = seed
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        plan = gm.meta.get("channel_plan")
+        if plan is None:
+            return PassResult(gm, False)
+        modified = shrink_with_plan(gm, plan, seed=self.seed)
+        del gm.meta["channel_plan"]
+        return PassResult(gm, modified)
+
+
+def model_inputs(gm: fx.GraphModule, seed: int) -> tuple[tuple, tuple]:
+    """(example inputs, a random draw of the same shapes) from ``gm.meta`` / placeholder shapes."""
+    gen = torch.Generator().manual_seed(seed)
+    metas = [n.meta.get("tensor_meta") for n in gm.graph.nodes if n.op == "placeholder"]
+    if any(m is None for m in metas):
+        raise PreconditionError("shrink needs input shapes (node.meta['tensor_meta'] on placeholders)")
+    rand = tuple(torch.randn(m.shape, generator=gen, dtype=m.dtype) if m.dtype.is_floating_point
+                 else torch.zeros(m.shape, dtype=m.dtype) for m in metas)
+    example = gm.meta.get("example_inputs")
+    example = (example,) if isinstance(example, torch.Tensor) else example
+    return (tuple(example) if example is not None else rand), rand
+
+
+class _Probe(fx.Interpreter):
+    """Runs the model and reduces each checked input to per-position (min, max, first) at pruned positions."""
+
+    def __init__(self, gm: fx.GraphModule, wanted: dict[str, list[tuple[int, int, np.ndarray]]]):
+        super().__init__(gm)
+        self.wanted, self.stats = wanted, {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        for key, dim, idx in self.wanted.get(n.name, ()):
+            v = out.detach().index_select(dim, torch.as_tensor(idx)).movedim(dim, 0).reshape(len(idx), -1)
+            self.stats[key] = (v.amin(1), v.amax(1), v[:, 0].clone())
+        return out
+
+
+def _probe(gm: fx.GraphModule, plan: ChannelPlan, pruned: np.ndarray, inputs_pair) -> dict[int, list]:
+    a = plan.analysis
+    wanted: dict[str, list] = defaultdict(list)
+    for key, c in enumerate(a.tracker.checks):
+        idx = np.nonzero(pruned[a.unit[c.atoms.numpy()]])[0]
+        if len(idx):
+            wanted[c.src].append((key, c.dim, idx))
+    runs = []
+    was_training = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            for inputs in inputs_pair:
+                probe = _Probe(gm, wanted)
+                probe.run(*inputs)
+                runs.append(probe.stats)
+    finally:
+        gm.train(was_training)
+    return {key: [r[key] for r in runs] + [idx] for node_checks in wanted.values() for key, _, idx in node_checks}
+
+
+def _foldable(m: nn.Module) -> bool:
+    if isinstance(m, nn.Linear):
+        return True
+    if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and m.groups == 1:
+        return m.padding == "valid" or all(p == 0 for p in m.padding)
+    return False
+
+
+def _decide(gm: fx.GraphModule, plan: ChannelPlan, pruned: np.ndarray, stats, notes: list[str]):
+    """Unprune units whose removal would not be exact; return folds {module: {index: constant}}."""
+    a = plan.analysis
+    folds: dict[str, dict[int, tuple[float, int]]] = defaultdict(dict)
+    for key, ((lo1, hi1, f1), (lo2, hi2, f2), idx) in stats.items():
+        c = a.tracker.checks[key]
+        const = (lo1 == hi1) & (lo2 == hi2) & (f1 == f2)
+        zero = const & (f1 == 0)
+        module = gm.get_submodule(c.module) if c.module else None
+        for j, pos in enumerate(idx.tolist()):
+            unit = a.unit[int(c.atoms[pos])]
+            if bool(zero[j]):
+                continue
+            value = float(f1[j])
+            if c.kind == "fold" and bool(const[j]) and _foldable(module) and \
+                    folds[c.module].get(pos, (value,))[0] == value:
+                folds[c.module][pos] = (value, unit)
+                continue
+            if pruned[unit]:
+                why = "a non-constant value" if not bool(const[j]) else f"the constant {value:g}"
+                notes.append(f"kept a channel unit at the input of {c.node}: removing it would drop {why}")
+            pruned[unit] = False
+    return folds
+
+
+def _apply_folds(gm: fx.GraphModule, folds, pruned: np.ndarray) -> int:
+    """``bias += W[:, p] * c`` (summed over the kernel) for every pruned constant input ``p``."""
+    count = 0
+    with torch.no_grad():
+        for name, entries in folds.items():
+            m = gm.get_submodule(name)
+            consts = {p: v for p, (v, unit) in entries.items() if pruned[unit]}
+            if not consts:
+                continue
+            w = effective_weight(m).detach()
+            pos = torch.tensor(sorted(consts))
+            vals = torch.tensor([consts[p] for p in sorted(consts)], dtype=w.dtype)
+            cols = w.index_select(1, pos)
+            delta = (cols.reshape(cols.shape[0], cols.shape[1], -1).sum(2) * vals).sum(1)
+            if m.bias is None:
+                m.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype))
+            m.bias.add_(delta)
+            count += len(consts)
+    return count
+
+
+def shrink_with_plan(gm: fx.GraphModule, plan: ChannelPlan, seed: int = 0,
+                     inputs: Sequence[Any] | None = None) -> bool:
+    """Cut every member tensor of ``gm`` to the units ``plan`` keeps; True if anything was cut."""
+    a = plan.analysis
+    if graph_signature(gm) != a.signature:
+        raise PreconditionError("the channel plan is stale: the graph changed after channel_prune; run "
+                                "shrink right after channel_prune")
+    pruned = plan.pruned.copy()
+    if not pruned.any():
+        return False
+    pair = model_inputs(gm, seed) if inputs is None else (tuple(inputs), model_inputs(gm, seed)[1])
+    notes: list[str] = []
+    folds = _decide(gm, plan, pruned, _probe(gm, plan, pruned, pair), notes)
+    cuts = _cuts(a, pruned)
+    n_folded = _apply_folds(gm, folds, pruned)
+    for owner, owner_cuts in cuts.items():
+        slice_module(gm.get_submodule(owner) if owner else gm, owner_cuts)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    kept = lambda atoms: ~pruned[a.unit[atoms.numpy()]]  # noqa: E731
+    for rw in a.tracker.rewrites.values():
+        REWRITES.get(rw.kind)(nodes[rw.node], rw.data, kept)
+    gm.graph.lint()
+    gm.recompile()
+    record_shapes(gm, pair[0])
+    removed = int(pruned.sum())
+    gm.meta.setdefault("report_notes", []).append(
+        f"shrink: removed {removed} channel units, folded {n_folded} constant channels into biases"
+        + "".join(f"; {n}" for n in sorted(set(notes))))
+    gm.meta["channel_report"] = {"removed_units": removed, "folded": n_folded, "kept_for_exactness": notes}
+    log.info("shrink: removed %d units (%d folded, %d kept for exactness)", removed, n_folded, len(notes))
+    return bool(cuts)
+
+
+def _cuts(a, pruned: np.ndarray) -> dict[str, dict[tuple[str, int], torch.Tensor]]:
+    by_key: dict[tuple[str, str, int], np.ndarray] = {}
+    for m in a.members:
+        keep = ~pruned[a.unit[m.atoms.numpy()]]
+        key = (m.owner, m.tensor, m.dim)
+        if key in by_key and not np.array_equal(by_key[key], keep):
+            raise PassError(f"inconsistent channel plan for {m.owner}.{m.tensor} dim {m.dim}")
+        by_key[key] = keep
+    cuts: dict[str, dict] = defaultdict(dict)
+    for (owner, tensor, dim), keep in by_key.items():
+        if not keep.all():
+            cuts[owner][(tensor, dim)] = torch.as_tensor(np.nonzero(keep)[0], dtype=torch.long)
+    return cuts

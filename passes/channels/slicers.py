@@ -1,0 +1,128 @@
+"""Layer slicers: ``SLICERS`` maps a module type to ``slicer(module, cuts)`` that keeps the indices
+``cuts[(tensor_name, dim)]`` of each tensor and updates the layer's size attributes (and groups).
+Masked layers (``sparsifx.masking``) slice their ``mask`` with their ``weight``. A type without a
+slicer gets ``slice_generic`` (tensors only)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from sparsifx.masking import is_masked
+from sparsifx.registry import Registry, type_registry_lookup
+
+SLICERS: Registry[Callable] = Registry("layer slicer")
+Cuts = dict[tuple[str, int], torch.Tensor]
+
+
+def register_slicer(*types: type) -> Callable[[Callable], Callable]:
+    def add(fn: Callable) -> Callable:
+        for t in types:
+            SLICERS.register(f"{t.__module__}.{t.__qualname__}", fn)
+        return fn
+    return add
+
+
+def set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    old = getattr(module, name)
+    if isinstance(old, nn.Parameter):
+        setattr(module, name, nn.Parameter(value, requires_grad=old.requires_grad))
+    elif name in module._buffers:
+        module._buffers[name] = value
+    else:
+        setattr(module, name, value)
+
+
+def cut(module: nn.Module, name: str, dim: int, index: torch.Tensor) -> None:
+    t = getattr(module, name)
+    set_tensor(module, name, t.detach().index_select(dim, index).clone())
+    if name == "weight" and is_masked(module):
+        module._buffers["mask"] = module.mask.index_select(dim, index).clone()
+
+
+def slice_generic(module: nn.Module, cuts: Cuts) -> None:
+    out_dim = 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0
+    if ("weight", out_dim) in cuts and getattr(module, "bias", None) is not None and ("bias", 0) not in cuts \
+            and isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+        cuts = {**cuts, ("bias", 0): cuts[("weight", out_dim)]}  # a bias created by constant folding
+    for (name, dim), index in cuts.items():
+        cut(module, name, dim, index)
+
+
+def slice_module(module: nn.Module, cuts: Cuts) -> None:
+    (type_registry_lookup(SLICERS, module) or slice_generic)(module, cuts)
+
+
+@register_slicer(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+def slice_conv(m: nn.Module, cuts: Cuts) -> None:
+    cin, cout, g = m.in_channels, m.out_channels, m.groups
+    if 1 < g < cin and cin == cout and ("weight", 0) in cuts:
+        _regroup_identity(m, cuts[("weight", 0)])
+    slice_generic(m, cuts)
+    new_out = m.weight.shape[0]
+    if g == 1:
+        m.in_channels = m.weight.shape[1]
+    elif g == cin and cout % cin == 0:
+        m.groups = m.in_channels = new_out // (cout // cin)
+    elif cin == cout:
+        m.in_channels = new_out
+    m.out_channels = new_out
+
+
+def _regroup_identity(m: nn.Module, out_idx: torch.Tensor) -> None:
+    """Grouped conv with in == out coupled per index: each group keeps the same local input indices."""
+    size = m.out_channels // m.groups
+    w = m.weight.detach()
+    mask = m.mask if is_masked(m) else None
+    cols = [(out_idx[(out_idx // size) == b] - b * size) for b in range(m.groups)]
+    per_block = {len(c) for c in cols}
+    if len(per_block) != 1:
+        raise ValueError(f"grouped conv needs equal kept channels per group, got {sorted(per_block)}")
+    # rows are cut later by slice_generic; here only the local input columns of every row change
+    rows_block = torch.arange(m.out_channels) // size
+    new_w = torch.stack([w[o].index_select(0, cols[int(rows_block[o])]) for o in range(m.out_channels)])
+    set_tensor(m, "weight", new_w)
+    if mask is not None:
+        m._buffers["mask"] = torch.stack([mask[o].index_select(0, cols[int(rows_block[o])])
+                                          for o in range(m.out_channels)])
+
+
+@register_slicer(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+def slice_conv_transpose(m: nn.Module, cuts: Cuts) -> None:
+    slice_generic(m, cuts)
+    m.in_channels, m.out_channels = m.weight.shape[0], m.weight.shape[1] * m.groups
+
+
+@register_slicer(nn.Linear)
+def slice_linear(m: nn.Module, cuts: Cuts) -> None:
+    slice_generic(m, cuts)
+    m.out_features, m.in_features = m.weight.shape
+
+
+@register_slicer(nn.modules.batchnorm._NormBase)
+def slice_batch_norm(m: nn.Module, cuts: Cuts) -> None:
+    slice_generic(m, cuts)
+    ref = m.weight if m.weight is not None else m.running_mean
+    if ref is not None:
+        m.num_features = ref.shape[0]
+
+
+@register_slicer(nn.LayerNorm)
+def slice_layer_norm(m: nn.Module, cuts: Cuts) -> None:
+    slice_generic(m, cuts)
+    if m.weight is not None:
+        m.normalized_shape = tuple(m.weight.shape)
+
+
+@register_slicer(nn.GroupNorm)
+def slice_group_norm(m: nn.Module, cuts: Cuts) -> None:
+    slice_generic(m, cuts)
+    if m.weight is not None:
+        m.num_channels = m.weight.shape[0]
+
+
+@register_slicer(nn.Embedding)
+def slice_embedding(m: nn.Module, cuts: Cuts) -> None:
+    slice_generic(m, cuts)
+    m.embedding_dim = m.weight.shape[1]

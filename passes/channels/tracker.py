@@ -1,0 +1,188 @@
+"""Channel atoms, label tensors and the records the coupling analysis collects.
+
+A *label tensor* stands for one activation: an int64 tensor with the activation's ndim whose entries are
+*atom* ids (0 = ``FIXED``: not prunable). A dim of size 1 in the label means "the same label all along
+that dim". Invariant after ``normalize``: at most one dim varies (the channel dim); other varying dims are
+collapsed by *uniting* their atoms, which is always safe (pruned together) and keeps every tensor
+rectangular after shrinking.
+
+Atoms are created by producers (one per output channel of a conv/linear, shared across calls of the same
+module) or passively for parameters read with ``get_attr``. Coupling is recorded as union edges; units
+(channels pruned as one) are the connected components, computed once at the end.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+FIXED = 0
+
+
+@dataclass
+class Member:
+    """A tensor dim sliced with the channels: ``getattr(owner, tensor)`` along ``dim``, labelled ``atoms``.
+
+    ``role``: ``out`` (zeroed by channel_prune, sliced by shrink), ``aux`` (sliced only: running stats),
+    ``in`` (a consumer's input dim: sliced only; the pruned input must be zero or a foldable constant).
+    """
+    owner: str
+    tensor: str
+    dim: int
+    atoms: torch.Tensor
+    role: str
+    node: str
+
+
+@dataclass
+class Constraint:
+    """``atoms`` split into ``blocks`` equal contiguous blocks must keep the same count per block."""
+    atoms: torch.Tensor
+    blocks: int
+    node: str
+
+
+@dataclass
+class Check:
+    """Pruned positions of input node ``src`` of ``node`` along ``dim``: ``fold`` into ``module`` or ``zero``."""
+    node: str
+    src: str
+    dim: int
+    atoms: torch.Tensor
+    kind: str
+    module: str | None = None
+
+
+@dataclass
+class Rewrite:
+    """A graph node whose constant arguments depend on channel counts (``kind`` keys REWRITES)."""
+    node: str
+    kind: str
+    data: dict = field(default_factory=dict)
+
+
+class Tracker:
+    """Collects atoms, union edges, members, constraints, checks, rewrites and barriers."""
+
+    def __init__(self):
+        self.n_atoms = 1
+        self._space_chunks: list[torch.Tensor] = [torch.full((1,), -1, dtype=torch.long)]
+        self._edges: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.spaces: list[str] = []
+        self.members: list[Member] = []
+        self.constraints: list[Constraint] = []
+        self.checks: list[Check] = []
+        self.rewrites: dict[str, Rewrite] = {}
+        self.barriers: list[dict[str, str]] = []
+        self.module_atoms: dict[str, torch.Tensor] = {}
+
+    # ---- atoms and edges -------------------------------------------------------------------------
+    def fresh(self, n: int, space: str | None) -> torch.Tensor:
+        """``n`` new atoms; ``space`` names the producer (``None``: passive parameter atoms)."""
+        sid = -1
+        if space is not None:
+            sid = len(self.spaces)
+            self.spaces.append(space)
+        atoms = torch.arange(self.n_atoms, self.n_atoms + n, dtype=torch.long)
+        self._space_chunks.append(torch.full((n,), sid, dtype=torch.long))
+        self.n_atoms += n
+        return atoms
+
+    def producer_atoms(self, module: str, n: int) -> torch.Tensor:
+        """Output atoms of ``module`` (the same atoms on every call of a shared module)."""
+        if module not in self.module_atoms:
+            self.module_atoms[module] = self.fresh(n, module)
+        return self.module_atoms[module]
+
+    def union(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        a, b = torch.broadcast_tensors(a, b)
+        a, b = a.reshape(-1), b.reshape(-1)
+        keep = a != b
+        if bool(keep.any()):
+            self._edges.append((a[keep].clone(), b[keep].clone()))
+
+    def fix(self, labels: Any) -> None:
+        """Make every atom in ``labels`` (a label tensor or nested tuple/list/dict of them) unprunable."""
+        for t in _tensors(labels):
+            u = torch.unique(t)
+            u = u[u != FIXED]
+            if u.numel():
+                self._edges.append((u, torch.zeros_like(u)))
+
+    def rewrite_node(self, node, kind: str, **data) -> None:
+        self.rewrites[node.name] = Rewrite(node.name, kind, data)
+
+    def barrier(self, node, reason: str, labels: Any) -> None:
+        self.fix(labels)
+        self.barriers.append({"node": node.name, "op": _describe(node), "reason": reason})
+
+    # ---- label helpers ---------------------------------------------------------------------------
+    def normalize(self, lab: torch.Tensor) -> torch.Tensor:
+        """Compress constant dims, then collapse (unite) all varying dims but the last."""
+        for d in range(lab.ndim):
+            if lab.shape[d] > 1:
+                first = lab.narrow(d, 0, 1)
+                if bool((lab == first).all()):
+                    lab = first
+        vary = [d for d in range(lab.ndim) if lab.shape[d] > 1]
+        for d in vary[:-1]:
+            first = lab.narrow(d, 0, 1)
+            self.union(lab, first)
+            lab = first
+        return lab.contiguous()
+
+    def along(self, lab: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+        """The atom vector along ``dim`` (length ``size``), uniting atoms along every other dim."""
+        dim = dim % lab.ndim
+        for d in range(lab.ndim):
+            if d != dim and lab.shape[d] > 1:
+                first = lab.narrow(d, 0, 1)
+                self.union(lab, first)
+                lab = first
+        vec = lab.reshape(-1)
+        return vec.expand(size).clone() if vec.numel() == 1 else vec.clone()
+
+    def place(self, vec: torch.Tensor, dim: int, ndim: int) -> torch.Tensor:
+        """A label tensor of ``ndim`` dims varying along ``dim`` with ``vec``."""
+        shape = [1] * ndim
+        shape[dim % ndim] = vec.numel()
+        return self.normalize(vec.reshape(shape))
+
+    # ---- results -----------------------------------------------------------------------------------
+    def atom_space(self) -> torch.Tensor:
+        return torch.cat(self._space_chunks)
+
+    def components(self) -> np.ndarray:
+        """Unit id of every atom (connected components of the union edges)."""
+        n = self.n_atoms
+        if self._edges:
+            a = torch.cat([e[0] for e in self._edges]).numpy()
+            b = torch.cat([e[1] for e in self._edges]).numpy()
+        else:
+            a = b = np.zeros(0, dtype=np.int64)
+        graph = coo_matrix((np.ones(a.shape[0], dtype=np.int8), (a, b)), shape=(n, n))
+        _, comp = connected_components(graph, directed=False)
+        return comp
+
+
+def _tensors(value: Any):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _tensors(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+
+
+def _describe(node) -> str:
+    if node.op == "call_module":
+        return f"module {node.target}"
+    if node.op == "call_method":
+        return f"method .{node.target}()"
+    return f"function {getattr(node.target, '__name__', node.target)}"
