@@ -1,0 +1,209 @@
+"""A cost model for the sparse kernels, calibrated by timing them on the running machine (cached on disk).
+
+Per kernel and calibration batch ``b`` the cost of a Linear is interpolated (log-log, piecewise) between timed
+points ``(work, ms)``, where ``work`` is the number of non-zeros for sparse kernels and ``out * in`` for dense
+ones (256², 1024² and 4096² matrices, 10% dense for the sparse kernels); between calibration batches it is
+interpolated in log(batch). A convolution costs, for a sparse kernel, its 256-batch cost per non-zero and column
+times the output columns plus an im2col (``F.unfold``) cost per element, and for dense ``F.conv2d`` a fitted
+overhead plus a cost per multiply-add. Timings are minima of interleaved runs (the uncontended cost, robust to a busy machine). ``crossover`` gives the density below which a kernel beats
+torch's dense layer. The calibration is stored as JSON in ``cache_dir()``, keyed by CPU, threads and torch.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import cpp_kernel
+from .sparse_kernels import SPARSE_KERNELS, get_kernel
+
+log = logging.getLogger(__name__)
+
+CAL_BATCHES = (1, 8, 32, 256)
+CAL_SIZES = (256, 1024, 4096)
+CAL_DENSITY = 0.1
+CONV_REF = dict(n=4, c=128, hw=14, k=3)
+
+
+def median_ms(fns: dict[str, Callable[[], object]], reps: int = 7, quantile: float = 0.5) -> dict[str, float]:
+    """Median (or another quantile) wall time in ms of each callable, timed interleaved after one warm-up."""
+    for f in fns.values():
+        f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: statistics.median(v) if quantile == 0.5 else sorted(v)[int(quantile * (len(v) - 1))]
+            for k, v in times.items()}
+
+
+def _random_sparse(n: int, density: float, gen: torch.Generator) -> torch.Tensor:
+    w = torch.randn(n, n, generator=gen)
+    return w * (torch.rand(n, n, generator=gen) < density)
+
+
+def _interp(points: list[tuple[float, float]], work: float) -> float:
+    """Piecewise log-log interpolation of ``(work, ms)`` points; flat below, proportional above the range."""
+    points = sorted(points)
+    if work <= points[0][0]:
+        return points[0][1]
+    for (w0, t0), (w1, t1) in zip(points, points[1:]):
+        if work <= w1:
+            f = (math.log(work) - math.log(w0)) / (math.log(w1) - math.log(w0))
+            return math.exp(math.log(t0) + f * (math.log(t1) - math.log(t0)))
+    w, t = points[-1]
+    return t * work / w
+
+
+@dataclass
+class Calibration:
+    """Timed points ``linear[kernel][batch] = [(work, ms), ...]``; conv costs per element / multiply-add."""
+    key: str
+    threads: int
+    linear: dict[str, dict[int, list[tuple[float, float]]]] = field(default_factory=dict)
+    unfold_ms_per_elem: float = 0.0
+    conv_dense_ms_per_mac: float = 0.0
+    conv_dense_overhead_ms: float = 0.0
+
+    # ---- predictions -------------------------------------------------------------------------------------
+    def _at(self, kernel: str, batch: int, work: float) -> float:
+        table = self.linear[kernel]
+        pts = sorted(table)
+        if batch <= pts[0]:
+            return _interp(table[pts[0]], work)
+        for lo, hi in zip(pts, pts[1:]):
+            if batch <= hi:  # interpolate in log(batch)
+                f = (math.log(batch) - math.log(lo)) / (math.log(hi) - math.log(lo))
+                return _interp(table[lo], work) * (1 - f) + _interp(table[hi], work) * f
+        return _interp(table[pts[-1]], work) * batch / pts[-1]
+
+    def linear_ms(self, kernel: str, out_f: int, in_f: int, nnz: int, batch: int) -> float:
+        work = nnz if SPARSE_KERNELS.get(kernel).sparse else out_f * in_f
+        return max(self._at(kernel, batch, max(work, 1)), 1e-4)
+
+    def conv_ms(self, kernel: str, out_c: int, k_dim: int, nnz: int, cols: int, needs_unfold: bool) -> float:
+        """``cols`` = batch * output pixels; ``k_dim`` = in_channels * kh * kw."""
+        if kernel == "dense":
+            return self.conv_dense_overhead_ms + self.conv_dense_ms_per_mac * out_c * k_dim * cols
+        unfold = self.unfold_ms_per_elem * k_dim * cols if needs_unfold else 0.0
+        return self._at(kernel, CAL_BATCHES[-1], max(nnz, 1)) * cols / CAL_BATCHES[-1] + unfold
+
+    def crossover(self, kernel: str, n: int, batch: int) -> float:
+        """Density of an ``n x n`` Linear below which ``kernel`` is predicted to beat torch dense."""
+        dense = self.linear_ms("dense", n, n, n * n, batch)
+        lo, hi = 0.0, 1.0
+        for _ in range(30):  # bisection on density; sparse cost grows with nnz
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if self.linear_ms(kernel, n, n, int(mid * n * n), batch) < dense else (lo, mid)
+        return lo
+
+    # ---- persistence -------------------------------------------------------------------------------------
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["linear"] = {k: {str(b): [list(p) for p in v] for b, v in t.items()} for k, t in self.linear.items()}
+        data["crossover_density"] = {k: {f"{n}@{b}": round(self.crossover(k, n, b), 4)
+                                         for n in CAL_SIZES for b in CAL_BATCHES}
+                                     for k in self.linear if SPARSE_KERNELS.get(k).sparse}
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Calibration":
+        linear = {k: {int(b): [tuple(p) for p in v] for b, v in t.items()} for k, t in data["linear"].items()}
+        return cls(data["key"], data["threads"], linear, data["unfold_ms_per_elem"], data["conv_dense_ms_per_mac"],
+                   data["conv_dense_overhead_ms"])
+
+
+def machine_key(kernels: tuple[str, ...]) -> str:
+    text = "\n".join([cpp_kernel._cpu_signature(), torch.__version__, str(torch.get_num_threads()), *kernels])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _fit(x0: float, t0: float, x1: float, t1: float) -> tuple[float, float]:
+    c = max((t1 - t0) / (x1 - x0), 1e-12)
+    return max(t0 - c * x0, 0.0), c
+
+
+def _calibrate_linear(kernels: tuple[str, ...], reps: int) -> dict[str, dict[int, list[tuple[float, float]]]]:
+    gen = torch.Generator().manual_seed(0)
+    mats = {n: _random_sparse(n, CAL_DENSITY, gen) for n in CAL_SIZES}
+    table: dict[str, dict[int, list[tuple[float, float]]]] = {k: {} for k in kernels}
+    for batch in CAL_BATCHES:
+        for k in kernels:
+            table[k][batch] = []
+        for n, w in mats.items():
+            x = torch.randn(batch, n, generator=gen)
+            fns = {}
+            for name in kernels:
+                kernel = get_kernel(name)
+                packed = kernel.pack(w)
+                if name == "dense_ort":
+                    sess = kernel.session(packed["weight"], None)
+                    fns[name] = lambda k=kernel, p=packed, s=sess: k.linear(x, p, None, session=s)
+                else:
+                    fns[name] = lambda k=kernel, p=packed: k.linear(x, p, None)
+            big = n >= 4096 and batch >= 256
+            times = median_ms(fns, max(3, reps // 2) if big else reps, quantile=0.0)
+            for name in kernels:
+                work = int(w.count_nonzero()) if SPARSE_KERNELS.get(name).sparse else n * n
+                table[name][batch].append((work, times[name]))
+    return table
+
+
+def _calibrate_conv(reps: int) -> tuple[float, float, float]:
+    r = CONV_REF
+    x = torch.randn(r["n"], r["c"], r["hw"], r["hw"])
+    w_big = torch.randn(r["c"], r["c"], r["k"], r["k"])
+    w_small = torch.randn(r["c"] // 4, r["c"], r["k"], r["k"])
+    t = median_ms({"unfold": lambda: F.unfold(x, r["k"], padding=1).contiguous(),
+                   "big": lambda: F.conv2d(x, w_big, padding=1), "small": lambda: F.conv2d(x, w_small, padding=1)},
+                  reps, quantile=0.0)
+    cols = r["n"] * r["hw"] ** 2
+    k_dim = r["c"] * r["k"] ** 2
+    overhead, per_mac = _fit(r["c"] // 4 * k_dim * cols, t["small"], r["c"] * k_dim * cols, t["big"])
+    return t["unfold"] / (k_dim * cols), per_mac, overhead
+
+
+def calibrate(kernels: tuple[str, ...] | None = None, reps: int = 9) -> Calibration:
+    """Time every available kernel on this machine and fit the cost model (takes seconds)."""
+    kernels = tuple(k for k in (kernels or SPARSE_KERNELS.names()) if SPARSE_KERNELS.get(k).available())
+    if "dense" not in kernels:
+        kernels = ("dense",) + kernels
+    log.info("calibrating sparse kernels %s with %d threads", kernels, torch.get_num_threads())
+    with torch.inference_mode():
+        linear = _calibrate_linear(kernels, reps)
+        unfold, per_mac, overhead = _calibrate_conv(reps)
+    return Calibration(machine_key(kernels), torch.get_num_threads(), linear, unfold, per_mac, overhead)
+
+
+def cache_path(kernels: tuple[str, ...], directory: str | Path | None = None) -> Path:
+    base = Path(directory) if directory else cpp_kernel.cache_dir()
+    return base / f"calibration-{machine_key(kernels)}.json"
+
+
+def load_or_calibrate(kernels: tuple[str, ...] | None = None, directory: str | Path | None = None,
+                      recalibrate: bool = False) -> Calibration:
+    """The cached calibration for these kernels on this machine, measured first if missing (or asked)."""
+    kernels = tuple(k for k in (kernels or SPARSE_KERNELS.names()) if SPARSE_KERNELS.get(k).available())
+    kernels = tuple(sorted(set(kernels) | {"dense"}))
+    path = cache_path(kernels, directory)
+    if path.exists() and not recalibrate:
+        try:
+            return Calibration.from_json(json.loads(path.read_text()))
+        except (ValueError, KeyError) as exc:
+            log.warning("ignoring unreadable calibration %s: %s", path, exc)
+    cal = calibrate(kernels)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cal.to_json(), indent=1))
+    log.info("calibration written to %s", path)
+    return cal

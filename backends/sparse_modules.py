@@ -1,0 +1,149 @@
+"""Lowered layers: ``SparseLinear`` and ``SparseConv2d`` run a registered sparse kernel (inference only).
+
+``SparseLinear`` holds a *plan*: ``((max_rows, kernel), ...)`` ascending, the last bound ``None`` (unbounded).
+The number of input rows (the batch, flattened) picks the kernel, so a layer can run ``csr_tiled`` at batch 1
+and dense at batch 256 when that is what the machine measured; only the kernels in the plan are stored.
+``SparseConv2d`` runs one kernel on the im2col form (``F.unfold``; 1x1 convolutions need no unfold).
+Both are tracing leaves, hold their data in buffers (``state_dict`` works) and do not support autograd.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sparsifx.errors import BackendError
+from sparsifx.tracing import register_leaf_type
+
+from .sparse_kernels import get_kernel
+
+Plan = tuple[tuple[int | None, str], ...]
+
+
+def _check_plan(plan: Sequence[tuple[int | None, str]]) -> Plan:
+    plan = tuple((b, str(k)) for b, k in plan)
+    if not plan or plan[-1][0] is not None:
+        raise BackendError(f"a kernel plan must end with an unbounded entry (None, kernel); got {plan}")
+    bounds = [b for b, _ in plan[:-1]]
+    if any(not isinstance(b, int) or b < 1 for b in bounds) or bounds != sorted(set(bounds)):
+        raise BackendError(f"plan bounds must be increasing positive integers; got {plan}")
+    return plan
+
+
+class _PackedMixin:
+    """Buffers ``<kernel>__<key>`` per kernel; onnxruntime sessions are cached, never pickled."""
+
+    def _store(self, name: str, packed: dict[str, torch.Tensor]) -> None:
+        for key, value in packed.items():
+            self.register_buffer(f"{name}__{key}", value)
+
+    def _packed(self, name: str) -> dict[str, torch.Tensor]:
+        prefix = f"{name}__"
+        return {k[len(prefix):]: v for k, v in self._buffers.items() if k.startswith(prefix)}
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_sessions"] = {}
+        return state
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.requires_grad and torch.is_grad_enabled():
+            raise BackendError(f"{type(self).__name__} is inference-only; run it under torch.no_grad() "
+                               "or torch.inference_mode()")
+
+
+@register_leaf_type
+class SparseLinear(_PackedMixin, nn.Module):
+    """``linear(x, W, b) -> kernel(x, packed(W), b)``, the kernel chosen by the number of rows of ``x``."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, plan: Sequence[tuple[int | None, str]]):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.plan = _check_plan(plan)
+        self._sessions: dict = {}
+        for name in dict.fromkeys(k for _, k in self.plan):
+            self._store(name, get_kernel(name).pack(weight.detach().float()))
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+
+    def kernel_for(self, rows: int) -> str:
+        for bound, name in self.plan:
+            if bound is None or rows <= bound:
+                return name
+        raise AssertionError("unreachable: plans end unbounded")  # pragma: no cover
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        name = self.kernel_for(x2.shape[0])
+        kernel, packed = get_kernel(name), self._packed(name)
+        if name == "dense_ort":
+            if name not in self._sessions:
+                self._sessions[name] = kernel.session(packed["weight"], self.bias)
+            y = kernel.linear(x2, packed, self.bias, session=self._sessions[name])
+        else:
+            y = kernel.linear(x2, packed, self.bias)
+        return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        plan = ", ".join(f"{'rows<=' + str(b) if b else 'else'}: {k}" for b, k in self.plan)
+        return f"in_features={self.in_features}, out_features={self.out_features}, plan=[{plan}]"
+
+
+@register_leaf_type
+class SparseConv2d(_PackedMixin, nn.Module):
+    """``conv2d(x, W) -> fold(kernel(unfold(x), packed(W.view(out, -1))))`` for ``groups == 1``."""
+
+    def __init__(self, conv: nn.Conv2d, weight: torch.Tensor, kernel: str):
+        super().__init__()
+        if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise BackendError(f"SparseConv2d needs groups=1, zero padding given as numbers; got groups={conv.groups}, "
+                               f"padding={conv.padding!r}, padding_mode={conv.padding_mode!r}")
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride = tuple(conv.kernel_size), tuple(conv.stride)
+        self.padding, self.dilation = tuple(conv.padding), tuple(conv.dilation)
+        self.kernel = kernel
+        self._sessions: dict = {}
+        if not get_kernel(kernel).supports_conv:
+            raise BackendError(f"kernel '{kernel}' does not run convolutions")
+        self._store(kernel, get_kernel(kernel).pack(weight.detach().float().reshape(self.out_channels, -1)))
+        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().float().clone())
+
+    @property
+    def pointwise(self) -> bool:
+        return self.kernel_size == (1, 1) and self.padding == (0, 0)
+
+    def out_size(self, h: int, w: int) -> tuple[int, int]:
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+        return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        n, _, h, w = x.shape
+        ho, wo = self.out_size(h, w)
+        if self.pointwise:
+            xs = x if self.stride == (1, 1) else x[:, :, ::self.stride[0], ::self.stride[1]]
+            cols = xs.reshape(n, self.in_channels, ho * wo)
+        else:
+            cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
+        y = get_kernel(self.kernel).matmul_cols(cols.contiguous(), self._packed(self.kernel), self.bias)
+        return y.to(x.dtype).reshape(n, self.out_channels, ho, wo)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, kernel={self.kernel}")
+
+
+def density(weight: torch.Tensor) -> float:
+    return float(weight.count_nonzero()) / max(1, weight.numel())
+
+
+def stored_bytes(module: nn.Module) -> int:
+    return sum(b.numel() * b.element_size() for b in module.buffers()) + \
+        sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+LOG2 = math.log(2)
