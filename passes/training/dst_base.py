@@ -127,6 +127,9 @@ class DSTPass(PassBase):
         from .dst_controller import SparseController
 
         targets = self._targets(gm)
+        if not targets:
+            log.warning("pass '%s' selected no layer to sparsify", self.label)
+            return PassResult(gm, False)
         shapes = {n: tuple(m.weight.shape) for n, m in targets}
         custom = {}
         for n, m in targets:

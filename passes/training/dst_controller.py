@@ -158,7 +158,7 @@ class SparseController:
     @torch.no_grad()
     def replace_mask(self, name: str, new_mask: torch.Tensor, init=None, reset_slots: bool = True,
                      kind: str = "update") -> dict[str, int]:
-        """Install ``new_mask`` on ``name``: dropped weights -> 0, grown weights -> ``init(weight, grown, generator)``
+        """Install ``new_mask`` on ``name`` (history ``step`` = optimizer steps completed): dropped weights -> 0, grown weights -> ``init(weight, grown, generator)``
         values (kept at 0 when None), optimizer slots of grown positions -> 0 when ``reset_slots``."""
         module = self.gm.get_submodule(name)
         old = module.mask.bool()
