@@ -158,8 +158,9 @@ class SparseController:
     @torch.no_grad()
     def replace_mask(self, name: str, new_mask: torch.Tensor, init=None, reset_slots: bool = True,
                      kind: str = "update") -> dict[str, int]:
-        """Install ``new_mask`` on ``name`` (history ``step`` = optimizer steps completed): dropped weights -> 0, grown weights -> ``init(weight, grown, generator)``
-        values (kept at 0 when None), optimizer slots of grown positions -> 0 when ``reset_slots``."""
+        """Install ``new_mask`` on ``name``: dropped weights -> 0, grown weights -> ``init(weight, grown, generator)``
+        (left at 0 when None), optimizer slots of grown positions -> 0 when ``reset_slots``. The history
+        record's ``step`` counts the optimizer steps completed when the mask changed."""
         module = self.gm.get_submodule(name)
         old = module.mask.bool()
         new = new_mask.to(old.device).bool()
