@@ -1,0 +1,419 @@
+"""``report(module, example_inputs=None)``: per-layer parameters, non-zeros, sparsity and MACs/FLOPs.
+
+Rows are the modules that own parameters (``recurse=False``: Conv, Linear, norms, Embedding,
+MultiheadAttention, ...) plus parameter-free modules that graph ops with a MAC rule ran inside
+(e.g. a ``matmul`` in an attention block). Non-zeros of masked layers use
+``sparsifx.masking.effective_weight`` (``weight * mask``). Shared parameters count once in the totals.
+
+MACs come from traced shapes: with ``example_inputs`` the module is traced (a copy; a GraphModule
+gets fresh shapes recorded in place) and run once; without them, a GraphModule's existing
+``node.meta["tensor_meta"]`` is used. Without shapes, MACs/FLOPs are ``None``. FLOPs = 2 x MACs; "sparse MACs"
+scale a weight op's MACs by the density of its weight. ``MAC_RULES`` maps a module class name (looked
+up along the MRO) or a function/method name to a rule ``(node, module, shape) -> (macs, weight)``.
+Graph ops without a rule count 0 MACs (elementwise, pooling, reshapes); an opaque leaf or a
+function that takes a weight but has no rule is named in ``notes`` as uncounted.
+
+Hook for other passes: put ``gm.meta["report_extra"] = {layer_name: {column: value}}`` and
+``gm.meta["report_notes"] = [str, ...]`` on the GraphModule (or pass ``extra=``/``notes=``); the
+columns appear in ``str(report)`` after the standard ones and in ``to_dict()["layers"][i]["extra"]``.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .errors import TraceError
+from .masking import effective_weight, is_masked
+from .registry import Registry
+
+# rule(node, module or None, shape) -> (macs, what governs the density: the module (its ``weight``), the
+# qualified name of a weight parameter, or None for ops between activations)
+MacRule = Callable[[fx.Node, "nn.Module | None", Callable[[Any], "tuple | None"]], "tuple[int, Any]"]
+MAC_RULES: Registry[MacRule] = Registry("MAC rule")
+
+
+def _numel(shape) -> int:
+    return math.prod(shape) if shape is not None else 0
+
+
+@MAC_RULES.register("_ConvNd")
+def _conv_module(node, m, shape):
+    out = shape(node)
+    if isinstance(m, nn.modules.conv._ConvTransposeNd):
+        return _numel(shape(node.args[0])) * (m.out_channels // m.groups) * math.prod(m.kernel_size), m
+    return _numel(out) * (m.in_channels // m.groups) * math.prod(m.kernel_size), m
+
+
+@MAC_RULES.register("Linear")
+def _linear_module(node, m, shape):
+    return _numel(shape(node)) * m.in_features, m
+
+
+@MAC_RULES.register("Bilinear")
+def _bilinear_module(node, m, shape):
+    return _numel(shape(node)) * m.in1_features * m.in2_features, m
+
+
+def _affine_elementwise(node, m, shape):
+    """y = x * a + b: one MAC per output element."""
+    return _numel(shape(node)), None
+
+
+for _norm in ("_NormBase", "LayerNorm", "GroupNorm", "LocalResponseNorm", "RMSNorm"):
+    MAC_RULES.register(_norm, _affine_elementwise)
+
+
+def _no_macs(node, m, shape):
+    """Lookups, elementwise arithmetic with a parameter (biases, position embeddings), indexing."""
+    return 0, None
+
+
+for _name in ("Embedding", "EmbeddingBag", "add", "sub", "mul", "truediv", "iadd", "cat", "expand", "getitem",
+              "_get_relative_position_bias"):
+    MAC_RULES.register(_name, _no_macs)
+
+
+@MAC_RULES.register("MultiheadAttention")
+def _mha_module(node, m, shape):
+    args = list(node.args) + [node.kwargs.get(k) for k in ("query", "key", "value")[len(node.args):]]
+    q, k, v = (shape(a) for a in args[:3])
+    e = m.embed_dim
+    nq, nk = _numel(q) // q[-1], _numel(k) // k[-1]
+    proj = nq * e * e + nk * m.kdim * e + nk * m.vdim * e + nq * e * e
+    keys = k[1] if m.batch_first and len(k) == 3 else k[0]  # key sequence length
+    return proj + 2 * nq * keys * e, None
+
+
+def _contract(node, m, shape):
+    """a @ b: output elements x the contracted size (last dim of a)."""
+    a = shape(node.args[0])
+    return _numel(shape(node)) * (a[-1] if a else 1), None
+
+
+for _fn in ("matmul", "bmm", "mm", "__matmul__"):
+    MAC_RULES.register(_fn, _contract)
+
+
+@MAC_RULES.register("addmm")
+@MAC_RULES.register("baddbmm")
+def _addmm(node, m, shape):
+    a = shape(node.args[1])
+    return _numel(shape(node)) * (a[-1] if a else 1), None
+
+
+def _param_of(node, arg):
+    if isinstance(arg, fx.Node) and arg.op == "get_attr":
+        return _get_attr(node.graph.owning_module, arg.target)
+    return None
+
+
+def _weight_key(arg) -> str | None:
+    """The qualified parameter name a functional op reads its weight from (a ``get_attr`` node)."""
+    return arg.target if isinstance(arg, fx.Node) and arg.op == "get_attr" else None
+
+
+@MAC_RULES.register("linear")
+def _linear_fn(node, m, shape):
+    w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    return _numel(shape(node)) * shape(w)[-1], _weight_key(w)
+
+
+def _conv_fn(node, m, shape):
+    w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    ws = shape(w)
+    return _numel(shape(node)) * _numel(ws[1:]), _weight_key(w)
+
+
+for _fn in ("conv1d", "conv2d", "conv3d"):
+    MAC_RULES.register(_fn, _conv_fn)
+
+
+@MAC_RULES.register("scaled_dot_product_attention")
+def _sdpa(node, m, shape):
+    q, k = shape(node.args[0]), shape(node.args[1])
+    return 2 * _numel(q) * k[-2], None
+
+
+@MAC_RULES.register("shifted_window_attention")
+def _swin_attention(node, m, shape):
+    """torchvision Swin: qkv and output projections over all tokens plus attention inside windows."""
+    x, qkv_w, proj_w = (shape(a) for a in node.args[:3])
+    tokens, c = _numel(x) // x[-1], x[-1]
+    window = math.prod(node.args[4])
+    return tokens * c * qkv_w[0] + 2 * tokens * window * c + tokens * proj_w[1] * proj_w[0], None
+
+
+def _get_attr(root: nn.Module, target: str):
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def rule_for(node: fx.Node, root: nn.Module) -> tuple[MacRule | None, nn.Module | None]:
+    """The MAC rule for a graph node (module class along the MRO, else function/method name)."""
+    if node.op == "call_module":
+        module = root.get_submodule(node.target)
+        for cls in type(module).__mro__:
+            if cls.__name__ in MAC_RULES:
+                return MAC_RULES.get(cls.__name__), module
+        return None, module
+    if node.op in ("call_function", "call_method"):
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        if node.target is operator.matmul:
+            name = "matmul"
+        return (MAC_RULES.get(name) if name in MAC_RULES else None), None
+    return None, None
+
+
+@dataclass
+class LayerReport:
+    """One row: a module's own parameters, their non-zeros and the MACs of the ops it ran."""
+    name: str
+    type: str
+    params: int = 0
+    nonzeros: int = 0
+    macs: int | None = None
+    sparse_macs: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.nonzeros / self.params if self.params else 0.0
+
+    @property
+    def flops(self) -> int | None:
+        return None if self.macs is None else 2 * self.macs
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "type": self.type, "params": self.params, "nonzeros": self.nonzeros,
+                "sparsity": self.sparsity, "macs": self.macs, "flops": self.flops,
+                "sparse_macs": self.sparse_macs,
+                "sparse_flops": None if self.sparse_macs is None else 2 * self.sparse_macs,
+                "extra": {k: _plain(v) for k, v in self.extra.items()}}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return str(value)
+
+
+@dataclass
+class Report:
+    """Per-layer rows and totals. ``str()`` is an aligned table, ``to_dict()`` JSON-serialisable data."""
+    model: str
+    layers: list[LayerReport]
+    total_params: int
+    total_nonzeros: int
+    total_macs: int | None
+    total_sparse_macs: int | None
+    input_shapes: list[list[int]] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.total_nonzeros / self.total_params if self.total_params else 0.0
+
+    @property
+    def total_flops(self) -> int | None:
+        return None if self.total_macs is None else 2 * self.total_macs
+
+    def layer(self, name: str) -> LayerReport:
+        for row in self.layers:
+            if row.name == name:
+                return row
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "input_shapes": self.input_shapes,
+                "layers": [row.to_dict() for row in self.layers],
+                "totals": {"params": self.total_params, "nonzeros": self.total_nonzeros,
+                           "sparsity": self.sparsity, "macs": self.total_macs, "flops": self.total_flops,
+                           "sparse_macs": self.total_sparse_macs,
+                           "sparse_flops": None if self.total_sparse_macs is None else 2 * self.total_sparse_macs},
+                "notes": list(self.notes)}
+
+    def __str__(self) -> str:
+        extra_cols = list(dict.fromkeys(k for row in self.layers for k in row.extra))
+        head = ["layer", "type", "params", "nonzeros", "sparsity", "MACs", "FLOPs", "sparse FLOPs", *extra_cols]
+        body = [[r.name, r.type, _human(r.params), _human(r.nonzeros), f"{r.sparsity:.1%}", _human(r.macs),
+                 _human(r.flops), _human(None if r.sparse_macs is None else 2 * r.sparse_macs),
+                 *(_cell(r.extra.get(c)) for c in extra_cols)] for r in self.layers]
+        sparse_flops = None if self.total_sparse_macs is None else 2 * self.total_sparse_macs
+        total = ["total", "", _human(self.total_params), _human(self.total_nonzeros), f"{self.sparsity:.1%}",
+                 _human(self.total_macs), _human(self.total_flops), _human(sparse_flops), *([""] * len(extra_cols))]
+        widths = [max(len(str(row[i])) for row in [head, total, *body]) for i in range(len(head))]
+        left = {0, 1}
+
+        def fmt(row):
+            return "  ".join(str(c).ljust(w) if i in left else str(c).rjust(w)
+                             for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+        rule = "-" * len(fmt(head))
+        shapes = f" on input {self.input_shapes}" if self.input_shapes else ""
+        lines = [f"sparsifx report: {self.model}{shapes}", fmt(head), rule, *map(fmt, body), rule, fmt(total)]
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _human(n: int | float | None) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def _shape_getter(gm: fx.GraphModule) -> Callable[[Any], tuple | None]:
+    def shape(arg):
+        meta = arg.meta.get("tensor_meta") if isinstance(arg, fx.Node) else None
+        return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+    return shape
+
+
+def _has_shapes(gm: fx.GraphModule) -> bool:
+    return any("tensor_meta" in n.meta for n in gm.graph.nodes if n.op == "output")
+
+
+def _graph_with_shapes(module: nn.Module, example_inputs, notes: list[str]) -> fx.GraphModule | None:
+    from .tracing import record_shapes, trace
+    if example_inputs is None:
+        if isinstance(module, fx.GraphModule) and _has_shapes(module):
+            return module
+        notes.append("no shapes: pass example_inputs (or a GraphModule with tensor_meta) for MACs/FLOPs")
+        return None
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    try:
+        gm = module if isinstance(module, fx.GraphModule) else trace(module)
+        record_shapes(gm, inputs)
+    except TraceError as exc:
+        notes.append(f"no MACs/FLOPs: {exc}")
+        return None
+    return gm
+
+
+def _param_nonzeros(module: nn.Module) -> dict[str, tuple[int, int]]:
+    """qualified parameter name -> (numel, non-zeros), masked weights counted as ``weight * mask``.
+    Every alias of a shared parameter is a key; ``_unique`` keeps one per tensor for the totals."""
+    out: dict[str, tuple[int, int]] = {}
+    with torch.no_grad():
+        for name, m in module.named_modules(remove_duplicate=False):
+            for pname, p in m.named_parameters(recurse=False):
+                value = effective_weight(m) if pname == "weight" and is_masked(m) else p
+                out[f"{name}.{pname}" if name else pname] = (p.numel(), int(torch.count_nonzero(value)))
+    return out
+
+
+def _unique(module: nn.Module, nz: dict[str, tuple[int, int]]) -> list[tuple[int, int]]:
+    return [nz[name] for name, _ in module.named_parameters()]
+
+
+def _row(rows: dict[str, LayerReport], name: str, module: nn.Module | None) -> LayerReport:
+    if name not in rows:
+        rows[name] = LayerReport(name or "(root)", type(module).__name__ if module is not None else "?")
+    return rows[name]
+
+
+def _density(node: fx.Node, weight: Any, nz: dict[str, tuple[int, int]]) -> float:
+    key = f"{node.target}.weight" if isinstance(weight, nn.Module) else weight
+    if isinstance(key, str) and key in nz:
+        numel, nonzero = nz[key]
+        return nonzero / numel if numel else 1.0
+    return 1.0
+
+
+def _count_macs(gm: fx.GraphModule, rows: dict[str, LayerReport], nz, notes: list[str]) -> None:
+    shape = _shape_getter(gm)
+    opaque = set(gm.meta.get("opaque_leaves", []))
+    for node in gm.graph.nodes:
+        rule, module = rule_for(node, gm)
+        owner = node.target if node.op == "call_module" else next(reversed(node.meta.get("nn_module_stack") or {}),
+                                                                    "")
+        if rule is None:
+            _note_uncounted(node, module, opaque, gm, notes)
+            continue
+        try:
+            macs, weight = rule(node, module, shape)
+        except (TypeError, IndexError, AttributeError) as exc:  # a shape the rule cannot read
+            notes.append(f"MACs of node '{node.name}' not counted: {type(exc).__name__}: {exc}")
+            continue
+        if not macs and owner not in rows:
+            continue
+        row = _row(rows, owner, module if module is not None else _safe_submodule(gm, owner))
+        row.macs = (row.macs or 0) + int(macs)
+        row.sparse_macs = (row.sparse_macs or 0) + int(round(macs * _density(node, weight, nz)))
+
+
+def _safe_submodule(root: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return root.get_submodule(name) if name else root
+    except AttributeError:
+        return None
+
+
+def _note_uncounted(node: fx.Node, module, opaque: set[str], gm: fx.GraphModule, notes: list[str]) -> None:
+    if node.op == "call_module" and any(True for _ in module.parameters()):
+        why = "opaque leaf" if node.target in opaque else f"no MAC rule for {type(module).__name__}"
+        notes.append(f"MACs of '{node.target}' not counted ({why})")
+    elif node.op == "call_function" and any(isinstance(_param_of(node, a), torch.Tensor) and _param_of(node, a).dim() > 1
+                                            for a in node.args):
+        notes.append(f"MACs of node '{node.name}' ({getattr(node.target, '__name__', node.target)}) not counted: "
+                     "no MAC rule")
+
+
+def report(module: nn.Module, example_inputs: Sequence[Any] | torch.Tensor | None = None,
+           extra: dict[str, dict[str, Any]] | None = None, notes: Sequence[str] = ()) -> Report:
+    """Per-layer params, non-zeros, sparsity and (with shapes) MACs/FLOPs of ``module``, plus totals."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"report needs a torch.nn.Module, got {type(module).__name__}")
+    all_notes: list[str] = []
+    nz = _param_nonzeros(module)
+    rows: dict[str, LayerReport] = {}
+    for name, m in module.named_modules():
+        params = list(m.parameters(recurse=False))
+        if params:
+            row = _row(rows, name, m)
+            row.params = sum(p.numel() for p in params)
+            row.nonzeros = sum(nz[f"{name}.{pn}" if name else pn][1] for pn, _ in m.named_parameters(recurse=False))
+    gm = _graph_with_shapes(module, example_inputs, all_notes)
+    if gm is not None:
+        _count_macs(gm, rows, nz, all_notes)
+    meta = getattr(module, "meta", {}) if isinstance(module, fx.GraphModule) else {}
+    for name, cols in {**meta.get("report_extra", {}), **(extra or {})}.items():
+        _row(rows, name, _safe_submodule(module, name)).extra.update(cols)
+    all_notes = list(meta.get("report_notes", [])) + list(notes) + all_notes
+    has_macs = gm is not None
+    unique = _unique(module, nz)
+    inputs = None
+    if example_inputs is not None:
+        seq = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
+        inputs = [list(x.shape) for x in seq if isinstance(x, torch.Tensor)]
+    elif gm is not None:
+        inputs = [list(n.meta["tensor_meta"].shape) for n in gm.graph.nodes
+                  if n.op == "placeholder" and hasattr(n.meta.get("tensor_meta"), "shape")]
+    return Report(type(module).__name__, list(rows.values()),
+                  total_params=sum(v[0] for v in unique), total_nonzeros=sum(v[1] for v in unique),
+                  total_macs=sum(r.macs or 0 for r in rows.values()) if has_macs else None,
+                  total_sparse_macs=sum(r.sparse_macs or 0 for r in rows.values()) if has_macs else None,
+                  input_shapes=inputs, notes=all_notes)
