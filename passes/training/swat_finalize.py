@@ -1,0 +1,83 @@
+"""Pass ``swat_finalize``: turn a SWAT-trained model back into plain layers for export / compaction.
+
+``swat_conv(x, W, k) -> conv(x, W ⊙ M)`` with ``M`` the final hard prune to the layer's sparsity
+(§1.2 "the best checkpoint is finally hard-pruned to per-layer sparsity"): exactly
+``ceil((1-s)·numel)`` weights by magnitude (structured layers: exactly ``ceil((1-s)·out·in)`` kernels by
+L1 norm; ties broken by index). ``masked=True`` keeps a ``Masked*`` layer with the dense weights and
+the mask instead of baking ``W ⊙ M``. ``LeanReLU``/``lean_relu``/``LeanMaxPool2d`` go back to
+``nn.ReLU``/``F.relu``/``nn.MaxPool2d`` (identical forward). The SWAT controller is removed.
+Note: the final mask is exact Top-K of the current weights, which can differ slightly from the
+stale-threshold mask of the last training step.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sparsifx import validate
+from sparsifx.masking import set_mask
+from sparsifx.pass_base import PassBase, PassResult
+from sparsifx.registry import register_pass
+
+from . import topk
+from .swat_control import SWATController
+from .swat_layers import SWAT_DENSE_TYPES, LeanMaxPool2d, LeanReLU, lean_relu, swap_class, swat_layers
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+@torch.no_grad()
+def final_mask(layer: nn.Module) -> torch.Tensor:
+    """The hard-prune mask (same shape as the weight) of a SWAT layer at its current sparsity."""
+    w = layer.weight.detach()
+    if layer.swat.structured:
+        kernels, _ = topk.exact_mask(topk.kernel_scores(w), layer.keep_weights())
+        return kernels.view(*kernels.shape, *([1] * (w.dim() - 2))).expand_as(w).clone()
+    mask, _ = topk.exact_mask(w.abs(), layer.keep_weights())
+    return mask
+
+
+@register_pass("swat_finalize")
+class SWATFinalize(PassBase):
+    """``swat_conv(x, W, k) -> conv(x, W ⊙ M_final)``; lean ReLU/MaxPool back to torch's (module docstring)."""
+
+    def __init__(self, *, masked: bool = False):
+        self.masked = validate.boolean("masked", masked)
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        modified = False
+        for name, layer in list(swat_layers(gm)):
+            mask = final_mask(layer)
+            dense = swap_class(layer, SWAT_DENSE_TYPES[type(layer)])
+            for key in ("thr_w", "thr_a", "step"):
+                dense._buffers.pop(key, None)
+            for key in ("swat", "sparsity"):
+                dense.__dict__.pop(key, None)
+            _set_submodule(gm, name, dense)
+            if self.masked:
+                set_mask(gm, name, mask)
+            else:
+                dense.weight.data.mul_(mask)
+            modified = True
+        for node in gm.graph.nodes:
+            if node.op == "call_module":
+                module = gm.get_submodule(node.target)
+                plain = {LeanReLU: nn.ReLU, LeanMaxPool2d: nn.MaxPool2d}.get(type(module))
+                if plain is not None:
+                    _set_submodule(gm, node.target, swap_class(module, plain))
+                    modified = True
+            elif node.op == "call_function" and node.target is lean_relu:
+                node.target = F.relu
+                modified = True
+        if isinstance(gm.meta.get("sparse_controller"), SWATController):
+            gm.meta["sparse_controller"].detach()
+            del gm.meta["sparse_controller"]
+        if modified:
+            gm.meta.pop("swat", None)
+            gm.recompile()
+        return PassResult(gm, modified)
