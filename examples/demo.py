@@ -77,7 +77,7 @@ def section_unstructured(cfg: DemoConfig) -> None:
     print_history(gm)
     export_verified(gm, cfg.out_dir / "resnet18_magnitude.onnx", x)
     heading("report")
-    print(sparsifx.report(gm))
+    print(sparsifx.report(gm, (x,)))
 
 
 SECTIONS: dict[str, Callable[[DemoConfig], None]] = {
