@@ -97,7 +97,12 @@ class Calibration:
         if kernel == "dense":
             return self.conv_dense_overhead_ms + self.conv_dense_ms_per_mac * out_c * k_dim * cols
         unfold = self.unfold_ms_per_elem * k_dim * cols if needs_unfold else 0.0
-        return self._at(kernel, CAL_BATCHES[-1], max(nnz, 1)) * cols / CAL_BATCHES[-1] + unfold
+        top = max(self.linear[kernel])
+        return self._at(kernel, top, max(nnz, 1)) * cols / top + unfold
+
+    @property
+    def batches(self) -> tuple[int, ...]:
+        return tuple(sorted(self.linear["dense"]))
 
     def crossover(self, kernel: str, n: int, batch: int) -> float:
         """Density of an ``n x n`` Linear below which ``kernel`` is predicted to beat torch dense."""
@@ -113,7 +118,7 @@ class Calibration:
         data = asdict(self)
         data["linear"] = {k: {str(b): [list(p) for p in v] for b, v in t.items()} for k, t in self.linear.items()}
         data["crossover_density"] = {k: {f"{n}@{b}": round(self.crossover(k, n, b), 4)
-                                         for n in CAL_SIZES for b in CAL_BATCHES}
+                                         for n in CAL_SIZES for b in self.batches}
                                      for k in self.linear if SPARSE_KERNELS.get(k).sparse}
         return data
 
@@ -134,11 +139,12 @@ def _fit(x0: float, t0: float, x1: float, t1: float) -> tuple[float, float]:
     return max(t0 - c * x0, 0.0), c
 
 
-def _calibrate_linear(kernels: tuple[str, ...], reps: int) -> dict[str, dict[int, list[tuple[float, float]]]]:
+def _calibrate_linear(kernels: tuple[str, ...], reps: int, sizes: tuple[int, ...], batches: tuple[int, ...]
+                      ) -> dict[str, dict[int, list[tuple[float, float]]]]:
     gen = torch.Generator().manual_seed(0)
-    mats = {n: _random_sparse(n, CAL_DENSITY, gen) for n in CAL_SIZES}
+    mats = {n: _random_sparse(n, CAL_DENSITY, gen) for n in sizes}
     table: dict[str, dict[int, list[tuple[float, float]]]] = {k: {} for k in kernels}
-    for batch in CAL_BATCHES:
+    for batch in batches:
         for k in kernels:
             table[k][batch] = []
         for n, w in mats.items():
@@ -174,14 +180,15 @@ def _calibrate_conv(reps: int) -> tuple[float, float, float]:
     return t["unfold"] / (k_dim * cols), per_mac, overhead
 
 
-def calibrate(kernels: tuple[str, ...] | None = None, reps: int = 9) -> Calibration:
+def calibrate(kernels: tuple[str, ...] | None = None, reps: int = 9, sizes: tuple[int, ...] = CAL_SIZES,
+              batches: tuple[int, ...] = CAL_BATCHES) -> Calibration:
     """Time every available kernel on this machine and fit the cost model (takes seconds)."""
     kernels = tuple(k for k in (kernels or SPARSE_KERNELS.names()) if SPARSE_KERNELS.get(k).available())
     if "dense" not in kernels:
         kernels = ("dense",) + kernels
     log.info("calibrating sparse kernels %s with %d threads", kernels, torch.get_num_threads())
     with torch.inference_mode():
-        linear = _calibrate_linear(kernels, reps)
+        linear = _calibrate_linear(kernels, reps, sizes, batches)
         unfold, per_mac, overhead = _calibrate_conv(reps)
     return Calibration(machine_key(kernels), torch.get_num_threads(), linear, unfold, per_mac, overhead)
 
@@ -192,7 +199,7 @@ def cache_path(kernels: tuple[str, ...], directory: str | Path | None = None) ->
 
 
 def load_or_calibrate(kernels: tuple[str, ...] | None = None, directory: str | Path | None = None,
-                      recalibrate: bool = False) -> Calibration:
+                      recalibrate: bool = False, **calibrate_kwargs) -> Calibration:
     """The cached calibration for these kernels on this machine, measured first if missing (or asked)."""
     kernels = tuple(k for k in (kernels or SPARSE_KERNELS.names()) if SPARSE_KERNELS.get(k).available())
     kernels = tuple(sorted(set(kernels) | {"dense"}))
@@ -202,7 +209,7 @@ def load_or_calibrate(kernels: tuple[str, ...] | None = None, directory: str | P
             return Calibration.from_json(json.loads(path.read_text()))
         except (ValueError, KeyError) as exc:
             log.warning("ignoring unreadable calibration %s: %s", path, exc)
-    cal = calibrate(kernels)
+    cal = calibrate(kernels, **calibrate_kwargs)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(cal.to_json(), indent=1))
     log.info("calibration written to %s", path)

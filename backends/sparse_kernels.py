@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Protocol
 
 import torch
@@ -67,7 +68,9 @@ class DenseKernel:
 
 def _csr_parts(weight2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     w = weight2d.detach().float().contiguous()
-    csr = w.to_sparse_csr()
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        csr = w.to_sparse_csr()
     return csr.crow_indices().to(torch.int64), csr.col_indices().to(torch.int64), csr.values().contiguous()
 
 
@@ -85,7 +88,9 @@ class TorchCsrKernel:
 
     def _csr(self, packed, ncols: int) -> torch.Tensor:
         rows = packed["rowptr"].numel() - 1
-        return torch.sparse_csr_tensor(packed["rowptr"], packed["col"], packed["val"], (rows, ncols))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.sparse_csr_tensor(packed["rowptr"], packed["col"], packed["val"], (rows, ncols))
 
     def linear(self, x, packed, bias):
         y = torch.sparse.mm(self._csr(packed, x.shape[1]), x.t()).t()

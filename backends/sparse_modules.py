@@ -8,7 +8,6 @@ Both are tracing leaves, hold their data in buffers (``state_dict`` works) and d
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
@@ -145,5 +144,3 @@ def stored_bytes(module: nn.Module) -> int:
     return sum(b.numel() * b.element_size() for b in module.buffers()) + \
         sum(p.numel() * p.element_size() for p in module.parameters())
 
-
-LOG2 = math.log(2)

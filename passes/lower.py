@@ -91,9 +91,8 @@ class Lower(PassBase):
 
     def plan_linear(self, out_f: int, in_f: int, nnz: int) -> tuple[tuple[tuple[int | None, str], ...], float]:
         """``(plan, predicted speedup vs torch dense at the planned batch or at batch 1)``."""
-        from sparsifx.backends.cost_model import CAL_BATCHES
         cal = self.calibration()
-        points = (self.batch_size,) if self.batch_size else CAL_BATCHES
+        points = (self.batch_size,) if self.batch_size else cal.batches
         choice, speedups = [], []
         for b in points:
             cost = {k: cal.linear_ms(k, out_f, in_f, nnz, b) for k in self._usable(False)}
