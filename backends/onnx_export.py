@@ -250,4 +250,35 @@ def _sparsify_file(path: Path) -> None:
     onnx.save(model, str(path))
 
 
+def inspect_onnx(path: str | os.PathLike) -> dict:
+    """Per-initializer (dense and sparse) parameters and non-zeros of an ONNX file, totals and size on disk."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+    path = Path(path)
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:
+        raise BackendError(f"cannot read ONNX file {path}: {type(exc).__name__}: {exc}") from exc
+    rows = []
+    for init in model.graph.initializer:
+        arr = numpy_helper.to_array(init, base_dir=str(path.parent))
+        rows.append({"name": init.name, "shape": list(arr.shape), "kind": "dense", "params": int(arr.size),
+                     "nonzeros": int(np.count_nonzero(arr))})
+    for sparse in model.graph.sparse_initializer:
+        values = numpy_helper.to_array(sparse.values, base_dir=str(path.parent))
+        dims = list(sparse.dims)
+        rows.append({"name": sparse.values.name, "shape": dims, "kind": "sparse", "params": int(np.prod(dims)),
+                     "nonzeros": int(np.count_nonzero(values))})
+    for row in rows:
+        row["sparsity"] = 1 - row["nonzeros"] / row["params"] if row["params"] else 0.0
+    params, nonzeros = sum(r["params"] for r in rows), sum(r["nonzeros"] for r in rows)
+    external = {e.value for init in model.graph.initializer for e in init.external_data if e.key == "location"}
+    size = path.stat().st_size + sum((path.parent / f).stat().st_size for f in external if (path.parent / f).is_file())
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    return {"file": str(path), "file_bytes": size, "opset": opset, "nodes": len(model.graph.node),
+            "initializers": rows, "total": {"params": params, "nonzeros": nonzeros,
+                                            "sparsity": 1 - nonzeros / params if params else 0.0}}
+
+
 BACKENDS.register("onnx", export_onnx)
