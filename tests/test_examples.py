@@ -51,3 +51,15 @@ def test_custom_pass_semantics_and_recipe_validation():
     with pytest.raises(RecipeError) as info:
         Recipe.from_dict({"stages": [{"pass": "leaky_relu", "negative_slope": 3}]})
     assert info.value.path == "stages[0].negative_slope"
+
+
+def test_demo_writes_verified_onnx_and_report(tmp_path):
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "demo.py"), "--input-size", "32", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    onnx_file = tmp_path / "resnet18_magnitude.onnx"
+    assert onnx_file.is_file() and onnx_file.stat().st_size > 1_000_000
+    out = proc.stdout
+    assert "pass fold_bn      modified=True   verified" in out
+    assert "onnxruntime vs torch, batch 1" in out
+    assert "MaskedConv2d" in out and any(line.startswith("total") for line in out.splitlines())
