@@ -1,0 +1,313 @@
+"""One model of the channel-pruning sweep: build, prune 50 %, shrink, check, export, measure.
+
+Used by ``benchmarks/torchvision_sweep.py`` (one subprocess per model and tool) and by the CI test
+(``tests/test_torchvision_sweep_ci.py``, in-process, no latency). Every stage is recorded; a failing
+stage ends the record with ``error = "<stage>: <Exception>: <message>"``.
+"""
+from __future__ import annotations
+
+import copy
+import gc
+import resource
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+# model -> (side, constructor kwargs) per size mode; every other model uses the mode's default side
+FULL_DEFAULT, CI_DEFAULT = 128, 64
+NO_AUX = {"googlenet": (None, {"aux_logits": False, "init_weights": False}),
+          "inception_v3": (None, {"aux_logits": False, "init_weights": False})}
+FULL_SPECIAL = {"maxvit_t": (224, {}), "vit_h_14": (112, {"image_size": 112}),
+                **{n: (128, {"image_size": 128}) for n in ("vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32")}}
+CI_SPECIAL = {"inception_v3": (80, {}), "vit_b_16": (32, {"image_size": 32}), "maxvit_t": (224, {})}
+PHYSICAL_LIMIT_MODELS = ("resnet18", "resnet50", "mobilenet_v2", "convnext_tiny", "vit_b_16")
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    side: int
+    kwargs: dict = field(default_factory=dict)
+
+
+def spec(name: str, mode: str = "full") -> Spec:
+    default, special = (FULL_DEFAULT, FULL_SPECIAL) if mode == "full" else (CI_DEFAULT, CI_SPECIAL)
+    side, kwargs = special.get(name, (default, {}))
+    kwargs = {**NO_AUX.get(name, (None, {}))[1], **kwargs}  # aux heads need >= 299 px in training mode
+    return Spec(name, side, dict(kwargs))
+
+
+def prepare(model: nn.Module, side: int) -> nn.Module:
+    """Informative random weights: re-draw all-zero weight matrices (ViT's zero head) and calibrate
+    BatchNorm statistics on one random batch, so activations stay O(1). Returns the model in eval mode."""
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2 and not bool(p.any()):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None
+        if norms:
+            model.train()
+            model(torch.randn(2, 3, side, side, generator=gen))
+    return model.eval()
+
+
+def build(s: Spec) -> tuple[nn.Module, tuple[torch.Tensor]]:
+    import torchvision
+    torch.manual_seed(0)
+    model = prepare(torchvision.models.get_model(s.name, weights=None, **s.kwargs), s.side)
+    x = torch.randn(1, 3, s.side, s.side, generator=torch.Generator().manual_seed(1))
+    return model, (x,)
+
+
+def count(model: nn.Module, inputs: tuple) -> tuple[int, int]:
+    """(parameters, multiply-accumulates of one forward): MACs = aten-level FLOPs / 2."""
+    from torch.utils.flop_counter import FlopCounterMode
+    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(*inputs)
+    return params, counter.get_total_flops() // 2
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def leaves(out: Any) -> list[torch.Tensor]:
+    return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def run(model: nn.Module, inputs: tuple) -> Any:
+    with torch.no_grad():
+        return model(*inputs)
+
+
+def max_abs(a: Any, b: Any) -> float:
+    return max(float((x - y).abs().max()) for x, y in zip(leaves(a), leaves(b)))
+
+
+def check_close(actual: Any, expected: Any) -> float:
+    """assert_close with tolerances scaled to the output magnitude; returns the max abs difference."""
+    scale = max(1.0, max(float(e.abs().max()) for e in leaves(expected)))
+    torch.testing.assert_close(actual, expected, rtol=1e-3, atol=1e-4 * scale)
+    return max_abs(actual, expected)
+
+
+# ------------------------------------------------------------------ sparsifx
+def sparsifx_prune(model: nn.Module, inputs: tuple, ratio: float) -> tuple[nn.Module, dict]:
+    """trace -> channel_prune(ratio) -> (masked reference outputs) -> shrink; times exclude the reference run."""
+    import sparsifx
+    from sparsifx.registry import PASSES
+    t0 = time.perf_counter()
+    gm = sparsifx.trace(model, inputs)
+    t1 = time.perf_counter()
+    masked = PASSES.get("channel_prune").from_params({"ratio": ratio})(gm).gm
+    t2 = time.perf_counter()
+    masked.eval()
+    reference = run(masked, inputs)
+    t3 = time.perf_counter()
+    shrunk = PASSES.get("shrink").from_params({})(masked).gm.eval()
+    t4 = time.perf_counter()
+    info = {"trace_s": t1 - t0, "prune_s": t2 - t1, "shrink_s": t4 - t3, "time_s": (t2 - t0) + (t4 - t3),
+            "shrunk_vs_masked_max_abs": check_close(run(shrunk, inputs), reference)}
+    return shrunk, info
+
+
+def compact_onnx(module: nn.Module, inputs: tuple, path: Path) -> dict:
+    """fold_bn on a copy, export_onnx with onnxruntime verification; returns the export facts."""
+    import sparsifx
+    from sparsifx.backends import onnx_export
+    from sparsifx.registry import PASSES
+    folded = copy.deepcopy(module)
+    if "fold_bn" in PASSES and hasattr(folded, "graph"):
+        folded = PASSES.get("fold_bn").from_params({})(folded).gm
+    sparsifx.export_onnx(folded, path, inputs, dynamic_batch=False, verify=True)
+    info = onnx_export.LAST_EXPORT
+    return {"onnx_max_abs": info.max_abs, "onnx_exporter": info.exporter, "onnx_bn_folded": "fold_bn" in PASSES}
+
+
+# ------------------------------------------------------------------ latency
+def interleaved_ms(fns: dict[str, Callable[[], Any]], budget_s: float = 6.0, min_rounds: int = 5,
+                   max_rounds: int = 40) -> dict[str, float]:
+    """Median milliseconds per call of each fn, measured in interleaved rounds (one call of each per round)."""
+    for fn in fns.values():  # warm-up
+        fn()
+    t0 = time.perf_counter()
+    for fn in fns.values():
+        fn()
+    per_round = max(time.perf_counter() - t0, 1e-6)
+    rounds = int(min(max_rounds, max(min_rounds, budget_s / per_round)))
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for key, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[key].append((time.perf_counter() - t) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def fresh_dense(module: nn.Module) -> nn.Module:
+    """The same architecture and shapes with freshly allocated (contiguous) parameters and buffers:
+    weights ~ N(0, 1/fan_in), biases and means 0, norm scales and variances 1."""
+    fresh = copy.deepcopy(module)
+    gen = torch.Generator().manual_seed(3)
+    for sub in fresh.modules():
+        for table in (sub._parameters, sub._buffers):
+            for key, t in table.items():
+                if t is None or not t.is_floating_point():
+                    continue
+                if t.dim() >= 2:
+                    new = torch.randn(t.shape, generator=gen) / max(1.0, t[0].numel()) ** 0.5
+                else:
+                    new = torch.full(t.shape, 1.0 if ("var" in key or key == "weight") else 0.0)
+                table[key] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) \
+                    else new
+    return fresh.eval()
+
+
+def ort_session(path: Path, threads: int):
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def latency(dense: nn.Module, shrunk: nn.Module, inputs: tuple, onnx_paths: dict[str, Path] | None,
+            physical: bool, threads: int = 2, budget_s: float = 4.0) -> dict:
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
+    fns = {"eager_before_ms": lambda: run(dense, inputs), "eager_after_ms": lambda: run(shrunk, inputs)}
+    fresh = fresh_dense(shrunk) if physical else None
+    if fresh is not None:
+        fns["eager_fresh_ms"] = lambda: run(fresh, inputs)
+    out = interleaved_ms(fns, 3 * budget_s if physical else budget_s, min_rounds=9 if physical else 5)
+    if fresh is not None:
+        out["physical_ratio"] = out["eager_after_ms"] / out["eager_fresh_ms"]
+    if onnx_paths:
+        sessions = {k: ort_session(p, threads) for k, p in onnx_paths.items()}
+        feeds = {k: {s.get_inputs()[0].name: inputs[0].numpy()} for k, s in sessions.items()}
+        out.update(interleaved_ms({f"ort_{k}_ms": (lambda k=k: sessions[k].run(None, feeds[k]))
+                                   for k in sessions}, budget_s))
+    return out
+
+
+# ------------------------------------------------------------------ one model
+@dataclass
+class Record:
+    model: str
+    tool: str
+    side: int
+    ok: bool = False
+    error: str | None = None
+    stats: dict = field(default_factory=dict)
+
+
+def _cause(stage: str, exc: BaseException) -> str:
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{stage}: {type(exc).__name__}: {first[:300]}"
+
+
+def sweep_sparsifx(name: str, ratio: float = 0.5, mode: str = "full", onnx: bool = True,
+                   measure: bool = True, workdir: str | None = None) -> dict:
+    """Build, prune+shrink (timed), check shrunk == masked, count params/MACs, export ONNX (+ latency)."""
+    s = spec(name, mode)
+    rec = Record(name, "sparsifx", s.side)
+    st = rec.stats
+    stage = "build"
+    try:
+        model, inputs = build(s)
+        st["rss_build_mb"] = rss_mb()
+        stage = "count"
+        st["params_before"], st["macs_before"] = count(model, inputs)
+        stage = "prune+shrink"
+        shrunk, info = sparsifx_prune(model, inputs, ratio)
+        st.update(info)
+        st["rss_peak_prune_mb"] = rss_mb()
+        stage = "count"
+        st["params_after"], st["macs_after"] = count(shrunk, inputs)
+        st["params_ratio"] = st["params_after"] / st["params_before"]
+        st["macs_ratio"] = st["macs_after"] / st["macs_before"]
+        with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+            paths = None
+            if onnx:
+                stage = "onnx"
+                st.update(compact_onnx(shrunk, inputs, Path(tmp) / "after.onnx"))
+                paths = {"after": Path(tmp) / "after.onnx"}
+            rec.ok = True
+            if measure:
+                stage = "latency"
+                if onnx:
+                    compact_onnx(sparsifx_trace(model), inputs, Path(tmp) / "before.onnx")
+                    paths = {"before": Path(tmp) / "before.onnx", **paths}
+                st.update(latency(model, shrunk, inputs, paths, name in PHYSICAL_LIMIT_MODELS))
+                _ratios(st)
+    except Exception as exc:  # every failure becomes a named cause in the record
+        rec.error = _cause(stage, exc)
+        rec.ok = rec.ok and stage == "latency"
+    finally:
+        gc.collect()
+    return asdict(rec)
+
+
+def sparsifx_trace(model: nn.Module) -> nn.Module:
+    import sparsifx
+    return sparsifx.trace(model)
+
+
+def _ratios(st: dict) -> None:
+    st["eager_latency_ratio"] = st["eager_after_ms"] / st["eager_before_ms"]
+    st["eager_latency_over_macs"] = st["eager_latency_ratio"] / st["macs_ratio"]
+    if "ort_after_ms" in st:
+        st["ort_latency_ratio"] = st["ort_after_ms"] / st["ort_before_ms"]
+        st["ort_latency_over_macs"] = st["ort_latency_ratio"] / st["macs_ratio"]
+
+
+# ------------------------------------------------------------------ torch-pruning (benchmark only)
+def sweep_torch_pruning(name: str, ratio: float = 0.5, mode: str = "full") -> dict:
+    """Torch-Pruning 1.6 MagnitudePruner as in its torchvision prunability script: L1 magnitude,
+    the 1000-way classifier and attention out-projections ignored, ViT channels rounded to num_heads."""
+    import torch_pruning as tp
+    from torchvision.models.vision_transformer import VisionTransformer
+    s = spec(name, mode)
+    rec = Record(name, "torch-pruning", s.side)
+    st = rec.stats
+    stage = "build"
+    try:
+        model, inputs = build(s)
+        st["rss_build_mb"] = rss_mb()
+        st["params_before"] = sum(p.numel() for p in model.parameters())
+        stage = "prune"
+        t0 = time.perf_counter()
+        ignored = [m for m in model.modules() if (isinstance(m, nn.Linear) and m.out_features == 1000)
+                   or isinstance(m, nn.modules.linear.NonDynamicallyQuantizableLinear)]
+        round_to = model.encoder.layers[0].num_heads if isinstance(model, VisionTransformer) else None
+        pruner = tp.pruner.MagnitudePruner(model, inputs[0], importance=tp.importance.MagnitudeImportance(p=1),
+                                           pruning_ratio=ratio, ignored_layers=ignored, round_to=round_to)
+        pruner.step()
+        if isinstance(model, VisionTransformer):
+            model.hidden_dim = model.conv_proj.out_channels
+        st["time_s"] = time.perf_counter() - t0
+        st["rss_peak_prune_mb"] = rss_mb()
+        stage = "forward after pruning"
+        out = leaves(run(model, inputs))[0]
+        if tuple(out.shape) != (1, 1000):
+            raise RuntimeError(f"pruned model returns shape {tuple(out.shape)}, expected (1, 1000)")
+        st["params_after"] = sum(p.numel() for p in model.parameters())
+        st["params_ratio"] = st["params_after"] / st["params_before"]
+        rec.ok = True
+    except Exception as exc:
+        rec.error = _cause(stage, exc)
+    return asdict(rec)
+
+
+TOOLS: dict[str, Callable[..., dict]] = {"sparsifx": sweep_sparsifx, "torch-pruning": sweep_torch_pruning}
