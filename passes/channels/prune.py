@@ -72,6 +72,11 @@ class ChannelPrune(PassBase):
             ratio = self._group_ratio(group, selected)
             if ratio:
                 self._select(analysis, group, scores, ratio, pruned, notes)
+        _keep_every_member(analysis, pruned, scores)
+        for group in analysis.groups:
+            if pruned[group.units].any() and not _constraints_hold(analysis, group.units, pruned):
+                pruned[group.units] = False
+                notes.append(f"group of {group.modules[0]} left whole: grouped conv would be unbalanced")
         modified = zero_units(gm, analysis, pruned)
         plan = ChannelPlan(analysis, pruned, notes)
         gm.meta["channel_plan"] = plan
@@ -130,6 +135,14 @@ def _block_keys(a: ChannelAnalysis, units: np.ndarray) -> dict[tuple, np.ndarray
     for u, k in keys.items():
         out.setdefault(k, []).append(u)
     return {k: np.array(v) for k, v in out.items()}
+
+
+def _keep_every_member(a: ChannelAnalysis, pruned: np.ndarray, scores: np.ndarray) -> None:
+    """No tensor dim may lose all its channels: keep the best unit of any member that would."""
+    for m in a.members:
+        units = a.unit[m.atoms.numpy()]
+        if len(units) and pruned[units].all():
+            pruned[units[np.argmax(scores[units])]] = False
 
 
 def _constraints_hold(a: ChannelAnalysis, units: np.ndarray, pruned: np.ndarray) -> bool:

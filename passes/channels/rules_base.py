@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import torch
 import torch.fx as fx
+from torch.fx.node import _get_qualified_name
 
 from sparsifx.registry import Registry
 
@@ -20,8 +21,11 @@ CHANNEL_RULES: Registry[Callable] = Registry("channel rule")
 
 
 def fn_key(fn: Any) -> str:
-    mod = getattr(fn, "__module__", None) or "torch"
-    return f"fn:{mod}.{getattr(fn, '__qualname__', getattr(fn, '__name__', repr(fn)))}"
+    try:
+        return f"fn:{_get_qualified_name(fn)}"
+    except Exception:  # objects fx cannot name (partials, callables without __name__)
+        mod = getattr(fn, "__module__", None) or "torch"
+        return f"fn:{mod}.{getattr(fn, '__qualname__', getattr(fn, '__name__', repr(fn)))}"
 
 
 def rule_key(obj: Any) -> str:

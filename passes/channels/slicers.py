@@ -80,12 +80,11 @@ def _regroup_identity(m: nn.Module, out_idx: torch.Tensor) -> None:
     if len(per_block) != 1:
         raise ValueError(f"grouped conv needs equal kept channels per group, got {sorted(per_block)}")
     # rows are cut later by slice_generic; here only the local input columns of every row change
-    rows_block = torch.arange(m.out_channels) // size
-    new_w = torch.stack([w[o].index_select(0, cols[int(rows_block[o])]) for o in range(m.out_channels)])
-    set_tensor(m, "weight", new_w)
+    local = torch.stack(cols)[torch.arange(m.out_channels) // size]          # (out, kept per group)
+    index = local.reshape(local.shape + (1,) * (w.ndim - 2)).expand(-1, -1, *w.shape[2:])
+    set_tensor(m, "weight", torch.gather(w, 1, index).clone())
     if mask is not None:
-        m._buffers["mask"] = torch.stack([mask[o].index_select(0, cols[int(rows_block[o])])
-                                          for o in range(m.out_channels)])
+        m._buffers["mask"] = torch.gather(mask, 1, index).clone()
 
 
 @register_slicer(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
