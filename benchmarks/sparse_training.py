@@ -371,6 +371,19 @@ def write_outputs(out: Path, rows: list[dict], meta: dict, settings: Settings, m
     return checks
 
 
+def code_state() -> dict[str, Any]:
+    """Commit and uncommitted library files the numbers were measured with."""
+    import subprocess
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=HERE.parent, capture_output=True, text=True,
+                                  timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    dirty = [line[3:] for line in git("status", "--porcelain", "--", "sparsifx", "passes", "backends").splitlines()]
+    return {"commit": git("rev-parse", "HEAD"), "uncommitted_library_files": dirty}
+
+
 def run(settings: Settings, out: Path, resnet: bool = True, resnet_only: bool = False) -> list[dict]:
     start = time.perf_counter()
     torch.set_num_threads(settings.threads)
@@ -379,7 +392,7 @@ def run(settings: Settings, out: Path, resnet: bool = True, resnet_only: bool = 
         log.warning("skipping methods whose pass is not registered: %s", ", ".join(missing))
     settings = replace(settings, methods=tuple(present))
     rows: list[dict] = []
-    meta: dict[str, Any] = {"dense_absolute": {}}
+    meta: dict[str, Any] = {"code": code_state(), "dense_absolute": {}}
     if not resnet_only:
         data = load_data(settings)
         groups = [(m, seed) for seed in settings.seeds for m in settings.models]   # seeds outer: all models early

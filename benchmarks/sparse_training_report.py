@@ -48,6 +48,7 @@ def plot_accuracy(rows: Sequence[Mapping], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     models = list(dict.fromkeys(r["model"] for r in rows))
     sparse_densities = [1.0 - r["sparsity"] for r in rows if r["method"] != "dense"] or [0.1]
@@ -68,6 +69,9 @@ def plot_accuracy(rows: Sequence[Mapping], path: Path) -> None:
             ax.errorbar(dens, means, yerr=stds, marker="o", capsize=3, label=method)
         ax.set_xlim(min(sparse_densities) / 1.5, max(max(sparse_densities) * 1.5, 0.3))
         ax.set_xscale("log")
+        ticks = sorted(set(sparse_densities))
+        ax.set_xticks(ticks, [f"{d:g}" for d in ticks])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("density (1 - sparsity), log scale")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(model)
