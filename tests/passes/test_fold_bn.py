@@ -181,3 +181,23 @@ def test_training_mode_semantics_differ_deployment_only():
     gm.train(), model.train()
     with torch.no_grad():
         assert not torch.allclose(gm(x), model(x), atol=1e-3)
+
+
+class SharedBN(nn.Module):
+    """One BatchNorm module applied after two different convs: both call sites fold."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.bn = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.a(x)) * self.bn(self.b(x))
+
+
+def test_shared_batchnorm_folds_into_each_producer():
+    model = randomize_bn(SharedBN())
+    x = torch.randn(2, 3, 8, 8)
+    gm = trace(model, (x,))
+    assert FoldBatchNorm()(gm).modified
+    assert bn_nodes(gm) == [] and not hasattr(gm, "bn")
+    torch.testing.assert_close(eval_out(gm, x), eval_out(model, x), rtol=1e-5, atol=1e-5)
