@@ -52,6 +52,13 @@ class TorchOps:
     def abs_ge(x: torch.Tensor, thr: float) -> torch.Tensor:
         return x.detach().abs() >= thr
 
+    @classmethod
+    def topk_mask(cls, t: torch.Tensor, k: int, floor: float = float("-inf")) -> tuple[torch.Tensor, float]:
+        """``(|t| >= max(thr, floor), thr)`` with ``thr`` the k-th largest ``|t|``, ``1 <= k < numel``."""
+        a = t.detach().abs()
+        thr = cls.kth_largest(a, k)
+        return a >= max(thr, floor), thr
+
     @staticmethod
     def kth_largest(a: torch.Tensor, k: int) -> float:
         """k-th largest entry, ``1 <= k <= numel`` (bracketed by a random sample when large, exact)."""
@@ -107,6 +114,16 @@ class NumpyOps(TorchOps):
     @staticmethod
     def abs_ge(x, thr):
         return torch.from_numpy(np.abs(_np(x)) >= thr)
+
+    @staticmethod
+    def topk_mask(t, k, floor=float("-inf")):
+        tn = _np(t)
+        a = np.abs(tn)
+        flat = a.reshape(-1)
+        flat.partition(flat.size - k)  # in place: no second copy of |t|
+        thr = float(flat[flat.size - k])
+        np.abs(tn, out=a)
+        return torch.from_numpy(np.greater_equal(a, max(thr, floor))), thr
 
     @staticmethod
     def kth_largest(a, k):

@@ -7,18 +7,18 @@ unchanged optimizer to the dense weights. ReLUs become ``LeanReLU`` (1-bit saved
 ``MaxPool2d`` becomes ``LeanMaxPool2d`` (int32 indices only) so their dense saved copies do not
 cancel the saving. What stays dense for backward: BatchNorm inputs (its backward needs the exact
 normalised input, which no exact compressed form gives), inputs of excluded layers, other ops' own
-saves (avg-pool inputs, loss), and the model's parameters. Usage (helper G / the benchmark)::
+saves (avg-pool inputs, loss), and the model's parameters. Usage (``net``, a batch ``x, y``)::
 
-    import sparsifx
-    from sparsifx.accounting import saved_tensor_bytes
-    gm = sparsifx.sparsify(net, {"stages": [{"pass": "swat", "sparsity": 0.9, "variant": "unstructured"}]},
-                           example_inputs=(x,))
+    import torch, torch.nn.functional as F, sparsifx
+    from sparsifx.accounting import saved_tensor_bytes, training_flops
+    gm = sparsifx.sparsify(net, {"stages": [{"pass": "swat", "sparsity": 0.9}]}, example_inputs=(x,))
     opt = torch.optim.SGD(gm.parameters(), lr=0.1, momentum=0.9)
-    sparsifx.passes.training.swat.swat_controller(gm).attach(opt)  # SWAT-M needs it; harmless otherwise
-    for x, y in loader:                                    # a plain loop, nothing else changes
+    sparsifx.attach(gm, opt)                     # steps the SWAT controller (variant "momentum" needs it)
+    for _ in range(2):                            # a plain training loop: nothing else changes
         opt.zero_grad(); F.cross_entropy(gm(x), y).backward(); opt.step()
-    mem = saved_tensor_bytes(gm, (x,), lambda out: F.cross_entropy(out, y))
-    final = sparsifx.PassManager([SWATFinalize()]).run(gm).gm      # plain hard-pruned layers -> export_onnx
+    kept = saved_tensor_bytes(gm.train(), (x,), lambda out: F.cross_entropy(out, y))  # bytes kept for backward
+    ratio = training_flops(gm, (x,)).ratio       # forward W, input-grad W and weight-grad x sparse, vs dense
+    final = sparsifx.sparsify(gm, {"stages": [{"pass": "swat_finalize"}]})  # plain layers: export_onnx, compact
 
 Parameters: ``sparsity`` (global S; per-layer overrides through ``by_name`` etc.), ``variant``
 (``unstructured`` | ``erk`` | ``momentum`` | ``structured``), ``topk_period`` (threshold recompute
@@ -46,7 +46,7 @@ from sparsifx.registry import register_pass
 from sparsifx.selection import LayerSelection
 
 from .swat_control import SWATController
-from .swat_layers import SWAT_TYPES, LeanMaxPool2d, LeanReLU, SWATLayerConfig, is_swat, lean_relu, swap_class
+from .swat_layers import SWAT_TYPES, LeanMaxPool2d, LeanReLU, SWATLayerConfig, is_swat, swap_class
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,13 @@ RELU_METHODS = {"relu": False, "relu_": True}
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+def _free_name(gm: nn.Module, stem: str) -> str:
+    i = 0
+    while hasattr(gm, f"{stem}_{i}"):
+        i += 1
+    return f"{stem}_{i}"
 
 
 @register_pass("swat")
@@ -136,21 +143,25 @@ class SWAT(PassBase):
 
     @staticmethod
     def _lean_relus(gm: fx.GraphModule) -> bool:
+        """ReLU modules are swapped for ``LeanReLU``; functional/method ReLUs become calls of a new
+        ``LeanReLU`` submodule (``swat_relu_<i>``: a tracing leaf, so the graph retraces)."""
         changed = False
-        for node in gm.graph.nodes:
+        for node in list(gm.graph.nodes):
             if node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.ReLU:
                 _set_submodule(gm, node.target, swap_class(gm.get_submodule(node.target), LeanReLU))
                 changed = True
-            elif node.op == "call_function" and node.target in RELU_FUNCTIONS:
+                continue
+            if node.op == "call_function" and node.target in RELU_FUNCTIONS:
                 inplace = RELU_FUNCTIONS[node.target] or bool(node.kwargs.get("inplace", False)) or (
                     len(node.args) > 1 and bool(node.args[1]))
-                node.target, node.args, node.kwargs = lean_relu, (node.args[0],), {"inplace": inplace}
-                changed = True
             elif node.op == "call_method" and node.target in RELU_METHODS:
                 inplace = RELU_METHODS[node.target]
-                node.op, node.target = "call_function", lean_relu
-                node.args, node.kwargs = (node.args[0],), {"inplace": inplace}
-                changed = True
+            else:
+                continue
+            name = _free_name(gm, "swat_relu")
+            gm.add_submodule(name, LeanReLU(inplace=inplace))
+            node.op, node.target, node.args, node.kwargs = "call_module", name, (node.args[0],), {}
+            changed = True
         return changed
 
     @staticmethod

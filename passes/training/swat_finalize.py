@@ -4,8 +4,8 @@
 (§1.2 "the best checkpoint is finally hard-pruned to per-layer sparsity"): exactly
 ``ceil((1-s)·numel)`` weights by magnitude (structured layers: exactly ``ceil((1-s)·out·in)`` kernels by
 L1 norm; ties broken by index). ``masked=True`` keeps a ``Masked*`` layer with the dense weights and
-the mask instead of baking ``W ⊙ M``. ``LeanReLU``/``lean_relu``/``LeanMaxPool2d`` go back to
-``nn.ReLU``/``F.relu``/``nn.MaxPool2d`` (identical forward). The SWAT controller is removed.
+the mask instead of baking ``W ⊙ M``. ``LeanReLU``/``LeanMaxPool2d`` go back to ``nn.ReLU``/
+``nn.MaxPool2d`` (identical forward). The SWAT controller is removed.
 Note: the final mask is exact Top-K of the current weights, which can differ slightly from the
 stale-threshold mask of the last training step.
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
 from sparsifx import validate
 from sparsifx.masking import set_mask
@@ -23,7 +22,7 @@ from sparsifx.registry import register_pass
 
 from . import topk
 from .swat_control import SWATController
-from .swat_layers import SWAT_DENSE_TYPES, LeanMaxPool2d, LeanReLU, lean_relu, swap_class, swat_layers
+from .swat_layers import SWAT_DENSE_TYPES, LeanMaxPool2d, LeanReLU, swap_class, swat_layers
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -71,9 +70,6 @@ class SWATFinalize(PassBase):
                 if plain is not None:
                     _set_submodule(gm, node.target, swap_class(module, plain))
                     modified = True
-            elif node.op == "call_function" and node.target is lean_relu:
-                node.target = F.relu
-                modified = True
         if isinstance(gm.meta.get("sparse_controller"), SWATController):
             gm.meta["sparse_controller"].detach()
             del gm.meta["sparse_controller"]

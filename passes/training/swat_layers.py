@@ -58,37 +58,41 @@ class SWATMixin:
         units = shape[0] * shape[1] if self.swat.structured else self.weight.numel()
         return topk.keep_count(units, self.sparsity)
 
-    def weight_mask(self, recompute: bool, store: bool = True) -> WeightMask:
-        """The forward weight mask; recomputed or from the stored threshold (structured: always recomputed)."""
+    def weight_mask(self, recompute: bool, store: bool = True) -> tuple[torch.Tensor, WeightMask]:
+        """``(W_s, mask)``: the forward weight and its mask in the cheapest exact encoding for backward.
+        Recomputed, or from the stored threshold (structured: always recomputed)."""
         w = self.weight.detach()
+        ops = ops_for(w)
         if self.swat.structured:
             kernels, _ = topk.threshold_mask(topk.kernel_scores(w), self.keep_weights())
-            return WeightMask("kernel", kernels)
+            wmask = WeightMask("kernel", kernels)
+            return wmask.apply(w), wmask
         if not recompute:
-            return WeightMask("threshold", float(self.thr_w))
+            wmask = WeightMask("threshold", float(self.thr_w))
+            return wmask.apply(w), wmask
         if self.swat.exact:
             mask, thr = topk.exact_mask(w.abs(), self.keep_weights())
-            out = WeightMask("bits", pack_bits(mask))
+            wmask = WeightMask("bits", pack_bits(mask))
         else:
-            thr = topk.kth_largest(w.abs(), self.keep_weights())
-            out = WeightMask("threshold", thr)
+            mask, thr = topk.abs_topk_mask(w, self.keep_weights())
+            wmask = WeightMask("threshold", thr)
         if store:
             self.thr_w.fill_(thr)
-        return out
+        return ops.apply_mask(w, mask), wmask
 
     def _activation_mask(self, recompute: bool):
         def select(x: torch.Tensor) -> torch.Tensor:
-            ops = ops_for(x)
-            n = x.numel()
-            k = topk.keep_count(n, self.sparsity)
+            k = topk.keep_count(x.numel(), self.sparsity)
+            tiny = torch.finfo(x.dtype).tiny  # zeros add nothing to the weight gradient: never stored
             if recompute and self.swat.exact:
                 mask, thr = topk.exact_mask(x.detach().abs(), k)
                 self.thr_a.fill_(thr)
                 return mask & (x.detach() != 0)
             if recompute:
-                self.thr_a.fill_(topk.kth_largest(x.detach().abs(), k))
-            # zeros contribute nothing to the weight gradient: never store them
-            return ops.abs_ge(x, max(float(self.thr_a), torch.finfo(x.dtype).tiny))
+                mask, thr = topk.abs_topk_mask(x, k, floor=tiny)
+                self.thr_a.fill_(thr)
+                return mask
+            return ops_for(x).abs_ge(x, max(float(self.thr_a), tiny))
         return select
 
     # -- forward ---------------------------------------------------------------------------------------------
@@ -96,18 +100,18 @@ class SWATMixin:
         training = self.training and torch.is_grad_enabled()
         if not training:  # eval: same sparsified forward, stale thresholds kept, state untouched
             have = not bool(torch.isnan(self.thr_w)) and not self.swat.every_call
-            wmask = self.weight_mask(recompute=not have, store=False)
-            return op.forward(x, wmask.apply(self.weight), self.bias)
+            w_s, _ = self.weight_mask(recompute=not have, store=False)
+            return op.forward(x, w_s, self.bias)
         recompute = self._recompute()
-        wmask = self.weight_mask(recompute)
+        w_s, wmask = self.weight_mask(recompute)
         act = self._activation_mask(recompute)
         self.step += 1
-        return SWATFunction.apply(x, self.weight, self.bias, wmask, act, op)
+        return SWATFunction.apply(x, self.weight, self.bias, w_s, wmask, act, op)
 
     def effective_weight(self) -> torch.Tensor:
         """The weight the next forward computes with (without advancing the state)."""
         have = not bool(torch.isnan(self.thr_w)) and not self.swat.every_call
-        return self.weight_mask(recompute=not have, store=False).apply(self.weight.detach())
+        return self.weight_mask(recompute=not have, store=False)[0]
 
     def training_densities(self) -> tuple[float, float, float]:
         """(forward W, backward input-grad W, backward weight-grad activation) densities for FLOP counts."""
@@ -172,9 +176,6 @@ def lean_relu(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     if torch.is_grad_enabled() and x.requires_grad:
         return LeanReLUFunction.apply(x, inplace)
     return torch.relu_(x) if inplace else torch.relu(x)
-
-
-torch.fx.wrap("lean_relu")
 
 
 @register_leaf_type

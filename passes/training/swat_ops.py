@@ -104,11 +104,12 @@ class ConvOp:
 
 
 class SWATFunction(torch.autograd.Function):
-    """``(x, W, b) -> op(x, wmask.apply(W), b)``; ``act_mask(x)`` picks the Top-K activations to save."""
+    """``(x, W, b) -> op(x, W_s, b)`` with ``W_s = wmask.apply(W)`` given precomputed (no gradient flows to it);
+    ``act_mask(x)`` picks the Top-K activations to save."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, wmask: WeightMask, act_mask: Callable, op):
-        y = op.forward(x, wmask.apply(weight), bias)
+    def forward(ctx, x, weight, bias, w_s, wmask: WeightMask, act_mask: Callable, op):
+        y = op.forward(x, w_s, bias)
         ctx.op, ctx.kind, ctx.x_shape, ctx.has_bias = op, wmask.kind, x.shape, bias is not None
         tensors = [weight]
         if isinstance(wmask.data, torch.Tensor):
@@ -131,7 +132,7 @@ class SWATFunction(torch.autograd.Function):
         x_s = decompress(act[0], act[1], ctx.x_shape) if act else None
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
         gx, gw, gb = ctx.op.backward(gy.contiguous(), x_s, ctx.x_shape, w_s, needs)
-        return gx, gw, gb, None, None, None
+        return gx, gw, gb, None, None, None, None
 
 
 class LeanReLUFunction(torch.autograd.Function):

@@ -38,6 +38,15 @@ def kth_largest(values: torch.Tensor, k: int) -> float:
     return ops_for(values).kth_largest(values, k)
 
 
+def abs_topk_mask(t: torch.Tensor, k: int, floor: float = float("-inf")) -> tuple[torch.Tensor, float]:
+    """``(|t| >= max(thr, floor), thr)``, ``thr`` = k-th largest ``|t|`` (one pass of ``abs``)."""
+    n = t.numel()
+    if 0 < k < n:
+        return ops_for(t).topk_mask(t, k, floor)
+    thr = kth_largest(t.detach().abs(), k)
+    return t.detach().abs() >= max(thr, floor), thr
+
+
 def threshold_mask(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, float]:
     """``(scores >= kth_largest(scores, k), threshold)``; ties keep more than ``k``."""
     thr = kth_largest(scores, k)

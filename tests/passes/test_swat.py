@@ -16,7 +16,7 @@ from sparsifx.passes.training.swat import SWAT, swat_controller
 from sparsifx.passes.training.swat_control import momentum_allocation
 from sparsifx.passes.training.swat_finalize import SWATFinalize
 from sparsifx.passes.training.swat_layers import (SWATLayerConfig, LeanMaxPool2d, LeanReLU, SWATConv2d, SWATLinear,
-                                                  lean_relu, swap_class, swat_layers)
+                                                  swap_class, swat_layers)
 from sparsifx.tracing import trace
 
 
@@ -238,8 +238,10 @@ def test_functional_relus_replaced_and_exact():
     net = FunctionalRelus()
     dense = trace(net)
     gm = SWAT(sparsity=0.0, sparsify_first_layer=True)(trace(net)).gm
-    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
-    assert targets.count(lean_relu) == 3 and F.relu not in targets
+    functions = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    lean = [n.target for n in gm.graph.nodes if n.op == "call_module" and type(gm.get_submodule(n.target)) is LeanReLU]
+    assert len(lean) == 3 and not {F.relu, torch.relu, torch.relu_} & set(functions)
+    assert [gm.get_submodule(t).inplace for t in lean] == [False, False, True]
     x = torch.randn(5, 8)
     yd, ys = dense(x), gm(x)
     torch.testing.assert_close(ys, yd)
@@ -247,6 +249,9 @@ def test_functional_relus_replaced_and_exact():
     ys.sum().backward()
     for (name, pd), (_, ps) in zip(dense.named_parameters(), gm.named_parameters()):
         torch.testing.assert_close(ps.grad, pd.grad, msg=name)
+    final = sparsify(gm, {"stages": [{"pass": "swat_finalize"}]})  # retraces the lean ReLU submodules
+    assert not any(isinstance(m, (LeanReLU, SWATLinear)) for m in final.modules())
+    torch.testing.assert_close(final(x), dense(x))
 
 
 def test_lean_relu_and_maxpool_save_little():
@@ -329,6 +334,10 @@ def test_numpy_and_torch_kernels_agree(shape):
     for k in (1, 7, a.numel() // 10, a.numel() - 1):
         ref = float(torch.kthvalue(a.flatten(), a.numel() - k + 1).values)
         assert kernels.NumpyOps.kth_largest(a, k) == ref == kernels.TorchOps.kth_largest(a, k)
+    k = a.numel() // 10
+    m_np, t_np = kernels.NumpyOps.topk_mask(x, k)
+    m_t, t_t = kernels.TorchOps.topk_mask(x, k)
+    assert t_np == t_t and torch.equal(m_np, m_t) and int(m_np.sum()) == k
     mask = x > 0.3
     for ops in (kernels.NumpyOps, kernels.TorchOps):
         packed = ops.pack_bits(mask)
@@ -336,3 +345,16 @@ def test_numpy_and_torch_kernels_agree(shape):
         assert torch.equal(packed, kernels.TorchOps.pack_bits(mask))
         assert torch.equal(ops.unpack_bits(packed, mask.shape), mask)
         assert torch.equal(ops.scatter(ops.select(x, mask), mask), x * mask)
+
+
+def test_docstring_usage_snippet_runs():
+    import textwrap
+
+    import sparsifx.passes.training.swat as swat_module
+    doc = swat_module.__doc__
+    block = doc.split("Usage (``net``, a batch ``x, y``)::\n\n", 1)[1].split("\n\n", 1)[0]
+    torch.manual_seed(9)
+    scope = {"net": mlp(), "x": torch.randn(16, 1, 8, 8), "y": torch.randint(0, 10, (16,))}
+    exec(textwrap.dedent(block), scope)  # noqa: S102 - the documented snippet itself
+    assert 0 < scope["kept"] and 0.1 < scope["ratio"] < 1.0
+    assert not list(swat_layers(scope["final"])) and scope["gm"].get_submodule("3").sparsity == 0.9
