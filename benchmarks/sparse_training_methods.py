@@ -23,37 +23,43 @@ ALL_METHODS = ("static", "set", "rigl", "sparse_momentum", "ctre", "gmp", "swat"
 
 @dataclass(frozen=True)
 class Schedule:
-    """Run length the update schedules are scaled to."""
+    """Run length the update schedules are scaled to.
+
+    Whatever the number of real epochs, every run gets the same number of mask updates: the per-epoch methods
+    (set, sparse_momentum, ctre) see ``update_period = total/8`` steps as their "epoch" (7 updates: none after the
+    last), RigL updates every ``update_period/2`` steps until 75% of the run (about 12 updates), GMP prunes every
+    ``update_period/2`` steps from ``update_period`` to 75% of the run.
+    """
     total_steps: int
-    steps_per_epoch: int
     batch: int
 
     @property
-    def epochs(self) -> int:
-        return max(1, round(self.total_steps / self.steps_per_epoch))
+    def update_period(self) -> int:
+        return max(2, self.total_steps // 8)
+
+    @property
+    def periods(self) -> int:
+        return max(1, self.total_steps // self.update_period)
+
+    @property
+    def delta_t(self) -> int:
+        return max(1, self.update_period // 2)
 
 
 # How each method's recipe stage is scaled to the run. DST masks use ERK for every mask method (static included,
 # so RigL/SET/... differ from static only by their updates); SWAT keeps its own defaults (uniform, first layer
-# dense, last layer sparse). Per-epoch methods (set, sparse_momentum, ctre) update after every epoch but the last.
+# dense, last layer sparse).
 def _dst(sparsity: float, **params: Any) -> dict[str, Any]:
     return {"sparsity": sparsity, "distribution": "erk", "init": "exact", **params}
-
-
-def _update_every(schedule: Schedule) -> int:
-    """ΔT: about 4 updates per epoch (reference runs update every 100 of ~50,000 steps; ours are far shorter)."""
-    return max(1, schedule.steps_per_epoch // 4)
 
 
 STAGES: dict[str, Callable[[float, Schedule], dict[str, Any]]] = {
     "static": lambda s, sch: _dst(s),
     "set": lambda s, sch: _dst(s, zeta=0.3),
-    "rigl": lambda s, sch: _dst(s, delta_t=_update_every(sch), drop_fraction=0.3, anneal="cosine",
-                                end_fraction=0.75),
+    "rigl": lambda s, sch: _dst(s, delta_t=sch.delta_t, drop_fraction=0.3, anneal="cosine", end_fraction=0.75),
     "sparse_momentum": lambda s, sch: _dst(s, prune_rate=0.5, decay="cosine"),
     "ctre": lambda s, sch: _dst(s, zeta=0.2, variant="sim"),
-    "gmp": lambda s, sch: _dst(s, begin_step=sch.steps_per_epoch if sch.epochs > 2 else 0,
-                               end_fraction=0.75, frequency=_update_every(sch)),
+    "gmp": lambda s, sch: _dst(s, begin_step=sch.update_period, end_fraction=0.75, frequency=sch.delta_t),
     "swat": lambda s, sch: {"sparsity": s, "variant": "unstructured", "topk_period": 10},
 }
 # where a method's training FLOPs come from: the DST controller counts every step as it ran (GMP's dense start,
@@ -102,7 +108,7 @@ def prepare(method: str, sparsity: float, model: nn.Module, schedule: Schedule,
         rescale_masked_init(gm)
 
     def configure(optimizer: torch.optim.Optimizer) -> Hooks:
-        ctrl = sparsifx.attach(gm, optimizer, steps_per_epoch=schedule.steps_per_epoch, epochs=schedule.epochs)
+        ctrl = sparsifx.attach(gm, optimizer, steps_per_epoch=schedule.update_period, epochs=schedule.periods)
         return Hooks(method, ctrl)
     return gm, configure
 
