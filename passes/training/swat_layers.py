@@ -188,7 +188,7 @@ class LeanReLU(nn.ReLU):
 
 @register_leaf_type
 class LeanMaxPool2d(nn.MaxPool2d):
-    """Drop-in ``nn.MaxPool2d`` (``return_indices=False``) saving int32 indices only for backward."""
+    """Drop-in ``nn.MaxPool2d`` (``return_indices=False``) saving only each maximum's position in its window."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (torch.is_grad_enabled() and x.requires_grad):

@@ -254,17 +254,26 @@ def test_functional_relus_replaced_and_exact():
     torch.testing.assert_close(final(x), dense(x))
 
 
-def test_lean_relu_and_maxpool_save_little():
+def test_lean_relu_saves_one_bit_per_element():
     x = torch.randn(4, 16, 12, 12, requires_grad=True)
-    _, saved = saved_tensors(lambda: LeanReLU(inplace=False)(x * 1))
+    y, saved = saved_tensors(lambda: LeanReLU(inplace=False)(x * 1))
     assert sum(t.untyped_storage().nbytes() for t in saved) == x.numel() // 8
-    pool = swap_class(nn.MaxPool2d(3, 2, 1), LeanMaxPool2d)
+    g = torch.randn_like(y)
+    torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], g * (x > 0))
+
+
+@pytest.mark.parametrize("cfg", [(3, 2, 1, 1, False), (2, 2, 0, 1, False), (3, 1, 1, 2, True),
+                                 ((3, 2), (2, 1), (1, 0), 1, True), (5, 3, 2, 1, True)])
+def test_lean_maxpool_exact_and_small(cfg):
+    k, s, p, d, ceil = cfg
+    x = torch.randn(2, 3, 13, 11, requires_grad=True)
+    pool = swap_class(nn.MaxPool2d(k, s, p, d, ceil_mode=ceil), LeanMaxPool2d)
     y, saved = saved_tensors(lambda: pool(x))
-    assert [t.dtype for t in saved] == [torch.int32]
-    y.sum().backward()
-    x2 = x.detach().clone().requires_grad_()
-    nn.MaxPool2d(3, 2, 1)(x2).sum().backward()
-    torch.testing.assert_close(x.grad, x2.grad)
+    assert [t.dtype for t in saved] == [torch.uint8] and saved[0].shape == y.shape
+    ref = nn.MaxPool2d(k, s, p, d, ceil_mode=ceil)(x)
+    g = torch.randn_like(ref)
+    assert torch.equal(y, ref)
+    assert torch.equal(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, x, g)[0])
 
 
 # --- 8. SWAT-M ---------------------------------------------------------------------------------------------------------
