@@ -42,6 +42,10 @@ SPECIAL = {
 RESULT_MARK = "SWEEP_RESULT_JSON:"
 # ONNX parity: |ort - torch| <= ONNX_TOL * |torch| + ONNX_TOL * max(1, max |torch|), on batch 1 and batch 3
 ONNX_TOL = 1e-4
+# ill-conditioned random-weight models (deep EfficientNets): torch's own fp32 output differs from fp64 by
+# more than ONNX_TOL x scale; then ONNX parity is |ort - torch| <= NOISE_FACTOR x max|torch_fp32 - torch_fp64|
+NOISE_FACTOR = 4.0
+CALIBRATION_BATCH = 32
 
 
 def all_models() -> list[str]:
@@ -51,8 +55,10 @@ def all_models() -> list[str]:
 
 def prepare(model: torch.nn.Module, side: int) -> torch.nn.Module:
     """Make random weights informative: re-draw all-zero weight matrices (ViT's zero-initialised head
-    would make every output 0) and calibrate BatchNorm running statistics on one random batch (fresh
-    statistics with random weights let activations grow to 1e8). Returns the model in eval mode."""
+    would make every output 0) and calibrate BatchNorm running statistics on one random batch of
+    CALIBRATION_BATCH (fresh statistics with random weights let activations grow to 1e8; statistics from
+    a few samples leave near-zero variances at 2x2 feature maps that make deep EfficientNets chaotic,
+    fp32 vs fp64 outputs differing by 1e2). Returns the model in eval mode."""
     gen = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for p in model.parameters():
@@ -66,7 +72,7 @@ def prepare(model: torch.nn.Module, side: int) -> torch.nn.Module:
         for m in norms:
             m.train()  # only the norms: the model's own eval path runs (no auxiliary heads, no dropout)
         if norms:
-            model(torch.randn(4, 3, side, side, generator=gen))
+            model(torch.randn(CALIBRATION_BATCH, 3, side, side, generator=gen))
     return model.eval()
 
 
@@ -120,10 +126,7 @@ def sweep_one(name: str, workdir: str | os.PathLike | None = None, batch: int = 
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         t0 = time.perf_counter()
         try:
-            atol = ONNX_TOL * max(1.0, rec["output_max_abs"])  # error relative to the output's scale
-            rec["onnx_atol"] = atol
-            sparsifx.export_onnx(gm, Path(tmp) / f"{name}.onnx", (x,), dynamic_batch=True, verify=True,
-                                 rtol=ONNX_TOL, atol=atol)
+            _export_checked(gm, Path(tmp) / f"{name}.onnx", x, rec)
             info = onnx_export.LAST_EXPORT
             rec.update(onnx_ok=True, onnx_exporter=info.exporter, onnx_fallback=info.fallback_reason or None,
                        onnx_max_abs=info.max_abs, onnx_max_rel=max(c["max_rel"] for c in info.checks),
@@ -132,6 +135,42 @@ def sweep_one(name: str, workdir: str | os.PathLike | None = None, batch: int = 
             rec["error"] = _cause("onnx", exc)
         rec["export_s"] = round(time.perf_counter() - t0, 3)
     return rec
+
+
+def float32_noise(gm: torch.nn.Module, batches: list[tuple]) -> float:
+    """Max |fp32 - fp64| of the module's own outputs: the rounding noise any float32 runtime has."""
+    import copy
+    ref = copy.deepcopy(gm).double().eval()
+    worst = 0.0
+    with torch.no_grad():
+        for inputs in batches:
+            lo = _leaves(gm(*inputs))
+            hi = _leaves(ref(*(t.double() if t.is_floating_point() else t for t in inputs)))
+            worst = max([worst] + [float((a.double() - b).abs().max()) for a, b in zip(lo, hi)])
+    return worst
+
+
+def _export_checked(gm, path: Path, x: torch.Tensor, rec: dict) -> None:
+    """``export_onnx`` with a tolerance relative to the output scale; if that fails on a mismatch, the model's
+    own float32 noise (fp32 vs fp64 torch) is measured and the check is repeated at NOISE_FACTOR x noise."""
+    import sparsifx
+    from sparsifx.backends import onnx_export
+    from sparsifx.errors import BackendError
+    atol = ONNX_TOL * max(1.0, rec["output_max_abs"])  # error relative to the output's scale
+    rec.update(onnx_atol=atol, onnx_tol_basis="output scale")
+    try:
+        sparsifx.export_onnx(gm, path, (x,), dynamic_batch=True, verify=True, rtol=ONNX_TOL, atol=atol)
+        return
+    except BackendError as exc:
+        if "does not match torch" not in str(exc):
+            raise
+        rec["onnx_first_error"] = _cause("onnx", exc)
+        noise = float32_noise(gm, [(x,), onnx_export._other_batch((x,))])
+        rec["fp32_noise"] = noise
+        if NOISE_FACTOR * noise <= atol:
+            raise
+    rec.update(onnx_atol=NOISE_FACTOR * noise, onnx_tol_basis="fp32 noise")
+    sparsifx.export_onnx(gm, path, (x,), dynamic_batch=True, verify=True, rtol=ONNX_TOL, atol=NOISE_FACTOR * noise)
 
 
 def _leaves(out):
@@ -172,9 +211,12 @@ def markdown(records: list[dict], meta: dict) -> str:
              "Eager parity: `torch.testing.assert_close(gm(x), model(x))` (float32 defaults). ONNX parity: "
              f"`|ort - torch| <= {ONNX_TOL} * |torch| + {ONNX_TOL} * max(1, max|torch|)` on the example batch "
              "and on a batch of 3 (dynamic batch axis). Weights are random (seed 0) with BatchNorm statistics "
-             "calibrated on one random batch and all-zero weight matrices re-drawn (see `prepare`).", "",
+             "calibrated on one random batch and all-zero weight matrices re-drawn (see `prepare`). Where that "
+             "check fails, torch's own float32 noise is measured (max |fp32 - fp64| of the module on the same "
+             f"inputs) and the check is repeated with atol = {NOISE_FACTOR} x noise (basis 'fp32 noise'); "
+             "the first failure is kept in the JSON as `onnx_first_error`.", "",
              "| model | input | params (M) | traced | opaque leaves | eager max abs | ONNX exporter | ONNX max abs "
-             "| ONNX max rel | trace s | export+verify s | error |",
+             "| ONNX atol (basis) | trace s | export+verify s | error |",
              "|---|---|---:|:---:|---|---:|---|---:|---:|---:|---:|---|"]
     for r in records:
         def num(key, fmt="{:.2e}"):
@@ -184,7 +226,8 @@ def markdown(records: list[dict], meta: dict) -> str:
         params = f"{r['params'] / 1e6:.1f}" if r.get("params") else "-"
         lines.append(f"| {r['model']} | {side} | {params} | {'yes' if r['traced'] else 'no'} | {leaves} | "
                      f"{num('eager_max_abs')} | {r.get('onnx_exporter') or '-'} | {num('onnx_max_abs')} | "
-                     f"{num('onnx_max_rel')} | {num('trace_s', '{:.2f}')} | {num('export_s', '{:.1f}')} | "
+                     f"{num('onnx_atol')} ({r.get('onnx_tol_basis', '-')}) | {num('trace_s', '{:.2f}')} | "
+                     f"{num('export_s', '{:.1f}')} | "
                      f"{(r.get('error') or '').replace('|', '/')} |")
     fallbacks = [r for r in records if r.get("onnx_fallback")]
     if fallbacks:
@@ -207,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="benchmarks/results/trace_sweep.json")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per model")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--merge", action="store_true", help="replace only these models' records in an existing --out")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -220,10 +264,15 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown torchvision models: {', '.join(unknown)}")
     records = []
+    out = Path(args.out)
+    if args.merge and out.is_file():  # re-run some models, keep the other records
+        records = [r for r in json.loads(out.read_text())["results"] if r["model"] not in names]
     for i, name in enumerate(names):
         rec = run_isolated(name, args.timeout)
         records.append(rec)
-        write(records, Path(args.out))
+        order = {n: k for k, n in enumerate(all_models())}
+        records.sort(key=lambda r: order.get(r["model"], len(order)))
+        write(records, out)
         status = "ok" if rec["onnx_ok"] else f"FAIL {rec['error']}"
         print(f"[{i + 1}/{len(names)}] {name}: {status} ({rec.get('wall_s', '-')} s)", flush=True)
     s = summary(records)
