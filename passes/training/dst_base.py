@@ -25,7 +25,7 @@ from sparsifx.masking import MASKED_TYPES, is_masked, set_mask
 from sparsifx.pass_base import PassBase, PassResult
 from sparsifx.selection import LayerSelection
 
-from .mask_ops import bernoulli_mask, random_mask
+from .mask_ops import bernoulli_mask, random_mask, seeded_generator
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class DSTPass(PassBase):
             if value is not None:
                 custom[n] = validate.number(f"by_name.{n}.sparsity", value, 0.0, 1.0, hi_open=True)
         sparsities = self.mask.sparsities(shapes, custom)
-        generator = torch.Generator().manual_seed(self.mask.seed)
+        generator = seeded_generator("mask", self.mask.seed)
         names = []
         for n, m in targets:
             if sparsities[n] <= 0.0 and not self.keep_dense_layers_masked:

@@ -16,7 +16,6 @@ on the masked layers for the next step's forward.
 from __future__ import annotations
 
 import logging
-import zlib
 from typing import Any, Iterable
 
 import torch
@@ -26,7 +25,7 @@ from sparsifx.errors import PreconditionError, SparsifxError
 
 from .distributed import sync_layers
 from .flops import FlopCounter, macs_rule
-from .mask_ops import zero_slots
+from .mask_ops import seeded_generator, zero_slots
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +72,7 @@ class SparseController:
 
     def generator(self, *salt: Any) -> torch.Generator:
         """A generator seeded from (mask seed, step, salt): identical on every rank."""
-        seed = self.method.mask.seed * 1_000_003 + self.step
-        for item in salt:
-            seed = (seed * 1_000_003 + zlib.crc32(str(item).encode())) % (2 ** 62)
-        return torch.Generator().manual_seed(seed)
+        return seeded_generator(self.method.mask.seed, self.step, *map(str, salt))
 
     # --- attaching --------------------------------------------------------------------------------------------
     def attach(self, optimizer: torch.optim.Optimizer, steps_per_epoch: int | None = None,

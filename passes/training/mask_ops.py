@@ -5,6 +5,8 @@ run reach the same decision from the same inputs (see ``distributed.py``).
 """
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 from sparsifx.errors import PassError
@@ -12,6 +14,14 @@ from sparsifx.errors import PassError
 # optimizer state keys that hold per-weight slots ("momentum") for the optimizers torch ships
 SLOT_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "square_avg", "acc_delta", "sum",
              "ax", "mu_product", "prev", "exp_inf")
+
+
+def seeded_generator(*parts) -> torch.Generator:
+    """A CPU generator seeded from a hash of ``parts``: the same on every rank and run, and independent of
+    ``torch.manual_seed(seed)`` streams (a mask drawn from the very stream that initialised the weights,
+    e.g. both from seed 0, would correlate with their magnitudes)."""
+    digest = hashlib.sha256(repr(("sparsifx",) + tuple(parts)).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
 def topk_mask(score: torch.Tensor, k: int) -> torch.Tensor:
