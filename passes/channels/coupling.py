@@ -25,6 +25,7 @@ from sparsifx.errors import PreconditionError
 from . import rules_attention, rules_elementwise, rules_modules, rules_shape  # noqa: F401  (register rules)
 from .rules_base import UNKNOWN, RuleContext, find_rule, is_label, shape_of
 from .tracker import FIXED, Member, Tracker
+from .zeros import is_zero_after
 
 log = logging.getLogger(__name__)
 
@@ -71,27 +72,31 @@ def analyze_channels(gm: fx.GraphModule) -> ChannelAnalysis:
                                 "analysis (node.meta['tensor_meta'])")
     cx = RuleContext(gm, Tracker())
     for node in gm.graph.nodes:
-        cx.env[node] = _visit(cx, node)
+        cx.env[node], rule = _visit(cx, node)
+        if node.op in ("get_attr", "call_function", "call_method", "call_module") and \
+                is_zero_after(cx.t.zero_nodes, cx, node, rule):
+            cx.t.zero_nodes.add(node.name)
     _unite_shared_members(cx.t)
     return _finalize(gm, cx.t)
 
 
 def _visit(cx: RuleContext, node: fx.Node):
+    """The node's labels (or static value) and the rule that computed them."""
     if node.op == "placeholder":
-        return cx.fixed(node)
+        return cx.fixed(node), None
     if node.op == "get_attr":
-        return _param_labels(cx, node)
+        return _param_labels(cx, node), None
     if node.op == "output":
         cx.t.fix(cx.value(node.args[0]))
-        return None
+        return None, None
     if "tensor_meta" not in node.meta:
-        return _static(cx, node)
+        return _static(cx, node), None
     rule = find_rule(cx.gm, node)
     if rule is None:
         cx.t.barrier(node, "no channel rule for this op", [cx.value(a) for a in node.args] +
                      [cx.value(v) for v in node.kwargs.values()])
-        return cx.fixed(node)
-    return rule(cx, node)
+        return cx.fixed(node), None
+    return rule(cx, node), rule
 
 
 def _param_labels(cx: RuleContext, node: fx.Node):

@@ -34,8 +34,10 @@ def member_tensor(gm: fx.GraphModule, m: Member) -> torch.Tensor:
 
 
 def slice_scores(t: torch.Tensor, dim: int, p: int) -> torch.Tensor:
-    x = t.detach().float().transpose(0, dim).reshape(t.shape[dim], -1)
-    return x.abs().sum(1) if p == 1 else x.pow(2).sum(1).sqrt()
+    """The ``p``-norm of every slice of ``t`` along ``dim``."""
+    others = [d for d in range(t.ndim) if d != dim % t.ndim]
+    x = t.detach()
+    return torch.linalg.vector_norm(x, ord=p, dim=others).float() if others else x.abs().float()
 
 
 def accumulate(gm: fx.GraphModule, a: ChannelAnalysis, fn: Callable[[Member, torch.Tensor], Any]) -> np.ndarray:

@@ -150,7 +150,7 @@ def index_labels(cx: RuleContext, node: fx.Node, lab: torch.Tensor, idx: tuple):
     return cx.t.normalize(lab[tuple(new)])
 
 
-REDUCTIONS = (torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var, torch.logsumexp)
+REDUCTIONS = (torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var)
 
 
 @channel_rule(*REDUCTIONS, *(f"method:{m}" for m in ("mean", "sum", "amax", "amin", "std", "var")))

@@ -23,6 +23,7 @@ from sparsifx.registry import register_pass
 from sparsifx.tracing import record_shapes
 
 from .coupling import graph_signature
+from .importance import member_tensor
 from .prune import ChannelPlan
 from .rewrites import REWRITES
 from .slicers import slice_module
@@ -82,13 +83,30 @@ class _Probe(fx.Interpreter):
         return out
 
 
-def _probe(gm: fx.GraphModule, plan: ChannelPlan, pruned: np.ndarray, inputs_pair) -> dict[int, list]:
+def _members_zeroed(gm: fx.GraphModule, plan: ChannelPlan, pruned: np.ndarray) -> bool:
+    """Whether every ``out`` member of every pruned unit is exactly zero (as ``channel_prune`` leaves it)."""
     a = plan.analysis
+    with torch.no_grad():
+        for m in a.members:
+            if m.role != "out":
+                continue
+            idx = np.nonzero(pruned[a.unit[m.atoms.numpy()]])[0]
+            if len(idx) and bool(member_tensor(gm, m).index_select(m.dim, torch.as_tensor(idx)).any()):
+                return False
+    return True
+
+
+def _probe(gm: fx.GraphModule, plan: ChannelPlan, pruned: np.ndarray, inputs_pair) -> dict[int, list]:
+    """Stats of every checked consumer input that is not provably zero (no model run if there is none)."""
+    a = plan.analysis
+    trusted = a.tracker.zero_nodes if _members_zeroed(gm, plan, pruned) else set()
     wanted: dict[str, list] = defaultdict(list)
     for key, c in enumerate(a.tracker.checks):
         idx = np.nonzero(pruned[a.unit[c.atoms.numpy()]])[0]
-        if len(idx):
+        if len(idx) and c.src not in trusted:
             wanted[c.src].append((key, c.dim, idx))
+    if not wanted:
+        return {}
     runs = []
     was_training = gm.training
     gm.eval()
@@ -119,11 +137,11 @@ def _decide(gm: fx.GraphModule, plan: ChannelPlan, pruned: np.ndarray, stats, no
         c = a.tracker.checks[key]
         const = (lo1 == hi1) & (lo2 == hi2) & (f1 == f2)
         zero = const & (f1 == 0)
-        module = gm.get_submodule(c.module) if c.module else None
-        for j, pos in enumerate(idx.tolist()):
+        bad = np.nonzero(~zero.numpy())[0]
+        module = gm.get_submodule(c.module) if c.module and len(bad) else None
+        for j in bad.tolist():
+            pos = int(idx[j])
             unit = a.unit[int(c.atoms[pos])]
-            if bool(zero[j]):
-                continue
             value = float(f1[j])
             if c.kind == "fold" and bool(const[j]) and _foldable(module) and \
                     folds[c.module].get(pos, (value,))[0] == value:

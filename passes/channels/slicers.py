@@ -36,9 +36,9 @@ def set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
 
 def cut(module: nn.Module, name: str, dim: int, index: torch.Tensor) -> None:
     t = getattr(module, name)
-    set_tensor(module, name, t.detach().index_select(dim, index).clone())
+    set_tensor(module, name, t.detach().index_select(dim, index))
     if name == "weight" and is_masked(module):
-        module._buffers["mask"] = module.mask.index_select(dim, index).clone()
+        module._buffers["mask"] = module.mask.index_select(dim, index)
 
 
 def slice_generic(module: nn.Module, cuts: Cuts) -> None:

@@ -79,6 +79,7 @@ class Tracker:
         self.rewrites: dict[str, Rewrite] = {}
         self.barriers: list[dict[str, str]] = []
         self.module_atoms: dict[str, torch.Tensor] = {}
+        self.zero_nodes: set[str] = set()   # outputs exactly zero at pruned positions (see zeros.py)
 
     # ---- atoms and edges -------------------------------------------------------------------------
     def fresh(self, n: int, space: str | None) -> torch.Tensor:
