@@ -7,6 +7,7 @@ import math
 import torch
 
 from sparsifx import validate
+from sparsifx.errors import UnsupportedOpError
 from sparsifx.registry import register_pass
 from sparsifx.selection import LayerSelection
 
@@ -51,6 +52,15 @@ class CTRE(DSTPass):
         self.early_stop_epoch = validate.integer("early_stop_epoch", early_stop_epoch, 1)
         self.activations = validate.choice("activations", activations, ("train", "data"))
         self.grow_init = validate.choice("grow_init", grow_init, GROW_INIT.names())
+
+    def _targets(self, gm):
+        targets = super()._targets(gm)
+        for name, module in targets:
+            conv_ok = isinstance(module, torch.nn.Conv2d) and module.groups == 1 and isinstance(module.padding, tuple)
+            if not (isinstance(module, torch.nn.Linear) or conv_ok):
+                raise UnsupportedOpError("CTRE's cosine growth supports Linear and Conv2d (groups=1, explicit "
+                                         "padding); leave this layer out with `ignore`", module=name)
+        return targets
 
     def check_attach(self, ctrl) -> None:
         from sparsifx.errors import PreconditionError

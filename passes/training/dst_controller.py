@@ -174,10 +174,12 @@ class SparseController:
 
     # --- user events ------------------------------------------------------------------------------------------
     def epoch_end(self) -> None:
-        """Run the per-epoch update now (for loops that do not pass ``steps_per_epoch``)."""
-        epoch = self.step // self.steps_per_epoch if self.steps_per_epoch else len(self.state.get("epochs", [])) + 1
-        self.state.setdefault("epochs", []).append(self.step)
-        self.method.on_epoch_end(self, epoch)
+        """Run the per-epoch update now, for loops that attach without ``steps_per_epoch`` (call it after
+        every epoch but the last)."""
+        if self.steps_per_epoch:
+            raise PreconditionError("epoch ends are automatic when attach() got steps_per_epoch")
+        self.state["manual_epochs"] = self.state.get("manual_epochs", 0) + 1
+        self.method.on_epoch_end(self, self.state["manual_epochs"])
         sync_layers(self.layers.values())
 
     def observe(self, metric: float) -> None:
@@ -192,7 +194,8 @@ class SparseController:
                 "updates": len({(h["step"], h["kind"]) for h in self.history}), **self.training_flops()}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "state": {k: v for k, v in self.state.items() if not k.startswith("_")}, "history": list(self.history),
+        return {"step": self.step, "state": {k: v for k, v in self.state.items() if not k.startswith("_")},
+                "history": list(self.history),
                 "flops": {k: getattr(self.flops, k) for k in ("sparse", "dense", "extra", "steps")}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -15,7 +15,8 @@ from .schedules import DROP_FRACTION_SCHEDULES, UpdateSchedule
 
 @register_pass("rigl")
 class RigL(DSTPass):
-    """``layer(x) -> masked_layer(x, W ⊙ M)``; at steps ``t0, t0+ΔT, … ≤ T_end``, *instead of* the optimizer step:
+    """``layer(x) -> masked_layer(x, W ⊙ M)``; at steps ``t0, t0+ΔT, … ≤ T_end``, *instead of* the optimizer
+    step:
     per layer drop ``floor(α_t·nnz)`` active weights of smallest ``|W| + N(0,1e-5)``, grow as many positions of
     largest dense ``|∂L/∂(W⊙M)|`` outside the kept set (just-dropped ones may return with their old value);
     new weights and their optimizer slots start at 0. ``α_t`` cosine-decays (TF: fed the global step).

@@ -3,7 +3,8 @@
 * ``cosine_drop_fraction`` — RigL's drop fraction ``α_t = α/2·(1 + cos(π·min(t, T_end−t0)/(T_end−t0)))``
   (TF ``cosine_decay`` fed the global step ``t``, not ``t − t0``).
 * ``cosine_annealing`` — sparse momentum's prune rate, ``CosineAnnealingLR(rate, T_max, eta_min)`` in closed form.
-* ``gmp_sparsity`` — Zhu & Gupta's cubic ``s_t = s_f + (s_i − s_f)(1 − p)^3``, ``p = clip((t−t0)/(t_end−t0), 0, 1)``.
+* ``gmp_sparsity`` — Zhu & Gupta's cubic ``s_t = s_f + (s_i − s_f)(1 − p)^3``,
+  ``p = clip((t−t0)/(t_end−t0), 0, 1)``.
 * ``UpdateSchedule`` — which steps update the mask: ``t0 ≤ t ≤ T_end`` and ``(t − t0) % ΔT == 0``.
 """
 from __future__ import annotations

@@ -4,7 +4,7 @@
 and dense activations, input gradient with the Top-K weights, weight gradient from Top-K activations
 (stored compressed: packed 1-bit mask + kept values), dense-shaped weight gradient applied by the
 unchanged optimizer to the dense weights. ReLUs become ``LeanReLU`` (1-bit saved mask) and
-``MaxPool2d`` becomes ``LeanMaxPool2d`` (uint8 in-window positions only) so their dense saved copies do not
+``MaxPool2d`` becomes ``LeanMaxPool2d`` (int32 indices only) so their dense saved copies do not
 cancel the saving. What stays dense for backward: BatchNorm inputs (its backward needs the exact
 normalised input, which no exact compressed form gives), inputs of excluded layers, other ops' own
 saves (avg-pool inputs, loss), and the model's parameters. Usage (``net``, a batch ``x, y``)::

@@ -62,7 +62,6 @@ class SWATMixin:
         """``(W_s, mask)``: the forward weight and its mask in the cheapest exact encoding for backward.
         Recomputed, or from the stored threshold (structured: always recomputed)."""
         w = self.weight.detach()
-        ops = ops_for(w)
         if self.swat.structured:
             kernels, _ = topk.threshold_mask(topk.kernel_scores(w), self.keep_weights())
             wmask = WeightMask("kernel", kernels)
@@ -73,12 +72,14 @@ class SWATMixin:
         if self.swat.exact:
             mask, thr = topk.exact_mask(w.abs(), self.keep_weights())
             wmask = WeightMask("bits", pack_bits(mask))
+            w_s = ops_for(w).apply_mask(w, mask)
         else:
-            mask, thr = topk.abs_topk_mask(w, self.keep_weights())
+            thr = topk.kth_largest(w.abs(), self.keep_weights())
             wmask = WeightMask("threshold", thr)
+            w_s = wmask.apply(w)
         if store:
             self.thr_w.fill_(thr)
-        return ops.apply_mask(w, mask), wmask
+        return w_s, wmask
 
     def _activation_mask(self, recompute: bool):
         def select(x: torch.Tensor) -> torch.Tensor:
@@ -188,7 +189,7 @@ class LeanReLU(nn.ReLU):
 
 @register_leaf_type
 class LeanMaxPool2d(nn.MaxPool2d):
-    """Drop-in ``nn.MaxPool2d`` (``return_indices=False``) saving only each maximum's position in its window."""
+    """Drop-in ``nn.MaxPool2d`` (``return_indices=False``) saving int32 indices only for backward."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (torch.is_grad_enabled() and x.requires_grad):

@@ -6,8 +6,8 @@
   backward: ``gx = op_bwd_input(gy, W_s)``, ``gW = op_bwd_weight(gy, x_s)`` (dense-shaped), ``gb = Σ gy``.
 * ``LeanReLUFunction``: ReLU whose backward keeps a packed sign bitmask (1 bit/element) instead of
   the dense output that ``torch.relu`` saves.
-* ``LeanMaxPoolFunction``: max-pool that saves the uint8 position of each maximum in its window
-  (``F.max_pool2d`` saves the dense input and int64 indices).
+* ``LeanMaxPoolFunction``: max-pool that saves int32 indices only (``F.max_pool2d`` saves the dense
+  input and int64 indices).
 """
 from __future__ import annotations
 
@@ -39,9 +39,15 @@ def decompress(bits: torch.Tensor, values: torch.Tensor, shape) -> torch.Tensor:
 
 
 # weight masks in their cheapest exact encodings: (kind, data) -> W_s rebuilt in backward
+def below(thr: float, dtype: torch.dtype) -> float:
+    """The largest ``dtype`` value below ``thr``: ``|w| > below(thr) <=> |w| >= thr`` for ``w`` of that dtype."""
+    t = torch.tensor(thr, dtype=dtype)
+    return float(torch.nextafter(t, torch.tensor(float("-inf"), dtype=dtype)))
+
+
 def weight_from_threshold(weight: torch.Tensor, thr: float) -> torch.Tensor:
-    ops = ops_for(weight)
-    return ops.apply_mask(weight, ops.abs_ge(weight, thr))
+    """``W · (|W| >= thr)`` in one fused pass (``hardshrink`` keeps ``|w| > λ``)."""
+    return torch.nn.functional.hardshrink(weight.detach(), below(thr, weight.dtype))
 
 
 def weight_from_bits(weight: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
@@ -156,51 +162,22 @@ class LeanReLUFunction(torch.autograd.Function):
         return ops_for(gy).apply_mask(gy, unpack_bits(bits, ctx.shape)), None
 
 
-def _window_origin(out_hw, kernel, stride, padding, dilation, device):
-    """Top-left input row/column of every pooling window: (OH, 1) and (1, OW) int64 tensors."""
-    oh = torch.arange(out_hw[0], device=device).view(-1, 1) * stride[0] - padding[0]
-    ow = torch.arange(out_hw[1], device=device).view(1, -1) * stride[1] - padding[1]
-    return oh, ow
-
-
-def encode_window_offsets(idx, width, kernel, stride, padding, dilation) -> torch.Tensor:
-    """Flat plane indices of the max -> offset inside the pooling window (``kh·kw <= 256``: uint8)."""
-    oh, ow = _window_origin(idx.shape[-2:], kernel, stride, padding, dilation, idx.device)
-    kh = torch.div(torch.div(idx, width, rounding_mode="floor") - oh, dilation[0], rounding_mode="floor")
-    kw = torch.div(idx % width - ow, dilation[1], rounding_mode="floor")
-    return (kh * kernel[1] + kw).to(torch.uint8)
-
-
-def decode_window_offsets(off, width, kernel, stride, padding, dilation) -> torch.Tensor:
-    oh, ow = _window_origin(off.shape[-2:], kernel, stride, padding, dilation, off.device)
-    off = off.long()
-    kh, kw = torch.div(off, kernel[1], rounding_mode="floor"), off % kernel[1]
-    return (oh + kh * dilation[0]) * width + ow + kw * dilation[1]
-
-
 class LeanMaxPoolFunction(torch.autograd.Function):
-    """2-D max-pool saving only the position of each maximum inside its window (uint8 when the window has at
-    most 256 entries, else int32 plane indices); the input is needed for its shape alone."""
+    """2-D max-pool saving int32 plane indices only (the input is needed for its shape alone). A uint8
+    in-window offset would be 4x smaller but its integer division costs more than the pool itself on CPU."""
 
     @staticmethod
     def forward(ctx, x, kernel, stride, padding, dilation, ceil_mode):
         y, idx = torch.ops.aten.max_pool2d_with_indices(x, kernel, stride, padding, dilation, ceil_mode)
         ctx.args = (kernel, stride, padding, dilation, ceil_mode)
         ctx.x_shape = x.shape
-        ctx.small = kernel[0] * kernel[1] <= 256
-        if ctx.small:
-            ctx.save_for_backward(encode_window_offsets(idx, x.shape[-1], kernel, stride, padding, dilation))
-        else:
-            ctx.save_for_backward(idx.to(torch.int32) if x.shape[-1] * x.shape[-2] < 2 ** 31 else idx)
+        ctx.save_for_backward(idx.to(torch.int32) if x.shape[-1] * x.shape[-2] < 2 ** 31 else idx)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gy):
-        (saved,) = ctx.saved_tensors
-        kernel, stride, padding, dilation, _ = ctx.args
-        idx = (decode_window_offsets(saved, ctx.x_shape[-1], kernel, stride, padding, dilation) if ctx.small
-               else saved.long())
+        (idx,) = ctx.saved_tensors
         proxy = gy.new_zeros(()).expand(ctx.x_shape)
-        gx = torch.ops.aten.max_pool2d_with_indices_backward(gy.contiguous(), proxy, *ctx.args, idx)
+        gx = torch.ops.aten.max_pool2d_with_indices_backward(gy.contiguous(), proxy, *ctx.args, idx.long())
         return gx, None, None, None, None, None

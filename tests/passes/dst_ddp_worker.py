@@ -1,6 +1,7 @@
 """Worker for test_dst_ddp.py: 2 gloo processes train every DST method under DDP and check mask equality.
 
-Run as ``python dst_ddp_worker.py OUT.json`` (ranks are forked before any computation); rank 0 writes the per-method results to OUT.json.
+Run as ``python dst_ddp_worker.py OUT.json`` (ranks are forked before any computation); rank 0 writes the
+per-method results to OUT.json.
 Each rank draws different data, and DDP runs with ``broadcast_buffers=False`` so that the masks (buffers)
 are *not* synchronised by DDP itself: equality must come from sparsifx's own decisions and broadcasts.
 """

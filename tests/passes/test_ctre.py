@@ -134,3 +134,23 @@ def test_seq_switches_to_random_growth_after_no_improvement(monkeypatch):
     nnz = ctrl.nnz()
     ctrl.method.on_epoch_end(ctrl, 1)
     assert ctrl.state["ctre_random"] and ctrl.nnz() == nnz and ctrl.history
+
+
+def test_ctre_on_a_small_cnn_and_unsupported_layers():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(16 * 4 * 4, 10))
+    gm = sparsifx.sparsify(net, {"stages": [{"pass": "ctre", "distribution": "erk", "sparsity": 0.7}]})
+    ctrl = sparsifx.passes.training.controller(gm)
+    opt = torch.optim.SGD(gm.parameters(), lr=0.05, momentum=0.9)
+    ctrl.attach(opt, steps_per_epoch=2, epochs=2)
+    nnz = ctrl.nnz()
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
+    train(gm, opt, (x, y), 2)
+    assert ctrl.nnz() == nnz and {h["layer"] for h in ctrl.history} == set(ctrl.names)
+    for name, s in ctrl.state["cosine"].items():
+        assert s.shape == ctrl.layers[name].weight.shape and 0 <= float(s.min()) and float(s.max()) <= 1
+    conv1d = nn.Sequential(nn.Conv1d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6, 2))
+    with pytest.raises(sparsifx.UnsupportedOpError, match="'0'"):
+        sparsifx.sparsify(conv1d, {"stages": [{"pass": "ctre", "types": ["Conv1d", "Linear"], "sparsity": 0.5,
+                                               "distribution": "uniform"}]})

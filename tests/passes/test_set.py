@@ -105,3 +105,17 @@ def test_set_on_a_small_cnn_with_zero_init():
     for name in changed:
         new = ctrl.layers[name].mask.bool() & ~old[name].bool()
         assert torch.all(ctrl.layers[name].weight[new] == 0)
+
+
+def test_manual_epoch_end_without_steps_per_epoch():
+    gm = sparsifx.sparsify(mlp(), {"stages": [{"pass": "set", "epsilon": 10}]})
+    ctrl = sparsifx.passes.training.controller(gm)
+    opt = torch.optim.SGD(gm.parameters(), lr=0.05, momentum=0.9)
+    ctrl.attach(opt)
+    train(gm, opt, (torch.randn(32, 64), torch.randint(0, 10, (32,))), 3)
+    assert ctrl.history == []  # no epoch boundaries known
+    ctrl.epoch_end()
+    assert {h["layer"] for h in ctrl.history} == {"0", "2"}
+    ctrl.attach(opt, steps_per_epoch=3)
+    with pytest.raises(sparsifx.PreconditionError):
+        ctrl.epoch_end()
