@@ -74,9 +74,9 @@ class SWATMixin:
             wmask = WeightMask("bits", pack_bits(mask))
             w_s = ops_for(w).apply_mask(w, mask)
         else:
-            thr = topk.kth_largest(w.abs(), self.keep_weights())
+            mask, thr = topk.abs_topk_mask(w, self.keep_weights())
             wmask = WeightMask("threshold", thr)
-            w_s = wmask.apply(w)
+            w_s = ops_for(w).apply_mask(w, mask)
         if store:
             self.thr_w.fill_(thr)
         return w_s, wmask
