@@ -72,6 +72,10 @@ class CTRE(DSTPass):
             stats.install()
         ctrl.state["_stats"] = stats
 
+    def on_detach(self, ctrl) -> None:
+        if "_stats" in ctrl.state:
+            ctrl.state["_stats"].remove()
+
     def random_phase(self, ctrl) -> bool:
         metrics = ctrl.state.get("metrics", [])
         if self.variant != "seq" or not metrics:

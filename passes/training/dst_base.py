@@ -165,6 +165,9 @@ class DSTPass(PassBase):
     def check_attach(self, ctrl) -> None:
         """Raise ``PreconditionError`` when ``attach`` lacks something the method needs."""
 
+    def on_detach(self, ctrl) -> None:
+        """Remove method-specific hooks when the controller detaches."""
+
     def dense_grad_at(self, ctrl, t: int) -> bool:
         """Whether the forward/backward of optimizer step ``t`` needs the dense weight gradient."""
         return False

@@ -47,6 +47,7 @@ class SparseController:
         self.history: list[dict[str, Any]] = []
         self.flops = FlopCounter()
         self._handles: list = []
+        self._module_handles: list = []
         self._hidden: list | None = None
 
     # --- views ------------------------------------------------------------------------------------------------
@@ -90,15 +91,26 @@ class SparseController:
                          optimizer.register_step_post_hook(self._post_hook)]
         for name, module in self.gm.named_modules():
             if name and macs_rule(module) is not None:
-                self._handles.append(module.register_forward_hook(self._flop_hook(name)))
+                self._module_handles.append(module.register_forward_hook(self._flop_hook(name)))
         sync_layers(self.layers.values())
         self._set_dense_grad()
         return self
 
     def detach(self) -> None:
+        """Remove every hook (optimizer and modules); the masks stay."""
+        self.release_modules()
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+    def release_modules(self) -> None:
+        """Remove the module hooks (FLOP counting, CTRE statistics) so that the model can be saved as data.
+        Runs by itself after the last step when ``attach`` got ``steps_per_epoch`` and ``epochs``; the
+        optimizer hooks stay (further steps keep ``W ⊙ M``)."""
+        for handle in self._module_handles:
+            handle.remove()
+        self._module_handles = []
+        self.method.on_detach(self)
 
     def _flop_hook(self, name: str):
         rule = macs_rule(self.gm.get_submodule(name))
@@ -138,6 +150,9 @@ class SparseController:
                 self.method.on_epoch_end(self, epoch)
                 sync_layers(self.layers.values())
         self._set_dense_grad()
+        if self.total_steps is not None and self.step >= self.total_steps:
+            log.info("%s: training finished after %d steps; module hooks removed", self.method.label, self.step)
+            self.release_modules()
 
     def _set_dense_grad(self) -> None:
         dense = bool(self.method.dense_grad_at(self, self.step))

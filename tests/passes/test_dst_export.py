@@ -20,7 +20,7 @@ def test_dst_trained_model_bakes_and_exports(method, params, tmp_path):
     opt = torch.optim.SGD(gm.parameters(), lr=0.05, momentum=0.9)
     ctrl = sparsifx.attach(gm, opt, steps_per_epoch=4, epochs=3)
     x, y = torch.randn(32, 64), torch.randint(0, 10, (32,))
-    for _ in range(8):
+    for _ in range(12):  # the whole declared run: 3 epochs of 4 steps
         opt.zero_grad()
         F.cross_entropy(gm(x), y).backward()
         opt.step()
@@ -44,3 +44,9 @@ def test_dst_trained_model_bakes_and_exports(method, params, tmp_path):
     out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     torch.testing.assert_close(torch.from_numpy(out), expected.detach(), rtol=1e-4, atol=1e-4)
     assert list(masked_layers(gm))  # export did not bake the live model
+
+    # after the declared run the module hooks are gone, so the trained model saves as plain data
+    assert not any(m._forward_hooks for m in gm.modules())
+    sparsifx.save(gm, tmp_path / f"{method}.sfx")
+    loaded = sparsifx.load(tmp_path / f"{method}.sfx")
+    torch.testing.assert_close(loaded.eval()(x), expected)
