@@ -5,7 +5,8 @@ points ``(work, ms)``, where ``work`` is the number of non-zeros for sparse kern
 ones (256², 1024² and 4096² matrices, 10% dense for the sparse kernels); between calibration batches it is
 interpolated in log(batch). A convolution costs, for a sparse kernel, its 256-batch cost per non-zero and column
 times the output columns plus an im2col (``F.unfold``) cost per element, and for dense ``F.conv2d`` a fitted
-overhead plus a cost per multiply-add. Timings are minima of interleaved runs (the uncontended cost, robust to a busy machine). ``crossover`` gives the density below which a kernel beats
+overhead plus a cost per multiply-add. Timings are minima of interleaved runs (the uncontended cost, robust to a busy machine; CPU time of the
+calling thread when torch runs one thread). ``crossover`` gives the density below which a kernel beats
 torch's dense layer. The calibration is stored as JSON in ``cache_dir()``, keyed by CPU, threads and torch.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cpp_kernel
-from .sparse_kernels import SPARSE_KERNELS, get_kernel
+from .sparse_kernels import SPARSE_KERNELS
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +36,19 @@ CONV_REF = dict(n=4, c=128, hw=14, k=3)
 
 
 def median_ms(fns: dict[str, Callable[[], object]], reps: int = 7, quantile: float = 0.5) -> dict[str, float]:
-    """Median (or another quantile) wall time in ms of each callable, timed interleaved after one warm-up."""
+    """Median (or another quantile) time in ms of each callable, timed interleaved after one warm-up.
+
+    With one torch thread the clock is the calling thread's CPU time (immune to other processes on a busy
+    machine); otherwise the wall clock."""
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
     for f in fns.values():
         f()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(reps):
         for k, f in fns.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             f()
-            times[k].append((time.perf_counter() - t0) * 1e3)
+            times[k].append((clock() - t0) * 1e3)
     return {k: statistics.median(v) if quantile == 0.5 else sorted(v)[int(quantile * (len(v) - 1))]
             for k, v in times.items()}
 
@@ -130,13 +135,24 @@ class Calibration:
 
 
 def machine_key(kernels: tuple[str, ...]) -> str:
-    text = "\n".join([cpp_kernel._cpu_signature(), torch.__version__, str(torch.get_num_threads()), *kernels])
+    clock = "thread_time" if torch.get_num_threads() == 1 else "wall"
+    text = "\n".join([cpp_kernel._build_name(), str(torch.get_num_threads()), clock, *kernels])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _fit(x0: float, t0: float, x1: float, t1: float) -> tuple[float, float]:
     c = max((t1 - t0) / (x1 - x0), 1e-12)
     return max(t0 - c * x0, 0.0), c
+
+
+def _layer(name: str, w: torch.Tensor) -> torch.nn.Module:
+    from .sparse_modules import SparseLinear
+    if name == "dense":
+        layer = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+        with torch.no_grad():
+            layer.weight.copy_(w)
+        return layer
+    return SparseLinear(w, None, [(None, name)])
 
 
 def _calibrate_linear(kernels: tuple[str, ...], reps: int, sizes: tuple[int, ...], batches: tuple[int, ...]
@@ -149,15 +165,8 @@ def _calibrate_linear(kernels: tuple[str, ...], reps: int, sizes: tuple[int, ...
             table[k][batch] = []
         for n, w in mats.items():
             x = torch.randn(batch, n, generator=gen)
-            fns = {}
-            for name in kernels:
-                kernel = get_kernel(name)
-                packed = kernel.pack(w)
-                if name == "dense_ort":
-                    sess = kernel.session(packed["weight"], None)
-                    fns[name] = lambda k=kernel, p=packed, s=sess: k.linear(x, p, None, session=s)
-                else:
-                    fns[name] = lambda k=kernel, p=packed: k.linear(x, p, None)
+            fns = {name: _layer(name, w) for name in kernels}  # whole modules: call overhead included
+            fns = {name: (lambda mod=mod: mod(x)) for name, mod in fns.items()}
             big = n >= 4096 and batch >= 256
             times = median_ms(fns, max(3, reps // 2) if big else reps, quantile=0.0)
             for name in kernels:

@@ -5,6 +5,8 @@
 processed in tiles of 64/32/.../1 held in registers, so each non-zero costs one broadcast and ``tile/16`` FMAs;
 work is split over ``at::parallel_for`` (torch's own thread pool, so ``torch.set_num_threads`` applies).
 
+``linear(rowptr, col, val, x, bias)`` is ``x @ W.T (+ bias)`` for ``x`` ``[B, K]`` (transposes done in C++).
+
 Nothing is compiled at import. The first call builds into ``$SPARSIFX_CACHE_DIR/torch_extensions/<hash>`` (default
 ``~/.cache/sparsifx``); the hash covers the source, the flags and the CPU, so a cache shared between different
 machines never loads a binary built for another CPU. Without a C++ compiler the call raises ``BackendError``.
@@ -106,7 +108,8 @@ template <typename I>
 static void spmm_impl(const torch::Tensor& rowptr, const I* col, const torch::Tensor& val, const torch::Tensor& X,
                       torch::Tensor& Y, const float* bias) {
   const int64_t N = X.size(0), K = X.size(1), M = X.size(2), R = rowptr.size(0) - 1;
-  const int64_t TILE = 64;  // columns per work item; the inner loop splits it in register tiles
+  // columns per work item: 64, or 32/16 so that a K x TILE block of X stays in a 512 KiB share of L2
+  const int64_t TILE = 64;  // columns per work item (register tiles of 64/32/16/8/... inside)
   const int64_t ntiles = (M + TILE - 1) / TILE;
   const int64_t nnz = val.numel();
   // rows per work item: about 64k multiply-adds per item, at least 8 rows
@@ -143,6 +146,16 @@ torch::Tensor spmm(torch::Tensor rowptr, torch::Tensor col, torch::Tensor val, t
     spmm_impl<int32_t>(rowptr, col.data_ptr<int32_t>(), val, X, Y, bp);
   }
   return Y;
+}
+
+// y = x @ W.T (+ bias) for x [B, K]: batch 1 needs no transpose, larger batches go through X = x.T
+torch::Tensor linear(torch::Tensor rowptr, torch::Tensor col, torch::Tensor val, torch::Tensor x,
+                     c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.dim() == 2, "x must be [B, K]");
+  const int64_t B = x.size(0), K = x.size(1), R = rowptr.size(0) - 1;
+  if (B == 1) return spmm(rowptr, col, val, x.contiguous().view({1, K, 1}), bias).view({1, R});
+  auto Y = spmm(rowptr, col, val, x.t().contiguous().unsqueeze(0), bias);
+  return Y.squeeze(0).t().contiguous();
 }
 """
 
@@ -193,7 +206,7 @@ def load():
         build.mkdir(parents=True, exist_ok=True)
         log.info("building sparse kernel %s in %s", name, build)
         try:
-            _MODULE = load_inline(name=name, cpp_sources=[CPP_SOURCE], functions=["spmm"], extra_cflags=CFLAGS,
+            _MODULE = load_inline(name=name, cpp_sources=[CPP_SOURCE], functions=["spmm", "linear"], extra_cflags=CFLAGS,
                                   build_directory=str(build), verbose=False)
         except Exception as exc:  # compiler/linker failures surface as RuntimeError/CalledProcessError
             raise BackendError(f"building the sparse kernel failed in {build}: {exc}") from exc

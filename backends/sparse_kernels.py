@@ -121,9 +121,7 @@ class TiledCsrKernel:
         return {"rowptr": rowptr, "col": col, "val": val}
 
     def linear(self, x, packed, bias):
-        X = x.float().t().contiguous().unsqueeze(0)
-        Y = cpp_kernel.load().spmm(packed["rowptr"], packed["col"], packed["val"], X, bias)
-        return Y[0].t().contiguous()
+        return cpp_kernel.load().linear(packed["rowptr"], packed["col"], packed["val"], x, bias)
 
     def matmul_cols(self, X, packed, bias):
         return cpp_kernel.load().spmm(packed["rowptr"], packed["col"], packed["val"], X.float().contiguous(), bias)

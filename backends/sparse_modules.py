@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from sparsifx.errors import BackendError
 from sparsifx.tracing import register_leaf_type
 
-from .sparse_kernels import get_kernel
+from .sparse_kernels import SPARSE_KERNELS, get_kernel
 
 Plan = tuple[tuple[int | None, str], ...]
 
@@ -36,12 +36,13 @@ class _PackedMixin:
     """Buffers ``<kernel>__<key>`` per kernel; onnxruntime sessions are cached, never pickled."""
 
     def _store(self, name: str, packed: dict[str, torch.Tensor]) -> None:
+        self._keys = {**getattr(self, "_keys", {}), name: tuple((key, f"{name}__{key}") for key in packed)}
         for key, value in packed.items():
             self.register_buffer(f"{name}__{key}", value)
 
     def _packed(self, name: str) -> dict[str, torch.Tensor]:
-        prefix = f"{name}__"
-        return {k[len(prefix):]: v for k, v in self._buffers.items() if k.startswith(prefix)}
+        buffers = self._buffers
+        return {key: buffers[buf] for key, buf in self._keys[name]}
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -74,18 +75,20 @@ class SparseLinear(_PackedMixin, nn.Module):
         raise AssertionError("unreachable: plans end unbounded")  # pragma: no cover
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
+        if x.requires_grad:
+            self._check_input(x)
+        if x.dtype != torch.float32:
+            raise BackendError(f"SparseLinear computes in float32; got a {x.dtype} input")
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         name = self.kernel_for(x2.shape[0])
-        kernel, packed = get_kernel(name), self._packed(name)
+        kernel, packed = SPARSE_KERNELS.get(name), self._packed(name)  # availability checked at construction
         if name == "dense_ort":
             if name not in self._sessions:
                 self._sessions[name] = kernel.session(packed["weight"], self.bias)
             y = kernel.linear(x2, packed, self.bias, session=self._sessions[name])
         else:
             y = kernel.linear(x2, packed, self.bias)
-        return y.to(x.dtype).reshape(*lead, self.out_features)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         plan = ", ".join(f"{'rows<=' + str(b) if b else 'else'}: {k}" for b, k in self.plan)
@@ -121,6 +124,8 @@ class SparseConv2d(_PackedMixin, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
+        if x.dtype != torch.float32:
+            raise BackendError(f"SparseConv2d computes in float32; got a {x.dtype} input")
         n, _, h, w = x.shape
         ho, wo = self.out_size(h, w)
         if self.pointwise:
@@ -128,8 +133,8 @@ class SparseConv2d(_PackedMixin, nn.Module):
             cols = xs.reshape(n, self.in_channels, ho * wo)
         else:
             cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
-        y = get_kernel(self.kernel).matmul_cols(cols.contiguous(), self._packed(self.kernel), self.bias)
-        return y.to(x.dtype).reshape(n, self.out_channels, ho, wo)
+        y = SPARSE_KERNELS.get(self.kernel).matmul_cols(cols.contiguous(), self._packed(self.kernel), self.bias)
+        return y.reshape(n, self.out_channels, ho, wo)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -48,7 +48,7 @@ class Lower(PassBase):
 
     Parameters: ``backend`` (``auto`` or a kernel name; per layer via ``by_name: {fc1: {backend: csr}}``),
     ``kernels`` (candidates for ``auto``), ``batch_size`` (plan for this batch only; default: a plan per
-    batch range), ``min_speedup`` (a sparse kernel must be predicted this much faster than dense),
+    batch range), ``min_speedup`` (another kernel must be predicted this much faster than torch dense; 1.1),
     ``cache_dir`` (calibration cache), ``recalibrate``, ``measure`` (time each lowered layer on its example
     input shape and report the measured speedup). Dense choices bake the mask into a plain layer.
     """
@@ -56,7 +56,7 @@ class Lower(PassBase):
     layer_params = ("backend",)
 
     def __init__(self, *, backend: str = "auto", kernels: list | None = None, batch_size: int | None = None,
-                 min_speedup: float = 1.0, cache_dir: str | None = None, recalibrate: bool = False,
+                 min_speedup: float = 1.1, cache_dir: str | None = None, recalibrate: bool = False,
                  measure: bool = False, selection: LayerSelection | None = None):
         from sparsifx.backends.sparse_kernels import SPARSE_KERNELS
         self.backend = validate.choice("backend", backend, BACKEND_CHOICES)
