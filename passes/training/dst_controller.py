@@ -143,12 +143,14 @@ class SparseController:
         self.flops.charge_step({n: (self.density(n), self.method.weight_grad_density(self, n, t))
                                 for n in self.names})
         self.step += 1
+        updates = len(self.history)
         self.method.after_step(self, t)
         if self.steps_per_epoch and self.step % self.steps_per_epoch == 0:
             epoch = self.step // self.steps_per_epoch
             if self.epochs is None or epoch < self.epochs:
                 self.method.on_epoch_end(self, epoch)
-                sync_layers(self.layers.values())
+        if len(self.history) != updates:
+            sync_layers(self.layers.values())
         self._set_dense_grad()
         if self.total_steps is not None and self.step >= self.total_steps:
             log.info("%s: training finished after %d steps; module hooks removed", self.method.label, self.step)
