@@ -7,7 +7,7 @@ import math
 import torch
 
 from sparsifx import validate
-from sparsifx.errors import UnsupportedOpError
+from sparsifx.errors import PreconditionError, UnsupportedOpError
 from sparsifx.registry import register_pass
 from sparsifx.selection import LayerSelection
 
@@ -63,7 +63,6 @@ class CTRE(DSTPass):
         return targets
 
     def check_attach(self, ctrl) -> None:
-        from sparsifx.errors import PreconditionError
         if self.activations == "data" and ctrl.data is None:
             raise PreconditionError("ctre with activations: data needs attach(..., data=<iterable of batches>)")
         stats = ctrl.state.get("_stats") or CosineStats(ctrl.gm, ctrl.names)

@@ -104,7 +104,6 @@ class DSTPass(PassBase):
     layer_params = ("sparsity",)
     default_types: ClassVar[tuple[str, ...]] = ("Conv2d", "Linear")
     default_mask: ClassVar[MaskConfig] = MaskConfig()
-    needs_total_steps: ClassVar[bool] = False
 
     def __init__(self, *, mask: MaskConfig | None = None, selection: LayerSelection | None = None):
         self.mask = mask or self.default_mask
@@ -135,12 +134,12 @@ class DSTPass(PassBase):
         for n, m in targets:
             value = self.selection.param(n, m, "sparsity", None)
             if value is not None:
-                custom[n] = validate.number(f"by_name.{n}.sparsity", value, 0.0, 1.0, hi_open=True)
+                custom[n] = validate.number(f"sparsity[{n}]", value, 0.0, 1.0, hi_open=True)
         sparsities = self.mask.sparsities(shapes, custom)
         generator = seeded_generator("mask", self.mask.seed)
         names = []
         for n, m in targets:
-            if sparsities[n] <= 0.0 and not self.keep_dense_layers_masked:
+            if sparsities[n] <= 0.0:
                 continue
             mask = self.initial_mask(shapes[n], sparsities[n], generator)
             layer = set_mask(gm, n, mask)
@@ -155,8 +154,6 @@ class DSTPass(PassBase):
         log.info("pass '%s' masked %d layers: %s", self.label, len(names),
                  {n: round(sparsities[n], 4) for n in names})
         return PassResult(gm, True)
-
-    keep_dense_layers_masked: ClassVar[bool] = False
 
     def initial_mask(self, shape: tuple, sparsity: float, generator: torch.Generator) -> torch.Tensor:
         return self.mask.draw(shape, sparsity, generator)

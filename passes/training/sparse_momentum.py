@@ -6,6 +6,7 @@ import math
 import torch
 
 from sparsifx import validate
+from sparsifx.errors import PreconditionError
 from sparsifx.registry import register_pass
 from sparsifx.selection import LayerSelection
 
@@ -59,7 +60,6 @@ class SparseMomentum(DSTPass):
         self.decay = validate.choice("decay", decay, ("cosine", "constant"))
 
     def check_attach(self, ctrl) -> None:
-        from sparsifx.errors import PreconditionError
         if ctrl.total_steps is None and self.decay == "cosine":
             raise PreconditionError("sparse_momentum's cosine prune rate needs attach(..., steps_per_epoch=N, "
                                     "epochs=E) (T_max = N·E)")
