@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import math
 import operator
+import sys
+import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -417,3 +419,14 @@ def report(module: nn.Module, example_inputs: Sequence[Any] | torch.Tensor | Non
                   total_macs=sum(r.macs or 0 for r in rows.values()) if has_macs else None,
                   total_sparse_macs=sum(r.sparse_macs or 0 for r in rows.values()) if has_macs else None,
                   input_shapes=inputs, notes=all_notes)
+
+
+class _CallableModule(types.ModuleType):
+    """Importing ``sparsifx.report`` (the module) rebinds the package attribute ``sparsifx.report`` to it,
+    shadowing the lazily exported function; the module therefore forwards calls to ``report``."""
+
+    def __call__(self, *args, **kwargs) -> Report:
+        return report(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
