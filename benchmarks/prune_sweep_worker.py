@@ -104,8 +104,23 @@ def check_close(actual: Any, expected: Any) -> float:
 
 
 # ------------------------------------------------------------------ sparsifx
-def sparsifx_prune(model: nn.Module, inputs: tuple, ratio: float) -> tuple[nn.Module, dict]:
-    """trace -> channel_prune(ratio) -> (masked reference outputs) -> shrink; times exclude the reference run."""
+REPEAT_BELOW_S = 2.0  # prune again (both tools) when one run is this fast, and keep the faster run
+
+
+def sparsifx_prune(model: nn.Module, inputs: tuple, ratio: float, repeat: bool = True) -> tuple[nn.Module, dict]:
+    """trace -> channel_prune(ratio) -> (masked reference outputs) -> shrink; the time excludes the
+    reference run. With ``repeat``, run again (fresh trace) when fast and keep the faster run."""
+    best: tuple[nn.Module, dict] | None = None
+    for _ in range(2 if repeat else 1):
+        shrunk, info = _sparsifx_prune_once(model, inputs, ratio)
+        if best is None or info["time_s"] < best[1]["time_s"]:
+            best = (shrunk, info)
+        if info["time_s"] > REPEAT_BELOW_S:
+            break
+    return best
+
+
+def _sparsifx_prune_once(model: nn.Module, inputs: tuple, ratio: float) -> tuple[nn.Module, dict]:
     import sparsifx
     from sparsifx.registry import PASSES
     t0 = time.perf_counter()
@@ -183,7 +198,7 @@ def ort_session(path: Path, threads: int):
 
 
 def latency(dense: nn.Module, shrunk: nn.Module, inputs: tuple, onnx_paths: dict[str, Path] | None,
-            physical: bool, threads: int = 2, budget_s: float = 4.0) -> dict:
+            physical: bool, threads: int = 2, budget_s: float = 3.0) -> dict:
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)
     fns = {"eager_before_ms": lambda: run(dense, inputs), "eager_after_ms": lambda: run(shrunk, inputs)}
@@ -217,8 +232,11 @@ def _cause(stage: str, exc: BaseException) -> str:
     return f"{stage}: {type(exc).__name__}: {first[:300]}"
 
 
+ORT_DENSE_MAX_PARAMS = 400_000_000  # above: the dense ONNX export alone would exceed the sweep's memory cap
+
+
 def sweep_sparsifx(name: str, ratio: float = 0.5, mode: str = "full", onnx: bool = True,
-                   measure: bool = True, workdir: str | None = None) -> dict:
+                   measure: bool = True, workdir: str | None = None, repeat: bool = True) -> dict:
     """Build, prune+shrink (timed), check shrunk == masked, count params/MACs, export ONNX (+ latency)."""
     s = spec(name, mode)
     rec = Record(name, "sparsifx", s.side)
@@ -230,7 +248,7 @@ def sweep_sparsifx(name: str, ratio: float = 0.5, mode: str = "full", onnx: bool
         stage = "count"
         st["params_before"], st["macs_before"] = count(model, inputs)
         stage = "prune+shrink"
-        shrunk, info = sparsifx_prune(model, inputs, ratio)
+        shrunk, info = sparsifx_prune(model, inputs, ratio, repeat)
         st.update(info)
         st["rss_peak_prune_mb"] = rss_mb()
         stage = "count"
@@ -246,7 +264,11 @@ def sweep_sparsifx(name: str, ratio: float = 0.5, mode: str = "full", onnx: bool
             rec.ok = True
             if measure:
                 stage = "latency"
-                if onnx:
+                if onnx and st["params_before"] > ORT_DENSE_MAX_PARAMS:
+                    st["ort_skipped"] = f"dense model has {st['params_before'] / 1e6:.0f}M params (> 400M): its " \
+                                        "ONNX export would exceed the memory cap"
+                    paths = None
+                elif onnx:
                     compact_onnx(sparsifx_trace(model), inputs, Path(tmp) / "before.onnx")
                     paths = {"before": Path(tmp) / "before.onnx", **paths}
                 st.update(latency(model, shrunk, inputs, paths, name in PHYSICAL_LIMIT_MODELS))
@@ -277,7 +299,6 @@ def sweep_torch_pruning(name: str, ratio: float = 0.5, mode: str = "full") -> di
     """Torch-Pruning 1.6 MagnitudePruner as in its torchvision prunability script: L1 magnitude,
     the 1000-way classifier and attention out-projections ignored, ViT channels rounded to num_heads."""
     import torch_pruning as tp
-    from torchvision.models.vision_transformer import VisionTransformer
     s = spec(name, mode)
     rec = Record(name, "torch-pruning", s.side)
     st = rec.stats
@@ -287,16 +308,14 @@ def sweep_torch_pruning(name: str, ratio: float = 0.5, mode: str = "full") -> di
         st["rss_build_mb"] = rss_mb()
         st["params_before"] = sum(p.numel() for p in model.parameters())
         stage = "prune"
-        t0 = time.perf_counter()
-        ignored = [m for m in model.modules() if (isinstance(m, nn.Linear) and m.out_features == 1000)
-                   or isinstance(m, nn.modules.linear.NonDynamicallyQuantizableLinear)]
-        round_to = model.encoder.layers[0].num_heads if isinstance(model, VisionTransformer) else None
-        pruner = tp.pruner.MagnitudePruner(model, inputs[0], importance=tp.importance.MagnitudeImportance(p=1),
-                                           pruning_ratio=ratio, ignored_layers=ignored, round_to=round_to)
-        pruner.step()
-        if isinstance(model, VisionTransformer):
-            model.hidden_dim = model.conv_proj.out_channels
-        st["time_s"] = time.perf_counter() - t0
+        times = []
+        for _ in range(2):
+            candidate = copy.deepcopy(model)
+            times.append(_tp_prune_once(tp, candidate, inputs, ratio))
+            if times[-1] > REPEAT_BELOW_S:
+                break
+        model = candidate
+        st["time_s"] = min(times)
         st["rss_peak_prune_mb"] = rss_mb()
         stage = "forward after pruning"
         out = leaves(run(model, inputs))[0]
@@ -308,6 +327,20 @@ def sweep_torch_pruning(name: str, ratio: float = 0.5, mode: str = "full") -> di
     except Exception as exc:
         rec.error = _cause(stage, exc)
     return asdict(rec)
+
+
+def _tp_prune_once(tp, model: nn.Module, inputs: tuple, ratio: float) -> float:
+    from torchvision.models.vision_transformer import VisionTransformer
+    t0 = time.perf_counter()
+    ignored = [m for m in model.modules() if (isinstance(m, nn.Linear) and m.out_features == 1000)
+               or isinstance(m, nn.modules.linear.NonDynamicallyQuantizableLinear)]
+    round_to = model.encoder.layers[0].num_heads if isinstance(model, VisionTransformer) else None
+    pruner = tp.pruner.MagnitudePruner(model, inputs[0], importance=tp.importance.MagnitudeImportance(p=1),
+                                       pruning_ratio=ratio, ignored_layers=ignored, round_to=round_to)
+    pruner.step()
+    if isinstance(model, VisionTransformer):
+        model.hidden_dim = model.conv_proj.out_channels
+    return time.perf_counter() - t0
 
 
 TOOLS: dict[str, Callable[..., dict]] = {"sparsifx": sweep_sparsifx, "torch-pruning": sweep_torch_pruning}

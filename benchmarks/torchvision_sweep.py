@@ -17,6 +17,7 @@ every model (JSON + a markdown table with the same basename); ``--resume`` skips
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import statistics
@@ -33,6 +34,18 @@ sys.path.insert(0, str(HERE))
 def all_models() -> list[str]:
     import torchvision
     return list(torchvision.models.list_models(module=torchvision.models))
+
+
+HEAVY_PARAMS = 100_000_000
+
+
+def num_params(name: str) -> int:
+    """Parameter count from torchvision's weight metadata (no model is built); 0 when unknown."""
+    import torchvision
+    try:
+        return max(w.meta.get("num_params", 0) for w in torchvision.models.get_model_weights(name))
+    except (ValueError, KeyError):
+        return 0
 
 
 def _rss_mb(pid: int) -> float:
@@ -194,8 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare", choices=["torch-pruning"], default=None)
     p.add_argument("--mode", choices=["full", "ci"], default="full", help="input sizes (ci: small)")
     p.add_argument("--no-latency", action="store_true")
-    p.add_argument("--timeout", type=float, default=420.0, help="seconds per model and tool")
-    p.add_argument("--max-rss-gb", type=float, default=8.0, help="RSS cap per model and tool")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per model and tool")
+    p.add_argument("--max-rss-gb", type=float, default=7.0, help="RSS cap per model and tool")
     p.add_argument("--resume", action="store_true", help="keep finished models from --out")
     p.add_argument("--rerun-failed", action="store_true", help="with --resume: run failed records again")
     p.add_argument("--jobs", type=int, default=1, help="models run concurrently (latency is noisier above 1)")
@@ -208,13 +221,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume and args.rerun_failed:
         records = {n: {t: r for t, r in recs.items() if r["ok"] or t != "sparsifx"} for n, recs in records.items()}
     preload(tools)
-    lock = threading.Lock()
+    lock, big_lock, slots = threading.Lock(), threading.Lock(), threading.Semaphore(args.jobs)
+    heavy = {n for n in names if num_params(n) > HEAVY_PARAMS}
 
     def model_task(i: int, name: str) -> None:
         for tool in tools:
             if tool in records.get(name, {}):
                 continue
-            rec = run_isolated(name, tool, args)
+            permits = args.jobs if name in heavy else 1  # heavy models run alone (memory)
+            with big_lock if permits > 1 else contextlib.nullcontext():
+                for _ in range(permits):
+                    slots.acquire()
+            try:
+                rec = run_isolated(name, tool, args)
+            finally:
+                for _ in range(permits):
+                    slots.release()
             st = rec.get("stats", {})
             with lock:
                 records.setdefault(name, {})[tool] = rec

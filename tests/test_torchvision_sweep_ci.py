@@ -1,0 +1,78 @@
+"""CI-sized torchvision channel-pruning sweep: the sweep's per-model logic (no latency) on 14 models.
+
+Each model is built (random weights, BatchNorm calibrated), traced, pruned 50 % with ``channel_prune``,
+shrunk, checked shrunk == masked (``assert_close``), and its params/MACs must drop; ONNX export with
+onnxruntime parity runs for the ``ONNX`` subset. Together the models exercise every channel rule
+(residual add, cat, grouped/depthwise conv, SE gating, channel shuffle, flatten->Linear, LayerNorm2d/
+permute, attention heads, Swin windows). The default run takes the cheap half; the rest is
+``@pytest.mark.slow`` (``pytest -m slow tests/test_torchvision_sweep_ci.py``).
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _worker():
+    if "prune_sweep_worker" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("prune_sweep_worker", BENCH / "prune_sweep_worker.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["prune_sweep_worker"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["prune_sweep_worker"]
+
+
+FAST = ["resnet18", "mobilenet_v3_small", "shufflenet_v2_x0_5", "regnet_y_400mf", "vit_b_16", "googlenet"]
+SLOW = ["resnext50_32x4d", "densenet121", "inception_v3", "mobilenet_v2", "efficientnet_b0", "convnext_tiny",
+        "vgg11", "swin_t"]
+ONNX = {"resnet18", "mobilenet_v3_small", "shufflenet_v2_x0_5"}
+
+
+def _check(name: str, tmp_path) -> None:
+    rec = _worker().sweep_sparsifx(name, ratio=0.5, mode="ci", onnx=name in ONNX, measure=False,
+                                   workdir=str(tmp_path), repeat=False)
+    assert rec["ok"], f"{name}: {rec['error']}"
+    assert rec["error"] is None
+    st = rec["stats"]
+    assert st["shrunk_vs_masked_max_abs"] < 1e-2
+    # 50 % of the channels of every group: params and MACs fall well below the dense model
+    assert st["params_after"] < 0.75 * st["params_before"], st
+    assert st["macs_after"] < 0.75 * st["macs_before"], st
+    if name in ONNX:
+        assert st["onnx_max_abs"] is not None and st["onnx_max_abs"] < 1e-3
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_sweep_ci_fast(name, tmp_path):
+    _check(name, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SLOW)
+def test_sweep_ci_slow(name, tmp_path):
+    _check(name, tmp_path)
+
+
+def test_sweep_summary_and_table_from_records():
+    """The driver's summary/markdown on two synthetic records (ratios, coverage, failures named)."""
+    spec = importlib.util.spec_from_file_location("torchvision_sweep", BENCH / "torchvision_sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    ok = {"model": "a", "tool": "sparsifx", "side": 64, "ok": True, "error": None,
+          "stats": {"time_s": 1.0, "macs_ratio": 0.25, "params_ratio": 0.25, "eager_latency_over_macs": 1.2,
+                    "ort_latency_over_macs": 1.05, "physical_ratio": 1.01}}
+    bad = {"model": "b", "tool": "sparsifx", "side": 64, "ok": False, "error": "prune+shrink: X: y", "stats": {}}
+    tp_ok = {"model": "a", "tool": "torch-pruning", "ok": True, "error": None, "stats": {"time_s": 4.0}}
+    tp_bad = {"model": "b", "tool": "torch-pruning", "ok": False, "error": "memory: killed", "stats": {}}
+    records = {"a": {"sparsifx": ok, "torch-pruning": tp_ok}, "b": {"sparsifx": bad, "torch-pruning": tp_bad}}
+    s = sweep.summary(records)
+    assert s["sparsifx_ok"] == 1 and s["sparsifx_failures"] == {"b": "prune+shrink: X: y"}
+    assert s["torch_pruning_ok"] == 1 and s["median_time_ratio_sparsifx_over_tp"] == 0.25
+    assert s["physical_ratio"] == {"a": 1.01} and s["median_ort_latency_over_macs"] == 1.05
+    table = sweep.markdown(records, {"ratio": 0.5, "mode": "ci", "summary": s})
+    assert "| b | 64 | NO |" in table and "TP memory: killed" in table
