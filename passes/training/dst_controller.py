@@ -233,8 +233,8 @@ def controller(model: nn.Module) -> SparseController:
     meta = getattr(_unwrap(model), "meta", None)
     ctrl = meta.get("sparse_controller") if isinstance(meta, dict) else None
     if ctrl is None:
-        raise SparsifxError("model has no sparse controller: sparsify it with a dynamic sparse training pass "
-                            "(static, set, rigl, sparse_momentum, ctre, gmp) first")
+        raise SparsifxError("model has no sparse controller: sparsify it with a sparse training pass "
+                            "(static, set, rigl, sparse_momentum, ctre, gmp, swat) first")
     return ctrl
 
 
