@@ -94,3 +94,14 @@ def test_controller_state_dict_round_trip():
     assert state["step"] == 1 and state["flops"]["steps"] == 1
     ctrl.load_state_dict({**state, "step": 7})
     assert ctrl.step == 7
+
+
+def test_attach_needs_a_sparse_training_pass_and_an_optimizer():
+    gm = sparsifx.trace(lenet(64))
+    with pytest.raises(sparsifx.SparsifxError, match="no sparse controller"):
+        sparsifx.attach(gm, torch.optim.SGD(gm.parameters(), lr=0.1))
+    sparse = sparsifx.sparsify(lenet(64), {"stages": [{"pass": "static", "sparsity": 0.5}]})
+    with pytest.raises(sparsifx.PreconditionError):
+        sparsifx.attach(sparse, "not an optimizer")
+    with pytest.raises(sparsifx.PreconditionError):
+        sparsifx.attach(sparse, torch.optim.SGD(sparse.parameters(), lr=0.1), steps_per_epoch=0)
