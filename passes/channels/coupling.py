@@ -9,6 +9,7 @@ connected component of coupled atoms); a *group* is a set of units of coupled pr
 from __future__ import annotations
 
 import builtins
+import functools
 import logging
 import math
 import operator
@@ -56,6 +57,11 @@ class ChannelAnalysis:
     @property
     def members(self) -> list[Member]:
         return self.tracker.members
+
+    @functools.cached_property
+    def constraint_units(self) -> list[tuple[np.ndarray, int]]:
+        """Every grouped-conv constraint as (unit id per position, number of blocks)."""
+        return [(self.unit[c.atoms.numpy()], c.blocks) for c in self.tracker.constraints]
 
     def units_of(self, atoms: torch.Tensor) -> np.ndarray:
         return self.unit[atoms.numpy()]

@@ -68,14 +68,13 @@ class ChannelPrune(PassBase):
         pruned = np.zeros(len(analysis.prunable), dtype=bool)
         notes: list[str] = []
         selected = dict(self.selection.layers(gm))
-        self._constraint_units = [(analysis.unit[c.atoms.numpy()], c.blocks) for c in analysis.tracker.constraints]
         for group in analysis.groups:
             ratio = self._group_ratio(group, selected)
             if ratio:
                 self._select(analysis, group, scores, ratio, pruned, notes)
         _keep_every_member(analysis, pruned, scores)
         for group in analysis.groups:
-            if pruned[group.units].any() and not _constraints_hold(self._constraint_units, group.units, pruned):
+            if pruned[group.units].any() and not _constraints_hold(analysis, group.units, pruned):
                 pruned[group.units] = False
                 notes.append(f"group of {group.modules[0]} left whole: grouped conv would be unbalanced")
         modified = zero_units(gm, analysis, pruned)
@@ -105,7 +104,7 @@ class ChannelPrune(PassBase):
         keep = min(n, max(1, int(math.ceil(keep / self.round_to)) * self.round_to))
         if keep >= n:
             return
-        blocks = _block_keys(self._constraint_units, units)
+        blocks = _block_keys(a, units)
         chosen: list[int] = []
         for key_units in blocks.values():
             k = max(1, int(round(keep * len(key_units) / n)))
@@ -113,23 +112,23 @@ class ChannelPrune(PassBase):
             chosen.extend(key_units[order[:len(key_units) - k]].tolist())
         trial = pruned.copy()
         trial[chosen] = True
-        if not _constraints_hold(self._constraint_units, units, trial):
+        if not _constraints_hold(a, units, trial):
             notes.append(f"group of {group.modules[0]} left whole: group structure cannot be kept balanced")
             return
         pruned[chosen] = True
 
 
-def _touching(constraint_units, units: np.ndarray):
+def _touching(a: ChannelAnalysis, units: np.ndarray):
     """The constraints (unit ids per position, blocks) that involve any of ``units``."""
-    for cu, blocks in constraint_units:
+    for cu, blocks in a.constraint_units:
         if np.isin(cu, units).any():
             yield cu, blocks
 
 
-def _block_keys(constraint_units, units: np.ndarray) -> dict[tuple, np.ndarray]:
+def _block_keys(a: ChannelAnalysis, units: np.ndarray) -> dict[tuple, np.ndarray]:
     """Units keyed by their block in every grouped-conv constraint touching the group."""
     keys: dict[int, tuple] = {int(u): () for u in units}
-    for cu, blocks in _touching(constraint_units, units):
+    for cu, blocks in _touching(a, units):
         size, seen = len(cu) // blocks, set()
         for pos, u in enumerate(cu.tolist()):
             if u in keys and u not in seen:
@@ -149,8 +148,8 @@ def _keep_every_member(a: ChannelAnalysis, pruned: np.ndarray, scores: np.ndarra
             pruned[units[np.argmax(scores[units])]] = False
 
 
-def _constraints_hold(constraint_units, units: np.ndarray, pruned: np.ndarray) -> bool:
-    for cu, blocks in _touching(constraint_units, units):
+def _constraints_hold(a: ChannelAnalysis, units: np.ndarray, pruned: np.ndarray) -> bool:
+    for cu, blocks in _touching(a, units):
         kept = (~pruned[cu]).reshape(blocks, -1).sum(1)
         if len(set(kept.tolist())) > 1:
             return False
