@@ -79,6 +79,7 @@ def analyze_channels(gm: fx.GraphModule) -> ChannelAnalysis:
     cx = RuleContext(gm, Tracker())
     for node in gm.graph.nodes:
         cx.env[node], rule = _visit(cx, node)
+        cx.t.labels[node.name] = cx.env[node]
         if node.op in ("get_attr", "call_function", "call_method", "call_module") and \
                 is_zero_after(cx.t.zero_nodes, cx, node, rule):
             cx.t.zero_nodes.add(node.name)

@@ -31,6 +31,17 @@ class ChannelPlan:
     analysis: ChannelAnalysis
     pruned: np.ndarray
     notes: list[str] = field(default_factory=list)
+    versions: dict = field(default_factory=dict)   # (owner, tensor) -> (id, _version) right after zeroing
+
+    def untouched(self, gm: fx.GraphModule) -> bool:
+        """Whether no zeroed tensor was modified in place (e.g. by an optimizer) since ``channel_prune``."""
+        if not self.versions:
+            return False
+        for (owner, tensor), (ident, version) in self.versions.items():
+            t = getattr(gm.get_submodule(owner) if owner else gm, tensor, None)
+            if t is None or id(t) != ident or t._version != version:
+                return False
+        return True
 
     def pruned_atoms(self, atoms: torch.Tensor) -> np.ndarray:
         return self.pruned[self.analysis.unit[atoms.numpy()]]
@@ -78,7 +89,7 @@ class ChannelPrune(PassBase):
                 pruned[group.units] = False
                 notes.append(f"group of {group.modules[0]} left whole: grouped conv would be unbalanced")
         modified = zero_units(gm, analysis, pruned)
-        plan = ChannelPlan(analysis, pruned, notes)
+        plan = ChannelPlan(analysis, pruned, notes, _versions(gm, analysis))
         gm.meta["channel_plan"] = plan
         gm.meta["channel_barriers"] = list(analysis.barriers)
         gm.meta.setdefault("report_notes", []).append(
@@ -154,6 +165,15 @@ def _constraints_hold(a: ChannelAnalysis, units: np.ndarray, pruned: np.ndarray)
         if len(set(kept.tolist())) > 1:
             return False
     return True
+
+
+def _versions(gm: fx.GraphModule, a: ChannelAnalysis) -> dict:
+    out = {}
+    for m in a.members:
+        if m.role == "out":
+            t = member_tensor(gm, m)
+            out[(m.owner, m.tensor)] = (id(t), t._version)
+    return out
 
 
 def zero_units(gm: fx.GraphModule, a: ChannelAnalysis, pruned: np.ndarray) -> bool:

@@ -1,9 +1,10 @@
 """Pass ``shrink``: physically remove the channels a ``ChannelPlan`` pruned, exactly.
 
-Before cutting, the masked model runs twice (the example inputs and a random draw) and every consumer
-input is checked at the pruned positions: zero -> dropped; a non-zero constant -> folded into the
-consumer's bias when that is exact (``Linear``; ``Conv`` with groups 1 and no padding); anything else
--> the unit is kept and the report says why.
+Before cutting, consumer inputs that are not provably zero (``zeros.py``) are probed: the masked model
+runs twice (the example inputs and a random draw) and the pruned positions are checked: zero ->
+dropped; a non-zero constant -> folded into the consumer's bias when that is exact (``Linear``;
+``Conv`` with groups 1 and no padding); anything else -> the unit is kept and the report says why.
+Shapes in ``node.meta["tensor_meta"]`` are then updated from the plan, without running the model.
 """
 from __future__ import annotations
 
@@ -15,17 +16,18 @@ import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.fx.passes.shape_prop import TensorMetadata
 
 from sparsifx.errors import PassError, PreconditionError
 from sparsifx.masking import effective_weight
 from sparsifx.pass_base import PassBase, PassResult
 from sparsifx.registry import register_pass
-from sparsifx.tracing import record_shapes
 
 from .coupling import graph_signature
 from .importance import member_tensor
 from .prune import ChannelPlan
 from .rewrites import REWRITES
+from .rules_shape import varying_dim
 from .slicers import slice_module
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,8 @@ class _Probe(fx.Interpreter):
 def _members_zeroed(gm: fx.GraphModule, plan: ChannelPlan, pruned: np.ndarray) -> bool:
     """Whether every ``out`` member of every pruned unit is exactly zero (as ``channel_prune`` leaves it)."""
     a = plan.analysis
+    if plan.untouched(gm):
+        return True
     with torch.no_grad():
         for m in a.members:
             if m.role != "out":
@@ -198,7 +202,7 @@ def shrink_with_plan(gm: fx.GraphModule, plan: ChannelPlan, seed: int = 0,
         REWRITES.get(rw.kind)(nodes[rw.node], rw.data, kept)
     gm.graph.lint()
     gm.recompile()
-    record_shapes(gm, pair[0])
+    _update_shapes(gm, a, kept)
     removed = int(pruned.sum())
     gm.meta.setdefault("report_notes", []).append(
         f"shrink: removed {removed} channel units, folded {n_folded} constant channels into biases"
@@ -206,6 +210,29 @@ def shrink_with_plan(gm: fx.GraphModule, plan: ChannelPlan, seed: int = 0,
     gm.meta["channel_report"] = {"removed_units": removed, "folded": n_folded, "kept_for_exactness": notes}
     log.info("shrink: removed %d units (%d folded, %d kept for exactness)", removed, n_folded, len(notes))
     return bool(cuts)
+
+
+def _update_shapes(gm: fx.GraphModule, a, kept) -> None:
+    """Shrink every recorded ``tensor_meta`` along its channel dim (no model run needed)."""
+    for node in gm.graph.nodes:
+        if "tensor_meta" in node.meta:
+            node.meta["tensor_meta"] = _resize(node.meta["tensor_meta"], a.tracker.labels.get(node.name), kept)
+
+
+def _resize(meta, lab, kept):
+    if isinstance(meta, TensorMetadata) and isinstance(lab, torch.Tensor):
+        d = varying_dim(lab)
+        if d is None:
+            return meta
+        shape = list(meta.shape)
+        shape[d] = int(kept(lab.reshape(-1)).sum())
+        stride = [1] * len(shape)
+        for i in range(len(shape) - 2, -1, -1):
+            stride[i] = stride[i + 1] * max(1, shape[i + 1])
+        return meta._replace(shape=torch.Size(shape), stride=tuple(stride))
+    if isinstance(meta, (tuple, list)) and isinstance(lab, (tuple, list)) and len(meta) == len(lab):
+        return type(meta)(_resize(m, lb, kept) for m, lb in zip(meta, lab))
+    return meta
 
 
 def _cuts(a, pruned: np.ndarray) -> dict[str, dict[tuple[str, int], torch.Tensor]]:

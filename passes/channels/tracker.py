@@ -80,6 +80,7 @@ class Tracker:
         self.barriers: list[dict[str, str]] = []
         self.module_atoms: dict[str, torch.Tensor] = {}
         self.zero_nodes: set[str] = set()   # outputs exactly zero at pruned positions (see zeros.py)
+        self.labels: dict[str, Any] = {}     # node name -> its (normalized) labels, for shape updates
 
     # ---- atoms and edges -------------------------------------------------------------------------
     def fresh(self, n: int, space: str | None) -> torch.Tensor:
