@@ -212,7 +212,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="keep finished models from --out")
     p.add_argument("--rerun-failed", action="store_true", help="with --resume: run failed records again")
     p.add_argument("--jobs", type=int, default=1, help="models run concurrently (latency is noisier above 1)")
+    p.add_argument("--merge", help="comma-separated result JSONs (parts of one sweep) to combine into --out")
     args = p.parse_args(argv)
+    if args.merge:
+        parts = [json.loads(Path(f).read_text()) for f in args.merge.split(",")]
+        merged = {n: r for part in parts for n, r in part["records"].items()}
+        order = all_models()
+        print(json.dumps(write(_ordered(merged, order), args.out, args), indent=1))
+        return 0
     names = all_models() if args.models == "all" else [m.strip() for m in args.models.split(",") if m.strip()]
     records: dict[str, dict] = {}
     if args.resume and args.out.exists():
