@@ -159,9 +159,12 @@ def _load_module(path: Path, unsafe_pickle: bool):
     import torch
     try:
         return _serialization().load(path)
-    except SparsifxError as exc:
+    except CliError:
+        raise
+    except Exception as exc:  # not a sparsifx file: the loader refuses it with its own error
         if not unsafe_pickle:
-            raise CliError(f"{path} is not a module saved by sparsifx.save ({exc}); for a torch.save'd module "
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise CliError(f"{path} is not a module saved by sparsifx.save ({first}); for a torch.save'd module "
                            "you trust, pass --unsafe-pickle") from exc
     try:
         module = torch.load(path, weights_only=False, map_location="cpu")
