@@ -13,6 +13,7 @@ different scale weigh alike. Criteria:
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import numpy as np
@@ -34,10 +35,20 @@ def member_tensor(gm: fx.GraphModule, m: Member) -> torch.Tensor:
 
 
 def slice_scores(t: torch.Tensor, dim: int, p: int) -> torch.Tensor:
-    """The ``p``-norm of every slice of ``t`` along ``dim``."""
-    others = [d for d in range(t.ndim) if d != dim % t.ndim]
+    """The ``p``-norm of every slice of ``t`` along ``dim`` (strided dims reduced in cache-sized chunks)."""
     x = t.detach()
-    return torch.linalg.vector_norm(x, ord=p, dim=others).float() if others else x.abs().float()
+    dim %= max(1, x.ndim)
+    n = x.shape[dim] if x.ndim else 1
+    lead = math.prod(x.shape[:dim])
+    x = x.reshape(lead, n, -1)
+    if lead == 1:
+        return torch.linalg.vector_norm(x[0], ord=p, dim=1).float()
+    out = torch.zeros(n, dtype=torch.float32)
+    step = max(1, (1 << 20) // max(1, x.shape[1] * x.shape[2]))
+    for i in range(0, lead, step):
+        blk = x[i:i + step].float()
+        out += (blk.abs() if p == 1 else blk.square()).sum(dim=(0, 2))
+    return out if p == 1 else out.sqrt()
 
 
 def accumulate(gm: fx.GraphModule, a: ChannelAnalysis, fn: Callable[[Member, torch.Tensor], Any]) -> np.ndarray:
@@ -101,6 +112,8 @@ def taylor(gm: fx.GraphModule, a: ChannelAnalysis, options: Any = None) -> np.nd
     batch = (batch,) if isinstance(batch, torch.Tensor) else tuple(batch)
     params = [p for p in gm.parameters()]
     saved = [(p.requires_grad, p.grad) for p in params]
+    was_training = gm.training
+    gm.eval()  # no running-stat updates, no dropout
     for p in params:
         p.requires_grad_(True)
         p.grad = None
@@ -113,6 +126,7 @@ def taylor(gm: fx.GraphModule, a: ChannelAnalysis, options: Any = None) -> np.nd
             return slice_scores(t.detach() * g, m.dim, 1)
         return accumulate(gm, a, score)
     finally:
+        gm.train(was_training)
         for p, (req, grad) in zip(params, saved):
             p.grad = grad
             p.requires_grad_(req)
