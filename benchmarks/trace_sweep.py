@@ -89,7 +89,8 @@ def sweep_one(name: str, workdir: str | os.PathLike | None = None, batch: int = 
 
     size, kwargs, note = SPECIAL.get(name, (DEFAULT_SIZE, {}, ""))
     rec: dict = {"model": name, "input_shape": [batch, 3, size, size], "kwargs": kwargs, "note": note,
-                 "traced": False, "eager_parity": False, "onnx_ok": False, "error": None}
+                 "traced": False, "eager_parity": False, "onnx_ok": False, "error": None,
+                 "calibration_batch": CALIBRATION_BATCH}
     torch.manual_seed(0)
     try:
         model = prepare(torchvision.models.get_model(name, weights=None, **kwargs), size)
@@ -100,7 +101,7 @@ def sweep_one(name: str, workdir: str | os.PathLike | None = None, batch: int = 
     x = torch.randn(*rec["input_shape"], generator=torch.Generator().manual_seed(1))
     t0 = time.perf_counter()
     try:
-        gm = sparsifx.trace(model)
+        gm = sparsifx.trace(model, copy_model=False)  # the model is ours: sharing weights halves peak memory
     except Exception as exc:
         rec["error"] = _cause("trace", exc)
         return rec
