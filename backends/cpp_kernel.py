@@ -33,23 +33,35 @@ CPP_SOURCE = r"""
 typedef float v16 __attribute__((vector_size(64)));
 typedef float v8 __attribute__((vector_size(32)));
 
-// rows r0..r1 times a tile of W = VL * NV columns of X; accumulators stay in vector registers
-template <typename I, typename V, int VL, int NV>
+// rows r0..r1 times a tile of VL * NV columns of X; U independent accumulator sets (non-zeros k, k+1, ...)
+// keep U * NV FMA chains in flight; the accumulators stay in vector registers
+template <typename I, typename V, int VL, int NV, int U>
 static inline void rows_tile(const int64_t* __restrict rowptr, const I* __restrict col, const float* __restrict val,
                              const float* __restrict X, int64_t ldx, float* __restrict Y, int64_t ldy,
                              int64_t r0, int64_t r1, const float* __restrict bias) {
   for (int64_t r = r0; r < r1; ++r) {
-    V acc[NV];
+    V acc[U][NV];
     const float b = bias ? bias[r] : 0.f;
-    for (int q = 0; q < NV; ++q) acc[q] = V{} + b;
+    for (int u = 0; u < U; ++u)
+      for (int q = 0; q < NV; ++q) acc[u][q] = V{} + (u == 0 ? b : 0.f);
+    int64_t k = rowptr[r];
     const int64_t e = rowptr[r + 1];
-    for (int64_t k = rowptr[r]; k < e; ++k) {
+    for (; k + U <= e; k += U) {
+      for (int u = 0; u < U; ++u) {
+        const V v = V{} + val[k + u];
+        const float* __restrict xr = X + (int64_t)col[k + u] * ldx;
+        for (int q = 0; q < NV; ++q) { V x; __builtin_memcpy(&x, xr + q * VL, sizeof(V)); acc[u][q] += v * x; }
+      }
+    }
+    for (; k < e; ++k) {
       const V v = V{} + val[k];
       const float* __restrict xr = X + (int64_t)col[k] * ldx;
-      for (int q = 0; q < NV; ++q) { V x; __builtin_memcpy(&x, xr + q * VL, sizeof(V)); acc[q] += v * x; }
+      for (int q = 0; q < NV; ++q) { V x; __builtin_memcpy(&x, xr + q * VL, sizeof(V)); acc[0][q] += v * x; }
     }
+    for (int u = 1; u < U; ++u)
+      for (int q = 0; q < NV; ++q) acc[0][q] += acc[u][q];
     float* __restrict yr = Y + r * ldy;
-    for (int q = 0; q < NV; ++q) __builtin_memcpy(yr + q * VL, &acc[q], sizeof(V));
+    for (int q = 0; q < NV; ++q) __builtin_memcpy(yr + q * VL, &acc[0][q], sizeof(V));
   }
 }
 
@@ -72,16 +84,23 @@ static inline void rows_narrow(const int64_t* __restrict rowptr, const I* __rest
   }
 }
 
+// one column of X (batch 1): four scalar accumulators per row (gathers are slower here)
 template <typename I>
 static inline void rows_vec(const int64_t* __restrict rowptr, const I* __restrict col, const float* __restrict val,
                             const float* __restrict x, float* __restrict y, int64_t r0, int64_t r1,
                             const float* __restrict bias) {
   for (int64_t r = r0; r < r1; ++r) {
-    float s = bias ? bias[r] : 0.f;
+    int64_t k = rowptr[r];
     const int64_t e = rowptr[r + 1];
-#pragma omp simd reduction(+:s)
-    for (int64_t k = rowptr[r]; k < e; ++k) s += val[k] * x[col[k]];
-    y[r] = s;
+    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+    for (; k + 4 <= e; k += 4) {
+      s0 += val[k] * x[col[k]];
+      s1 += val[k + 1] * x[col[k + 1]];
+      s2 += val[k + 2] * x[col[k + 2]];
+      s3 += val[k + 3] * x[col[k + 3]];
+    }
+    for (; k < e; ++k) s0 += val[k] * x[col[k]];
+    y[r] = ((s0 + s1) + (s2 + s3)) + (bias ? bias[r] : 0.f);
   }
 }
 
@@ -93,10 +112,10 @@ static void run_tile(const int64_t* rowptr, const I* col, const float* val, cons
     const int64_t left = width - c;
     const float* Xc = X + c;
     float* Yc = Y + c;
-    if (left >= 64) { rows_tile<I, v16, 16, 4>(rowptr, col, val, Xc, ldx, Yc, ldy, r0, r1, bias); c += 64; }
-    else if (left >= 32) { rows_tile<I, v16, 16, 2>(rowptr, col, val, Xc, ldx, Yc, ldy, r0, r1, bias); c += 32; }
-    else if (left >= 16) { rows_tile<I, v16, 16, 1>(rowptr, col, val, Xc, ldx, Yc, ldy, r0, r1, bias); c += 16; }
-    else if (left >= 8) { rows_tile<I, v8, 8, 1>(rowptr, col, val, Xc, ldx, Yc, ldy, r0, r1, bias); c += 8; }
+    if (left >= 64) { rows_tile<I, v16, 16, 4, 1>(rowptr, col, val, Xc, ldx, Yc, ldy, r0, r1, bias); c += 64; }
+    else if (left >= 32) { rows_tile<I, v16, 16, 2, 2>(rowptr, col, val, Xc, ldx, Yc, ldy, r0, r1, bias); c += 32; }
+    else if (left >= 16) { rows_tile<I, v16, 16, 1, 4>(rowptr, col, val, Xc, ldx, Yc, ldy, r0, r1, bias); c += 16; }
+    else if (left >= 8) { rows_tile<I, v8, 8, 1, 4>(rowptr, col, val, Xc, ldx, Yc, ldy, r0, r1, bias); c += 8; }
     else if (left >= 4) { rows_narrow<I, 4>(rowptr, col, val, Xc, ldx, Yc, ldy, r0, r1, bias); c += 4; }
     else if (left >= 2) { rows_narrow<I, 2>(rowptr, col, val, Xc, ldx, Yc, ldy, r0, r1, bias); c += 2; }
     else if (ldx == 1 && ldy == 1) { rows_vec<I>(rowptr, col, val, Xc, Yc, r0, r1, bias); c += 1; }

@@ -47,7 +47,12 @@ class _PackedMixin:
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_sessions"] = {}
+        state["_fast"] = None
         return state
+
+    def _apply(self, fn, recurse=True):
+        self._fast = None  # closures over the old buffers
+        return super()._apply(fn, recurse)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.requires_grad and torch.is_grad_enabled():
@@ -64,6 +69,7 @@ class SparseLinear(_PackedMixin, nn.Module):
         self.out_features, self.in_features = weight.shape
         self.plan = _check_plan(plan)
         self._sessions: dict = {}
+        self._fast = None
         for name in dict.fromkeys(k for _, k in self.plan):
             self._store(name, get_kernel(name).pack(weight.detach().float()))
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
@@ -74,7 +80,21 @@ class SparseLinear(_PackedMixin, nn.Module):
                 return name
         raise AssertionError("unreachable: plans end unbounded")  # pragma: no cover
 
+    def _fast_path(self):
+        """``x -> kernel(x)`` bound to the buffers, for single-kernel ``csr_tiled`` plans (saves call overhead)."""
+        if len(self.plan) != 1 or self.plan[0][1] != "csr_tiled":
+            return None
+        from . import cpp_kernel
+        linear, p, bias = cpp_kernel.load().linear, self._packed("csr_tiled"), self.bias
+        rowptr, col, val = p["rowptr"], p["col"], p["val"]
+        return lambda x: linear(rowptr, col, val, x, bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.dtype is torch.float32 and not x.requires_grad:
+            if self._fast is None:
+                self._fast = self._fast_path() or False
+            if self._fast:
+                return self._fast(x)
         if x.requires_grad:
             self._check_input(x)
         if x.dtype != torch.float32:

@@ -81,7 +81,8 @@ class Lower(PassBase):
     def _usable(self, conv: bool) -> list[str]:
         from sparsifx.backends.sparse_kernels import SPARSE_KERNELS
         cal = self.calibration()
-        return [k for k in self.kernels if k in cal.linear and SPARSE_KERNELS.get(k).available()
+        names = dict.fromkeys(("dense",) + self.kernels)  # torch dense is always the reference candidate
+        return [k for k in names if k in cal.linear and SPARSE_KERNELS.get(k).available()
                 and (not conv or SPARSE_KERNELS.get(k).supports_conv)]
 
     def _best(self, cost: dict[str, float]) -> str:
