@@ -71,6 +71,19 @@ def graph_signature(gm: fx.GraphModule) -> tuple[str, ...]:
     return tuple(f"{n.op}:{n.name}" for n in gm.graph.nodes)
 
 
+def model_inputs(gm: fx.GraphModule, seed: int) -> tuple[tuple, tuple]:
+    """(example inputs, a random draw of the same shapes) from ``gm.meta`` / placeholder shapes."""
+    gen = torch.Generator().manual_seed(seed)
+    metas = [n.meta.get("tensor_meta") for n in gm.graph.nodes if n.op == "placeholder"]
+    if any(m is None for m in metas):
+        raise PreconditionError("shrink needs input shapes (node.meta['tensor_meta'] on placeholders)")
+    rand = tuple(torch.randn(m.shape, generator=gen, dtype=m.dtype) if m.dtype.is_floating_point
+                 else torch.zeros(m.shape, dtype=m.dtype) for m in metas)
+    example = gm.meta.get("example_inputs")
+    example = (example,) if isinstance(example, torch.Tensor) else example
+    return (tuple(example) if example is not None else rand), rand
+
+
 def analyze_channels(gm: fx.GraphModule) -> ChannelAnalysis:
     """Propagate channel labels through ``gm`` and compute units and groups."""
     if not any("tensor_meta" in n.meta for n in gm.graph.nodes if n.op == "placeholder"):

@@ -16,7 +16,10 @@ from sparsifx.pass_base import PassBase, PassResult
 from sparsifx.registry import register_pass
 from sparsifx.selection import LayerSelection
 
-from .coupling import ChannelAnalysis, Group, analyze_channels
+from sparsifx.tracing import record_shapes
+
+from .coupling import ChannelAnalysis, Group, analyze_channels, model_inputs
+from .decompose import decompose_attention
 from .importance import IMPORTANCE, member_tensor
 
 log = logging.getLogger(__name__)
@@ -57,7 +60,9 @@ class ChannelPrune(PassBase):
     ``batch`` / ``loss_fn`` (``taylor``), selection keys ``types``/``ignore`` (a group is pruned only when
     all its producer layers are selected). At least one unit is kept per group; model inputs and
     outputs are never pruned. Zeroes producer rows, biases, norm affine params and parameters added to
-    the channels; records ``gm.meta["channel_plan"]`` for ``shrink``.
+    the channels; records ``gm.meta["channel_plan"]`` for ``shrink``. Plain ``nn.MultiheadAttention`` calls
+    are first rewritten into linear projections + ``scaled_dot_product_attention`` (``decompose.py``) so
+    that within-head dims can be pruned.
     """
 
     requires_analyses = ("shapes",)
@@ -74,6 +79,9 @@ class ChannelPrune(PassBase):
         self.batch, self.loss_fn = batch, loss_fn
 
     def call(self, gm: fx.GraphModule) -> PassResult:
+        rewritten = decompose_attention(gm) if self.ratio > 0 and _has_attention(gm) else 0
+        if rewritten:  # new nodes need shapes
+            record_shapes(gm, model_inputs(gm, self.seed)[0])
         analysis = analyze_channels(gm)
         scores = IMPORTANCE.get(self.importance)(gm, analysis, self)
         pruned = np.zeros(len(analysis.prunable), dtype=bool)
@@ -88,7 +96,7 @@ class ChannelPrune(PassBase):
             if pruned[group.units].any() and not _constraints_hold(analysis, group.units, pruned):
                 pruned[group.units] = False
                 notes.append(f"group of {group.modules[0]} left whole: grouped conv would be unbalanced")
-        modified = zero_units(gm, analysis, pruned)
+        modified = zero_units(gm, analysis, pruned) or bool(rewritten)
         plan = ChannelPlan(analysis, pruned, notes, _versions(gm, analysis))
         gm.meta["channel_plan"] = plan
         gm.meta["channel_barriers"] = list(analysis.barriers)
@@ -165,6 +173,10 @@ def _constraints_hold(a: ChannelAnalysis, units: np.ndarray, pruned: np.ndarray)
         if len(set(kept.tolist())) > 1:
             return False
     return True
+
+
+def _has_attention(gm: fx.GraphModule) -> bool:
+    return any(isinstance(m, torch.nn.MultiheadAttention) for m in gm.modules())
 
 
 def _versions(gm: fx.GraphModule, a: ChannelAnalysis) -> dict:

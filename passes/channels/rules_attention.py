@@ -7,6 +7,7 @@ import operator
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .rules_base import RuleContext, channel_rule, shape_of
 from .rules_shape import varying_dim
@@ -76,6 +77,23 @@ def matmul(cx: RuleContext, node: fx.Node):
     sub_a = batch[nb - (len(sa) - 2):] + "ij"
     sub_b = batch[nb - (len(sb) - 2):] + "jk"
     return contract(cx, node, [a, b], [sub_a, sub_b], batch + "ik")
+
+
+@channel_rule(F.scaled_dot_product_attention)
+def sdpa(cx: RuleContext, node: fx.Node):
+    """``sdpa(q, k, v, scale=s)``: q/k head dims united by the contraction, v's head dims are the output's.
+    Without an explicit ``scale`` the default ``1/sqrt(q.size(-1))`` would change when shrinking: fixed."""
+    srcs = [node.args[i] if i < len(node.args) else node.kwargs.get(n)
+            for i, n in enumerate(("query", "key", "value"))]
+    labs = [cx.value(s) for s in srcs]
+    if cx.inp(node, 6, "scale") is None or any(shape_of(s) is None or len(shape_of(s)) != 4 for s in srcs):
+        cx.t.barrier(node, "scaled_dot_product_attention without an explicit scale", labs)
+        return cx.fixed(node)
+    contract(cx, node, srcs[:2], ["bhld", "bhsd"], "bhls")
+    if varying_dim(labs[2]) not in (None, 3):
+        cx.t.barrier(node, "value channels not on the last dim", labs[2])
+        return cx.fixed(node)
+    return labs[2]
 
 
 @channel_rule(nn.MultiheadAttention)

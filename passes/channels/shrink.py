@@ -23,7 +23,7 @@ from sparsifx.masking import effective_weight
 from sparsifx.pass_base import PassBase, PassResult
 from sparsifx.registry import register_pass
 
-from .coupling import graph_signature
+from .coupling import graph_signature, model_inputs
 from .importance import member_tensor
 from .prune import ChannelPlan
 from .rewrites import REWRITES
@@ -55,19 +55,6 @@ class Shrink(PassBase):
         modified = shrink_with_plan(gm, plan, seed=self.seed)
         del gm.meta["channel_plan"]
         return PassResult(gm, modified)
-
-
-def model_inputs(gm: fx.GraphModule, seed: int) -> tuple[tuple, tuple]:
-    """(example inputs, a random draw of the same shapes) from ``gm.meta`` / placeholder shapes."""
-    gen = torch.Generator().manual_seed(seed)
-    metas = [n.meta.get("tensor_meta") for n in gm.graph.nodes if n.op == "placeholder"]
-    if any(m is None for m in metas):
-        raise PreconditionError("shrink needs input shapes (node.meta['tensor_meta'] on placeholders)")
-    rand = tuple(torch.randn(m.shape, generator=gen, dtype=m.dtype) if m.dtype.is_floating_point
-                 else torch.zeros(m.shape, dtype=m.dtype) for m in metas)
-    example = gm.meta.get("example_inputs")
-    example = (example,) if isinstance(example, torch.Tensor) else example
-    return (tuple(example) if example is not None else rand), rand
 
 
 class _Probe(fx.Interpreter):

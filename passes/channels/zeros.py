@@ -87,6 +87,7 @@ ZERO_RULES: dict[Callable, Callable[[set, RuleContext, fx.Node], bool]] = {
     rm.conv_transpose: lambda z, cx, n: True, rm.batch_norm: _batch_norm,
     re_.unary: _unary, re_.unary_module: _unary_module, re_.elementwise: _elementwise,
     ra.einsum: _contraction, ra.matmul: _contraction,
+    ra.sdpa: lambda z, cx, n: len(n.args) > 2 and isinstance(n.args[2], fx.Node) and n.args[2].name in z,
     **{r: (lambda z, cx, n: _all(z, _tensor_args(cx, n))) for r in (
         rs.reshape, rs.expand, rs.permute, rs.transpose, rs.cat, rs.stack, rs.split, rs.getitem, rs.reduce,
         rs.pool, rs.pad, rs.roll, rs.patch_merging_pad)},

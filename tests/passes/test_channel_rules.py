@@ -204,24 +204,50 @@ def test_channel_shuffle():
 def test_attention_heads_prune_within_head_dims():
     model = Attention()
     gm, _, _ = prune_and_shrink(model, X)
-    assert gm.qkv.out_features < 48 and gm.qkv.out_features % 3 == 0
-    assert gm.proj.in_features == gm.qkv.out_features // 3  # v's head dims flow into proj
+    v = gm.proj.in_features  # v's head dims flow into proj; q and k keep the same dims
+    qk = (gm.qkv.out_features - v) // 2
+    assert gm.qkv.out_features < 48 and gm.qkv.out_features == 2 * qk + v
+    assert qk % 4 == 0 and v % 4 == 0 and 0 < qk < 16 and 0 < v < 16  # the same dims kept in each of 4 heads
 
 
-def test_multihead_attention_is_a_declared_barrier():
-    class MHA(nn.Module):
+class MHA(nn.Module):
+    def __init__(self, batch_first: bool = True):
+        super().__init__()
+        self.batch_first = batch_first
+        self.embed, self.att, self.mlp, self.fc = nn.Linear(3, 16), nn.MultiheadAttention(
+            16, 4, batch_first=batch_first), nn.Linear(16, 32), nn.Linear(32, 5)
+
+    def forward(self, x):
+        t = self.embed(x.flatten(2).transpose(1, 2))
+        t = t if self.batch_first else t.transpose(0, 1)
+        a, _ = self.att(t, t, t, need_weights=False)
+        a = a if self.batch_first else a.transpose(0, 1)
+        return self.fc(F.gelu(self.mlp(a)).mean(1))
+
+
+def test_multihead_attention_prunes_within_head_dims():
+    for batch_first in (True, False):
+        gm, _, _ = prune_and_shrink(MHA(batch_first), X)
+        assert not gm.meta["channel_barriers"]
+        q, k, v = (gm.get_submodule(f"att.{p}_proj") for p in "qkv")
+        assert q.out_features == k.out_features < 16 and q.out_features % 4 == 0  # same dims kept in every head
+        assert gm.get_submodule("att.out_proj").in_features == v.out_features < 16
+        assert gm.embed.out_features == q.in_features == k.in_features == v.in_features < 16
+
+
+def test_multihead_attention_with_mask_is_a_declared_barrier():
+    class Masked(MHA):
         def __init__(self):
             super().__init__()
-            self.embed, self.att, self.mlp, self.fc = nn.Linear(3, 16), nn.MultiheadAttention(16, 4, batch_first=True), \
-                nn.Linear(16, 32), nn.Linear(32, 5)
+            self.register_buffer("mask", torch.zeros(64, 64))
 
         def forward(self, x):
             t = self.embed(x.flatten(2).transpose(1, 2))
-            a, _ = self.att(t, t, t, need_weights=False)
+            a, _ = self.att(t, t, t, attn_mask=self.mask, need_weights=False)
             return self.fc(F.gelu(self.mlp(a)).mean(1))
-    gm, _, _ = prune_and_shrink(MHA(), X)
+    gm, _, _ = prune_and_shrink(Masked(), X)
     assert any("MultiheadAttention" in b["reason"] for b in gm.meta["channel_barriers"])
-    assert gm.embed.out_features == 16 and gm.mlp.out_features == 16
+    assert gm.mlp.out_features == 16
 
 
 def test_non_zero_constant_channel_is_folded():

@@ -75,6 +75,13 @@ def test_maxvit_attention_prunes_within_head_dims():
     assert qkv and all(m.out_features < 3 * m.in_features for m in qkv)
 
 
+def test_vit_attention_is_decomposed_and_pruned():
+    gm, _, _ = prune_and_shrink(_vit_tiny(), image(32))
+    q = gm.get_submodule("encoder.layers.encoder_layer_0.self_attention.q_proj")
+    assert q.in_features == 32 and q.out_features < 32
+    assert not any("MultiheadAttention" in b["reason"] for b in gm.meta["channel_barriers"])
+
+
 def test_shrink_without_plan_changes_nothing():
     gm = trace(tvm.resnet18(num_classes=10).eval(), image(32))
     assert Shrink()(gm).modified is False

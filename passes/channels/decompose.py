@@ -1,0 +1,88 @@
+"""Rewrite ``nn.MultiheadAttention`` calls into prunable parts before channel analysis:
+
+``mha(q, k, v, need_weights=False) -> out_proj(sdpa(heads(q_proj(q)), heads(k_proj(k)), heads(v_proj(v)),
+scale=1/sqrt(head_dim)))`` with ``heads(x) = x.unflatten(-1, (h, -1)).transpose(-3, -2)``. Plain ``nn.Linear``
+modules replace the packed projections, so within-head dims become ordinary channels (q/k united by the
+contraction, v's flowing into ``out_proj``); the explicit scale keeps the result exact after shrinking.
+Only the eval-time self/cross attention without masks, bias_kv or zero_attn is rewritten; other calls
+stay a declared barrier.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _plain(m: nn.MultiheadAttention, node: fx.Node) -> bool:
+    kwargs = dict(node.kwargs)
+    extra = list(node.args[3:])
+    masks = [kwargs.get("key_padding_mask"), kwargs.get("attn_mask")] + extra[:1] + extra[2:3]
+    causal = kwargs.get("is_causal", extra[4] if len(extra) > 4 else False)
+    weights_unused = all(u.op == "call_function" and u.target is operator.getitem and
+                         (u.args[1] == 0 or not u.users) for u in node.users)
+    return (m._qkv_same_embed_dim and m.in_proj_bias is not None and m.bias_k is None and not m.add_zero_attn
+            and m.dropout == 0.0 and all(x is None for x in masks) and not causal and weights_unused
+            and len(node.args) >= 3)
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+        if bias is not None:
+            lin.bias.copy_(bias)
+    return lin
+
+
+def decompose_attention(gm: fx.GraphModule) -> int:
+    """Rewrite every plain ``nn.MultiheadAttention`` call in ``gm``; returns how many were rewritten."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), nn.MultiheadAttention):
+            continue
+        m = gm.get_submodule(node.target)
+        if not _plain(m, node):
+            continue
+        _rewrite(gm, node, m)
+        count += 1
+    if count:
+        gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        gm.recompile()
+    return count
+
+
+def _rewrite(gm: fx.GraphModule, node: fx.Node, m: nn.MultiheadAttention) -> None:
+    e, h = m.embed_dim, m.num_heads
+    name = node.target
+    w, b = m.in_proj_weight.detach(), m.in_proj_bias.detach()
+    parts = {"q_proj": _linear(w[:e], b[:e]), "k_proj": _linear(w[e:2 * e], b[e:2 * e]),
+             "v_proj": _linear(w[2 * e:], b[2 * e:]), "out_proj": _linear(m.out_proj.weight.detach(),
+                                                                             m.out_proj.bias)}
+    batch_first = m.batch_first
+    gm.delete_submodule(name)
+    for key, lin in parts.items():
+        gm.add_submodule(f"{name}.{key}", lin)
+    g = gm.graph
+    with g.inserting_before(node):
+        heads = []
+        for key, src in zip(("q_proj", "k_proj", "v_proj"), node.args[:3]):
+            if not batch_first:
+                src = g.call_method("transpose", (src, 0, 1))
+            x = g.call_module(f"{name}.{key}", (src,))
+            x = g.call_method("unflatten", (x, -1, (h, -1)))
+            heads.append(g.call_method("transpose", (x, -3, -2)))
+        att = g.call_function(F.scaled_dot_product_attention, tuple(heads), {"scale": (e // h) ** -0.5})
+        merged = g.call_method("flatten", (g.call_method("transpose", (att, -3, -2)), -2))
+        out = g.call_module(f"{name}.out_proj", (merged,))
+        if not batch_first:
+            out = g.call_method("transpose", (out, 0, 1))
+    for user in list(node.users):
+        if user.args[1] == 0:
+            user.replace_all_uses_with(out)
+        g.erase_node(user)
+    g.erase_node(node)
