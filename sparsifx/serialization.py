@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import pickle
 from typing import Any, Callable
 
 import torch
@@ -54,6 +55,8 @@ _FUNCTION_MODULES: dict[str, frozenset[str] | None] = {
     "torchvision.models.video.swin_transformer": frozenset({
         "_get_window_and_shift_size", "_get_relative_position_bias", "_compute_pad_size_3d",
         "_compute_attention_mask_3d", "shifted_window_attention_3d"}),
+    "torchvision.models.googlenet": frozenset({"GoogLeNetOutputs"}),  # namedtuple outputs (training graphs)
+    "torchvision.models.inception": frozenset({"InceptionOutputs"}),
     "torchvision.models.video.mvit": frozenset({"_unsqueeze", "_squeeze", "_add_rel_pos", "_add_shortcut"}),
 }
 _FUNCTION_MODULE_PREFIXES = ("torchvision.ops.",)
@@ -417,8 +420,10 @@ def load(path: str | os.PathLike, map_location: Any = None) -> fx.GraphModule:
     """Read a file written by :func:`save` (never unpickles code; allow-listed targets only)."""
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except (OSError, RuntimeError) as exc:
-        raise SerializationError(f"cannot read '{path}': {type(exc).__name__}: {exc}") from exc
+    except (OSError, RuntimeError, pickle.UnpicklingError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise SerializationError(f"cannot read '{path}' as a weights-only file (no code is unpickled): "
+                                 f"{type(exc).__name__}: {first}") from exc
     return from_payload(payload)
 
 

@@ -165,6 +165,9 @@ def test_not_a_graph_module_and_not_a_sparsifx_file(tmp_path):
     torch.save({"weight": torch.zeros(2)}, tmp_path / "sd.pt")
     with pytest.raises(SerializationError, match="not a sparsifx"):
         load(tmp_path / "sd.pt")
+    torch.save(nn.Linear(2, 2), tmp_path / "pickled_module.pt")  # a pickled class: never unpickled
+    with pytest.raises(SerializationError, match="weights-only"):
+        load(tmp_path / "pickled_module.pt")
 
 
 def test_public_lazy_names_and_operator_targets(tmp_path):
