@@ -20,6 +20,7 @@ from sparsifx.tracing import register_leaf_type
 from .sparse_kernels import SPARSE_KERNELS, get_kernel
 
 Plan = tuple[tuple[int | None, str], ...]
+UNFOLD_BYTES = 4 << 20  # im2col block per kernel call in SparseConv2d
 
 
 def _check_plan(plan: Sequence[tuple[int | None, str]]) -> Plan:
@@ -148,12 +149,18 @@ class SparseConv2d(_PackedMixin, nn.Module):
             raise BackendError(f"SparseConv2d computes in float32; got a {x.dtype} input")
         n, _, h, w = x.shape
         ho, wo = self.out_size(h, w)
+        kernel, packed = SPARSE_KERNELS.get(self.kernel), self._packed(self.kernel)
         if self.pointwise:
             xs = x if self.stride == (1, 1) else x[:, :, ::self.stride[0], ::self.stride[1]]
-            cols = xs.reshape(n, self.in_channels, ho * wo)
-        else:
-            cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
-        y = SPARSE_KERNELS.get(self.kernel).matmul_cols(cols.contiguous(), self._packed(self.kernel), self.bias)
+            y = kernel.matmul_cols(xs.reshape(n, self.in_channels, ho * wo).contiguous(), packed, self.bias)
+            return y.reshape(n, self.out_channels, ho, wo)
+        # im2col a few samples at a time so that the unfolded block stays in cache (about UNFOLD_BYTES)
+        per_sample = self.in_channels * self.kernel_size[0] * self.kernel_size[1] * ho * wo * 4
+        step = max(1, UNFOLD_BYTES // per_sample)
+        outs = [kernel.matmul_cols(F.unfold(x[i:i + step], self.kernel_size, self.dilation, self.padding,
+                                            self.stride).contiguous(), packed, self.bias)
+                for i in range(0, n, step)]
+        y = outs[0] if len(outs) == 1 else torch.cat(outs)
         return y.reshape(n, self.out_channels, ho, wo)
 
     def extra_repr(self) -> str:

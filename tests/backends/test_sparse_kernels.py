@@ -133,3 +133,15 @@ def test_small_real_calibration(tmp_path):
     assert all(t > 0 for k in cal.linear for pts in cal.linear[k].values() for _, t in pts)
     assert list(tmp_path.glob("calibration-*.json"))
     assert cost_model.load_or_calibrate(("dense", "csr_tiled"), tmp_path).linear == cal.linear  # from cache
+
+
+def test_sparse_conv2d_chunked_unfold(monkeypatch):
+    from sparsifx.backends import sparse_modules
+    monkeypatch.setattr(sparse_modules, "UNFOLD_BYTES", 1)  # one sample per im2col block
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.mul_((torch.rand_like(conv.weight) < 0.3).float())
+    lowered = SparseConv2d(conv, conv.weight, "csr_tiled")
+    x = torch.randn(5, 4, 7, 7)
+    with torch.inference_mode():
+        torch.testing.assert_close(lowered(x), conv(x), **TOL)
