@@ -152,7 +152,11 @@ def markdown(result) -> str:
              f"processes' share of a busy machine; `wall` = wall clock) of {meta['reps']} interleaved runs in "
              "shuffled order (fewer for the largest cells); load average "
              f"{meta['loadavg_start']} at start, {meta['loadavg_end']} at end (a shared machine: expect noise). "
-             "`x dense` = torch F.linear time / this time; `x best` = min(torch, onnxruntime dense) / this time.", ""]
+             "`x dense` = torch F.linear time / this time; `x best` = min(torch, onnxruntime dense) / this time. "
+             "`lower` times the module the `lower` pass produced (its own copy of the data, module call overhead "
+             "included; the kernel it runs at this batch in parentheses). Where it chose `dense` it runs the same "
+             "GEMM as the `dense` column, so a gap there is noise. Check (a) is reported on the measured lowered "
+             "module and on the column of the kernel it chose.", ""]
     for n in sorted({r["n"] for r in rows}):
         for b in sorted({r["batch"] for r in rows}):
             lines += [f"## {n}x{n}, batch {b}", "",
@@ -173,6 +177,12 @@ def markdown(result) -> str:
         lines.append(f"| {k} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in be.values()) + " |")
     lines += ["", "## Target checks", "", "```", json.dumps(result["checks"], indent=1), "```", ""]
     return "\n".join(lines)
+
+
+def rewrite_markdown(json_path: str) -> None:
+    """Regenerate the markdown table next to an existing JSON result."""
+    path = Path(json_path)
+    path.with_suffix(".md").write_text(markdown(json.loads(path.read_text())))
 
 
 def main(argv=None):
