@@ -58,7 +58,11 @@ def slice_module(module: nn.Module, cuts: Cuts) -> None:
 def slice_conv(m: nn.Module, cuts: Cuts) -> None:
     cin, cout, g = m.in_channels, m.out_channels, m.groups
     if 1 < g < cin and cin == cout and ("weight", 0) in cuts:
-        _regroup_identity(m, cuts[("weight", 0)])
+        out_idx = cuts[("weight", 0)]
+        _regroup_identity(m, out_idx)
+        cuts = {k: v for k, v in cuts.items() if k != ("weight", 0)}
+        if m.bias is not None:
+            cuts[("bias", 0)] = out_idx
     slice_generic(m, cuts)
     new_out = m.weight.shape[0]
     if g == 1:
@@ -71,20 +75,18 @@ def slice_conv(m: nn.Module, cuts: Cuts) -> None:
 
 
 def _regroup_identity(m: nn.Module, out_idx: torch.Tensor) -> None:
-    """Grouped conv with in == out coupled per index: each group keeps the same local input indices."""
+    """Grouped conv with in == out coupled per index: keep rows ``out_idx`` and, in each row, the kept
+    input indices local to its group (the same count in every group)."""
     size = m.out_channels // m.groups
-    w = m.weight.detach()
-    mask = m.mask if is_masked(m) else None
     cols = [(out_idx[(out_idx // size) == b] - b * size) for b in range(m.groups)]
-    per_block = {len(c) for c in cols}
-    if len(per_block) != 1:
-        raise ValueError(f"grouped conv needs equal kept channels per group, got {sorted(per_block)}")
-    # rows are cut later by slice_generic; here only the local input columns of every row change
-    local = torch.stack(cols)[torch.arange(m.out_channels) // size]          # (out, kept per group)
+    if len({len(c) for c in cols}) != 1:
+        raise ValueError(f"grouped conv needs equal kept channels per group, got {sorted({len(c) for c in cols})}")
+    local = torch.stack(cols)[out_idx // size]                                # (kept out, kept per group)
+    w = m.weight.detach().index_select(0, out_idx)
     index = local.reshape(local.shape + (1,) * (w.ndim - 2)).expand(-1, -1, *w.shape[2:])
-    set_tensor(m, "weight", torch.gather(w, 1, index).clone())
-    if mask is not None:
-        m._buffers["mask"] = torch.gather(mask, 1, index).clone()
+    set_tensor(m, "weight", torch.gather(w, 1, index))
+    if is_masked(m):
+        m._buffers["mask"] = torch.gather(m.mask.index_select(0, out_idx), 1, index)
 
 
 @register_slicer(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)

@@ -56,7 +56,7 @@ class Grouped(nn.Module):
     def __init__(self, groups: int, depthwise_mult: int = 1):
         super().__init__()
         self.stem = block(3, 16)
-        self.grouped = block(16, 16, groups=groups)
+        self.grouped = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=groups), nn.BatchNorm2d(16), nn.ReLU())
         self.dw = nn.Conv2d(16, 16 * depthwise_mult, 3, padding=1, groups=16)
         self.head = Head(16 * depthwise_mult)
 
@@ -167,7 +167,7 @@ def test_grouped_conv_groups_2_and_4_stay_balanced():
         gm, _, _ = prune_and_shrink(randomize_bn(Grouped(groups)), X)
         conv = gm.get_submodule("grouped.0")
         assert conv.groups == groups and conv.out_channels == conv.in_channels == 8
-        assert conv.weight.shape == (8, 8 // groups, 3, 3)
+        assert conv.weight.shape == (8, 8 // groups, 3, 3) and conv.bias.shape == (8,)
 
 
 def test_depthwise_with_multiplier():
