@@ -20,7 +20,7 @@ from typing import Any, Iterable, Mapping
 import torch
 import torch.nn as nn
 
-from sparsifx.errors import PreconditionError
+from sparsifx.errors import PassError, PreconditionError
 
 from .mask_ops import momentum_of
 
@@ -75,6 +75,9 @@ class SWATController:
         """Hook ``optimizer``: every ``optimizer.step()`` then also runs ``self.after_step()``."""
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise PreconditionError(f"attach needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if self.variant == "momentum" and not all(g.get("momentum", 0) or "betas" in g for g in optimizer.param_groups):
+            raise PreconditionError("SWAT-M (variant 'momentum') allocates sparsity from the optimizer's momentum: "
+                                    "use SGD with momentum > 0 or an Adam-style optimizer")
         self.detach()
         self.optimizer = optimizer
         self._handles = [optimizer.register_step_post_hook(lambda opt, args, kwargs: self.after_step())]
@@ -101,7 +104,10 @@ class SWATController:
         for name, layer in layers.items():
             if layer.weight not in self.optimizer.state:
                 return {n: m.sparsity for n, m in layers.items()}  # no step taken yet
-            mom = momentum_of(self.optimizer, layer.weight).abs()
+            try:
+                mom = momentum_of(self.optimizer, layer.weight).abs()
+            except PassError as exc:
+                raise PreconditionError(f"SWAT-M (variant 'momentum') reads the optimizer's momentum: {exc}") from exc
             thr = layer.thr_w
             mask = layer.weight.abs() >= thr if not torch.isnan(thr) else torch.ones_like(mom, dtype=torch.bool)
             mean_m[name] = float(mom[mask].mean()) if mask.any() else 0.0

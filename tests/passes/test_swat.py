@@ -82,8 +82,16 @@ def test_zero_sparsity_resnet18_equals_dense():
 
 
 # --- 2.-4. forward, saved activations, gradients ------------------------------------------------------------------
+@pytest.fixture(params=["numpy", "torch"])
+def backend(request, monkeypatch):
+    """Run a test with the CPU NumPy kernels and with the torch kernels (the GPU path)."""
+    if request.param == "torch":
+        monkeypatch.setattr(kernels, "NUMPY_DTYPES", ())
+    return request.param
+
+
 @pytest.mark.parametrize("exact", [False, True])
-def test_linear_forward_saved_and_grads(exact):
+def test_linear_forward_saved_and_grads(exact, backend):
     torch.manual_seed(1)
     s = 0.8
     layer = make_swat(nn.Linear(30, 12), s, exact=exact)
@@ -104,7 +112,7 @@ def test_linear_forward_saved_and_grads(exact):
     assert dropped.sum() > 0 and (layer.weight.grad[dropped] != 0).all()  # dense-shaped weight gradient
 
 
-def test_conv_forward_and_grads_match_topk_reference():
+def test_conv_forward_and_grads_match_topk_reference(backend):
     torch.manual_seed(2)
     s = 0.7
     layer = make_swat(nn.Conv2d(4, 6, 3, padding=1, bias=False), s, period=1)
@@ -132,7 +140,7 @@ def test_exact_mode_keeps_exactly_k_with_ties():
 
 
 # --- 5. period: stale threshold reuse -------------------------------------------------------------------------------
-def test_period_reuses_stored_threshold_on_non_recompute_steps():
+def test_period_reuses_stored_threshold_on_non_recompute_steps(backend):
     torch.manual_seed(3)
     layer = make_swat(nn.Conv2d(3, 8, 3), 0.9, period=3)
     x = torch.randn(2, 3, 6, 6)
@@ -166,7 +174,7 @@ def test_warmup_recomputes_every_step():
 
 
 # --- 6. structured ---------------------------------------------------------------------------------------------------
-def test_structured_kernel_count_and_zero_kernels():
+def test_structured_kernel_count_and_zero_kernels(backend):
     torch.manual_seed(4)
     s = 0.6
     layer = make_swat(nn.Conv2d(6, 10, 3), s, structured=True)
@@ -305,6 +313,8 @@ def test_swat_m_controller_reallocates_after_each_step():
     assert abs(kept - 0.2 * sum(numel.values())) <= len(layers) + 1
     assert len({round(m.sparsity, 6) for m in layers.values()}) > 1  # no longer uniform
     ctrl.detach()
+    with pytest.raises(PreconditionError, match="momentum"):  # no momentum to allocate from: a typed error
+        swat_controller(gm).attach(torch.optim.SGD(gm.parameters(), lr=0.05))
 
 
 # --- finalize and kernels ------------------------------------------------------------------------------------------------
