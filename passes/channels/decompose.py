@@ -38,6 +38,11 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     return lin
 
 
+def _seq_batch(src: fx.Node, batch_first: bool) -> tuple[int, int]:
+    shape = tuple(src.meta["tensor_meta"].shape) if "tensor_meta" in src.meta else (0, 0, 0)
+    return (shape[1], shape[0]) if batch_first else (shape[0], shape[1])
+
+
 def decompose_attention(gm: fx.GraphModule) -> int:
     """Rewrite every plain ``nn.MultiheadAttention`` call in ``gm``; returns how many were rewritten."""
     count = 0
@@ -68,19 +73,33 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, m: nn.MultiheadAttention) -> Non
     for key, lin in parts.items():
         gm.add_submodule(f"{name}.{key}", lin)
     g = gm.graph
+    ref = node.args[0].meta.get("tensor_meta")
+
+    def shaped(new: fx.Node, *shape: int) -> fx.Node:  # shapes known in closed form: no model run needed
+        if ref is not None:
+            stride = [1] * len(shape)
+            for i in range(len(shape) - 2, -1, -1):
+                stride[i] = stride[i + 1] * shape[i + 1]
+            new.meta["tensor_meta"] = ref._replace(shape=torch.Size(shape), stride=tuple(stride))
+        return new
+
     with g.inserting_before(node):
         heads = []
         for key, src in zip(("q_proj", "k_proj", "v_proj"), node.args[:3]):
+            n, b = _seq_batch(src, batch_first)
             if not batch_first:
-                src = g.call_method("transpose", (src, 0, 1))
-            x = g.call_module(f"{name}.{key}", (src,))
-            x = g.call_method("unflatten", (x, -1, (h, -1)))
-            heads.append(g.call_method("transpose", (x, -3, -2)))
-        att = g.call_function(F.scaled_dot_product_attention, tuple(heads), {"scale": (e // h) ** -0.5})
-        merged = g.call_method("flatten", (g.call_method("transpose", (att, -3, -2)), -2))
-        out = g.call_module(f"{name}.out_proj", (merged,))
+                src = shaped(g.call_method("transpose", (src, 0, 1)), b, n, e)
+            x = shaped(g.call_module(f"{name}.{key}", (src,)), b, n, e)
+            x = shaped(g.call_method("unflatten", (x, -1, (h, -1))), b, n, h, e // h)
+            heads.append(shaped(g.call_method("transpose", (x, -3, -2)), b, h, n, e // h))
+        lq, b = _seq_batch(node.args[0], batch_first)
+        att = shaped(g.call_function(F.scaled_dot_product_attention, tuple(heads), {"scale": (e // h) ** -0.5}),
+                     b, h, lq, e // h)
+        merged = shaped(g.call_method("transpose", (att, -3, -2)), b, lq, h, e // h)
+        merged = shaped(g.call_method("flatten", (merged, -2)), b, lq, e)
+        out = shaped(g.call_module(f"{name}.out_proj", (merged,)), b, lq, e)
         if not batch_first:
-            out = g.call_method("transpose", (out, 0, 1))
+            out = shaped(g.call_method("transpose", (out, 0, 1)), lq, b, e)
     for user in list(node.users):
         if user.args[1] == 0:
             user.replace_all_uses_with(out)

@@ -16,9 +16,7 @@ from sparsifx.pass_base import PassBase, PassResult
 from sparsifx.registry import register_pass
 from sparsifx.selection import LayerSelection
 
-from sparsifx.tracing import record_shapes
-
-from .coupling import ChannelAnalysis, Group, analyze_channels, model_inputs
+from .coupling import ChannelAnalysis, Group, analyze_channels
 from .decompose import decompose_attention
 from .importance import IMPORTANCE, member_tensor
 
@@ -80,8 +78,6 @@ class ChannelPrune(PassBase):
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         rewritten = decompose_attention(gm) if self.ratio > 0 and _has_attention(gm) else 0
-        if rewritten:  # new nodes need shapes
-            record_shapes(gm, model_inputs(gm, self.seed)[0])
         analysis = analyze_channels(gm)
         scores = IMPORTANCE.get(self.importance)(gm, analysis, self)
         pruned = np.zeros(len(analysis.prunable), dtype=bool)
