@@ -90,11 +90,18 @@ class SWAT(PassBase):
 
     # -- which layers, which sparsity ------------------------------------------------------------------------
     def targets(self, gm: fx.GraphModule) -> dict[str, nn.Module]:
-        """Selected layers minus the first/last exclusions (order: ``named_parameters`` of the weights)."""
-        chosen = dict(self.selection.layers(gm))
+        """Selected layers called by the graph, minus the first/last exclusions (order: ``named_parameters``).
+
+        A selected layer that no ``call_module`` node calls (inside an opaque leaf, or read directly by its
+        parent like ``MultiheadAttention.out_proj``) cannot be rewritten: it is left dense and listed in
+        ``self.skipped`` (then ``gm.meta["swat"]["skipped"]``)."""
+        called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+        chosen = {n: m for n, m in self.selection.layers(gm) if getattr(m, "weight", None) is not None}
+        self.skipped = {n: "not called as a graph node" for n in chosen if n not in called}
+        for name in self.skipped:
+            log.info("swat: layer %s is not called as a graph node; left dense", name)
         order = {id(p): i for i, (_, p) in enumerate(gm.named_parameters())}
-        names = sorted((n for n, m in chosen.items() if getattr(m, "weight", None) is not None),
-                       key=lambda n: order.get(id(chosen[n].weight), 0))
+        names = sorted((n for n in chosen if n in called), key=lambda n: order.get(id(chosen[n].weight), 0))
         if names and not self.sparsify_first_layer:
             names = names[1:]
         if names and not self.sparsify_last_layer:
@@ -135,7 +142,8 @@ class SWAT(PassBase):
         if self.lean_maxpool:
             modified |= self._lean_maxpools(gm)
         if targets:
-            gm.meta["swat"] = {"sparsity": self.sparsity, "variant": self.variant, "layers": dict(sparsity)}
+            gm.meta["swat"] = {"sparsity": self.sparsity, "variant": self.variant, "layers": dict(sparsity),
+                               "skipped": dict(self.skipped)}
             gm.meta["sparse_controller"] = SWATController(gm, list(targets), self.variant, self.sparsity)
         if modified:
             gm.recompile()

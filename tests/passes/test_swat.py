@@ -377,3 +377,20 @@ def test_docstring_usage_snippet_runs():
     exec(textwrap.dedent(block), scope)  # noqa: S102 - the documented snippet itself
     assert 0 < scope["kept"] and 0.1 < scope["ratio"] < 1.0
     assert not list(swat_layers(scope["final"])) and scope["gm"].get_submodule("3").sparsity == 0.9
+
+
+def test_layers_not_called_by_the_graph_are_skipped_and_listed():
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.mha, self.out = nn.Linear(8, 16), nn.MultiheadAttention(16, 2), nn.Linear(16, 4)
+
+        def forward(self, x):
+            h = self.inp(x)
+            return self.out(self.mha(h, h, h, need_weights=False)[0])
+
+    torch.manual_seed(10)
+    gm = SWAT(sparsity=0.5)(trace(Attn())).gm  # MHA is a leaf: its out_proj weight is read directly
+    assert gm.meta["swat"]["skipped"] == {"mha.out_proj": "not called as a graph node"}
+    assert [n for n, _ in swat_layers(gm)] == ["out"]
+    F.mse_loss(gm(torch.randn(3, 5, 8)), torch.zeros(3, 5, 4)).backward()
