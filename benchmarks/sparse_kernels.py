@@ -149,8 +149,8 @@ def markdown(result) -> str:
     rows, meta = result["rows"], result["meta"]
     lines = [f"# Sparse Linear kernels ({meta['machine']}, {meta['threads']} threads, {meta['clock']} clock)", "",
              f"Median ms ({meta['clock']} clock: `cpu` = CPU time of the single compute thread, immune to other "
-             f"processes' share of a busy machine; `wall` = wall clock) of {meta['reps']} interleaved runs in "
-             "shuffled order (fewer for the largest cells); load average "
+             f"processes' share of a busy machine; `wall` = wall clock) of {meta['reps']} interleaved runs (x3 for the smallest cells, /3 for the largest) in "
+             "shuffled order; load average "
              f"{meta['loadavg_start']} at start, {meta['loadavg_end']} at end (a shared machine: expect noise). "
              "`x dense` = torch F.linear time / this time; `x best` = min(torch, onnxruntime dense) / this time. "
              "`lower` times the module the `lower` pass produced (its own copy of the data, module call overhead "
