@@ -310,7 +310,7 @@ def target_checks(rows: list[dict], resnet: dict | None) -> list[tuple[str, bool
     return checks
 
 
-def header_lines(settings: Settings, missing: list[str], wall_s: float) -> list[str]:
+def header_lines(settings: Settings, missing: list[str], wall_s: float, note: str = "") -> list[str]:
     per_model = [settings.for_model(m) for m in settings.models]
     epochs = ", ".join(f"{m} {s.epochs} epochs = {s.total_steps} steps" for m, s in zip(settings.models, per_model))
     schedules = {m: methods_mod.Schedule(s.total_steps, s.batch)
@@ -350,19 +350,19 @@ def header_lines(settings: Settings, missing: list[str], wall_s: float) -> list[
     ]
     if missing:
         lines.append(f"Not run (pass not registered when the run started): {', '.join(missing)}.")
-    lines.append(f"Wall time of the run: {wall_s / 60:.1f} min.")
+    lines.append(f"Wall time of the run: {wall_s / 60:.1f} min" + (f" (longest part). {note}" if note else "."))
     return lines
 
 
 def write_outputs(out: Path, rows: list[dict], meta: dict, settings: Settings, missing: list[str],
-                  resnet: dict | None, wall_s: float) -> list[tuple[str, bool | None, str]]:
+                  resnet: dict | None, wall_s: float, note: str = "") -> list[tuple[str, bool | None, str]]:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=1) + "\n")
     checks = target_checks(rows, resnet)
     meta = {**meta, "settings": asdict(settings), "missing_methods": missing, "resnet18_memory": resnet,
             "wall_s": wall_s, "targets": [{"target": n, "passed": p, "numbers": s} for n, p, s in checks]}
     out.with_name(out.stem + "_meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-    lines = header_lines(settings, missing, wall_s)
+    lines = header_lines(settings, missing, wall_s, note)
     table = report.markdown_table(rows, lines)
     verdict = {True: "PASS", False: "FAIL", None: "n/a"}
     table += "\n## Targets\n\n| target | result | numbers |\n|---|---|---|\n"
@@ -425,7 +425,7 @@ def _settings_from_dict(data: dict) -> Settings:
     return Settings(**fields)
 
 
-def merge(parts: list[Path], out: Path) -> list[dict]:
+def merge(parts: list[Path], out: Path, note: str = "") -> list[dict]:
     """Combine runs made in parallel processes (e.g. one per model) into one set of outputs."""
     rows, metas = [], []
     for part in parts:
@@ -442,7 +442,7 @@ def merge(parts: list[Path], out: Path) -> list[dict]:
     meta = {"code": [meta.get("code") for meta in metas], "parts": [str(p) for p in parts],
             "dense_absolute": {k: v for meta in metas for k, v in meta["dense_absolute"].items()}}
     wall = max(meta_["wall_s"] for meta_ in metas)
-    checks = write_outputs(out, rows, meta, settings, missing, resnet, wall)
+    checks = write_outputs(out, rows, meta, settings, missing, resnet, wall, note)
     for name, passed, numbers in checks:
         log.info("%-70s %-4s %s", name, {True: "PASS", False: "FAIL", None: "n/a"}[passed], numbers)
     return rows
@@ -463,11 +463,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resnet18-memory-only", action="store_true", help="run only the resnet18 section")
     parser.add_argument("--merge", nargs="+", type=Path, metavar="PART_JSON",
                         help="combine outputs of runs made in parallel (one --out each) into --out; trains nothing")
+    parser.add_argument("--note", help="with --merge: a sentence for the table header (how the parts were run)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("sparsifx").setLevel(logging.WARNING)   # per-pass INFO lines would drown the progress bars
     if args.merge:
-        merge(args.merge, args.out)
+        merge(args.merge, args.out, args.note or "")
         return
     settings = QUICK if args.quick else Settings()
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in
