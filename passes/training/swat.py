@@ -7,7 +7,9 @@ unchanged optimizer to the dense weights. ReLUs become ``LeanReLU`` (1-bit saved
 ``MaxPool2d`` becomes ``LeanMaxPool2d`` (int32 indices only) so their dense saved copies do not
 cancel the saving. What stays dense for backward: BatchNorm inputs (its backward needs the exact
 normalised input, which no exact compressed form gives), inputs of excluded layers, other ops' own
-saves (avg-pool inputs, loss), and the model's parameters. Usage (``net``, a batch ``x, y``)::
+saves (avg-pool inputs, GELU/SiLU/ReLU6, LayerNorm, attention, the loss), and the model's parameters.
+Departures from the reference: ``warmup_steps`` counts steps, not epochs, and the recompute period
+counts training calls since the pass, not the batch index within the epoch. Usage (``net``, a batch ``x, y``)::
 
     import torch, torch.nn.functional as F, sparsifx
     from sparsifx.accounting import saved_tensor_bytes, training_flops
