@@ -22,7 +22,7 @@ def export(model, x) -> bytes:
 
 def run(data: bytes, x: torch.Tensor) -> torch.Tensor:
     sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    return torch.from_numpy(sess.run(None, {"x": x.numpy()})[0])
+    return torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
 
 
 def prune(model, sparsity, seed=0):
@@ -95,3 +95,21 @@ def test_bitmask_decode_matches_numpy():
     proto = to_sparse_initializers(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     np.testing.assert_array_equal(sess.run(None, {})[0], w)
+
+
+@pytest.mark.slow
+def test_export_onnx_sparse_weights(tmp_path):
+    """``sparsifx.export_onnx(..., sparse_weights=True)`` stores bitmask initializers and still verifies."""
+    import sparsifx
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    gm = sparsifx.sparsify(torchvision.models.resnet18(num_classes=10).eval(),
+                           {"stages": [{"pass": "magnitude", "sparsity": 0.9, "distribution": "erk"}]},
+                           example_inputs=(x,))
+    dense = sparsifx.export_onnx(gm, tmp_path / "dense.onnx", (x,))
+    sparse = sparsifx.export_onnx(gm, tmp_path / "sparse.onnx", (x,), sparse_weights=True)
+    assert sparse.stat().st_size < 0.2 * dense.stat().st_size
+    proto = onnx.load(str(sparse))
+    assert any(i.name.endswith("__bits") for i in proto.graph.initializer)
+    with torch.no_grad():
+        torch.testing.assert_close(run(proto.SerializeToString(), x), gm(x), rtol=1e-4, atol=1e-4)
