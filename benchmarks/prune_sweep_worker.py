@@ -25,7 +25,9 @@ NO_AUX = {"googlenet": (None, {"aux_logits": False, "init_weights": False}),
           "inception_v3": (None, {"aux_logits": False, "init_weights": False})}
 FULL_SPECIAL = {"maxvit_t": (224, {}), "vit_h_14": (112, {"image_size": 112}),
                 **{n: (128, {"image_size": 128}) for n in ("vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32")}}
-CI_SPECIAL = {"inception_v3": (80, {}), "vit_b_16": (32, {"image_size": 32}), "maxvit_t": (224, {})}
+CI_SPECIAL = {"inception_v3": (80, {}), "vit_b_16": (32, {"image_size": 32}), "vit_l_16": (32, {"image_size": 32}),
+              "vit_b_32": (64, {"image_size": 64}), "vit_l_32": (64, {"image_size": 64}),
+              "vit_h_14": (28, {"image_size": 28}), "maxvit_t": (224, {})}
 PHYSICAL_LIMIT_MODELS = ("resnet18", "resnet50", "mobilenet_v2", "convnext_tiny", "vit_b_16")
 
 

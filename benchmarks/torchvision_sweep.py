@@ -155,10 +155,12 @@ def _fmt(v, spec: str = ".2f") -> str:
 
 def markdown(records: dict[str, dict], meta: dict) -> str:
     s = meta["summary"]
-    lines = [f"# torchvision channel-pruning sweep (ratio {meta['ratio']}, mode {meta['mode']})", "",
+    lines = [f"# torchvision channel-pruning sweep (ratio {meta['ratio']}; input side per model in the table)", "",
              f"sparsifx: {s['sparsifx_ok']}/{s['models']} models pruned, shrunk, verified and exported; "
              f"max pruning time {_fmt(s['sparsifx_max_time_s'])} s; median latency/MACs ratio eager "
              f"{_fmt(s['median_eager_latency_over_macs'])}, onnxruntime {_fmt(s['median_ort_latency_over_macs'])}."]
+    if s.get("not_run"):
+        lines.append(f"Not run ({len(s['not_run'])}): " + ", ".join(s["not_run"]))
     if "torch_pruning_ok" in s:
         lines.append(f"Torch-Pruning 1.6: {s['torch_pruning_ok']}/{s['torch_pruning_runs']}; median time ratio "
                      f"sparsifx/TP {_fmt(s['median_time_ratio_sparsifx_over_tp'])}; TP max time "
@@ -189,6 +191,8 @@ def write(records: dict[str, dict], out: Path, args: argparse.Namespace) -> dict
     import torchvision
     meta = {"ratio": args.ratio, "mode": args.mode, "torch": torch.__version__,
             "torchvision": torchvision.__version__, "threads": 2, "batch": 1, "summary": summary(records)}
+    if args.models == "all" or args.merge:
+        meta["summary"]["not_run"] = [n for n in all_models() if n not in records]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "records": records}, indent=1))
     out.with_suffix(".md").write_text(markdown(records, meta))
