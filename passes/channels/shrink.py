@@ -185,10 +185,9 @@ def shrink_with_plan(gm: fx.GraphModule, plan: ChannelPlan, seed: int = 0,
         slice_module(gm.get_submodule(owner) if owner else gm, owner_cuts)
     nodes = {n.name: n for n in gm.graph.nodes}
     kept = lambda atoms: ~pruned[a.unit[atoms.numpy()]]  # noqa: E731
-    for rw in a.tracker.rewrites.values():
-        REWRITES.get(rw.kind)(nodes[rw.node], rw.data, kept)
-    gm.graph.lint()
-    gm.recompile()
+    rewritten = [REWRITES.get(rw.kind)(nodes[rw.node], rw.data, kept) for rw in a.tracker.rewrites.values()]
+    if any(rewritten):  # the generated code only changes when a constant did (the pass lints the graph)
+        gm.recompile()
     _update_shapes(gm, a, kept)
     removed = int(pruned.sum())
     gm.meta.setdefault("report_notes", []).append(
