@@ -46,7 +46,7 @@ def slice_generic(module: nn.Module, cuts: Cuts) -> None:
     if ("weight", out_dim) in cuts and getattr(module, "bias", None) is not None and ("bias", 0) not in cuts \
             and isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
         cuts = {**cuts, ("bias", 0): cuts[("weight", out_dim)]}  # a bias created by constant folding
-    for (name, dim), index in cuts.items():
+    for (name, dim), index in sorted(cuts.items(), key=lambda kv: kv[0][1]):  # rows first: less to gather
         cut(module, name, dim, index)
 
 
