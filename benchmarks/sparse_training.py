@@ -387,11 +387,11 @@ def code_state() -> dict[str, Any]:
     def git(*args: str) -> str:
         try:
             return subprocess.run(["git", *args], cwd=HERE.parent, capture_output=True, text=True,
-                                  timeout=30).stdout.strip()
+                                  timeout=30).stdout.rstrip("\n")   # keep porcelain's leading status column
         except (OSError, subprocess.SubprocessError):
             return ""
     dirty = [line[3:] for line in git("status", "--porcelain", "--", "sparsifx", "passes", "backends").splitlines()]
-    return {"commit": git("rev-parse", "HEAD"), "uncommitted_library_files": dirty}
+    return {"commit": git("rev-parse", "HEAD").strip(), "uncommitted_library_files": dirty}
 
 
 def run(settings: Settings, out: Path, resnet: bool = True, resnet_only: bool = False) -> list[dict]:
