@@ -18,14 +18,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.fx as fx
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from sparsifx.errors import PreconditionError
 
 from . import rules_attention, rules_elementwise, rules_modules, rules_shape  # noqa: F401  (register rules)
 from .rules_base import UNKNOWN, RuleContext, find_rule, is_label, shape_of
-from .tracker import FIXED, Member, Tracker
+from .tracker import FIXED, Member, Tracker, connected_components
 from .zeros import is_zero_after
 
 log = logging.getLogger(__name__)
@@ -196,8 +194,7 @@ def _finalize(gm: fx.GraphModule, t: Tracker) -> ChannelAnalysis:
     prod = np.nonzero((space >= 0) & prunable[unit])[0]
     u, s = unit[prod], space[prod]
     n_spaces = len(t.spaces)
-    graph = coo_matrix((np.ones(len(u), dtype=np.int8), (u, n_units + s)), shape=(n_units + n_spaces,) * 2)
-    _, label = connected_components(graph, directed=False)
+    label = connected_components(n_units + n_spaces, u, n_units + s)
     groups: dict[int, list[int]] = {}
     for uid in np.nonzero(prunable)[0]:
         groups.setdefault(int(label[uid]), []).append(int(uid))

@@ -17,8 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 FIXED = 0
 
@@ -160,15 +158,33 @@ class Tracker:
 
     def components(self) -> np.ndarray:
         """Unit id of every atom (connected components of the union edges)."""
-        n = self.n_atoms
         if self._edges:
             a = torch.cat([e[0] for e in self._edges]).numpy()
             b = torch.cat([e[1] for e in self._edges]).numpy()
         else:
             a = b = np.zeros(0, dtype=np.int64)
-        graph = coo_matrix((np.ones(a.shape[0], dtype=np.int8), (a, b)), shape=(n, n))
-        _, comp = connected_components(graph, directed=False)
-        return comp
+        return connected_components(self.n_atoms, a, b)
+
+
+def connected_components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Component label (the smallest member) of nodes ``0..n-1`` joined by edges ``a[i] - b[i]``
+    (vectorized min-label hooking with pointer jumping; no scipy needed)."""
+    parent = np.arange(n, dtype=np.int64)
+    a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
+    while len(a):
+        ra, rb = parent[a], parent[b]
+        lo, hi = np.minimum(ra, rb), np.maximum(ra, rb)
+        differ = lo != hi
+        if not differ.any():
+            break
+        np.minimum.at(parent, hi[differ], lo[differ])
+        while True:  # point every node at its root
+            grand = parent[parent]
+            if np.array_equal(grand, parent):
+                break
+            parent = grand
+        a, b = a[differ], b[differ]
+    return parent
 
 
 def _tensors(value: Any):
