@@ -230,6 +230,10 @@ def markdown(records: list[dict], meta: dict) -> str:
                      f"{num('onnx_atol')} ({r.get('onnx_tol_basis', '-')}) | {num('trace_s', '{:.2f}')} | "
                      f"{num('export_s', '{:.1f}')} | "
                      f"{(r.get('error') or '').replace('|', '/')} |")
+    other = [r["model"] for r in records if r.get("calibration_batch", CALIBRATION_BATCH) != CALIBRATION_BATCH]
+    if other:
+        lines += ["", f"BatchNorm statistics calibrated on 4 instead of {CALIBRATION_BATCH} samples (first pass of the "
+                  f"sweep, before the calibration batch was raised): {', '.join(other)}."]
     fallbacks = [r for r in records if r.get("onnx_fallback")]
     if fallbacks:
         lines += ["", "Exporter fallbacks (the TorchScript exporter failed, the dynamo exporter was used):", ""]
