@@ -4,6 +4,10 @@ A masked layer is a subclass of its dense class (so ``isinstance(m, nn.Conv2d)``
 other passes keep working), is a tracing leaf, and keeps its qualified name in the graph. With
 ``dense_grad=True`` the gradient reaching ``weight`` is the dense gradient of the effective weight
 (straight-through), which dynamic sparse training methods read for growth.
+
+In eager training the layers run through ``sparsifx.masked_ops`` (``W*M`` recomputed in backward,
+so autograd keeps no dense-size product per layer); under no_grad / inference_mode and while
+tracing or exporting (jit trace, torch.compile/export, ONNX) they compute ``F.linear/conv(x, W*M)``.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import PassError
+from .masked_ops import MaskedConvFn, MaskedLinearFn, use_recompute
 from .tracing import register_leaf_type
 
 
@@ -36,25 +41,40 @@ class MaskedMixin:
 @register_leaf_type
 class MaskedLinear(MaskedMixin, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_recompute(x, self.weight):
+            return MaskedLinearFn.apply(x, self.weight, self.mask, self.bias, bool(self.dense_grad))
         return F.linear(x, self.effective_weight(), self.bias)
 
 
-@register_leaf_type
-class MaskedConv1d(MaskedMixin, nn.Conv1d):
+class _MaskedConvMixin(MaskedMixin):
+    """``conv(x, W*M)``; padding modes other than zeros and string paddings are applied with
+    ``F.pad`` first (as ``nn.Conv*d._conv_forward`` does), so the op sees numeric padding only."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.effective_weight(), self.bias)
+        if not use_recompute(x, self.weight):
+            return self._conv_forward(x, self.effective_weight(), self.bias)
+        padding = self.padding
+        if self.padding_mode != "zeros" or isinstance(padding, str):
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=mode)
+            padding = (0,) * (self.weight.dim() - 2)
+        return MaskedConvFn.apply(x, self.weight, self.mask, self.bias, self.stride, padding, self.dilation,
+                                  self.groups, bool(self.dense_grad))
 
 
 @register_leaf_type
-class MaskedConv2d(MaskedMixin, nn.Conv2d):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.effective_weight(), self.bias)
+class MaskedConv1d(_MaskedConvMixin, nn.Conv1d):
+    pass
 
 
 @register_leaf_type
-class MaskedConv3d(MaskedMixin, nn.Conv3d):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.effective_weight(), self.bias)
+class MaskedConv2d(_MaskedConvMixin, nn.Conv2d):
+    pass
+
+
+@register_leaf_type
+class MaskedConv3d(_MaskedConvMixin, nn.Conv3d):
+    pass
 
 
 # dense class -> masked class; the one table to extend for a new layer type
