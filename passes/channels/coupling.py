@@ -195,14 +195,15 @@ def _finalize(gm: fx.GraphModule, t: Tracker) -> ChannelAnalysis:
     u, s = unit[prod], space[prod]
     n_spaces = len(t.spaces)
     label = connected_components(n_units + n_spaces, u, n_units + s)
-    groups: dict[int, list[int]] = {}
-    for uid in np.nonzero(prunable)[0]:
-        groups.setdefault(int(label[uid]), []).append(int(uid))
+    uids = np.nonzero(prunable)[0]
+    order = np.argsort(label[uids], kind="stable")
+    labs, starts = np.unique(label[uids][order], return_index=True)
+    members = np.split(uids[order], starts[1:]) if len(uids) else []
     mods: dict[int, set[str]] = {}
-    for uu, ss in zip(u, s):
-        mods.setdefault(int(label[uu]), set()).add(t.spaces[ss])
-    out = [Group(i, np.array(units), tuple(sorted(mods.get(lab, ()))))
-           for i, (lab, units) in enumerate(sorted(groups.items()))]
+    for lab, ss in np.unique(np.stack([label[u], s]), axis=1).T.tolist() if len(u) else []:
+        mods.setdefault(lab, set()).add(t.spaces[ss])
+    out = [Group(i, units, tuple(sorted(mods.get(int(lab), ()))))
+           for i, (lab, units) in enumerate(zip(labs.tolist(), members))]
     log.info("channel analysis: %d units in %d groups, %d barriers", int(prunable.sum()), len(out),
              len(t.barriers))
     return ChannelAnalysis(t, unit, prunable, out, graph_signature(gm))

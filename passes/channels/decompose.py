@@ -30,7 +30,7 @@ def _plain(m: nn.MultiheadAttention, node: fx.Node) -> bool:
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    lin = torch.nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None)
     with torch.no_grad():
         lin.weight.copy_(weight)
         if bias is not None:
