@@ -30,10 +30,17 @@ def test_parameters_excluded_derived_weight_copies_counted():
     lin = nn.Linear(32, 16)
     x = torch.randn(8, 32, requires_grad=True)  # so that linear also saves its weight (for x.grad)
     assert saved_tensor_bytes(lin, (x,)) == x.numel() * 4  # input counted, weight (a parameter) not
+    # a derived weight (here W * 2) is a new tensor that linear saves for x.grad: it counts
+    assert saved_tensor_bytes(DoubledWeightLinear(32, 16), (x,)) == x.numel() * 4 + 16 * 32 * 4
+    # masked layers recompute W * mask in backward: only the input is kept (mask = buffer, W = parameter)
     root = nn.Sequential(nn.Linear(32, 16))
     set_mask(root, "0", (torch.rand(16, 32) > 0.5).float())
-    # W * mask is a new tensor saved by linear: it counts; the mask is a buffer and the weight a parameter
-    assert saved_tensor_bytes(root, (x,)) == x.numel() * 4 + 16 * 32 * 4
+    assert saved_tensor_bytes(root, (x,)) == x.numel() * 4
+
+
+class DoubledWeightLinear(nn.Linear):
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight * 2, self.bias)
 
 
 def mlp_1024():
