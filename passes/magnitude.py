@@ -69,11 +69,7 @@ class MagnitudePruning(PassBase):
         if not layers:
             return {}
         shapes = {name: tuple(m.weight.shape) for name, m in layers}
-        custom = {}
-        for name, module in layers:
-            value = self.selection.param(name, module, "sparsity", None)
-            if value is not None:
-                custom[name] = validate.number(f"{name}.sparsity", value, 0.0, 1.0, hi_open=True)
+        custom = self.selection.sparsity_overrides(layers)
         dense = [n for n in (layers[0][0] if self.dense_first_layer else None,
                              layers[-1][0] if self.dense_last_layer else None) if n and n not in custom]
         if len(custom) == len(layers):

@@ -96,6 +96,15 @@ class LayerSelection:
     def param(self, name: str, module: torch.nn.Module, key: str, default: Any) -> Any:
         return self.overrides(name, module).get(key, default)
 
+    def sparsity_overrides(self, layers) -> dict[str, float]:
+        """``{name: sparsity}`` for the (name, module) ``layers`` that override ``sparsity``, validated."""
+        out = {}
+        for name, module in layers:
+            value = self.param(name, module, "sparsity", None)
+            if value is not None:
+                out[name] = validate.number(f"{name}.sparsity", value, 0.0, 1.0, hi_open=True)
+        return out
+
 
 def split_selection(params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Split stage parameters into (selection keys, the rest)."""

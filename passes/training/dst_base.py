@@ -130,11 +130,7 @@ class DSTPass(PassBase):
             log.warning("pass '%s' selected no layer to sparsify", self.label)
             return PassResult(gm, False)
         shapes = {n: tuple(m.weight.shape) for n, m in targets}
-        custom = {}
-        for n, m in targets:
-            value = self.selection.param(n, m, "sparsity", None)
-            if value is not None:
-                custom[n] = validate.number(f"sparsity[{n}]", value, 0.0, 1.0, hi_open=True)
+        custom = self.selection.sparsity_overrides(targets)
         sparsities = self.mask.sparsities(shapes, custom)
         generator = seeded_generator("mask", self.mask.seed)
         names = []
