@@ -115,7 +115,8 @@ def test_registered_function_roundtrip(tmp_path):
     register_function(_custom_op)
     try:
         x = torch.randn(3, 4)
-        _roundtrip(gm, (x,), tmp_path)
+        loaded = _roundtrip(gm, (x,), tmp_path)  # asserts identical outputs and graph
+        assert any(n.target is _custom_op for n in loaded.graph.nodes)
     finally:
         from sparsifx import serialization
         serialization._EXTRA_FUNCTIONS.clear()

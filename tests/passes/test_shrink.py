@@ -131,4 +131,6 @@ def test_full_size_torchvision_models(name, size):
     for m in model.modules():  # some heads are zero-initialized: the output would not depend on the pruning
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, std=0.05)
-    prune_and_shrink(model, image(size))
+    gm, masked, out = prune_and_shrink(model, image(size))  # asserts shrunk == masked, fewer params, lint
+    assert out.shape == masked.shape and sum(p.numel() for p in gm.parameters()) < sum(
+        p.numel() for p in model.parameters())
