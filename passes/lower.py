@@ -15,16 +15,13 @@ from sparsifx.errors import PreconditionError, RecipeError
 from sparsifx.masking import effective_weight
 from sparsifx.pass_base import PassBase, PassResult
 from sparsifx.registry import register_pass
+from sparsifx.module_utils import set_submodule
 from sparsifx.selection import LayerSelection
 from sparsifx.tracing import record_shapes
 
 log = logging.getLogger(__name__)
 BACKEND_CHOICES = ("auto", "dense", "csr", "csr_tiled", "dense_ort")
 
-
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
 def _dense_copy(module: nn.Module, weight: torch.Tensor) -> nn.Module:
@@ -196,7 +193,7 @@ class Lower(PassBase):
             log.info("lower %s: %s", name, info)
             if type(new) is type(module) and not is_masked(module):
                 continue  # a plain layer that stays dense: nothing to rewrite
-            _set_submodule(gm, name, new)
+            set_submodule(gm, name, new)
             modified = True
         if modified:
             gm.recompile()

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .errors import PassError
 from .masked_ops import MaskedConvFn, MaskedLinearFn, use_recompute
+from .module_utils import set_submodule, swap_class
 from .tracing import register_leaf_type
 
 
@@ -97,18 +98,6 @@ def effective_weight(module: nn.Module) -> torch.Tensor:
     return module.effective_weight() if is_masked(module) else module.weight
 
 
-def _swap_class(module: nn.Module, new_cls: type) -> nn.Module:
-    new = new_cls.__new__(new_cls)
-    new.__dict__ = module.__dict__.copy()
-    for key in ("_parameters", "_buffers", "_modules"):
-        new.__dict__[key] = dict(module.__dict__[key])
-    return new
-
-
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)
 
 
 def set_mask(root: nn.Module, name: str, mask: torch.Tensor) -> nn.Module:
@@ -119,9 +108,9 @@ def set_mask(root: nn.Module, name: str, mask: torch.Tensor) -> nn.Module:
         if masked_cls is None:
             raise PassError(f"layer '{name}' of type {type(module).__name__} cannot be masked; "
                             f"maskable types: {', '.join(t.__name__ for t in MASKED_TYPES)}")
-        module = _swap_class(module, masked_cls)
+        module = swap_class(module, masked_cls)
         module.register_buffer("mask", torch.ones_like(module.weight, dtype=module.weight.dtype))
-        _set_submodule(root, name, module)
+        set_submodule(root, name, module)
     if tuple(mask.shape) != tuple(module.weight.shape):
         raise PassError(f"mask shape {tuple(mask.shape)} does not match weight {tuple(module.weight.shape)} "
                         f"of layer '{name}'")
@@ -139,11 +128,11 @@ def bake_masks(root: nn.Module) -> int:
     """Replace every masked layer by its dense class with ``weight *= mask``; returns how many."""
     count = 0
     for name, module in list(masked_layers(root)):
-        dense = _swap_class(module, DENSE_TYPES[type(module)])
+        dense = swap_class(module, DENSE_TYPES[type(module)])
         with torch.no_grad():
             dense.weight.mul_(module.mask)
         del dense._buffers["mask"]
         dense.__dict__.pop("dense_grad", None)
-        _set_submodule(root, name, dense)
+        set_submodule(root, name, dense)
         count += 1
     return count

@@ -43,12 +43,13 @@ import torch.nn.functional as F
 from sparsifx import validate
 from sparsifx.distributions import layer_sparsities
 from sparsifx.errors import PreconditionError, UnsupportedOpError
+from sparsifx.module_utils import set_submodule, swap_class
 from sparsifx.pass_base import PassBase, PassResult
 from sparsifx.registry import register_pass
 from sparsifx.selection import LayerSelection
 
 from .swat_control import SWATController
-from .swat_layers import SWAT_TYPES, LeanMaxPool2d, LeanReLU, SWATLayerConfig, is_swat, swap_class
+from .swat_layers import SWAT_TYPES, LeanMaxPool2d, LeanReLU, SWATLayerConfig, is_swat
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +57,6 @@ VARIANTS = ("unstructured", "erk", "momentum", "structured")
 RELU_FUNCTIONS = {F.relu: False, torch.relu: False, torch.relu_: True, F.relu_: True}
 RELU_METHODS = {"relu": False, "relu_": True}
 
-
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
 
 
 def _free_name(gm: nn.Module, stem: str) -> str:
@@ -136,7 +133,7 @@ class SWAT(PassBase):
         for name, module in targets.items():
             new = swap_class(module, SWAT_TYPES[type(module)])
             new._init_swat(sparsity[name], self.layer_config(module))
-            _set_submodule(gm, name, new)
+            set_submodule(gm, name, new)
             log.debug("swat: %s -> %s (s=%.4f)", name, type(new).__name__, sparsity[name])
         modified = bool(targets)
         if self.lean_relu:
@@ -158,7 +155,7 @@ class SWAT(PassBase):
         changed = False
         for node in list(gm.graph.nodes):
             if node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.ReLU:
-                _set_submodule(gm, node.target, swap_class(gm.get_submodule(node.target), LeanReLU))
+                set_submodule(gm, node.target, swap_class(gm.get_submodule(node.target), LeanReLU))
                 changed = True
                 continue
             if node.op == "call_function" and node.target in RELU_FUNCTIONS:
@@ -182,7 +179,7 @@ class SWAT(PassBase):
                 continue
             module = gm.get_submodule(node.target)
             if type(module) is nn.MaxPool2d and not module.return_indices:
-                _set_submodule(gm, node.target, swap_class(module, LeanMaxPool2d))
+                set_submodule(gm, node.target, swap_class(module, LeanMaxPool2d))
                 changed = True
         return changed
 

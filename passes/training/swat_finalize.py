@@ -17,17 +17,14 @@ import torch.nn as nn
 
 from sparsifx import validate
 from sparsifx.masking import set_mask
+from sparsifx.module_utils import set_submodule, swap_class
 from sparsifx.pass_base import PassBase, PassResult
 from sparsifx.registry import register_pass
 
 from . import topk
 from .swat_control import SWATController
-from .swat_layers import SWAT_DENSE_TYPES, LeanMaxPool2d, LeanReLU, swap_class, swat_layers
+from .swat_layers import SWAT_DENSE_TYPES, LeanMaxPool2d, LeanReLU, swat_layers
 
-
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
 
 
 @torch.no_grad()
@@ -57,7 +54,7 @@ class SWATFinalize(PassBase):
                 dense._buffers.pop(key, None)
             for key in ("swat", "sparsity"):
                 dense.__dict__.pop(key, None)
-            _set_submodule(gm, name, dense)
+            set_submodule(gm, name, dense)
             if self.masked:
                 set_mask(gm, name, mask)
             else:
@@ -68,7 +65,7 @@ class SWATFinalize(PassBase):
                 module = gm.get_submodule(node.target)
                 plain = {LeanReLU: nn.ReLU, LeanMaxPool2d: nn.MaxPool2d}.get(type(module))
                 if plain is not None:
-                    _set_submodule(gm, node.target, swap_class(module, plain))
+                    set_submodule(gm, node.target, swap_class(module, plain))
                     modified = True
         if isinstance(gm.meta.get("sparse_controller"), SWATController):
             gm.meta["sparse_controller"].detach()

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sparsifx.module_utils import swap_class
 from sparsifx.tracing import register_leaf_type
 
 from . import topk
@@ -201,14 +202,6 @@ class LeanMaxPool2d(nn.MaxPool2d):
         return LeanMaxPoolFunction.apply(x, pair(self.kernel_size), stride, pair(self.padding),
                                          pair(self.dilation), self.ceil_mode)
 
-
-def swap_class(module: nn.Module, new_cls: type) -> nn.Module:
-    """A new object of ``new_cls`` sharing ``module``'s parameters, buffers and attributes."""
-    new = new_cls.__new__(new_cls)
-    new.__dict__ = module.__dict__.copy()
-    for key in ("_parameters", "_buffers", "_modules"):
-        new.__dict__[key] = dict(module.__dict__[key])
-    return new
 
 
 __all__ = ["SWATLayerConfig", "SWATLinear", "SWATConv1d", "SWATConv2d", "SWATConv3d", "SWAT_TYPES", "is_swat",
