@@ -118,7 +118,10 @@ REPEAT_BELOW_S = 2.0  # prune again (both tools) when one run is this fast, and 
 
 def sparsifx_prune(model: nn.Module, inputs: tuple, ratio: float, repeat: bool = True) -> tuple[nn.Module, dict]:
     """trace -> channel_prune(ratio) -> (masked reference outputs) -> shrink; the time excludes the
-    reference run. With ``repeat``, run again (fresh trace) when fast and keep the faster run."""
+    reference run. With ``repeat``, run again (fresh trace) when fast and keep the faster run.
+
+    Like Torch-Pruning below, each run gets a private deep copy of the model made outside the timer and
+    may change it (``trace(copy_model=False)``); ``sparsify`` and ``trace`` copy by default instead."""
     best: tuple[nn.Module, dict] | None = None
     for _ in range(2 if repeat else 1):
         shrunk, info = _sparsifx_prune_once(model, inputs, ratio)
@@ -132,8 +135,9 @@ def sparsifx_prune(model: nn.Module, inputs: tuple, ratio: float, repeat: bool =
 def _sparsifx_prune_once(model: nn.Module, inputs: tuple, ratio: float) -> tuple[nn.Module, dict]:
     import sparsifx
     from sparsifx.registry import PASSES
+    model = copy.deepcopy(model)
     t0 = time.perf_counter()
-    gm = sparsifx.trace(model, inputs)
+    gm = sparsifx.trace(model, inputs, copy_model=False)
     t1 = time.perf_counter()
     masked = PASSES.get("channel_prune").from_params({"ratio": ratio})(gm).gm
     t2 = time.perf_counter()

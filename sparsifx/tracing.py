@@ -10,6 +10,7 @@ import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import TraceError
+from .module_utils import clone_module
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any] | None = None,
     if not isinstance(model, torch.nn.Module):
         raise TraceError(f"trace needs a torch.nn.Module, got {type(model).__name__}")
     if copy_model:
-        model = copy.deepcopy(model)
+        model = clone_module(model)
     leaf_paths = {m for m in leaf_modules if isinstance(m, str)}
     leaf_types = {m for m in leaf_modules if isinstance(m, type)}
     opaque: list[str] = []

@@ -9,6 +9,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from sparsifx import validate
+from sparsifx.module_utils import submodule
 from sparsifx.masking import effective_weight, is_masked
 from sparsifx.pass_base import PassBase, PassResult
 from sparsifx.registry import register_pass
@@ -27,12 +28,12 @@ _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
 def _is_constant_member(gm: fx.GraphModule, m: Member) -> bool:
-    owner = gm.get_submodule(m.owner) if m.owner else gm
+    owner = submodule(gm, m.owner) if m.owner else gm
     return m.tensor == "bias" or isinstance(owner, _NORMS)
 
 
 def _member_values(gm: fx.GraphModule, m: Member) -> torch.Tensor:
-    owner = gm.get_submodule(m.owner) if m.owner else gm
+    owner = submodule(gm, m.owner) if m.owner else gm
     if m.tensor == "weight" and is_masked(owner):
         return effective_weight(owner).detach()
     return member_tensor(gm, m).detach()

@@ -61,6 +61,15 @@ class ChannelAnalysis:
         """Every grouped-conv constraint as (unit id per position, number of blocks)."""
         return [(self.unit[c.atoms.numpy()], c.blocks) for c in self.tracker.constraints]
 
+    @functools.cached_property
+    def constraints_of_unit(self) -> dict[int, list[int]]:
+        """Unit id -> indices into ``constraint_units`` of the constraints that involve it."""
+        out: dict[int, list[int]] = {}
+        for i, (cu, _) in enumerate(self.constraint_units):
+            for u in np.unique(cu).tolist():
+                out.setdefault(u, []).append(i)
+        return out
+
     def units_of(self, atoms: torch.Tensor) -> np.ndarray:
         return self.unit[atoms.numpy()]
 
@@ -200,7 +209,8 @@ def _finalize(gm: fx.GraphModule, t: Tracker) -> ChannelAnalysis:
     labs, starts = np.unique(label[uids][order], return_index=True)
     members = np.split(uids[order], starts[1:]) if len(uids) else []
     mods: dict[int, set[str]] = {}
-    for lab, ss in np.unique(np.stack([label[u], s]), axis=1).T.tolist() if len(u) else []:
+    for key in np.unique(label[u].astype(np.int64) * n_spaces + s).tolist():
+        lab, ss = divmod(key, n_spaces)
         mods.setdefault(lab, set()).add(t.spaces[ss])
     out = [Group(i, units, tuple(sorted(mods.get(int(lab), ()))))
            for i, (lab, units) in enumerate(zip(labs.tolist(), members))]

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from sparsifx.module_utils import submodule
 from sparsifx.errors import PreconditionError
 from sparsifx.registry import Registry
 
@@ -30,7 +31,7 @@ IMPORTANCE: Registry[Callable] = Registry("importance criterion")
 
 
 def member_tensor(gm: fx.GraphModule, m: Member) -> torch.Tensor:
-    owner = gm.get_submodule(m.owner) if m.owner else gm
+    owner = submodule(gm, m.owner) if m.owner else gm
     return getattr(owner, m.tensor)
 
 
@@ -80,7 +81,7 @@ def l2(gm: fx.GraphModule, a: ChannelAnalysis, options: Any = None) -> np.ndarra
 @IMPORTANCE.register("bn_scale")
 def bn_scale(gm: fx.GraphModule, a: ChannelAnalysis, options: Any = None) -> np.ndarray:
     def gamma(m: Member, t: torch.Tensor):
-        owner = gm.get_submodule(m.owner) if m.owner else gm
+        owner = submodule(gm, m.owner) if m.owner else gm
         is_bn = isinstance(owner, torch.nn.modules.batchnorm._BatchNorm)
         return t.detach().float().abs() if is_bn and m.tensor == "weight" else None
     scores = accumulate(gm, a, gamma)

@@ -11,6 +11,7 @@ import torch
 import torch.fx as fx
 
 from sparsifx import validate
+from sparsifx.module_utils import submodule
 from sparsifx.masking import is_masked
 from sparsifx.pass_base import PassBase, PassResult
 from sparsifx.registry import register_pass
@@ -39,7 +40,7 @@ class ChannelPlan:
         if not self.versions:
             return False
         for (owner, tensor), (ident, version) in self.versions.items():
-            t = getattr(gm.get_submodule(owner) if owner else gm, tensor, None)
+            t = getattr(submodule(gm, owner) if owner else gm, tensor, None)
             if t is None or id(t) != ident or t._version != version:
                 return False
         return True
@@ -135,9 +136,9 @@ class ChannelPrune(PassBase):
 
 def _touching(a: ChannelAnalysis, units: np.ndarray):
     """The constraints (unit ids per position, blocks) that involve any of ``units``."""
-    for cu, blocks in a.constraint_units:
-        if np.isin(cu, units).any():
-            yield cu, blocks
+    index = a.constraints_of_unit
+    for i in sorted({i for u in units.tolist() for i in index.get(u, ())}):
+        yield a.constraint_units[i]
 
 
 def _block_keys(a: ChannelAnalysis, units: np.ndarray) -> dict[tuple, np.ndarray]:
@@ -198,7 +199,7 @@ def zero_units(gm: fx.GraphModule, a: ChannelAnalysis, pruned: np.ndarray) -> bo
             t = member_tensor(gm, m)
             changed = changed or bool(t.index_select(m.dim, index).any())
             t.index_fill_(m.dim, index, 0)
-            owner = gm.get_submodule(m.owner) if m.owner else gm
+            owner = submodule(gm, m.owner) if m.owner else gm
             if m.tensor == "weight" and is_masked(owner):
                 owner.mask.index_fill_(m.dim, index, 0)
     return changed

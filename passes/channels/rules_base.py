@@ -13,6 +13,7 @@ import torch
 import torch.fx as fx
 from torch.fx.node import _get_qualified_name
 
+from sparsifx.module_utils import submodule
 from sparsifx.registry import Registry
 
 from .tracker import FIXED, Tracker
@@ -53,7 +54,7 @@ def find_rule(gm: fx.GraphModule, node: fx.Node) -> Callable | None:
         key = f"method:{node.target}"
         return CHANNEL_RULES.get(key) if key in CHANNEL_RULES else None
     if node.op == "call_module":
-        for cls in type(gm.get_submodule(node.target)).__mro__:
+        for cls in type(submodule(gm, node.target)).__mro__:
             key = rule_key(cls)
             if key in CHANNEL_RULES:
                 return CHANNEL_RULES.get(key)
@@ -96,7 +97,7 @@ class RuleContext:
         return shape_of(self._arg(node, i, key))
 
     def module(self, node: fx.Node) -> torch.nn.Module:
-        return self.gm.get_submodule(node.target)
+        return submodule(self.gm, node.target)
 
     # labels ---------------------------------------------------------------------------------------------
     def fixed(self, node: fx.Node) -> Any:

@@ -18,6 +18,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
+from sparsifx.module_utils import submodule
 from sparsifx.errors import PassError, PreconditionError
 from sparsifx.masking import effective_weight
 from sparsifx.pass_base import PassBase, PassResult
@@ -129,7 +130,7 @@ def _decide(gm: fx.GraphModule, plan: ChannelPlan, pruned: np.ndarray, stats, no
         const = (lo1 == hi1) & (lo2 == hi2) & (f1 == f2)
         zero = const & (f1 == 0)
         bad = np.nonzero(~zero.numpy())[0]
-        module = gm.get_submodule(c.module) if c.module and len(bad) else None
+        module = submodule(gm, c.module) if c.module and len(bad) else None
         for j in bad.tolist():
             pos = int(idx[j])
             unit = a.unit[int(c.atoms[pos])]
@@ -150,7 +151,7 @@ def _apply_folds(gm: fx.GraphModule, folds, pruned: np.ndarray) -> int:
     count = 0
     with torch.no_grad():
         for name, entries in folds.items():
-            m = gm.get_submodule(name)
+            m = submodule(gm, name)
             consts = {p: v for p, (v, unit) in entries.items() if pruned[unit]}
             if not consts:
                 continue
@@ -182,7 +183,7 @@ def shrink_with_plan(gm: fx.GraphModule, plan: ChannelPlan, seed: int = 0,
     cuts = _cuts(a, pruned)
     n_folded = _apply_folds(gm, folds, pruned)
     for owner, owner_cuts in cuts.items():
-        slice_module(gm.get_submodule(owner) if owner else gm, owner_cuts)
+        slice_module(submodule(gm, owner) if owner else gm, owner_cuts)
     nodes = {n.name: n for n in gm.graph.nodes}
     kept = lambda atoms: ~pruned[a.unit[atoms.numpy()]]  # noqa: E731
     rewritten = [REWRITES.get(rw.kind)(nodes[rw.node], rw.data, kept) for rw in a.tracker.rewrites.values()]
