@@ -151,15 +151,16 @@ def _sparsifx_prune_once(model: nn.Module, inputs: tuple, ratio: float) -> tuple
     return shrunk, info
 
 
-def compact_onnx(module: nn.Module, inputs: tuple, path: Path) -> dict:
-    """fold_bn on a copy, export_onnx with onnxruntime verification; returns the export facts."""
+def compact_onnx(module: nn.Module, inputs: tuple, path: Path, verify: bool = True) -> dict:
+    """fold_bn on a copy, export_onnx (with onnxruntime verification unless ``verify=False``); returns the
+    export facts."""
     import sparsifx
     from sparsifx.backends import onnx_export
     from sparsifx.registry import PASSES
     folded = copy.deepcopy(module)
     if "fold_bn" in PASSES and hasattr(folded, "graph"):
         folded = PASSES.get("fold_bn").from_params({})(folded).gm
-    sparsifx.export_onnx(folded, path, inputs, dynamic_batch=False, verify=True)
+    sparsifx.export_onnx(folded, path, inputs, dynamic_batch=False, verify=verify)
     info = onnx_export.LAST_EXPORT
     return {"onnx_max_abs": info.max_abs, "onnx_exporter": info.exporter, "onnx_bn_folded": "fold_bn" in PASSES}
 
@@ -282,7 +283,10 @@ def sweep_sparsifx(name: str, ratio: float = 0.5, mode: str = "full", onnx: bool
                                         "ONNX export would exceed the memory cap"
                     paths = None
                 elif onnx:
-                    compact_onnx(sparsifx_trace(model), inputs, Path(tmp) / "before.onnx")
+                    # the dense model is only the timing baseline here: its onnxruntime parity is
+                    # trace_sweep.py's job, which judges the ill-conditioned random-weight models
+                    # (efficientnet_b2+, ...) against torch's own fp32 noise instead of a fixed 1e-4
+                    compact_onnx(sparsifx_trace(model), inputs, Path(tmp) / "before.onnx", verify=False)
                     paths = {"before": Path(tmp) / "before.onnx", **paths}
                 st.update(latency(model, shrunk, inputs, paths, name in PHYSICAL_LIMIT_MODELS))
                 _ratios(st)

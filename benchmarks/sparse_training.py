@@ -85,6 +85,7 @@ class Settings:
     threads: int = 1
     rescale_init: bool = True          # W /= sqrt(density) on masked layers at init (sparse_training_methods)
     max_steps: int | None = None       # cap per (model, seed) group; quick/test runs only
+    update_period: int | None = None   # steps per mask-update "epoch" (default: total steps / 8)
 
     def for_model(self, name: str) -> "Settings":
         """These settings with the model's own epoch count (``epochs_by_model``), if it has one."""
@@ -179,7 +180,7 @@ def cosine_lr(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim
 def make_trainer(method: str, sparsity: float, model_name: str, seed: int, settings: Settings,
                  data: tuple[torch.Tensor, torch.Tensor]) -> Trainer:
     model = models.build_model(model_name, seed)
-    schedule = methods_mod.Schedule(settings.total_steps, settings.batch)
+    schedule = methods_mod.Schedule(settings.total_steps, settings.batch, settings.update_period)
     model, configure = methods_mod.prepare(method, sparsity, model, schedule, data, settings.rescale_init)
     optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum, nesterov=True,
                                 weight_decay=settings.weight_decay)
@@ -319,7 +320,7 @@ def target_checks(rows: list[dict], resnet: dict | None) -> list[tuple[str, bool
 def header_lines(settings: Settings, missing: list[str], wall_s: float, note: str = "") -> list[str]:
     per_model = [settings.for_model(m) for m in settings.models]
     epochs = ", ".join(f"{m} {s.epochs} epochs = {s.total_steps} steps" for m, s in zip(settings.models, per_model))
-    schedules = {m: methods_mod.Schedule(s.total_steps, s.batch)
+    schedules = {m: methods_mod.Schedule(s.total_steps, s.batch, s.update_period)
                  for m, s in zip(settings.models, per_model)}
     described = {}
     for method in settings.methods:
@@ -337,11 +338,15 @@ def header_lines(settings: Settings, missing: list[str], wall_s: float, note: st
         " after the last step. "
         + ("Masked layers start from W/sqrt(density) (variance-preserving sparse init; GMP starts dense, SWAT has"
            " no mask)." if settings.rescale_init else "Masked layers keep the dense init (no rescale)."),
-        "Mask-update schedules are scaled to the run length T (same number of updates for every model): the"
-        " per-epoch methods (set, sparse_momentum, ctre) update every T/8 steps (7 updates; the controller's"
-        " `steps_per_epoch`), RigL every T/16 steps until 0.75 T (skipping the optimizer step on update steps, as"
-        " the reference), GMP prunes every T/16 steps from T/8 to 0.75 T; sparse momentum's cosine prune rate"
-        " and RigL's cosine drop fraction run over T.",
+        ("Mask-update schedules are scaled to the run length T (same number of updates for every model): the"
+         " per-epoch methods (set, sparse_momentum, ctre) update every P = T/8 steps (7 updates; the controller's"
+         " `steps_per_epoch`), RigL every P/2 steps until 0.75 T (skipping the optimizer step on update steps, as"
+         " the reference), GMP prunes every P/2 steps from P to 0.75 T; sparse momentum's cosine prune rate"
+         " and RigL's cosine drop fraction run over T." if not settings.update_period else
+         f"Mask-update period P = {settings.update_period} steps (`--update-period`): the per-epoch methods (set,"
+         " sparse_momentum, ctre) update every P steps (the controller's `steps_per_epoch`), RigL every P/2 steps"
+         " until 0.75 T (skipping the optimizer step on update steps, as the reference), GMP prunes every P/2 steps"
+         " from P to 0.75 T; sparse momentum's cosine prune rate and RigL's cosine drop fraction run over T."),
         "Dense and all (method, sparsity) models of one (model, seed) are trained on the same minibatches,"
         " interleaved step by step in a shuffled order; step_time_ratio = median step time (forward, backward,"
         " optimizer step with the controller's hooks, i.e. mask updates) / the dense median of the same group.",
@@ -483,8 +488,8 @@ def remeasure_memory(out: Path) -> list[dict]:
                                    f"{dense_saved[(name, seed)]}; the dense path was not meant to change")
         torch.manual_seed(seed)
         model, _ = methods_mod.prepare(row["method"], row["sparsity"], models.build_model(name, seed),
-                                       methods_mod.Schedule(s.total_steps, s.batch), (x_train, y_train),
-                                       settings.rescale_init)
+                                       methods_mod.Schedule(s.total_steps, s.batch, s.update_period),
+                                       (x_train, y_train), settings.rescale_init)
         ratio = methods_mod.saved_bytes(model, x_b, y_b) / dense_saved[(name, seed)]
         before_after.setdefault(f"{name}/{row['method']}/{row['sparsity']:.2f}", []).append(
             (row["saved_bytes_ratio"], ratio))
@@ -533,6 +538,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="per-model epoch counts, e.g. lenet300100=30 smallcnn=15 (replaces the defaults)")
     parser.add_argument("--dataset", choices=sorted(DATASETS))
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--update-period", type=int, metavar="STEPS",
+                        help="steps per mask-update epoch of set/sparse_momentum/ctre (RigL every STEPS/2, GMP from"
+                             " STEPS every STEPS/2); default total steps / 8")
     parser.add_argument("--no-rescale-init", action="store_true", help="keep the dense init on masked layers")
     parser.add_argument("--no-resnet18-memory", action="store_true", help="skip the resnet18 batch-32 section")
     parser.add_argument("--resnet18-memory-only", action="store_true", help="run only the resnet18 section")
@@ -554,7 +562,8 @@ def main(argv: list[str] | None = None) -> None:
     settings = QUICK if args.quick else Settings()
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in
                  dict(models=args.models, methods=args.methods, seeds=args.seeds, epochs=args.epochs,
-                      dataset=args.dataset, threads=args.threads).items() if v is not None}
+                      dataset=args.dataset, threads=args.threads, update_period=args.update_period).items()
+                 if v is not None}
     if args.epochs is not None:
         overrides["epochs_by_model"] = ()
     if args.sparsities is not None:

@@ -32,10 +32,11 @@ class Schedule:
     """
     total_steps: int
     batch: int
+    period: int | None = None   # ``--update-period``: a fixed "epoch" in steps instead of total/8
 
     @property
     def update_period(self) -> int:
-        return max(2, self.total_steps // 8)
+        return self.period if self.period else max(2, self.total_steps // 8)
 
     @property
     def periods(self) -> int:
