@@ -25,10 +25,15 @@ def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _plain(module: nn.Module) -> bool:
-    """True when ``module``'s class customises neither copying nor pickling (most layers)."""
+    """True when copying ``module`` needs no class-specific code: it customises neither ``__deepcopy__`` nor
+    pickling, or only through a torch.nn ``__setstate__`` that back-fills attributes of old pickles (convs,
+    MultiheadAttention, ...). RNNs rebuild their flat weights there, so they are not plain."""
     cls = type(module)
-    return (getattr(cls, "__deepcopy__", None) is None and cls.__setstate__ is nn.Module.__setstate__
-            and cls.__reduce_ex__ is nn.Module.__reduce_ex__ and cls.__getstate__ is nn.Module.__getstate__)
+    if (getattr(cls, "__deepcopy__", None) is not None or cls.__reduce_ex__ is not nn.Module.__reduce_ex__
+            or cls.__getstate__ is not nn.Module.__getstate__ or isinstance(module, nn.RNNBase)):
+        return False
+    owner = next(c for c in cls.__mro__ if "__setstate__" in c.__dict__)
+    return owner is nn.Module or owner.__module__.startswith("torch.nn.")
 
 
 def clone_module(module: nn.Module, memo: dict | None = None) -> nn.Module:
