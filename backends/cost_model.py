@@ -5,8 +5,8 @@ points ``(work, ms)``, where ``work`` is the number of non-zeros for sparse kern
 ones (256², 1024² and 4096² matrices, 10% dense for the sparse kernels); between calibration batches it is
 interpolated in log(batch). A convolution costs, for a sparse kernel, its 256-batch cost per non-zero and column
 times the output columns plus an im2col (``F.unfold``) cost per element, and for dense ``F.conv2d`` a fitted
-overhead plus a cost per multiply-add. Timings are minima of interleaved runs (the uncontended cost, robust to a busy machine; CPU time of the
-calling thread when torch runs one thread). ``crossover`` gives the density below which a kernel beats
+overhead plus a cost per multiply-add. Timings are medians of interleaved runs on the calling thread's CPU clock
+when torch runs one thread (immune to a busy machine), minima on the wall clock otherwise (the uncontended cost). ``crossover`` gives the density below which a kernel beats
 torch's dense layer. The calibration is stored as JSON in ``cache_dir()``, keyed by CPU, threads and torch.
 """
 from __future__ import annotations
@@ -33,6 +33,7 @@ CAL_BATCHES = (1, 8, 32, 256)
 CAL_SIZES = (256, 1024, 4096)
 CAL_DENSITY = 0.1
 CONV_REF = dict(n=4, c=128, hw=14, k=3)
+CALIBRATION_FORMAT = "2"  # bump when what is measured changes: old caches are then ignored
 
 
 def median_ms(fns: dict[str, Callable[[], object]], reps: int = 7, quantile: float = 0.5) -> dict[str, float]:
@@ -51,6 +52,12 @@ def median_ms(fns: dict[str, Callable[[], object]], reps: int = 7, quantile: flo
             times[k].append((clock() - t0) * 1e3)
     return {k: statistics.median(v) if quantile == 0.5 else sorted(v)[int(quantile * (len(v) - 1))]
             for k, v in times.items()}
+
+
+def _quantile() -> float:
+    """Calibration statistic: the median on the calling thread's CPU clock (one torch thread; immune to other
+    processes, and what a layer costs in a run); the minimum on the wall clock (the uncontended cost)."""
+    return 0.5 if torch.get_num_threads() == 1 else 0.0
 
 
 def _random_sparse(n: int, density: float, gen: torch.Generator) -> torch.Tensor:
@@ -136,7 +143,7 @@ class Calibration:
 
 def machine_key(kernels: tuple[str, ...]) -> str:
     clock = "thread_time" if torch.get_num_threads() == 1 else "wall"
-    text = "\n".join([cpp_kernel._build_name(), str(torch.get_num_threads()), clock, *kernels])
+    text = "\n".join([CALIBRATION_FORMAT, cpp_kernel._build_name(), str(torch.get_num_threads()), clock, *kernels])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -168,7 +175,7 @@ def _calibrate_linear(kernels: tuple[str, ...], reps: int, sizes: tuple[int, ...
             fns = {name: _layer(name, w) for name in kernels}  # whole modules: call overhead included
             fns = {name: (lambda mod=mod: mod(x)) for name, mod in fns.items()}
             big = n >= 4096 and batch >= 256
-            times = median_ms(fns, max(3, reps // 2) if big else reps, quantile=0.0)
+            times = median_ms(fns, max(3, reps // 2) if big else reps, quantile=_quantile())
             for name in kernels:
                 work = int(w.count_nonzero()) if SPARSE_KERNELS.get(name).sparse else n * n
                 table[name][batch].append((work, times[name]))
@@ -182,7 +189,7 @@ def _calibrate_conv(reps: int) -> tuple[float, float, float]:
     w_small = torch.randn(r["c"] // 4, r["c"], r["k"], r["k"])
     t = median_ms({"unfold": lambda: F.unfold(x, r["k"], padding=1).contiguous(),
                    "big": lambda: F.conv2d(x, w_big, padding=1), "small": lambda: F.conv2d(x, w_small, padding=1)},
-                  reps, quantile=0.0)
+                  reps, quantile=_quantile())
     cols = r["n"] * r["hw"] ** 2
     k_dim = r["c"] * r["k"] ** 2
     overhead, per_mac = _fit(r["c"] // 4 * k_dim * cols, t["small"], r["c"] * k_dim * cols, t["big"])
