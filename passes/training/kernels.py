@@ -59,6 +59,11 @@ class TorchOps:
         thr = cls.kth_largest(a, k)
         return a >= max(thr, floor), thr
 
+    @classmethod
+    def abs_kth_largest(cls, t: torch.Tensor, k: int) -> float:
+        """k-th largest ``|t|``, ``1 <= k < numel``."""
+        return cls.kth_largest(t.detach().abs(), k)
+
     @staticmethod
     def kth_largest(a: torch.Tensor, k: int) -> float:
         """k-th largest entry, ``1 <= k <= numel`` (bracketed by a random sample when large, exact)."""
@@ -124,6 +129,12 @@ class NumpyOps(TorchOps):
         thr = float(flat[flat.size - k])
         np.abs(tn, out=a)
         return torch.from_numpy(np.greater_equal(a, max(thr, floor))), thr
+
+    @staticmethod
+    def abs_kth_largest(t, k):
+        flat = np.abs(_np(t)).reshape(-1)
+        flat.partition(flat.size - k)  # in place on the abs copy
+        return float(flat[flat.size - k])
 
     @staticmethod
     def kth_largest(a, k):

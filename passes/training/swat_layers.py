@@ -75,9 +75,9 @@ class SWATMixin:
             wmask = WeightMask("bits", pack_bits(mask))
             w_s = ops_for(w).apply_mask(w, mask)
         else:
-            mask, thr = topk.abs_topk_mask(w, self.keep_weights())
+            thr = topk.abs_kth_largest(w, self.keep_weights())
             wmask = WeightMask("threshold", thr)
-            w_s = ops_for(w).apply_mask(w, mask)
+            w_s = wmask.apply(w)
         if store:
             self.thr_w.fill_(thr)
         return w_s, wmask

@@ -40,9 +40,19 @@ def decompress(bits: torch.Tensor, values: torch.Tensor, shape) -> torch.Tensor:
 
 # weight masks in their cheapest exact encodings: (kind, data) -> W_s rebuilt in backward
 def weight_from_threshold(weight: torch.Tensor, thr: float) -> torch.Tensor:
-    """``W · (|W| >= thr)`` (``F.hardshrink`` would fuse it, but measured slower in whole training steps here)."""
-    ops = ops_for(weight)
-    return ops.apply_mask(weight, ops.abs_ge(weight, thr))
+    """``W · (|W| >= thr)`` in one fused pass: ``hardshrink`` keeps ``|W| > λ``, and with ``λ`` the largest value
+    of W's dtype below ``thr`` that keeps exactly the entries with ``|W| >= thr``."""
+    w = weight.detach()
+    if not thr > 0:  # every entry kept (thr <= 0), or a NaN threshold: leave it to the exact path
+        ops = ops_for(w)
+        return ops.apply_mask(w, ops.abs_ge(w, thr))
+    return torch.nn.functional.hardshrink(w, below(thr, w.dtype))
+
+
+def below(value: float, dtype: torch.dtype) -> float:
+    """The largest number of ``dtype`` below ``value`` (> 0) rounded to ``dtype``, as ``|W| >= value`` compares:
+    then ``x > below(v)`` iff ``x >= v`` for every ``x`` of that dtype."""
+    return float(torch.nextafter(torch.tensor(value, dtype=dtype), torch.zeros((), dtype=dtype)))
 
 
 def weight_from_bits(weight: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:

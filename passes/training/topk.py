@@ -38,6 +38,14 @@ def kth_largest(values: torch.Tensor, k: int) -> float:
     return ops_for(values).kth_largest(values, k)
 
 
+def abs_kth_largest(t: torch.Tensor, k: int) -> float:
+    """The ``k``-th largest ``|t|`` (one ``abs`` pass, selection in place on that copy)."""
+    n = t.numel()
+    if 0 < k < n:
+        return ops_for(t).abs_kth_largest(t, k)
+    return kth_largest(t.detach().abs(), k)
+
+
 def abs_topk_mask(t: torch.Tensor, k: int, floor: float = float("-inf")) -> tuple[torch.Tensor, float]:
     """``(|t| >= max(thr, floor), thr)``, ``thr`` = k-th largest ``|t|`` (one pass of ``abs``)."""
     n = t.numel()

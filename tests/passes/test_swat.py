@@ -394,3 +394,16 @@ def test_layers_not_called_by_the_graph_are_skipped_and_listed():
     assert gm.meta["swat"]["skipped"] == {"mha.out_proj": "not called as a graph node"}
     assert [n for n, _ in swat_layers(gm)] == ["out"]
     F.mse_loss(gm(torch.randn(3, 5, 8)), torch.zeros(3, 5, 4)).backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_threshold_weight_is_exactly_the_abs_ge_mask(dtype):
+    """The fused hardshrink form of ``W * (|W| >= thr)`` keeps the same entries, ties at thr included."""
+    from sparsifx.passes.training.swat_ops import weight_from_threshold
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(120, 80, generator=g) * 3).round(decimals=1).to(dtype)  # many exact ties
+    for thr in [0.1, 1.0, 1.7, float(w.abs().max()), float(w.abs()[w != 0].min()), 0.0, -1.0]:
+        expected = torch.where(w.abs() >= torch.tensor(thr, dtype=dtype), w, torch.zeros((), dtype=dtype))
+        assert torch.equal(weight_from_threshold(w, thr), expected), thr
+    k = 500
+    assert topk.abs_kth_largest(w, k) == float(w.abs().flatten().sort(descending=True).values[k - 1])
