@@ -1,11 +1,10 @@
 """CI-sized torchvision channel-pruning sweep: the sweep's per-model logic (no latency) on 14 models.
 
 Each model is built (random weights, BatchNorm calibrated), traced, pruned 50 % with ``channel_prune``,
-shrunk, checked shrunk == masked (``assert_close``), and its params/MACs must drop; ONNX export with
-onnxruntime parity runs for the ``ONNX`` subset. Together the models exercise every channel rule
+shrunk, checked shrunk == masked (``assert_close``), its params/MACs must drop, and it is exported to ONNX
+(``fold_bn`` first) with onnxruntime parity. Together the models exercise every channel rule
 (residual add, cat, grouped/depthwise conv, SE gating, channel shuffle, flatten->Linear, LayerNorm2d/
-permute, attention heads, Swin windows). The default run takes the cheap half; the rest is
-``@pytest.mark.slow`` (``pytest -m slow tests/test_torchvision_sweep_ci.py``).
+permute, attention heads, Swin windows). All 14 run in the default (CI) test run, about 30 s in all.
 """
 from __future__ import annotations
 
@@ -27,14 +26,16 @@ def _worker():
     return sys.modules["prune_sweep_worker"]
 
 
-FAST = ["resnet18", "mobilenet_v3_small", "shufflenet_v2_x0_5", "regnet_y_400mf", "vit_b_16", "googlenet"]
-SLOW = ["resnext50_32x4d", "densenet121", "inception_v3", "mobilenet_v2", "efficientnet_b0", "convnext_tiny",
-        "vgg11", "swin_t"]
-ONNX = {"resnet18", "mobilenet_v3_small", "shufflenet_v2_x0_5"}
+CI_MODELS = ["resnet18", "resnext50_32x4d", "densenet121", "googlenet", "inception_v3", "mobilenet_v2",
+             "mobilenet_v3_small", "efficientnet_b0", "shufflenet_v2_x0_5", "regnet_y_400mf", "convnext_tiny", "vgg11",
+             "vit_b_16", "swin_t"]
+# Swin's fused shifted-window attention is a declared channel barrier: only its MLP dims prune, so its MACs
+# fall less (0.85 of dense at the CI input size) than a model whose every layer prunes (< 0.75)
+MAX_MACS_RATIO = {"swin_t": 0.9}
 
 
 def _check(name: str, tmp_path) -> None:
-    rec = _worker().sweep_sparsifx(name, ratio=0.5, mode="ci", onnx=name in ONNX, measure=False,
+    rec = _worker().sweep_sparsifx(name, ratio=0.5, mode="ci", onnx=True, measure=False,
                                    workdir=str(tmp_path), repeat=False)
     assert rec["ok"], f"{name}: {rec['error']}"
     assert rec["error"] is None
@@ -42,19 +43,12 @@ def _check(name: str, tmp_path) -> None:
     assert st["shrunk_vs_masked_max_abs"] < 1e-2
     # 50 % of the channels of every group: params and MACs fall well below the dense model
     assert st["params_after"] < 0.75 * st["params_before"], st
-    assert st["macs_after"] < 0.75 * st["macs_before"], st
-    if name in ONNX:
-        assert st["onnx_max_abs"] is not None and st["onnx_max_abs"] < 1e-3
+    assert st["macs_after"] < MAX_MACS_RATIO.get(name, 0.75) * st["macs_before"], st
+    assert st["onnx_max_abs"] is not None and st["onnx_max_abs"] < 1e-3
 
 
-@pytest.mark.parametrize("name", FAST)
-def test_sweep_ci_fast(name, tmp_path):
-    _check(name, tmp_path)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", SLOW)
-def test_sweep_ci_slow(name, tmp_path):
+@pytest.mark.parametrize("name", CI_MODELS)
+def test_sweep_ci(name, tmp_path):
     _check(name, tmp_path)
 
 
