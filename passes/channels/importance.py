@@ -68,14 +68,42 @@ def accumulate(gm: fx.GraphModule, a: ChannelAnalysis, fn: Callable[[Member, tor
     return scores
 
 
+def kernel_sums(w: torch.Tensor, p: int) -> torch.Tensor:
+    """``Σ |w[o, i, ...]|^p`` over the kernel dims: ``[out, in]`` float32, in cache-sized blocks of rows."""
+    x = w.flatten(2)
+    out = torch.empty(x.shape[:2], dtype=torch.float32)
+    step = max(1, (1 << 18) // max(1, x.shape[1] * x.shape[2]))
+    for i in range(0, x.shape[0], step):
+        blk = x[i:i + step].float()
+        torch.sum(blk.abs() if p == 1 else blk.square(), dim=2, out=out[i:i + step])
+    return out
+
+
+def norm_scores(p: int) -> Callable[[Member, torch.Tensor], torch.Tensor]:
+    """``(member, tensor) -> p-norm of every slice along member.dim``. A conv weight with k x k kernels is read
+    once: its per-kernel ``|W|^p`` sums (``[out, in]``) serve both its output- and input-channel members."""
+    kernels: dict[int, torch.Tensor] = {}
+
+    def score(m: Member, t: torch.Tensor) -> torch.Tensor:
+        dim = m.dim % max(1, t.dim())
+        if t.dim() <= 2 or dim > 1 or t[0, 0].numel() == 1:  # Linear and 1x1 kernels: two strided passes are cheaper
+            return slice_scores(t, m.dim, p)
+        k = kernels.get(id(t))
+        if k is None:
+            k = kernels[id(t)] = kernel_sums(t.detach(), p)
+        s = k.sum(1 - dim)
+        return s if p == 1 else s.sqrt()
+    return score
+
+
 @IMPORTANCE.register("l1")
 def l1(gm: fx.GraphModule, a: ChannelAnalysis, options: Any = None) -> np.ndarray:
-    return accumulate(gm, a, lambda m, t: slice_scores(t, m.dim, 1))
+    return accumulate(gm, a, norm_scores(1))
 
 
 @IMPORTANCE.register("l2")
 def l2(gm: fx.GraphModule, a: ChannelAnalysis, options: Any = None) -> np.ndarray:
-    return accumulate(gm, a, lambda m, t: slice_scores(t, m.dim, 2))
+    return accumulate(gm, a, norm_scores(2))
 
 
 @IMPORTANCE.register("bn_scale")

@@ -107,3 +107,18 @@ def test_model_inputs_and_outputs_are_fixed():
     out = run_model(gm, X)
     ChannelPrune(ratio=0.5)(gm)
     assert run_model(gm, X).shape == out.shape
+
+
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("shape", [(32, 16, 3, 3), (48, 8, 1, 1), (20, 4, 5, 5), (12, 30)])
+def test_norm_scores_equal_the_per_slice_norms(p, shape):
+    """The one-read kernel sums give each output and input channel the same p-norm as reducing its slice."""
+    from sparsifx.passes.channels.importance import norm_scores
+    from sparsifx.passes.channels.tracker import Member
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    score = norm_scores(p)
+    for dim in (0, 1):
+        member = Member(owner="conv", tensor="weight", dim=dim, atoms=torch.arange(shape[dim]), role="out", node="c")
+        other = tuple(d for d in range(w.dim()) if d != dim)
+        expected = w.abs().pow(p).sum(other).pow(1 / p)
+        torch.testing.assert_close(score(member, w), expected, rtol=1e-5, atol=1e-5)
