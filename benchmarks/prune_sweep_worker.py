@@ -153,14 +153,17 @@ def _sparsifx_prune_once(model: nn.Module, inputs: tuple, ratio: float) -> tuple
 
 def compact_onnx(module: nn.Module, inputs: tuple, path: Path, verify: bool = True) -> dict:
     """fold_bn on a copy, export_onnx (with onnxruntime verification unless ``verify=False``); returns the
-    export facts."""
+    export facts. Tolerances are ``check_close``'s (rtol 1e-3, atol 1e-4 x the output magnitude): onnxruntime's
+    conv algorithms round differently from torch's, and random-weight models such as inception_v3 amplify
+    that to a few 1e-4 (``trace_sweep.py`` measures it against torch's own fp32 noise)."""
     import sparsifx
     from sparsifx.backends import onnx_export
     from sparsifx.registry import PASSES
     folded = copy.deepcopy(module)
     if "fold_bn" in PASSES and hasattr(folded, "graph"):
         folded = PASSES.get("fold_bn").from_params({})(folded).gm
-    sparsifx.export_onnx(folded, path, inputs, dynamic_batch=False, verify=verify)
+    scale = max(1.0, max(float(t.abs().max()) for t in leaves(run(folded, inputs))))
+    sparsifx.export_onnx(folded, path, inputs, dynamic_batch=False, verify=verify, rtol=1e-3, atol=1e-4 * scale)
     info = onnx_export.LAST_EXPORT
     return {"onnx_max_abs": info.max_abs, "onnx_exporter": info.exporter, "onnx_bn_folded": "fold_bn" in PASSES}
 
