@@ -211,6 +211,9 @@ def ort_session(path: Path, threads: int):
     import onnxruntime as ort
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    # no spin-waiting after a run: idle pool threads would steal the cores from whatever runs next
+    # (the other model of an interleaved pair, or torch), skewing every ratio measured that way
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 

@@ -99,6 +99,9 @@ def _ort_runner(path: Path, x: torch.Tensor, threads: int = 2) -> Callable[[], o
     import onnxruntime as ort
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    # no spin-waiting after a run: idle pool threads would steal the cores from whatever runs next
+    # (the other model of an interleaved pair, or torch), skewing every ratio measured that way
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     feed = {session.get_inputs()[0].name: x.numpy()}
     return lambda: session.run(None, feed)
