@@ -170,8 +170,9 @@ def compact_onnx(module: nn.Module, inputs: tuple, path: Path, verify: bool = Tr
 
 # ------------------------------------------------------------------ latency
 def interleaved_ms(fns: dict[str, Callable[[], Any]], budget_s: float = 6.0, min_rounds: int = 5,
-                   max_rounds: int = 40) -> dict[str, float]:
-    """Median milliseconds per call of each fn, measured in interleaved rounds (one call of each per round)."""
+                   max_rounds: int = 40, clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Median milliseconds per call of each fn, measured in interleaved rounds (one call of each per round)
+    on ``clock`` (wall clock by default; ``time.thread_time`` for single-threaded work)."""
     for fn in fns.values():  # warm-up
         fn()
     t0 = time.perf_counter()
@@ -182,9 +183,9 @@ def interleaved_ms(fns: dict[str, Callable[[], Any]], budget_s: float = 6.0, min
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
         for key, fn in fns.items():
-            t = time.perf_counter()
+            t = clock()
             fn()
-            times[key].append((time.perf_counter() - t) * 1e3)
+            times[key].append((clock() - t) * 1e3)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -229,10 +230,13 @@ def latency(dense: nn.Module, shrunk: nn.Module, inputs: tuple, onnx_paths: dict
     if fresh is not None:
         out["physical_ratio"] = out["eager_after_ms"] / out["eager_fresh_ms"]
     if onnx_paths:
-        sessions = {k: ort_session(p, threads) for k, p in onnx_paths.items()}
+        # onnxruntime on one thread, timed on that thread's CPU clock: with two threads per session the
+        # sessions' pools wake, spin and sleep on this 2-vCPU VM in ways that swing a model's median by 2-4x
+        # from run to run (measured); one thread on the CPU clock repeats within a few %
+        sessions = {k: ort_session(p, 1) for k, p in onnx_paths.items()}
         feeds = {k: {s.get_inputs()[0].name: inputs[0].numpy()} for k, s in sessions.items()}
         out.update(interleaved_ms({f"ort_{k}_ms": (lambda k=k: sessions[k].run(None, feeds[k]))
-                                   for k in sessions}, budget_s))
+                                   for k in sessions}, budget_s, clock=time.thread_time))
     return out
 
 

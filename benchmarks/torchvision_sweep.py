@@ -6,8 +6,9 @@
 Per model (random weights, BatchNorm calibrated, eval, batch 1; sides in ``prune_sweep_worker.spec``):
 trace -> ``channel_prune`` 50 % -> ``shrink`` (timed), shrunk == masked (``assert_close``), params and
 MACs before/after (aten-level FLOP counter), compact ONNX (``fold_bn`` then ``export_onnx`` with
-onnxruntime verification), peak RSS, and median latencies of interleaved runs (2 threads): eager
-dense vs shrunk, onnxruntime dense vs compact, and for the physical-limit models the shrunk model vs a
+onnxruntime verification), peak RSS, and median latencies of interleaved runs: eager dense vs shrunk
+(2 threads, wall clock), onnxruntime dense vs compact (1 thread, that thread's CPU clock), and for the
+physical-limit models the shrunk model vs a
 freshly allocated dense model of the same shapes. With ``--compare torch-pruning`` Torch-Pruning 1.6
 (benchmark-only dependency: ``pip install -e .[compare]``) prunes the same model right after, in its
 own subprocess. Each (model, tool) runs in a forked subprocess with a time limit and an RSS cap, so a crash,
@@ -158,7 +159,8 @@ def markdown(records: dict[str, dict], meta: dict) -> str:
     lines = [f"# torchvision channel-pruning sweep (ratio {meta['ratio']}; input side per model in the table)", "",
              f"sparsifx: {s['sparsifx_ok']}/{s['models']} models pruned, shrunk, verified and exported; "
              f"max pruning time {_fmt(s['sparsifx_max_time_s'])} s; median latency/MACs ratio eager "
-             f"{_fmt(s['median_eager_latency_over_macs'])}, onnxruntime {_fmt(s['median_ort_latency_over_macs'])}."]
+             f"{_fmt(s['median_eager_latency_over_macs'])} (2 threads, wall clock), onnxruntime "
+             f"{_fmt(s['median_ort_latency_over_macs'])} (1 thread, CPU clock)."]
     if s.get("not_run"):
         lines.append(f"Not run ({len(s['not_run'])}): " + ", ".join(s["not_run"]))
     if "torch_pruning_ok" in s:
