@@ -1,7 +1,6 @@
 """``trace``: symbolic tracing with leaf modules, opaque-leaf fallback and shape recording."""
 from __future__ import annotations
 
-import copy
 import logging
 from typing import Any, Iterable, Sequence
 
