@@ -23,7 +23,6 @@ def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
 
 
-
 def _plain(module: nn.Module) -> bool:
     """True when copying ``module`` needs no class-specific code: it customises neither ``__deepcopy__`` nor
     pickling, or only through a torch.nn ``__setstate__`` that back-fills attributes of old pickles (convs,

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from sparsifx.module_utils import submodule
 from sparsifx.errors import PreconditionError
+from sparsifx.module_utils import submodule
 from sparsifx.registry import Registry
 
 from .coupling import ChannelAnalysis
@@ -86,7 +86,7 @@ def norm_scores(p: int) -> Callable[[Member, torch.Tensor], torch.Tensor]:
 
     def score(m: Member, t: torch.Tensor) -> torch.Tensor:
         dim = m.dim % max(1, t.dim())
-        if t.dim() <= 2 or dim > 1 or t[0, 0].numel() == 1:  # Linear and 1x1 kernels: two strided passes are cheaper
+        if t.dim() <= 2 or dim > 1 or math.prod(t.shape[2:]) == 1:  # Linear, 1x1: two strided passes are cheaper
             return slice_scores(t, m.dim, p)
         k = kernels.get(id(t))
         if k is None:

@@ -120,15 +120,10 @@ class NumpyOps(TorchOps):
     def abs_ge(x, thr):
         return torch.from_numpy(np.abs(_np(x)) >= thr)
 
-    @staticmethod
-    def topk_mask(t, k, floor=float("-inf")):
-        tn = _np(t)
-        a = np.abs(tn)
-        flat = a.reshape(-1)
-        flat.partition(flat.size - k)  # in place: no second copy of |t|
-        thr = float(flat[flat.size - k])
-        np.abs(tn, out=a)
-        return torch.from_numpy(np.greater_equal(a, max(thr, floor))), thr
+    @classmethod
+    def topk_mask(cls, t, k, floor=float("-inf")):
+        thr = cls.abs_kth_largest(t, k)
+        return cls.abs_ge(t, max(thr, floor)), thr
 
     @staticmethod
     def abs_kth_largest(t, k):
