@@ -10,6 +10,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import TraceError
 from .module_utils import clone_module
+from .shape_prop import HeavyOpsOnMeta
 
 log = logging.getLogger(__name__)
 
@@ -110,12 +111,20 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any] | None = None,
 
 
 def record_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
-    """Run ``gm`` once (eval, no grad) and store ``tensor_meta`` on every node."""
+    """Run ``gm`` once (eval, no grad) and store ``tensor_meta`` on every node.
+
+    Heavy ops compute shapes only (``shape_prop.HeavyOpsOnMeta``); if that run raises (an op that
+    rejects the zeros it then sees), the plain ``ShapeProp`` runs the model for real."""
     was_training = gm.training
     gm.eval()
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(*example_inputs)
+            try:
+                HeavyOpsOnMeta(gm).propagate(*example_inputs)
+            except Exception as exc:  # noqa: BLE001 - retried for real below, and logged
+                log.info("shape propagation with heavy ops on meta failed (%s: %s); running the model for real",
+                         type(exc).__name__, exc)
+                ShapeProp(gm).propagate(*example_inputs)
     except Exception as exc:
         raise TraceError(f"shape propagation failed on the example inputs: {type(exc).__name__}: {exc}") from exc
     finally:

@@ -1,0 +1,103 @@
+"""Shape propagation that skips the arithmetic of the heavy ops.
+
+``record_shapes`` runs the model once only to learn every node's shape, dtype and strides. In a real
+forward almost all the time goes to convolutions, linears and matmuls, although only their output
+shapes matter. ``HeavyOpsOnMeta`` gives Conv1d/2d/3d and Linear modules their output shape by formula
+and evaluates the functional matmuls and convs on the meta device (torch's shape functions), then passes
+zeros of that shape and memory format on; every other op runs for real. Values after a heavy op are
+therefore not the model's, but nothing recorded depends on them (``tests/test_shape_prop.py`` checks
+the records against a real run on torchvision models). A functional op without a meta kernel runs for
+real; ``record_shapes`` reruns everything for real if an op rejects the zeros.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils._pytree import tree_flatten, tree_map
+
+
+def _conv_shape(m: nn.Module, x: torch.Tensor) -> tuple[int, ...]:
+    nd = len(m.kernel_size)
+    spatial = x.shape[-nd:]
+    if m.padding == "same":
+        return (*x.shape[:-nd - 1], m.out_channels, *spatial)
+    pad = (0,) * nd if m.padding == "valid" else m.padding
+    out = [(n + 2 * p - d * (k - 1) - 1) // s + 1
+           for n, p, d, k, s in zip(spatial, pad, m.dilation, m.kernel_size, m.stride)]
+    return (*x.shape[:-nd - 1], m.out_channels, *out)
+
+
+def _linear_shape(m: nn.Module, x: torch.Tensor) -> tuple[int, ...]:
+    return (*x.shape[:-1], m.out_features)
+
+
+# module type (exact: a subclass may override forward) -> output shape from the module and its input
+HEAVY_MODULES: dict[type, Callable[[nn.Module, torch.Tensor], tuple[int, ...]]] = {
+    nn.Conv1d: _conv_shape, nn.Conv2d: _conv_shape, nn.Conv3d: _conv_shape, nn.Linear: _linear_shape}
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+def _zeros(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """Zeros with the memory format a CPU/CUDA conv or linear gives for input ``like``."""
+    fmt = _CHANNELS_LAST.get(len(shape))
+    keep = fmt is not None and like.dim() == len(shape) and like.is_contiguous(memory_format=fmt) \
+        and not like.is_contiguous()
+    out = torch.zeros(shape, dtype=like.dtype, device=like.device)
+    return out.contiguous(memory_format=fmt) if keep else out
+
+
+HEAVY_FUNCTIONS: set[Any] = {F.linear, F.conv1d, F.conv2d, F.conv3d, torch.matmul, operator.matmul, torch.bmm,
+                             torch.mm, torch.addmm, torch.baddbmm, torch.einsum}
+
+
+def _to_meta(x: Any) -> Any:
+    return x.to("meta") if isinstance(x, torch.Tensor) else x
+
+
+def _device_of(args: tuple, kwargs: dict) -> torch.device | None:
+    for leaf in tree_flatten((args, kwargs))[0]:
+        if isinstance(leaf, torch.Tensor):
+            return leaf.device
+    return None
+
+
+def _zeros_like_meta(out: Any, device: torch.device) -> Any:
+    def zeros(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor):
+            return t
+        return torch.zeros_like(t, device=device)  # preserve_format: the meta strides carry over
+    return tree_map(zeros, out)
+
+
+class HeavyOpsOnMeta(ShapeProp):
+    """``ShapeProp`` whose convolutions, linears and matmuls compute shapes only (see the module doc)."""
+
+    def call_module(self, target: str, args: tuple, kwargs: dict) -> Any:
+        module = self.fetch_attr(target)
+        shape_of = HEAVY_MODULES.get(type(module))
+        if shape_of is not None and len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
+            return _zeros(shape_of(module, args[0]), args[0])
+        return super().call_module(target, args, kwargs)
+
+    def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        if target in HEAVY_FUNCTIONS:
+            out = self._on_meta(lambda a, k: target(*a, **k), args, kwargs)
+            if out is not None:
+                return out
+        return super().call_function(target, args, kwargs)
+
+    @staticmethod
+    def _on_meta(fn, args: tuple, kwargs: dict) -> Any:
+        device = _device_of(args, kwargs)
+        if device is None:
+            return None
+        try:
+            out = fn(tree_map(_to_meta, args), tree_map(_to_meta, kwargs))
+        except (NotImplementedError, RuntimeError):  # no meta kernel: the caller runs the op for real
+            return None
+        return _zeros_like_meta(out, device)
