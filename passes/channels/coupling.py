@@ -57,15 +57,15 @@ class ChannelAnalysis:
         return self.tracker.members
 
     @functools.cached_property
-    def constraint_units(self) -> list[tuple[np.ndarray, int]]:
-        """Every grouped-conv constraint as (unit id per position, number of blocks)."""
-        return [(self.unit[c.atoms.numpy()], c.blocks) for c in self.tracker.constraints]
+    def constraint_units(self) -> list[tuple[np.ndarray, int, bool]]:
+        """Every grouped-conv constraint as (unit id per position, number of blocks, droppable)."""
+        return [(self.unit[c.atoms.numpy()], c.blocks, c.droppable) for c in self.tracker.constraints]
 
     @functools.cached_property
     def constraints_of_unit(self) -> dict[int, list[int]]:
         """Unit id -> indices into ``constraint_units`` of the constraints that involve it."""
         out: dict[int, list[int]] = {}
-        for i, (cu, _) in enumerate(self.constraint_units):
+        for i, (cu, *_) in enumerate(self.constraint_units):
             for u in np.unique(cu).tolist():
                 out.setdefault(u, []).append(i)
         return out

@@ -55,7 +55,11 @@ class ChannelPrune(PassBase):
 
     Parameters: ``ratio`` (fraction of units pruned per group; per layer via ``by_name``/``by_type``/
     ``by_pattern``: a group uses the smallest ratio of its producer layers), ``importance`` (a name in
-    ``IMPORTANCE``), ``round_to`` (kept units per group rounded up to a multiple), ``seed`` (``random``),
+    ``IMPORTANCE``), ``round_to`` (kept units per group rounded up to a multiple), ``conv_groups`` (for a
+    grouped conv with in == out channels: ``"keep"`` prunes the same number of channels inside every conv
+    group; ``"prune"`` removes whole conv groups of least total importance and keeps the group width, so
+    vectorised grouped kernels (onnxruntime's NCHWc blocks of 8 or 16 channels) still apply; a group
+    structure that whole-group pruning cannot keep even falls back to ``"keep"`` with a note), ``seed`` (``random``),
     ``batch`` / ``loss_fn`` (``taylor``), selection keys ``types``/``ignore`` (a group is pruned only when
     all its producer layers are selected). At least one unit is kept per group; model inputs and
     outputs are never pruned. Zeroes producer rows, biases, norm affine params and parameters added to
@@ -67,12 +71,13 @@ class ChannelPrune(PassBase):
     requires_analyses = ("shapes",)
     layer_params = ("ratio",)
 
-    def __init__(self, *, ratio: float = 0.5, importance: str = "l1", round_to: int = 1, seed: int = 0,
-                 selection: LayerSelection | None = None, batch: Sequence[Any] | None = None,
+    def __init__(self, *, ratio: float = 0.5, importance: str = "l1", round_to: int = 1,
+                 conv_groups: str = "keep", seed: int = 0, selection: LayerSelection | None = None, batch: Sequence[Any] | None = None,
                  loss_fn: Callable[[Any], torch.Tensor] | None = None):
         self.ratio = validate.number("ratio", ratio, 0.0, 1.0, hi_open=True)
         self.importance = validate.choice("importance", importance, IMPORTANCE.names())
         self.round_to = validate.integer("round_to", round_to, 1)
+        self.conv_groups = validate.choice("conv_groups", conv_groups, ("keep", "prune"))
         self.seed = validate.integer("seed", seed)
         self.selection = (selection or LayerSelection()).with_defaults(DEFAULT_TYPES)
         self.batch, self.loss_fn = batch, loss_fn
@@ -121,17 +126,46 @@ class ChannelPrune(PassBase):
         if keep >= n:
             return
         blocks = _block_keys(a, units)
-        chosen: list[int] = []
-        for key_units in blocks.values():
-            k = max(1, int(round(keep * len(key_units) / n)))
-            order = np.argsort(scores[key_units], kind="stable")
-            chosen.extend(key_units[order[:len(key_units) - k]].tolist())
+        if self.conv_groups == "prune" and any(blocks):
+            trial = pruned.copy()
+            trial[_whole_blocks(blocks, scores, keep, n)] = True
+            if _constraints_hold(a, units, trial):
+                pruned[:] = trial
+                return
+            notes.append(f"group of {group.modules[0]}: whole conv groups cannot be pruned evenly; "
+                         "pruned inside every conv group")
         trial = pruned.copy()
-        trial[chosen] = True
+        trial[_within_blocks(blocks, scores, keep, n)] = True
         if not _constraints_hold(a, units, trial):
             notes.append(f"group of {group.modules[0]} left whole: group structure cannot be kept balanced")
             return
-        pruned[chosen] = True
+        pruned[:] = trial
+
+
+def _within_blocks(blocks: dict[tuple, np.ndarray], scores: np.ndarray, keep: int, n: int) -> list[int]:
+    """The least important units of every block, keeping ``keep / n`` of each."""
+    chosen: list[int] = []
+    for key_units in blocks.values():
+        k = max(1, int(round(keep * len(key_units) / n)))
+        order = np.argsort(scores[key_units], kind="stable")
+        chosen.extend(key_units[order[:len(key_units) - k]].tolist())
+    return chosen
+
+
+def _whole_blocks(blocks: dict[tuple, np.ndarray], scores: np.ndarray, keep: int, n: int) -> list[int]:
+    """Whole blocks of least total importance, keeping about ``keep / n`` of the blocked units (at least
+    one block); units in no block (key ``()``) are chosen one by one."""
+    free = blocks.get((), np.zeros(0, dtype=np.int64))
+    chosen = _within_blocks({(): free}, scores, keep, n) if len(free) else []
+    keyed = [u for k, u in blocks.items() if k]
+    total = sum(len(u) for u in keyed)
+    drop = min(len(keyed) - 1, int(round(len(keyed) * (1 - keep / n))))
+    if drop <= 0 or not total:
+        return chosen
+    order = np.argsort([float(scores[u].sum()) for u in keyed], kind="stable")
+    for i in order[:drop].tolist():
+        chosen.extend(keyed[i].tolist())
+    return chosen
 
 
 def _touching(a: ChannelAnalysis, units: np.ndarray):
@@ -144,7 +178,7 @@ def _touching(a: ChannelAnalysis, units: np.ndarray):
 def _block_keys(a: ChannelAnalysis, units: np.ndarray) -> dict[tuple, np.ndarray]:
     """Units keyed by their block in every grouped-conv constraint touching the group."""
     keys: dict[int, tuple] = {int(u): () for u in units}
-    for cu, blocks in _touching(a, units):
+    for cu, blocks, _ in _touching(a, units):
         size, seen = len(cu) // blocks, set()
         for pos, u in enumerate(cu.tolist()):
             if u in keys and u not in seen:
@@ -165,8 +199,10 @@ def _keep_every_member(a: ChannelAnalysis, pruned: np.ndarray, scores: np.ndarra
 
 
 def _constraints_hold(a: ChannelAnalysis, units: np.ndarray, pruned: np.ndarray) -> bool:
-    for cu, blocks in _touching(a, units):
+    for cu, blocks, droppable in _touching(a, units):
         kept = (~pruned[cu]).reshape(blocks, -1).sum(1)
+        if droppable:
+            kept = kept[kept > 0]
         if len(set(kept.tolist())) > 1:
             return False
     return True

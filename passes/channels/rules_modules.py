@@ -50,7 +50,7 @@ def conv(cx: RuleContext, node: fx.Node):
         out = shared_out(cx, name, vec.repeat_interleave(cout // cin))
     elif cin == cout:
         out = shared_out(cx, name, vec)
-        cx.t.constraints.append(Constraint(out, g, node.name))
+        cx.t.constraints.append(Constraint(out, g, node.name, droppable=True))
         cx.t.checks.append(Check(node.name, node.args[0].name, 1, vec, "zero", name))
     else:
         cx.t.barrier(node, f"grouped conv with in {cin} != out {cout}: input channels kept", vec)

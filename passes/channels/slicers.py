@@ -76,12 +76,16 @@ def slice_conv(m: nn.Module, cuts: Cuts) -> None:
 
 def _regroup_identity(m: nn.Module, out_idx: torch.Tensor) -> None:
     """Grouped conv with in == out coupled per index: keep rows ``out_idx`` and, in each row, the kept
-    input indices local to its group (the same count in every group)."""
+    input indices local to its group (the same count in every group that keeps any); groups that keep
+    nothing are dropped."""
     size = m.out_channels // m.groups
-    cols = [(out_idx[(out_idx // size) == b] - b * size) for b in range(m.groups)]
+    block = out_idx // size
+    kept_blocks = torch.unique(block)
+    cols = [(out_idx[block == b] - b * size) for b in kept_blocks.tolist()]
     if len({len(c) for c in cols}) != 1:
         raise ValueError(f"grouped conv needs equal kept channels per group, got {sorted({len(c) for c in cols})}")
-    local = torch.stack(cols)[out_idx // size]                                # (kept out, kept per group)
+    local = torch.stack(cols)[torch.searchsorted(kept_blocks, block)]        # (kept out, kept per group)
+    m.groups = len(kept_blocks)
     w = m.weight.detach().index_select(0, out_idx)
     index = local.reshape(local.shape + (1,) * (w.ndim - 2)).expand(-1, -1, *w.shape[2:])
     set_tensor(m, "weight", torch.gather(w, 1, index))

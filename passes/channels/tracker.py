@@ -38,10 +38,12 @@ class Member:
 
 @dataclass
 class Constraint:
-    """``atoms`` split into ``blocks`` equal contiguous blocks must keep the same count per block."""
+    """``atoms`` split into ``blocks`` equal contiguous blocks must keep the same count per block; with
+    ``droppable``, a block may also lose all its atoms (its conv then has fewer groups)."""
     atoms: torch.Tensor
     blocks: int
     node: str
+    droppable: bool = False
 
 
 @dataclass

@@ -4,10 +4,12 @@ from __future__ import annotations
 import os
 import sys
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sparsifx.errors import RecipeError
 from sparsifx.pass_manager import run_model
 from sparsifx.passes.channels import CHANNEL_RULES, ChannelPrune, Shrink, analyze_channels
 from sparsifx.tracing import trace
@@ -168,6 +170,32 @@ def test_grouped_conv_groups_2_and_4_stay_balanced():
         conv = gm.get_submodule("grouped.0")
         assert conv.groups == groups and conv.out_channels == conv.in_channels == 8
         assert conv.weight.shape == (8, 8 // groups, 3, 3) and conv.bias.shape == (8,)
+
+
+def test_conv_groups_prune_removes_whole_groups_and_keeps_their_width():
+    for groups in (2, 4, 8):
+        gm, _, _ = prune_and_shrink(randomize_bn(Grouped(groups)), X, conv_groups="prune")
+        conv = gm.get_submodule("grouped.0")
+        assert conv.groups == groups // 2 and conv.out_channels == conv.in_channels == 8
+        assert conv.weight.shape == (8, 16 // groups, 3, 3) and conv.bias.shape == (8,)
+        assert "whole conv groups" not in " ".join(gm.meta["report_notes"])
+
+
+def test_conv_groups_prune_drops_the_least_important_groups():
+    model = randomize_bn(Grouped(4))
+    reference = torch.cat([model.grouped[0].weight[0:4], model.grouped[0].weight[12:16]]).clone()
+    with torch.no_grad():  # channels 4..11 (conv groups 1 and 2) are the weakest in every layer
+        for t in (model.stem[0].weight, model.stem[1].weight, model.grouped[0].weight, model.grouped[1].weight,
+                  model.dw.weight):
+            t[4:12].mul_(1e-3)
+        model.head.fc.weight[:, 4:12].mul_(1e-3)
+    gm, _, _ = prune_and_shrink(model, X, conv_groups="prune")
+    torch.testing.assert_close(gm.get_submodule("grouped.0").weight, reference)
+
+
+def test_conv_groups_rejects_unknown_mode():
+    with pytest.raises(RecipeError, match="conv_groups"):
+        ChannelPrune(conv_groups="merge")
 
 
 def test_depthwise_with_multiplier():

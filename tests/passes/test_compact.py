@@ -146,3 +146,23 @@ def test_compact_in_a_recipe_and_bad_params():
     assert result.modified and gm.get_submodule("layer3.0.conv1").out_channels == 248
     with pytest.raises(RecipeError, match="atol"):
         PASSES.get("compact").from_params({"atol": -1.0})
+
+
+def test_dead_conv_group_of_resnext_is_removed_with_its_group():
+    """A grouped conv (in == out) whose one whole conv group is dead loses that group: groups 32 -> 31."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnext50_32x4d(num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    gm = sparsifx.trace(model, (x,))
+    with torch.no_grad():
+        gm.get_submodule("layer1.0.conv1").weight[8:12] = 0  # feeds conv group 2 of conv2 (width 4)
+        gm.get_submodule("layer1.0.bn1").bias[8:12] = -1.0  # relu(negative constant) = 0
+        gm.get_submodule("layer1.0.conv2").weight[8:12] = 0
+        gm.get_submodule("layer1.0.bn2").bias[8:12] = -1.0
+    ref = run_model(gm, (x,))
+    assert _compact(gm).modified
+    gm.graph.lint()
+    conv2 = gm.get_submodule("layer1.0.conv2")
+    assert conv2.groups == 31 and conv2.in_channels == conv2.out_channels == 124
+    assert conv2.weight.shape == (124, 4, 3, 3)
+    torch.testing.assert_close(run_model(gm, (x,)), ref, rtol=1e-5, atol=1e-5)
