@@ -1,0 +1,113 @@
+"""onnxruntime latency of one model pruned 50 % under several ``channel_prune`` settings, side by side.
+
+For each model: the dense compact ONNX and one shrunk compact ONNX per setting are timed in interleaved
+rounds in one process (onnxruntime, 1 thread, the thread's CPU clock, as ``torchvision_sweep.py``), so
+the ratios between settings are measured together. Shows what ``round_to`` (channel counts that fill
+the SIMD blocks of onnxruntime's NCHWc kernels: 16 floats on AVX-512) and ``conv_groups`` (whole conv
+groups instead of channels inside every group) do to real latency and to MACs.
+
+    python benchmarks/prune_config_latency.py --out benchmarks/results/prune_config_latency.json
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import prune_sweep_worker as W
+
+MODELS = ("regnet_x_400mf", "regnet_y_800mf", "regnet_x_1_6gf", "regnet_y_3_2gf", "regnet_x_8gf", "regnet_y_16gf",
+          "resnext50_32x4d", "resnext101_64x4d", "mobilenet_v2", "efficientnet_b0", "resnet50")
+CONFIGS = ("round_to=1", "round_to=16", "round_to=1,conv_groups=prune", "round_to=16,conv_groups=prune")
+
+
+def parse_config(text: str) -> dict:
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, value = item.split("=")
+        out[key] = int(value) if value.isdigit() else value
+    return out
+
+
+def measure(name: str, configs: list[str], budget_s: float) -> list[dict]:
+    import sparsifx
+    from sparsifx.registry import PASSES
+    model, inputs = W.build(W.spec(name))
+    _, macs_before = W.count(model, inputs)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {"dense": Path(tmp) / "dense.onnx"}
+        W.compact_onnx(W.sparsifx_trace(model), inputs, paths["dense"], verify=False)
+        for i, text in enumerate(configs):
+            gm = sparsifx.trace(copy.deepcopy(model), inputs)
+            masked = PASSES.get("channel_prune").from_params({"ratio": 0.5, **parse_config(text)})(gm).gm.eval()
+            shrunk = PASSES.get("shrink").from_params({})(masked).gm.eval()
+            _, macs = W.count(shrunk, inputs)
+            paths[text] = Path(tmp) / f"c{i}.onnx"
+            W.compact_onnx(shrunk, inputs, paths[text])  # verified against torch
+            rows.append({"model": name, "config": text, "macs_ratio": macs / macs_before})
+        sessions = {k: W.ort_session(p, 1) for k, p in paths.items()}
+        feeds = {k: {s.get_inputs()[0].name: inputs[0].numpy()} for k, s in sessions.items()}
+        ms = W.interleaved_ms({k: (lambda k=k: sessions[k].run(None, feeds[k])) for k in sessions}, budget_s,
+                              min_rounds=9, clock=time.thread_time)
+    for row in rows:
+        row["ort_latency_ratio"] = ms[row["config"]] / ms["dense"]
+        row["ort_latency_over_macs"] = row["ort_latency_ratio"] / row["macs_ratio"]
+    return rows
+
+
+def markdown(rows: list[dict], configs: list[str], meta: dict) -> str:
+    lines = ["# onnxruntime latency by channel_prune setting (ratio 0.5)", "",
+             f"{meta['note']}", "",
+             "Each cell: onnxruntime latency ratio (shrunk / dense) · MACs ratio · latency ratio over MACs ratio.",
+             "", "| model | " + " | ".join(f"`{c}`" for c in configs) + " |",
+             "|---|" + "---|" * len(configs)]
+    by_model: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        by_model.setdefault(r["model"], {})[r["config"]] = r
+    for model, cells in by_model.items():
+        best = min(cells.values(), key=lambda r: r["ort_latency_ratio"])["config"]
+        text = []
+        for c in configs:
+            r = cells[c]
+            cell = f"{r['ort_latency_ratio']:.3f} · {r['macs_ratio']:.3f} · {r['ort_latency_over_macs']:.2f}"
+            text.append(f"**{cell}**" if c == best else cell)
+        lines.append(f"| {model} | " + " | ".join(text) + " |")
+    lines += ["", "Bold: the lowest latency of the row.", "", "```", meta["command"], "```", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS),
+                    help="channel_prune settings, e.g. round_to=16,conv_groups=prune")
+    ap.add_argument("--budget-s", type=float, default=4.0)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/prune_config_latency.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    rows = []
+    for name in args.models.split(","):
+        for row in measure(name, args.configs, args.budget_s):
+            rows.append(row)
+            print(f"{row['model']:18s} {row['config']:30s} ort {row['ort_latency_ratio']:.3f} "
+                  f"MACs {row['macs_ratio']:.3f} over {row['ort_latency_over_macs']:.2f}", flush=True)
+    meta = {"command": "python benchmarks/prune_config_latency.py " + " ".join(
+                f"--{k.replace('_', '-')} {' '.join(v) if isinstance(v, list) else v}"
+                for k, v in vars(args).items()),
+            "note": f"Input side 128 (224 for maxvit), batch 1; onnxruntime 1 thread, CPU clock, median of interleaved "
+                    f"rounds; {platform.processor() or platform.machine()}, torch {torch.__version__}.",
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    args.out.with_suffix(".md").write_text(markdown(rows, args.configs, meta))
+
+
+if __name__ == "__main__":
+    main()
