@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import random
 import resource
 import statistics
 import tempfile
@@ -171,8 +172,10 @@ def compact_onnx(module: nn.Module, inputs: tuple, path: Path, verify: bool = Tr
 # ------------------------------------------------------------------ latency
 def interleaved_ms(fns: dict[str, Callable[[], Any]], budget_s: float = 6.0, min_rounds: int = 5,
                    max_rounds: int = 40, clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
-    """Median milliseconds per call of each fn, measured in interleaved rounds (one call of each per round)
-    on ``clock`` (wall clock by default; ``time.thread_time`` for single-threaded work)."""
+    """Median milliseconds per call of each fn, measured in interleaved rounds (one call of each per round,
+    in a freshly shuffled order: a fixed order would always run one model right after the same other one,
+    whose cache footprint it then inherits) on ``clock`` (wall clock by default; ``time.thread_time`` for
+    single-threaded work)."""
     for fn in fns.values():  # warm-up
         fn()
     t0 = time.perf_counter()
@@ -181,8 +184,10 @@ def interleaved_ms(fns: dict[str, Callable[[], Any]], budget_s: float = 6.0, min
     per_round = max(time.perf_counter() - t0, 1e-6)
     rounds = int(min(max_rounds, max(min_rounds, budget_s / per_round)))
     times: dict[str, list[float]] = {k: [] for k in fns}
+    order, rng = list(fns.items()), random.Random(0)
     for _ in range(rounds):
-        for key, fn in fns.items():
+        rng.shuffle(order)
+        for key, fn in order:
             t = clock()
             fn()
             times[key].append((clock() - t) * 1e3)
