@@ -86,6 +86,7 @@ class Settings:
     rescale_init: bool = True          # W /= sqrt(density) on masked layers at init (sparse_training_methods)
     max_steps: int | None = None       # cap per (model, seed) group; quick/test runs only
     update_period: int | None = None   # steps per mask-update "epoch" (default: total steps / 8)
+    stage_params: methods_mod.StageParams = ()  # ``--stage-param METHOD.KEY=VALUE`` overrides
 
     def for_model(self, name: str) -> "Settings":
         """These settings with the model's own epoch count (``epochs_by_model``), if it has one."""
@@ -181,7 +182,8 @@ def make_trainer(method: str, sparsity: float, model_name: str, seed: int, setti
                  data: tuple[torch.Tensor, torch.Tensor]) -> Trainer:
     model = models.build_model(model_name, seed)
     schedule = methods_mod.Schedule(settings.total_steps, settings.batch, settings.update_period)
-    model, configure = methods_mod.prepare(method, sparsity, model, schedule, data, settings.rescale_init)
+    model, configure = methods_mod.prepare(method, sparsity, model, schedule, data, settings.rescale_init,
+                                           settings.stage_params)
     optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum, nesterov=True,
                                 weight_decay=settings.weight_decay)
     hooks = configure(optimizer)
@@ -324,7 +326,7 @@ def header_lines(settings: Settings, missing: list[str], wall_s: float, note: st
                  for m, s in zip(settings.models, per_model)}
     described = {}
     for method in settings.methods:
-        texts = {methods_mod.describe(method, sched) for sched in schedules.values()}
+        texts = {methods_mod.describe(method, sched, settings.stage_params) for sched in schedules.values()}
         described[method] = " / ".join(sorted(texts)) + (" (by model)" if len(texts) > 1 else "")
     lines = [
         "# Sparse training benchmark (issue 5)",
@@ -489,7 +491,7 @@ def remeasure_memory(out: Path) -> list[dict]:
         torch.manual_seed(seed)
         model, _ = methods_mod.prepare(row["method"], row["sparsity"], models.build_model(name, seed),
                                        methods_mod.Schedule(s.total_steps, s.batch, s.update_period),
-                                       (x_train, y_train), settings.rescale_init)
+                                       (x_train, y_train), settings.rescale_init, settings.stage_params)
         ratio = methods_mod.saved_bytes(model, x_b, y_b) / dense_saved[(name, seed)]
         before_after.setdefault(f"{name}/{row['method']}/{row['sparsity']:.2f}", []).append(
             (row["saved_bytes_ratio"], ratio))
@@ -525,6 +527,17 @@ def _model_epochs(text: str) -> tuple[str, int]:
     return name, int(value)
 
 
+def _stage_param(text: str) -> tuple[str, str, object]:
+    """``METHOD.KEY=VALUE`` -> (method, key, value) for ``--stage-param``; the value is parsed as YAML."""
+    import yaml
+    target, sep, value = text.partition("=")
+    method, dot, key = target.partition(".")
+    if not sep or not dot or method not in methods_mod.ALL_METHODS or not key:
+        raise argparse.ArgumentTypeError(f"expected METHOD.KEY=VALUE with METHOD in {methods_mod.ALL_METHODS}, "
+                                         f"got {text!r}")
+    return method, key, yaml.safe_load(value)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=HERE / "results" / "sparse_training.json")
@@ -541,6 +554,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--update-period", type=int, metavar="STEPS",
                         help="steps per mask-update epoch of set/sparse_momentum/ctre (RigL every STEPS/2, GMP from"
                              " STEPS every STEPS/2); default total steps / 8")
+    parser.add_argument("--stage-param", nargs="+", metavar="METHOD.KEY=VALUE", type=_stage_param,
+                        help="override a method's recipe-stage parameter, e.g. sparse_momentum.prune_rate=0.3")
     parser.add_argument("--no-rescale-init", action="store_true", help="keep the dense init on masked layers")
     parser.add_argument("--no-resnet18-memory", action="store_true", help="skip the resnet18 batch-32 section")
     parser.add_argument("--resnet18-memory-only", action="store_true", help="run only the resnet18 section")
@@ -572,6 +587,8 @@ def main(argv: list[str] | None = None) -> None:
         overrides["epochs_by_model"] = tuple(args.model_epochs)
     if args.no_rescale_init:
         overrides["rescale_init"] = False
+    if args.stage_param:
+        overrides["stage_params"] = tuple(args.stage_param)
     settings = replace(settings, **overrides)
     run(settings, args.out, resnet=not (args.quick or args.no_resnet18_memory),
         resnet_only=args.resnet18_memory_only)

@@ -81,8 +81,18 @@ def available(methods: tuple[str, ...]) -> tuple[list[str], list[str]]:
     return present, [m for m in methods if m not in present]
 
 
-def describe(method: str, schedule: Schedule) -> str:
-    params = STAGES[method](0.9, schedule)
+StageParams = tuple[tuple[str, str, Any], ...]   # (method, key, value) overrides from ``--stage-param``
+
+
+def stage(method: str, sparsity: float, schedule: Schedule, overrides: StageParams = ()) -> dict[str, Any]:
+    """The recipe stage of ``method``: the benchmark's settings above, then the ``overrides`` for it."""
+    return {"pass": method, **STAGES[method](sparsity, schedule),
+            **{key: value for m, key, value in overrides if m == method}}
+
+
+def describe(method: str, schedule: Schedule, overrides: StageParams = ()) -> str:
+    params = stage(method, 0.9, schedule, overrides)
+    params.pop("pass")
     return ", ".join(f"{k}={v}" for k, v in params.items() if k != "sparsity")
 
 
@@ -98,13 +108,13 @@ def rescale_masked_init(model: nn.Module) -> None:
 
 
 def prepare(method: str, sparsity: float, model: nn.Module, schedule: Schedule,
-            data: tuple[torch.Tensor, torch.Tensor], rescale_init: bool = True
+            data: tuple[torch.Tensor, torch.Tensor], rescale_init: bool = True, overrides: StageParams = ()
             ) -> tuple[nn.Module, Callable[[torch.optim.Optimizer], Hooks]]:
     """The model to train and ``configure(optimizer) -> Hooks`` (attaches the method's controller)."""
     if method == "dense":
         return model, lambda optimizer: Hooks()
-    stage = {"pass": method, **STAGES[method](sparsity, schedule)}
-    gm = sparsify(model, {"stages": [stage]}, example_inputs=(data[0][: schedule.batch],))
+    gm = sparsify(model, {"stages": [stage(method, sparsity, schedule, overrides)]},
+                  example_inputs=(data[0][: schedule.batch],))
     if rescale_init:
         rescale_masked_init(gm)
 
