@@ -6,7 +6,8 @@ ones (256², 1024² and 4096² matrices, 10% dense for the sparse kernels); betw
 interpolated in log(batch). A convolution costs, for a sparse kernel, its 256-batch cost per non-zero and column
 times the output columns plus an im2col (``F.unfold``) cost per element, and for dense ``F.conv2d`` a fitted
 overhead plus a cost per multiply-add. Timings are medians of interleaved runs on the calling thread's CPU clock
-when torch runs one thread (immune to a busy machine), minima on the wall clock otherwise (the uncontended cost). ``crossover`` gives the density below which a kernel beats
+when torch runs one thread (immune to a busy machine), minima on the wall clock otherwise (the uncontended cost);
+every timed Linear call starts with the caches flushed (``CacheEvictor``). ``crossover`` gives the density below which a kernel beats
 torch's dense layer. The calibration is stored as JSON in ``cache_dir()``, keyed by CPU, threads and torch.
 """
 from __future__ import annotations
@@ -33,11 +34,39 @@ CAL_BATCHES = (1, 8, 32, 256)
 CAL_SIZES = (256, 1024, 4096)
 CAL_DENSITY = 0.1
 CONV_REF = dict(n=4, c=128, hw=14, k=3)
-CALIBRATION_FORMAT = "2"  # bump when what is measured changes: old caches are then ignored
+CALIBRATION_FORMAT = "3"  # bump when what is measured changes: old caches are then ignored
+EVICT_FALLBACK_BYTES = 64 << 20
 
 
-def median_ms(fns: dict[str, Callable[[], object]], reps: int = 7, quantile: float = 0.5) -> dict[str, float]:
-    """Median (or another quantile) time in ms of each callable, timed interleaved after one warm-up.
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache of this machine (sysfs), or 32 MiB where sysfs does not say."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip().upper()
+        try:
+            sizes.append(int(text.rstrip("KMG")) << {"K": 10, "M": 20, "G": 30}.get(text[-1:], 0))
+        except ValueError:
+            continue
+    return max(sizes) if sizes else EVICT_FALLBACK_BYTES // 2
+
+
+class CacheEvictor:
+    """Writes a buffer twice the size of the last-level cache, so that the next call reads its weights from
+    memory, as a layer does inside a model whose weights exceed the cache (and as each kernel does in an
+    interleaved benchmark). Without it, a 1024x1024 layer was warm or cold from one calibration to the next
+    and its dense/onnxruntime ratio swung from 0.8 to 1.2."""
+
+    def __init__(self, nbytes: int | None = None):
+        self.buffer = torch.empty((nbytes or 2 * last_level_cache_bytes()) // 4, dtype=torch.float32)
+
+    def __call__(self) -> None:
+        self.buffer.fill_(1.0)
+
+
+def median_ms(fns: dict[str, Callable[[], object]], reps: int = 7, quantile: float = 0.5,
+              before: Callable[[], object] | None = None) -> dict[str, float]:
+    """Median (or another quantile) time in ms of each callable, timed interleaved after one warm-up;
+    ``before`` (untimed) runs before every timed call.
 
     With one torch thread the clock is the calling thread's CPU time (immune to other processes on a busy
     machine); otherwise the wall clock."""
@@ -47,6 +76,8 @@ def median_ms(fns: dict[str, Callable[[], object]], reps: int = 7, quantile: flo
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(reps):
         for k, f in fns.items():
+            if before is not None:
+                before()
             t0 = clock()
             f()
             times[k].append((clock() - t0) * 1e3)
@@ -166,6 +197,7 @@ def _calibrate_linear(kernels: tuple[str, ...], reps: int, sizes: tuple[int, ...
                       ) -> dict[str, dict[int, list[tuple[float, float]]]]:
     gen = torch.Generator().manual_seed(0)
     mats = {n: _random_sparse(n, CAL_DENSITY, gen) for n in sizes}
+    evict = CacheEvictor()
     table: dict[str, dict[int, list[tuple[float, float]]]] = {k: {} for k in kernels}
     for batch in batches:
         for k in kernels:
@@ -175,7 +207,7 @@ def _calibrate_linear(kernels: tuple[str, ...], reps: int, sizes: tuple[int, ...
             fns = {name: _layer(name, w) for name in kernels}  # whole modules: call overhead included
             fns = {name: (lambda mod=mod: mod(x)) for name, mod in fns.items()}
             big = n >= 4096 and batch >= 256
-            times = median_ms(fns, max(3, reps // 2) if big else reps, quantile=_quantile())
+            times = median_ms(fns, max(3, reps // 2) if big else reps, quantile=_quantile(), before=evict)
             for name in kernels:
                 work = int(w.count_nonzero()) if SPARSE_KERNELS.get(name).sparse else n * n
                 table[name][batch].append((work, times[name]))

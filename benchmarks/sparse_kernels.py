@@ -154,10 +154,10 @@ def markdown(result) -> str:
              f"{meta['loadavg_start']} at start, {meta['loadavg_end']} at end (a shared machine: expect noise). "
              "`x dense` = torch F.linear time / this time; `x best` = min(torch, onnxruntime dense) / this time. "
              "`lower` times the module the `lower` pass produced (its own copy of the data, module call overhead "
-             "included; the kernel it runs at this batch in parentheses). Where it chose `dense` it runs the same "
-             "GEMM as the `dense` column through an `nn.Linear` call, whose Python module overhead (about 10 us "
-             "measured here) is 4-5% of a cache-cold 1024x1024 batch-1 product: a gap there is that overhead plus "
-             "noise. Check (a) is reported on the measured lowered "
+             "included; the kernel it runs at this batch in parentheses). Where it runs `dense` it is the same "
+             "GEMM as the `dense` column plus the module call (a few us of Python). At 1024x1024, batch 1 the "
+             "weights are about as large as the cache: two F.linear calls on two copies of the same weight "
+             "differ by up to 15% there from run to run. Check (a) is reported on the measured lowered "
              "module and on the column of the kernel it chose.", ""]
     for n in sorted({r["n"] for r in rows}):
         for b in sorted({r["batch"] for r in rows}):

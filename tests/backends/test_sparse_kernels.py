@@ -145,3 +145,25 @@ def test_sparse_conv2d_chunked_unfold(monkeypatch):
     x = torch.randn(5, 4, 7, 7)
     with torch.inference_mode():
         torch.testing.assert_close(lowered(x), conv(x), **TOL)
+
+
+def test_sparse_linear_fast_path_runs_the_planned_kernel_per_row_count(monkeypatch):
+    from sparsifx.backends import sparse_modules
+    ran = []
+    for name in ("csr_tiled", "csr", "dense"):
+        monkeypatch.setitem(sparse_modules.BINDERS, name,
+                            lambda m, n: (lambda x, n=n: ran.append(n) or torch.zeros(x.shape[0], m.out_features)))
+    layer = SparseLinear(sparse_weight(8, 16, 0.3), None, [(2, "csr_tiled"), (16, "csr"), (None, "dense")])
+    with torch.no_grad():
+        for rows in (1, 2, 3, 16, 17, 300):
+            assert layer(torch.randn(rows, 16)).shape == (rows, 8)
+    assert ran == ["csr_tiled", "csr_tiled", "csr", "csr", "dense", "dense"]
+
+
+def test_cache_evictor_writes_a_buffer_twice_the_last_level_cache():
+    assert cost_model.last_level_cache_bytes() >= 1 << 20
+    evict = cost_model.CacheEvictor()
+    assert evict.buffer.numel() * 4 == 2 * cost_model.last_level_cache_bytes()
+    small = cost_model.CacheEvictor(1 << 16)
+    small()
+    assert small.buffer.numel() == 1 << 14 and bool((small.buffer == 1.0).all())
