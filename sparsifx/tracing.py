@@ -1,6 +1,8 @@
 """``trace``: symbolic tracing with leaf modules, opaque-leaf fallback and shape recording."""
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from typing import Any, Iterable, Sequence
 
@@ -120,7 +122,9 @@ def record_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
     try:
         with torch.no_grad():
             try:
-                HeavyOpsOnMeta(gm).propagate(*example_inputs)
+                # ShapeProp prints the traceback of a failing node before it raises: this failure is handled
+                with contextlib.redirect_stderr(io.StringIO()):
+                    HeavyOpsOnMeta(gm).propagate(*example_inputs)
             except Exception as exc:  # noqa: BLE001 - retried for real below, and logged
                 log.info("shape propagation with heavy ops on meta failed (%s: %s); running the model for real",
                          type(exc).__name__, exc)

@@ -72,8 +72,8 @@ class ChannelPrune(PassBase):
     layer_params = ("ratio",)
 
     def __init__(self, *, ratio: float = 0.5, importance: str = "l1", round_to: int = 1,
-                 conv_groups: str = "keep", seed: int = 0, selection: LayerSelection | None = None, batch: Sequence[Any] | None = None,
-                 loss_fn: Callable[[Any], torch.Tensor] | None = None):
+                 conv_groups: str = "keep", seed: int = 0, selection: LayerSelection | None = None,
+                 batch: Sequence[Any] | None = None, loss_fn: Callable[[Any], torch.Tensor] | None = None):
         self.ratio = validate.number("ratio", ratio, 0.0, 1.0, hi_open=True)
         self.importance = validate.choice("importance", importance, IMPORTANCE.names())
         self.round_to = validate.integer("round_to", round_to, 1)
@@ -158,9 +158,8 @@ def _whole_blocks(blocks: dict[tuple, np.ndarray], scores: np.ndarray, keep: int
     free = blocks.get((), np.zeros(0, dtype=np.int64))
     chosen = _within_blocks({(): free}, scores, keep, n) if len(free) else []
     keyed = [u for k, u in blocks.items() if k]
-    total = sum(len(u) for u in keyed)
     drop = min(len(keyed) - 1, int(round(len(keyed) * (1 - keep / n))))
-    if drop <= 0 or not total:
+    if drop <= 0:
         return chosen
     order = np.argsort([float(scores[u].sum()) for u in keyed], kind="stable")
     for i in order[:drop].tolist():
