@@ -35,7 +35,7 @@ CAL_SIZES = (256, 1024, 4096)
 CAL_DENSITY = 0.1
 CONV_REF = dict(n=4, c=128, hw=14, k=3)
 CALIBRATION_FORMAT = "3"  # bump when what is measured changes: old caches are then ignored
-EVICT_FALLBACK_BYTES = 64 << 20
+LLC_FALLBACK_BYTES = 32 << 20  # when sysfs does not say
 
 
 def last_level_cache_bytes() -> int:
@@ -47,7 +47,7 @@ def last_level_cache_bytes() -> int:
             sizes.append(int(text.rstrip("KMG")) << {"K": 10, "M": 20, "G": 30}.get(text[-1:], 0))
         except ValueError:
             continue
-    return max(sizes) if sizes else EVICT_FALLBACK_BYTES // 2
+    return max(sizes) if sizes else LLC_FALLBACK_BYTES
 
 
 class CacheEvictor:

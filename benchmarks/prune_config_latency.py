@@ -52,10 +52,7 @@ def measure(name: str, configs: list[str], budget_s: float) -> list[dict]:
             paths[text] = Path(tmp) / f"c{i}.onnx"
             W.compact_onnx(shrunk, inputs, paths[text])  # verified against torch
             rows.append({"model": name, "config": text, "macs_ratio": macs / macs_before})
-        sessions = {k: W.ort_session(p, 1) for k, p in paths.items()}
-        feeds = {k: {s.get_inputs()[0].name: inputs[0].numpy()} for k, s in sessions.items()}
-        ms = W.interleaved_ms({k: (lambda k=k: sessions[k].run(None, feeds[k])) for k in sessions}, budget_s,
-                              min_rounds=9, clock=time.thread_time)
+        ms = W.ort_ms(paths, inputs, budget_s, min_rounds=9)
     for row in rows:
         row["ort_latency_ratio"] = ms[row["config"]] / ms["dense"]
         row["ort_latency_over_macs"] = row["ort_latency_ratio"] / row["macs_ratio"]

@@ -235,14 +235,18 @@ def latency(dense: nn.Module, shrunk: nn.Module, inputs: tuple, onnx_paths: dict
     if fresh is not None:
         out["physical_ratio"] = out["eager_after_ms"] / out["eager_fresh_ms"]
     if onnx_paths:
-        # onnxruntime on one thread, timed on that thread's CPU clock: with two threads per session the
-        # sessions' pools wake, spin and sleep on this 2-vCPU VM in ways that swing a model's median by 2-4x
-        # from run to run (measured); one thread on the CPU clock repeats within a few %
-        sessions = {k: ort_session(p, 1) for k, p in onnx_paths.items()}
-        feeds = {k: {s.get_inputs()[0].name: inputs[0].numpy()} for k, s in sessions.items()}
-        out.update(interleaved_ms({f"ort_{k}_ms": (lambda k=k: sessions[k].run(None, feeds[k]))
-                                   for k in sessions}, budget_s, clock=time.thread_time))
+        out.update({f"ort_{k}_ms": ms for k, ms in ort_ms(onnx_paths, inputs, budget_s).items()})
     return out
+
+
+def ort_ms(onnx_paths: dict[str, Path], inputs: tuple, budget_s: float, min_rounds: int = 5) -> dict[str, float]:
+    """Median ms of each ONNX file in onnxruntime, interleaved. One thread, timed on that thread's CPU clock:
+    with two threads per session the sessions' pools wake, spin and sleep on this 2-vCPU VM in ways that
+    swing a model's median by 2-4x from run to run (measured); one thread on the CPU clock repeats within a few %."""
+    sessions = {k: ort_session(p, 1) for k, p in onnx_paths.items()}
+    feeds = {k: {s.get_inputs()[0].name: inputs[0].numpy()} for k, s in sessions.items()}
+    return interleaved_ms({k: (lambda k=k: sessions[k].run(None, feeds[k])) for k in sessions}, budget_s,
+                          min_rounds=min_rounds, clock=time.thread_time)
 
 
 # ------------------------------------------------------------------ one model
