@@ -14,6 +14,7 @@ import argparse
 import copy
 import json
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -59,11 +60,30 @@ def measure(name: str, configs: list[str], budget_s: float) -> list[dict]:
     return rows
 
 
+def sides_text(names: list[str]) -> str:
+    """'224 px; 128: vit_b_16, vit_l_16': the most common side, then the models with other sides."""
+    by_side: dict[int, list[str]] = {}
+    for n in names:
+        by_side.setdefault(W.spec(n).side, []).append(n)
+    common = max(by_side, key=lambda side: len(by_side[side]))
+    return "; ".join([f"{common} px"] + [f"{side}: {', '.join(ns)}" for side, ns in by_side.items() if side != common])
+
+
+def summary_lines(rows: list[dict], configs: list[str]) -> list[str]:
+    lines = []
+    for c in configs:
+        over = [r["ort_latency_over_macs"] for r in rows if r["config"] == c]
+        lat = [r["ort_latency_ratio"] for r in rows if r["config"] == c]
+        lines.append(f"- `{c}`: median latency ratio {statistics.median(lat):.3f}, median latency/MACs "
+                     f"{statistics.median(over):.3f}, {sum(v <= 1.1 for v in over)}/{len(over)} models at most 1.1")
+    return lines
+
+
 def markdown(rows: list[dict], configs: list[str], meta: dict) -> str:
     lines = ["# onnxruntime latency by channel_prune setting (ratio 0.5)", "",
              f"{meta['note']}", "",
              "Each cell: onnxruntime latency ratio (shrunk / dense) · MACs ratio · latency ratio over MACs ratio.",
-             "", "| model | " + " | ".join(f"`{c}`" for c in configs) + " |",
+             "", *summary_lines(rows, configs), "", "| model | " + " | ".join(f"`{c}`" for c in configs) + " |",
              "|---|" + "---|" * len(configs)]
     by_model: dict[str, dict[str, dict]] = {}
     for r in rows:
@@ -98,8 +118,9 @@ def main() -> None:
     meta = {"command": "python benchmarks/prune_config_latency.py " + " ".join(
                 f"--{k.replace('_', '-')} {' '.join(v) if isinstance(v, list) else v}"
                 for k, v in vars(args).items()),
-            "note": f"Input side 128 (224 for maxvit), batch 1; onnxruntime 1 thread, CPU clock, median of interleaved "
-                    f"rounds; {platform.processor() or platform.machine()}, torch {torch.__version__}.",
+            "note": f"Input side as in the sweep ({sides_text(args.models.split(','))}), batch 1; onnxruntime "
+                    f"1 thread, CPU clock, median of interleaved rounds; {platform.processor() or platform.machine()}, "
+                    f"torch {torch.__version__}.",
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

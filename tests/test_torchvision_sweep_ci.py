@@ -68,5 +68,25 @@ def test_sweep_summary_and_table_from_records():
     assert s["sparsifx_ok"] == 1 and s["sparsifx_failures"] == {"b": "prune+shrink: X: y"}
     assert s["torch_pruning_ok"] == 1 and s["median_time_ratio_sparsifx_over_tp"] == 0.25
     assert s["physical_ratio"] == {"a": 1.01} and s["median_ort_latency_over_macs"] == 1.05
+    assert s["ort_latency_over_macs_at_most_1_1"] == "1/1"
     table = sweep.markdown(records, {"ratio": 0.5, "mode": "ci", "summary": s})
     assert "| b | 64 | NO |" in table and "TP memory: killed" in table
+
+
+def test_interleaved_timing_drops_the_cache_refill_call():
+    """A call right after another model's costs 10 s on a fake clock, a repeated call 1 s: blocks of 3
+    time only the repeated calls (steady state); single interleaved calls mostly pay the refill."""
+    w = _worker()
+    state = {"now": 0.0, "last": None}
+
+    def make(key):
+        def fn():
+            state["now"] += 1.0 if state["last"] == key else 10.0
+            state["last"] = key
+        return fn
+
+    fns = {"dense": make("dense"), "shrunk": make("shrunk")}
+    steady = w.interleaved_ms(fns, budget_s=0.0, min_rounds=6, clock=lambda: state["now"], block=3)
+    assert steady == {"dense": 1000.0, "shrunk": 1000.0}
+    single = w.interleaved_ms(fns, budget_s=0.0, min_rounds=6, max_rounds=6, clock=lambda: state["now"], block=1)
+    assert max(single.values()) == 10000.0
