@@ -3,7 +3,7 @@
 The sweep's ``ort lat/MACs`` column divides the latency ratio (shrunk / dense) by the MACs ratio. This script
 explains that number per model. It profiles the dense and the shrunk compact ONNX (the sweep's export:
 BatchNorm folded; the sweep's input side and ``round_to``) in onnxruntime, 1 thread, and sorts every executed
-kernel into one of two kinds:
+kernel into one of three kinds:
 
 * ``gemm``: convolutions with one group, Gemm and MatMul. Pruning a fraction p of channels on both sides
   divides their MACs by about 1/(1-p)^2, 4x at 50 %.
@@ -68,13 +68,7 @@ def kernel_facts(event: dict) -> tuple[str, int, int]:
 
 def profile(path: Path, inputs: tuple) -> list[dict]:
     """Every kernel of one run: kind, MACs, bytes and median milliseconds."""
-    import onnxruntime as ort
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.enable_profiling = True
-    opts.profile_file_prefix = str(path.with_suffix(""))
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    session = W.ort_session(path, 1, profile_prefix=str(path.with_suffix("")))
     feed = {session.get_inputs()[0].name: inputs[0].numpy()}
     for _ in range(PROFILED_RUNS):
         session.run(None, feed)
@@ -105,12 +99,9 @@ def by_kind(kernels: list[dict]) -> dict[str, dict]:
 
 
 def measure(name: str, round_to: int, budget_s: float) -> dict:
-    from sparsifx.registry import PASSES
-    import sparsifx
-    model, inputs = W.build(W.spec(name))
-    gm = sparsifx.trace(model, inputs)
-    masked = PASSES.get("channel_prune").from_params({"ratio": 0.5, "round_to": round_to})(gm).gm.eval()
-    shrunk = PASSES.get("shrink").from_params({})(masked).gm.eval()
+    spec = W.spec(name)
+    model, inputs = W.build(spec)
+    shrunk = W.pruned_copy(model, inputs, {"ratio": 0.5, "round_to": round_to})
     with tempfile.TemporaryDirectory() as tmp:
         paths = {"dense": Path(tmp) / "dense.onnx", "shrunk": Path(tmp) / "shrunk.onnx"}
         W.compact_onnx(W.sparsifx_trace(model), inputs, paths["dense"], verify=False)
@@ -118,7 +109,7 @@ def measure(name: str, round_to: int, budget_s: float) -> dict:
         total_ms = W.ort_ms(paths, inputs, budget_s, min_rounds=9)
         kernels = {k: profile(p, inputs) for k, p in paths.items()}
     macs_ratio = W.count(shrunk, inputs)[1] / W.count(model, inputs)[1]
-    return summarize(name, W.spec(name).side, macs_ratio, total_ms, kernels)
+    return summarize(name, spec.side, macs_ratio, total_ms, kernels)
 
 
 def summarize(name: str, side: int, macs_ratio: float, total_ms: dict[str, float],

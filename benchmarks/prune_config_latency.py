@@ -11,7 +11,6 @@ groups instead of channels inside every group) do to real latency and to MACs.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import statistics
@@ -37,8 +36,6 @@ def parse_config(text: str) -> dict:
 
 
 def measure(name: str, configs: list[str], budget_s: float) -> list[dict]:
-    import sparsifx
-    from sparsifx.registry import PASSES
     model, inputs = W.build(W.spec(name))
     _, macs_before = W.count(model, inputs)
     rows = []
@@ -46,9 +43,7 @@ def measure(name: str, configs: list[str], budget_s: float) -> list[dict]:
         paths = {"dense": Path(tmp) / "dense.onnx"}
         W.compact_onnx(W.sparsifx_trace(model), inputs, paths["dense"], verify=False)
         for i, text in enumerate(configs):
-            gm = sparsifx.trace(copy.deepcopy(model), inputs)
-            masked = PASSES.get("channel_prune").from_params({"ratio": 0.5, **parse_config(text)})(gm).gm.eval()
-            shrunk = PASSES.get("shrink").from_params({})(masked).gm.eval()
+            shrunk = W.pruned_copy(model, inputs, {"ratio": 0.5, **parse_config(text)})
             _, macs = W.count(shrunk, inputs)
             paths[text] = Path(tmp) / f"c{i}.onnx"
             W.compact_onnx(shrunk, inputs, paths[text])  # verified against torch

@@ -224,13 +224,16 @@ def fresh_dense(module: nn.Module) -> nn.Module:
     return fresh.eval()
 
 
-def ort_session(path: Path, threads: int):
+def ort_session(path: Path, threads: int, profile_prefix: str | None = None):
+    """A CPU session; with ``profile_prefix``, onnxruntime's profiler writes per-kernel times there."""
     import onnxruntime as ort
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
     # no spin-waiting after a run: idle pool threads would steal the cores from whatever runs next
     # (the other model of an interleaved pair, or torch), skewing every ratio measured that way
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if profile_prefix is not None:
+        opts.enable_profiling, opts.profile_file_prefix = True, profile_prefix
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
@@ -327,6 +330,15 @@ def sweep_sparsifx(name: str, ratio: float = 0.5, mode: str = "full", onnx: bool
     finally:
         gc.collect()
     return asdict(rec)
+
+
+def pruned_copy(model: nn.Module, inputs: tuple, params: dict) -> nn.Module:
+    """trace a copy -> channel_prune(**params) -> shrink, in eval mode (untimed, for latency studies)."""
+    import sparsifx
+    from sparsifx.registry import PASSES
+    gm = sparsifx.trace(copy.deepcopy(model), inputs)
+    masked = PASSES.get("channel_prune").from_params(params)(gm).gm.eval()
+    return PASSES.get("shrink").from_params({})(masked).gm.eval()
 
 
 def sparsifx_trace(model: nn.Module) -> nn.Module:
