@@ -8,7 +8,8 @@ times the output columns plus an im2col (``F.unfold``) cost per element, and for
 overhead plus a cost per multiply-add. Timings are medians of interleaved runs on the calling thread's CPU clock
 when torch runs one thread (immune to a busy machine), minima on the wall clock otherwise (the uncontended cost);
 every timed Linear call starts with the caches flushed (``CacheEvictor``). ``crossover`` gives the density below which a kernel beats
-torch's dense layer. The calibration is stored as JSON in ``cache_dir()``, keyed by CPU, threads and torch.
+torch's dense layer. The calibration is stored as JSON in ``cache_dir()``, keyed by CPU, threads and torch; it is
+written atomically, and a cache file that is not a well-formed calibration is logged and replaced.
 """
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from sparsifx.atomic_io import atomic_write
+from sparsifx.errors import ArtefactError
 
 from . import cpp_kernel
 from .sparse_kernels import SPARSE_KERNELS
@@ -246,19 +250,81 @@ def cache_path(kernels: tuple[str, ...], directory: str | Path | None = None) ->
     return base / f"calibration-{machine_key(kernels)}.json"
 
 
+def _number(value, what: str, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
+            value <= 0 if positive else value < 0):
+        raise ValueError(f"{what} must be a finite {'positive' if positive else 'non-negative'} number, "
+                         f"got {value!r}")
+    return float(value)
+
+
+def _checked(data, kernels: tuple[str, ...]) -> dict:
+    """``data`` if it is a calibration of exactly these kernels on this machine, else ``ValueError`` saying why."""
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+    if data.get("key") != machine_key(kernels):
+        raise ValueError(f"key {data.get('key')!r} is not this machine's ({machine_key(kernels)})")
+    if isinstance(data.get("threads"), bool) or not isinstance(data.get("threads"), int):
+        raise ValueError(f"threads must be an integer, got {data.get('threads')!r}")
+    linear = data.get("linear")
+    if not isinstance(linear, dict) or set(linear) != set(kernels):
+        raise ValueError(f"linear must map exactly the kernels {list(kernels)}")
+    for kernel, table in linear.items():
+        if not isinstance(table, dict) or not table:
+            raise ValueError(f"linear.{kernel} must be a non-empty object of batches")
+        for batch, points in table.items():
+            if not (isinstance(batch, str) and batch.isdigit() and int(batch) > 0):
+                raise ValueError(f"linear.{kernel}: batch {batch!r} is not a positive integer")
+            if not isinstance(points, list) or not points or not all(
+                    isinstance(p, list) and len(p) == 2 for p in points):
+                raise ValueError(f"linear.{kernel}.{batch} must be a non-empty list of [work, ms] pairs")
+            for work, ms in points:
+                _number(work, f"linear.{kernel}.{batch} work", positive=True)
+                _number(ms, f"linear.{kernel}.{batch} ms", positive=True)
+    for name in ("unfold_ms_per_elem", "conv_dense_ms_per_mac", "conv_dense_overhead_ms"):
+        _number(data.get(name), name)
+    return data
+
+
+MAX_CACHE_BYTES = 1 << 20  # a calibration is a few KiB; a larger file is not one of ours
+
+
+def _load(path: Path, kernels: tuple[str, ...]) -> Calibration | None:
+    """The calibration cached at ``path``, or ``None`` (logged) when it is missing, unreadable or malformed."""
+    try:
+        if not path.is_file():
+            return None
+        if path.stat().st_size > MAX_CACHE_BYTES:
+            raise ValueError(f"{path.stat().st_size} bytes, more than {MAX_CACHE_BYTES}")
+        return Calibration.from_json(_checked(json.loads(path.read_text()), kernels))
+    except (OSError, ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        log.warning("ignoring invalid calibration cache %s (%s: %s); recalibrating", path, type(exc).__name__, exc)
+        return None
+
+
+def _store(path: Path, cal: Calibration) -> None:
+    """Write the cache atomically (readers never see a partial file); a cache that cannot be written is skipped."""
+    text = json.dumps(cal.to_json(), indent=1)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: tmp.write_text(text))
+    except (OSError, ArtefactError) as exc:
+        log.warning("calibration not cached: cannot write %s (%s)", path, exc)
+        return
+    log.info("calibration written to %s", path)
+
+
 def load_or_calibrate(kernels: tuple[str, ...] | None = None, directory: str | Path | None = None,
                       recalibrate: bool = False, **calibrate_kwargs) -> Calibration:
-    """The cached calibration for these kernels on this machine, measured first if missing (or asked)."""
+    """The cached calibration for these kernels on this machine, measured first if missing (or asked).
+
+    A cache file that cannot be read or is not a well-formed calibration of these kernels is logged and
+    replaced by a fresh calibration; a cache directory that cannot be written costs only the cache."""
     kernels = tuple(k for k in (kernels or SPARSE_KERNELS.names()) if SPARSE_KERNELS.get(k).available())
     kernels = tuple(sorted(set(kernels) | {"dense"}))
     path = cache_path(kernels, directory)
-    if path.exists() and not recalibrate:
-        try:
-            return Calibration.from_json(json.loads(path.read_text()))
-        except (ValueError, KeyError) as exc:
-            log.warning("ignoring unreadable calibration %s: %s", path, exc)
-    cal = calibrate(kernels, **calibrate_kwargs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(cal.to_json(), indent=1))
-    log.info("calibration written to %s", path)
+    cal = None if recalibrate else _load(path, kernels)
+    if cal is None:
+        cal = calibrate(kernels, **calibrate_kwargs)
+        _store(path, cal)
     return cal

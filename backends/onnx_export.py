@@ -9,11 +9,12 @@
    size, and compares every output with torch (eval, no_grad) as ``|ort - torch| <= atol + rtol*|torch|``.
 
 A failure at any step raises ``BackendError`` naming the step and, for a mismatch, the observed max
-abs/rel error. Exporters (``exporter=``): ``"torchscript"`` (``torch.onnx.export(dynamo=False)``,
-fast, handles dynamic batch via ``dynamic_axes``), ``"dynamo"`` (torch.export-based) or ``"auto"``
-(torchscript first; if it cannot export the model, e.g. ``adaptive_avg_pool2d`` with a non-divisor
-output size, the dynamo exporter is tried and a warning names the first failure). The exporter used
-is logged and stored in ``LAST_EXPORT``.
+abs/rel error; nothing is written to ``path`` unless every step passed, and an unwritable or missing
+destination directory raises ``ArtefactError``. Exporters (``exporter=``): ``"torchscript"``
+(``torch.onnx.export(dynamo=False)``, fast, handles dynamic batch via ``dynamic_axes``), ``"dynamo"``
+(torch.export-based) or ``"auto"`` (torchscript first; if it cannot export the model, e.g.
+``adaptive_avg_pool2d`` with a non-divisor output size, the dynamo exporter is tried and a warning names the
+first failure). The exporter used is logged and stored in ``LAST_EXPORT``.
 """
 from __future__ import annotations
 
@@ -29,8 +30,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from sparsifx.atomic_io import atomic_write
 from sparsifx.errors import BackendError
 from sparsifx.masking import bake_masks, masked_layers
+from sparsifx.module_utils import preserve_training_flags
 from sparsifx.registry import BACKENDS, Registry
 
 log = logging.getLogger(__name__)
@@ -142,18 +145,22 @@ def compare(actual: Sequence[Any], expected: Sequence[torch.Tensor], rtol: float
     return {"ok": ok, "max_abs": max_abs, "max_rel": max_rel, "detail": detail}
 
 
-def _check_model(path: Path) -> None:
+def _check_model(path: Path, shown: Path | None = None) -> None:
+    """``onnx.checker`` on ``path``; errors name ``shown`` (the destination of a temporary file)."""
     import onnx
     try:
         onnx.checker.check_model(str(path), full_check=False)
     except Exception as exc:
-        raise BackendError(f"onnx.checker rejected {path}: {type(exc).__name__}: {exc}") from exc
+        raise BackendError(f"onnx.checker rejected {shown or path}: {type(exc).__name__}: {exc}") from exc
 
 
-def _verify(module, path: Path, batches: list[tuple], rtol: float, atol: float, checks: list[dict]) -> None:
+def _verify(module, file: Path, batches: list[tuple], rtol: float, atol: float, checks: list[dict],
+            path: Path | None = None) -> None:
+    """onnxruntime on ``file`` vs torch on each batch; errors name ``path`` (default: ``file``)."""
     import onnxruntime as ort
+    path = path or file
     try:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise BackendError(f"onnxruntime cannot load {path}: {type(exc).__name__}: {exc}") from exc
     names = [i.name for i in session.get_inputs()]
@@ -166,7 +173,12 @@ def _verify(module, path: Path, batches: list[tuple], rtol: float, atol: float, 
         except Exception as exc:
             raise BackendError(f"onnxruntime failed on {path} with batch size {batch}: "
                                f"{type(exc).__name__}: {exc}") from exc
-        result = compare(got, _run_torch(module, inputs), rtol, atol)
+        try:
+            expected = _run_torch(module, inputs)
+        except Exception as exc:
+            raise BackendError(f"the module fails on the verification batch of size {batch}: "
+                               f"{type(exc).__name__}: {exc}") from exc
+        result = compare(got, expected, rtol, atol)
         checks.append({"batch": batch, "max_abs": result["max_abs"], "max_rel": result["max_rel"]})
         if not result["ok"]:
             raise BackendError(f"onnxruntime output does not match torch for batch size {batch} ({path}): "
@@ -195,10 +207,14 @@ def export_onnx(module: torch.nn.Module, path: str | os.PathLike, example_inputs
                 atol: float = 1e-4, exporter: str = "auto") -> Path:
     """Export ``module`` to ``path`` (ONNX), check it and verify it with onnxruntime; returns the path.
 
+    The export is written to a temporary file beside ``path`` and renamed over it only after the checks
+    pass (``sparsifx.atomic_io.atomic_write``): on any failure an existing file at ``path`` is left as it
+    was. The directory must exist (``ArtefactError`` otherwise). Every submodule's ``training`` flag is
+    restored afterwards (``preserve_training_flags``).
+
     ``sparse_weights=True`` rewrites initializers as sparse tensors with
     ``sparsifx.backends.sparse_onnx.to_sparse_initializers`` before verification.
     """
-    global LAST_EXPORT
     if exporter != "auto" and exporter not in EXPORTERS:
         raise BackendError(f"unknown ONNX exporter '{exporter}'; choose auto, {', '.join(EXPORTERS.names())}")
     if not isinstance(module, torch.nn.Module):
@@ -207,13 +223,11 @@ def export_onnx(module: torch.nn.Module, path: str | os.PathLike, example_inputs
     if not any(isinstance(x, torch.Tensor) for x in inputs):
         raise BackendError("export_onnx needs at least one example input tensor")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if any(True for _ in masked_layers(module)):
         module = copy.deepcopy(module)
         log.info("baked %d masked layers into dense weights for export", bake_masks(module))
-    was_training = module.training
-    module.eval()
-    try:
+    with preserve_training_flags(module):
+        module.eval()
         try:
             n_out = len(_run_torch(module, inputs))
         except Exception as exc:
@@ -221,21 +235,29 @@ def export_onnx(module: torch.nn.Module, path: str | os.PathLike, example_inputs
         # grad stays enabled: under no_grad, MultiheadAttention takes a fused fast path the exporters lack;
         # a batch of 1 would be specialised by the exporters, so dynamic export traces a batch of b + 2
         export_inputs = _other_batch(inputs) if dynamic_batch else inputs
-        used, fallback = _export(module, export_inputs, path, exporter, dynamic_batch, opset, n_out)
-        LAST_EXPORT = ExportInfo(str(path), used, fallback, [])
-        log.info("exported %s with the %s exporter", path, used)
-        if sparse_weights:
-            _sparsify_file(path)
-        _check_model(path)
-        if verify:
-            batches = [inputs] + ([export_inputs] if dynamic_batch else [])
-            _verify(module, path, batches, rtol, atol, LAST_EXPORT.checks)
-    finally:
-        module.train(was_training)
+        info = ExportInfo(str(path))
+
+        def write(tmp: Path) -> None:
+            global LAST_EXPORT
+            info.exporter, info.fallback_reason = _export(module, export_inputs, tmp, exporter, dynamic_batch,
+                                                          opset, n_out)
+            LAST_EXPORT = info
+            log.info("exported %s with the %s exporter", path, info.exporter)
+            if sparse_weights:
+                _sparsify_file(tmp, path)
+
+        def check(tmp: Path) -> None:
+            _check_model(tmp, path)
+            if verify:
+                batches = [inputs] + ([export_inputs] if dynamic_batch else [])
+                _verify(module, tmp, batches, rtol, atol, info.checks, path)
+
+        atomic_write(path, write, check)  # the file at ``path`` changes only once export and checks passed
     return path
 
 
-def _sparsify_file(path: Path) -> None:
+def _sparsify_file(path: Path, shown: Path | None = None) -> None:
+    """Rewrite ``path``'s initializers as sparse tensors in place; errors name ``shown`` (default: ``path``)."""
     try:
         from sparsifx.backends.sparse_onnx import to_sparse_initializers
     except ImportError as exc:
@@ -246,7 +268,8 @@ def _sparsify_file(path: Path) -> None:
     try:
         model = to_sparse_initializers(model)
     except Exception as exc:
-        raise BackendError(f"converting initializers of {path} to sparse failed: {type(exc).__name__}: {exc}") from exc
+        raise BackendError(f"converting initializers of {shown or path} to sparse failed: "
+                           f"{type(exc).__name__}: {exc}") from exc
     onnx.save(model, str(path))
 
 

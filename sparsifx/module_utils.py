@@ -1,8 +1,10 @@
 """Small helpers for copying modules and replacing them inside a model."""
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections import OrderedDict
+from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -80,6 +82,21 @@ def _clone_tensor(t: torch.Tensor | None, memo: dict) -> torch.Tensor | None:
     new = nn.Parameter(data, requires_grad=t.requires_grad) if type(t) is nn.Parameter else data
     memo[id(t)] = new
     return new
+
+
+@contextlib.contextmanager
+def preserve_training_flags(module: nn.Module) -> Iterator[nn.Module]:
+    """Restore every submodule's own ``training`` flag on exit (normal or not).
+
+    ``module.train(was_training)`` would reset all submodules to the root's flag, unfreezing, say, the
+    BatchNorms a fine-tuning model keeps in eval mode. Flags are set directly, as ``train()`` overrides may
+    have side effects; modules added inside the block are left alone."""
+    flags = [(m, m.training) for m in module.modules()]
+    try:
+        yield module
+    finally:
+        for m, flag in flags:
+            m.training = flag
 
 
 def submodule(root: nn.Module, name: str) -> nn.Module:

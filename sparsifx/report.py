@@ -32,6 +32,7 @@ import torch.nn as nn
 
 from .errors import TraceError
 from .masking import effective_weight, is_masked
+from .module_utils import preserve_training_flags
 from .registry import Registry
 
 # rule(node, module or None, shape) -> (macs, what governs the density: the module (its ``weight``), the
@@ -386,9 +387,16 @@ def _note_uncounted(node: fx.Node, module, opaque: set[str], gm: fx.GraphModule,
 
 def report(module: nn.Module, example_inputs: Sequence[Any] | torch.Tensor | None = None,
            extra: dict[str, dict[str, Any]] | None = None, notes: Sequence[str] = ()) -> Report:
-    """Per-layer params, non-zeros, sparsity and (with shapes) MACs/FLOPs of ``module``, plus totals."""
+    """Per-layer params, non-zeros, sparsity and (with shapes) MACs/FLOPs of ``module``, plus totals.
+
+    Every submodule's ``training`` flag is as it was afterwards; anything but a module raises ``TraceError``."""
     if not isinstance(module, nn.Module):
-        raise TypeError(f"report needs a torch.nn.Module, got {type(module).__name__}")
+        raise TraceError(f"report needs a torch.nn.Module, got {type(module).__name__}")
+    with preserve_training_flags(module):
+        return _report(module, example_inputs, extra, notes)
+
+
+def _report(module: nn.Module, example_inputs, extra, notes: Sequence[str]) -> Report:
     all_notes: list[str] = []
     nz = _param_nonzeros(module)
     rows: dict[str, LayerReport] = {}
