@@ -12,6 +12,15 @@ class TraceError(SparsifxError):
     """A model (or submodule) could not be traced; names the module, node and a remedy."""
 
 
+class ExampleInputError(TraceError):
+    """The model rejects its example inputs (raised before any pass runs). ``inputs`` describes their shapes and
+    dtypes, ``node`` and ``module`` name where the forward failed (``None`` when unknown)."""
+
+    def __init__(self, message: str, inputs: str, node: str | None = None, module: str | None = None):
+        self.inputs, self.node, self.module = inputs, node, module
+        super().__init__(message)
+
+
 class RecipeError(SparsifxError):
     """A malformed recipe. ``path`` is the key path (``stages[1].sparsity``)."""
 
@@ -64,5 +73,13 @@ class UnsupportedOpError(PassError):
         super().__init__(f"{' / '.join(parts)}: {reason}" if parts else reason)
 
 
+class SerializationError(SparsifxError):
+    """A module cannot be saved as plain data, or a file is malformed or names something outside the allow-lists."""
+
+
 class BackendError(SparsifxError):
     """Lowering or export failed, or the artefact does not match torch."""
+
+
+class ArtefactError(SparsifxError):
+    """A file sparsifx writes (an export, a cache) cannot be written where it was asked to go."""

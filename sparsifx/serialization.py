@@ -3,34 +3,38 @@
 The file holds no pickled code. It is a dict of strings, numbers, lists, dicts and tensors:
 
 - ``graph``: one record per node (op, name, target, args, kwargs). Function targets are stored as
-  qualified names (``torch.flatten``, ``operator.add``) and resolved on load from an allow-list
-  (``torch``, ``torch.nn.functional``, ``operator``, ``math``, a few builtins, ``torchvision.ops`` and the
-  functions torchvision wraps with ``torch.fx.wrap``); ``call_method`` targets must be ``torch.Tensor``
-  methods. Node references, tuples, slices, dtypes and devices are tagged dicts (``{"$": "node", ...}``).
+  qualified names (``torch.flatten``, ``operator.add``) and looked up on load in a table of individually
+  allowed functions (see :mod:`sparsifx.allow_list`); ``call_method`` targets must be public
+  ``torch.Tensor`` methods. Node references, tuples, slices, dtypes and devices are tagged dicts
+  (``{"$": "node", ...}``).
 - ``modules``: for every ``call_module`` target, its class (from the allow-list of module classes: every
-  ``torch.nn`` layer, sparsifx's masked layers, torchvision leaves such as ``StochasticDepth``/``Permute``/
-  ``LayerNorm2d``; extend with :func:`register_module_class`), its plain attributes (``in_channels``,
-  ``groups``, ``eps``, ...), its parameters/buffers by key into ``tensors``, and its children.
+  public ``torch.nn`` layer, sparsifx's masked layers, torchvision leaves such as ``StochasticDepth``/
+  ``Permute``/``LayerNorm2d``; extend with :func:`register_module_class`), its plain attributes
+  (``in_channels``, ``groups``, ``eps``, ...), its parameters/buffers by key into ``tensors``, and its children.
 - ``attrs``: ``get_attr`` targets (tensors).
 
 Anything that cannot be written this way (an unknown function, a module class outside the allow-list, an
-attribute holding an object, a hook) raises :class:`SerializationError` naming the node or module; a file
-naming something outside the allow-lists is refused on load the same way.
+attribute holding an object, a hook) raises :class:`SerializationError` naming the node or module. Loading
+is the untrusted side (:mod:`sparsifx.file_reader`, threat model in ``docs/security.md``): size limits are
+checked before the archive is read, every name that becomes source is validated, and any malformed file
+raises :class:`SerializationError`.
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import os
-import pickle
+import zipfile
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.fx.node import _get_qualified_name
 
-from .errors import SparsifxError
+from . import allow_list
+from .errors import SerializationError
+from .atomic_io import atomic_write
+from .file_reader import PayloadReader, _check_call
 
 log = logging.getLogger(__name__)
 
@@ -38,52 +42,27 @@ FORMAT = "sparsifx.graphmodule"
 VERSION = 1
 
 
-class SerializationError(SparsifxError):
-    """A module cannot be saved as plain data, or a file names something outside the allow-lists."""
-
-
-# ---------------------------------------------------------------- allow-lists
-# Modules whose functions may be graph targets (module name -> names allowed there; None = any public op).
-_FUNCTION_MODULES: dict[str, frozenset[str] | None] = {
-    "torch": None, "torch.functional": None, "torch.nn.functional": None, "torch._C._nn": None,
-    "torch.Tensor": None, "torch._C._linalg": None, "torch._C._special": None, "torch._C._fft": None,
-    "operator": None, "math": None,
-    "builtins": frozenset({"getattr", "len", "int", "float", "bool", "min", "max", "abs", "round", "sum",
-                           "tuple", "list", "range", "slice"}),
-    "torchvision.models.swin_transformer": frozenset({"_patch_merging_pad", "_get_relative_position_bias",
-                                                      "shifted_window_attention"}),
-    "torchvision.models.video.swin_transformer": frozenset({
-        "_get_window_and_shift_size", "_get_relative_position_bias", "_compute_pad_size_3d",
-        "_compute_attention_mask_3d", "shifted_window_attention_3d"}),
-    "torchvision.models.googlenet": frozenset({"GoogLeNetOutputs"}),  # namedtuple outputs (training graphs)
-    "torchvision.models.inception": frozenset({"InceptionOutputs"}),
-    "torchvision.models.video.mvit": frozenset({"_unsqueeze", "_squeeze", "_add_rel_pos", "_add_shortcut"}),
-}
-_FUNCTION_MODULE_PREFIXES = ("torchvision.ops.",)
-# Top-level torch functions with effects outside the graph: never graph targets here.
-_DENIED_TORCH = ("set_", "use_", "manual_seed", "seed", "compile", "load", "save", "from_file", "_dynamo")
-_EXTRA_FUNCTIONS: dict[str, Callable] = {}
-
-# Module classes: qualified class name -> "module:attr" to import lazily, or the class itself.
-_MODULE_CLASSES: dict[str, Any] = {
-    "torchvision.ops.stochastic_depth.StochasticDepth": "torchvision.ops.stochastic_depth:StochasticDepth",
-    "torchvision.ops.misc.Permute": "torchvision.ops.misc:Permute",
-    "torchvision.models.convnext.LayerNorm2d": "torchvision.models.convnext:LayerNorm2d",
-    "torchvision.ops.misc.FrozenBatchNorm2d": "torchvision.ops.misc:FrozenBatchNorm2d",
-}
-for _name in ("MaskedLinear", "MaskedConv1d", "MaskedConv2d", "MaskedConv3d"):
-    _MODULE_CLASSES[f"sparsifx.masking.{_name}"] = f"sparsifx.masking:{_name}"
-_TORCH_NN_PREFIX = "torch.nn.modules."
+# ---------------------------------------------------------------- allow-lists (see allow_list.py)
 _INIT_KEYS = frozenset(nn.Module().__dict__)  # bookkeeping nn.Module.__init__ creates; not saved
+_EXTRA_FUNCTIONS = allow_list.EXTRA_FUNCTIONS
+function_name = allow_list.function_name
+_class_name = allow_list.class_name
 
 
-def _class_name(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
+@dataclass(frozen=True)
+class LoadLimits:
+    """Bounds on what :func:`load` accepts before it builds anything (a file is untrusted input)."""
+    max_file_bytes: int = 16 << 30
+    max_entries: int = 200_000  # archive members (one per tensor storage)
+    max_nodes: int = 1_000_000
+    max_modules: int = 200_000
+    max_depth: int = 64  # nesting of values and of submodules
+    max_values: int = 20_000_000  # decoded values in all, shared references counted each time
 
 
 def register_module_class(cls: type) -> type:
     """Allow ``cls`` (an ``nn.Module`` whose state is plain attributes + tensors) in saved files."""
-    _MODULE_CLASSES[_class_name(cls)] = cls
+    allow_list.MODULE_CLASSES[_class_name(cls)] = cls
     return cls
 
 
@@ -93,83 +72,29 @@ def register_function(fn: Callable) -> Callable:
     return fn
 
 
-def function_name(fn: Callable) -> str:
-    name = _get_qualified_name(fn)
-    if name.startswith("_operator."):
-        name = name[1:]
-    return "builtins." + name if "." not in name else name
-
-
-def _function_allowed(name: str) -> bool:
-    module, _, attr = name.rpartition(".")
-    if not attr or any(part.startswith("__") for part in name.split(".")):
-        return False
-    if name in _EXTRA_FUNCTIONS:
-        return True
-    if module == "torch" and attr.startswith(_DENIED_TORCH):
-        return False
-    if module in _FUNCTION_MODULES:
-        allowed = _FUNCTION_MODULES[module]
-        return allowed is None or attr in allowed
-    return module.startswith(_FUNCTION_MODULE_PREFIXES)
-
-
-def resolve_function(name: str, where: str = "") -> Callable:
-    """The function ``name`` denotes, if the allow-list admits it and the name is canonical."""
-    if name in _EXTRA_FUNCTIONS:
-        return _EXTRA_FUNCTIONS[name]
-    if not _function_allowed(name):
-        raise SerializationError(f"{where}function '{name}' is not in the allow-list of graph targets; "
+def resolve_function(name: Any, where: str = "") -> Callable:
+    """The function ``name`` denotes, if the allow-list names it (no import or lookup of the name itself)."""
+    fn = allow_list.allowed_function(name)
+    if fn is None:
+        raise SerializationError(f"{where}function {_short(name)} is not in the allow-list of graph targets; "
                                  "register it with sparsifx.serialization.register_function")
-    module, _, attr = name.rpartition(".")
-    try:
-        owner = torch.Tensor if module == "torch.Tensor" else importlib.import_module(module)
-        fn = getattr(owner, attr)
-    except (ImportError, AttributeError) as exc:
-        raise SerializationError(f"{where}cannot resolve function '{name}': {exc}") from exc
-    if not callable(fn) or function_name(fn) != name:
-        raise SerializationError(f"{where}'{name}' does not name a function under that qualified name")
     return fn
 
 
-def resolve_module_class(name: str, where: str = "") -> type:
-    entry = _MODULE_CLASSES.get(name)
-    if entry is None and name.startswith(_TORCH_NN_PREFIX) and not any(p.startswith("_") for p in
-                                                                       name.split(".")[3:]):
-        entry = name.rpartition(".")[0] + ":" + name.rpartition(".")[2]
-    if entry is None:
-        raise SerializationError(f"{where}module class '{name}' is not in the allow-list; register it with "
-                                 "sparsifx.serialization.register_module_class")
-    if isinstance(entry, str):
-        mod, _, attr = entry.partition(":")
-        try:
-            entry = getattr(importlib.import_module(mod), attr)
-        except (ImportError, AttributeError) as exc:
-            raise SerializationError(f"{where}cannot import module class '{name}': {exc}") from exc
-    if not (isinstance(entry, type) and issubclass(entry, nn.Module)) or _class_name(entry) != name:
-        raise SerializationError(f"{where}'{name}' does not name an nn.Module class")
-    return entry
+def resolve_module_class(name: Any, where: str = "") -> type:
+    cls = allow_list.allowed_module_class(name)
+    if cls is None:
+        raise SerializationError(f"{where}module class {_short(name)} is not in the allow-list; register it "
+                                 "with sparsifx.serialization.register_module_class")
+    return cls
 
 
-_DUNDER_METHODS = frozenset(f"__{n}__" for n in (
-    "getitem", "add", "radd", "iadd", "sub", "rsub", "isub", "mul", "rmul", "imul", "truediv", "rtruediv",
-    "floordiv", "rfloordiv", "matmul", "rmatmul", "pow", "rpow", "neg", "pos", "abs", "invert", "and", "or",
-    "xor", "mod", "lshift", "rshift", "eq", "ne", "lt", "le", "gt", "ge", "len", "bool", "float", "int"))
-_DENIED_METHODS = frozenset({"register_hook", "register_post_accumulate_grad_hook", "backward", "apply_",
-                             "map_", "map2_", "share_memory_", "pin_memory"})
-
-
-def _method_allowed(name: Any) -> bool:
-    return (isinstance(name, str) and hasattr(torch.Tensor, name) and name not in _DENIED_METHODS
-            and (not name.startswith("_") or name in _DUNDER_METHODS))
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 # ---------------------------------------------------------------- plain-data encoding
-_DTYPES = {str(t).removeprefix("torch."): t for t in vars(torch).values() if isinstance(t, torch.dtype)}
-_MEMORY_FORMATS = {n: getattr(torch, n) for n in ("contiguous_format", "channels_last", "channels_last_3d",
-                                                  "preserve_format")}
-_LAYOUTS = {n: getattr(torch, n) for n in ("strided", "sparse_coo")}
-
 
 def _encode(value: Any, where: str) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
@@ -201,37 +126,6 @@ def _encode(value: Any, where: str) -> Any:
     raise SerializationError(f"{where}value of type {type(value).__name__} cannot be stored as plain data")
 
 
-def _lookup(table: dict, key: Any, kind: str, where: str) -> Any:
-    if key not in table:
-        raise SerializationError(f"{where}unknown {kind} {key!r}")
-    return table[key]
-
-
-_DECODERS: dict[str, Callable[[Any, dict, str], Any]] = {
-    "node": lambda v, env, w: _lookup(env, v, "node", w),
-    "size": lambda v, env, w: torch.Size([int(x) for x in v]),
-    "tuple": lambda v, env, w: tuple(_decode(x, env, w) for x in v),
-    "dict": lambda v, env, w: {_decode(k, env, w): _decode(x, env, w) for k, x in v},
-    "slice": lambda v, env, w: slice(*(_decode(x, env, w) for x in v)),
-    "ellipsis": lambda v, env, w: Ellipsis,
-    "dtype": lambda v, env, w: _lookup(_DTYPES, v, "dtype", w),
-    "device": lambda v, env, w: torch.device(str(v)),
-    "memory_format": lambda v, env, w: _lookup(_MEMORY_FORMATS, v, "memory format", w),
-    "layout": lambda v, env, w: _lookup(_LAYOUTS, v, "layout", w),
-    "complex": lambda v, env, w: complex(float(v[0]), float(v[1])),
-}
-
-
-def _decode(value: Any, env: dict, where: str) -> Any:
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, list):
-        return [_decode(v, env, where) for v in value]
-    if isinstance(value, dict) and value.get("$") in _DECODERS:
-        return _DECODERS[value["$"]](value.get("v"), env, where)
-    raise SerializationError(f"{where}malformed value {value!r:.80}")
-
-
 # ---------------------------------------------------------------- modules
 def _module_record(module: nn.Module, path: str, tensors: dict[str, torch.Tensor]) -> dict:
     where = f"module '{path}': "
@@ -261,34 +155,6 @@ def _module_record(module: nn.Module, path: str, tensors: dict[str, torch.Tensor
                          if c is not None}}
 
 
-def _tensor(tensors: dict, key: Any, where: str) -> torch.Tensor:
-    t = tensors.get(key) if isinstance(key, str) else None
-    if not isinstance(t, torch.Tensor):
-        raise SerializationError(f"{where}missing tensor {key!r}")
-    return t
-
-
-def _build_module(record: dict, path: str, tensors: dict) -> nn.Module:
-    where = f"module '{path}': "
-    cls = resolve_module_class(record.get("class", "?"), where)
-    module = cls.__new__(cls)
-    nn.Module.__init__(module)
-    for key, value in record["attrs"].items():
-        if not isinstance(key, str) or key.startswith("__") or key in _INIT_KEYS:
-            raise SerializationError(f"{where}attribute name {key!r} is not allowed")
-        module.__dict__[key] = _decode(value, {}, f"{where}attribute '{key}': ")
-    for key, entry in record["params"].items():
-        module._parameters[key] = None if entry is None else nn.Parameter(
-            _tensor(tensors, entry["key"], where), requires_grad=bool(entry["grad"]))
-    for key, entry in record["buffers"].items():
-        module._buffers[key] = None if entry is None else _tensor(tensors, entry, where)
-    module._non_persistent_buffers_set.update(record["non_persistent"])
-    for key, child in record["children"].items():
-        module._modules[key] = _build_module(child, f"{path}.{key}", tensors)
-    module.training = bool(record["training"])
-    return module
-
-
 # ---------------------------------------------------------------- graph
 def _target_record(node: fx.Node) -> Any:
     where = f"node '{node.name}' ({node.op}): "
@@ -296,7 +162,7 @@ def _target_record(node: fx.Node) -> Any:
         name = function_name(node.target)
         resolve_function(name, where)
         return name
-    if node.op == "call_method" and not _method_allowed(node.target):
+    if node.op == "call_method" and not allow_list.allowed_method(node.target):
         raise SerializationError(f"{where}method '{node.target}' is not a torch.Tensor method")
     return node.target
 
@@ -307,7 +173,7 @@ def _encode_graph(gm: fx.GraphModule, tensors: dict) -> tuple[list, dict, dict]:
         where = f"node '{node.name}' ({node.op}): "
         target = _target_record(node)
         if node.op == "call_function":
-            _check_getattr(node.name, node.target, node.args)
+            _check_getattr(node.name, node.target, node.args, node.kwargs)
         if node.op == "call_module" and node.target not in modules:
             modules[node.target] = _module_record(gm.get_submodule(node.target), node.target, tensors)
         if node.op == "get_attr" and node.target not in attrs:
@@ -330,39 +196,11 @@ def _fetch_attr(gm: fx.GraphModule, target: str, where: str) -> torch.Tensor:
     return obj
 
 
-_NODE_OPS = frozenset({"placeholder", "output", "call_module", "get_attr", "call_function", "call_method"})
-
-
-def _decode_graph(payload: dict, tensors: dict) -> tuple[fx.Graph, dict]:
-    graph, env, root = fx.Graph(), {}, {}
-    for target, rec in payload["modules"].items():
-        root[target] = _build_module(rec, target, tensors)
-    for target, rec in payload["attrs"].items():
-        t = _tensor(tensors, rec["key"], f"get_attr '{target}': ")
-        root[target] = nn.Parameter(t, requires_grad=bool(rec["grad"])) if rec["param"] else t
-    for rec in payload["graph"]:
-        op, name, where = rec["op"], rec["name"], f"node '{rec.get('name')}' ({rec.get('op')}): "
-        target = rec["target"]
-        if op not in _NODE_OPS:
-            raise SerializationError(f"{where}unknown node op {op!r}")
-        if op == "call_function":
-            target = resolve_function(target, where)
-        elif op == "call_method" and not _method_allowed(target):
-            raise SerializationError(f"{where}method {target!r} is not a torch.Tensor method")
-        elif op in ("call_module", "get_attr") and target not in root:
-            raise SerializationError(f"{where}target {target!r} has no saved module or tensor")
-        args, kwargs = _decode(rec["args"], env, where), _decode(rec["kwargs"], env, where)
-        if not isinstance(args, tuple) or not isinstance(kwargs, dict):
-            raise SerializationError(f"{where}malformed args/kwargs")
-        if op == "call_function":
-            _check_getattr(name, target, args)
-        env[name] = graph.create_node(op, target, args, kwargs, name=name)
-    return graph, root
-
-
-def _check_getattr(name: str, fn: Callable, args: tuple) -> None:
-    if fn is getattr and (len(args) < 2 or not isinstance(args[1], str) or args[1].startswith("_")):
-        raise SerializationError(f"node '{name}': getattr of a private or computed attribute is not allowed")
+def _check_getattr(name: str, fn: Callable, args: tuple, kwargs: dict) -> None:
+    try:
+        _check_call(name, "call_function", fn, args, kwargs)
+    except SerializationError as exc:
+        raise SerializationError(f"{exc}; such a graph cannot be saved") from None
 
 
 # ---------------------------------------------------------------- public API
@@ -386,23 +224,30 @@ def to_payload(gm: fx.GraphModule) -> dict:
             "graph": nodes, "modules": modules, "attrs": attrs, "meta": meta, "tensors": tensors}
 
 
-def from_payload(payload: Any) -> fx.GraphModule:
+def from_payload(payload: Any, limits: LoadLimits = LoadLimits()) -> fx.GraphModule:
+    """Rebuild a GraphModule from plain data; everything is validated before any source is generated."""
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise SerializationError("not a sparsifx GraphModule file")
     if payload.get("version") != VERSION:
-        raise SerializationError(f"unsupported file version {payload.get('version')!r}; this sparsifx reads "
-                                 f"version {VERSION}")
+        raise SerializationError(f"unsupported file version {str(payload.get('version'))[:20]!r}; this sparsifx "
+                                 f"reads version {VERSION}")
     try:
-        graph, root = _decode_graph(payload, payload["tensors"])
-        gm = fx.GraphModule(root, graph, str(payload["class_name"]))
+        reader = PayloadReader(payload, limits)
+        class_name = payload.get("class_name")
+        if not allow_list.is_identifier(class_name):
+            raise SerializationError(f"class name {str(class_name)[:60]!r} is not an identifier")
+        root = reader.root()
+        graph = reader.graph(root)
+        meta = {k: reader.decode(v, f"meta '{k}': ") for k, v in payload["meta"].items() if isinstance(k, str)}
+        gm = fx.GraphModule(root, graph, class_name)  # generates and compiles source: all names checked above
     except SerializationError:
         raise
-    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
-        raise SerializationError(f"malformed sparsifx file: {type(exc).__name__}: {exc}") from exc
-    gm.training = bool(payload["training"])
-    for target, rec in payload["modules"].items():
-        gm.get_submodule(target).train(bool(rec["training"]))
-    gm.meta.update({k: _decode(v, {}, f"meta '{k}': ") for k, v in payload["meta"].items()})
+    except RecursionError as exc:
+        raise SerializationError("malformed sparsifx file: nested too deeply") from exc
+    except Exception as exc:  # a malformed file must never escape as another type
+        raise SerializationError(f"malformed sparsifx file: {type(exc).__name__}: {_first_line(exc)}") from exc
+    gm.training = bool(payload.get("training"))
+    gm.meta.update(meta)
     return gm
 
 
@@ -411,20 +256,53 @@ def save(module: fx.GraphModule, path: str | os.PathLike) -> None:
 
     The file loads with ``torch.load(path, weights_only=True)``; :func:`load` rebuilds the module
     without the model's Python class. Raises :class:`SerializationError` naming the node or module that
-    cannot be stored (unknown function or module class, non-plain attribute, hooks).
+    cannot be stored (unknown function or module class, non-plain attribute, hooks). The file is written
+    to a temporary name beside ``path``, read back with :func:`load`, and only then renamed into place.
     """
-    torch.save(to_payload(module), path)
+    payload = to_payload(module)
+    atomic_write(path, lambda tmp: torch.save(payload, tmp), check_fn=lambda tmp: load(tmp))
 
 
-def load(path: str | os.PathLike, map_location: Any = None) -> fx.GraphModule:
-    """Read a file written by :func:`save` (never unpickles code; allow-listed targets only)."""
+def load(path: str | os.PathLike, map_location: Any = None, limits: LoadLimits = LoadLimits()) -> fx.GraphModule:
+    """Read a file written by :func:`save` (never unpickles code; allow-listed targets only).
+
+    Size and shape limits (``limits``) are checked before the archive is read; every malformed,
+    truncated or foreign file raises :class:`SerializationError`.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise SerializationError(f"load needs a file path, got {type(path).__name__}")
+    _check_archive(path, limits)
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except (OSError, RuntimeError, pickle.UnpicklingError) as exc:
-        first = (str(exc).strip().splitlines() or [""])[0]
+    except Exception as exc:  # the weights-only unpickler and the zip reader raise many types
         raise SerializationError(f"cannot read '{path}' as a weights-only file (no code is unpickled): "
-                                 f"{type(exc).__name__}: {first}") from exc
-    return from_payload(payload)
+                                 f"{type(exc).__name__}: {_first_line(exc)}") from exc
+    return from_payload(payload, limits)
 
 
-__all__ = ["save", "load", "register_module_class", "register_function", "SerializationError"]
+def _check_archive(path: str | os.PathLike, limits: LoadLimits) -> None:
+    """A plain (stored, uncompressed) zip within the size and entry limits, as ``torch.save`` writes."""
+    try:
+        size = os.stat(path).st_size
+        if size > limits.max_file_bytes:
+            raise SerializationError(f"'{path}' is {size} bytes; the load limit is {limits.max_file_bytes}")
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except SerializationError:
+        raise
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError) as exc:
+        raise SerializationError(f"cannot read '{path}' as a sparsifx file (a torch.save zip archive): "
+                                 f"{type(exc).__name__}: {_first_line(exc)}") from exc
+    if len(entries) > limits.max_entries:
+        raise SerializationError(f"'{path}' has {len(entries)} archive entries; the limit is {limits.max_entries}")
+    if any(e.compress_type != zipfile.ZIP_STORED for e in entries):
+        raise SerializationError(f"'{path}' has compressed entries; torch.save writes none (refused: zip bomb)")
+    if sum(e.file_size for e in entries) > limits.max_file_bytes:
+        raise SerializationError(f"'{path}' declares more data than the load limit {limits.max_file_bytes}")
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:200]
+
+
+__all__ = ["save", "load", "register_module_class", "register_function", "SerializationError", "LoadLimits"]
