@@ -22,13 +22,13 @@ import torch.fx as fx
 from sparsifx.errors import PreconditionError
 
 from . import rules_attention, rules_elementwise, rules_modules, rules_shape  # noqa: F401  (register rules)
+from .containers import PYTHON_MODULES, container_value, is_container_op, protect_outputs
 from .rules_base import UNKNOWN, RuleContext, find_rule, is_label, shape_of
 from .tracker import FIXED, Member, Tracker, connected_components
 from .zeros import is_zero_after
 
 log = logging.getLogger(__name__)
 
-_STATIC_MODULES = {"_operator", "operator", "math", "builtins"}
 _SHAPE_ATTRS = {"shape", "ndim", "dtype", "is_cuda", "device"}
 
 
@@ -114,10 +114,12 @@ def _visit(cx: RuleContext, node: fx.Node):
     if node.op == "get_attr":
         return _param_labels(cx, node), None
     if node.op == "output":
-        cx.t.fix(cx.value(node.args[0]))
+        protect_outputs(cx, node)
         return None, None
     if "tensor_meta" not in node.meta:
         return _static(cx, node), None
+    if is_container_op(node):
+        return container_value(cx, node), None
     rule = find_rule(cx.gm, node)
     if rule is None:
         cx.t.barrier(node, "no channel rule for this op", [cx.value(a) for a in node.args] +
@@ -170,7 +172,7 @@ def _static(cx: RuleContext, node: fx.Node):
         cx.t.barrier(node, "tensor consumed by a non-tensor op", labels)
         return UNKNOWN
     mod = getattr(node.target, "__module__", None) or ""
-    if node.op == "call_function" and (mod in _STATIC_MODULES or node.target in (operator.getitem, math.sqrt)):
+    if node.op == "call_function" and (mod in PYTHON_MODULES or node.target in (operator.getitem, math.sqrt)):
         if any(a is UNKNOWN for a in flat):
             return UNKNOWN
         try:

@@ -123,6 +123,8 @@ def _fixed_like(meta: Any) -> Any:
         return UNKNOWN
     if hasattr(meta, "shape"):
         return torch.full((1,) * len(meta.shape), FIXED, dtype=torch.long)
+    if isinstance(meta, tuple) and hasattr(meta, "_fields"):  # a namedtuple
+        return type(meta)(*(_fixed_like(m) for m in meta))
     if isinstance(meta, (tuple, list)):
         return type(meta)(_fixed_like(m) for m in meta)
     if isinstance(meta, dict):

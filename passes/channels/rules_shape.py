@@ -113,10 +113,14 @@ def split(cx: RuleContext, node: fx.Node):
 
 @channel_rule("fn:_operator.getitem")
 def getitem(cx: RuleContext, node: fx.Node):
-    """``x[idx]`` on tuples (static) and tensors (slices/ints/None/Ellipsis; tensor indices are a barrier)."""
+    """``x[idx]`` on containers (static) and tensors (slices/ints/None/Ellipsis; tensor indices are a barrier)."""
     base, idx = cx.inp(node, 0), cx.inp(node, 1)
-    if isinstance(base, (tuple, list)):
-        return base[idx]
+    if isinstance(base, (tuple, list, dict)):
+        try:
+            return base[idx]
+        except (TypeError, KeyError, IndexError):  # an index the analysis could not evaluate
+            cx.t.barrier(node, "item of a container at an unknown index", base)
+            return cx.fixed(node)
     if not is_label(base):
         return cx.fixed(node)
     idx = idx if isinstance(idx, tuple) else (idx,)
