@@ -273,31 +273,75 @@ def _sparsify_file(path: Path, shown: Path | None = None) -> None:
     onnx.save(model, str(path))
 
 
+MAX_INSPECT_BYTES = 8 << 30  # an ONNX file (with its external data) that inspect_onnx reads
+
+
+def _external_file(path: Path, tensor) -> Path | None:
+    """The external-data file of ``tensor``, checked to be a regular file inside ``path``'s folder."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+    if not uses_external_data(tensor):
+        return None
+    info = ExternalDataInfo(tensor)
+    location = Path(str(info.location))
+    target = (path.parent / location).resolve()
+    if location.is_absolute() or ".." in location.parts or path.parent.resolve() not in target.parents \
+            or not target.is_file():
+        raise BackendError(f"ONNX file {path}: tensor '{tensor.name}' points at external data "
+                           f"'{str(info.location)[:80]}' outside the model's folder or not a regular file")
+    size = target.stat().st_size
+    offset, length = int(info.offset or 0), info.length
+    if offset < 0 or offset > size or (length is not None and (length < 0 or offset + int(length) > size)):
+        raise BackendError(f"ONNX file {path}: tensor '{tensor.name}' external data range lies outside its file")
+    return target
+
+
+def _tensor_array(path: Path, tensor):
+    from onnx import numpy_helper
+    _external_file(path, tensor)
+    try:
+        return numpy_helper.to_array(tensor, base_dir=str(path.parent))
+    except Exception as exc:  # malformed tensor data raises many types
+        raise BackendError(f"ONNX file {path}: cannot read tensor '{tensor.name}': {type(exc).__name__}") from exc
+
+
 def inspect_onnx(path: str | os.PathLike) -> dict:
-    """Per-initializer (dense and sparse) parameters and non-zeros of an ONNX file, totals and size on disk."""
+    """Per-initializer (dense and sparse) parameters and non-zeros of an ONNX file, totals and size on disk.
+
+    The file is untrusted: it must be under ``MAX_INSPECT_BYTES``; external data must be regular files inside
+    the model's folder (no absolute paths, no ``..``), with ranges inside them; any malformed part raises
+    :class:`BackendError`.
+    """
+    import math
+
     import numpy as np
     import onnx
-    from onnx import numpy_helper
     path = Path(path)
     try:
-        model = onnx.load(str(path))
+        if path.stat().st_size > MAX_INSPECT_BYTES:
+            raise BackendError(f"ONNX file {path} is larger than the inspect limit of {MAX_INSPECT_BYTES} bytes")
+        model = onnx.load(str(path), load_external_data=False)
+    except BackendError:
+        raise
     except Exception as exc:
         raise BackendError(f"cannot read ONNX file {path}: {type(exc).__name__}: {exc}") from exc
     rows = []
     for init in model.graph.initializer:
-        arr = numpy_helper.to_array(init, base_dir=str(path.parent))
+        arr = _tensor_array(path, init)
         rows.append({"name": init.name, "shape": list(arr.shape), "kind": "dense", "params": int(arr.size),
                      "nonzeros": int(np.count_nonzero(arr))})
     for sparse in model.graph.sparse_initializer:
-        values = numpy_helper.to_array(sparse.values, base_dir=str(path.parent))
-        dims = list(sparse.dims)
-        rows.append({"name": sparse.values.name, "shape": dims, "kind": "sparse", "params": int(np.prod(dims)),
+        values = _tensor_array(path, sparse.values)
+        dims = [int(d) for d in sparse.dims]
+        if any(d < 0 for d in dims):
+            raise BackendError(f"ONNX file {path}: sparse initializer '{sparse.values.name}' has negative dims")
+        rows.append({"name": sparse.values.name, "shape": dims, "kind": "sparse", "params": math.prod(dims),
                      "nonzeros": int(np.count_nonzero(values))})
     for row in rows:
         row["sparsity"] = 1 - row["nonzeros"] / row["params"] if row["params"] else 0.0
     params, nonzeros = sum(r["params"] for r in rows), sum(r["nonzeros"] for r in rows)
-    external = {e.value for init in model.graph.initializer for e in init.external_data if e.key == "location"}
-    size = path.stat().st_size + sum((path.parent / f).stat().st_size for f in external if (path.parent / f).is_file())
+    external = {_external_file(path, t) for t in [*model.graph.initializer,
+                                                   *(s.values for s in model.graph.sparse_initializer)]}
+    size = path.stat().st_size + sum(f.stat().st_size for f in external - {None})
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     return {"file": str(path), "file_bytes": size, "opset": opset, "nodes": len(model.graph.node),
             "initializers": rows, "total": {"params": params, "nonzeros": nonzeros,

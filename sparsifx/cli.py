@@ -151,6 +151,9 @@ def cmd_inspect(args) -> int:
     from .report import report
     inputs = (torch.randn(*args.input_shape),) if args.input_shape else None
     rep = report(module, inputs)
+    rejected = next((n for n in rep.notes if n.startswith("no MACs/FLOPs:")), None)
+    if inputs is not None and rejected:  # the user asked for FLOPs at this shape: not silently without them
+        raise CliError(f"--input-shape {','.join(map(str, args.input_shape))}: {rejected}")
     print(json.dumps(rep.to_dict(), indent=1) if args.json else rep)
     return 0
 
@@ -202,14 +205,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                             format="sparsifx: %(levelname)s: %(message)s")
         return COMMANDS[args.command](args)
     except SparsifxError as exc:
-        print(f"sparsifx: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"sparsifx: error: {_one_line(exc)[:500]}", file=sys.stderr)
         return EXIT_USAGE if isinstance(exc, CliError) else EXIT_ERROR
-    except (OSError, RuntimeError, ValueError) as exc:
-        print(f"sparsifx: error: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
-        return EXIT_ERROR
     except KeyboardInterrupt:
         print("sparsifx: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # the CLI's contract: one line and a non-zero exit, whatever failed underneath
+        log.debug("unexpected error", exc_info=True)
+        print(f"sparsifx: error: {type(exc).__name__}: {_one_line(exc)[:500]}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 def _one_line(exc: BaseException) -> str:
