@@ -45,13 +45,14 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], object],
     """Write ``path`` through a verified temporary file (see the module docstring); returns ``path``."""
     path = Path(path)
     directory = path.parent
+    tmp: Path | None = None
     try:
-        fd, name = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise ArtefactError(f"cannot write {path}: {_why(exc, directory)}") from exc
-    os.close(fd)
-    tmp = Path(name)
-    try:
+        try:
+            fd, name = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+        except OSError as exc:
+            raise ArtefactError(f"cannot write {path}: {_why(exc, directory)}") from exc
+        tmp = Path(name)  # inside the try: an interrupt right after mkstemp still removes the file
+        os.close(fd)
         write_fn(tmp)
         if check_fn is not None:
             check_fn(tmp)
@@ -63,8 +64,9 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], object],
         except OSError as exc:
             raise ArtefactError(f"cannot write {path}: {_why(exc, directory)}") from exc
     except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
         raise
     with contextlib.suppress(OSError):  # make the rename itself durable (best effort: not every OS allows it)
         dir_fd = os.open(directory, os.O_RDONLY)

@@ -1,0 +1,49 @@
+"""A real SIGINT at a random moment of export_onnx leaves the old file or a complete verified new one."""
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+CHILD = textwrap.dedent("""
+    import sys, torch
+    from sparsifx.backends.onnx_export import export_onnx
+    path, i = sys.argv[1], 0
+    x = torch.ones(2, 4)
+    print("ready", flush=True)
+    while True:
+        i += 1
+        model = torch.nn.Linear(4, 3)
+        with torch.no_grad():
+            model.weight.fill_(i)
+            model.bias.zero_()
+        export_onnx(model, path, (x,))
+""")
+
+
+@pytest.mark.parametrize("trial", range(4))
+def test_sigint_leaves_old_or_complete_new_file(trial, tmp_path):
+    target = tmp_path / "model.onnx"
+    old = b"previous good file"
+    target.write_bytes(old)
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(target)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(random.Random(trial).uniform(0.0, 2.0))
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    data = target.read_bytes()
+    if data != old:  # a new file: complete, valid, and what the model computes (weights all equal to i)
+        model = onnx.load_from_string(data)
+        onnx.checker.check_model(model)
+        sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        y = sess.run(None, {sess.get_inputs()[0].name: np.ones((2, 4), np.float32)})[0]
+        assert y.shape == (2, 3) and np.all(y == y.flat[0]) and y.flat[0] % 4 == 0 and y.flat[0] > 0
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]  # no temporary file left behind
