@@ -290,7 +290,7 @@ def _check_archive(path: str | os.PathLike, limits: LoadLimits) -> None:
             entries = archive.infolist()
     except SerializationError:
         raise
-    except (OSError, zipfile.BadZipFile, ValueError, EOFError) as exc:
+    except Exception as exc:  # zipfile raises many types on a malformed archive (NotImplementedError, ...)
         raise SerializationError(f"cannot read '{path}' as a sparsifx file (a torch.save zip archive): "
                                  f"{type(exc).__name__}: {_first_line(exc)}") from exc
     if len(entries) > limits.max_entries:

@@ -109,3 +109,16 @@ def test_structural_mutations_are_typed(mutate):
     with pytest.raises(SerializationError):
         from_payload(payload)
     assert issubclass(SerializationError, SparsifxError)
+
+
+def test_unsupported_zip_version_is_typed(tmp_path):
+    """Found by benchmarks/save_file_fuzz.py: zipfile raised NotImplementedError ('zip file version 6.4')."""
+    import io
+    buf = io.BytesIO()
+    torch.save(base_payload(), buf)
+    raw = bytearray(buf.getvalue())
+    at = raw.find(b"PK\x01\x02")
+    raw[at + 6] = 64  # central directory: version needed to extract
+    (tmp_path / "v64.sfx").write_bytes(bytes(raw))
+    with pytest.raises(SerializationError):
+        load(tmp_path / "v64.sfx")
