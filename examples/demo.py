@@ -58,6 +58,7 @@ def print_history(gm: torch.fx.GraphModule) -> None:
 
 def export_verified(gm: torch.nn.Module, path: Path, x: torch.Tensor) -> Path:
     """Export with onnx.checker + onnxruntime verification (raises BackendError on a mismatch)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)  # export_onnx writes only into existing folders
     path = sparsifx.export_onnx(gm, path, (x,), dynamic_batch=True, verify=True)
     info = onnx_export.LAST_EXPORT
     print(f"  wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {info.exporter} exporter)")

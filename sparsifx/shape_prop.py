@@ -21,18 +21,31 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils._pytree import tree_flatten, tree_map
 
 
+def _accepts(m: nn.Module, x: torch.Tensor, ranks: range, size: int) -> None:
+    """Raise where the real layer would reject ``x`` (rank, feature/channel count, dtype, device): the formula
+    alone would record shapes for inputs the model cannot run, and ``record_shapes`` reruns for real on error."""
+    w = m.weight
+    dim = -1 if isinstance(m, nn.Linear) else -len(m.kernel_size) - 1
+    if x.dim() not in ranks or x.shape[dim] != size or x.dtype != w.dtype or x.device != w.device:
+        raise RuntimeError(f"{type(m).__name__} cannot take an input of shape {tuple(x.shape)} ({x.dtype})")
+
+
 def _conv_shape(m: nn.Module, x: torch.Tensor) -> tuple[int, ...]:
     nd = len(m.kernel_size)
+    _accepts(m, x, range(nd + 1, nd + 3), m.in_channels)
     spatial = x.shape[-nd:]
     if m.padding == "same":
         return (*x.shape[:-nd - 1], m.out_channels, *spatial)
     pad = (0,) * nd if m.padding == "valid" else m.padding
     out = [(n + 2 * p - d * (k - 1) - 1) // s + 1
            for n, p, d, k, s in zip(spatial, pad, m.dilation, m.kernel_size, m.stride)]
+    if min(out) < 1:
+        raise RuntimeError(f"{type(m).__name__}: input {tuple(x.shape)} is smaller than its kernel")
     return (*x.shape[:-nd - 1], m.out_channels, *out)
 
 
 def _linear_shape(m: nn.Module, x: torch.Tensor) -> tuple[int, ...]:
+    _accepts(m, x, range(1, x.dim() + 1), m.in_features)
     return (*x.shape[:-1], m.out_features)
 
 

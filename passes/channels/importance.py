@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 
 from sparsifx.errors import PreconditionError
-from sparsifx.module_utils import submodule
+from sparsifx.module_utils import preserve_training_flags, submodule
 from sparsifx.registry import Registry
 
 from .coupling import ChannelAnalysis
@@ -141,21 +141,20 @@ def taylor(gm: fx.GraphModule, a: ChannelAnalysis, options: Any = None) -> np.nd
     batch = (batch,) if isinstance(batch, torch.Tensor) else tuple(batch)
     params = [p for p in gm.parameters()]
     saved = [(p.requires_grad, p.grad) for p in params]
-    was_training = gm.training
-    gm.eval()  # no running-stat updates, no dropout
-    for p in params:
-        p.requires_grad_(True)
-        p.grad = None
-    try:
-        with torch.enable_grad():
-            loss_fn(gm(*batch)).backward()
+    with preserve_training_flags(gm):
+        gm.eval()  # no running-stat updates, no dropout
+        for p in params:
+            p.requires_grad_(True)
+            p.grad = None
+        try:
+            with torch.enable_grad():
+                loss_fn(gm(*batch)).backward()
 
-        def score(m: Member, t: torch.Tensor):
-            g = t.grad if t.grad is not None else torch.zeros_like(t)
-            return slice_scores(t.detach() * g, m.dim, 1)
-        return accumulate(gm, a, score)
-    finally:
-        gm.train(was_training)
-        for p, (req, grad) in zip(params, saved):
-            p.grad = grad
-            p.requires_grad_(req)
+            def score(m: Member, t: torch.Tensor):
+                g = t.grad if t.grad is not None else torch.zeros_like(t)
+                return slice_scores(t.detach() * g, m.dim, 1)
+            return accumulate(gm, a, score)
+        finally:
+            for p, (req, grad) in zip(params, saved):
+                p.grad = grad
+                p.requires_grad_(req)

@@ -9,6 +9,7 @@ import torch
 from sparsifx import validate
 from sparsifx.errors import PreconditionError, UnsupportedOpError
 from sparsifx.registry import register_pass
+from sparsifx.module_utils import preserve_training_flags
 from sparsifx.selection import LayerSelection
 
 from .cosine import CosineStats
@@ -89,17 +90,16 @@ class CTRE(DSTPass):
         stats.reset()
         stats.enabled = lambda module: True
         stats.install()
-        was_training = ctrl.gm.training
-        ctrl.gm.eval()
         ctrl.flops.extra_mode = True
         try:
-            for batch in ctrl.data:
-                x = batch[0] if isinstance(batch, (tuple, list)) else batch
-                ctrl.gm(x)
+            with preserve_training_flags(ctrl.gm):
+                ctrl.gm.eval()
+                for batch in ctrl.data:
+                    x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                    ctrl.gm(x)
         finally:
             ctrl.flops.extra_mode = False
             stats.remove()
-            ctrl.gm.train(was_training)
 
     @torch.no_grad()
     def on_epoch_end(self, ctrl, epoch: int) -> None:
