@@ -16,13 +16,14 @@ log = logging.getLogger(__name__)
 
 def sparsify(model: torch.nn.Module, recipe: Recipe | Mapping | str, example_inputs: Sequence[Any] | None = None,
              verify: bool = False, leaf_modules: Iterable[str | type] = (), progress: bool = False,
-             tolerance: Tolerance = Tolerance()) -> fx.GraphModule:
+             tolerance: Tolerance = Tolerance(), concrete_args: dict[str, Any] | None = None) -> fx.GraphModule:
     """Apply ``recipe`` (a Recipe, dict, YAML string or YAML path) to a copy of ``model``.
 
     The recipe is validated before the model is touched; the model itself is never mutated. Example
     inputs the model rejects raise ``ExampleInputError`` (a ``TraceError``) before any pass runs. With
     ``verify=True`` and ``example_inputs``, semantics-preserving passes are checked numerically.
-    ``gm.meta["history"]`` records which passes ran and whether each modified the module. Every module
+    ``leaf_modules`` (paths or classes kept opaque) and ``concrete_args`` (values fixed at trace time, e.g.
+    flags that drive control flow) go to :func:`sparsifx.trace`. ``gm.meta["history"]`` records which passes ran and whether each modified the module. Every module
     of the result keeps the ``training`` flag its namesake has in ``model`` (e.g. BatchNorms frozen in a
     model being fine-tuned stay in eval mode).
     """
@@ -30,7 +31,7 @@ def sparsify(model: torch.nn.Module, recipe: Recipe | Mapping | str, example_inp
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     flags = {name: m.training for name, m in model.named_modules()} if isinstance(model, torch.nn.Module) else {}
-    gm = trace(model, example_inputs, leaf_modules=leaf_modules)
+    gm = trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
     gm.meta["example_inputs"] = example_inputs
     manager = PassManager.from_recipe(recipe, example_inputs=example_inputs, verify=verify,
                                       progress=progress, tolerance=tolerance)
