@@ -42,11 +42,14 @@ def sparsify(model: torch.nn.Module, recipe: Recipe | Mapping | str, example_inp
     return result.gm
 
 
-def _keep_training_flags(gm: torch.nn.Module, flags: Mapping[str, bool]) -> None:
+def _keep_training_flags(gm: fx.GraphModule, flags: Mapping[str, bool]) -> None:
     """Safety net: give each module of ``gm`` the flag of its namesake in the user's model. Passes and
-    analyses already keep the flags (``preserve_training_flags``); a difference here is logged."""
+    analyses already keep the flags (``preserve_training_flags``); a difference on a module the graph calls
+    is logged (fx's fresh path containers, which never run, default to training=True and are fixed quietly)."""
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
     for name, m in gm.named_modules():
         if name in flags and m.training != flags[name]:
-            log.warning("sparsify: module '%s' came back with training=%s; restored the user's %s", name,
-                        m.training, flags[name])
+            if name in called:
+                log.warning("sparsify: module '%s' came back with training=%s; restored the user's %s", name,
+                            m.training, flags[name])
             m.training = flags[name]

@@ -63,3 +63,12 @@ def test_demo_writes_verified_onnx_and_report(tmp_path):
     assert "pass fold_bn      modified=True   verified" in out
     assert "onnxruntime vs torch, batch 1" in out
     assert "MaskedConv2d" in out and any(line.startswith("total") for line in out.splitlines())
+
+
+def test_detector_example_prunes_backbone_and_still_detects(tmp_path):
+    prune_detector = runpy.run_path(str(EXAMPLES / "prune_detector.py"))["prune_detector"]
+    result = prune_detector(size=128, ratio=0.5, onnx_path=tmp_path / "backbone.onnx")
+    assert result["ratio"] < 0.5  # really pruned (FPN outputs stay 256 channels)
+    assert all(shape[1] == 256 for shape in result["feature_maps"].values())
+    assert set(result["detections"]) == {"boxes", "labels", "scores"}
+    assert (tmp_path / "backbone.onnx").is_file()
