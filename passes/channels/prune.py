@@ -20,6 +20,7 @@ from sparsifx.selection import LayerSelection
 from .coupling import ChannelAnalysis, Group, analyze_channels
 from .decompose import decompose_attention
 from .importance import IMPORTANCE, member_tensor
+from .outcome import ChannelShortfallError, PruneOutcome, prune_outcome
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,14 @@ class ChannelPrune(PassBase):
     the channels; records ``gm.meta["channel_plan"]`` for ``shrink``. Plain ``nn.MultiheadAttention`` calls
     are first rewritten into linear projections + ``scaled_dot_product_attention`` (``decompose.py``) so
     that within-head dims can be pruned.
+
+    Shortfall: *achieved* is the fraction of removed channels among the output channels of the selected
+    conv/linear/embedding layers with a ratio > 0, model outputs excluded (``PruneOutcome``); barriers,
+    rounding and kept units count against it. ``gm.meta["channel_outcome"]`` holds it and
+    ``gm.meta["channel_barriers"]`` gives each barrier's ``channels`` held whole. When achieved falls more than
+    ``SHORTFALL_TOLERANCE`` (0.1) below the requested mean ratio, a warning (logging) and a report note name
+    the top barriers; ``min_achieved_ratio`` (``None``: off) makes achieved below it a ``ChannelShortfallError``
+    raised before anything is zeroed.
     """
 
     requires_analyses = ("shapes",)
@@ -73,7 +82,8 @@ class ChannelPrune(PassBase):
 
     def __init__(self, *, ratio: float = 0.5, importance: str = "l1", round_to: int = 1,
                  conv_groups: str = "keep", seed: int = 0, selection: LayerSelection | None = None,
-                 batch: Sequence[Any] | None = None, loss_fn: Callable[[Any], torch.Tensor] | None = None):
+                 batch: Sequence[Any] | None = None, loss_fn: Callable[[Any], torch.Tensor] | None = None,
+                 min_achieved_ratio: float | None = None):
         self.ratio = validate.number("ratio", ratio, 0.0, 1.0, hi_open=True)
         self.importance = validate.choice("importance", importance, IMPORTANCE.names())
         self.round_to = validate.integer("round_to", round_to, 1)
@@ -81,6 +91,8 @@ class ChannelPrune(PassBase):
         self.seed = validate.integer("seed", seed)
         self.selection = (selection or LayerSelection()).with_defaults(DEFAULT_TYPES)
         self.batch, self.loss_fn = batch, loss_fn
+        self.min_achieved_ratio = None if min_achieved_ratio is None else \
+            validate.number("min_achieved_ratio", min_achieved_ratio, 0.0, 1.0)
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         rewritten = decompose_attention(gm) if self.ratio > 0 and _has_attention(gm) else 0
@@ -89,8 +101,10 @@ class ChannelPrune(PassBase):
         pruned = np.zeros(len(analysis.prunable), dtype=bool)
         notes: list[str] = []
         selected = dict(self.selection.layers(gm))
+        ratios = {name: self._layer_ratio(name, selected[name]) for name in analysis.tracker.module_atoms
+                  if name in selected}
         for group in analysis.groups:
-            ratio = self._group_ratio(group, selected)
+            ratio = self._group_ratio(group, ratios)
             if ratio:
                 self._select(analysis, group, scores, ratio, pruned, notes)
         _keep_every_member(analysis, pruned, scores)
@@ -98,24 +112,35 @@ class ChannelPrune(PassBase):
             if pruned[group.units].any() and not _constraints_hold(analysis, group.units, pruned):
                 pruned[group.units] = False
                 notes.append(f"group of {group.modules[0]} left whole: grouped conv would be unbalanced")
+        outcome, held = prune_outcome(gm, analysis, pruned, ratios)
+        self._judge(outcome, notes)
         modified = zero_units(gm, analysis, pruned) or bool(rewritten)
         plan = ChannelPlan(analysis, pruned, notes, _versions(gm, analysis))
         gm.meta["channel_plan"] = plan
-        gm.meta["channel_barriers"] = list(analysis.barriers)
+        gm.meta["channel_barriers"] = [{**b, "channels": held.get(b["node"], 0)} for b in analysis.barriers]
+        gm.meta["channel_outcome"] = outcome
         gm.meta.setdefault("report_notes", []).append(
             f"channel_prune: pruned {int(pruned.sum())} of {int(analysis.prunable.sum())} channel units in "
             f"{len(analysis.groups)} groups; {len(analysis.barriers)} barrier ops" + "".join(f"; {n}" for n in notes))
         return PassResult(gm, modified)
 
-    def _group_ratio(self, group: Group, selected: dict[str, torch.nn.Module]) -> float | None:
-        ratios = []
-        for name in group.modules:
-            if name not in selected:
-                return None
-            ratios.append(validate.number(f"by_name.{name}.ratio",
-                                          self.selection.param(name, selected[name], "ratio", self.ratio),
-                                          0.0, 1.0, hi_open=True))
-        return min(ratios) if ratios else None
+    def _judge(self, outcome: PruneOutcome, notes: list[str]) -> None:
+        """Raise ``ChannelShortfallError`` below ``min_achieved_ratio``; warn and note a shortfall."""
+        if self.min_achieved_ratio is not None and outcome.channels and outcome.achieved < self.min_achieved_ratio:
+            raise ChannelShortfallError(f"channel_prune {outcome.describe()}: below min_achieved_ratio "
+                                        f"{self.min_achieved_ratio}", outcome)
+        if outcome.shortfall:
+            log.warning("channel_prune pruned little: %s", outcome.describe())
+            notes.append(f"pruned little: {outcome.describe()}")
+
+    def _layer_ratio(self, name: str, module: torch.nn.Module) -> float:
+        return validate.number(f"by_name.{name}.ratio", self.selection.param(name, module, "ratio", self.ratio),
+                               0.0, 1.0, hi_open=True)
+
+    def _group_ratio(self, group: Group, ratios: dict[str, float]) -> float | None:
+        if any(name not in ratios for name in group.modules):
+            return None
+        return min(ratios[name] for name in group.modules) if group.modules else None
 
     def _select(self, a: ChannelAnalysis, group: Group, scores: np.ndarray, ratio: float,
                 pruned: np.ndarray, notes: list[str]) -> None:
