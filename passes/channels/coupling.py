@@ -20,10 +20,12 @@ import torch
 import torch.fx as fx
 
 from sparsifx.errors import PreconditionError
+from sparsifx.module_utils import submodule
 
 from . import rules_attention, rules_elementwise, rules_modules, rules_shape  # noqa: F401  (register rules)
+from . import rules_index, rules_layer_fn, rules_norm_fn  # noqa: F401  (register rules)
 from .containers import PYTHON_MODULES, container_value, is_container_op, protect_outputs
-from .rules_base import UNKNOWN, RuleContext, find_rule, is_label, shape_of
+from .rules_base import UNKNOWN, RuleContext, find_param_dim, find_rule, is_label, owner_type, shape_of
 from .tracker import FIXED, Member, Tracker, connected_components
 from .zeros import is_zero_after
 
@@ -103,7 +105,7 @@ def analyze_channels(gm: fx.GraphModule) -> ChannelAnalysis:
         if node.op in ("get_attr", "call_function", "call_method", "call_module") and \
                 is_zero_after(cx.t.zero_nodes, cx, node, rule):
             cx.t.zero_nodes.add(node.name)
-    _unite_shared_members(cx.t)
+    _unite_shared_members(gm, cx.t)
     return _finalize(gm, cx.t)
 
 
@@ -137,9 +139,10 @@ def _param_labels(cx: RuleContext, node: fx.Node):
     dims = [d for d, s in enumerate(shape) if s > 1]
     if not dims or not value.is_floating_point():
         return torch.full((1,) * len(shape), FIXED, dtype=torch.long)
-    d = dims[-1]
-    atoms = cx.t.fresh(shape[d], None)
     owner, _, attr = node.target.rpartition(".")
+    hint = find_param_dim(owner_type(cx.gm, node, owner), attr)  # e.g. a conv weight: its rows (PARAM_DIMS)
+    d = hint if hint is not None and hint < len(shape) and shape[hint] > 1 else dims[-1]
+    atoms = cx.t.fresh(shape[d], None)
     cx.t.members.append(Member(owner, attr, d, atoms, "out", node.name))
     return cx.t.place(atoms, d, len(shape))
 
@@ -182,17 +185,57 @@ def _static(cx: RuleContext, node: fx.Node):
     return UNKNOWN
 
 
-def _unite_shared_members(t: Tracker) -> None:
-    """A tensor dim sliced by several members (shared modules, params read twice) is sliced once."""
-    first: dict[tuple[str, str, int], torch.Tensor] = {}
+def tied_tensors(gm: torch.nn.Module) -> list[list[tuple[str, str]]]:
+    """Parameters and buffers held by several modules (tied weights such as ``lm_head.weight = embed.weight``):
+    one ``[(module path, attribute), ...]`` per tensor, one entry per holder (a module registered under two
+    names is one holder)."""
+    holders: dict[int, dict[tuple[int, str], tuple[str, str]]] = {}
+    for path, mod in gm.named_modules(remove_duplicate=False):
+        for store in (mod._parameters, mod._buffers):
+            for attr, value in store.items():
+                if value is not None:
+                    holders.setdefault(id(value), {}).setdefault((id(mod), attr), (path, attr))
+    return [list(h.values()) for h in holders.values() if len(h) > 1]
+
+
+def _unite_shared_members(gm: fx.GraphModule, t: Tracker) -> None:
+    """A tensor dim sliced by several members is sliced once: members of one tensor object along one dim (a
+    module called twice, a parameter read twice, weights tied between modules) share their atoms."""
+    first: dict[tuple[int, int], torch.Tensor] = {}
+    sliced: set[tuple[int, str, int]] = set()
+    reads: set[tuple[int, int]] = set()
+    getattr_nodes = {n.name for n in gm.graph.nodes if n.op == "get_attr"}
     for m in t.members:
-        key = (m.owner, m.tensor, m.dim)
+        owner = submodule(gm, m.owner)
+        key = (id(getattr(owner, m.tensor)), m.dim)
+        sliced.add((id(owner), m.tensor, m.dim))
+        if m.node in getattr_nodes and m.node not in t.whole_reads:  # whole: every reader slices its dims
+            reads.add(key)
         if key in first and first[key].numel() == m.atoms.numel():
             t.union(first[key], m.atoms)
         elif key in first:
             t.fix([first[key], m.atoms])
         else:
             first[key] = m.atoms
+    _keep_unsliced_dims_whole(gm, t, first, sliced, reads)
+
+
+def _keep_unsliced_dims_whole(gm: fx.GraphModule, t: Tracker, first: dict, sliced: set, reads: set) -> None:
+    """A dim of a tensor stays whole where one of its readers does not slice it with the channels: a
+    ``get_attr`` read labels one dim only, and a tied tensor's holder may not slice a dim another one does (an
+    embedding's vocabulary tied to an output layer's rows). Shrinking never unties or misreads a tensor."""
+    for tensor_id, dim in reads:
+        for (other_id, other_dim), atoms in first.items():
+            if other_id == tensor_id and other_dim != dim:
+                t.fix(atoms)
+    for holders in tied_tensors(gm):
+        slots = [(submodule(gm, path), attr) for path, attr in holders]
+        value = getattr(*slots[0])
+        for dim in range(value.ndim):
+            if (id(value), dim) in first and any((id(mod), attr, dim) not in sliced for mod, attr in slots):
+                log.info("tied tensor %s: dim %d kept whole (not every holder slices it with the channels)",
+                         " = ".join(f"{p}.{a}" if p else a for p, a in holders), dim)
+                t.fix(first[(id(value), dim)])
 
 
 def _finalize(gm: fx.GraphModule, t: Tracker) -> ChannelAnalysis:

@@ -4,6 +4,9 @@ A rule maps the labels of a node's inputs to the labels of its output and record
 ``Tracker``. Keys: ``fn:<module>.<name>`` (call_function), ``method:<name>`` (call_method),
 ``module:<module>.<Class>`` (call_module; looked up along the class MRO). Register with
 ``@channel_rule(torch.cat, "method:cat", nn.Conv2d, ...)``: functions, classes or key strings.
+
+``PARAM_DIMS`` says which dim of a module's parameter carries its channels when the graph reads it as a
+tensor (``get_attr``): ``param_channel_dim(0, "weight", nn.Conv2d)`` (default: the last dim larger than 1).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from sparsifx.registry import Registry
 from .tracker import FIXED, Tracker
 
 CHANNEL_RULES: Registry[Callable] = Registry("channel rule")
+PARAM_DIMS: Registry[int] = Registry("parameter channel dim")
 
 
 def fn_key(fn: Any) -> str:
@@ -44,6 +48,29 @@ def channel_rule(*targets: Any) -> Callable[[Callable], Callable]:
             CHANNEL_RULES.register(rule_key(t), rule)
         return rule
     return add
+
+
+def param_channel_dim(dim: int, tensor: str, *types: type) -> None:
+    """Parameter ``tensor`` of modules of ``types`` (and subclasses) carries its channels along ``dim``."""
+    for t in types:
+        PARAM_DIMS.register(f"{rule_key(t)}.{tensor}", dim)
+
+
+def find_param_dim(owner_type: type, tensor: str) -> int | None:
+    for cls in owner_type.__mro__:
+        key = f"{rule_key(cls)}.{tensor}"
+        if key in PARAM_DIMS:
+            return PARAM_DIMS.get(key)
+    return None
+
+
+def owner_type(gm: fx.GraphModule, node: fx.Node, path: str) -> type:
+    """The class of module ``path`` as the model had it: a module traced into is only a plain ``nn.Module``
+    holding its tensors in ``gm``; its class is in the ``nn_module_stack`` of the nodes it ran."""
+    for entry in (node.meta.get("nn_module_stack") or {}).values():
+        if isinstance(entry, tuple) and len(entry) == 2 and entry[0] == path and isinstance(entry[1], type):
+            return entry[1]
+    return type(submodule(gm, path))
 
 
 def find_rule(gm: fx.GraphModule, node: fx.Node) -> Callable | None:

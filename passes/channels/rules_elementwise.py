@@ -18,14 +18,20 @@ except ImportError:  # pragma: no cover
     _STOCHASTIC_DEPTH = ()
 
 UNARY_FUNCTIONS = (
-    F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh, F.leaky_relu, F.elu,
-    F.hardtanh, F.mish, F.softplus, F.dropout, F.dropout1d, F.dropout2d, torch.relu, torch.sigmoid, torch.tanh,
-    torch.clamp, torch.exp, torch.neg, torch.abs, torch.square, torch.sqrt, torch.rsqrt, torch.erf,
-    operator.neg, F.alpha_dropout, torch.nn.functional.gelu, *_STOCHASTIC_DEPTH,
+    F.relu, F.relu_, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh, F.leaky_relu,
+    F.leaky_relu_, F.elu, F.elu_, F.selu, F.celu, F.rrelu, F.hardtanh, F.hardtanh_, F.threshold, F.mish,
+    F.softplus, F.softsign, F.logsigmoid, F.tanhshrink, F.hardshrink, F.softshrink, F.dropout, F.dropout1d,
+    F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout, torch.relu, torch.relu_, torch.sigmoid,
+    torch.sigmoid_, torch.tanh, torch.tanh_, torch.selu, torch.celu, torch.clamp, torch.clamp_min,
+    torch.clamp_max, torch.clip, torch.exp, torch.expm1, torch.log, torch.log1p, torch.neg, torch.abs,
+    torch.square, torch.sqrt, torch.rsqrt, torch.reciprocal, torch.erf, torch.sign, torch.sin, torch.cos,
+    torch.nan_to_num, operator.neg, operator.abs, *_STOCHASTIC_DEPTH,
 )
-UNARY_METHODS = ("relu", "relu_", "sigmoid", "sigmoid_", "tanh", "clamp", "clamp_", "contiguous", "clone",
-                 "float", "half", "double", "to", "type_as", "detach", "exp", "neg", "abs", "sqrt", "rsqrt",
-                 "square", "erf", "pow", "hardswish", "silu", "gelu")
+UNARY_METHODS = ("relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "clamp_min",
+                 "clamp_min_", "clamp_max", "clamp_max_", "clip", "clip_", "contiguous", "clone", "float", "half",
+                 "double", "bfloat16", "to", "type_as", "detach", "exp", "exp_", "expm1", "log", "log1p", "neg",
+                 "neg_", "abs", "abs_", "sqrt", "sqrt_", "rsqrt", "square", "reciprocal", "erf", "sign", "sin",
+                 "cos", "nan_to_num", "pow", "pow_", "hardswish", "silu", "gelu")
 UNARY_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
                  nn.LeakyReLU, nn.ELU, nn.Hardtanh, nn.Mish, nn.Softplus, nn.Dropout, nn.Dropout1d,
                  nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity, nn.PReLU)
@@ -89,8 +95,8 @@ def merge(cx: RuleContext, operands, shape) -> torch.Tensor:
     return cx.t.normalize(out.clone())
 
 
-@channel_rule(F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "method:softmax",
-              "method:log_softmax", nn.Softmax, nn.LogSoftmax)
+@channel_rule(F.softmax, F.log_softmax, F.softmin, torch.softmax, torch.log_softmax, "method:softmax",
+              "method:log_softmax", nn.Softmax, nn.LogSoftmax, nn.Softmin)
 def softmax(cx: RuleContext, node: fx.Node):
     """Normalizes along ``dim``: channels varying along it are fixed (pruning would change the sum)."""
     lab = cx.inp(node, 0, "input")

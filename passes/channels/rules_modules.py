@@ -118,8 +118,9 @@ def layer_norm(cx: RuleContext, node: fx.Node):
 def layer_norm_fn(cx: RuleContext, node: fx.Node):
     lab = cx.inp(node, 0, "input")
     shape = cx.inp(node, 1, "normalized_shape")
+    k = 1 if isinstance(shape, int) else len(shape) if isinstance(shape, (tuple, list, torch.Size)) else lab.ndim
     d = varying_dim(lab)
-    if d is not None and d >= lab.ndim - len(shape):
+    if d is not None and d >= lab.ndim - k:  # (normalized shape unknown: every dim may be normalized)
         cx.t.barrier(node, "layer_norm statistics span these channels (pruning is not exact)", lab)
     cx.t.fix([cx.inp(node, 2, "weight"), cx.inp(node, 3, "bias")])
     return lab

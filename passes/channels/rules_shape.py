@@ -43,11 +43,11 @@ def reshape(cx: RuleContext, node: fx.Node):
     return out
 
 
-@channel_rule("method:expand", "method:expand_as")
+@channel_rule("method:expand")
 def expand(cx: RuleContext, node: fx.Node):
     lab, shape = cx.inp(node), out_shape(node)
     out = lab.reshape((1,) * (len(shape) - lab.ndim) + tuple(lab.shape))
-    if varying_dim(out) is not None and node.target == "expand":
+    if varying_dim(out) is not None:
         cx.t.rewrite_node(node, "sizes", labels=out)
     return out
 
@@ -113,7 +113,8 @@ def split(cx: RuleContext, node: fx.Node):
 
 @channel_rule("fn:_operator.getitem")
 def getitem(cx: RuleContext, node: fx.Node):
-    """``x[idx]`` on containers (static) and tensors (slices/ints/None/Ellipsis; tensor indices are a barrier)."""
+    """``x[idx]`` on containers (static) and tensors (slices/ints/None/Ellipsis; index tensors and lists on
+    non-channel dims; an index tensor picking channels is a barrier)."""
     base, idx = cx.inp(node, 0), cx.inp(node, 1)
     if isinstance(base, (tuple, list, dict)):
         try:
@@ -123,35 +124,75 @@ def getitem(cx: RuleContext, node: fx.Node):
             return cx.fixed(node)
     if not is_label(base):
         return cx.fixed(node)
+    raw = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
     idx = idx if isinstance(idx, tuple) else (idx,)
-    if any(is_label(i) or i is UNKNOWN or isinstance(i, (list, torch.Tensor)) for i in idx):
-        cx.t.barrier(node, "advanced (tensor) indexing", base)
+    if any(i is UNKNOWN or (isinstance(i, list) and not all(isinstance(v, (int, list)) for v in i)) for i in idx):
+        cx.t.barrier(node, "an index the analysis cannot evaluate", base)
         return cx.fixed(node)
-    return index_labels(cx, node, base, idx)
+    return index_labels(cx, node, base, idx, raw)
 
 
-def index_labels(cx: RuleContext, node: fx.Node, lab: torch.Tensor, idx: tuple):
-    n_ell = lab.ndim - sum(1 for i in idx if i is not None and i is not Ellipsis)
-    full = []  # (index item, its position in the node's index tuple)
-    for p, i in enumerate(idx):
-        full.extend([(slice(None), None)] * n_ell if i is Ellipsis else [(i, p)])
-    full.extend([(slice(None), None)] * (lab.ndim - sum(1 for i, _ in full if i is not None)))
+def _is_array(i) -> bool:
+    return is_label(i) or isinstance(i, (list, torch.Tensor))
+
+
+def _array_rank(i, r) -> tuple[bool, int]:
+    """(is a bool mask, rank) of an index array: a graph tensor ``r`` (labels ``i``), a constant or a list."""
+    if isinstance(r, fx.Node):
+        meta = r.meta.get("tensor_meta")
+        return meta.dtype == torch.bool, len(meta.shape)
+    t = torch.as_tensor(i)
+    return t.dtype == torch.bool, t.ndim
+
+
+def _span(i, r) -> int:
+    """How many dims of the indexed tensor item ``i`` consumes (a bool mask: its rank)."""
+    if i is None or i is Ellipsis:
+        return 0
+    if _is_array(i):
+        mask, rank = _array_rank(i, r)
+        return rank if mask else 1
+    return 1
+
+
+def _stand_ins(i, r, k: int) -> list:
+    """Index arrays of ``i``'s rank (a mask: one per dim it spans), so that torch places the result dims."""
+    mask, rank = _array_rank(i, r)
+    zero = torch.zeros((1,) * (1 if mask else rank), dtype=torch.long)
+    return [zero] * (k if mask else 1)
+
+
+def index_labels(cx: RuleContext, node: fx.Node, lab: torch.Tensor, idx: tuple, raw: tuple):
+    spans = [_span(i, r) for i, r in zip(idx, raw)]
+    n_ell = lab.ndim - sum(spans)
+    full = []  # (index item, its position in the node's index tuple, dims it spans)
+    for p, (i, k) in enumerate(zip(idx, spans)):
+        full.extend([(slice(None), None, 1)] * n_ell if i is Ellipsis else [(i, p, k)])
+    full.extend([(slice(None), None, 1)] * (lab.ndim - sum(k for _, _, k in full)))
     new, d = [], 0
-    for i, p in full:
+    for i, p, k in full:
         if i is None:
             new.append(None)
             continue
-        if lab.shape[d] == 1:
+        varying = any(lab.shape[j] > 1 for j in range(d, d + k))
+        if _is_array(i) and not varying:
+            new.extend(_stand_ins(i, raw[p], k))
+            cx.t.fix(i if is_label(i) else None)
+        elif not varying:
             new.append(0 if isinstance(i, int) else slice(None))
         elif isinstance(i, slice) and i.step in (None, 1):
             new.append(i)
             if (i.start, i.stop) != (None, None):
                 cx.t.rewrite_node(node, "slice", vec=lab.reshape(-1).clone(), pos=p)
-        else:  # an int or strided pick of channels: shrink cannot renumber it
-            cx.t.barrier(node, "picks single channels by index", lab)
+        else:  # an int, an index array or a strided pick of channels: shrink cannot renumber it
+            cx.t.barrier(node, "picks channels by index (shrink cannot renumber it)", [lab, i if is_label(i) else None])
             return cx.fixed(node)
-        d += 1
-    return cx.t.normalize(lab[tuple(new)])
+        d += k
+    out = lab[tuple(new)]
+    if out.ndim != len(out_shape(node)):
+        cx.t.barrier(node, "indexing the analysis cannot follow", lab)
+        return cx.fixed(node)
+    return cx.t.normalize(out)
 
 
 REDUCTIONS = (torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var)
@@ -195,9 +236,16 @@ def pool(cx: RuleContext, node: fx.Node):
 
 @channel_rule(F.pad)
 def pad(cx: RuleContext, node: fx.Node):
-    lab, widths = cx.inp(node, 0, "input"), cx.inp(node, 1, "pad")
+    return pad_labels(cx, node, cx.inp(node, 0, "input"), cx.inp(node, 1, "pad"))
+
+
+def pad_labels(cx: RuleContext, node: fx.Node, lab: torch.Tensor, widths):
+    """Padding ``widths`` (last dim first, as ``F.pad``): a barrier if the channel dim is padded."""
     d = varying_dim(lab)
-    if d is not None and isinstance(widths, (tuple, list)):
+    if d is not None and not isinstance(widths, (tuple, list)):
+        cx.t.barrier(node, "padding widths not known statically", lab)
+        return cx.fixed(node)
+    if d is not None:
         k = lab.ndim - 1 - d
         if 2 * k < len(widths) and (widths[2 * k] or widths[2 * k + 1]):
             cx.t.barrier(node, "pads the channel dim", lab)

@@ -18,13 +18,13 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from sparsifx.module_utils import submodule
+from sparsifx.module_utils import preserve_training_flags, submodule
 from sparsifx.errors import PassError, PreconditionError
 from sparsifx.masking import effective_weight
 from sparsifx.pass_base import PassBase, PassResult
 from sparsifx.registry import register_pass
 
-from .coupling import graph_signature, model_inputs
+from .coupling import graph_signature, model_inputs, tied_tensors
 from .importance import member_tensor
 from .prune import ChannelPlan
 from .rewrites import REWRITES
@@ -100,16 +100,12 @@ def _probe(gm: fx.GraphModule, plan: ChannelPlan, pruned: np.ndarray, inputs_pai
     if not wanted:
         return {}
     runs = []
-    was_training = gm.training
-    gm.eval()
-    try:
-        with torch.no_grad():
-            for inputs in inputs_pair:
-                probe = _Probe(gm, wanted)
-                probe.run(*inputs)
-                runs.append(probe.stats)
-    finally:
-        gm.train(was_training)
+    with preserve_training_flags(gm), torch.no_grad():
+        gm.eval()
+        for inputs in inputs_pair:
+            probe = _Probe(gm, wanted)
+            probe.run(*inputs)
+            runs.append(probe.stats)
     return {key: [r[key] for r in runs] + [idx] for node_checks in wanted.values() for key, _, idx in node_checks}
 
 
@@ -180,10 +176,12 @@ def shrink_with_plan(gm: fx.GraphModule, plan: ChannelPlan, seed: int = 0,
     pair = model_inputs(gm, seed) if inputs is None else (tuple(inputs), model_inputs(gm, seed)[1])
     notes: list[str] = []
     folds = _decide(gm, plan, pruned, _probe(gm, plan, pruned, pair), notes)
-    cuts = _cuts(a, pruned)
+    ties = tied_tensors(gm)
+    cuts = _cuts(gm, a, pruned, ties)  # checks every tie is cut alike before anything changes
     n_folded = _apply_folds(gm, folds, pruned)
-    for owner, owner_cuts in cuts.items():
-        slice_module(submodule(gm, owner) if owner else gm, owner_cuts)
+    for module, module_cuts in cuts.values():
+        slice_module(module, module_cuts)
+    _retie(gm, ties)
     nodes = {n.name: n for n in gm.graph.nodes}
     kept = lambda atoms: ~pruned[a.unit[atoms.numpy()]]  # noqa: E731
     rewritten = [REWRITES.get(rw.kind)(nodes[rw.node], rw.data, kept) for rw in a.tracker.rewrites.values()]
@@ -218,11 +216,13 @@ def _resize(meta, lab, kept):
             stride[i] = stride[i + 1] * max(1, shape[i + 1])
         return meta._replace(shape=torch.Size(shape), stride=tuple(stride))
     if isinstance(meta, (tuple, list)) and isinstance(lab, (tuple, list)) and len(meta) == len(lab):
-        return type(meta)(_resize(m, lb, kept) for m, lb in zip(meta, lab))
+        items = [_resize(m, lb, kept) for m, lb in zip(meta, lab)]
+        return type(meta)(*items) if hasattr(meta, "_fields") else type(meta)(items)  # namedtuple: positional
     return meta
 
 
-def _cuts(a, pruned: np.ndarray) -> dict[str, dict[tuple[str, int], torch.Tensor]]:
+def _cuts(gm: fx.GraphModule, a, pruned: np.ndarray, ties) -> dict[int, tuple[nn.Module, dict]]:
+    """{id(module): (module, {(tensor, dim): kept indices})}, one entry per module object."""
     by_key: dict[tuple[str, str, int], np.ndarray] = {}
     for m in a.members:
         keep = ~pruned[a.unit[m.atoms.numpy()]]
@@ -230,8 +230,40 @@ def _cuts(a, pruned: np.ndarray) -> dict[str, dict[tuple[str, int], torch.Tensor
         if key in by_key and not np.array_equal(by_key[key], keep):
             raise PassError(f"inconsistent channel plan for {m.owner}.{m.tensor} dim {m.dim}")
         by_key[key] = keep
-    cuts: dict[str, dict] = defaultdict(dict)
+    keeps = {(id(submodule(gm, owner)), tensor, dim): keep for (owner, tensor, dim), keep in by_key.items()}
+    _check_ties(gm, keeps, ties)
+    cuts: dict[int, tuple[nn.Module, dict]] = {}
     for (owner, tensor, dim), keep in by_key.items():
         if not keep.all():
-            cuts[owner][(tensor, dim)] = torch.as_tensor(np.nonzero(keep)[0], dtype=torch.long)
+            module = submodule(gm, owner)
+            cuts.setdefault(id(module), (module, {}))[1][(tensor, dim)] = torch.as_tensor(np.nonzero(keep)[0],
+                                                                                           dtype=torch.long)
     return cuts
+
+
+def _check_ties(gm: fx.GraphModule, keeps: dict, ties: list[list[tuple[str, str]]]) -> None:
+    """Raise (before any change) if the plan would cut the holders of one tied tensor differently."""
+    for holders in ties:
+        mods = [submodule(gm, path) for path, _ in holders]
+        value = getattr(mods[0], holders[0][1])
+        for dim in range(value.ndim):
+            kept = [keeps.get((id(mod), attr, dim)) for mod, (_, attr) in zip(mods, holders)]
+            if all(k is None for k in kept):
+                continue
+            kept = [np.ones(value.shape[dim], dtype=bool) if k is None else k for k in kept]
+            for (path, attr), k in zip(holders[1:], kept[1:]):
+                if not np.array_equal(kept[0], k):
+                    first, other = (f"{p}.{t}" if p else t for p, t in (holders[0], (path, attr)))
+                    raise PassError(
+                        f"shrink would untie '{first}' and '{other}' (one tensor): the channel plan keeps "
+                        f"different indices of its dim {dim} ({int(kept[0].sum())} vs {int(k.sum())} of "
+                        f"{len(k)}); nothing was changed. Run channel_prune on the model as it is tied now")
+
+
+def _retie(gm: fx.GraphModule, ties: list[list[tuple[str, str]]]) -> None:
+    """Give every holder of a tied tensor the one tensor its first holder now holds (all were cut alike)."""
+    for (path0, attr0), *rest in ties:
+        value = getattr(submodule(gm, path0), attr0)
+        for path, attr in rest:
+            mod = submodule(gm, path)
+            (mod._parameters if attr in mod._parameters else mod._buffers)[attr] = value

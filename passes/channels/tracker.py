@@ -81,6 +81,8 @@ class Tracker:
         self.module_atoms: dict[str, torch.Tensor] = {}
         self.zero_nodes: set[str] = set()   # outputs exactly zero at pruned positions (see zeros.py)
         self.labels: dict[str, Any] = {}     # node name -> its (normalized) labels, for shape updates
+        self.whole_reads: set[str] = set()   # get_attr nodes whose every reader slices each dim it uses
+        self.fn_producers: dict[str, str] = {}  # producer module -> the weight of its functional layer
 
     # ---- atoms and edges -------------------------------------------------------------------------
     def fresh(self, n: int, space: str | None) -> torch.Tensor:
@@ -114,6 +116,12 @@ class Tracker:
             u = u[u != FIXED]
             if u.numel():
                 self._edges.append((u, torch.zeros_like(u)))
+
+    def set_role(self, node_name: str, role: str) -> None:
+        """Give the members recorded for node ``node_name`` (a ``get_attr`` read) the role ``role``."""
+        for m in self.members:
+            if m.node == node_name:
+                m.role = role
 
     def rewrite_node(self, node, kind: str, **data) -> None:
         self.rewrites[node.name] = Rewrite(node.name, kind, data)
