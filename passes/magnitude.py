@@ -15,7 +15,7 @@ from sparsifx.selection import LayerSelection
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TYPES = ("Conv1d", "Conv2d", "Conv3d", "Linear")
+DEFAULT_TYPES = ("Conv1d", "Conv2d", "Conv3d", "Linear", "Conv1D")  # Conv1D: transformers' (GPT-2) layer
 
 
 def magnitude_mask(weight: torch.Tensor, zeros: int) -> torch.Tensor:

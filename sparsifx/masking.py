@@ -11,6 +11,7 @@ tracing or exporting (jit trace, torch.compile/export, ONNX) they compute ``F.li
 """
 from __future__ import annotations
 
+import sys
 from typing import Iterator
 
 import torch
@@ -85,6 +86,48 @@ MASKED_TYPES: dict[type, type] = {
 DENSE_TYPES: dict[type, type] = {v: k for k, v in MASKED_TYPES.items()}
 
 
+class _MaskedHFConv1D(MaskedMixin):
+    """transformers' ``Conv1D`` (GPT-2: ``y = x @ W + b``, ``W`` shaped [in, out]) computing with ``W*M``;
+    the mask is shaped like ``W``, so sparsity counts over the same [in, out] weight."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_recompute(x, self.weight):  # F.linear form of the same product: x @ (W*M) = linear(x, (W*M)^T)
+            return MaskedLinearFn.apply(x, self.weight.t(), self.mask.t(), self.bias, bool(self.dense_grad))
+        size_out = x.size()[:-1] + (self.nf,)
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.effective_weight()).view(size_out)
+
+    def __repr__(self) -> str:
+        return f"MaskedConv1D(nf={self.nf}, nx={self.nx}{MaskedMixin.extra_repr(self)})"
+
+
+def register_hf_types() -> tuple[type, ...]:
+    """Register transformers' layer types once transformers is importable: ``Conv1D`` becomes a tracing leaf
+    and maskable (as ``MaskedConv1D``). Returns the dense types registered (empty without transformers).
+    transformers is imported here only, never when sparsifx is."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return ()
+    if Conv1D not in MASKED_TYPES:
+        masked = type("MaskedConv1D", (_MaskedHFConv1D, Conv1D), {"__module__": __name__})
+        globals()["MaskedConv1D"] = masked  # importable (and picklable) by name once registered
+        MASKED_TYPES[Conv1D], DENSE_TYPES[masked] = masked, Conv1D
+        register_leaf_type(masked)
+        register_leaf_type(Conv1D)
+    return (Conv1D,)
+
+
+def masked_type(cls: type) -> type | None:
+    """The masked class for dense class ``cls`` (``None`` if it cannot be masked)."""
+    if cls not in MASKED_TYPES and cls.__module__.startswith("transformers."):
+        register_hf_types()
+    return MASKED_TYPES.get(cls)
+
+
+if "transformers.pytorch_utils" in sys.modules:  # already loaded by the user: register now, for free
+    register_hf_types()
+
+
 def is_masked(module: nn.Module) -> bool:
     return isinstance(module, MaskedMixin)
 
@@ -104,7 +147,7 @@ def set_mask(root: nn.Module, name: str, mask: torch.Tensor) -> nn.Module:
     """Install ``mask`` on layer ``name`` of ``root`` (swapping in its masked class); returns the layer."""
     module = root.get_submodule(name)
     if not is_masked(module):
-        masked_cls = MASKED_TYPES.get(type(module))
+        masked_cls = masked_type(type(module))
         if masked_cls is None:
             raise PassError(f"layer '{name}' of type {type(module).__name__} cannot be masked; "
                             f"maskable types: {', '.join(t.__name__ for t in MASKED_TYPES)}")
