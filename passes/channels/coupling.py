@@ -83,14 +83,26 @@ def graph_signature(gm: fx.GraphModule) -> tuple[str, ...]:
 def model_inputs(gm: fx.GraphModule, seed: int) -> tuple[tuple, tuple]:
     """(example inputs, a random draw of the same shapes) from ``gm.meta`` / placeholder shapes."""
     gen = torch.Generator().manual_seed(seed)
-    metas = [n.meta.get("tensor_meta") for n in gm.graph.nodes if n.op == "placeholder"]
+    example = gm.meta.get("example_inputs")
+    example = (example,) if isinstance(example, torch.Tensor) else example
+    holders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    while holders and _optional_unshaped(holders[-1], example):  # ``attn_mask=None``: runs on its default
+        holders.pop()
+    metas = [n.meta.get("tensor_meta") for n in holders]
     if any(m is None for m in metas):
         raise PreconditionError("shrink needs input shapes (node.meta['tensor_meta'] on placeholders)")
     rand = tuple(torch.randn(m.shape, generator=gen, dtype=m.dtype) if m.dtype.is_floating_point
                  else torch.zeros(m.shape, dtype=m.dtype) for m in metas)
-    example = gm.meta.get("example_inputs")
-    example = (example,) if isinstance(example, torch.Tensor) else example
     return (tuple(example) if example is not None else rand), rand
+
+
+def _optional_unshaped(node: fx.Node, example) -> bool:
+    """A trailing placeholder with a non-tensor default (``attn_mask=None``, ``is_causal=False``) that no example
+    input fills and no shape was recorded for: it carries no channels and the model runs on its default."""
+    index = [n for n in node.graph.nodes if n.op == "placeholder"].index(node)
+    given = example is not None and index < len(example)
+    return (not given and "tensor_meta" not in node.meta and len(node.args) == 1
+            and (node.args[0] is None or isinstance(node.args[0], (bool, int, float, str))))
 
 
 def analyze_channels(gm: fx.GraphModule) -> ChannelAnalysis:

@@ -1,5 +1,6 @@
 """Rules for attention: einsum/matmul contractions (within-head dims of q and k are united, v's head
-dims flow to the output), ``nn.MultiheadAttention`` and torchvision's fused Swin attention function."""
+dims flow to the output; ``sdpa`` keeps its default scale when shrunk),
+``nn.MultiheadAttention`` and torchvision's fused Swin attention function."""
 from __future__ import annotations
 
 import operator
@@ -9,6 +10,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .rewrites import REWRITES
 from .rules_base import RuleContext, channel_rule, shape_of
 from .rules_shape import varying_dim
 from .tracker import FIXED, Check
@@ -81,19 +83,34 @@ def matmul(cx: RuleContext, node: fx.Node):
 
 @channel_rule(F.scaled_dot_product_attention)
 def sdpa(cx: RuleContext, node: fx.Node):
-    """``sdpa(q, k, v, scale=s)``: q/k head dims united by the contraction, v's head dims are the output's.
-    Without an explicit ``scale`` the default ``1/sqrt(q.size(-1))`` would change when shrinking: fixed."""
+    """``sdpa(q, k, v)``: q/k head dims united by the contraction, v's head dims are the output's. Without an
+    explicit ``scale`` (timm's ``Attention``) the default ``1/sqrt(q.size(-1))`` would change when shrinking:
+    shrink passes the original one (``sdpa_scale``)."""
     srcs = [node.args[i] if i < len(node.args) else node.kwargs.get(n)
             for i, n in enumerate(("query", "key", "value"))]
     labs = [cx.value(s) for s in srcs]
-    if cx.inp(node, 6, "scale") is None or any(shape_of(s) is None or len(shape_of(s)) != 4 for s in srcs):
-        cx.t.barrier(node, "scaled_dot_product_attention without an explicit scale", labs)
+    if any(shape_of(s) is None or len(shape_of(s)) != 4 for s in srcs):
+        cx.t.barrier(node, "scaled_dot_product_attention on operands that are not (batch, heads, tokens, dim)", labs)
         return cx.fixed(node)
+    if cx.inp(node, 6, "scale") is None and varying_dim(labs[0]) == 3:
+        cx.t.rewrite_node(node, "sdpa_scale", vec=labs[0].reshape(-1).clone(), scale=shape_of(srcs[0])[3] ** -0.5)
     contract(cx, node, srcs[:2], ["bhld", "bhsd"], "bhls")
     if varying_dim(labs[2]) not in (None, 3):
         cx.t.barrier(node, "value channels not on the last dim", labs[2])
         return cx.fixed(node)
     return labs[2]
+
+
+@REWRITES.register("sdpa_scale")
+def rewrite_sdpa_scale(node: fx.Node, data: dict, kept) -> bool:
+    """An ``sdpa`` whose query dim shrank keeps its default scale ``1/sqrt(original dim)`` explicitly."""
+    if kept(data["vec"]).all():
+        return False
+    if len(node.args) > 6:
+        node.args = (*node.args[:6], data["scale"], *node.args[7:])
+    else:
+        node.kwargs = {**node.kwargs, "scale": data["scale"]}
+    return True
 
 
 @channel_rule(nn.MultiheadAttention)

@@ -1,4 +1,4 @@
-"""Rules for functional convs ``F.conv1d/2d/3d(x, w, b, stride, padding, dilation, groups)``.
+"""Rules for functional convs ``F.conv1d/2d/3d(x, w, b, stride, padding, dilation, groups)`` and ``F.linear(x, w, b)``.
 
 Output channels are the rows of ``w`` (dim 0). A weight read straight from a module (``get_attr``, read by
 no other kind of op) is sliced like the module's: rows with the output, columns (dim 1) with the input. A
@@ -8,7 +8,8 @@ so pruning rows is exact) but not its columns: the standardisation statistics sp
 removing one changes every kept weight of the row; those input channels are a barrier. The same holds for
 the timm standardised convs kept as opaque leaves (``*Same`` variants). Depthwise convs follow their input
 channels and get their ``groups`` argument renumbered by shrink; other grouped convs prune output channels
-evenly per group and keep their input channels whole.
+evenly per group and keep their input channels whole. ``F.linear`` (timm's ``Linear`` subclasses trace into
+it) is a conv with groups 1 whose input channels are the last dim.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from .tracker import Check, Constraint, Member
 from .zeros import ZERO_RULES
 
 CONV_FNS = (F.conv1d, F.conv2d, F.conv3d)
+LAYER_FNS = (*CONV_FNS, F.linear)
 STANDARDIZED = "standardised weight: its statistics span the input channels, so they are kept whole"
 COMPUTED = "weight computed from a parameter by ops that do not keep its input channels: they are kept whole"
 SHARED = "weight parameter also read by other ops: its input channels are kept whole"
@@ -60,12 +62,12 @@ def _producer(cx: RuleContext, node: fx.Node, w, param, cout: int) -> torch.Tens
 
 
 def _direct_param(cx: RuleContext, w) -> tuple[str, str] | None:
-    """``(owner, attr)`` if ``w`` is a ``get_attr`` read only as the weight of functional convs (which slice
+    """``(owner, attr)`` if ``w`` is a ``get_attr`` read only as the weight of functional layers (which slice
     both its dims); marks the read whole."""
     if not isinstance(w, fx.Node) or w.op != "get_attr":
         return None
     for user in w.users:
-        if user.op != "call_function" or user.target not in CONV_FNS or arg_node(user, 1, "weight") is not w:
+        if user.op != "call_function" or user.target not in LAYER_FNS or arg_node(user, 1, "weight") is not w:
             return None
     cx.t.whole_reads.add(w.name)
     owner, _, attr = w.target.rpartition(".")
@@ -149,9 +151,24 @@ def conv_fn(cx: RuleContext, node: fx.Node):
             cx.t.barrier(node, f"grouped conv ({g} groups) read functionally: input channels kept", vec)
     _rows(cx, node, w, out, param)
     _bias(cx, node, out)
-    if param is not None:  # sliced along dims its label does not carry: shrink records its new shape from these
-        cx.t.rewrite_node(w, "param_shape", dims=((0, out), (1, vec)) if g == 1 else ((0, out),))
     return cx.t.place(out, cdim, nd)
+
+
+@channel_rule(F.linear)
+def linear_fn(cx: RuleContext, node: fx.Node):
+    """``F.linear(x, w, b)``: like ``nn.Linear``, ``w``'s rows are the outputs, its columns ``x``'s last dim."""
+    x, w = arg_node(node, 0, "input"), arg_node(node, 1, "weight")
+    if shape_of(x) is None or shape_of(w) is None or len(shape_of(w)) != 2 or out_shape(node) is None:
+        cx.t.barrier(node, "linear operands of unknown shape", [cx.value(x), cx.value(w)])
+        return cx.fixed(node)
+    cdim = len(shape_of(x)) - 1
+    vec = cx.t.along(cx.value(x), cdim, shape_of(x)[cdim])
+    param = _direct_param(cx, w)
+    out = _producer(cx, node, w, param, shape_of(w)[0])
+    _columns(cx, node, vec, param, cdim)
+    _rows(cx, node, w, out, param)
+    _bias(cx, node, out)
+    return cx.t.place(out, cdim, len(out_shape(node)))
 
 
 @channel_rule(*WS_CONV_MODULES)
@@ -188,25 +205,11 @@ def rewrite_conv_groups(node: fx.Node, data: dict, kept) -> bool:
     return True
 
 
-@REWRITES.register("param_shape")
-def rewrite_param_shape(node: fx.Node, data: dict, kept) -> bool:
-    """A ``get_attr`` weight cut along several dims: its recorded shape (the graph code does not change)."""
-    meta = node.meta.get("tensor_meta")
-    if meta is None:
-        return False
-    shape = list(meta.shape)
-    for dim, atoms in data["dims"]:
-        shape[dim] = int(np.count_nonzero(kept(atoms)))
-    stride = [int(np.prod(shape[i + 1:])) for i in range(len(shape))]
-    node.meta["tensor_meta"] = meta._replace(shape=torch.Size(shape), stride=tuple(stride))
-    return False
-
-
 def _zero_layer(zero: set[str], cx: RuleContext, node: fx.Node) -> bool:
     """Zero at pruned outputs when the weight rows (and the bias, if any) are."""
     w, b = arg_node(node, 1, "weight"), arg_node(node, 2, "bias")
     return isinstance(w, fx.Node) and w.name in zero and (b is None or (isinstance(b, fx.Node) and b.name in zero))
 
 
-ZERO_RULES[conv_fn] = _zero_layer
+ZERO_RULES[conv_fn] = ZERO_RULES[linear_fn] = _zero_layer
 ZERO_RULES[standardized_conv] = lambda z, cx, n: True  # zeroed rows standardise to zero rows

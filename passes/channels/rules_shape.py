@@ -111,6 +111,22 @@ def split(cx: RuleContext, node: fx.Node):
     return tuple(cx.t.normalize(p) for p in torch.split(lab, sizes, dim))
 
 
+@channel_rule(torch.unbind, "method:unbind")
+def unbind(cx: RuleContext, node: fx.Node):
+    """``x.unbind(dim)`` (timm's ``q, k, v = qkv.unbind(0)``): each item is ``x[i]`` along ``dim``; along a dim
+    without channels the items keep them (a q/k/v split of a head reshape keeps its inner factor)."""
+    lab = cx.inp(node, 0, "input")
+    dim, n = cx.inp(node, 1, "dim", 0), len(node.meta.get("tensor_meta") or ())
+    if not is_label(lab) or not isinstance(dim, int):
+        cx.t.barrier(node, "unbind along a dim not known statically", lab)
+        return cx.fixed(node)
+    dim %= lab.ndim
+    if varying_dim(lab) == dim:
+        cx.t.barrier(node, "unbinds the channel dim", lab)
+        return cx.fixed(node)
+    return tuple(lab.squeeze(dim) for _ in range(n))
+
+
 @channel_rule("fn:_operator.getitem")
 def getitem(cx: RuleContext, node: fx.Node):
     """``x[idx]`` on containers (static) and tensors (slices/ints/None/Ellipsis; index tensors and lists on

@@ -4,7 +4,8 @@ Before cutting, consumer inputs that are not provably zero (``zeros.py``) are pr
 runs twice (the example inputs and a random draw) and the pruned positions are checked: zero ->
 dropped; a non-zero constant -> folded into the consumer's bias when that is exact (``Linear``;
 ``Conv`` with groups 1 and no padding); anything else -> the unit is kept and the report says why.
-Shapes in ``node.meta["tensor_meta"]`` are then updated from the plan, without running the model.
+Shapes in ``node.meta["tensor_meta"]`` are then updated from the plan (parameter reads from the sliced
+tensors), without running the model.
 """
 from __future__ import annotations
 
@@ -200,8 +201,22 @@ def shrink_with_plan(gm: fx.GraphModule, plan: ChannelPlan, seed: int = 0,
 def _update_shapes(gm: fx.GraphModule, a, kept) -> None:
     """Shrink every recorded ``tensor_meta`` along its channel dim (no model run needed)."""
     for node in gm.graph.nodes:
-        if "tensor_meta" in node.meta:
+        if "tensor_meta" not in node.meta:
+            continue
+        if node.op == "get_attr":  # a parameter may be cut along dims its label does not carry: read it
+            node.meta["tensor_meta"] = _attr_meta(gm, node, a.tracker.labels.get(node.name), kept)
+        else:
             node.meta["tensor_meta"] = _resize(node.meta["tensor_meta"], a.tracker.labels.get(node.name), kept)
+
+
+def _attr_meta(gm: fx.GraphModule, node: fx.Node, lab, kept):
+    """The recorded shape of a ``get_attr`` read: the sliced tensor's own (contiguous) shape."""
+    meta = node.meta["tensor_meta"]
+    owner, _, attr = node.target.rpartition(".")
+    value = getattr(submodule(gm, owner), attr, None)
+    if not isinstance(meta, TensorMetadata) or not isinstance(value, torch.Tensor):
+        return _resize(meta, lab, kept)
+    return meta._replace(shape=value.shape, stride=tuple(value.stride()))
 
 
 def _resize(meta, lab, kept):

@@ -89,9 +89,21 @@ ZERO_RULES: dict[Callable, Callable[[set, RuleContext, fx.Node], bool]] = {
     ra.einsum: _contraction, ra.matmul: _contraction,
     ra.sdpa: lambda z, cx, n: len(n.args) > 2 and isinstance(n.args[2], fx.Node) and n.args[2].name in z,
     **{r: (lambda z, cx, n: _all(z, _tensor_args(cx, n))) for r in (
-        rs.reshape, rs.expand, rs.permute, rs.transpose, rs.cat, rs.stack, rs.split, rs.getitem, rs.reduce,
-        rs.pool, rs.pad, rs.roll, rs.patch_merging_pad)},
+        rs.reshape, rs.expand, rs.permute, rs.transpose, rs.cat, rs.stack, rs.split, rs.unbind, rs.getitem, rs.reduce,
+        rs.pool, rs.roll, rs.patch_merging_pad)},
 }
+
+
+def _pad(zero: set[str], cx: RuleContext, node: fx.Node) -> bool:
+    """``F.pad(x, p, mode, value)``: zero channels stay zero when padded with 0 (or by reflection/replication/
+    circular copies of themselves); ``value=1.0`` puts non-zeros at the pruned channels."""
+    mode, value = cx.inp(node, 2, "mode", "constant"), cx.inp(node, 3, "value", None)
+    return mode in ("constant", "reflect", "replicate", "circular") and \
+        (mode != "constant" or value is None or (isinstance(value, numbers.Number) and value == 0)) and \
+        _first(zero, cx, node)
+
+
+ZERO_RULES[rs.pad] = _pad
 
 
 def _cat_args(cx: RuleContext, node: fx.Node) -> list[fx.Node]:

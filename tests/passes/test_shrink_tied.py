@@ -69,13 +69,21 @@ class TiedLM(nn.Module):
         return self.lm_head(h + self.mlp2(torch.relu(self.mlp1(h))))
 
 
+def opaque_linear(x, weight):
+    """A function the channel analysis has no rule for (kept as one call by ``torch.fx.wrap``)."""
+    return F.linear(x, weight)
+
+
+torch.fx.wrap("opaque_linear")
+
+
 class Proj(nn.Module):
     def __init__(self, weight: nn.Parameter):
         super().__init__()
         self.weight = weight
 
     def forward(self, x):
-        return F.linear(x, self.weight)
+        return opaque_linear(x, self.weight)
 
 
 class OpaqueHolder(nn.Module):
@@ -137,12 +145,30 @@ def test_a_holder_that_does_not_slice_keeps_the_tied_tensor_whole():
 
 
 def test_a_parameter_also_read_by_get_attr_keeps_the_dims_the_read_does_not_label():
-    """Traced through, ``proj.weight`` is a ``get_attr`` of ``a.weight`` feeding ``F.linear`` (a barrier)."""
+    """Traced through, ``proj.weight`` is a ``get_attr`` of ``a.weight`` feeding ``opaque_linear`` (a barrier)."""
     torch.manual_seed(0)
     recipe = {"stages": [{"pass": "channel_prune", "ratio": 0.5}, {"pass": "shrink"}]}
     gm = sparsify(OpaqueHolder(), recipe, example_inputs=X, verify=True)
     assert any(n.op == "get_attr" and n.target == "a.weight" for n in gm.graph.nodes)
+    assert any(n.op == "call_function" and n.target is opaque_linear for n in gm.graph.nodes)
     assert gm.a.weight.shape == (8, 8) and gm.c.out_features == 4
+
+
+def test_a_parameter_also_read_by_f_linear_is_cut_with_both_readers():
+    """``F.linear`` now has a rule: the tied ``a.weight`` read by ``a`` and by ``F.linear`` is cut once, exactly."""
+    class FnProj(Proj):
+        def forward(self, x):
+            return F.linear(x, self.weight)
+
+    class Holder(OpaqueHolder):
+        def __init__(self):
+            super().__init__()
+            self.proj = FnProj(self.a.weight)
+
+    torch.manual_seed(0)
+    recipe = {"stages": [{"pass": "channel_prune", "ratio": 0.5}, {"pass": "shrink"}]}
+    gm = sparsify(Holder(), recipe, example_inputs=X, verify=True)
+    assert gm.a.weight.shape[0] < 8 and gm.c.out_features == 4
 
 
 def test_a_plan_that_cuts_a_tie_two_ways_raises_and_changes_nothing():
