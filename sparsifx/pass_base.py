@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import torch.fx as fx
 
+from . import validate
 from .errors import PassError, PostconditionError, PreconditionError, RecipeError, SparsifxError
 
 ALL_ANALYSES = "*"
@@ -72,11 +73,20 @@ class PassBase:
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> "PassBase":
-        """Build from recipe parameters; unknown or missing keys and bad values raise ``RecipeError``."""
+        """Build from recipe parameters; unknown or missing keys and bad values raise ``RecipeError``.
+
+        The constructor validates its parameters; values it lets through are also checked against the simple
+        annotations of its signature (``int``, ``float | None``, ``str``, ``bool``, ``Callable``), and any other
+        exception it raises becomes a ``RecipeError`` at the parameter that causes it.
+        """
+        if not isinstance(params, Mapping):
+            raise RecipeError(f"parameters of pass '{cls.name}' must be a mapping", "", validate.shown(params))
         sig = inspect.signature(cls.__init__)
         accepted = {n: p for n, p in list(sig.parameters.items())[1:]
                     if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
         for key in params:
+            if not isinstance(key, str):
+                raise RecipeError(f"parameter names of pass '{cls.name}' must be strings", "", validate.shown(key))
             if key not in accepted:
                 raise RecipeError(f"unknown parameter for pass '{cls.name}'", key,
                                   allowed=", ".join(accepted) or "no parameters")
@@ -84,6 +94,25 @@ class PassBase:
             if p.default is inspect.Parameter.empty and key not in params:
                 raise RecipeError(f"missing required parameter of pass '{cls.name}'", key)
         try:
-            return cls(**params)
-        except (TypeError, ValueError) as exc:
-            raise RecipeError(f"invalid parameters for pass '{cls.name}': {exc}") from exc
+            built = cls(**params)
+        except SparsifxError:
+            raise
+        except Exception as exc:  # the constructor let a bad value through to code that fails on it
+            for key, value in params.items():
+                validate.annotated(key, value, accepted[key].annotation)
+            raise RecipeError(f"invalid parameters for pass '{cls.name}': {type(exc).__name__}: {str(exc)[:300]}",
+                              _blame(cls, accepted, params)) from exc
+        for key, value in params.items():
+            validate.annotated(key, value, accepted[key].annotation)
+        return built
+
+
+def _blame(cls, accepted: dict[str, inspect.Parameter], params: Mapping[str, Any]) -> str:
+    """The parameter whose value alone (with the required ones) makes the constructor fail, or ``""``."""
+    required = {k: v for k, v in params.items() if accepted[k].default is inspect.Parameter.empty}
+    for key, value in params.items():
+        try:
+            cls(**{**required, key: value})
+        except Exception:
+            return key
+    return ""

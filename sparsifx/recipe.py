@@ -4,20 +4,24 @@ A recipe is ``{name?: str, description?: str, stages: [{pass: <name>, <params>..
 selection keys (``types``, ``ignore``, ``by_type``, ``by_pattern``, ``by_name``; see
 ``sparsifx.selection``) are accepted by passes whose constructor takes ``selection``. Every error
 is a ``RecipeError`` whose path points at the offending key, e.g. ``stages[1].sparsity``.
+
+Recipes are untrusted input: YAML and dicts are bounded in size and depth, YAML anchors/aliases are
+refused, and values must be plain data before any stage is built (``sparsifx.recipe_input``).
 """
 from __future__ import annotations
 
 import copy
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
 from .errors import RecipeError
+from .recipe_input import load_yaml, plain_data, read_text
 from .registry import PASSES
 from .selection import LayerSelection, split_selection
+from .validate import shown
 
 TOP_LEVEL_KEYS = ("name", "description", "stages")
 
@@ -50,13 +54,14 @@ class Stage:
 
     @classmethod
     def from_dict(cls, data: Any) -> "Stage":
+        data = plain_data(data)
         if not isinstance(data, Mapping):
-            raise RecipeError("a stage must be a mapping with a 'pass' key", "", data, "{pass: <name>, ...}")
+            raise RecipeError("a stage must be a mapping with a 'pass' key", "", shown(data), "{pass: <name>, ...}")
         if "pass" not in data:
             raise RecipeError("missing 'pass' key", "pass", allowed=", ".join(PASSES.names()))
         name = data["pass"]
         if not isinstance(name, str) or name not in PASSES:
-            raise RecipeError("unknown pass", "pass", name, ", ".join(PASSES.names()))
+            raise RecipeError("unknown pass", "pass", shown(name), ", ".join(PASSES.names()))
         stage = cls(name, _freeze({k: v for k, v in data.items() if k != "pass"}))
         stage.build()  # validate now, before any model is touched
         return stage
@@ -68,6 +73,9 @@ class Stage:
         """Instantiate the pass; bad parameters raise ``RecipeError`` with a relative path."""
         cls = PASSES.get(self.pass_name)
         sel_params, params = split_selection(self.params)
+        if "selection" in params:
+            raise RecipeError("give the selection keys directly in the stage", "selection",
+                              allowed="types, ignore, by_type, by_pattern, by_name, allow_empty")
         if sel_params:
             if "selection" not in _init_params(cls):
                 key = next(iter(sel_params))
@@ -107,19 +115,21 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: Any) -> "Recipe":
+        """From plain data; bounded (size, depth, no cycles) and type-checked before any stage is built."""
+        data = plain_data(data)
         if not isinstance(data, Mapping):
-            raise RecipeError("a recipe must be a mapping", "", data, "{name?, description?, stages: [...]}")
+            raise RecipeError("a recipe must be a mapping", "", shown(data), "{name?, description?, stages: [...]}")
         for key in data:
             if key not in TOP_LEVEL_KEYS:
-                raise RecipeError("unknown top-level key", str(key), allowed=", ".join(TOP_LEVEL_KEYS))
+                raise RecipeError("unknown top-level key", key, allowed=", ".join(TOP_LEVEL_KEYS))
         for key in ("name", "description"):
             if key in data and not isinstance(data[key], str):
-                raise RecipeError("must be a string", key, data[key])
+                raise RecipeError("must be a string", key, shown(data[key]))
         if "stages" not in data:
             raise RecipeError("missing key", "stages", allowed="a list of {pass: <name>, ...}")
         stages = data["stages"]
         if not isinstance(stages, list) or not stages:
-            raise RecipeError("must be a non-empty list", "stages", stages, "a list of {pass: <name>, ...}")
+            raise RecipeError("must be a non-empty list", "stages", shown(stages), "a list of {pass: <name>, ...}")
         built = []
         for i, stage in enumerate(stages):
             try:
@@ -130,13 +140,8 @@ class Recipe:
 
     @classmethod
     def from_yaml(cls, source: str | os.PathLike) -> "Recipe":
-        """From a YAML file path or a YAML string."""
-        text = _read_source(source)
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise RecipeError(f"invalid YAML: {exc}", "<yaml>") from None
-        return cls.from_dict(data)
+        """From a YAML file path or a YAML string (at most 1 MiB; no anchors or aliases)."""
+        return cls.from_dict(load_yaml(read_text(source)))
 
     @classmethod
     def load(cls, recipe: "Recipe | Mapping | str | os.PathLike") -> "Recipe":
@@ -164,12 +169,3 @@ class Recipe:
     def build_passes(self) -> list:
         return [stage.build() for stage in self.stages]
 
-
-def _read_source(source: str | os.PathLike) -> str:
-    if isinstance(source, os.PathLike) or (isinstance(source, str) and "\n" not in source
-                                           and source.endswith((".yaml", ".yml"))):
-        path = Path(source)
-        if not path.is_file():
-            raise RecipeError("recipe file not found", "<file>", str(path))
-        return path.read_text()
-    return source
