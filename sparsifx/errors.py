@@ -1,6 +1,7 @@
 """Typed errors: every failure sparsifx reports to a user is a ``SparsifxError``."""
 from __future__ import annotations
 
+import copy
 from typing import Any, Sequence
 
 
@@ -40,7 +41,10 @@ class RecipeError(SparsifxError):
         """The same error with ``prefix`` prepended to its key path."""
         path = prefix if not self.path else (
             f"{prefix}{self.path}" if self.path.startswith("[") else f"{prefix}.{self.path}")
-        return RecipeError(self.reason, path, self.value, self.allowed)
+        err = copy.copy(self)  # keeps the subclass (e.g. SelectionError)
+        err.path = path
+        err.args = (err._compose(),)
+        return err
 
 
 class PassError(SparsifxError):

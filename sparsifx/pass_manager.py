@@ -8,7 +8,7 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.fx as fx
 
-from .errors import PassError, VerificationError
+from .errors import PassError, RecipeError, VerificationError
 from .module_utils import preserve_training_flags
 from .pass_base import ALL_ANALYSES, PassBase, PassResult
 from .registry import ANALYSES
@@ -72,8 +72,11 @@ class PassManager:
         any_modified = False
         for _ in range(MAX_FIXED_POINT_ITERATIONS if self.fixed_point else 1):
             round_modified = False
-            for p in self._iterate():
-                gm, modified = self._run_one(p, gm, history)
+            for i, p in enumerate(self._iterate()):
+                try:
+                    gm, modified = self._run_one(p, gm, history)
+                except RecipeError as exc:  # a stage's parameters met the model (e.g. a selection matching nothing)
+                    raise exc.at(f"stages[{i}]") from exc
                 round_modified |= modified
             any_modified |= round_modified
             if not round_modified or not self.fixed_point:

@@ -251,7 +251,7 @@ def test_selection_matching_nothing_is_an_error(pass_name, keys, path, word):
     with pytest.raises(SelectionError) as info:
         sparsify(Net(), {"stages": [stage]})
     assert isinstance(info.value, SparsifxError) and isinstance(info.value, RecipeError)
-    assert info.value.path == path and word in str(info.value), str(info.value)
+    assert info.value.path == f"stages[0].{path}" and word in str(info.value), str(info.value)
 
 
 @pytest.mark.parametrize("keys,path,word", EMPTY, ids=[p for _, p, _ in EMPTY])
