@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import reprlib
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 from .errors import RecipeError
 

@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 
 from .rules_base import UNKNOWN, RuleContext
+from .tracker import tensor_leaves
 
 PYTHON_MODULES = frozenset({"_operator", "operator", "math", "builtins"})
 
@@ -48,8 +49,8 @@ def container_value(cx: RuleContext, node: fx.Node) -> Any:
         out = node.target(*args, **kwargs)
     except Exception:  # an operand the analysis could not evaluate (UNKNOWN): follow nothing
         out = UNKNOWN
-    inputs = {id(t) for t in _leaves((args, kwargs))}
-    if _matches(out, node.meta["tensor_meta"]) and all(id(t) in inputs for t in _leaves(out)):
+    inputs = {id(t) for t in tensor_leaves((args, kwargs))}
+    if _matches(out, node.meta["tensor_meta"]) and all(id(t) in inputs for t in tensor_leaves(out)):
         return out
     cx.t.barrier(node, "container operation the analysis cannot follow", [args, kwargs])
     return cx.fixed(node)
@@ -82,17 +83,6 @@ def _nodes_in(args: Any) -> Iterator[fx.Node]:
     found: list[fx.Node] = []
     fx.node.map_arg(args, found.append)
     return iter(found)
-
-
-def _leaves(value: Any) -> Iterator[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, (tuple, list)):
-        for v in value:
-            yield from _leaves(v)
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _leaves(v)
 
 
 def _matches(value: Any, meta: Any) -> bool:

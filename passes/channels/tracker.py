@@ -111,7 +111,7 @@ class Tracker:
 
     def fix(self, labels: Any) -> None:
         """Make every atom in ``labels`` (a label tensor or nested tuple/list/dict of them) unprunable."""
-        for t in _tensors(labels):
+        for t in tensor_leaves(labels):
             u = torch.unique(t)
             u = u[u != FIXED]
             if u.numel():
@@ -197,15 +197,16 @@ def connected_components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return parent
 
 
-def _tensors(value: Any):
+def tensor_leaves(value: Any):
+    """Every tensor inside ``value`` (nested tuples, lists and dict values), depth first."""
     if isinstance(value, torch.Tensor):
         yield value
     elif isinstance(value, (tuple, list)):
         for v in value:
-            yield from _tensors(v)
+            yield from tensor_leaves(v)
     elif isinstance(value, dict):
         for v in value.values():
-            yield from _tensors(v)
+            yield from tensor_leaves(v)
 
 
 def _describe(node) -> str:

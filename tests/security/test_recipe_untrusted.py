@@ -3,13 +3,14 @@ that match nothing all end in a typed error with the key path, quickly and in bo
 from __future__ import annotations
 
 import logging
+import os
 import resource
+import sys
 import time
 import tracemalloc
 
 import numpy as np
 import pytest
-import torch.nn as nn
 
 from sparsifx import Recipe, RecipeError, SparsifxError, sparsify
 from sparsifx.masking import is_masked
@@ -220,14 +221,8 @@ def test_load_of_other_objects():
 
 
 # --- selections that match nothing ----------------------------------------------------------------------------------
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.fc_a, self.fc_b, self.out = nn.Linear(4, 40), nn.Linear(40, 40), nn.Linear(40, 50)
-
-    def forward(self, x):
-        return self.out(self.fc_b(self.fc_a(self.conv(x).mean((2, 3)))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+from test_recipe import Net  # noqa: E402  (the recipe tests' model: conv, fc_a, fc_b, out)
 
 
 EMPTY = [  # (selection keys, error path, a word the message carries)
