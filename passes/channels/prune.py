@@ -25,7 +25,7 @@ from .outcome import ChannelShortfallError, PruneOutcome, prune_outcome
 log = logging.getLogger(__name__)
 
 DEFAULT_TYPES = ("Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
-                 "Linear", "Embedding")
+                 "Linear", "Embedding", "Conv1D")  # Conv1D: transformers' (GPT-2) transposed Linear
 
 
 @dataclass

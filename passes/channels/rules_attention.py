@@ -85,10 +85,14 @@ def matmul(cx: RuleContext, node: fx.Node):
 def sdpa(cx: RuleContext, node: fx.Node):
     """``sdpa(q, k, v)``: q/k head dims united by the contraction, v's head dims are the output's. Without an
     explicit ``scale`` (timm's ``Attention``) the default ``1/sqrt(q.size(-1))`` would change when shrinking:
-    shrink passes the original one (``sdpa_scale``)."""
+    shrink passes the original one (``sdpa_scale``). ``attn_mask`` is added to the scores, whose heads and tokens
+    are not channels here: its channels (T5's per-head position bias, an ``Embedding`` of ``n_heads``) are fixed."""
     srcs = [node.args[i] if i < len(node.args) else node.kwargs.get(n)
             for i, n in enumerate(("query", "key", "value"))]
     labs = [cx.value(s) for s in srcs]
+    mask = cx.inp(node, 3, "attn_mask")
+    if isinstance(mask, torch.Tensor):  # (T5's head bias from an Embedding): broadcast over heads/tokens, kept whole
+        cx.t.fix(mask)
     if any(shape_of(s) is None or len(shape_of(s)) != 4 for s in srcs):
         cx.t.barrier(node, "scaled_dot_product_attention on operands that are not (batch, heads, tokens, dim)", labs)
         return cx.fixed(node)

@@ -25,7 +25,7 @@ UNARY_FUNCTIONS = (
     torch.sigmoid_, torch.tanh, torch.tanh_, torch.selu, torch.celu, torch.clamp, torch.clamp_min,
     torch.clamp_max, torch.clip, torch.exp, torch.expm1, torch.log, torch.log1p, torch.neg, torch.abs,
     torch.square, torch.sqrt, torch.rsqrt, torch.reciprocal, torch.erf, torch.sign, torch.sin, torch.cos,
-    torch.nan_to_num, operator.neg, operator.abs, *_STOCHASTIC_DEPTH,
+    torch.nan_to_num, torch.pow, operator.pow, operator.neg, operator.abs, *_STOCHASTIC_DEPTH,
 )
 UNARY_METHODS = ("relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "clamp_min",
                  "clamp_min_", "clamp_max", "clamp_max_", "clip", "clip_", "contiguous", "clone", "float", "half",

@@ -89,6 +89,24 @@ def linear(cx: RuleContext, node: fx.Node):
     return cx.t.place(out, -1, nd)
 
 
+HF_CONV1D = "module:transformers.pytorch_utils.Conv1D"  # by name: transformers is never imported here
+
+
+@channel_rule(HF_CONV1D)
+def hf_conv1d(cx: RuleContext, node: fx.Node):
+    """transformers' ``Conv1D`` (GPT-2): ``x @ weight + bias`` with ``weight`` of shape ``(in, out)``, so a
+    ``Linear`` whose weight is transposed: dim 0 consumes the input's last dim, dim 1 produces ``nf`` channels."""
+    m, name = cx.module(node), node.target
+    nd = len(out_shape(node))
+    vec = cx.t.along(cx.inp(node), -1, m.weight.shape[0])
+    add_member(cx, node, "weight", 0, vec, "in")
+    cx.t.checks.append(Check(node.name, node.args[0].name, nd - 1, vec, "fold", name))
+    out = cx.t.producer_atoms(name, m.weight.shape[1])
+    add_member(cx, node, "weight", 1, out, "out")
+    add_member(cx, node, "bias", 0, out, "out")
+    return cx.t.place(out, -1, nd)
+
+
 @channel_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d,
               nn.InstanceNorm2d, nn.InstanceNorm3d)
 def batch_norm(cx: RuleContext, node: fx.Node):

@@ -30,7 +30,7 @@ from .importance import member_tensor
 from .prune import ChannelPlan
 from .rewrites import REWRITES
 from .rules_shape import varying_dim
-from .slicers import slice_module
+from .slicers import is_hf_conv1d, slice_module
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def _probe(gm: fx.GraphModule, plan: ChannelPlan, pruned: np.ndarray, inputs_pai
 
 
 def _foldable(m: nn.Module) -> bool:
-    if isinstance(m, nn.Linear):
+    if isinstance(m, nn.Linear) or is_hf_conv1d(m):
         return True
     if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and m.groups == 1:
         return m.padding == "valid" or all(p == 0 for p in m.padding)
@@ -153,6 +153,8 @@ def _apply_folds(gm: fx.GraphModule, folds, pruned: np.ndarray) -> int:
             if not consts:
                 continue
             w = effective_weight(m).detach()
+            if is_hf_conv1d(m):  # weight (in, out): as a Linear's (out, in)
+                w = w.t()
             pos = torch.tensor(sorted(consts))
             vals = torch.tensor([consts[p] for p in sorted(consts)], dtype=w.dtype)
             cols = w.index_select(1, pos)

@@ -105,6 +105,22 @@ def slice_linear(m: nn.Module, cuts: Cuts) -> None:
     m.out_features, m.in_features = m.weight.shape
 
 
+HF_CONV1D = "transformers.pytorch_utils.Conv1D"  # registered by name: transformers is never imported here
+
+
+def is_hf_conv1d(m: nn.Module) -> bool:
+    return any(f"{c.__module__}.{c.__qualname__}" == HF_CONV1D for c in type(m).__mro__)
+
+
+def slice_hf_conv1d(m: nn.Module, cuts: Cuts) -> None:
+    """transformers' ``Conv1D``: weight ``(nx, nf)``, bias ``(nf,)``."""
+    slice_generic(m, cuts)
+    m.nx, m.nf = m.weight.shape
+
+
+SLICERS.register(HF_CONV1D, slice_hf_conv1d)
+
+
 @register_slicer(nn.modules.batchnorm._NormBase)
 def slice_batch_norm(m: nn.Module, cuts: Cuts) -> None:
     slice_generic(m, cuts)
