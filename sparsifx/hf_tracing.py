@@ -32,6 +32,7 @@ from torch.fx.node import map_aggregate
 
 from .errors import TraceError
 from .masking import register_hf_types
+from .module_classes import record_module_classes
 from .module_utils import clone_module, preserve_training_flags
 from .tracing import MAX_OPAQUE_RETRIES, SparsifxTracer, record_shapes
 
@@ -101,6 +102,7 @@ def trace_hf(model: nn.Module, example_inputs: Mapping[str, Any], *, leaf_module
     gm = fx.GraphModule(_targets(cap.graph, model, cap.constants), cap.graph, name)
     gm.meta.update(opaque_leaves=cap.opaque, inlined_leaves=cap.inlined, leaf_types=leaf_types,
                    hf_input_names=names, hf_trace_method=method)
+    record_module_classes(model, gm)
     if cap.opaque or cap.inlined:
         log.warning("trace_hf(%s): layers not visible as call_module: opaque %s, inlined %s", name,
                     cap.opaque[:8], cap.inlined[:8])

@@ -17,9 +17,17 @@ and the nearest names that exist, if:
 A ``types`` list whose classes the model does not contain is not an error (a recipe may serve several
 models): the stage selects nothing and a warning is logged. The stage key ``allow_empty: true`` turns
 every error above into a logged warning. Type names must be identifiers (checked with the recipe).
+
+Type matching is by class name along the MRO, as ``isinstance`` would (``Conv2d`` matches timm's
+``StdConv2d``). A module fx traced into survives in the GraphModule only as a bare ``nn.Module`` container
+of its tensors; a selection made ``with_traced_into()`` (channel pruning, whose functional-layer rules
+prune such containers) types it by the class ``gm.meta["module_classes"]`` recorded at trace time
+(``sparsifx.module_classes``). Passes that need the real layer class (``magnitude`` swaps layers for
+``Masked*`` ones) leave that off, so they never select a container.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import fnmatch
 import logging
@@ -29,6 +37,7 @@ from typing import Any, Mapping
 import torch
 
 from . import validate
+from .module_classes import type_names
 from .errors import RecipeError
 
 log = logging.getLogger(__name__)
@@ -72,6 +81,7 @@ class LayerSelection:
     by_name: tuple = ()
     default_types: tuple[str, ...] = field(default=("Conv2d", "Linear"), compare=False)
     allow_empty: bool = False
+    traced_into: bool = field(default=False, compare=False)  # type bare containers by their recorded class
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], default_types: tuple[str, ...] = ("Conv2d", "Linear")
@@ -100,12 +110,20 @@ class LayerSelection:
         return out
 
     def with_defaults(self, default_types: tuple[str, ...]) -> "LayerSelection":
-        return LayerSelection(self.types, self.ignore, self.by_type, self.by_pattern, self.by_name, default_types,
-                              self.allow_empty)
+        return dataclasses.replace(self, default_types=default_types)
 
-    def _type_ok(self, module: torch.nn.Module) -> bool:
+    def with_traced_into(self) -> "LayerSelection":
+        """This selection, typing bare containers of traced-into modules by their recorded class."""
+        return dataclasses.replace(self, traced_into=True)
+
+    def type_names(self, root: torch.nn.Module | None, name: str, module: torch.nn.Module) -> tuple[str, ...]:
+        """The class names ``module`` matches (its MRO's; a container's recorded ones with ``traced_into``)."""
+        return type_names(root, name, module, self.traced_into) if root is not None else \
+            tuple(c.__name__ for c in type(module).__mro__)
+
+    def _type_ok(self, root: torch.nn.Module, name: str, module: torch.nn.Module) -> bool:
         wanted = self.types or self.default_types
-        return any(c.__name__ in wanted for c in type(module).__mro__)
+        return any(c in wanted for c in self.type_names(root, name, module))
 
     def is_ignored(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, pat) for pat in self.ignore)
@@ -116,7 +134,7 @@ class LayerSelection:
         Raises ``SelectionError`` (a warning with ``allow_empty``) when an entry matches nothing (module doc).
         """
         chosen = [(name, module) for name, module in root.named_modules()
-                  if name and self._type_ok(module) and not self.is_ignored(name)]
+                  if name and self._type_ok(root, name, module) and not self.is_ignored(name)]
         if self.types or self.ignore or self.by_type or self.by_pattern or self.by_name:
             for problem in _unmatched(self, root, chosen):
                 if not self.allow_empty:
@@ -124,10 +142,12 @@ class LayerSelection:
                 log.warning("%s (allow_empty: true)", problem)
         return chosen
 
-    def overrides(self, name: str, module: torch.nn.Module) -> dict[str, Any]:
-        """Merged parameter overrides for one layer, by the documented priority."""
+    def overrides(self, name: str, module: torch.nn.Module, root: torch.nn.Module | None = None
+                  ) -> dict[str, Any]:
+        """Merged parameter overrides for one layer, by the documented priority (``root``: the model, so
+        that ``by_type`` sees a container's recorded class)."""
         merged: dict[str, Any] = {}
-        mro_names = [c.__name__ for c in type(module).__mro__]
+        mro_names = self.type_names(root, name, module)
         for type_name, params in self.by_type:
             if type_name in mro_names:
                 merged.update(params)
@@ -139,8 +159,9 @@ class LayerSelection:
                 merged.update(params)
         return merged
 
-    def param(self, name: str, module: torch.nn.Module, key: str, default: Any) -> Any:
-        return self.overrides(name, module).get(key, default)
+    def param(self, name: str, module: torch.nn.Module, key: str, default: Any,
+              root: torch.nn.Module | None = None) -> Any:
+        return self.overrides(name, module, root).get(key, default)
 
     def sparsity_overrides(self, layers) -> dict[str, float]:
         """``{name: sparsity}`` for the (name, module) ``layers`` that override ``sparsity``, validated."""
@@ -173,8 +194,8 @@ def _unmatched(sel: LayerSelection, root: torch.nn.Module, chosen: list) -> list
     modules = [(n, m) for n, m in root.named_modules() if n]
     names = [n for n, _ in modules]
     chosen_names = {n for n, _ in chosen}
-    model_types = {c.__name__ for _, m in modules for c in type(m).__mro__}
-    chosen_types = {c.__name__ for _, m in chosen for c in type(m).__mro__}
+    model_types = {c for n, m in modules for c in sel.type_names(root, n, m)}
+    chosen_types = {c for n, m in chosen for c in sel.type_names(root, n, m)}
     absent = (set(sel.types) | {t for t, _ in sel.by_type}) - model_types
     known = model_types | (_loaded_module_types() if absent else set())
     out = []
@@ -186,7 +207,7 @@ def _unmatched(sel: LayerSelection, root: torch.nn.Module, chosen: list) -> list
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
             out.append(SelectionError("matches no module of the model", f"ignore[{i}]", pattern,
                                       _nearest(pattern, names)))
-    typed = [n for n, m in modules if sel._type_ok(m)]
+    typed = [n for n, m in modules if sel._type_ok(root, n, m)]
     if not chosen and typed:
         out.append(SelectionError(f"removes every layer the stage selects ({len(typed)} of types "
                                   f"{', '.join(sel.types or sel.default_types)})", "ignore", list(sel.ignore)))
@@ -204,7 +225,7 @@ def _unmatched(sel: LayerSelection, root: torch.nn.Module, chosen: list) -> list
     for type_name, _ in sel.by_type:
         if type_name not in chosen_types:
             why = "matches no selected layer" if type_name in known else "no module class of this name"
-            selected = sorted({type(m).__name__ for _, m in chosen})
+            selected = sorted({sel.type_names(root, n, m)[0] for n, m in chosen})
             out.append(SelectionError(why, f"by_type.{type_name}",
                                       allowed="types of the selected layers: " + (", ".join(selected) or "none")))
     return out

@@ -12,6 +12,7 @@ import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import ExampleInputError, TraceError
+from .module_classes import record_module_classes
 from .module_utils import clone_module, preserve_training_flags
 from .shape_prop import HeavyOpsOnMeta
 
@@ -126,6 +127,8 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any] | None = None,
     ``leaf_modules`` are module paths or classes kept opaque. ``concrete_args`` fix arguments at trace time
     (flags that drive control flow); the result no longer takes them (their values are bound in the graph). A submodule that symbolic tracing
     cannot handle is retried as an opaque leaf; the paths end up in ``gm.meta["opaque_leaves"]``.
+    ``gm.meta["module_classes"]`` records the original class of every kept module path (``module_classes``:
+    a module traced into stays only as a bare ``nn.Module`` container).
     With ``example_inputs``, shapes are recorded in ``node.meta["tensor_meta"]``. The model is
     deep-copied first unless ``copy_model=False``, so the result never aliases the user's weights.
     """
@@ -151,6 +154,7 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any] | None = None,
     _bind_concrete_args(gm, concrete_args or {})
     gm.meta["opaque_leaves"] = opaque
     gm.meta["leaf_types"] = tuple(leaf_types)
+    record_module_classes(model, gm)
     if example_inputs is not None:
         record_shapes(gm, example_inputs)
     return gm
@@ -261,7 +265,8 @@ def _target_name(node: fx.Node) -> str:
 
 
 def retrace(gm: fx.GraphModule) -> fx.GraphModule:
-    """Trace an existing GraphModule again with the same leaves (keeps opaque leaves opaque)."""
+    """Trace an existing GraphModule again with the same leaves (keeps opaque leaves opaque; bare containers
+    keep the class ``gm.meta["module_classes"]`` recorded for them)."""
     leaves = list(gm.meta.get("opaque_leaves", [])) + list(gm.meta.get("leaf_types", ()))
     new = trace(gm, leaf_modules=leaves, copy_model=False)
     new.meta.update({k: v for k, v in gm.meta.items() if k not in new.meta})

@@ -13,6 +13,7 @@ import torch.fx as fx
 from sparsifx import validate
 from sparsifx.module_utils import submodule
 from sparsifx.masking import is_masked
+from sparsifx.module_classes import class_name, is_container
 from sparsifx.pass_base import PassBase, PassResult
 from sparsifx.registry import register_pass
 from sparsifx.selection import LayerSelection
@@ -89,7 +90,7 @@ class ChannelPrune(PassBase):
         self.round_to = validate.integer("round_to", round_to, 1)
         self.conv_groups = validate.choice("conv_groups", conv_groups, ("keep", "prune"))
         self.seed = validate.integer("seed", seed)
-        self.selection = (selection or LayerSelection()).with_defaults(DEFAULT_TYPES)
+        self.selection = (selection or LayerSelection()).with_defaults(DEFAULT_TYPES).with_traced_into()
         self.batch, self.loss_fn = batch, loss_fn
         self.min_achieved_ratio = None if min_achieved_ratio is None else \
             validate.number("min_achieved_ratio", min_achieved_ratio, 0.0, 1.0)
@@ -101,8 +102,9 @@ class ChannelPrune(PassBase):
         pruned = np.zeros(len(analysis.prunable), dtype=bool)
         notes: list[str] = []
         selected = dict(self.selection.layers(gm))
-        ratios = {name: self._layer_ratio(name, selected[name]) for name in analysis.tracker.module_atoms
+        ratios = {name: self._layer_ratio(gm, name, selected[name]) for name in analysis.tracker.module_atoms
                   if name in selected}
+        notes.extend(_idle_containers(gm, selected, analysis))
         for group in analysis.groups:
             ratio = self._group_ratio(group, ratios)
             if ratio:
@@ -133,8 +135,9 @@ class ChannelPrune(PassBase):
             log.warning("channel_prune pruned little: %s", outcome.describe())
             notes.append(f"pruned little: {outcome.describe()}")
 
-    def _layer_ratio(self, name: str, module: torch.nn.Module) -> float:
-        return validate.number(f"by_name.{name}.ratio", self.selection.param(name, module, "ratio", self.ratio),
+    def _layer_ratio(self, gm: fx.GraphModule, name: str, module: torch.nn.Module) -> float:
+        return validate.number(f"by_name.{name}.ratio",
+                               self.selection.param(name, module, "ratio", self.ratio, root=gm),
                                0.0, 1.0, hi_open=True)
 
     def _group_ratio(self, group: Group, ratios: dict[str, float]) -> float | None:
@@ -165,6 +168,20 @@ class ChannelPrune(PassBase):
             notes.append(f"group of {group.modules[0]} left whole: group structure cannot be kept balanced")
             return
         pruned[:] = trial
+
+
+def _idle_containers(gm: fx.GraphModule, selected: dict, analysis: ChannelAnalysis) -> list[str]:
+    """Notes for selected containers of traced-into layers (``sparsifx.module_classes``) that produce no
+    channels: no functional layer rule reads their weight, so they are left whole."""
+    idle = [name for name, module in selected.items()
+            if name not in analysis.tracker.module_atoms and is_container(gm, name, module)]
+    if not idle:
+        return []
+    log.info("channel_prune: traced-into layers %s produce no channels through a functional layer rule; "
+             "left whole", idle)
+    shown = ", ".join(f"{n} ({class_name(gm, n, selected[n])})" for n in idle[:5])
+    more = f" and {len(idle) - 5} more" if len(idle) > 5 else ""
+    return [f"traced-into layers left whole (their weights feed no functional layer rule): {shown}{more}"]
 
 
 def _within_blocks(blocks: dict[tuple, np.ndarray], scores: np.ndarray, keep: int, n: int) -> list[int]:

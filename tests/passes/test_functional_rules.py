@@ -341,11 +341,11 @@ def test_depthwise_standardised_conv_follows_its_input_channels():
     assert conv.args[6] == 8  # groups renumbered
 
 
-def test_default_selection_leaves_traced_into_convs_whole():
-    """In the traced graph a traced-into conv is a plain ``nn.Module`` holder: the default layer types do
-    not select it, so only module layers are pruned."""
-    gm, _, _ = prune_and_shrink(randomize(StdConvNet(True)), X, expect_smaller=False)
-    assert tensor_shapes(gm)["ws.weight"] == (16, 16, 3, 3)
+def test_default_selection_types_traced_into_convs_by_their_recorded_class():
+    """In the traced graph a traced-into conv is a plain ``nn.Module`` holder; ``gm.meta["module_classes"]``
+    says it was a ``Conv2d`` subclass, so the default channel selection prunes it like ``types: [Module]``."""
+    gm, _, _ = prune_and_shrink(randomize(StdConvNet(True)), X)
+    assert tensor_shapes(gm)["ws.weight"] == (8, 16, 3, 3)
 
 
 def test_pruning_input_channels_of_a_standardised_weight_would_not_be_exact():
