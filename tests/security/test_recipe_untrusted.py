@@ -68,7 +68,7 @@ def test_billion_laughs_refused_fast_and_bounded(tmp_path):
     ("stages: [{pass: magnitude, <<: *base}]\n", "alias"),               # merge key through an alias
 ])
 def test_anchors_and_aliases_refused(text, match):
-    refuse_bounded(text, match=match)
+    assert refuse_bounded(text, match=match).path == "<yaml>"
 
 
 def test_text_and_file_size_capped(tmp_path):
@@ -88,7 +88,7 @@ def test_text_and_file_size_capped(tmp_path):
     ("stages: [{pass: magnitude, distribution: " + "e" * (LIMITS.max_string + 1) + "}]", "too long"),
 ])
 def test_yaml_depth_nodes_and_string_caps(text, match):
-    refuse_bounded(text, match=match)
+    assert refuse_bounded(text, match=match).path == "<yaml>"
 
 
 @pytest.mark.parametrize("text,path", [
@@ -106,7 +106,7 @@ def test_yaml_depth_nodes_and_string_caps(text, match):
     ("\x00", "<yaml>"),
 ])
 def test_yaml_malformed_values(text, path):
-    refuse_bounded(text, path)
+    assert refuse_bounded(text, path).path == path
 
 
 def deep(levels: int):
