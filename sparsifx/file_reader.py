@@ -33,11 +33,32 @@ def expect(value: Any, kind: type | tuple, where: str) -> Any:
     return value
 
 
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _name(value: Any, check: Callable[[Any], bool], what: str, where: str) -> str:
     if not check(value):
-        text = repr(value)
-        raise SerializationError(f"{where}{what} {text if len(text) < 80 else text[:77] + '...'} is not allowed")
+        raise SerializationError(f"{where}{what} {_short(value)} is not allowed")
     return value
+
+
+def resolve_function(name: Any, where: str = "") -> Callable:
+    """The function ``name`` denotes, if the allow-list names it (no import or lookup of the name itself)."""
+    fn = allow_list.allowed_function(name)
+    if fn is None:
+        raise SerializationError(f"{where}function {_short(name)} is not in the allow-list of graph targets; "
+                                 "register it with sparsifx.serialization.register_function")
+    return fn
+
+
+def resolve_module_class(name: Any, where: str = "") -> type:
+    cls = allow_list.allowed_module_class(name)
+    if cls is None:
+        raise SerializationError(f"{where}module class {_short(name)} is not in the allow-list; register it "
+                                 "with sparsifx.serialization.register_module_class")
+    return cls
 
 
 class _Decoder:
@@ -157,10 +178,7 @@ class PayloadReader:
         expect(record, dict, where)
         for key, kind in _MODULE_KEYS.items():
             expect(record.get(key), kind, f"{where}key '{key}': ")
-        cls = allow_list.allowed_module_class(record.get("class"))
-        if cls is None:
-            raise SerializationError(f"{where}module class {str(record.get('class'))[:80]!r} is not in the "
-                                     "allow-list; register it with sparsifx.serialization.register_module_class")
+        cls = resolve_module_class(record.get("class"), where)
         module = cls.__new__(cls)
         nn.Module.__init__(module)
         for key, value in record["attrs"].items():
@@ -240,11 +258,7 @@ def _free_child_name(cls: type) -> Callable[[Any], bool]:
 
 
 def _target_function(target: Any, root: dict, where: str) -> Callable:
-    fn = allow_list.allowed_function(target)
-    if fn is None:
-        raise SerializationError(f"{where}function {str(target)[:80]!r} is not in the allow-list of graph "
-                                 "targets; register it with sparsifx.serialization.register_function")
-    return fn
+    return resolve_function(target, where)
 
 
 def _target_method(target: Any, root: dict, where: str) -> str:

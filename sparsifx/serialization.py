@@ -34,7 +34,7 @@ import torch.nn as nn
 from . import allow_list
 from .errors import SerializationError
 from .atomic_io import atomic_write
-from .file_reader import PayloadReader, _check_call
+from .file_reader import _INIT_KEYS, PayloadReader, _check_call, resolve_function, resolve_module_class
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,6 @@ VERSION = 1
 
 
 # ---------------------------------------------------------------- allow-lists (see allow_list.py)
-_INIT_KEYS = frozenset(nn.Module().__dict__)  # bookkeeping nn.Module.__init__ creates; not saved
 _EXTRA_FUNCTIONS = allow_list.EXTRA_FUNCTIONS
 function_name = allow_list.function_name
 _class_name = allow_list.class_name
@@ -70,28 +69,6 @@ def register_function(fn: Callable) -> Callable:
     """Allow ``fn`` as a ``call_function`` target in saved files (keyed by its qualified name)."""
     _EXTRA_FUNCTIONS[function_name(fn)] = fn
     return fn
-
-
-def resolve_function(name: Any, where: str = "") -> Callable:
-    """The function ``name`` denotes, if the allow-list names it (no import or lookup of the name itself)."""
-    fn = allow_list.allowed_function(name)
-    if fn is None:
-        raise SerializationError(f"{where}function {_short(name)} is not in the allow-list of graph targets; "
-                                 "register it with sparsifx.serialization.register_function")
-    return fn
-
-
-def resolve_module_class(name: Any, where: str = "") -> type:
-    cls = allow_list.allowed_module_class(name)
-    if cls is None:
-        raise SerializationError(f"{where}module class {_short(name)} is not in the allow-list; register it "
-                                 "with sparsifx.serialization.register_module_class")
-    return cls
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 # ---------------------------------------------------------------- plain-data encoding
