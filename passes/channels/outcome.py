@@ -17,7 +17,7 @@ from sparsifx.errors import PassError
 from sparsifx.module_utils import submodule
 
 from .coupling import ChannelAnalysis
-from .tracker import FIXED, Tracker, connected_components
+from .tracker import FIXED, Tracker, connected_components, tensor_leaves
 
 SHORTFALL_TOLERANCE = 0.1  # warn when the achieved channel removal is below requested - this
 TOP_BLOCKERS = 3           # barriers named in the warning, the report note and ChannelShortfallError
@@ -104,17 +104,14 @@ def prune_outcome(gm: fx.GraphModule, a: ChannelAnalysis, pruned: np.ndarray,
 
 def _coupling_components(t: Tracker) -> np.ndarray:
     """Components of the atoms under the union edges that do not involve ``FIXED``."""
-    edges = t._edges  # noqa: SLF001 - the tracker's edge list, read-only
-    a = torch.cat([e[0] for e in edges]).numpy() if edges else np.zeros(0, dtype=np.int64)
-    b = torch.cat([e[1] for e in edges]).numpy() if edges else np.zeros(0, dtype=np.int64)
+    a, b = t.edge_arrays()
     keep = (a != FIXED) & (b != FIXED)
     return connected_components(t.n_atoms, a[keep], b[keep])
 
 
 def _label_atoms(t: Tracker, nodes: Sequence[fx.Node]) -> np.ndarray:
     """The non-FIXED atoms in the labels of ``nodes`` (containers flattened)."""
-    found = [leaf.reshape(-1) for n in nodes for leaf in torch.utils._pytree.tree_leaves(t.labels.get(n.name))
-             if isinstance(leaf, torch.Tensor)]
+    found = [leaf.reshape(-1) for n in nodes for leaf in tensor_leaves(t.labels.get(n.name))]
     out = np.unique(torch.cat(found).numpy()) if found else np.zeros(0, dtype=np.int64)
     return out[out != FIXED]
 

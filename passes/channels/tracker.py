@@ -166,14 +166,15 @@ class Tracker:
     def atom_space(self) -> torch.Tensor:
         return torch.cat(self._space_chunks)
 
+    def edge_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """The union edges as two atom arrays ``a[i] - b[i]`` (``FIXED`` marks an atom held whole)."""
+        if not self._edges:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        return torch.cat([e[0] for e in self._edges]).numpy(), torch.cat([e[1] for e in self._edges]).numpy()
+
     def components(self) -> np.ndarray:
         """Unit id of every atom (connected components of the union edges)."""
-        if self._edges:
-            a = torch.cat([e[0] for e in self._edges]).numpy()
-            b = torch.cat([e[1] for e in self._edges]).numpy()
-        else:
-            a = b = np.zeros(0, dtype=np.int64)
-        return connected_components(self.n_atoms, a, b)
+        return connected_components(self.n_atoms, *self.edge_arrays())
 
 
 def connected_components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
