@@ -48,6 +48,9 @@ class CTRE(DSTPass):
                  zeta: float = 0.2, variant: str = "sim", early_stop_epoch: int = 40, activations: str = "train",
                  grow_init: str = "kaiming_uniform"):
         super().__init__(mask=mask, selection=selection)
+        self.require_masked_storage("its growth score is the cosine similarity of every missing connection, a "
+                                    "dense in x out statistic per layer", "use storage: masked, or set (random "
+                                    "growth) with storage: sparse")
         self.zeta = validate.number("zeta", zeta, 0.0, 1.0)
         self.variant = validate.choice("variant", variant, VARIANTS)
         self.early_stop_epoch = validate.integer("early_stop_epoch", early_stop_epoch, 1)

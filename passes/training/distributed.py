@@ -22,10 +22,16 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+SYNCED_TENSORS = {"masked": ("mask", "weight"), "sparse": ("values", "crow", "col", "t_crow", "t_col", "t_perm")}
+
+
 def sync_layers(modules) -> None:
-    """Broadcast ``mask`` and ``weight`` of each module from rank 0 (no-op when not distributed)."""
+    """Broadcast each module's topology and weights from rank 0 (masked: ``mask``, ``weight``; sparse storage:
+    ``values`` and the index buffers, whose sizes agree on every rank because every rank took the same decision);
+    a no-op when not distributed."""
     if not is_distributed():
         return
     for module in modules:
-        dist.broadcast(module.mask.data, src=0)
-        dist.broadcast(module.weight.data, src=0)
+        kind = "masked" if hasattr(module, "mask") else "sparse"
+        for name in SYNCED_TENSORS[kind]:
+            dist.broadcast(getattr(module, name).data, src=0)

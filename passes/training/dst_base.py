@@ -12,25 +12,30 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 
 from sparsifx import validate
 from sparsifx.distributions import er_epsilon_density, layer_sparsities
 from sparsifx.errors import PreconditionError, RecipeError
 from sparsifx.masking import MASKED_TYPES, is_masked, set_mask
+from sparsifx.module_utils import set_submodule
+from sparsifx.sparse_linear import SparseLinear, is_sparse_storage
 from sparsifx.pass_base import PassBase, PassResult
 from sparsifx.selection import LayerSelection
 
-from .mask_ops import bernoulli_mask, random_mask, seeded_generator
+from .mask_ops import DENSE_DRAW_LIMIT, bernoulli_mask, keys_of, random_keys, random_mask, seeded_generator
 
 log = logging.getLogger(__name__)
 
 DISTRIBUTIONS = ("uniform", "er", "erk", "er_epsilon")
 MASK_INITS = ("exact", "bernoulli", "ones")
+STORAGES = ("masked", "sparse")
 
 
 @dataclass(frozen=True)
@@ -40,7 +45,9 @@ class MaskConfig:
     ``sparsity`` global target; ``distribution`` uniform | er | erk | er_epsilon (SET's
     ``p = ε(n_in+n_out)/(n_in·n_out)``, ignores ``sparsity``); ``epsilon`` for er_epsilon;
     ``erk_power_scale``; ``dense_first``/``dense_last`` keep the first/last selected layer dense (None: dense
-    first layer iff uniform, as RigL); ``init`` exact (k random positions) | bernoulli | ones; ``seed``.
+    first layer iff uniform, as RigL); ``init`` exact (k random positions) | bernoulli | ones; ``seed``;
+    ``storage`` masked (dense weight × mask, the default) | sparse (Linear layers become ``SparseLinear``: values
+    and indices only, compute and optimizer state proportional to nnz; other layers stay masked).
     """
     sparsity: float = 0.9
     distribution: str = "erk"
@@ -50,9 +57,10 @@ class MaskConfig:
     dense_last: bool = False
     init: str = "exact"
     seed: int = 0
+    storage: str = "masked"
 
     FIELDS: ClassVar[tuple[str, ...]] = ("sparsity", "distribution", "epsilon", "erk_power_scale", "dense_first",
-                                         "dense_last", "init", "seed")
+                                         "dense_last", "init", "seed", "storage")
 
     def replace(self, params: dict[str, Any]) -> "MaskConfig":
         checked = dict(params)
@@ -72,6 +80,8 @@ class MaskConfig:
             validate.choice("init", checked["init"], MASK_INITS)
         if "seed" in checked:
             validate.integer("seed", checked["seed"], 0)
+        if "storage" in checked:
+            validate.choice("storage", checked["storage"], STORAGES)
         return dataclasses.replace(self, **checked)
 
     def sparsities(self, shapes: dict[str, tuple], custom: dict[str, float]) -> dict[str, float]:
@@ -93,6 +103,18 @@ class MaskConfig:
         if self.init == "ones":
             return torch.ones(shape, dtype=torch.bool)
         return random_mask(shape, round((1.0 - sparsity) * numel), generator)
+
+    def draw_keys(self, shape: tuple, sparsity: float, generator: torch.Generator) -> torch.Tensor:
+        """Sorted linear positions of an initial topology without a dense-size tensor (large layers in sparse
+        storage; the same distribution as ``draw``)."""
+        numel = math.prod(int(s) for s in shape)
+        if self.init == "ones":
+            return torch.arange(numel)
+        if self.init == "bernoulli":
+            k = int(torch.binomial(torch.tensor(float(numel)), torch.tensor(1.0 - sparsity), generator=generator))
+        else:
+            k = round((1.0 - sparsity) * numel)
+        return random_keys(numel, k, generator)
 
 
 class DSTPass(PassBase):
@@ -120,7 +142,8 @@ class DSTPass(PassBase):
 
     # --- mask installation -------------------------------------------------------------------------------------
     def _targets(self, gm: fx.GraphModule) -> list[tuple[str, torch.nn.Module]]:
-        return [(n, m) for n, m in self.selection.layers(gm) if is_masked(m) or type(m) in MASKED_TYPES]
+        return [(n, m) for n, m in self.selection.layers(gm)
+                if is_masked(m) or type(m) in MASKED_TYPES or is_sparse_storage(m)]
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         from .dst_controller import SparseController
@@ -133,16 +156,26 @@ class DSTPass(PassBase):
         custom = self.selection.sparsity_overrides(targets)
         sparsities = self.mask.sparsities(shapes, custom)
         generator = seeded_generator("mask", self.mask.seed)
-        names = []
+        names, kept_masked = [], []
         for n, m in targets:
             if sparsities[n] <= 0.0:
                 continue
-            mask = self.initial_mask(shapes[n], sparsities[n], generator)
-            layer = set_mask(gm, n, mask)
+            if self.mask.storage == "sparse" and isinstance(m, nn.Linear):
+                keys = self.initial_keys(shapes[n], sparsities[n], generator)
+                layer = SparseLinear.from_dense(m, keys)
+                set_submodule(gm, n, layer)
+            else:
+                kept_masked += [n] if self.mask.storage == "sparse" else []
+                mask = self.initial_mask(shapes[n], sparsities[n], generator)
+                layer = set_mask(gm, n, mask)
+                with torch.no_grad():
+                    layer.weight.mul_(layer.mask)
             layer.dense_grad = False
-            with torch.no_grad():
-                layer.weight.mul_(layer.mask)
             names.append(n)
+        if kept_masked:
+            gm.meta["storage_notes"] = {n: "masked: sparse storage covers Linear layers only" for n in kept_masked}
+            log.warning("pass '%s': storage sparse covers Linear layers; %d layers stay masked (dense compute): %s",
+                        self.label, len(kept_masked), kept_masked)
         if not names:
             log.warning("pass '%s' selected no layer to sparsify", self.label)
             return PassResult(gm, False)
@@ -153,6 +186,19 @@ class DSTPass(PassBase):
 
     def initial_mask(self, shape: tuple, sparsity: float, generator: torch.Generator) -> torch.Tensor:
         return self.mask.draw(shape, sparsity, generator)
+
+    def initial_keys(self, shape: tuple, sparsity: float, generator: torch.Generator) -> torch.Tensor:
+        """The initial topology of a sparse-storage layer as sorted linear positions: drawn exactly as the masked
+        storage would (same positions from the same seed) up to ``DENSE_DRAW_LIMIT`` positions, by index
+        sampling beyond (same distribution, no dense-size tensor)."""
+        if math.prod(shape) <= DENSE_DRAW_LIMIT:
+            return keys_of(self.initial_mask(shape, sparsity, generator))
+        return self.mask.draw_keys(shape, sparsity, generator)
+
+    def require_masked_storage(self, why: str, instead: str) -> None:
+        """Raise ``RecipeError`` for a method that cannot run on sparse storage (``why``; ``instead``: what to use)."""
+        if self.mask.storage == "sparse":
+            raise RecipeError(f"{self.label} cannot use storage: sparse: {why}; {instead}", "storage")
 
     # --- the method protocol the controller calls -----------------------------------------------------------
     def check_attach(self, ctrl) -> None:

@@ -23,9 +23,11 @@ import torch.nn as nn
 
 from sparsifx.errors import PreconditionError, SparsifxError
 
+from sparsifx.sparse_linear import SPARSE_INDEX_BUFFERS, is_sparse_storage
+
 from .distributed import sync_layers
 from .flops import FlopCounter, macs_rule
-from .mask_ops import seeded_generator, zero_slots
+from .mask_ops import remap_slots, seeded_generator, swap_param, zero_slots
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +58,21 @@ class SparseController:
         return {n: self.gm.get_submodule(n) for n in self.names}
 
     def density(self, name: str) -> float:
-        mask = self.gm.get_submodule(name).mask
-        return float(mask.count_nonzero()) / mask.numel()
+        module = self.gm.get_submodule(name)
+        if is_sparse_storage(module):
+            return module.density()
+        return float(module.mask.count_nonzero()) / module.mask.numel()
 
     def masks(self) -> dict[str, torch.Tensor]:
-        return {n: m.mask.detach().clone() for n, m in self.layers.items()}
+        """Dense boolean-valued masks per layer (a sparse-storage layer's is built here: dense-sized)."""
+        return {n: _pattern(m) for n, m in self.layers.items()}
 
     def nnz(self) -> dict[str, int]:
-        return {n: int(m.mask.count_nonzero()) for n, m in self.layers.items()}
+        return {n: m.nnz if is_sparse_storage(m) else int(m.mask.count_nonzero()) for n, m in self.layers.items()}
+
+    def sparse_names(self) -> list[str]:
+        """Controlled layers held in sparse storage (``SparseLinear``)."""
+        return [n for n, m in self.layers.items() if is_sparse_storage(m)]
 
     @property
     def total_steps(self) -> int | None:
@@ -140,8 +149,9 @@ class SparseController:
             self._hidden = None
         t = self.step
         self.apply_masks()
-        self.flops.charge_step({n: (self.density(n), self.method.weight_grad_density(self, n, t))
-                                for n in self.names})
+        self.flops.charge_step({n: self._step_densities(n, t) for n in self.names})
+        for name in self.sparse_names():
+            self.gm.get_submodule(name).probe.clear()
         self.step += 1
         updates = len(self.history)
         self.method.after_step(self, t)
@@ -156,6 +166,13 @@ class SparseController:
             log.info("%s: training finished after %d steps; module hooks removed", self.method.label, self.step)
             self.release_modules()
 
+    def _step_densities(self, name: str, t: int) -> tuple[float, float, float]:
+        """(density, weight-gradient density, executed multiple of the layer's dense FLOPs) of step ``t``."""
+        d, dw = self.density(name), self.method.weight_grad_density(self, name, t)
+        if not is_sparse_storage(self.gm.get_submodule(name)):
+            return d, dw, 3.0
+        return d, dw, 3.0 * d + (1.0 if self.method.dense_grad_at(self, t) else 0.0)
+
     def _set_dense_grad(self) -> None:
         dense = bool(self.method.dense_grad_at(self, self.step))
         for module in self.layers.values():
@@ -166,7 +183,8 @@ class SparseController:
     def apply_masks(self) -> None:
         """``W ← W ⊙ M`` on every controlled layer."""
         for module in self.layers.values():
-            module.weight.mul_(module.mask)
+            if not is_sparse_storage(module):
+                module.weight.mul_(module.mask)
 
     @torch.no_grad()
     def replace_mask(self, name: str, new_mask: torch.Tensor, init=None, reset_slots: bool = True,
@@ -180,12 +198,52 @@ class SparseController:
         grown = new & ~old
         module.weight.mul_(new.to(module.weight.dtype))
         if init is not None and grown.any():
-            module.weight[grown] = init(module.weight, grown, self.generator("init", name))
+            w = module.weight
+            module.weight[grown] = init(tuple(w.shape), int(grown.sum()), w.dtype, w.device, self.generator("init", name))
         if reset_slots:
             zero_slots(self.optimizer, module.weight, grown)
         module.mask.copy_(new.to(module.mask.dtype))
         record = {"step": self.step, "layer": name, "kind": kind, "dropped": int((old & ~new).sum()),
                   "grown": int(grown.sum()), "nnz": int(new.sum())}
+        self.history.append(record)
+        return record
+
+    @torch.no_grad()
+    def replace_topology(self, name: str, keep: torch.Tensor, grown: torch.Tensor, init=None, revive: bool = True,
+                         kind: str = "update") -> dict[str, int]:
+        """Sparse-storage twin of ``replace_mask``: keep the non-zeros where ``keep`` (bool over the current nnz)
+        and add the linear positions ``grown`` (none of them kept). With ``revive`` a grown position that was a
+        non-zero before this update keeps its value and optimizer slots (RigL: a just-dropped weight may return);
+        otherwise it counts as new (SET re-initialises re-drawn positions). New positions get ``init`` (0 when
+        None) and zero optimizer slots."""
+        module = self.gm.get_submodule(name)
+        old_keys = module.keys()
+        values = module.values.detach()
+        kept_keys = old_keys[keep]
+        new_keys, order = torch.sort(torch.cat([kept_keys, grown.to(old_keys.device)]))
+        old_index = torch.arange(old_keys.numel(), device=old_keys.device)
+        pos = torch.searchsorted(old_keys, new_keys).clamp(max=max(0, old_keys.numel() - 1))
+        was = (old_keys[pos] == new_keys) if old_keys.numel() else torch.zeros_like(new_keys, dtype=torch.bool)
+        if not revive:
+            was &= torch.isin(new_keys, kept_keys)
+        source = torch.where(was, old_index[pos] if old_keys.numel() else pos, torch.full_like(pos, -1))
+        new_values = torch.zeros(new_keys.numel(), dtype=values.dtype, device=values.device)
+        new_values[was] = values[source[was]]
+        fresh = ~was
+        if init is not None and bool(fresh.any()):
+            new_values[fresh] = init(module.shape, int(fresh.sum()), values.dtype, values.device,
+                                     self.generator("init", name))
+        remap_slots(self.optimizer, module.values, source)
+        grad = module.values.grad
+        if grad is not None:  # the gradient follows too (a hidden RigL step restores it afterwards)
+            grad = torch.where(was, grad[source.clamp(min=0)], torch.zeros_like(new_values))
+            module.values.grad = None
+        old_param = module.values
+        module.set_topology(new_keys, new_values)
+        swap_param(self.optimizer, old_param, module.values)
+        module.values.grad = grad
+        record = {"step": self.step, "layer": name, "kind": kind, "dropped": old_keys.numel() - int(was.sum()),
+                  "grown": int(fresh.sum()), "nnz": new_keys.numel()}
         self.history.append(record)
         return record
 
@@ -206,14 +264,31 @@ class SparseController:
     def training_flops(self) -> dict[str, float]:
         return self.flops.summary()
 
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes the training state occupies now: parameters, their gradients, the optimizer's state for them, and
+        the topology (masks of masked layers, index buffers of sparse-storage layers)."""
+        params = list(dict.fromkeys(self.gm.parameters()))
+        out = {"parameters": sum(_nbytes(p) for p in params),
+               "gradients": sum(_nbytes(p.grad) for p in params if p.grad is not None),
+               "optimizer_state": 0, "topology": 0}
+        if self.optimizer is not None:
+            out["optimizer_state"] = sum(_nbytes(v) for p in params for v in self.optimizer.state.get(p, {}).values()
+                                         if isinstance(v, torch.Tensor))
+        for module in self.layers.values():
+            kept = SPARSE_INDEX_BUFFERS if is_sparse_storage(module) else ("mask",)
+            out["topology"] += sum(_nbytes(getattr(module, k)) for k in kept)
+        out["total"] = sum(out.values())
+        return out
+
     def summary(self) -> dict[str, Any]:
         return {"method": self.method.label, "step": self.step, "density": {n: self.density(n) for n in self.names},
-                "updates": len({(h["step"], h["kind"]) for h in self.history}), **self.training_flops()}
+                "updates": len({(h["step"], h["kind"]) for h in self.history}), **self.training_flops(),
+                "state_bytes": self.state_bytes()}
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "state": {k: v for k, v in self.state.items() if not k.startswith("_")},
                 "history": list(self.history),
-                "flops": {k: getattr(self.flops, k) for k in ("sparse", "dense", "extra", "steps")}}
+                "flops": {k: getattr(self.flops, k) for k in ("sparse", "dense", "executed", "extra", "steps")}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
@@ -222,6 +297,18 @@ class SparseController:
         for key, value in state.get("flops", {}).items():
             setattr(self.flops, key, value)
         self._set_dense_grad()
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _pattern(module) -> torch.Tensor:
+    if not is_sparse_storage(module):
+        return module.mask.detach().clone()
+    mask = torch.zeros(module.shape[0] * module.shape[1], device=module.values.device)
+    mask[module.keys()] = 1.0
+    return mask.view(module.shape)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -7,6 +7,10 @@ forward ``d·F``, backward ``d·F`` (input gradient) ``+ d_w·F`` (weight gradie
 ``3·F``. RigL's dense gradient is thereby amortised over ΔT exactly as the schedule ran it. Extra
 forward passes (CTRE's activation pass) are charged forward-only. Other ops (norms, activations,
 pooling) are not counted: they are the same in the sparse and the dense run.
+
+That is the algorithm's (theoretical) figure. Beside it ``executed`` counts what the kernels did: a masked layer
+multiplies by its dense ``W ⊙ M`` (``3·F`` whatever its density); a sparse-storage layer does ``3·d·F`` (forward,
+input gradient, sampled weight gradient) plus ``F`` for the blocked dense gradient on RigL update steps.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ def _conv_macs(module: nn.modules.conv._ConvNd, out: torch.Tensor) -> int:
 
 for _name in ("Conv1d", "Conv2d", "Conv3d"):
     MACS.register(_name, _conv_macs)
+MACS.register("SparseLinear", _linear_macs)  # dense-equivalent MACs; the controller charges them times density
 
 
 def macs_rule(module: nn.Module):
@@ -46,6 +51,7 @@ class FlopCounter:
     """Accumulates sparse and dense-equivalent training FLOPs; ``pending`` holds this step's dense MACs."""
     sparse: float = 0.0
     dense: float = 0.0
+    executed: float = 0.0
     extra: float = 0.0
     steps: int = 0
     pending: dict[str, float] = field(default_factory=dict)
@@ -57,16 +63,21 @@ class FlopCounter:
         else:
             self.pending[name] = self.pending.get(name, 0.0) + macs
 
-    def charge_step(self, densities: dict[str, tuple[float, float]]) -> None:
-        """``densities[name] = (d, d_w)``; names missing are dense layers (1, 1)."""
+    def charge_step(self, densities: dict[str, tuple[float, float, float]]) -> None:
+        """``densities[name] = (d, d_w, e)``: density, weight-gradient density and the executed multiple of ``F``
+        (3 for a dense or masked layer); names missing are dense layers (1, 1, 3)."""
         for name, macs in self.pending.items():
-            d, dw = densities.get(name, (1.0, 1.0))
+            d, dw, executed = densities.get(name, (1.0, 1.0, 3.0))
             self.sparse += 2.0 * macs * (2.0 * d + dw)
             self.dense += 2.0 * macs * 3.0
+            self.executed += 2.0 * macs * executed
         self.pending.clear()
         self.steps += 1
 
     def summary(self) -> dict[str, float]:
         total = self.sparse + self.extra
+        executed = self.executed + self.extra
         return {"training_flops": total, "dense_training_flops": self.dense, "extra_forward_flops": self.extra,
-                "flops_ratio": total / self.dense if self.dense else float("nan"), "steps": self.steps}
+                "flops_ratio": total / self.dense if self.dense else float("nan"),
+                "executed_training_flops": executed,
+                "executed_flops_ratio": executed / self.dense if self.dense else float("nan"), "steps": self.steps}

@@ -1,6 +1,8 @@
 """GMP — gradual magnitude pruning (Zhu & Gupta 2017), algorithms.md §6."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from sparsifx import validate
@@ -10,6 +12,8 @@ from sparsifx.selection import LayerSelection
 from .dst_base import DSTPass, MaskConfig, resolve_end_step
 from .mask_ops import topk_mask
 from .schedules import UpdateSchedule, gmp_sparsity
+from .sparse_updates import magnitude_prune
+from sparsifx.sparse_linear import is_sparse_storage
 
 
 @register_pass("gmp")
@@ -57,7 +61,11 @@ class GMP(DSTPass):
         if not (sched.is_update(t) or t == sched.t_end):
             return
         for name, module in ctrl.layers.items():
-            n_keep = module.mask.numel() - round(self.sparsity_at(ctrl, name, t) * module.mask.numel())
+            numel = math.prod(module.shape) if is_sparse_storage(module) else module.mask.numel()
+            n_keep = numel - round(self.sparsity_at(ctrl, name, t) * numel)
+            if is_sparse_storage(module):
+                magnitude_prune(ctrl, name, n_keep)
+                continue
             active = module.mask.bool()
             if n_keep >= int(active.sum()):
                 continue

@@ -5,7 +5,7 @@
 (sparse momentum), ``random`` i.i.d. uniform scores from the controller's seeded generator (SET, CTRE's
 random part), ``cosine`` CTRE's activation cosine similarity (``ctrl.state["cosine"][name]``).
 
-``GROW_INIT[name](weight, grown, generator) -> values`` for the grown positions: ``zeros`` (RigL, sparse momentum,
+``GROW_INIT[name](shape, n, dtype, device, generator) -> values`` for ``n`` grown positions of a weight of ``shape``: ``zeros`` (RigL, sparse momentum,
 SET Keras), ``normal`` N(0,1)/10 (SET numpy tutorial), ``kaiming_uniform`` U(±sqrt(6/fan_in)) (CTRE's
 ``random_uniform``; fan_in = in_features·kernel in the PyTorch layout).
 """
@@ -58,17 +58,17 @@ def grow_top(score: torch.Tensor, excluded: torch.Tensor, n: int) -> torch.Tenso
 
 
 @GROW_INIT.register("zeros")
-def zeros_init(weight: torch.Tensor, grown: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    return torch.zeros(int(grown.sum()), dtype=weight.dtype, device=weight.device)
+def zeros_init(shape, n: int, dtype, device, generator: torch.Generator) -> torch.Tensor:
+    return torch.zeros(n, dtype=dtype, device=device)
 
 
 @GROW_INIT.register("normal")
-def normal_init(weight: torch.Tensor, grown: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    return (torch.randn(int(grown.sum()), generator=generator) / 10.0).to(weight.device, weight.dtype)
+def normal_init(shape, n: int, dtype, device, generator: torch.Generator) -> torch.Tensor:
+    return (torch.randn(n, generator=generator) / 10.0).to(device, dtype)
 
 
 @GROW_INIT.register("kaiming_uniform")
-def kaiming_uniform_init(weight: torch.Tensor, grown: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    fan_in = math.prod(weight.shape[1:])
+def kaiming_uniform_init(shape, n: int, dtype, device, generator: torch.Generator) -> torch.Tensor:
+    fan_in = math.prod(shape[1:])
     bound = math.sqrt(6.0 / fan_in)
-    return ((torch.rand(int(grown.sum()), generator=generator) * 2 - 1) * bound).to(weight.device, weight.dtype)
+    return ((torch.rand(n, generator=generator) * 2 - 1) * bound).to(device, dtype)

@@ -83,3 +83,63 @@ def momentum_of(optimizer: torch.optim.Optimizer | None, param: torch.Tensor) ->
     raise PassError("sparse_momentum needs an optimizer with momentum (SGD momentum>0 or Adam-style exp_avg) that "
                     "has taken at least one step; found state keys "
                     f"{sorted(state)} for a weight of shape {tuple(param.shape)}")
+
+
+# --- index-based sampling for sparse storage (no tensor of the dense weight's size) -----------------------------
+DENSE_DRAW_LIMIT = 1 << 24  # at most this many positions: draw as the masked storage does, for identical topologies
+
+
+def random_keys(numel: int, k: int, generator: torch.Generator, excluded: torch.Tensor | None = None) -> torch.Tensor:
+    """``k`` sorted linear positions in ``[0, numel)`` drawn uniformly without replacement, avoiding the sorted
+    positions ``excluded``, by rejection sampling (as SET's reference code): memory O(k), never O(numel)."""
+    excluded = torch.zeros(0, dtype=torch.int64) if excluded is None else excluded.to(torch.int64).cpu()
+    free = numel - excluded.numel()
+    k = max(0, min(int(k), free))
+    chosen = torch.zeros(0, dtype=torch.int64)
+    while chosen.numel() < k:
+        need = k - chosen.numel()
+        draw = torch.randint(0, numel, (int(need * 1.1) + 64,), generator=generator, dtype=torch.int64)
+        draw = torch.unique(draw)
+        if excluded.numel():
+            pos = torch.searchsorted(excluded, draw).clamp(max=excluded.numel() - 1)
+            draw = draw[excluded[pos] != draw]
+        if chosen.numel():
+            pos = torch.searchsorted(chosen, draw).clamp(max=chosen.numel() - 1)
+            draw = draw[chosen[pos] != draw]
+        if draw.numel() > need:
+            draw = draw[torch.randperm(draw.numel(), generator=generator)[:need]]
+        chosen = torch.cat([chosen, draw]).sort().values
+    return chosen
+
+
+def keys_of(mask: torch.Tensor) -> torch.Tensor:
+    """Sorted row-major linear positions of the True entries of ``mask``."""
+    return mask.flatten().nonzero().squeeze(1)
+
+
+def remap_slots(optimizer: torch.optim.Optimizer | None, param: torch.Tensor, source: torch.Tensor) -> int:
+    """After ``param``'s entries were rearranged (entry ``i`` of the new data came from old entry ``source[i]``, or
+    is new where ``source[i] < 0``), rearrange its optimizer slots the same way (new entries: 0). Returns how many
+    state tensors were remapped. Call before ``param.data`` is replaced."""
+    if optimizer is None or param not in optimizer.state:
+        return 0
+    count = 0
+    source = source.to(param.device)
+    old = source >= 0
+    for key, value in list(optimizer.state[param].items()):
+        if isinstance(value, torch.Tensor) and value.shape == param.shape and value.dim() > 0:
+            new = value.new_zeros(source.shape)
+            new[old] = value[source[old]]
+            optimizer.state[param][key] = new
+            count += 1
+    return count
+
+
+def swap_param(optimizer: torch.optim.Optimizer | None, old: torch.Tensor, new: torch.Tensor) -> None:
+    """Make ``optimizer`` optimise ``new`` instead of ``old`` (same group, its state moved over)."""
+    if optimizer is None or old is new:
+        return
+    for group in optimizer.param_groups:
+        group["params"] = [new if p is old else p for p in group["params"]]
+    if old in optimizer.state:
+        optimizer.state[new] = optimizer.state.pop(old)

@@ -11,6 +11,8 @@ from .drop import DROP
 from .dst_base import DSTPass, MaskConfig, resolve_end_step
 from .growth import GROW_INIT, GROWTH, grow_top
 from .schedules import DROP_FRACTION_SCHEDULES, UpdateSchedule
+from .sparse_updates import rigl_update
+from sparsifx.sparse_linear import is_sparse_storage
 
 
 @register_pass("rigl")
@@ -60,6 +62,9 @@ class RigL(DSTPass):
             return False
         alpha = self.drop_fraction_at(ctrl, t)
         for name, module in ctrl.layers.items():
+            if is_sparse_storage(module):
+                rigl_update(ctrl, name, alpha, GROW_INIT.get(self.grow_init))
+                continue
             n_drop = math.floor(int(module.mask.count_nonzero()) * alpha)
             keep = DROP.get("magnitude")(module.weight, module.mask, n_drop, ctrl.generator("drop", name))
             grown = grow_top(GROWTH.get("gradient")(ctrl, name, module), keep, n_drop)

@@ -5,6 +5,7 @@ import torch
 
 from sparsifx import validate
 from sparsifx.masking import MASKED_TYPES, is_masked
+from sparsifx.sparse_linear import is_sparse_storage
 from sparsifx.registry import register_pass
 from sparsifx.selection import LayerSelection
 
@@ -12,6 +13,7 @@ from .drop import DROP
 from .dst_base import DSTPass, MaskConfig
 from .growth import GROW_INIT
 from .mask_ops import random_among
+from .sparse_updates import set_evolve
 
 
 @register_pass("set")
@@ -40,7 +42,8 @@ class SET(DSTPass):
         """Controlled layers that evolve: all but the model's output layer unless ``evolve_last``."""
         if self.evolve_last:
             return list(ctrl.names)
-        layers = [n for n, m in ctrl.gm.named_modules() if n and (is_masked(m) or type(m) in MASKED_TYPES)]
+        layers = [n for n, m in ctrl.gm.named_modules()
+                  if n and (is_masked(m) or type(m) in MASKED_TYPES or is_sparse_storage(m))]
         return [n for n in ctrl.names if n != layers[-1]]
 
     @torch.no_grad()
@@ -48,6 +51,9 @@ class SET(DSTPass):
         init = GROW_INIT.get(self.grow_init)
         for name in self.evolving(ctrl):
             module = ctrl.gm.get_submodule(name)
+            if is_sparse_storage(module):
+                set_evolve(ctrl, name, self.zeta, init)
+                continue
             keep = DROP.get("set_zeta")(module.weight, module.mask, self.zeta, None)
             n_new = int(module.mask.count_nonzero()) - int(keep.sum())
             grown = random_among(~keep, n_new, ctrl.generator("grow", name))

@@ -55,6 +55,9 @@ class SparseMomentum(DSTPass):
     def __init__(self, *, mask: MaskConfig | None = None, selection: LayerSelection | None = None,
                  prune_rate: float = 0.5, eta_min: float = 0.005, decay: str = "cosine"):
         super().__init__(mask=mask, selection=selection)
+        self.require_masked_storage("it grows where the dense momentum of missing weights is largest, and sparse "
+                                    "storage keeps momentum at the non-zeros only", "use storage: masked, or rigl "
+                                    "(bounded dense gradient on update steps) with storage: sparse")
         self.prune_rate = validate.number("prune_rate", prune_rate, 0.0, 1.0)
         self.eta_min = validate.number("eta_min", eta_min, 0.0, 1.0)
         self.decay = validate.choice("decay", decay, ("cosine", "constant"))
