@@ -33,6 +33,7 @@ import torch
 from sparsifx.atomic_io import atomic_write
 from sparsifx.errors import BackendError
 from sparsifx.masking import bake_masks, masked_layers
+from sparsifx.sparse_linear import densify_sparse_layers, sparse_layers
 from sparsifx.module_utils import preserve_training_flags
 from sparsifx.registry import BACKENDS, Registry
 
@@ -223,9 +224,10 @@ def export_onnx(module: torch.nn.Module, path: str | os.PathLike, example_inputs
     if not any(isinstance(x, torch.Tensor) for x in inputs):
         raise BackendError("export_onnx needs at least one example input tensor")
     path = Path(path)
-    if any(True for _ in masked_layers(module)):
+    if any(True for _ in masked_layers(module)) or any(True for _ in sparse_layers(module)):
         module = copy.deepcopy(module)
-        log.info("baked %d masked layers into dense weights for export", bake_masks(module))
+        log.info("baked %d masked and %d sparse-storage layers into dense weights for export", bake_masks(module),
+                 densify_sparse_layers(module))
     with preserve_training_flags(module):
         module.eval()
         try:

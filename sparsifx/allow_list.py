@@ -183,6 +183,7 @@ MODULE_CLASSES: dict[str, Any] = {
 }
 for _name in ("MaskedLinear", "MaskedConv1d", "MaskedConv2d", "MaskedConv3d"):
     MODULE_CLASSES[f"sparsifx.masking.{_name}"] = ("sparsifx.masking", _name)
+MODULE_CLASSES["sparsifx.sparse_linear.SparseLinear"] = ("sparsifx.sparse_linear", "SparseLinear")
 
 
 def class_name(cls: type) -> str:

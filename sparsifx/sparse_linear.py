@@ -21,6 +21,7 @@ Indices come from files too (``sparsifx.load``): they are validated before the f
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from typing import Iterator
 
@@ -32,6 +33,7 @@ from .tracing import register_leaf_type
 
 INDEX_DTYPE = torch.int32
 SPARSE_INDEX_BUFFERS = ("crow", "col", "t_crow", "t_col", "t_perm")
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")  # torch's one-time notice
 _CHECKED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
@@ -254,3 +256,34 @@ def densify_sparse_layers(root: nn.Module) -> int:
 
 def dense_numel(module: SparseLinear) -> int:
     return math.prod(module.shape)
+
+
+def sparse_to_masked(root: nn.Module) -> list[str]:
+    """Replace every ``SparseLinear`` by the equivalent ``MaskedLinear`` (dense weight, pattern as mask), in place,
+    so that passes written for masked layers (``compact``) see it; returns the names, for ``masked_to_sparse``."""
+    from .masking import set_mask
+    from .module_utils import set_submodule
+    names = []
+    for name, module in list(sparse_layers(root)):
+        set_submodule(root, name, module.to_linear())
+        pattern = torch.zeros(math.prod(module.shape), device=module.values.device)
+        pattern[module.keys()] = 1.0
+        layer = set_mask(root, name, pattern.view(module.shape))
+        layer.dense_grad = module.dense_grad
+        names.append(name)
+    return names
+
+
+def masked_to_sparse(root: nn.Module, names: list[str]) -> None:
+    """Inverse of ``sparse_to_masked`` for the layers ``names`` (shapes may have changed meanwhile)."""
+    from .masking import bake_masks
+    from .module_utils import set_submodule
+    for name in names:
+        module = root.get_submodule(name)
+        keys = module.mask.flatten().nonzero().squeeze(1)
+        holder = nn.Module()
+        holder.layer = module
+        bake_masks(holder)
+        layer = SparseLinear.from_dense(holder.layer, keys)
+        layer.dense_grad = bool(getattr(module, "dense_grad", False))
+        set_submodule(root, name, layer)

@@ -13,6 +13,7 @@ from sparsifx.module_utils import submodule
 from sparsifx.masking import effective_weight, is_masked
 from sparsifx.pass_base import PassBase, PassResult
 from sparsifx.registry import register_pass
+from sparsifx.sparse_linear import masked_to_sparse, sparse_to_masked
 
 from .coupling import ChannelAnalysis, analyze_channels
 from .importance import member_tensor
@@ -77,6 +78,13 @@ class Compact(PassBase):
         self.atol = validate.number("atol", atol, 0.0)
 
     def call(self, gm: fx.GraphModule) -> PassResult:
+        sparse_names = sparse_to_masked(gm)  # sparse-storage layers take part as masked ones, and go back after
+        try:
+            return self._compact(gm)
+        finally:
+            masked_to_sparse(gm, sparse_names)
+
+    def _compact(self, gm: fx.GraphModule) -> PassResult:
         a = analyze_channels(gm)
         pruned = dead_units(gm, a, self.atol)
         _keep_every_member(a, pruned, np.zeros(len(pruned)))

@@ -30,6 +30,7 @@ from sparsifx.pass_base import PassBase, PassResult
 from sparsifx.selection import LayerSelection
 
 from .mask_ops import DENSE_DRAW_LIMIT, bernoulli_mask, keys_of, random_keys, random_mask, seeded_generator
+from .neuron_pruning import NeuronPruning
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,7 @@ class DSTPass(PassBase):
     layer_params = ("sparsity",)
     default_types: ClassVar[tuple[str, ...]] = ("Conv2d", "Linear")
     default_mask: ClassVar[MaskConfig] = MaskConfig()
+    changes_nnz: ClassVar[bool] = False  # True where updates change a layer's number of non-zeros (GMP)
 
     def __init__(self, *, mask: MaskConfig | None = None, selection: LayerSelection | None = None):
         self.mask = mask or self.default_mask
@@ -133,12 +135,18 @@ class DSTPass(PassBase):
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> "DSTPass":
+        schedule = NeuronPruning.from_dict(params.get("neuron_pruning"))
         mask_params = {k: v for k, v in params.items() if k in MaskConfig.FIELDS}
-        rest = {k: v for k, v in params.items() if k not in MaskConfig.FIELDS}
+        rest = {k: v for k, v in params.items() if k not in MaskConfig.FIELDS and k != "neuron_pruning"}
         mask = cls.default_mask.replace(mask_params)
         if "mask" in rest:
             raise RecipeError("give mask settings as flat keys", "mask", allowed=", ".join(MaskConfig.FIELDS))
-        return super().from_params({**rest, "mask": mask})
+        return super().from_params({**rest, "mask": mask}).set_neuron_pruning(schedule)
+
+    def set_neuron_pruning(self, schedule: "NeuronPruning | dict | None") -> "DSTPass":
+        """Hidden-neuron importance pruning (``neuron_pruning.py``): a schedule or its dict turns it on, None off."""
+        self.neuron_pruning = NeuronPruning.from_dict(schedule)
+        return self
 
     # --- mask installation -------------------------------------------------------------------------------------
     def _targets(self, gm: fx.GraphModule) -> list[tuple[str, torch.nn.Module]]:

@@ -28,6 +28,7 @@ from sparsifx.sparse_linear import SPARSE_INDEX_BUFFERS, is_sparse_storage
 from .distributed import sync_layers
 from .flops import FlopCounter, macs_rule
 from .mask_ops import remap_slots, seeded_generator, swap_param, zero_slots
+from .neuron_pruning import maybe_prune
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +159,7 @@ class SparseController:
         if self.steps_per_epoch and self.step % self.steps_per_epoch == 0:
             epoch = self.step // self.steps_per_epoch
             if self.epochs is None or epoch < self.epochs:
+                maybe_prune(self, epoch)  # hidden-neuron importance pruning runs before the method's update
                 self.method.on_epoch_end(self, epoch)
         if len(self.history) != updates:
             sync_layers(self.layers.values())
@@ -328,4 +330,9 @@ def controller(model: nn.Module) -> SparseController:
 def attach(model: nn.Module, optimizer: torch.optim.Optimizer, steps_per_epoch: int | None = None,
            epochs: int | None = None, data: Iterable | None = None) -> SparseController:
     """Hook ``optimizer`` so that ``optimizer.step()`` also runs ``model``'s mask updates."""
-    return controller(model).attach(optimizer, steps_per_epoch=steps_per_epoch, epochs=epochs, data=data)
+    ctrl = controller(model)
+    if isinstance(model, nn.parallel.DistributedDataParallel) and ctrl.sparse_names() and ctrl.method.changes_nnz:
+        raise PreconditionError(f"{ctrl.method.label} with storage: sparse changes the number of non-zeros, so the "
+                                "values Parameters change size, which DistributedDataParallel cannot follow; use "
+                                "storage: masked under DDP, or a constant-nnz method (static, set, rigl)")
+    return ctrl.attach(optimizer, steps_per_epoch=steps_per_epoch, epochs=epochs, data=data)

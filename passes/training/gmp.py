@@ -29,6 +29,7 @@ class GMP(DSTPass):
     """
 
     default_mask = MaskConfig(distribution="uniform", dense_first=False, init="ones")
+    changes_nnz = True
 
     def __init__(self, *, mask: MaskConfig | None = None, selection: LayerSelection | None = None,
                  initial_sparsity: float = 0.0, begin_step: int = 0, end_step: int | None = None,

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from sparsifx import validate
 from sparsifx.distributions import layer_sparsities
-from sparsifx.errors import PreconditionError, UnsupportedOpError
+from sparsifx.errors import PreconditionError, RecipeError, UnsupportedOpError
 from sparsifx.module_utils import set_submodule, swap_class
 from sparsifx.pass_base import PassBase, PassResult
 from sparsifx.registry import register_pass
@@ -75,7 +75,11 @@ class SWAT(PassBase):
     def __init__(self, *, sparsity: float = 0.9, variant: str = "unstructured", topk_period: int = 10,
                  warmup_steps: int = 0, exact: bool = False, sparsify_first_layer: bool = False,
                  sparsify_last_layer: bool = True, lean_relu: bool = True, lean_maxpool: bool = True,
-                 selection: LayerSelection | None = None):
+                 storage: str = "masked", selection: LayerSelection | None = None):
+        if validate.choice("storage", storage, ("masked", "sparse")) == "sparse":
+            raise RecipeError("swat cannot use storage: sparse: it re-selects the top-k of the dense weight every "
+                              "topk_period steps, so the dense weight must exist; use storage: masked, or a DST "
+                              "method (static, set, rigl, gmp) with storage: sparse", "storage")
         self.sparsity = validate.number("sparsity", sparsity, 0.0, 1.0, hi_open=True)
         self.variant = validate.choice("variant", variant, VARIANTS)
         self.topk_period = validate.integer("topk_period", topk_period, 1)

@@ -25,6 +25,9 @@ METHODS = {
     "ctre": {"epsilon": 10},
     "gmp": {"sparsity": 0.9, "frequency": 2, "end_step": 12},
     "static": {"sparsity": 0.9},
+    "rigl@sparse": {"sparsity": 0.9, "delta_t": 2, "end_step": 14, "storage": "sparse"},
+    "set@sparse": {"epsilon": 10, "grow_init": "normal", "storage": "sparse"},
+    "static@sparse": {"sparsity": 0.9, "storage": "sparse"},
 }
 STEPS_PER_EPOCH, EPOCHS = 4, 4
 
@@ -35,9 +38,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def weight_of(module) -> torch.Tensor:
+    return (module.values if hasattr(module, "values") else module.weight).detach()
+
+
+def topology_of(module) -> tuple:
+    if hasattr(module, "values"):  # sparse storage: the indices are the topology
+        return module.crow, module.col, module.t_perm
+    return (module.mask,)
+
+
 def masks_equal(ctrl) -> bool:
     for module in ctrl.layers.values():
-        for t in (module.mask, module.weight.detach()):
+        for t in (*topology_of(module), weight_of(module)):
             gathered = [torch.empty_like(t) for _ in range(dist.get_world_size())]
             dist.all_gather(gathered, t.contiguous())
             if not all(torch.equal(gathered[0], g) for g in gathered[1:]):
@@ -49,11 +62,11 @@ def train_one(method: str, params: dict, rank: int) -> dict:
     import sparsifx
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
-    gm = sparsifx.sparsify(net, {"stages": [{"pass": method, **params}]})
+    gm = sparsifx.sparsify(net, {"stages": [{"pass": method.split("@")[0], **params}]})
     model = nn.parallel.DistributedDataParallel(gm, broadcast_buffers=False)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     ctrl = sparsifx.attach(model, opt, steps_per_epoch=STEPS_PER_EPOCH, epochs=EPOCHS)
-    w0 = {n: m.weight.detach().clone() for n, m in ctrl.layers.items()}
+    w0 = {n: weight_of(m).clone() for n, m in ctrl.layers.items()}
     gen = torch.Generator().manual_seed(100 + rank)  # every rank sees different data
     losses, checks = [], []
     for _ in range(STEPS_PER_EPOCH * EPOCHS):
@@ -66,7 +79,7 @@ def train_one(method: str, params: dict, rank: int) -> dict:
         checks.append(masks_equal(ctrl))
     return {"losses": losses, "equal": checks, "updates": len({(h["step"], h["kind"]) for h in ctrl.history}),
             "changed": sum(h["grown"] + h["dropped"] for h in ctrl.history),
-            "weights_moved": all(not torch.equal(w0[n], m.weight) for n, m in ctrl.layers.items())}
+            "weights_moved": all(not torch.equal(w0[n], weight_of(m)) for n, m in ctrl.layers.items())}
 
 
 def run(rank: int, world: int, port: int, out: str) -> None:
