@@ -14,7 +14,7 @@ import torch.fx as fx
 
 from sparsifx.registry import Registry
 
-from .rules_shape import varying_dim
+from .rules_shape import size_args, varying_dim
 
 REWRITES: Registry[Callable] = Registry("channel rewrite")
 Kept = Callable[[torch.Tensor], np.ndarray]
@@ -26,12 +26,7 @@ def rewrite_sizes(node: fx.Node, data: dict, kept: Kept) -> bool:
     d = varying_dim(labels)
     new = int(kept(labels.reshape(-1)).sum())
     args = list(node.args)
-    if node.op == "call_function":  # torch.reshape(x, shape)
-        sizes, put = list(args[1] if len(args) > 1 else node.kwargs["shape"]), "shape"
-    elif len(args) == 2 and isinstance(args[1], (tuple, list)):
-        sizes, put = list(args[1]), "tuple"
-    else:
-        sizes, put = args[1:], "varargs"
+    sizes, put = size_args(node)  # a literal list: the rule records no rewrite for a computed shape
     if sizes[d] == -1 or sizes[d] == new:
         return False
     sizes[d] = new

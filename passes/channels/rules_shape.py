@@ -29,6 +29,41 @@ def reshape_labels(cx: RuleContext, lab: torch.Tensor, in_shape, shape) -> torch
     return cx.t.normalize(lab.expand(in_shape).reshape(shape))
 
 
+def size_args(node: fx.Node) -> tuple[list | fx.Node, str]:
+    """The target sizes of a view/reshape/expand node and how they are written: ``"shape"`` (``torch.reshape(x,
+    shape)``), ``"tuple"`` (``x.view((a, b))``) or ``"varargs"`` (``x.view(a, b)``), each a list with one entry
+    per output dim; or one graph node computing the whole shape (``x.reshape(x.shape[:-1] + (-1,))``; of a 1-d
+    output, a node may also be its one size: listed, it is rewritten like a constant)."""
+    args = node.args
+    if node.op == "call_function":
+        sizes, put = args[1] if len(args) > 1 else node.kwargs["shape"], "shape"
+    elif len(args) == 2 and isinstance(args[1], (tuple, list, fx.Node)):
+        sizes, put = args[1], "tuple"
+    else:
+        return list(args[1:]), "varargs"
+    if isinstance(sizes, fx.Node):
+        return (sizes, put) if len(out_shape(node) or ()) > 1 else ([sizes], put)
+    return list(sizes), put
+
+
+def record_sizes(cx: RuleContext, node: fx.Node, out: torch.Tensor, lab: torch.Tensor) -> bool:
+    """Record the ``sizes`` rewrite of a view/reshape/expand whose output varies along a channel dim. A shape
+    computed in the graph cannot be rewritten: fine where it says ``-1`` there (inferred from the kept channels),
+    a barrier otherwise (False)."""
+    d = varying_dim(out)
+    if d is None:
+        return True
+    sizes, _ = size_args(node)
+    if isinstance(sizes, fx.Node):
+        value = cx.value(sizes)
+        if isinstance(value, (tuple, list)) and len(value) == out.ndim and value[d] == -1:
+            return True
+        cx.t.barrier(node, "sizes the channel dim by a computed shape (shrink cannot rewrite it)", lab)
+        return False
+    cx.t.rewrite_node(node, "sizes", labels=out)
+    return True
+
+
 @channel_rule("method:view", "method:reshape", torch.reshape, torch.flatten, "method:flatten", nn.Flatten,
               nn.Unflatten, torch.squeeze, "method:squeeze", torch.unsqueeze, "method:unsqueeze",
               "method:unflatten", torch.unflatten)
@@ -36,10 +71,9 @@ def reshape(cx: RuleContext, node: fx.Node):
     """``x.view(sizes)``: labels follow the row-major element order; a split channel keeps its inner factor."""
     lab, shape = cx.inp(node, 0, "input"), out_shape(node)
     out = reshape_labels(cx, lab, cx.inshape(node, 0, "input"), shape)
-    d = varying_dim(out)
     explicit = node.target in ("view", "reshape") if node.op == "call_method" else node.target is torch.reshape
-    if d is not None and explicit:
-        cx.t.rewrite_node(node, "sizes", labels=out)
+    if explicit and not record_sizes(cx, node, out, lab):
+        return cx.fixed(node)
     return out
 
 
@@ -47,9 +81,7 @@ def reshape(cx: RuleContext, node: fx.Node):
 def expand(cx: RuleContext, node: fx.Node):
     lab, shape = cx.inp(node), out_shape(node)
     out = lab.reshape((1,) * (len(shape) - lab.ndim) + tuple(lab.shape))
-    if varying_dim(out) is not None:
-        cx.t.rewrite_node(node, "sizes", labels=out)
-    return out
+    return out if record_sizes(cx, node, out, lab) else cx.fixed(node)
 
 
 @channel_rule(torch.permute, "method:permute")
@@ -212,14 +244,28 @@ def index_labels(cx: RuleContext, node: fx.Node, lab: torch.Tensor, idx: tuple, 
 
 
 REDUCTIONS = (torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var)
+# vector/matrix norms ``(x, p|ord, dim, keepdim)``: per channel where ``dim`` leaves the channel dim out
+NORMS = (torch.norm, torch.linalg.norm, torch.linalg.vector_norm)
 
 
 @channel_rule(*REDUCTIONS, *(f"method:{m}" for m in ("mean", "sum", "amax", "amin", "std", "var")))
 def reduce(cx: RuleContext, node: fx.Node):
     """Reduction over ``dim``: channels varying along a reduced dim are fixed (the result would change)."""
-    lab = cx.inp(node, 0, "input")
-    dims = cx.inp(node, 1, "dim")
-    keep = bool(cx.inp(node, 2, "keepdim", False))
+    return reduce_labels(cx, node, cx.inp(node, 0, "input"), cx.inp(node, 1, "dim"),
+                         bool(cx.inp(node, 2, "keepdim", False)))
+
+
+@channel_rule(*NORMS, "method:norm")
+def norm(cx: RuleContext, node: fx.Node):
+    """``x.norm(p, dim, keepdim)`` (timm's GlobalResponseNorm: ``x.norm(p=2, dim=(1, 2), keepdim=True)``): a
+    reduction over ``dim``; ``torch.linalg.norm``'s ``ord`` / ``dim`` and ``torch.norm``'s ``p`` share positions."""
+    return reduce_labels(cx, node, cx.inp(node, 0, "input"), cx.inp(node, 2, "dim"),
+                         bool(cx.inp(node, 3, "keepdim", False)))
+
+
+def reduce_labels(cx: RuleContext, node: fx.Node, lab: torch.Tensor, dims, keep: bool):
+    """Labels of ``lab`` reduced over ``dims`` (``None``: every dim): per channel unless the channel dim is
+    reduced, then a barrier (its channels are fixed)."""
     if dims is None or dims is UNKNOWN:
         cx.t.barrier(node, "reduces over all dims", lab)
         return cx.fixed(node)

@@ -90,7 +90,7 @@ ZERO_RULES: dict[Callable, Callable[[set, RuleContext, fx.Node], bool]] = {
     ra.sdpa: lambda z, cx, n: len(n.args) > 2 and isinstance(n.args[2], fx.Node) and n.args[2].name in z,
     **{r: (lambda z, cx, n: _all(z, _tensor_args(cx, n))) for r in (
         rs.reshape, rs.expand, rs.permute, rs.transpose, rs.cat, rs.stack, rs.split, rs.unbind, rs.getitem, rs.reduce,
-        rs.pool, rs.roll, rs.patch_merging_pad)},
+        rs.norm, rs.pool, rs.roll, rs.patch_merging_pad)},
 }
 
 
