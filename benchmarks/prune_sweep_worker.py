@@ -82,11 +82,18 @@ def count(model: nn.Module, inputs: tuple) -> tuple[int, int]:
     # linear/bmm ops in the dense and the shrunk model (whose attention is decomposed)
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
+    # a parameter view made under no_grad (cait/pit: cls_token.expand(B, -1, -1)) requires grad without a grad
+    # function, which FlopCounterMode's module tracking asserts on: count with requires_grad off, then restore
+    grads = {p: p.requires_grad for p in model.parameters()}
     try:
+        for p in grads:
+            p.requires_grad_(False)
         with torch.no_grad(), counter:
             model(*inputs)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
+        for p, flag in grads.items():
+            p.requires_grad_(flag)
     return params, counter.get_total_flops() // 2
 
 
