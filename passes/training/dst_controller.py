@@ -256,6 +256,7 @@ class SparseController:
         if self.steps_per_epoch:
             raise PreconditionError("epoch ends are automatic when attach() got steps_per_epoch")
         self.state["manual_epochs"] = self.state.get("manual_epochs", 0) + 1
+        maybe_prune(self, self.state["manual_epochs"])
         self.method.on_epoch_end(self, self.state["manual_epochs"])
         sync_layers(self.layers.values())
 
@@ -331,6 +332,9 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer, steps_per_epoch: 
            epochs: int | None = None, data: Iterable | None = None) -> SparseController:
     """Hook ``optimizer`` so that ``optimizer.step()`` also runs ``model``'s mask updates."""
     ctrl = controller(model)
+    if isinstance(model, nn.parallel.DistributedDataParallel) and ctrl.method.neuron_pruning is not None:
+        raise PreconditionError("neuron_pruning shrinks layers while training, which DistributedDataParallel cannot "
+                                "follow; train without DDP or drop neuron_pruning from the recipe")
     if isinstance(model, nn.parallel.DistributedDataParallel) and ctrl.sparse_names() and ctrl.method.changes_nnz:
         raise PreconditionError(f"{ctrl.method.label} with storage: sparse changes the number of non-zeros, so the "
                                 "values Parameters change size, which DistributedDataParallel cannot follow; use "
