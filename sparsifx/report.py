@@ -34,6 +34,7 @@ from .errors import TraceError
 from .masking import effective_weight, is_masked
 from .module_utils import preserve_training_flags
 from .registry import Registry
+from .sparse_linear import is_sparse_storage
 
 # rule(node, module or None, shape) -> (macs, what governs the density: the module (its ``weight``), the
 # qualified name of a weight parameter, or None for ops between activations)
@@ -54,6 +55,7 @@ def _conv_module(node, m, shape):
 
 
 @MAC_RULES.register("Linear")
+@MAC_RULES.register("SparseLinear")
 def _linear_module(node, m, shape):
     return _numel(shape(node)) * m.in_features, m
 
@@ -317,14 +319,18 @@ def _graph_with_shapes(module: nn.Module, example_inputs, notes: list[str]) -> f
 
 
 def _param_nonzeros(module: nn.Module) -> dict[str, tuple[int, int]]:
-    """qualified parameter name -> (numel, non-zeros), masked weights counted as ``weight * mask``.
+    """qualified parameter name -> (numel, non-zeros), masked weights counted as ``weight * mask``, a
+    sparse-storage layer's ``values`` as its dense weight (numel out·in; also keyed ``.weight``).
     Every alias of a shared parameter is a key; ``_unique`` keeps one per tensor for the totals."""
     out: dict[str, tuple[int, int]] = {}
     with torch.no_grad():
         for name, m in module.named_modules(remove_duplicate=False):
             for pname, p in m.named_parameters(recurse=False):
                 value = effective_weight(m) if pname == "weight" and is_masked(m) else p
-                out[f"{name}.{pname}" if name else pname] = (p.numel(), int(torch.count_nonzero(value)))
+                key = f"{name}.{pname}" if name else pname
+                out[key] = (p.numel(), int(torch.count_nonzero(value)))
+                if pname == "values" and is_sparse_storage(m):
+                    out[key] = out[f"{name}.weight"] = (math.prod(m.shape), out[key][1])
     return out
 
 
@@ -368,6 +374,22 @@ def _count_macs(gm: fx.GraphModule, rows: dict[str, LayerReport], nz, notes: lis
         row.sparse_macs = (row.sparse_macs or 0) + int(round(macs * _density(node, weight, nz)))
 
 
+def _training_notes(meta: dict) -> list[str]:
+    """What a sparse-training controller measured: executed FLOPs beside the theoretical ones, state bytes,
+    and the layers a ``storage: sparse`` stage left masked."""
+    notes = [f"layer '{n}': {why}" for n, why in meta.get("storage_notes", {}).items()]
+    ctrl = meta.get("sparse_controller")
+    if ctrl is None or not hasattr(ctrl, "training_flops"):
+        return notes
+    f, b = ctrl.training_flops(), ctrl.state_bytes()
+    if f.get("steps"):
+        notes.append(f"training ({f['steps']} steps): executed FLOPs {_human(f['executed_training_flops'])} = "
+                     f"{f['executed_flops_ratio']:.3f} of dense; the algorithm's theoretical "
+                     f"{_human(f['training_flops'])} = {f['flops_ratio']:.3f} (masked layers execute dense)")
+    notes.append("training state: " + ", ".join(f"{k} {_human(v)}B" for k, v in b.items()))
+    return notes
+
+
 def _safe_submodule(root: nn.Module, name: str) -> nn.Module | None:
     try:
         return root.get_submodule(name) if name else root
@@ -404,15 +426,16 @@ def _report(module: nn.Module, example_inputs, extra, notes: Sequence[str]) -> R
         params = list(m.parameters(recurse=False))
         if params:
             row = _row(rows, name, m)
-            row.params = sum(p.numel() for p in params)
-            row.nonzeros = sum(nz[f"{name}.{pn}" if name else pn][1] for pn, _ in m.named_parameters(recurse=False))
+            counts = [nz[f"{name}.{pn}" if name else pn] for pn, _ in m.named_parameters(recurse=False)]
+            row.params = sum(c[0] for c in counts)
+            row.nonzeros = sum(c[1] for c in counts)
     gm = _graph_with_shapes(module, example_inputs, all_notes)
     if gm is not None:
         _count_macs(gm, rows, nz, all_notes)
     meta = getattr(module, "meta", {}) if isinstance(module, fx.GraphModule) else {}
     for name, cols in {**meta.get("report_extra", {}), **(extra or {})}.items():
         _row(rows, name, _safe_submodule(module, name)).extra.update(cols)
-    all_notes = list(meta.get("report_notes", [])) + list(notes) + all_notes
+    all_notes = list(meta.get("report_notes", [])) + list(notes) + all_notes + _training_notes(meta)
     has_macs = gm is not None
     unique = _unique(module, nz)
     inputs = None

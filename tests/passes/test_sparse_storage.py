@@ -263,3 +263,13 @@ def test_ddp_refuses_a_method_that_resizes_sparse_storage(monkeypatch):
     fake.module = model
     with pytest.raises(PreconditionError, match="DistributedDataParallel"):
         sparsifx.attach(fake, torch.optim.SGD(model.parameters(), lr=0.1), steps_per_epoch=2, epochs=2)
+
+
+def test_report_counts_sparse_layers_as_their_dense_twin_and_notes_executed_flops():
+    _, ctrl, model = _train("sparse", "static", steps=2, sparsity=0.9)
+    rep = sparsifx.report(model, (torch.randn(4, 20),))
+    row = rep.layer("2")
+    assert row.params == 64 * 64 + 64 and row.nonzeros < row.params / 5
+    assert row.sparse_macs < row.macs / 5
+    text = str(rep)
+    assert "executed FLOPs" in text and "theoretical" in text and "optimizer_state" in text
