@@ -183,7 +183,8 @@ MODULE_CLASSES: dict[str, Any] = {
 }
 for _name in ("MaskedLinear", "MaskedConv1d", "MaskedConv2d", "MaskedConv3d"):
     MODULE_CLASSES[f"sparsifx.masking.{_name}"] = ("sparsifx.masking", _name)
-MODULE_CLASSES["sparsifx.sparse_linear.SparseLinear"] = ("sparsifx.sparse_linear", "SparseLinear")
+for _name in ("SparseLinear", "SparseConv2d1x1"):
+    MODULE_CLASSES[f"sparsifx.sparse_linear.{_name}"] = ("sparsifx.sparse_linear", _name)
 
 
 def class_name(cls: type) -> str:

@@ -96,10 +96,11 @@ class SparseLinear(nn.Module):
 
     # --- construction -----------------------------------------------------------------------------------------
     @classmethod
-    def from_dense(cls, linear: nn.Linear, keys: torch.Tensor) -> "SparseLinear":
-        """A ``SparseLinear`` holding ``linear.weight`` at the row-major linear positions ``keys``."""
+    def from_dense(cls, linear: nn.Module, keys: torch.Tensor) -> "SparseLinear":
+        """A sparse layer holding ``linear.weight`` (``out × in``, or ``out × in × 1 × 1``) at the row-major linear
+        positions ``keys``."""
         w = linear.weight.detach()
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, dtype=w.dtype)
+        layer = cls(w.shape[1], w.shape[0], linear.bias is not None, dtype=w.dtype)
         layer.to(w.device)
         keys = torch.as_tensor(keys, dtype=torch.int64).sort().values
         layer.set_topology(keys, w.reshape(-1)[keys.to(w.device)].clone())
@@ -198,12 +199,15 @@ class SparseLinear(nn.Module):
         w[self.keys()] = self.values.detach()
         return w.view(self.out_features, self.in_features)
 
-    def to_linear(self) -> nn.Linear:
-        """An ``nn.Linear`` with the dense weight (zeros off the pattern)."""
-        dense = nn.Linear(self.in_features, self.out_features, self.bias is not None,
-                          device=self.values.device, dtype=self.values.dtype)
+    def _dense_twin(self) -> nn.Module:
+        return nn.Linear(self.in_features, self.out_features, self.bias is not None, device=self.values.device,
+                         dtype=self.values.dtype)
+
+    def to_linear(self) -> nn.Module:
+        """The dense layer this one stands for (``nn.Linear``; ``nn.Conv2d`` 1×1), zeros off the pattern."""
+        dense = self._dense_twin()
         with torch.no_grad():
-            dense.weight.copy_(self.to_dense_weight())
+            dense.weight.copy_(self.to_dense_weight().view_as(dense.weight))
             if self.bias is not None:
                 dense.bias.copy_(self.bias)
         dense.train(self.training)
@@ -226,6 +230,37 @@ class SparseLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"nnz={self.nnz}, density={self.density():.4f}")
+
+
+@register_leaf_type
+class SparseConv2d1x1(SparseLinear):
+    """A 1×1, stride-1, ungrouped ``nn.Conv2d`` in sparse storage: the same products as ``SparseLinear`` over the
+    channels of every pixel (``x`` is viewed as ``(N·H·W) × C``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_topology()
+        n, c, h, w = x.shape
+        x2 = x.permute(0, 2, 3, 1).reshape(-1, c)
+        y = SparseLinearFn.apply(x2, self.values, self.bias, self)
+        return y.reshape(n, h, w, self.out_features).permute(0, 3, 1, 2)
+
+    def _dense_twin(self) -> nn.Module:
+        return nn.Conv2d(self.in_features, self.out_features, 1, bias=self.bias is not None,
+                         device=self.values.device, dtype=self.values.dtype)
+
+
+def sparse_type(module: nn.Module) -> type | None:
+    """The sparse-storage class for a dense layer (``nn.Linear``; a plain 1×1 ``nn.Conv2d``), else None."""
+    if isinstance(module, nn.Linear):
+        return SparseLinear
+    if isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.stride == (1, 1) \
+            and module.groups == 1 and module.dilation == (1, 1) and module.padding in ((0, 0), "valid") \
+            and module.padding_mode == "zeros":
+        return SparseConv2d1x1
+    return None
+
+
+SPARSE_TYPES = {nn.Linear: SparseLinear, nn.Conv2d: SparseConv2d1x1}
 
 
 def _offsets(index: torch.Tensor, n: int) -> torch.Tensor:
@@ -265,10 +300,11 @@ def sparse_to_masked(root: nn.Module) -> list[str]:
     from .module_utils import set_submodule
     names = []
     for name, module in list(sparse_layers(root)):
-        set_submodule(root, name, module.to_linear())
+        dense = module.to_linear()
+        set_submodule(root, name, dense)
         pattern = torch.zeros(math.prod(module.shape), device=module.values.device)
         pattern[module.keys()] = 1.0
-        layer = set_mask(root, name, pattern.view(module.shape))
+        layer = set_mask(root, name, pattern.view_as(dense.weight))
         layer.dense_grad = module.dense_grad
         names.append(name)
     return names
@@ -284,6 +320,6 @@ def masked_to_sparse(root: nn.Module, names: list[str]) -> None:
         holder = nn.Module()
         holder.layer = module
         bake_masks(holder)
-        layer = SparseLinear.from_dense(holder.layer, keys)
+        layer = SPARSE_TYPES[type(holder.layer)].from_dense(holder.layer, keys)
         layer.dense_grad = bool(getattr(module, "dense_grad", False))
         set_submodule(root, name, layer)

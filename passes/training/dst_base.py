@@ -18,14 +18,13 @@ from typing import Any, ClassVar
 
 import torch
 import torch.fx as fx
-import torch.nn as nn
 
 from sparsifx import validate
 from sparsifx.distributions import er_epsilon_density, layer_sparsities
 from sparsifx.errors import PreconditionError, RecipeError
 from sparsifx.masking import MASKED_TYPES, is_masked, set_mask
 from sparsifx.module_utils import set_submodule
-from sparsifx.sparse_linear import SparseLinear, is_sparse_storage
+from sparsifx.sparse_linear import is_sparse_storage, sparse_type
 from sparsifx.pass_base import PassBase, PassResult
 from sparsifx.selection import LayerSelection
 
@@ -47,7 +46,7 @@ class MaskConfig:
     ``p = ε(n_in+n_out)/(n_in·n_out)``, ignores ``sparsity``); ``epsilon`` for er_epsilon;
     ``erk_power_scale``; ``dense_first``/``dense_last`` keep the first/last selected layer dense (None: dense
     first layer iff uniform, as RigL); ``init`` exact (k random positions) | bernoulli | ones; ``seed``;
-    ``storage`` masked (dense weight × mask, the default) | sparse (Linear layers become ``SparseLinear``: values
+    ``storage`` masked (dense weight × mask, the default) | sparse (Linear and 1×1 Conv2d layers become ``SparseLinear``/``SparseConv2d1x1``: values
     and indices only, compute and optimizer state proportional to nnz; other layers stay masked).
     """
     sparsity: float = 0.9
@@ -168,9 +167,9 @@ class DSTPass(PassBase):
         for n, m in targets:
             if sparsities[n] <= 0.0:
                 continue
-            if self.mask.storage == "sparse" and isinstance(m, nn.Linear):
+            if self.mask.storage == "sparse" and sparse_type(m) is not None:
                 keys = self.initial_keys(shapes[n], sparsities[n], generator)
-                layer = SparseLinear.from_dense(m, keys)
+                layer = sparse_type(m).from_dense(m, keys)
                 set_submodule(gm, n, layer)
             else:
                 kept_masked += [n] if self.mask.storage == "sparse" else []
@@ -181,8 +180,10 @@ class DSTPass(PassBase):
             layer.dense_grad = False
             names.append(n)
         if kept_masked:
-            gm.meta["storage_notes"] = {n: "masked: sparse storage covers Linear layers only" for n in kept_masked}
-            log.warning("pass '%s': storage sparse covers Linear layers; %d layers stay masked (dense compute): %s",
+            gm.meta["storage_notes"] = {n: "masked: sparse storage covers Linear and plain 1x1 Conv2d layers only"
+                                        for n in kept_masked}
+            log.warning("pass '%s': storage sparse covers Linear and 1x1 Conv2d layers; %d layers stay masked "
+                        "(dense compute): %s",
                         self.label, len(kept_masked), kept_masked)
         if not names:
             log.warning("pass '%s' selected no layer to sparsify", self.label)

@@ -36,7 +36,7 @@ def _conv_macs(module: nn.modules.conv._ConvNd, out: torch.Tensor) -> int:
 
 for _name in ("Conv1d", "Conv2d", "Conv3d"):
     MACS.register(_name, _conv_macs)
-MACS.register("SparseLinear", _linear_macs)  # dense-equivalent MACs; the controller charges them times density
+MACS.register("SparseLinear", _linear_macs)  # dense-equivalent MACs (1x1 conv: per pixel); charged times density
 
 
 def macs_rule(module: nn.Module):

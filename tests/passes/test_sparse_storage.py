@@ -256,6 +256,36 @@ def test_conv_layers_stay_masked_with_a_note():
     model(torch.randn(2, 3, 8, 8)).sum().backward()
 
 
+def _conv_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 32, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(32, 4))
+
+
+def test_a_1x1_conv_trains_in_sparse_storage_like_its_masked_twin(tmp_path):
+    losses, models = {}, {}
+    for storage in ("masked", "sparse"):
+        model = sparsifx.sparsify(_conv_net(), {"stages": [{"pass": "set", "storage": storage, "epsilon": 3}]})
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        sparsifx.attach(model, opt, steps_per_epoch=3, epochs=3)
+        g = torch.Generator().manual_seed(0)
+        losses[storage] = []
+        for _ in range(9):
+            loss = model(torch.randn(4, 3, 10, 10, generator=g)).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses[storage].append(loss.item())
+        models[storage] = model
+    from sparsifx.sparse_linear import SparseConv2d1x1
+    assert isinstance(models["sparse"].get_submodule("2"), SparseConv2d1x1)
+    torch.testing.assert_close(torch.tensor(losses["sparse"]), torch.tensor(losses["masked"]))
+    x = torch.randn(2, 3, 10, 10)
+    sparsifx.export_onnx(models["sparse"], tmp_path / "c.onnx", x)
+    sparsifx.save(models["sparse"], tmp_path / "c.sfx")
+    torch.testing.assert_close(sparsifx.load(tmp_path / "c.sfx")(x), models["sparse"](x))
+
+
 def test_ddp_refuses_a_method_that_resizes_sparse_storage(monkeypatch):
     model = sparsifx.sparsify(nn.Sequential(nn.Linear(3, 4)), {"stages": [{"pass": "gmp", "storage": "sparse"}]})
     fake = nn.parallel.DistributedDataParallel.__new__(nn.parallel.DistributedDataParallel)
