@@ -96,16 +96,31 @@ class SparseLinear(nn.Module):
 
     # --- construction -----------------------------------------------------------------------------------------
     @classmethod
-    def from_dense(cls, linear: nn.Module, keys: torch.Tensor) -> "SparseLinear":
+    def from_dense(cls, linear: nn.Module, keys: torch.Tensor, generator: torch.Generator | None = None
+                   ) -> "SparseLinear":
         """A sparse layer holding ``linear.weight`` (``out × in``, or ``out × in × 1 × 1``) at the row-major linear
-        positions ``keys``."""
+        positions ``keys``. A layer built on the ``meta`` device (a width whose dense weight cannot exist) gets
+        fresh values instead, drawn from ``generator``: He-uniform over the real fan-in ``f = nnz / out`` (the mean
+        number of incoming connections), U(±sqrt(6/f)) for the weights and U(±1/sqrt(f)) for the bias, as the
+        truly-sparse reference initialises its sparse matrices (a dense-fan-in init would shrink the activations
+        by sqrt(density) per layer); the result lives on the CPU."""
         w = linear.weight.detach()
+        meta = w.is_meta
+        device = torch.device("cpu") if meta else w.device
         layer = cls(w.shape[1], w.shape[0], linear.bias is not None, dtype=w.dtype)
-        layer.to(w.device)
+        layer.to(device)
         keys = torch.as_tensor(keys, dtype=torch.int64).sort().values
-        layer.set_topology(keys, w.reshape(-1)[keys.to(w.device)].clone())
-        if linear.bias is not None:
-            layer.bias.data.copy_(linear.bias.detach())
+        if meta:
+            fan_in = max(1.0, keys.numel() / w.shape[0])
+            values = (torch.rand(keys.numel(), generator=generator) * 2 - 1) * math.sqrt(6.0 / fan_in)
+            layer.set_topology(keys, values.to(w.dtype))
+            if linear.bias is not None:
+                bias = (torch.rand(w.shape[0], generator=generator) * 2 - 1) / math.sqrt(fan_in)
+                layer.bias.data.copy_(bias)
+        else:
+            layer.set_topology(keys, w.reshape(-1)[keys.to(device)].clone())
+            if linear.bias is not None:
+                layer.bias.data.copy_(linear.bias.detach())
         layer.train(linear.training)
         return layer
 

@@ -21,7 +21,7 @@ import torch.fx as fx
 
 from sparsifx import validate
 from sparsifx.distributions import er_epsilon_density, layer_sparsities
-from sparsifx.errors import PreconditionError, RecipeError
+from sparsifx.errors import PassError, PreconditionError, RecipeError
 from sparsifx.masking import MASKED_TYPES, is_masked, set_mask
 from sparsifx.module_utils import set_submodule
 from sparsifx.sparse_linear import is_sparse_storage, sparse_type
@@ -169,7 +169,7 @@ class DSTPass(PassBase):
                 continue
             if self.mask.storage == "sparse" and sparse_type(m) is not None:
                 keys = self.initial_keys(shapes[n], sparsities[n], generator)
-                layer = sparse_type(m).from_dense(m, keys)
+                layer = sparse_type(m).from_dense(m, keys, generator=generator)
                 set_submodule(gm, n, layer)
             else:
                 kept_masked += [n] if self.mask.storage == "sparse" else []
@@ -188,6 +188,12 @@ class DSTPass(PassBase):
         if not names:
             log.warning("pass '%s' selected no layer to sparsify", self.label)
             return PassResult(gm, False)
+        on_meta = sorted({n.rpartition(".")[0] or n for n, p in gm.named_parameters() if p.is_meta})
+        if on_meta:
+            raise PassError(f"pass '{self.label}': layers {on_meta} are on the meta device and were not converted "
+                            "to sparse storage (only sparse-storage Linear/1x1 Conv2d layers can start from the "
+                            "meta device); build them on a real device, or select them with storage: sparse and "
+                            "a sparsity above 0")
         gm.meta["sparse_controller"] = SparseController(gm, self, names, target_sparsity=sparsities)
         log.info("pass '%s' masked %d layers: %s", self.label, len(names),
                  {n: round(sparsities[n], 4) for n in names})

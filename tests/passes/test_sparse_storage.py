@@ -303,3 +303,20 @@ def test_report_counts_sparse_layers_as_their_dense_twin_and_notes_executed_flop
     assert row.sparse_macs < row.macs / 5
     text = str(rep)
     assert "executed FLOPs" in text and "theoretical" in text and "optimizer_state" in text
+
+
+def test_layers_built_on_the_meta_device_start_in_sparse_storage_without_a_dense_weight():
+    with torch.device("meta"):
+        body = [nn.Linear(50, 3000), nn.ReLU(), nn.Linear(3000, 3000), nn.ReLU()]
+    net = nn.Sequential(*body, nn.Linear(3000, 2))
+    model = sparsifx.sparsify(net, {"stages": [{"pass": "set", "storage": "sparse", "distribution": "er_epsilon",
+                                                "epsilon": 5, "dense_last": True}]})
+    hidden = model.get_submodule("2")
+    assert isinstance(hidden, SparseLinear) and not hidden.values.is_meta
+    assert hidden.nnz == pytest.approx(5 * 6000, rel=0.05)
+    out = model(torch.randn(8, 50))
+    assert out.shape == (8, 2) and out.abs().mean() > 1e-3  # He init over the real fan-in keeps a signal
+    with torch.device("meta"):
+        dense_meta = nn.Sequential(nn.Linear(50, 30), nn.ReLU(), nn.Linear(30, 2))
+    with pytest.raises(PassError, match="meta device"):
+        sparsifx.sparsify(dense_meta, {"stages": [{"pass": "set", "storage": "masked", "epsilon": 2}]})
