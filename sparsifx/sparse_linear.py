@@ -42,40 +42,43 @@ def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: tupl
 
 
 class SparseLinearFn(torch.autograd.Function):
-    """``x @ W^T + b`` with ``W`` given by ``layer``'s CSR structure and ``values`` (see the module docstring)."""
+    """``x @ W^T + b`` with ``W`` given by ``layer``'s CSR structure and ``values`` (see the module docstring).
+    ``index`` is ``(crow, col, t_crow, t_col, t_perm)``, read from the layer once per call."""
 
     @staticmethod
-    def forward(ctx, x2, values, bias, layer):
+    def forward(ctx, x2, values, bias, layer, index):
+        crow, col = index[0], index[1]
         compute = torch.float32 if values.dtype == torch.bfloat16 else values.dtype
-        w = _csr(layer.crow, layer.col, values.detach().to(compute), layer.shape)
-        y = torch.mm(w, x2.to(compute).t()).t()
+        w = _csr(crow, col, values.detach().to(compute), layer.shape)
+        y = torch.mm(w, x2.to(compute).t()).t()  # (B, out) as a transposed view: the next layer reads x^T
         if bias is not None:
-            y = y + bias.to(compute)
+            y.add_(bias.to(compute))
         ctx.save_for_backward(x2, values)
-        ctx.layer, ctx.has_bias = layer, bias is not None
-        return y.to(x2.dtype)
+        ctx.layer, ctx.index, ctx.has_bias = layer, index, bias is not None
+        return y if y.dtype == x2.dtype else y.to(x2.dtype)
 
     @staticmethod
     def backward(ctx, grad_y):
         x2, values = ctx.saved_tensors
         layer = ctx.layer
+        crow, col, t_crow, t_col, t_perm = ctx.index
         compute = torch.float32 if values.dtype == torch.bfloat16 else values.dtype
+        v = values.detach().to(compute)
         gy = grad_y.to(compute)
-        need_x, need_v, need_b, _ = ctx.needs_input_grad
+        need_x, need_v, need_b, _, _ = ctx.needs_input_grad
         grad_x = grad_v = grad_b = None
         if need_x:
-            wt = _csr(layer.t_crow, layer.t_col, values.detach().to(compute)[layer.t_perm.long()],
-                      (layer.in_features, layer.out_features))
-            grad_x = torch.mm(wt, gy.t()).t().to(x2.dtype)
-        if need_v:
-            pattern = _csr(layer.crow, layer.col, torch.zeros(values.numel(), dtype=compute), layer.shape)
-            grad_v = torch.sparse.sampled_addmm(pattern, gy.t().contiguous(), x2.to(compute), beta=0.0)
+            wt = _csr(t_crow, t_col, torch.index_select(v, 0, t_perm), (layer.in_features, layer.out_features))
+            grad_x = torch.mm(wt, gy.t()).t()
+            grad_x = grad_x if grad_x.dtype == x2.dtype else grad_x.to(x2.dtype)
+        if need_v:  # beta = 0: the pattern's values are not read, only its positions
+            grad_v = torch.sparse.sampled_addmm(_csr(crow, col, v, layer.shape), gy.t(), x2.to(compute), beta=0.0)
             grad_v = grad_v.values().to(values.dtype)
             if layer.dense_grad:
                 layer.probe.append((x2.detach(), grad_y.detach()))
         if need_b and ctx.has_bias:
             grad_b = grad_y.sum(0)
-        return grad_x, grad_v, grad_b, None
+        return grad_x, grad_v, grad_b, None, None
 
 
 @register_leaf_type
@@ -171,16 +174,21 @@ class SparseLinear(nn.Module):
             self.values.copy_(values)
         else:  # autograd caches a leaf's shape: a resized Parameter must be a new one
             self.values = nn.Parameter(values.contiguous(), requires_grad=self.values.requires_grad)
-        _CHECKED[self] = self._version_key()
+        _CHECKED[self] = self._version_key(self._index())
 
-    def _version_key(self) -> tuple:
-        return tuple((t.data_ptr(), t._version, t.numel()) for t in
-                     (self.crow, self.col, self.t_crow, self.t_col, self.t_perm)) + (self.values.numel(),)
+    def _index(self) -> tuple[torch.Tensor, ...]:
+        buffers = self._buffers
+        return tuple(buffers[k] for k in SPARSE_INDEX_BUFFERS)
 
-    def check_topology(self) -> None:
-        """Validate the index buffers (they may come from a file) once per change; ``PassError`` when broken."""
-        if _CHECKED.get(self) == self._version_key():
-            return
+    def _version_key(self, index: tuple[torch.Tensor, ...]) -> tuple:
+        return tuple((id(t), t._version, t.numel()) for t in index) + (self.values.numel(),)
+
+    def check_topology(self) -> tuple[torch.Tensor, ...]:
+        """Validate the index buffers (they may come from a file) once per change (``PassError`` when broken);
+        returns them as ``(crow, col, t_crow, t_col, t_perm)``."""
+        index = self._index()
+        if _CHECKED.get(self) == self._version_key(index):
+            return index
         nnz, out, inp = self.values.numel(), self.out_features, self.in_features
         problems = []
         for name, offsets, n_idx, bound in (("crow", self.crow, self.col, inp), ("t_crow", self.t_crow, self.t_col,
@@ -198,13 +206,14 @@ class SparseLinear(nn.Module):
             problems.append("t_perm out of range")
         if problems:
             raise PassError(f"SparseLinear {self.shape} has an invalid sparse structure: {'; '.join(problems)}")
-        _CHECKED[self] = self._version_key()
+        _CHECKED[self] = self._version_key(index)
+        return index
 
     # --- compute ------------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_topology()
+        index = self.check_topology()
         lead = x.shape[:-1]
-        y = SparseLinearFn.apply(x.reshape(-1, self.in_features), self.values, self.bias, self)
+        y = SparseLinearFn.apply(x.reshape(-1, self.in_features), self.values, self.bias, self, index)
         return y.reshape(*lead, self.out_features)
 
     @torch.no_grad()
@@ -253,10 +262,10 @@ class SparseConv2d1x1(SparseLinear):
     channels of every pixel (``x`` is viewed as ``(N·H·W) × C``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_topology()
+        index = self.check_topology()
         n, c, h, w = x.shape
         x2 = x.permute(0, 2, 3, 1).reshape(-1, c)
-        y = SparseLinearFn.apply(x2, self.values, self.bias, self)
+        y = SparseLinearFn.apply(x2, self.values, self.bias, self, index)
         return y.reshape(n, h, w, self.out_features).permute(0, 3, 1, 2)
 
     def _dense_twin(self) -> nn.Module:
