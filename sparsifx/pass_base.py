@@ -38,6 +38,11 @@ class PassBase:
     def call(self, gm: fx.GraphModule) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def exactness_waived(self, gm: fx.GraphModule) -> str | None:
+        """Why this ``preserves_semantics`` pass will not preserve ``gm``'s outputs this time (the manager then
+        skips its verification, logs and records the reason), or ``None``: they are verified as usual."""
+        return None
+
     def requires(self, gm: fx.GraphModule) -> None:
         """Raise ``PreconditionError`` if ``gm`` is not a valid input."""
         if not isinstance(gm, fx.GraphModule):

@@ -29,6 +29,7 @@ class PassRecord:
     name: str
     modified: bool
     verified: bool
+    waived: str | None = None   # why verification was skipped for a semantics-preserving pass
 
 
 @dataclass
@@ -48,8 +49,9 @@ class PassManager:
 
     ``example_inputs`` feed the analyses and verification. With ``verify=True`` every pass whose class
     sets ``preserves_semantics`` is checked with ``torch.testing.assert_close``; a mismatch raises
-    ``VerificationError`` naming it and the passes before it. ``fixed_point`` repeats the whole list
-    until no pass modifies the module.
+    ``VerificationError`` naming it and the passes before it. A pass that waives it for this module
+    (``PassBase.exactness_waived``) is not checked: the reason is logged and kept in its ``PassRecord``.
+    ``fixed_point`` repeats the whole list until no pass modifies the module.
     """
 
     def __init__(self, passes: Iterable[PassBase], example_inputs: Sequence[Any] | None = None,
@@ -94,6 +96,10 @@ class PassManager:
     def _run_one(self, p: PassBase, gm: fx.GraphModule, history: list[PassRecord]):
         self.ensure_analyses(gm, p.requires_analyses)
         check = self.verify and p.preserves_semantics and self.example_inputs is not None
+        waived = p.exactness_waived(gm) if check else None
+        if waived:
+            log.warning("pass %s is not verified: %s", p.label, waived)
+            check = False
         reference = run_model(gm, self.example_inputs) if check else None
         log.info("running pass %s", p.label)
         result = p(gm)
@@ -101,7 +107,7 @@ class PassManager:
             self._invalidate(p.invalidates_analyses)
             if check:
                 self._compare(p, reference, run_model(result.gm, self.example_inputs), history)
-        history.append(PassRecord(p.label, result.modified, check and result.modified))
+        history.append(PassRecord(p.label, result.modified, check and result.modified, waived))
         return result.gm, result.modified
 
     def ensure_analyses(self, gm: fx.GraphModule, names: Iterable[str]) -> None:

@@ -105,12 +105,13 @@ def _optional_unshaped(node: fx.Node, example) -> bool:
             and (node.args[0] is None or isinstance(node.args[0], (bool, int, float, str))))
 
 
-def analyze_channels(gm: fx.GraphModule) -> ChannelAnalysis:
-    """Propagate channel labels through ``gm`` and compute units and groups."""
+def analyze_channels(gm: fx.GraphModule, streams: str = "exact") -> ChannelAnalysis:
+    """Propagate channel labels through ``gm`` and compute units and groups; ``streams="approximate"`` lets
+    channel-wide normalisations pass channels, recorded as approximations (``streams.py``)."""
     if not any("tensor_meta" in n.meta for n in gm.graph.nodes if n.op == "placeholder"):
         raise PreconditionError("channel analysis needs shapes: trace with example_inputs or run the 'shapes' "
                                 "analysis (node.meta['tensor_meta'])")
-    cx = RuleContext(gm, Tracker())
+    cx = RuleContext(gm, Tracker(streams))
     for node in gm.graph.nodes:
         cx.env[node], rule = _visit(cx, node)
         cx.t.labels[node.name] = cx.env[node]

@@ -5,7 +5,11 @@ scale=1/sqrt(head_dim)))`` with ``heads(x) = x.unflatten(-1, (h, -1)).transpose(
 modules replace the packed projections, so within-head dims become ordinary channels (q/k united by the
 contraction, v's flowing into ``out_proj``); the explicit scale keeps the result exact after shrinking.
 Only the eval-time self/cross attention without masks, bias_kv or zero_attn is rewritten; other calls
-stay a declared barrier.
+stay a declared barrier. torchvision Swin's fused window attention is rewritten too (``window_attention.py``).
+
+The head split is written ``unflatten(-1, (h, -1))`` for within-head dims and ``unflatten(-1, (-1, head_dim))`` for
+whole heads (``heads=True``), so that shrink's inferred ``-1`` is the dim that shrinks; calling again with the
+other choice restyles splits rewritten earlier (tagged ``node.meta["head_split"]``).
 """
 from __future__ import annotations
 
@@ -15,6 +19,10 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .window_attention import decompose_window_attention, has_window_attention
+
+HEAD_SPLIT = "head_split"
 
 
 def _plain(m: nn.MultiheadAttention, node: fx.Node) -> bool:
@@ -43,16 +51,23 @@ def _seq_batch(src: fx.Node, batch_first: bool) -> tuple[int, int]:
     return (shape[1], shape[0]) if batch_first else (shape[0], shape[1])
 
 
-def decompose_attention(gm: fx.GraphModule) -> int:
-    """Rewrite every plain ``nn.MultiheadAttention`` call in ``gm``; returns how many were rewritten."""
-    count = 0
+def has_attention(gm: fx.GraphModule) -> bool:
+    """Whether ``gm`` holds attention that ``decompose_attention`` may rewrite or restyle."""
+    return any(isinstance(m, nn.MultiheadAttention) for m in gm.modules()) or has_window_attention(gm) or \
+        any(HEAD_SPLIT in n.meta for n in gm.graph.nodes)
+
+
+def decompose_attention(gm: fx.GraphModule, heads: bool = False) -> int:
+    """Rewrite every plain ``nn.MultiheadAttention`` call and torchvision window attention in ``gm``, writing head
+    splits for whole heads (``heads``) or within-head dims; returns how many calls were rewritten or restyled."""
+    count = decompose_window_attention(gm) + _restyle(gm, heads)
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), nn.MultiheadAttention):
             continue
         m = gm.get_submodule(node.target)
         if not _plain(m, node):
             continue
-        _rewrite(gm, node, m)
+        _rewrite(gm, node, m, heads)
         count += 1
     if count:
         gm.graph.eliminate_dead_code()
@@ -61,7 +76,26 @@ def decompose_attention(gm: fx.GraphModule) -> int:
     return count
 
 
-def _rewrite(gm: fx.GraphModule, node: fx.Node, m: nn.MultiheadAttention) -> None:
+def _split_sizes(h: int, d: int, heads: bool) -> tuple[int, int]:
+    return (-1, d) if heads else (h, -1)
+
+
+def _restyle(gm: fx.GraphModule, heads: bool) -> int:
+    """Rewrite earlier head splits (``unflatten``) for ``heads``; returns how many changed."""
+    count = 0
+    for node in gm.graph.nodes:
+        if node.meta.get(HEAD_SPLIT) and "tensor_meta" in node.meta:
+            h, d = node.meta["tensor_meta"].shape[-2:]
+            sizes = _split_sizes(h, d, heads)
+            if tuple(node.args[2]) != sizes:
+                node.args = (node.args[0], node.args[1], sizes)
+                count += 1
+    if count:
+        gm.recompile()
+    return count
+
+
+def _rewrite(gm: fx.GraphModule, node: fx.Node, m: nn.MultiheadAttention, whole_heads: bool) -> None:
     e, h = m.embed_dim, m.num_heads
     name = node.target
     w, b = m.in_proj_weight.detach(), m.in_proj_bias.detach()
@@ -90,7 +124,8 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, m: nn.MultiheadAttention) -> Non
             if not batch_first:
                 src = shaped(g.call_method("transpose", (src, 0, 1)), b, n, e)
             x = shaped(g.call_module(f"{name}.{key}", (src,)), b, n, e)
-            x = shaped(g.call_method("unflatten", (x, -1, (h, -1))), b, n, h, e // h)
+            x = shaped(g.call_method("unflatten", (x, -1, _split_sizes(h, e // h, whole_heads))), b, n, h, e // h)
+            x.meta[HEAD_SPLIT] = True
             heads.append(shaped(g.call_method("transpose", (x, -3, -2)), b, h, n, e // h))
         lq, b = _seq_batch(node.args[0], batch_first)
         att = shaped(g.call_function(F.scaled_dot_product_attention, tuple(heads), {"scale": (e // h) ** -0.5}),

@@ -40,13 +40,15 @@ class PruneOutcome:
     kept. ``blockers``: ``{"op", "reason", "nodes", "channels"}`` per kind of barrier, most channels first
     (``channels``: how many of them the barriers of that kind hold whole; a channel held by two kinds counts
     for both); ``other_fixed``: unprunable channels no barrier explains (coupled to a model input, a constant,
-    a tensor kept whole)."""
+    a tensor kept whole); ``streams``: with ``streams="approximate"``, ``StreamsReport.to_dict()`` of the
+    normalisations pruned through and the masked model's output deviation (``streams.py``)."""
     requested: float
     achieved: float
     channels: int
     removed: int
     blockers: list[dict] = field(default_factory=list)
     other_fixed: int = 0
+    streams: dict | None = None
 
     @property
     def shortfall(self) -> bool:
@@ -63,7 +65,8 @@ class PruneOutcome:
 
     def to_dict(self) -> dict:
         return {"requested": self.requested, "achieved": self.achieved, "channels": self.channels,
-                "removed": self.removed, "blockers": [dict(b) for b in self.blockers], "other_fixed": self.other_fixed}
+                "removed": self.removed, "blockers": [dict(b) for b in self.blockers], "other_fixed": self.other_fixed,
+                "streams": self.streams}
 
 
 def prune_outcome(gm: fx.GraphModule, a: ChannelAnalysis, pruned: np.ndarray,

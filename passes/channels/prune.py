@@ -11,6 +11,7 @@ import torch
 import torch.fx as fx
 
 from sparsifx import validate
+from sparsifx.errors import RecipeError
 from sparsifx.module_utils import submodule
 from sparsifx.masking import is_masked
 from sparsifx.module_classes import class_name, is_container
@@ -19,9 +20,11 @@ from sparsifx.registry import register_pass
 from sparsifx.selection import LayerSelection
 
 from .coupling import ChannelAnalysis, Group, analyze_channels
-from .decompose import decompose_attention
+from .decompose import decompose_attention, has_attention
+from .heads import ATTENTION_MODES, head_units, prune_heads_then_dims
 from .importance import IMPORTANCE, member_tensor
 from .outcome import ChannelShortfallError, PruneOutcome, prune_outcome
+from .streams import STREAMS, StreamsReport, begin as begin_streams
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,7 @@ class ChannelPlan:
     pruned: np.ndarray
     notes: list[str] = field(default_factory=list)
     versions: dict = field(default_factory=dict)   # (owner, tensor) -> (id, _version) right after zeroing
+    streams: StreamsReport | None = None          # set when pruned units pass approximated normalisations
 
     def untouched(self, gm: fx.GraphModule) -> bool:
         """Whether no zeroed tensor was modified in place (e.g. by an optimizer) since ``channel_prune``."""
@@ -66,8 +70,12 @@ class ChannelPrune(PassBase):
     all its producer layers are selected). At least one unit is kept per group; model inputs and
     outputs are never pruned. Zeroes producer rows, biases, norm affine params and parameters added to
     the channels; records ``gm.meta["channel_plan"]`` for ``shrink``. Plain ``nn.MultiheadAttention`` calls
-    are first rewritten into linear projections + ``scaled_dot_product_attention`` (``decompose.py``) so
-    that within-head dims can be pruned.
+    are first rewritten into linear projections + ``scaled_dot_product_attention`` (``decompose.py``), and
+    torchvision Swin's fused window attention into graph ops (``window_attention.py``), so that their heads prune.
+    ``attention``: ``"head_dims"`` (default) prunes within-head dims, uniformly across the heads; ``"heads"``
+    prunes whole heads (q/k/v rows, o columns, per-head bias columns; a key/value head of grouped-query attention
+    goes with all its query heads); ``"both"`` prunes whole heads, removes them, then within-head dims
+    (``heads.py``; not with ``min_achieved_ratio``).
 
     Shortfall: *achieved* is the fraction of removed channels among the output channels of the selected
     conv/linear/embedding layers with a ratio > 0, model outputs excluded (``PruneOutcome``); barriers,
@@ -76,15 +84,20 @@ class ChannelPrune(PassBase):
     ``SHORTFALL_TOLERANCE`` (0.1) below the requested mean ratio, a warning (logging) and a report note name
     the top barriers; ``min_achieved_ratio`` (``None``: off) makes achieved below it a ``ChannelShortfallError``
     raised before anything is zeroed.
+
+    ``streams``: ``"exact"`` (default) keeps channels that LayerNorm/RMSNorm statistics span whole (barriers);
+    ``"approximate"`` prunes them too (the transformer residual stream), recording each such norm as an
+    approximation and measuring the output deviation it causes (``streams.py``; fine-tune afterwards).
     """
 
     requires_analyses = ("shapes",)
     layer_params = ("ratio",)
+    _stage = None   # attention="both": one stage's group ratios (heads.py)
 
     def __init__(self, *, ratio: float = 0.5, importance: str = "l1", round_to: int = 1,
                  conv_groups: str = "keep", seed: int = 0, selection: LayerSelection | None = None,
                  batch: Sequence[Any] | None = None, loss_fn: Callable[[Any], torch.Tensor] | None = None,
-                 min_achieved_ratio: float | None = None):
+                 min_achieved_ratio: float | None = None, streams: str = "exact", attention: str = "head_dims"):
         self.ratio = validate.number("ratio", ratio, 0.0, 1.0, hi_open=True)
         self.importance = validate.choice("importance", importance, IMPORTANCE.names())
         self.round_to = validate.integer("round_to", round_to, 1)
@@ -94,10 +107,19 @@ class ChannelPrune(PassBase):
         self.batch, self.loss_fn = batch, loss_fn
         self.min_achieved_ratio = None if min_achieved_ratio is None else \
             validate.number("min_achieved_ratio", min_achieved_ratio, 0.0, 1.0)
+        self.streams = validate.choice("streams", streams, STREAMS)
+        self.attention = validate.choice("attention", attention, ATTENTION_MODES)
+        if self.attention == "both" and self.min_achieved_ratio is not None:
+            raise RecipeError("is not supported with attention 'both'", "min_achieved_ratio",
+                              validate.shown(min_achieved_ratio), "null, or attention 'heads' / 'head_dims'")
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        rewritten = decompose_attention(gm) if self.ratio > 0 and _has_attention(gm) else 0
-        analysis = analyze_channels(gm)
+        if self.attention == "both" and self._stage is None:
+            return prune_heads_then_dims(self, gm)
+        heads = self.attention == "heads"
+        rewritten = decompose_attention(gm, heads) if self.ratio > 0 and has_attention(gm) else 0
+        with head_units(gm, heads):
+            analysis = analyze_channels(gm, streams=self.streams)
         scores = IMPORTANCE.get(self.importance)(gm, analysis, self)
         pruned = np.zeros(len(analysis.prunable), dtype=bool)
         notes: list[str] = []
@@ -107,6 +129,7 @@ class ChannelPrune(PassBase):
         notes.extend(_idle_containers(gm, selected, analysis))
         for group in analysis.groups:
             ratio = self._group_ratio(group, ratios)
+            ratio = self._stage(analysis, group, ratio) if self._stage and ratio else ratio
             if ratio:
                 self._select(analysis, group, scores, ratio, pruned, notes)
         _keep_every_member(analysis, pruned, scores)
@@ -115,9 +138,14 @@ class ChannelPrune(PassBase):
                 pruned[group.units] = False
                 notes.append(f"group of {group.modules[0]} left whole: grouped conv would be unbalanced")
         outcome, held = prune_outcome(gm, analysis, pruned, ratios)
-        self._judge(outcome, notes)
+        if self._stage is None:
+            self._judge(outcome, notes)
+        streams = begin_streams(gm, analysis, pruned, self.seed)  # runs the original model if approximate
         modified = zero_units(gm, analysis, pruned) or bool(rewritten)
-        plan = ChannelPlan(analysis, pruned, notes, _versions(gm, analysis))
+        if streams is not None:
+            streams.after_prune(gm, notes)
+            outcome.streams = streams.to_dict()
+        plan = ChannelPlan(analysis, pruned, notes, _versions(gm, analysis), streams)
         gm.meta["channel_plan"] = plan
         gm.meta["channel_barriers"] = [{**b, "channels": held.get(b["node"], 0)} for b in analysis.barriers]
         gm.meta["channel_outcome"] = outcome
@@ -247,10 +275,6 @@ def _constraints_hold(a: ChannelAnalysis, units: np.ndarray, pruned: np.ndarray)
         if len(set(kept.tolist())) > 1:
             return False
     return True
-
-
-def _has_attention(gm: fx.GraphModule) -> bool:
-    return any(isinstance(m, torch.nn.MultiheadAttention) for m in gm.modules())
 
 
 def _versions(gm: fx.GraphModule, a: ChannelAnalysis) -> dict:

@@ -1,6 +1,7 @@
 """Rules for attention: einsum/matmul contractions (within-head dims of q and k are united, v's head
-dims flow to the output; ``sdpa`` keeps its default scale when shrunk),
-``nn.MultiheadAttention`` and torchvision's fused Swin attention function."""
+dims flow to the output; ``sdpa`` keeps its default scale when shrunk; with whole heads, ``heads.py``, the head
+dim is a batch dim of the contraction and q/k/v/mask heads are united), ``F.normalize`` (cosine attention),
+``nn.MultiheadAttention`` and torchvision's fused Swin attention function (both barriers where not decomposed)."""
 from __future__ import annotations
 
 import operator
@@ -91,11 +92,13 @@ def sdpa(cx: RuleContext, node: fx.Node):
             for i, n in enumerate(("query", "key", "value"))]
     labs = [cx.value(s) for s in srcs]
     mask = cx.inp(node, 3, "attn_mask")
-    if isinstance(mask, torch.Tensor):  # (T5's head bias from an Embedding): broadcast over heads/tokens, kept whole
-        cx.t.fix(mask)
     if any(shape_of(s) is None or len(shape_of(s)) != 4 for s in srcs):
         cx.t.barrier(node, "scaled_dot_product_attention on operands that are not (batch, heads, tokens, dim)", labs)
         return cx.fixed(node)
+    if any(varying_dim(lab) == 1 for lab in labs):
+        return _sdpa_heads(cx, node, srcs, labs, mask)
+    if isinstance(mask, torch.Tensor):  # (T5's head bias from an Embedding): broadcast over heads/tokens, kept whole
+        cx.t.fix(mask)
     if cx.inp(node, 6, "scale") is None and varying_dim(labs[0]) == 3:
         cx.t.rewrite_node(node, "sdpa_scale", vec=labs[0].reshape(-1).clone(), scale=shape_of(srcs[0])[3] ** -0.5)
     contract(cx, node, srcs[:2], ["bhld", "bhsd"], "bhls")
@@ -103,6 +106,31 @@ def sdpa(cx: RuleContext, node: fx.Node):
         cx.t.barrier(node, "value channels not on the last dim", labs[2])
         return cx.fixed(node)
     return labs[2]
+
+
+def _sdpa_heads(cx: RuleContext, node: fx.Node, srcs, labs, mask):
+    """Whole heads (``heads.py``): q, k, v and a per-head ``attn_mask`` vary along dim 1 and are united head by
+    head; a key/value head shared by several query heads (``enable_gqa``) is united with all of them. Labels that
+    vary along another dim (or an operand held whole) fix the heads."""
+    n = shape_of(srcs[0])[1]
+    heads = []
+    for lab, shp in [(lab, shape_of(s)) for lab, s in zip(labs, srcs)] + [(mask, _mask_shape(node))]:
+        if not isinstance(lab, torch.Tensor) or shp is None:
+            continue
+        d = varying_dim(lab)
+        if d is None and (len(shp) < 3 or shp[-3] == 1):  # broadcast over heads, no channels: left alone
+            continue
+        if d is None or d != len(shp) - 3 or n % shp[d]:
+            cx.t.barrier(node, "attention operands with channels on different dims", [*labs, mask])
+            return cx.fixed(node)
+        heads.append(lab.reshape(-1).repeat_interleave(n // shp[d]))
+    for vec in heads[1:]:
+        cx.t.union(heads[0], vec)
+    return cx.t.place(heads[0].clone(), 1, 4)
+
+
+def _mask_shape(node: fx.Node):
+    return shape_of(node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask"))
 
 
 @REWRITES.register("sdpa_scale")
@@ -117,6 +145,22 @@ def rewrite_sdpa_scale(node: fx.Node, data: dict, kept) -> bool:
     return True
 
 
+@channel_rule(F.normalize)
+def normalize(cx: RuleContext, node: fx.Node):
+    """``F.normalize(x, p, dim)`` (cosine attention: Swin V2): per channel along other dims. Along the channel dim
+    the p-norm (p > 0) is unchanged by exact zeros, so pruned positions must be zero there (checked)."""
+    lab, src = cx.inp(node, 0, "input"), node.args[0] if node.args else node.kwargs.get("input")
+    p, dim = cx.inp(node, 1, "p", 2.0), cx.inp(node, 2, "dim", 1)
+    d = varying_dim(lab)
+    if d is None or (isinstance(dim, int) and dim % lab.ndim != d):
+        return lab
+    if not isinstance(dim, int) or not isinstance(p, (int, float)) or p <= 0:
+        cx.t.barrier(node, "normalizes across channels", lab)
+        return cx.fixed(node)
+    cx.t.checks.append(Check(node.name, src.name, d, lab.reshape(-1).clone(), "zero"))
+    return lab
+
+
 @channel_rule(nn.MultiheadAttention)
 def multihead_attention(cx: RuleContext, node: fx.Node):
     """Declared barrier: ``nn.MultiheadAttention`` keeps ``embed_dim`` and its heads whole."""
@@ -127,7 +171,8 @@ def multihead_attention(cx: RuleContext, node: fx.Node):
 
 @channel_rule(*_SWIN_FUSED, *_SWIN_BIAS)
 def swin_attention(cx: RuleContext, node: fx.Node):
-    """Declared barrier: torchvision's fused shifted-window attention takes qkv/proj weights as tensors."""
+    """Declared barrier: torchvision's fused shifted-window attention takes qkv/proj weights as tensors (calls
+    that ``window_attention.py`` cannot rewrite)."""
     cx.t.barrier(node, "torchvision fused window attention: heads and embedding kept whole",
                  [cx.value(a) for a in node.args] + [cx.value(v) for v in node.kwargs.values()])
     return cx.fixed(node)

@@ -1,14 +1,17 @@
 """Rules for layers: conv/linear/embedding produce fresh channels and consume their input channels;
 depthwise and grouped convs keep the group structure; norms are per channel (BatchNorm) or fix the
-channels they normalize over (LayerNorm, GroupNorm)."""
+channels they normalize over (LayerNorm, RMSNorm, GroupNorm; LayerNorm and RMSNorm pass them, recorded as
+approximations, under ``streams="approximate"``: ``streams.py``)."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .rules_base import RuleContext, channel_rule, out_shape
+from .rewrites import REWRITES
+from .rules_base import RuleContext, channel_rule, is_label, out_shape, shape_of
 from .rules_shape import varying_dim
 from .tracker import Check, Constraint, Member
 
@@ -121,27 +124,107 @@ def batch_norm(cx: RuleContext, node: fx.Node):
     return cx.t.place(vec, 1, nd)
 
 
+NO_AFFINE = "{} statistics span these channels and, without an affine weight, pruned channels are not zero"
+
+
+def _arg(node: fx.Node, i: int, key: str):
+    return node.args[i] if i < len(node.args) else node.kwargs.get(key)
+
+
+def _normalized(lab: torch.Tensor, k: int) -> int | None:
+    """The channel dim of ``lab`` if it is among the last ``k`` (normalised) dims, else ``None``."""
+    d = varying_dim(lab)
+    return d if d is not None and d >= lab.ndim - k else None
+
+
+def norm_module(cx: RuleContext, node: fx.Node, kind: str):
+    """``LayerNorm``/``RMSNorm`` over the last ``len(normalized_shape)`` dims: pruning a normalised channel
+    changes the statistics, so a barrier; with ``streams="approximate"`` (``streams.py``) a recorded
+    approximation whose affine parameters are zeroed and sliced with the channels."""
+    lab, m = cx.inp(node), cx.module(node)
+    k = len(m.normalized_shape)
+    d = _normalized(lab, k)
+    if d is None:
+        return lab
+    if cx.t.streams == "approximate" and getattr(m, "weight", None) is None:
+        cx.t.barrier(node, NO_AFFINE.format(kind), lab)
+    elif cx.t.approximate(node, f"{kind} statistics span these channels", lab):
+        vec = cx.t.along(lab, d, out_shape(node)[d])
+        add_member(cx, node, "weight", d - (lab.ndim - k), vec, "out")
+        add_member(cx, node, "bias", d - (lab.ndim - k), vec, "out")
+    return lab
+
+
 @channel_rule(nn.LayerNorm)
 def layer_norm(cx: RuleContext, node: fx.Node):
-    """LayerNorm over the last dims: pruning a normalized channel changes mean/var, so those are fixed."""
-    lab = cx.inp(node)
-    k = len(cx.module(node).normalized_shape)
-    d = varying_dim(lab)
-    if d is not None and d >= lab.ndim - k:
-        cx.t.barrier(node, "LayerNorm statistics span these channels (pruning is not exact)", lab)
+    """LayerNorm over the last dims: pruning a normalized channel changes mean/var (``norm_module``)."""
+    return norm_module(cx, node, "LayerNorm")
+
+
+@channel_rule(nn.RMSNorm)
+def rms_norm(cx: RuleContext, node: fx.Node):
+    """RMSNorm over the last dims: pruning a normalized channel changes the mean square (``norm_module``)."""
+    return norm_module(cx, node, "RMSNorm")
+
+
+def norm_fn(cx: RuleContext, node: fx.Node, kind: str, affine: tuple[str, ...]):
+    """``F.layer_norm(x, shape, w, b)`` / ``F.rms_norm(x, shape, w)``: as ``norm_module``; the affine tensors
+    (``get_attr`` reads) are united with the channels and ``normalized_shape`` is rewritten by shrink."""
+    lab = cx.inp(node, 0, "input")
+    shape = cx.inp(node, 1, "normalized_shape")
+    static = isinstance(shape, (int, tuple, list, torch.Size))
+    literal = static and not isinstance(_arg(node, 1, "normalized_shape"), fx.Node)  # shrink can rewrite it
+    k = 1 if isinstance(shape, int) else len(shape) if static else lab.ndim
+    d = _normalized(lab, k)  # (normalized shape unknown: every dim may be normalized)
+    params = [(key, _arg(node, i, key)) for i, key in enumerate(affine, start=2)]
+    labels = [cx.value(a) for _, a in params if a is not None]
+    if d is None:
+        cx.t.fix(labels)
+        return lab
+    if cx.t.streams == "approximate" and (not literal or params[0][1] is None):
+        why = f"{kind} normalized_shape is not a constant shrink can rewrite" if not literal else NO_AFFINE.format(kind)
+        cx.t.barrier(node, why, [lab, labels])
+    elif cx.t.approximate(node, f"{kind} statistics span these channels", lab):
+        vec, wd = cx.t.along(lab, d, out_shape(node)[d]), d - (lab.ndim - k)
+        for key, a in params:
+            pl = cx.value(a) if a is not None else None
+            if pl is None:
+                continue
+            if isinstance(a, fx.Node) and is_label(pl) and pl.ndim == k and shape_of(a)[wd] == vec.numel() \
+                    and varying_dim(pl) in (wd, None):
+                cx.t.union(vec, cx.t.along(pl, wd, vec.numel()))
+            else:
+                cx.t.barrier(node, f"its '{key}' is not a tensor the analysis can slice", [vec, pl])
+        cx.t.rewrite_node(node, "normalized_shape", vec=vec.clone(), pos=wd)
+        return lab
+    cx.t.fix(labels)
     return lab
 
 
 @channel_rule(F.layer_norm)
 def layer_norm_fn(cx: RuleContext, node: fx.Node):
-    lab = cx.inp(node, 0, "input")
-    shape = cx.inp(node, 1, "normalized_shape")
-    k = 1 if isinstance(shape, int) else len(shape) if isinstance(shape, (tuple, list, torch.Size)) else lab.ndim
-    d = varying_dim(lab)
-    if d is not None and d >= lab.ndim - k:  # (normalized shape unknown: every dim may be normalized)
-        cx.t.barrier(node, "layer_norm statistics span these channels (pruning is not exact)", lab)
-    cx.t.fix([cx.inp(node, 2, "weight"), cx.inp(node, 3, "bias")])
-    return lab
+    return norm_fn(cx, node, "layer_norm", ("weight", "bias"))
+
+
+@channel_rule(F.rms_norm)
+def rms_norm_fn(cx: RuleContext, node: fx.Node):
+    return norm_fn(cx, node, "rms_norm", ("weight",))
+
+
+@REWRITES.register("normalized_shape")
+def rewrite_normalized_shape(node: fx.Node, data: dict, kept) -> bool:
+    """``F.layer_norm(x, shape, ...)`` normalising pruned channels: ``shape[pos]`` becomes the kept count."""
+    new = int(np.count_nonzero(kept(data["vec"])))
+    raw = node.args[1] if len(node.args) > 1 else node.kwargs["normalized_shape"]
+    sizes = [raw] if isinstance(raw, int) else list(raw)
+    if sizes[data["pos"]] == new:
+        return False
+    sizes[data["pos"]] = new
+    if len(node.args) > 1:
+        node.args = (node.args[0], tuple(sizes), *node.args[2:])
+    else:
+        node.kwargs = {**node.kwargs, "normalized_shape": tuple(sizes)}
+    return True
 
 
 @channel_rule(nn.GroupNorm, F.group_norm)

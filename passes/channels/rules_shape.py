@@ -9,7 +9,10 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .rules_base import RuleContext, UNKNOWN, channel_rule, is_label, out_shape, shape_of
+from . import rules_elementwise
+from .heads import keep_heads
+from .rules_base import RuleContext, UNKNOWN, channel_rule, find_rule, is_label, out_shape, shape_of
+from .tracker import FIXED
 
 try:
     from torchvision.models.swin_transformer import _patch_merging_pad
@@ -23,10 +26,12 @@ def varying_dim(lab: torch.Tensor) -> int | None:
     return dims[-1] if dims else None
 
 
-def reshape_labels(cx: RuleContext, lab: torch.Tensor, in_shape, shape) -> torch.Tensor:
+def reshape_labels(cx: RuleContext, lab: torch.Tensor, in_shape, shape, node: fx.Node | None = None) -> torch.Tensor:
+    """Labels after a reshape; ``node`` given: a head split keeps its head dim in a heads analysis (``heads.py``)."""
     if varying_dim(lab) is None:
         return lab.reshape(-1)[:1].reshape((1,) * len(shape))
-    return cx.t.normalize(lab.expand(in_shape).reshape(shape))
+    full = lab.expand(in_shape).reshape(shape)
+    return cx.t.normalize(full if node is None else keep_heads(cx, node, full))
 
 
 def size_args(node: fx.Node) -> tuple[list | fx.Node, str]:
@@ -70,7 +75,7 @@ def record_sizes(cx: RuleContext, node: fx.Node, out: torch.Tensor, lab: torch.T
 def reshape(cx: RuleContext, node: fx.Node):
     """``x.view(sizes)``: labels follow the row-major element order; a split channel keeps its inner factor."""
     lab, shape = cx.inp(node, 0, "input"), out_shape(node)
-    out = reshape_labels(cx, lab, cx.inshape(node, 0, "input"), shape)
+    out = reshape_labels(cx, lab, cx.inshape(node, 0, "input"), shape, node)
     explicit = node.target in ("view", "reshape") if node.op == "call_method" else node.target is torch.reshape
     if explicit and not record_sizes(cx, node, out, lab):
         return cx.fixed(node)
@@ -265,17 +270,47 @@ def norm(cx: RuleContext, node: fx.Node):
 
 def reduce_labels(cx: RuleContext, node: fx.Node, lab: torch.Tensor, dims, keep: bool):
     """Labels of ``lab`` reduced over ``dims`` (``None``: every dim): per channel unless the channel dim is
-    reduced, then a barrier (its channels are fixed)."""
+    reduced, then a barrier (its channels are fixed); with ``streams="approximate"``, a normalisation statistic
+    (``statistic``) is a recorded approximation instead, constant along every dim."""
     if dims is None or dims is UNKNOWN:
         cx.t.barrier(node, "reduces over all dims", lab)
         return cx.fixed(node)
     dims = sorted({d % lab.ndim for d in (dims if isinstance(dims, (tuple, list)) else (dims,))})
-    if varying_dim(lab) in dims:
+    d = varying_dim(lab)
+    if d in dims:
+        if cx.t.streams == "approximate" and keep and statistic(cx, node, d, lab.shape[d]):
+            cx.t.approximate(node, "normalisation statistic over the channels", lab)
+            return torch.full((1,) * lab.ndim, FIXED, dtype=torch.long)
         cx.t.barrier(node, "reduces across channels", lab)
         return cx.fixed(node)
     index = tuple(slice(0, 1) if (d in dims and keep) else (0 if d in dims else slice(None))
                   for d in range(lab.ndim))
     return lab[index]
+
+
+STATISTICS = (torch.mean, torch.var, torch.std, "mean", "var", "std")
+
+
+def statistic(cx: RuleContext, node: fx.Node, dim: int, size: int) -> bool:
+    """Whether ``node`` (a keepdim reduction over the channel ``dim`` of ``size`` channels) is a normalisation
+    statistic: a mean/var/std whose every use, through elementwise ops along which it stays size 1
+    (``rsqrt(var + eps)``), ends in an elementwise op that broadcasts it back over the channels (LayerNorm and
+    RMSNorm written out: ``x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)``)."""
+    if node.target not in STATISTICS or size < 2 or out_shape(node) is None:
+        return False
+    nd, stack, seen = len(out_shape(node)), [node], set()
+    while stack:
+        for user in stack.pop().users:
+            if user in seen:
+                continue
+            seen.add(user)
+            shape = out_shape(user)
+            if find_rule(cx.gm, user) not in (rules_elementwise.unary, rules_elementwise.elementwise) or \
+                    shape is None or len(shape) != nd or shape[dim] not in (1, size):
+                return False
+            if shape[dim] == 1:
+                stack.append(user)
+    return bool(seen)
 
 
 POOLS = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,

@@ -23,6 +23,7 @@ from sparsifx.module_utils import preserve_training_flags, submodule
 from sparsifx.errors import PassError, PreconditionError
 from sparsifx.masking import effective_weight
 from sparsifx.pass_base import PassBase, PassResult
+from sparsifx.pass_manager import run_model
 from sparsifx.registry import register_pass
 
 from .coupling import graph_signature, model_inputs, tied_tensors
@@ -41,7 +42,9 @@ class Shrink(PassBase):
     groups and size attributes renumbered; constant channels folded into consumer biases.
 
     Parameters: ``seed`` (the random input draw of the exactness check). Needs ``gm.meta["channel_plan"]``
-    (from ``channel_prune``); without one it changes nothing.
+    (from ``channel_prune``); without one it changes nothing. A plan of ``channel_prune(streams="approximate")``
+    that prunes through normalisations is not exact: the manager's verification is waived (``exactness_waived``)
+    and ``gm.meta["channel_report"]["streams"]`` gives the measured output deviation instead (``streams.py``).
     """
 
     preserves_semantics = True
@@ -57,6 +60,11 @@ class Shrink(PassBase):
         modified = shrink_with_plan(gm, plan, seed=self.seed)
         del gm.meta["channel_plan"]
         return PassResult(gm, modified)
+
+    def exactness_waived(self, gm: fx.GraphModule) -> str | None:
+        """Why shrinking ``gm``'s plan cannot equal the masked model: it prunes through approximated norms."""
+        plan = gm.meta.get("channel_plan")
+        return plan.streams.exactness_check if plan is not None and plan.streams is not None else None
 
 
 class _Probe(fx.Interpreter):
@@ -181,6 +189,8 @@ def shrink_with_plan(gm: fx.GraphModule, plan: ChannelPlan, seed: int = 0,
     folds = _decide(gm, plan, pruned, _probe(gm, plan, pruned, pair), notes)
     ties = tied_tensors(gm)
     cuts = _cuts(gm, a, pruned, ties)  # checks every tie is cut alike before anything changes
+    streams = plan.streams if cuts else None
+    masked = run_model(gm, streams.inputs) if streams is not None else None
     n_folded = _apply_folds(gm, folds, pruned)
     for module, module_cuts in cuts.values():
         slice_module(module, module_cuts)
@@ -196,6 +206,13 @@ def shrink_with_plan(gm: fx.GraphModule, plan: ChannelPlan, seed: int = 0,
         f"shrink: removed {removed} channel units, folded {n_folded} constant channels into biases"
         + "".join(f"; {n}" for n in sorted(set(notes))))
     gm.meta["channel_report"] = {"removed_units": removed, "folded": n_folded, "kept_for_exactness": notes}
+    if streams is not None:
+        streams.after_shrink(gm, masked)
+        gm.meta["channel_report"]["streams"] = streams.to_dict()
+        gm.meta["report_notes"].append(
+            f"shrink: approximate streams: output deviation {streams.deviation:.3g} from the original, "
+            f"{streams.deviation_approximation:.3g} from the masked model (relative L2, {streams.inputs_kind}); "
+            "exactness check skipped; fine-tune afterwards")
     log.info("shrink: removed %d units (%d folded, %d kept for exactness)", removed, n_folded, len(notes))
     return bool(cuts)
 

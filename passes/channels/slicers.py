@@ -129,7 +129,7 @@ def slice_batch_norm(m: nn.Module, cuts: Cuts) -> None:
         m.num_features = ref.shape[0]
 
 
-@register_slicer(nn.LayerNorm)
+@register_slicer(nn.LayerNorm, nn.RMSNorm)
 def slice_layer_norm(m: nn.Module, cuts: Cuts) -> None:
     slice_generic(m, cuts)
     if m.weight is not None:

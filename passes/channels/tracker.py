@@ -68,7 +68,9 @@ class Rewrite:
 class Tracker:
     """Collects atoms, union edges, members, constraints, checks, rewrites and barriers."""
 
-    def __init__(self):
+    def __init__(self, streams: str = "exact"):
+        self.streams = streams               # "approximate": channel-wide normalisations pass channels (streams.py)
+        self.approximations: list[dict] = []  # {"node", "op", "reason", "atoms"} of each such normalisation
         self.n_atoms = 1
         self._space_chunks: list[torch.Tensor] = [torch.full((1,), -1, dtype=torch.long)]
         self._edges: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -129,6 +131,17 @@ class Tracker:
     def barrier(self, node, reason: str, labels: Any) -> None:
         self.fix(labels)
         self.barriers.append({"node": node.name, "op": _describe(node), "reason": reason})
+
+    def approximate(self, node, reason: str, labels: Any) -> bool:
+        """A normalisation whose statistics span the channels of ``labels``: with ``streams="approximate"``
+        they pass (recorded, True); otherwise a barrier (False)."""
+        if self.streams != "approximate":
+            self.barrier(node, f"{reason} (pruning is not exact)", labels)
+            return False
+        atoms = torch.cat([t.reshape(-1) for t in tensor_leaves(labels)] + [torch.zeros(0, dtype=torch.long)])
+        self.approximations.append({"node": node.name, "op": _describe(node), "reason": reason,
+                                    "atoms": torch.unique(atoms[atoms != FIXED])})
+        return True
 
     # ---- label helpers ---------------------------------------------------------------------------
     def normalize(self, lab: torch.Tensor) -> torch.Tensor:
