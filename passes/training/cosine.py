@@ -63,8 +63,10 @@ def _columns(module: nn.Module, x: torch.Tensor, y: torch.Tensor, name: str) -> 
 class CosineStats:
     """Streaming sums for the cosine scores of a set of layers."""
 
-    def __init__(self, gm: fx.GraphModule, names: list[str]):
-        self.gm, self.names = gm, list(names)
+    def __init__(self, gm: fx.GraphModule, names: list[str], charge=None):
+        """``charge(flops)`` is told the cost of every statistics product (``2·N·n_in·n_out`` per layer and batch:
+        as much as a dense weight gradient), so that the training FLOPs count it."""
+        self.gm, self.names, self.charge = gm, list(names), charge
         self.act = {n: post_activation(gm, n) for n in self.names}
         self.sums: dict[str, list[torch.Tensor]] = {}
         self.handles: list = []
@@ -78,6 +80,8 @@ class CosineStats:
                 a_in, a_out = _columns(module, inputs[0].detach().float(), self.act[name](output.detach().float()),
                                        name)
                 g = a_out.t() @ a_in
+                if self.charge is not None:
+                    self.charge(2.0 * a_in.shape[0] * a_in.shape[1] * a_out.shape[1])
                 q_in, q_out = (a_in * a_in).sum(0), (a_out * a_out).sum(0)
                 if name in self.sums:
                     for acc, new in zip(self.sums[name], (g, q_in, q_out)):

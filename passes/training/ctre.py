@@ -69,7 +69,7 @@ class CTRE(DSTPass):
     def check_attach(self, ctrl) -> None:
         if self.activations == "data" and ctrl.data is None:
             raise PreconditionError("ctre with activations: data needs attach(..., data=<iterable of batches>)")
-        stats = ctrl.state.get("_stats") or CosineStats(ctrl.gm, ctrl.names)
+        stats = ctrl.state.get("_stats") or CosineStats(ctrl.gm, ctrl.names, charge=ctrl.flops.charge_extra)
         if self.activations == "train":
             stats.enabled = lambda module: module.training and torch.is_grad_enabled()
             stats.install()

@@ -6,7 +6,8 @@ weight-gradient density ``d_w`` (1 on dense-gradient steps: RigL update steps, s
 forward ``d·F``, backward ``d·F`` (input gradient) ``+ d_w·F`` (weight gradient), against a dense
 ``3·F``. RigL's dense gradient is thereby amortised over ΔT exactly as the schedule ran it. Extra
 forward passes (CTRE's activation pass) are charged forward-only. Other ops (norms, activations,
-pooling) are not counted: they are the same in the sparse and the dense run.
+pooling) are not counted: they are the same in the sparse and the dense run. CTRE's activation statistics (a
+dense ``n_out × n_in`` product per layer and batch) are charged as extra work.
 
 That is the algorithm's (theoretical) figure. Beside it ``executed`` counts what the kernels did: a masked layer
 multiplies by its dense ``W ⊙ M`` (``3·F`` whatever its density); a sparse-storage layer does ``3·d·F`` (forward,
@@ -62,6 +63,10 @@ class FlopCounter:
             self.extra += 2.0 * macs * density
         else:
             self.pending[name] = self.pending.get(name, 0.0) + macs
+
+    def charge_extra(self, flops: float) -> None:
+        """Work an algorithm needs beside the layers' products (CTRE's activation statistics)."""
+        self.extra += float(flops)
 
     def charge_step(self, densities: dict[str, tuple[float, float, float]]) -> None:
         """``densities[name] = (d, d_w, e)``: density, weight-gradient density and the executed multiple of ``F``

@@ -154,3 +154,12 @@ def test_ctre_on_a_small_cnn_and_unsupported_layers():
     with pytest.raises(sparsifx.UnsupportedOpError, match="'0'"):
         sparsifx.sparsify(conv1d, {"stages": [{"pass": "ctre", "types": ["Conv1d", "Linear"], "sparsity": 0.5,
                                                "distribution": "uniform"}]})
+
+
+def test_activation_statistics_are_charged_as_dense_products():
+    gm, opt, data = setup()
+    ctrl = sparsifx.attach(gm, opt, steps_per_epoch=3, epochs=3)
+    assert sorted(ctrl.names) == ["0", "2"]  # the 200->10 output layer is dense at epsilon 10
+    train(gm, opt, data, 1)
+    # one training forward of batch 64: A_out^T A_in for 64->200 and 200->200
+    assert ctrl.training_flops()["extra_forward_flops"] == 2 * 64 * (64 * 200 + 200 * 200)
