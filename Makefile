@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sparsifx-installed
 
-.PHONY: demo test test-slow bench clean
+.PHONY: demo demo-integrations test test-slow bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,13 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(PY) examples/demo.py
+
+# optional: fine-tune under transformers' Trainer and Lightning (installs the hf and lightning extras, and
+# accelerate, which Trainer needs)
+demo-integrations: $(STAMP)
+	$(PY) -m pip install -q -e ".[hf,lightning]" "accelerate>=1.1"
+	$(PY) examples/finetune_hf_trainer.py --steps 20
+	$(PY) examples/finetune_lightning.py --steps 30
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from sparsifx.atomic_io import atomic_write
 from sparsifx.errors import ArtefactError
+from sparsifx.progress import progress
 
 from . import cpp_kernel
 from .sparse_kernels import SPARSE_KERNELS
@@ -203,7 +204,7 @@ def _calibrate_linear(kernels: tuple[str, ...], reps: int, sizes: tuple[int, ...
     mats = {n: _random_sparse(n, CAL_DENSITY, gen) for n in sizes}
     evict = CacheEvictor()
     table: dict[str, dict[int, list[tuple[float, float]]]] = {k: {} for k in kernels}
-    for batch in batches:
+    for batch in progress(batches, desc="sparsifx: calibrating sparse kernels", unit="batch size"):
         for k in kernels:
             table[k][batch] = []
         for n, w in mats.items():

@@ -251,6 +251,12 @@ class Report:
                            "sparse_flops": None if self.total_sparse_macs is None else 2 * self.total_sparse_macs},
                 "notes": list(self.notes)}
 
+    def plot(self, path, before: "Report | None" = None, title: str | None = None, max_layers: int = 60):
+        """Write per-layer parameters, density and MACs of this report (and of ``before``, the model before the
+        recipe) as a figure; see ``sparsifx.plot``. Needs matplotlib (``pip install sparsifx[plot]``)."""
+        from .plot import plot_reports
+        return plot_reports(self, path, before=before, title=title, max_layers=max_layers)
+
     def __str__(self) -> str:
         extra_cols = list(dict.fromkeys(k for row in self.layers for k in row.extra))
         head = ["layer", "type", "params", "nonzeros", "sparsity", "MACs", "FLOPs", "sparse FLOPs", *extra_cols]

@@ -94,10 +94,14 @@ class SparseController:
         for key, value in (("steps_per_epoch", steps_per_epoch), ("epochs", epochs)):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise PreconditionError(f"attach: {key} must be a positive integer, got {value!r}")
+        if isinstance(optimizer, torch.optim.LBFGS):
+            raise PreconditionError("LBFGS evaluates its closure several times per step; the sparse controller's "
+                                    "updates need one forward/backward per step: use another optimizer")
         self.detach()
         self.optimizer, self.steps_per_epoch, self.epochs, self.data = optimizer, steps_per_epoch, epochs, data
         self.method.check_attach(self)
-        self._handles = [optimizer.register_step_pre_hook(self._pre_hook),
+        self._handles = [optimizer.register_step_pre_hook(closure_first),  # before our own pre-hook
+                         optimizer.register_step_pre_hook(self._pre_hook),
                          optimizer.register_step_post_hook(self._post_hook)]
         for name, module in self.gm.named_modules():
             if name and macs_rule(module) is not None:
@@ -300,6 +304,23 @@ class SparseController:
         for key, value in state.get("flops", {}).items():
             setattr(self.flops, key, value)
         self._set_dense_grad()
+
+
+def closure_first(optimizer, args, kwargs):
+    """Step pre-hook for ``optimizer.step(closure)`` (Lightning, some plain loops): run the closure now (forward,
+    backward) and hand the optimizer a closure returning its loss, so that the controller's pre-hook (RigL's update)
+    sees this step's gradients."""
+    closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        loss = closure()
+
+    def evaluated():
+        return loss
+    if "closure" in kwargs:
+        return args, {**kwargs, "closure": evaluated}
+    return (args[0], evaluated, *args[2:]), kwargs
 
 
 def _nbytes(t: torch.Tensor) -> int:

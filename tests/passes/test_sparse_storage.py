@@ -320,3 +320,24 @@ def test_layers_built_on_the_meta_device_start_in_sparse_storage_without_a_dense
         dense_meta = nn.Sequential(nn.Linear(50, 30), nn.ReLU(), nn.Linear(30, 2))
     with pytest.raises(PassError, match="meta device"):
         sparsifx.sparsify(dense_meta, {"stages": [{"pass": "set", "storage": "masked", "epsilon": 2}]})
+
+
+def test_a_plain_loop_with_a_closure_gives_rigl_this_steps_gradients():
+    torch.manual_seed(0)
+    model = sparsifx.sparsify(nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 3)),
+                              {"stages": [{"pass": "rigl", "sparsity": 0.8, "delta_t": 1, "end_step": 3,
+                                           "storage": "sparse"}]})
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ctrl = sparsifx.attach(model, opt)
+    x, y = torch.randn(8, 10), torch.randint(0, 3, (8,))
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert torch.isfinite(loss) and any(h["kind"] == "rigl" for h in ctrl.history)
+    with pytest.raises(PreconditionError, match="LBFGS"):
+        sparsifx.attach(model, torch.optim.LBFGS(model.parameters()))
