@@ -18,6 +18,17 @@ same randomised model in its own subprocess (L1 magnitude, classifier ignored, a
 heads as in Torch-Pruning's timm example). Each (model, tool) runs in a forked subprocess with a time limit and
 an RSS cap (``torchvision_sweep.run_isolated``); results are written after every model (JSON + markdown table
 with the same basename); ``--resume`` skips finished models.
+
+``--zoo hf``: tiny ``transformers`` models (BERT, RoBERTa, GPT-2, Llama and Mistral with grouped-query attention,
+ViT, Swin, T5; ``zoo_hf_models.py``), random weights, norms re-randomised, traced with ``trace_hf``. Per model
+(``sweep_hf_sparsifx``): Linear/Conv1D layers visible in the trace, ``magnitude`` masking of every one of them
+(``sparsify``), exact ``channel_prune`` + ``shrink`` with the params ratio over the transformer blocks (the
+encoder/decoder layer lists) and over the whole model, compact ONNX with onnxruntime parity, time; an
+"approximate streams" column that says it is not implemented. ``--compare torch-pruning`` runs Torch-Pruning's
+documented HF recipes on the same model (``sweep_hf_torch_pruning``).
+
+    python benchmarks/zoo_sweep.py --zoo hf --models all --ratio 0.5 --compare torch-pruning \\
+        --out benchmarks/results/zoo_hf.json
 """
 from __future__ import annotations
 
@@ -26,6 +37,7 @@ import copy
 import functools
 import gc
 import json
+import os
 import sys
 import tempfile
 import time
@@ -41,6 +53,7 @@ sys.path.insert(0, str(HERE))
 
 import prune_sweep_worker as w  # noqa: E402
 import torchvision_sweep as tvs  # noqa: E402
+import zoo_hf_models as hfm  # noqa: E402
 
 REALLY_PRUNED, BARELY_PRUNED = 0.6, 0.8  # params after/before
 
@@ -55,6 +68,8 @@ class Zoo:
     create: Callable[..., nn.Module]
     special: dict = field(default_factory=dict)
     extra: str = ""
+    tools: dict = field(default_factory=dict)  # tool -> sweep function, where the zoo has its own
+    report: tuple | None = None  # (summary, markdown) where the zoo has its own
 
     def side(self, model: str, default: int) -> int:
         return self.special.get(model, (default, {}))[0] or default
@@ -68,7 +83,7 @@ class Zoo:
 
 
 ZOOS: dict[str, Zoo] = {}
-PLANNED = {"hf": "the Hugging Face zoo is not implemented yet: add a Zoo to zoo_sweep.ZOOS (see TIMM)"}
+PLANNED: dict[str, str] = {}  # zoo -> why ``--zoo <zoo>`` is refused (not implemented yet)
 
 
 def register_zoo(zoo: Zoo) -> Zoo:
@@ -348,14 +363,418 @@ def write(records: dict[str, dict], out: Path, args: argparse.Namespace, names: 
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             pass
+    summarise, tabulate = ZOOS[args.zoo].report or (summary, markdown)
     meta = {"zoo": args.zoo, "ratio": args.ratio, "round_to": args.round_to, "side": args.side,
             "num_classes": args.num_classes, "threads": 2, "batch": 1, "versions": versions,
-            "summary": summary(records)}
+            "machine": {"cpus": os.cpu_count(), "shared": "other workers run on the same cores at the same time",
+                        "loadavg_at_start": getattr(args, "loadavg_start", None),
+                        "loadavg_at_write": [round(v, 2) for v in os.getloadavg()]},
+            "summary": summarise(records)}
+    if args.zoo == "hf":
+        meta["configs"] = hfm.CONFIGS
     meta["summary"]["not_run"] = [n for n in names if n not in records]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "records": records}, indent=1))
-    out.with_suffix(".md").write_text(markdown(records, meta))
+    out.with_suffix(".md").write_text(tabulate(records, meta))
     return meta["summary"]
+
+
+# ------------------------------------------------------------------ Hugging Face zoo (--zoo hf)
+APPROXIMATE_STREAMS = ("not implemented: sparsifx has no 'streams: approximate' mode; channel_prune keeps the "
+                       "residual stream whole (LayerNorm/RMSNorm statistics span it)")
+
+
+def create_hf(name: str, side: int = 0, num_classes: int = 0) -> nn.Module:
+    """A tiny ``transformers`` model with random weights (``zoo_hf_models``; side and classes are fixed there)."""
+    return hfm.build(name)[0]
+
+
+def build_hf(name: str) -> tuple[nn.Module, dict, dict]:
+    """The model (eval, ``use_cache`` off), its example inputs and what ``randomise`` changed."""
+    model, inputs = hfm.build(name)
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
+    return model, inputs, randomise(model, hfm.SPECS[name].side)
+
+
+def _hf_prune_once(model: nn.Module, inputs: dict, ratio: float, round_to: int) -> tuple[nn.Module, dict]:
+    """``prune_sweep_worker._sparsifx_prune_once`` with ``trace_hf``: trace -> channel_prune -> (masked
+    reference outputs, untimed) -> shrink; shrunk == masked by ``check_close``."""
+    from sparsifx.hf_tracing import trace_hf
+    from sparsifx.registry import PASSES
+    model, tensors = copy.deepcopy(model), tuple(inputs.values())
+    t0 = time.perf_counter()
+    gm = trace_hf(model, inputs, copy_model=False)
+    t1 = time.perf_counter()
+    masked = PASSES.get("channel_prune").from_params({"ratio": ratio, "round_to": round_to})(gm).gm
+    t2 = time.perf_counter()
+    masked.eval()
+    reference = w.run(masked, tensors)
+    t3 = time.perf_counter()
+    shrunk = PASSES.get("shrink").from_params({})(masked).gm.eval()
+    t4 = time.perf_counter()
+    return shrunk, {"trace_s": t1 - t0, "prune_s": t2 - t1, "shrink_s": t4 - t3, "time_s": (t2 - t0) + (t4 - t3),
+                    "shrunk_vs_masked_max_abs": w.check_close(w.run(shrunk, tensors), reference)}
+
+
+def sweep_hf_sparsifx(name: str, zoo: str = "hf", ratio: float = 0.5, side: int = 0, num_classes: int = 0,
+                      round_to: int = 1, onnx: bool = True, workdir: str | None = None, repeat: bool = True) -> dict:
+    """One HF model through sparsifx; each part records its own error and the next part still runs:
+    ``trace``: ``trace_hf`` with every Linear/Conv1D a visible ``call_module``; ``magnitude``: ``sparsify`` with a
+    magnitude stage masks every Linear/Conv1D; ``prune``: channel_prune + shrink (timed, shrunk == masked), params
+    over the blocks and over the whole model, MACs; ``onnx``: compact ONNX with onnxruntime parity."""
+    from sparsifx import sparsify
+    from sparsifx.hf_tracing import trace_hf
+    from sparsifx.masking import is_masked
+    rec = w.Record(name, "sparsifx", hfm.SPECS[name].side)
+    st, errors = rec.stats, []
+    st["approximate_streams"] = APPROXIMATE_STREAMS
+    try:
+        model, inputs, st["randomised"] = build_hf(name)
+    except Exception as exc:
+        rec.error = w._cause("build", exc)
+        return asdict(rec)
+    tensors, layers = tuple(inputs.values()), hfm.linear_layers(model)
+    prefixes = hfm.block_prefixes(model)
+    st.update(inputs={k: list(v.shape) for k, v in inputs.items()}, block_prefixes=list(prefixes),
+              linear_layers=len(layers))
+    gm = None
+    try:  # trace: Linear/Conv1D visible
+        t0 = time.perf_counter()
+        gm = trace_hf(model, inputs)
+        st["trace_verify_s"] = time.perf_counter() - t0
+        visible = {n.target for n in gm.graph.nodes if n.op == "call_module" and n.target in layers}
+        st.update(linear_visible=len(visible), opaque_leaves=list(gm.meta["opaque_leaves"]),
+                  linear_hidden=sorted(set(layers) - visible)[:8])
+        st["params_before"], st["macs_before"] = w.count(gm, tensors)
+        st["block_params_before"] = hfm.block_params(gm, prefixes)
+    except Exception as exc:
+        errors.append(w._cause("trace", exc))
+    if gm is not None:
+        try:  # magnitude masking through the recipe API
+            t0 = time.perf_counter()
+            masked = sparsify(gm, {"stages": [{"pass": "magnitude", "sparsity": 0.5}]}, example_inputs=tensors)
+            st["magnitude_s"] = time.perf_counter() - t0
+            done = [p for p in layers if is_masked(masked.get_submodule(p))]
+            zeros = sum(int((masked.get_submodule(p).mask == 0).sum()) for p in done)
+            st.update(magnitude_masked=len(done), magnitude_unmasked=sorted(set(layers) - set(done))[:8],
+                      magnitude_sparsity=zeros / max(1, sum(layers[p].weight.numel() for p in done)))
+            if len(done) != len(layers):
+                errors.append(f"magnitude: {len(layers) - len(done)} of {len(layers)} Linear/Conv1D not masked")
+        except Exception as exc:
+            errors.append(w._cause("magnitude", exc))
+    shrunk = None
+    try:  # channel_prune + shrink, exactness, params over blocks and whole model
+        shrunk, info = _hf_sparsifx_prune(model, inputs, ratio, repeat, round_to)
+        st.update(info)
+        outcome = shrunk.meta.get("channel_outcome")
+        st["outcome"] = outcome.to_dict() if outcome is not None else None
+        st["top_barrier"] = top_barrier(outcome)
+        st["rss_peak_prune_mb"] = w.rss_mb()
+        st["params_after"], st["macs_after"] = w.count(shrunk, tensors)
+        st["block_params_after"] = hfm.block_params(shrunk, prefixes)
+        st["untied"] = hfm.untied(hfm.tie_groups(model), shrunk)  # tied parameters no longer sharing one tensor
+        if "params_before" not in st:  # the trace part failed; count the model itself
+            st["params_before"], st["block_params_before"] = hfm.all_params(model), hfm.block_params(model, prefixes)
+        st["params_ratio"] = st["params_after"] / st["params_before"]
+        st["block_params_ratio"] = st["block_params_after"] / st["block_params_before"]
+        st["macs_ratio"] = st["macs_after"] / st["macs_before"] if st.get("macs_before") else None
+    except Exception as exc:
+        shrunk = None
+        errors.append(w._cause("prune+shrink", exc))
+    if onnx and shrunk is not None:
+        try:
+            with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+                st.update(w.compact_onnx(shrunk, tensors, Path(tmp) / "after.onnx"))
+        except Exception as exc:
+            st["onnx_error"] = w._cause("onnx", exc)
+            errors.append(st["onnx_error"])
+    rec.ok = not errors
+    rec.error = "; ".join(errors) or None
+    gc.collect()
+    return asdict(rec)
+
+
+def _hf_sparsifx_prune(model: nn.Module, inputs: dict, ratio: float, repeat: bool, round_to: int):
+    best = None
+    for _ in range(2 if repeat else 1):
+        shrunk, info = _hf_prune_once(model, inputs, ratio, round_to)
+        if best is None or info["time_s"] < best[1]["time_s"]:
+            best = (shrunk, info)
+        if info["time_s"] > w.REPEAT_BELOW_S:
+            break
+    return best
+
+
+def sweep_hf_torch_pruning(name: str, zoo: str = "hf", ratio: float = 0.5, side: int = 0, num_classes: int = 0,
+                           round_to: int = 1) -> dict:
+    """Torch-Pruning 1.6 on the same randomised HF model with its documented HF recipes (``_tp_prune_hf``); the
+    pruned model must still return logits of the dense model's shape."""
+    import torch_pruning as tp
+    rec = w.Record(name, "torch-pruning", hfm.SPECS[name].side)
+    st = rec.stats
+    stage = "build"
+    try:
+        model, inputs, _ = build_hf(name)
+        prefixes = hfm.block_prefixes(model)
+        st["params_before"], st["block_params_before"] = hfm.all_params(model), hfm.block_params(model, prefixes)
+        ties = hfm.tie_groups(model)
+        with torch.no_grad():
+            dense_shape = tuple(model(**inputs).logits.shape)
+        stage = "prune"
+        times = []
+        for _ in range(2):
+            candidate = copy.deepcopy(model)
+            seconds, st["recipe"] = _tp_prune_hf(tp, candidate, inputs, hfm.SPECS[name], ratio, round_to)
+            times.append(seconds)
+            if times[-1] > w.REPEAT_BELOW_S:
+                break
+        st["time_s"] = min(times)
+        stage = "forward after pruning"
+        with torch.no_grad():
+            shape = tuple(candidate.eval()(**inputs).logits.shape)
+        if shape != dense_shape:
+            raise RuntimeError(f"pruned model returns logits of shape {shape}, expected {dense_shape}")
+        st["params_after"] = hfm.all_params(candidate)
+        st["block_params_after"] = hfm.block_params(candidate, prefixes)
+        st["untied"] = hfm.untied(ties, candidate)  # tied parameters that no longer share one tensor
+        st["params_ratio"] = st["params_after"] / st["params_before"]
+        st["block_params_ratio"] = st["block_params_after"] / st["block_params_before"]
+        rec.ok = True
+    except Exception as exc:
+        rec.error = w._cause(stage, exc)
+    finally:
+        gc.collect()
+    return asdict(rec)
+
+
+def _tp_customized(tp) -> tuple[dict, dict]:
+    """Customized pruners for layers Torch-Pruning does not know, built the documented way
+    (``tp.BasePruningFunc``): transformers' ``Conv1D`` (GPT-2; a Linear with a transposed [in, out] weight) and
+    ``SwinPatchMerging`` (its 4 concatenated neighbours: the pruner of TP's ``prune_swin.py`` example, reading
+    ``dim`` from the layer's ``reduction`` since transformers 5 dropped ``dim``). Returns (pruners, root types)."""
+    from transformers.models.swin.modeling_swin import SwinPatchMerging
+    from transformers.pytorch_utils import Conv1D
+
+    def keep(n: int, idxs) -> list[int]:
+        drop = set(int(i) for i in idxs)
+        return [i for i in range(n) if i not in drop]
+
+    class Conv1DPruner(tp.BasePruningFunc):
+        def prune_out_channels(self, layer, idxs):
+            k = keep(layer.weight.shape[1], idxs)
+            layer.weight = nn.Parameter(layer.weight.data[:, k].clone())
+            layer.bias = nn.Parameter(layer.bias.data[k].clone())
+            layer.nf = len(k)
+            return layer
+
+        def prune_in_channels(self, layer, idxs):
+            k = keep(layer.weight.shape[0], idxs)
+            layer.weight = nn.Parameter(layer.weight.data[k].clone())
+            layer.nx = len(k)
+            return layer
+
+        def get_out_channels(self, layer):
+            return layer.weight.shape[1]
+
+        def get_in_channels(self, layer):
+            return layer.weight.shape[0]
+
+    class PatchMergingPruner(tp.BasePruningFunc):
+        def prune_out_channels(self, layer, idxs):
+            tp.prune_linear_out_channels(layer.reduction, idxs)
+            return layer
+
+        def prune_in_channels(self, layer, idxs):
+            dim = layer.reduction.in_features // 4
+            repeated = [i + j * dim for j in range(4) for i in idxs]
+            tp.prune_linear_in_channels(layer.reduction, repeated)
+            tp.prune_layernorm_out_channels(layer.norm, repeated)
+            return layer
+
+        def get_out_channels(self, layer):
+            return layer.reduction.out_features
+
+        def get_in_channels(self, layer):
+            return layer.reduction.in_features // 4
+
+    return {Conv1D: Conv1DPruner(), SwinPatchMerging: PatchMergingPruner()}, {
+        Conv1D: [nn.Linear, Conv1D], SwinPatchMerging: [nn.Linear, nn.LayerNorm, SwinPatchMerging]}
+
+
+def _tp_prune_hf(tp, model: nn.Module, inputs: dict, spec, ratio: float, round_to: int) -> tuple[float, str]:
+    """Torch-Pruning's documented HF recipes on ``model`` (in place); returns (seconds, the recipe in words).
+
+    Encoders and GPT-2/T5 (``examples/hf_transformers``: prune_bert/prune_vit/prune_swin): L2 magnitude
+    (``group_reduction="mean"``), q/k/v grouped by heads (``num_heads``), head dims pruned and heads kept
+    (``prune_head_dims=True, prune_num_heads=False``), the output head ignored, then each attention's head-size
+    attributes rewritten. Llama/Mistral (``examples/LLMs/prune_llm.py``): ``GroupMagnitudeImportance(p=2)``,
+    q heads and GQA k/v heads from the config, whole heads pruned at the same ratio (``prune_num_heads=True,
+    prune_head_dims=False``, keeping RoPE's head_dim), ``round_to=4``, ``lm_head`` ignored, then heads, key/value
+    groups, hidden and intermediate sizes written back to the modules and config. Both prune the hidden size
+    (residual stream, embeddings, norms) too: Torch-Pruning removes norm channels without exactness."""
+    a, cfg = spec.tp, model.config
+    t0 = time.perf_counter()
+    attention = [m for m in model.modules() if type(m).__name__.endswith(a.cls)]
+
+    def heads(m: nn.Module, key: str) -> int:
+        return getattr(cfg, key[len("config."):]) if key.startswith("config.") else getattr(m, key)
+    head = model.get_submodule(spec.head)
+    pruners, roots = _tp_customized(tp)
+    used = {t for t in pruners if any(isinstance(m, t) for m in model.modules())}
+    extra = dict(customized_pruners={t: pruners[t] for t in used},
+                 root_module_types=list(dict.fromkeys(sum((roots[t] for t in used), [nn.Linear])))) if used else {}
+    if a.kv_heads:  # LLM recipe
+        num_heads = {}
+        for m in attention:
+            num_heads[getattr(m, a.qkv[0])] = heads(m, a.heads)
+            for p in a.qkv[1:]:
+                num_heads[getattr(m, p)] = heads(m, a.kv_heads)
+        pruner = tp.pruner.MetaPruner(
+            model, example_inputs=inputs,
+            importance=tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean"),
+            global_pruning=False, pruning_ratio=ratio, ignored_layers=[head], num_heads=num_heads,
+            prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=ratio, round_to=max(4, round_to),
+            output_transform=lambda out: out.logits, **extra)
+        for g in pruner.step(interactive=True):
+            g.prune()
+        cfg.hidden_size = head.in_features
+        for m in attention:
+            q_heads = getattr(m, a.qkv[0]).out_features // m.head_dim
+            kv_heads = getattr(m, a.qkv[1]).out_features // m.head_dim
+            m.num_key_value_groups = q_heads // kv_heads
+            cfg.num_attention_heads, cfg.num_key_value_heads = q_heads, kv_heads
+        for m in model.modules():
+            if hasattr(m, "gate_proj"):
+                cfg.intermediate_size = m.gate_proj.out_features
+        recipe = ("examples/LLMs/prune_llm.py: MetaPruner, GroupMagnitudeImportance(p=2, mean), num_heads q/k/v "
+                  f"(GQA), prune_num_heads=True, head_pruning_ratio={ratio}, prune_head_dims=False, round_to="
+                  f"{max(4, round_to)}, ignored [{spec.head}]")
+    else:  # encoder recipe
+        num_heads = {getattr(m, p): heads(m, a.heads) for m in attention for p in a.qkv}
+        pruner = tp.pruner.MetaPruner(
+            model, example_inputs=inputs, importance=tp.importance.MagnitudeImportance(p=2, group_reduction="mean"),
+            global_pruning=False, pruning_ratio=ratio, ignored_layers=[head], num_heads=num_heads,
+            prune_num_heads=False, prune_head_dims=True, round_to=round_to if round_to > 1 else None,
+            output_transform=lambda out: out.logits.sum(), **extra)
+        for g in pruner.step(interactive=True):
+            g.prune()
+        for m in attention:
+            n, proj = heads(m, a.heads), getattr(m, a.qkv[0])
+            width = proj.weight.shape[1] if type(proj).__name__ == "Conv1D" else proj.out_features
+            if len(a.qkv) == 1:  # fused q/k/v
+                width //= 3
+            for attr in a.head_dim_attrs:
+                setattr(m, attr, width // n)
+            for attr in a.all_head_attrs:
+                setattr(m, attr, width)
+            if a.split_attr:
+                setattr(m, a.split_attr, width)
+        recipe = ("examples/hf_transformers (prune_bert/vit/swin): MetaPruner, MagnitudeImportance(p=2, mean), "
+                  "num_heads on q/k/v, prune_head_dims=True, prune_num_heads=False, "
+                  f"ignored [{spec.head}]" + (f", customized pruners {sorted(t.__name__ for t in used)}" if used
+                                              else ""))
+    return time.perf_counter() - t0, recipe
+
+
+def hf_summary(records: dict[str, dict]) -> dict:
+    sfx = {n: r["sparsifx"] for n, r in records.items() if "sparsifx" in r}
+    tps = {n: r["torch-pruning"] for n, r in records.items() if "torch-pruning" in r}
+    sts = {n: r["stats"] for n, r in sfx.items()}
+
+    def count(pred) -> str:
+        return f"{sum(bool(pred(st)) for st in sts.values())}/{len(sts)}"
+
+    def values(key: str, rs: dict) -> list[float]:
+        return [r["stats"][key] for r in rs.values() if r["stats"].get(key) is not None]
+    tp_ok = {n: r for n, r in tps.items() if r["ok"]}
+    out = {"models": len(records), "sparsifx_all_parts_ok": f"{sum(r['ok'] for r in sfx.values())}/{len(sfx)}",
+           "traced_every_linear_visible": count(lambda st: st.get("linear_visible") == st.get("linear_layers")),
+           "magnitude_masked_every_linear": count(lambda st: st.get("magnitude_masked") == st.get("linear_layers")),
+           "exact_shrunk_eq_masked": count(lambda st: "shrunk_vs_masked_max_abs" in st),
+           "onnx_parity": count(lambda st: "onnx_max_abs" in st),
+           "median_block_params_ratio": tvs._median(values("block_params_ratio", sfx)),
+           "median_params_ratio": tvs._median(values("params_ratio", sfx)),
+           "max_shrunk_vs_masked_max_abs": max(values("shrunk_vs_masked_max_abs", sfx), default=None),
+           "max_onnx_max_abs": max(values("onnx_max_abs", sfx), default=None),
+           "sparsifx_max_time_s": max(values("time_s", sfx), default=None),
+           "sparsifx_failures": {n: r["error"] for n, r in sfx.items() if r["error"]},
+           "approximate_streams": "not implemented in sparsifx (no 'streams: approximate'); the column says so"}
+    if tps:
+        both = [n for n in tp_ok if n in sfx and sfx[n]["stats"].get("time_s")]
+        out.update({"torch_pruning_ok": f"{len(tp_ok)}/{len(tps)}",
+                    "torch_pruning_failures": {n: r["error"] for n, r in tps.items() if not r["ok"]},
+                    "median_block_params_ratio_torch_pruning": tvs._median(values("block_params_ratio", tp_ok)),
+                    "median_params_ratio_torch_pruning": tvs._median(values("params_ratio", tp_ok)),
+                    "median_time_ratio_sparsifx_over_tp": tvs._median([sfx[n]["stats"]["time_s"] /
+                                                                       tp_ok[n]["stats"]["time_s"] for n in both])})
+    f = tvs._fmt
+    out["per_model"] = {}
+    for n in records:
+        st = sts.get(n, {})
+        tp = tps.get(n)
+        line = (f"blocks {f(st.get('block_params_ratio'), '.3f')} whole {f(st.get('params_ratio'), '.3f')} "
+                f"exact {f(st.get('shrunk_vs_masked_max_abs'), '.1e') or 'NO'} "
+                f"onnx {f(st.get('onnx_max_abs'), '.1e') or 'NO'}")
+        if tp is not None:
+            line += (f" | TP blocks {f(tp['stats'].get('block_params_ratio'), '.3f')} whole "
+                     f"{f(tp['stats'].get('params_ratio'), '.3f')}" if tp["ok"] else " | TP failed")
+        out["per_model"][n] = line
+    return out
+
+
+def hf_markdown(records: dict[str, dict], meta: dict) -> str:
+    s, f, m = meta["summary"], tvs._fmt, meta.get("machine", {})
+    load = ", ".join(f"{k} {v}" for k, v in m.items() if k.startswith("loadavg"))
+    lines = [f"# Hugging Face channel-pruning sweep (ratio {meta['ratio']}, round_to {meta['round_to']}; tiny "
+             "random-weight configs, norms re-randomised)", "",
+             f"Machine load: {m.get('cpus', '?')} CPU cores shared with other workers running at the same time "
+             f"(1/5/15-min load averages: {load}); times are wall clock and noisy. Configs: {meta.get('configs', '')}",
+             "",
+             f"sparsifx: all parts ok {s['sparsifx_all_parts_ok']}; every Linear/Conv1D visible in the trace "
+             f"{s['traced_every_linear_visible']}; magnitude masked every Linear/Conv1D "
+             f"{s['magnitude_masked_every_linear']}; channel_prune + shrink exact (shrunk == masked) "
+             f"{s['exact_shrunk_eq_masked']}; ONNX with onnxruntime parity {s['onnx_parity']}; median params ratio "
+             f"over blocks {f(s['median_block_params_ratio'], '.3f')}, whole model {f(s['median_params_ratio'], '.3f')}"
+             f"; max time {f(s['sparsifx_max_time_s'])} s. Approximate streams: {s['approximate_streams']}."]
+    if "torch_pruning_ok" in s:
+        lines.append(f"Torch-Pruning 1.6 (its HF recipes, see `recipe` in the JSON): {s['torch_pruning_ok']} ran; "
+                     f"median params ratio over blocks {f(s['median_block_params_ratio_torch_pruning'], '.3f')}, "
+                     f"whole model {f(s['median_params_ratio_torch_pruning'], '.3f')}; median time ratio sparsifx/TP "
+                     f"{f(s['median_time_ratio_sparsifx_over_tp'])}. Torch-Pruning also prunes the hidden size "
+                     "(norm channels, embeddings) without an exactness check; sparsifx keeps the residual stream "
+                     "whole, which is why its whole-model ratio stays high on models with large embeddings.")
+    lines += ["", "| model | seq/side | Linear visible | magnitude masked | blocks after/before | whole after/before | "
+              "MACs after/before | achieved / requested | shrunk-masked max abs | ONNX max abs | approximate streams | "
+              "time s | TP blocks | TP whole | TP time s | errors / notes |", "|" + "---|" * 16]
+    for name, r in records.items():
+        x, tp = r.get("sparsifx", {}), r.get("torch-pruning")
+        st, tps = x.get("stats", {}), (tp or {}).get("stats", {})
+        o = st.get("outcome") or {}
+        untied = [f"{who} untied tied weights: " + ", ".join(s_["untied"])
+                  for who, s_ in (("sparsifx", st), ("TP", tps)) if s_.get("untied")]
+        err = "; ".join(e for e in (x.get("error"), tp and not tp["ok"] and "TP " + tp["error"], *untied) if e)
+        lines.append("| " + " | ".join([
+            name, str(x.get("side", "")), f"{st.get('linear_visible', '?')}/{st.get('linear_layers', '?')}",
+            f"{st.get('magnitude_masked', '?')}/{st.get('linear_layers', '?')}",
+            f(st.get("block_params_ratio"), ".3f"), f(st.get("params_ratio"), ".3f"), f(st.get("macs_ratio"), ".3f"),
+            f"{o['achieved']:.2f} / {o['requested']:.2f}" if o.get("channels") else "",
+            f(st.get("shrunk_vs_masked_max_abs"), ".1e") or "NO", f(st.get("onnx_max_abs"), ".1e") or "NO",
+            "not implemented", f(st.get("time_s")),
+            f(tps.get("block_params_ratio"), ".3f") if tp else "", f(tps.get("params_ratio"), ".3f") if tp else "",
+            f(tps.get("time_s")) if tp else "", (err or "").replace("|", "/")[:400]]) + " |")
+    barriers = {n: r["sparsifx"]["stats"].get("top_barrier") for n, r in records.items()
+                if r.get("sparsifx", {}).get("stats", {}).get("top_barrier")}
+    if barriers:
+        lines += ["", "Top barrier per model (what keeps channels whole):"] + \
+            [f"- {n}: {b}" for n, b in barriers.items()]
+    return "\n".join(lines) + "\n"
+
+
+HF = register_zoo(Zoo("hf", hfm.HF_MODELS, create_hf, {n: (s.side, {}) for n, s in hfm.SPECS.items()},
+                      extra="transformers",
+                      tools={"sparsifx": sweep_hf_sparsifx, "torch-pruning": sweep_hf_torch_pruning},
+                      report=(hf_summary, hf_markdown)))
 
 
 # ------------------------------------------------------------------ driver
@@ -396,16 +815,21 @@ def main(argv: list[str] | None = None) -> int:
     names = list(zoo.models) if args.models == "all" else [m.strip() for m in args.models.split(",") if m.strip()]
     records: dict[str, dict] = json.loads(args.out.read_text())["records"] if args.resume and args.out.exists() else {}
     tools = ["sparsifx"] + ([args.compare] if args.compare else [])
+    args.loadavg_start = [round(v, 2) for v in os.getloadavg()]
     for tool in tools:  # the forked children find them in the worker's table
-        w.TOOLS[f"{zoo.name}:{tool}"] = _tool(TOOLS[tool], zoo.name, args.side, args.num_classes)
+        w.TOOLS[f"{zoo.name}:{tool}"] = _tool(zoo.tools.get(tool, TOOLS[tool]), zoo.name, args.side, args.num_classes)
     tvs.preload(tools)
     __import__(zoo.extra)
+    if zoo.name == "hf":  # imported once here; the forked children inherit them
+        import sparsifx.hf_tracing  # noqa: F401
+        import transformers.pytorch_utils  # noqa: F401
     for i, name in enumerate(names):
         for tool in tools:
             if tool in records.get(name, {}):
                 continue
             rec = tvs.run_isolated(name, f"{zoo.name}:{tool}", args)
             rec["tool"] = tool
+            rec["loadavg_1m_after"] = round(os.getloadavg()[0], 2)
             st = rec.get("stats", {})
             records.setdefault(name, {})[tool] = rec
             print(f"[{i + 1}/{len(names)}] {name:32s} {tool:14s} ok={rec['ok']} "

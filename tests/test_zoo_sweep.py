@@ -84,10 +84,34 @@ def test_summary_and_table_name_barriers_and_failures():
     assert "- b: LayerNorm 'norm'" in table and "| c | 128 | NO |" in table and "0.10 / 0.50" in table
 
 
-def test_cli_refuses_a_zoo_that_is_not_there_yet(capsys):
+def test_cli_refuses_a_zoo_that_is_not_there_yet(capsys, monkeypatch):
     z = _zoo()
+    monkeypatch.setitem(z.PLANNED, "onnx", "the ONNX model zoo is not implemented yet")
     with pytest.raises(SystemExit) as info:
-        z.parse(["--zoo", "hf"])
+        z.parse(["--zoo", "onnx"])
     assert info.value.code == 2 and "not implemented yet" in capsys.readouterr().err
     args = z.parse(["--zoo", "timm", "--models", "resnet18"])
     assert args.out.name == "zoo_timm.json" and args.round_to == 1
+    assert z.parse(["--zoo", "hf"]).out.name == "zoo_hf.json"
+
+
+def test_hf_sweep_prunes_tiny_bert_exactly_and_reports_it(tmp_path):
+    """``--zoo hf``: one tiny BERT through the sparsifx side (trace, magnitude, exact channel_prune + shrink with
+    params over blocks and whole model, ONNX parity), then the summary and table built from its record."""
+    pytest.importorskip("transformers")
+    z = _zoo()
+    rec = z.sweep_hf_sparsifx("bert", workdir=str(tmp_path), repeat=False)
+    assert rec["ok"] and rec["error"] is None, rec["error"]
+    st = rec["stats"]
+    assert st["linear_layers"] == st["linear_visible"] == st["magnitude_masked"] == 14
+    assert st["opaque_leaves"] == [] and st["magnitude_sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert st["randomised"]["norm_affine"] > 0 and st["block_prefixes"] == ["bert.encoder.layer."]
+    assert st["shrunk_vs_masked_max_abs"] < 1e-4 and st["onnx_max_abs"] < 1e-3
+    assert st["block_params_ratio"] < 0.52 and st["block_params_ratio"] < st["params_ratio"] < 1
+    assert st["time_s"] > 0 and st["approximate_streams"].startswith("not implemented")
+    records = {"bert": {"sparsifx": rec}}
+    s = z.hf_summary(records)
+    assert s["exact_shrunk_eq_masked"] == s["onnx_parity"] == s["sparsifx_all_parts_ok"] == "1/1"
+    meta = {"ratio": 0.5, "round_to": 1, "summary": s, "machine": {"cpus": 2, "loadavg_at_write": [1.0, 1.0, 1.0]}}
+    table = z.hf_markdown(records, meta)
+    assert "| bert | 16 | 14/14 | 14/14 |" in table and "not implemented" in table and "Machine load" in table
