@@ -124,7 +124,7 @@ class DSTPass(PassBase):
     preserves_semantics = False
     invalidates_analyses = ()
     layer_params = ("sparsity",)
-    default_types: ClassVar[tuple[str, ...]] = ("Conv2d", "Linear")
+    default_types: ClassVar[tuple[str, ...]] = ("Conv2d", "Linear", "SparseLinear")
     default_mask: ClassVar[MaskConfig] = MaskConfig()
     changes_nnz: ClassVar[bool] = False  # True where updates change a layer's number of non-zeros (GMP)
 
@@ -159,7 +159,7 @@ class DSTPass(PassBase):
         if not targets:
             log.warning("pass '%s' selected no layer to sparsify", self.label)
             return PassResult(gm, False)
-        shapes = {n: tuple(m.weight.shape) for n, m in targets}
+        shapes = {n: tuple(m.shape) if is_sparse_storage(m) else tuple(m.weight.shape) for n, m in targets}
         custom = self.selection.sparsity_overrides(targets)
         sparsities = self.mask.sparsities(shapes, custom)
         generator = seeded_generator("mask", self.mask.seed)
@@ -167,7 +167,9 @@ class DSTPass(PassBase):
         for n, m in targets:
             if sparsities[n] <= 0.0:
                 continue
-            if self.mask.storage == "sparse" and sparse_type(m) is not None:
+            if is_sparse_storage(m):  # already in sparse storage (built by hand, or trained before): kept as it is
+                layer = m
+            elif self.mask.storage == "sparse" and sparse_type(m) is not None:
                 keys = self.initial_keys(shapes[n], sparsities[n], generator)
                 layer = sparse_type(m).from_dense(m, keys, generator=generator)
                 set_submodule(gm, n, layer)

@@ -86,7 +86,9 @@ def momentum_of(optimizer: torch.optim.Optimizer | None, param: torch.Tensor) ->
 
 
 # --- index-based sampling for sparse storage (no tensor of the dense weight's size) -----------------------------
-DENSE_DRAW_LIMIT = 1 << 24  # at most this many positions: draw as the masked storage does, for identical topologies
+# at most this many positions (a 2048 x 2048 layer): draw exactly as the masked storage does, for identical
+# topologies; beyond, index sampling (a 4096 x 4096 dense-size draw took 23 s per SET evolution)
+DENSE_DRAW_LIMIT = 1 << 22
 
 
 def random_keys(numel: int, k: int, generator: torch.Generator, excluded: torch.Tensor | None = None) -> torch.Tensor:

@@ -341,3 +341,18 @@ def test_a_plain_loop_with_a_closure_gives_rigl_this_steps_gradients():
     assert torch.isfinite(loss) and any(h["kind"] == "rigl" for h in ctrl.history)
     with pytest.raises(PreconditionError, match="LBFGS"):
         sparsifx.attach(model, torch.optim.LBFGS(model.parameters()))
+
+
+def test_a_model_already_in_sparse_storage_is_sparse_trained_with_its_topology():
+    torch.manual_seed(0)
+    lin = nn.Linear(30, 40)
+    keys = torch.randperm(1200)[:120].sort().values
+    net = nn.Sequential(SparseLinear.from_dense(lin, keys), nn.ReLU(), nn.Linear(40, 3))
+    model = sparsifx.sparsify(net, {"stages": [{"pass": "set", "storage": "sparse", "epsilon": 3}]})
+    ctrl = model.meta["sparse_controller"]
+    assert "0" in ctrl.names and torch.equal(model.get_submodule("0").keys(), keys)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sparsifx.attach(model, opt, steps_per_epoch=1, epochs=2)
+    model(torch.randn(4, 30)).sum().backward()
+    opt.step()
+    assert model.get_submodule("0").nnz == 120 and any(h["layer"] == "0" for h in ctrl.history)
