@@ -9,6 +9,8 @@
     # after a change to the masked layers: new saved_bytes_ratio for the mask-based rows, no retraining
     python benchmarks/sparse_training.py --remeasure-memory --out benchmarks/results/sparse_training.json
     # issue 5's accuracy targets with a longer run (results/sparse_training_targets.md has the exact commands)
+    # issue 15's audited targets (validation tuning, 5 seeds, paired intervals, both FLOP columns)
+    python benchmarks/sparse_training.py --targets --out benchmarks/results/sparse_training_targets.json
     python benchmarks/sparse_training.py --methods static rigl sparse_momentum --sparsities 0.9 \
         --model-epochs lenet300100=30 mlp1024x3=30 smallcnn=15 --no-resnet18-memory --out /tmp/t.json
 
@@ -519,6 +521,225 @@ def remeasure_memory(out: Path) -> list[dict]:
     return rows
 
 
+# ----------------------------------------------------------------------------------------------- issue 15: --targets
+# The audited accuracy targets (issue 15): validation-tuned, 5 seeds with their own mask seed/data order/init,
+# paired 95% t-intervals, whole-model trained density, theoretical and executed training FLOPs, and a setting
+# that separates the methods (98% sparsity, narrow MLP).
+models.register("mlp784x64x64")(lambda: models._mlp([784, 64, 64, 10]))   # narrow MLP (about 55k weights)
+
+
+@dataclass(frozen=True)
+class TargetSettings:
+    dataset: str = "mnist"
+    models: tuple[str, ...] = ("lenet300100", "mlp784x64x64")
+    methods: tuple[str, ...] = ("static", "set", "rigl", "sparse_momentum", "gmp", "ctre", "swat")
+    sparsities: tuple[float, ...] = (0.9, 0.98)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    tune_seed: int = 100               # the validation runs use their own seed (mask, init, data order)
+    n_train: int = 3000
+    n_val: int = 1000
+    n_test: int = 1000
+    epochs: int = 20
+    batch: int = 100
+    lrs: tuple[float, ...] = (0.05, 0.1)   # the variants: same budget (len(lrs)) for every method incl. dense
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    threads: int = 1
+    max_steps: int | None = None       # tests only
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.n_train // self.batch
+
+    @property
+    def total_steps(self) -> int:
+        steps = self.epochs * self.steps_per_epoch
+        return min(steps, self.max_steps) if self.max_steps else steps
+
+
+T_CRIT_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+              10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def paired_interval(diffs: list[float]) -> tuple[float, float, float]:
+    """(mean, low, high) of the 95% paired t-interval of ``diffs`` (one difference per seed)."""
+    n = len(diffs)
+    mean = statistics.fmean(diffs)
+    if n < 2:
+        return mean, float("-inf"), float("inf")
+    df = n - 1
+    t = T_CRIT_975.get(df) or T_CRIT_975[max(k for k in T_CRIT_975 if k <= df)]
+    half = t * statistics.stdev(diffs) / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def load_split(settings: TargetSettings) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Stratified train / validation / test split (split seed 0), standardised with the training mean/std."""
+    x, y = DATASETS[settings.dataset]()
+    rng = np.random.RandomState(0)
+    classes = np.unique(y)
+    per = [settings.n_train // len(classes), settings.n_val // len(classes), settings.n_test // len(classes)]
+    parts: list[list[np.ndarray]] = [[], [], []]
+    for c in classes:
+        idx = rng.permutation(np.flatnonzero(y == c))
+        if len(idx) < sum(per):
+            raise SystemExit(f"class {c} has {len(idx)} images < {sum(per)} requested")
+        start = 0
+        for k, n in enumerate(per):
+            parts[k].append(idx[start:start + n])
+            start += n
+    idx = [rng.permutation(np.concatenate(p)) for p in parts]
+    x = torch.tensor(x, dtype=torch.float32)
+    mean, std = x[idx[0]].mean(), x[idx[0]].std()
+    x = (x - mean) / std
+    y = torch.tensor(y, dtype=torch.long)
+    return {name: (x[i], y[i]) for name, i in zip(("train", "val", "test"), idx)}
+
+
+def train_one(model_name: str, method: str, sparsity: float, lr: float, seed: int, settings: TargetSettings,
+              train: tuple[torch.Tensor, torch.Tensor]) -> tuple[Trainer, dict]:
+    """One model trained alone: init, mask seed and data order all from ``seed``; returns trainer + FLOP summary."""
+    x_train, y_train = train
+    model = models.build_model(model_name, seed)
+    schedule = methods_mod.Schedule(settings.total_steps, settings.batch)
+    overrides = (((method, "seed", seed),) if method in MASK_METHODS else ())
+    torch.manual_seed(seed)
+    model, configure = methods_mod.prepare(method, sparsity, model, schedule, train, True, overrides)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=settings.momentum, nesterov=True,
+                                weight_decay=settings.weight_decay)
+    hooks = configure(optimizer)
+    meter = methods_mod.flop_meter(model, hooks)
+    trainer = Trainer(method, sparsity, model, optimizer, cosine_lr(optimizer, settings.total_steps), hooks)
+    data_gen = torch.Generator().manual_seed(seed)
+    n, b, step = len(x_train), settings.batch, 0
+    while step < settings.total_steps:
+        perm = torch.randperm(n, generator=data_gen)
+        for i in range(0, n - b + 1, b):
+            if step >= settings.total_steps:
+                break
+            idx = perm[i:i + b]
+            trainer.step(x_train[idx], y_train[idx])
+            step += 1
+    flops = methods_mod.trained_density(model, meter)
+    flops = {**methods_mod.run_flops(model, hooks, meter), "density": flops}
+    return trainer, flops
+
+
+def run_targets(settings: TargetSettings, out: Path) -> list[dict]:
+    start = time.perf_counter()
+    torch.set_num_threads(settings.threads)
+    present, missing = methods_mod.available(settings.methods)
+    data = load_split(settings)
+    tuning: list[dict] = []
+    chosen: dict[tuple[str, str, float], float] = {}
+    configs = [("dense", 0.0)] + [(m, s) for m in present for s in settings.sparsities]
+    for model_name in settings.models:
+        for method, s in tqdm(configs, desc=f"{model_name} tuning on validation", leave=False):
+            scores = {}
+            for lr in settings.lrs:
+                trainer, _ = train_one(model_name, method, s, lr, settings.tune_seed, settings, data["train"])
+                scores[lr] = trainer.accuracy(*data["val"])
+                tuning.append({"model": model_name, "method": method, "sparsity": s, "lr": lr,
+                               "seed": settings.tune_seed, "val_accuracy": scores[lr]})
+            chosen[(model_name, method, s)] = max(settings.lrs, key=lambda lr: (scores[lr], -lr))
+        log.info("%s: tuned in %.1f min", model_name, (time.perf_counter() - start) / 60)
+    rows: list[dict] = []
+    for model_name in settings.models:
+        for seed in tqdm(settings.seeds, desc=f"{model_name} final seeds", leave=False):
+            for method, s in configs:
+                lr = chosen[(model_name, method, s)]
+                trainer, flops = train_one(model_name, method, s, lr, seed, settings, data["train"])
+                rows.append({"model": model_name, "method": method, "sparsity": s, "seed": seed, "lr": lr,
+                             "chosen_on": "validation", "test_accuracy": trainer.accuracy(*data["test"]),
+                             "density": flops["density"], "flops_ratio": flops["flops_ratio"],
+                             "executed_flops_ratio": flops["executed_flops_ratio"]})
+            _write_targets(out, rows, tuning, settings, missing, time.perf_counter() - start, partial=True)
+    _write_targets(out, rows, tuning, settings, missing, time.perf_counter() - start, partial=False)
+    return rows
+
+
+def merge_targets(parts: list[Path], out: Path) -> list[dict]:
+    """Combine ``--targets`` runs made in parallel processes (e.g. one per model) into one table."""
+    rows, tuning, metas = [], [], []
+    for part in parts:
+        rows += json.loads(part.read_text())
+        meta = json.loads(part.with_name(part.stem + "_meta.json").read_text())
+        tuning += meta["tuning_on_validation"]
+        metas.append(meta)
+    base = metas[0]["settings"]
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in base.items()}
+    fields["models"] = tuple(dict.fromkeys(m for meta in metas for m in meta["settings"]["models"]))
+    settings = TargetSettings(**fields)
+    missing = sorted({m for meta in metas for m in meta["missing_methods"]})
+    note = (f"Merged from {len(parts)} processes run side by side (`--targets --models M --out part.json`, then"
+            " `--targets --merge part1.json part2.json --out ...`); wall time is the longest part.")
+    _write_targets(out, rows, tuning, settings, missing, max(meta["wall_s"] for meta in metas),
+                   partial=any(meta["partial"] for meta in metas), note=note if len(parts) > 1 else "")
+    return rows
+
+
+def interval_checks(rows: list[dict], settings: TargetSettings) -> list[dict]:
+    """Paired per-seed differences (test accuracy, points) of every method against dense and static."""
+    by = {(r["model"], r["method"], r["sparsity"], r["seed"]): r["test_accuracy"] for r in rows}
+    dens: dict[tuple, list[float]] = {}
+    for r in rows:
+        dens.setdefault((r["model"], r["method"], r["sparsity"]), []).append(r["density"])
+    mean_density = {k: statistics.fmean(v) for k, v in dens.items()}
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for method, s in dict.fromkeys((r["method"], r["sparsity"]) for r in rows if r["model"] == model):
+            if method == "dense":
+                continue
+            entry = {"model": model, "method": method, "sparsity": s}
+            for ref, ref_s in (("dense", 0.0), ("static", s)):
+                seeds = [sd for sd in settings.seeds if (model, method, s, sd) in by and (model, ref, ref_s, sd) in by]
+                if not seeds or ref == method:
+                    continue
+                if ref == "static" and abs(mean_density[(model, method, s)] - mean_density[(model, ref, ref_s)]) > 0.01:
+                    entry["vs_static_skipped"] = "different trained density"   # e.g. SWAT's dense first layer
+                    continue
+                diffs = [100 * (by[(model, method, s, sd)] - by[(model, ref, ref_s, sd)]) for sd in seeds]
+                entry[f"vs_{ref}"] = paired_interval(diffs)
+            out.append(entry)
+    return out
+
+
+def verdicts(intervals: list[dict]) -> list[tuple[str, str, str]]:
+    """Issue 5's targets, judged by the 95% paired intervals: PASS / FAIL / not distinguishable."""
+    checks = []
+    for e in intervals:
+        if e["method"] not in ("rigl", "sparse_momentum"):
+            continue
+        tag = f"{e['model']} {e['method']}@{e['sparsity']:.0%}"
+        if "vs_dense" in e:
+            m, lo, hi = e["vs_dense"]
+            v = "PASS" if lo >= -1.0 else "FAIL" if hi < -1.0 else "not distinguishable"
+            checks.append((f"{tag} within 1.0 pt of dense", v, f"method-dense {m:+.2f} pt [{lo:+.2f}, {hi:+.2f}]"))
+        if "vs_static" in e:
+            m, lo, hi = e["vs_static"]
+            v = "PASS" if lo > 0 else "FAIL" if hi < 0 else "not distinguishable"
+            checks.append((f"{tag} above static@{e['sparsity']:.0%}", v,
+                           f"method-static {m:+.2f} pt [{lo:+.2f}, {hi:+.2f}]"))
+    return checks
+
+
+def _write_targets(out: Path, rows: list[dict], tuning: list[dict], settings: TargetSettings, missing: list[str],
+                   wall_s: float, partial: bool, note: str = "") -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=1) + "\n")
+    intervals = interval_checks(rows, settings)
+    checks = verdicts(intervals)
+    meta = {"code": code_state(), "settings": asdict(settings), "missing_methods": missing, "wall_s": wall_s,
+            "partial": partial, "tuning_on_validation": tuning,
+            "intervals": [{k: (list(v) if isinstance(v, tuple) else v) for k, v in e.items()} for e in intervals],
+            "targets": [{"target": n, "result": v, "numbers": s} for n, v, s in checks]}
+    out.with_name(out.stem + "_meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    out.with_suffix(".md").write_text(report.targets_markdown(rows, tuning, intervals, checks, settings, missing,
+                                                              wall_s, partial, methods_mod, note))
+    if rows and not partial:
+        report.plot_accuracy([{**r, "accuracy": r["test_accuracy"]} for r in rows], out.with_suffix(".png"))
+
+
 def _model_epochs(text: str) -> tuple[str, int]:
     """``MODEL=N`` -> (model, N) for ``--model-epochs``."""
     name, sep, value = text.partition("=")
@@ -565,14 +786,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--remeasure-memory", action="store_true",
                         help="recompute saved_bytes_ratio of the mask-based rows in --out (no training) and rewrite"
                              " its JSON/markdown/PNG")
+    parser.add_argument("--targets", action="store_true",
+                        help="issue 15's audited accuracy targets: validation tuning, 5 seeds, paired intervals,"
+                             " trained density, theoretical + executed FLOPs (uses --models/--methods/--seeds/"
+                             "--epochs/--sparsities/--threads/--dataset when given)")
+    parser.add_argument("--lrs", nargs="+", type=float, help="with --targets: the lr variants tuned on validation")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("sparsifx").setLevel(logging.WARNING)   # per-pass INFO lines would drown the progress bars
+    if args.merge and args.targets:
+        merge_targets(args.merge, args.out)
+        return
     if args.merge:
         merge(args.merge, args.out, args.note or "")
         return
     if args.remeasure_memory:
         remeasure_memory(args.out)
+        return
+    if args.targets:
+        targets = {k: tuple(v) if isinstance(v, list) else v for k, v in
+                   dict(models=args.models, methods=args.methods, seeds=args.seeds, epochs=args.epochs,
+                        sparsities=args.sparsities, dataset=args.dataset, threads=args.threads,
+                        lrs=args.lrs).items() if v is not None}
+        run_targets(replace(TargetSettings(), **targets), args.out)
         return
     settings = QUICK if args.quick else Settings()
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in

@@ -142,3 +142,49 @@ def saved_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
     """Bytes kept for backward by one training forward + cross-entropy on ``(x, y)`` (parameters excluded)."""
     model.train()
     return int(accounting.saved_tensor_bytes(model, (x,), _loss(y)))
+
+
+# ---------------------------------------------------------------------------------------------- issue 15 targets
+def flop_meter(model: nn.Module, hooks: Hooks) -> accounting.MeasuredFlops | None:
+    """SWAT: densities measured at every training forward (threshold reuse can make them differ from nominal)."""
+    return accounting.MeasuredFlops(model) if hooks.method == "swat" else None
+
+
+def run_flops(model: nn.Module, hooks: Hooks, meter: accounting.MeasuredFlops | None) -> dict[str, float]:
+    """Whole-run training FLOPs / dense, theoretical (what the algorithm needs) and executed (what ran here).
+
+    DST methods: the controller's count of every step as it ran (RigL's dense gradient on update steps up to
+    T_end, sparse momentum's dense gradient every step, GMP's density at each step, CTRE's statistics as extra);
+    SWAT: ``MeasuredFlops``; dense: 1."""
+    if meter is not None:
+        summary = meter.summary()
+        meter.remove()
+    elif hooks.controller is not None:
+        summary = hooks.controller.training_flops()
+    else:
+        return {"flops_ratio": 1.0, "executed_flops_ratio": 1.0}
+    return {"flops_ratio": summary["flops_ratio"], "executed_flops_ratio": summary["executed_flops_ratio"],
+            "measured_densities": meter.mean_densities() if meter is not None else None}
+
+
+def trained_density(model: nn.Module, meter: accounting.MeasuredFlops | None = None) -> float:
+    """Whole-model weight density (all Conv/Linear weights, biases excluded) the model ends training with: mask
+    non-zeros of masked layers, SWAT's measured forward-weight density (else its Top-K count), dense layers 1."""
+    from sparsifx.masking import is_masked
+    from sparsifx.passes.training.flops import macs_rule
+    measured = meter.mean_densities() if meter is not None else {}
+    kept = total = 0.0
+    for name, module in model.named_modules():
+        if not name or macs_rule(module) is None:
+            continue
+        numel = module.weight.numel()
+        if is_masked(module):
+            kept += float(module.mask.count_nonzero())
+        elif name in measured and hasattr(module, "swat"):
+            kept += measured[name][0] * numel
+        elif hasattr(module, "keep_weights") and not module.swat.structured:
+            kept += module.keep_weights()
+        else:
+            kept += numel
+        total += numel
+    return kept / total if total else 1.0

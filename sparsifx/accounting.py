@@ -13,6 +13,15 @@ input-grad W sparse, weight-grad activations sparse) report ``training_densities
 use their mask density in all three (``dense_grad_every=ΔT`` amortises RigL's dense weight gradient
 ``d_gw = d + (1-d)/ΔT``), other layers are dense. Norms, activations and pooling are not counted.
 
+That is a one-step snapshot. It is exact for dense, static and SET models and for SWAT layers with constant
+densities, but not for a method whose weight-gradient density or mask density changes over the run (sparse
+momentum: dense weight gradient every step; RigL: dense on update steps up to T_end only; GMP: density falls over
+its schedule; CTRE: activation statistics). ``training_flops`` therefore raises ``PreconditionError`` on a model
+whose DST controller runs such a method unless ``dense_grad_every`` is given explicitly (the caller then states the
+amortisation, e.g. 1 for sparse momentum): use the controller's ``training_flops()``, which charges every step as
+it ran. ``MeasuredFlops(model)`` counts SWAT layers' densities as measured at each training forward (threshold
+reuse makes them differ from the nominal ``1 - sparsity``).
+
 For a benchmark row use ``training_cost(model, dense_model, inputs, loss_fn)`` → ``TrainingCost``.
 """
 from __future__ import annotations
@@ -133,8 +142,30 @@ class TrainingFlops:
         return self.training / self.dense_training if self.dense_training else float("nan")
 
 
+# methods whose per-step training FLOPs a mask snapshot does not give (see the module docstring)
+SNAPSHOT_INEXACT = frozenset({"sparse_momentum", "rigl", "gmp", "ctre"})
+
+
+def _controller_method(model: nn.Module) -> str | None:
+    inner = getattr(model, "module", model)
+    meta = getattr(inner, "meta", None)
+    ctrl = meta.get("sparse_controller") if isinstance(meta, dict) else None
+    method = getattr(ctrl, "method", None)
+    return None if method is None else str(getattr(method, "label", type(method).__name__)).lower()
+
+
 def training_flops(model: nn.Module, inputs: Sequence[Any], dense_grad_every: int | None = None) -> TrainingFlops:
-    """Forward + backward FLOPs of one training step on ``inputs`` counting each layer's real sparsity."""
+    """Forward + backward FLOPs of one training step on ``inputs`` counting each layer's real sparsity.
+
+    Raises ``PreconditionError`` for a model whose DST method's FLOPs vary over the run (``SNAPSHOT_INEXACT``)
+    unless ``dense_grad_every`` is given: use ``sparsifx.controller(model).training_flops()`` there."""
+    method = _controller_method(model)
+    if dense_grad_every is None and method is not None and method.split("/")[0] in SNAPSHOT_INEXACT:
+        from .errors import PreconditionError
+        raise PreconditionError(f"training_flops: a one-step snapshot miscounts {method} (dense weight gradients, "
+                                "changing density or extra statistics over the run); use the controller's "
+                                "training_flops() (sparsifx.controller(model).training_flops()), or pass "
+                                "dense_grad_every explicitly (1 = dense weight gradient every step)")
     layers = layer_flops(model, inputs, dense_grad_every)
     return TrainingFlops(sum(lf.training for lf in layers), sum(lf.dense_training for lf in layers), tuple(layers))
 
@@ -162,3 +193,67 @@ def training_cost(model: nn.Module, dense_model: nn.Module, inputs: Sequence[Any
     flops = training_flops(model, inputs, dense_grad_every)
     return TrainingCost(flops.training, flops.dense_training, saved_tensor_bytes(model, inputs, loss_fn),
                         saved_tensor_bytes(dense_model, inputs, loss_fn))
+
+
+class MeasuredFlops:
+    """Training FLOPs with each layer's densities *measured* at every training forward (module hooks).
+
+    SWAT layers: forward/input-grad density = share of ``|W| >= thr_w`` (the threshold the forward used, stale
+    or recomputed), weight-grad density = share of the layer input with ``|x| >= max(thr_a, tiny)``; structured
+    SWAT layers use their nominal ``training_densities()``. Masked layers: mask density in all three; other layers
+    dense. ``theoretical`` = Σ 2·MACs·(d_f + d_gi + d_gw); ``executed`` = 3·2·MACs for every layer (SWAT and
+    masked layers multiply zero-filled dense tensors); ``dense`` = 3·2·MACs. Call ``remove()`` when done.
+    """
+
+    def __init__(self, model: nn.Module):
+        from sparsifx.passes.training.flops import macs_rule
+        self.theoretical = self.executed = self.dense = 0.0
+        self.forwards = 0
+        self.density_sum: dict[str, list[float]] = {}
+        self._handles = []
+        for name, module in model.named_modules():
+            rule = macs_rule(module) if name else None
+            if rule is not None:
+                self._handles.append(module.register_forward_hook(self._hook(name, rule)))
+
+    def _hook(self, name: str, rule):
+        def hook(module, inputs, output):
+            if not (module.training and torch.is_grad_enabled()):
+                return
+            flops = 2.0 * float(rule(module, output))
+            dens = self.measured_densities(module, inputs[0])
+            self.theoretical += flops * sum(dens)
+            self.executed += 3.0 * flops
+            self.dense += 3.0 * flops
+            acc = self.density_sum.setdefault(name, [0.0, 0.0, 0.0, 0])
+            for i, v in enumerate(dens):
+                acc[i] += v
+            acc[3] += 1
+        return hook
+
+    @staticmethod
+    @torch.no_grad()
+    def measured_densities(module: nn.Module, x: torch.Tensor) -> tuple[float, float, float]:
+        swat = getattr(module, "swat", None)
+        if swat is not None and hasattr(module, "thr_w") and not swat.structured:
+            thr_w, thr_a = float(module.thr_w), float(module.thr_a)
+            dw = float((module.weight.abs() >= thr_w).float().mean())
+            tiny = torch.finfo(x.dtype).tiny
+            da = float((x.abs() >= max(thr_a, tiny)).float().mean())
+            return dw, dw, da
+        return layer_densities(module, None)
+
+    def mean_densities(self) -> dict[str, tuple[float, float, float]]:
+        return {n: (a[0] / a[3], a[1] / a[3], a[2] / a[3]) for n, a in self.density_sum.items() if a[3]}
+
+    def summary(self) -> dict[str, float]:
+        nan = float("nan")
+        return {"training_flops": self.theoretical, "executed_training_flops": self.executed,
+                "dense_training_flops": self.dense,
+                "flops_ratio": self.theoretical / self.dense if self.dense else nan,
+                "executed_flops_ratio": self.executed / self.dense if self.dense else nan}
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []

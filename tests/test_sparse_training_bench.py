@@ -61,3 +61,33 @@ def test_unregistered_method_is_reported_not_faked():
     bench = _load_bench()
     present, missing = bench.methods_mod.available(("rigl", "no_such_method"))
     assert present == ["rigl"] and missing == ["no_such_method"]
+
+
+def test_targets_mode_intervals_density_and_both_flop_columns(tmp_path):
+    bench = _load_bench()
+    settings = replace(bench.TargetSettings(), models=("mlp784x64x64",), methods=("static", "rigl", "swat"),
+                       sparsities=(0.9,), seeds=(0, 1), lrs=(0.05, 0.1), n_train=300, n_val=100, n_test=100,
+                       batch=50, max_steps=6)
+    out = tmp_path / "t.json"
+    rows = bench.run_targets(settings, out)
+    assert [(r["method"], r["seed"]) for r in rows] == [(m, s) for s in (0, 1) for m in
+                                                         ("dense", "static", "rigl", "swat")]
+    for row in rows:
+        assert row["chosen_on"] == "validation" and row["lr"] in (0.05, 0.1)
+        assert 0.0 < row["density"] <= 1.0 and row["executed_flops_ratio"] >= row["flops_ratio"] > 0.0
+    static = [r for r in rows if r["method"] == "static"]
+    assert all(abs(r["density"] - 0.1) < 0.01 for r in static)
+    swat = [r for r in rows if r["method"] == "swat"]
+    assert all(r["density"] > 0.5 for r in swat)          # SWAT's default keeps the (large) first layer dense
+    meta = json.loads(out.with_name("t_meta.json").read_text())
+    assert len(meta["tuning_on_validation"]) == 2 * 4 and not meta["partial"]
+    assert all(t["result"] in ("PASS", "FAIL", "not distinguishable") for t in meta["targets"])
+    table = out.with_suffix(".md").read_text()
+    assert "FLOPs theoretical" in table and "FLOPs executed" in table and "95% CI" in table
+
+
+def test_paired_interval():
+    bench = _load_bench()
+    mean, lo, hi = bench.paired_interval([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert mean == 3.0 and hi - mean == mean - lo
+    assert hi - mean == pytest.approx(2.776 * (2.5 ** 0.5) / 5 ** 0.5)
