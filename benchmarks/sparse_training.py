@@ -69,8 +69,21 @@ ALL_MODELS = ("lenet300100", "mlp1024x3", "smallcnn")
 SPARSITIES = (0.8, 0.9, 0.95, 0.98)
 
 
+class StepCounts:
+    """``steps_per_epoch`` and ``total_steps`` of a settings dataclass with n_train, batch, epochs, max_steps."""
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.n_train // self.batch
+
+    @property
+    def total_steps(self) -> int:
+        steps = self.epochs * self.steps_per_epoch
+        return min(steps, self.max_steps) if self.max_steps else steps
+
+
 @dataclass(frozen=True)
-class Settings:
+class Settings(StepCounts):
     dataset: str = "mnist"
     models: tuple[str, ...] = ALL_MODELS
     methods: tuple[str, ...] = methods_mod.ALL_METHODS
@@ -94,14 +107,6 @@ class Settings:
         """These settings with the model's own epoch count (``epochs_by_model``), if it has one."""
         return replace(self, epochs=dict(self.epochs_by_model).get(name, self.epochs))
 
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.n_train // self.batch
-
-    @property
-    def total_steps(self) -> int:
-        steps = self.epochs * self.steps_per_epoch
-        return min(steps, self.max_steps) if self.max_steps else steps
 
 
 QUICK = Settings(models=("lenet300100",), sparsities=(0.9,), seeds=(0,), n_train=500, n_test=200, epochs=2,
@@ -529,7 +534,7 @@ models.register("mlp784x64x64")(lambda: models._mlp([784, 64, 64, 10]))   # narr
 
 
 @dataclass(frozen=True)
-class TargetSettings:
+class TargetSettings(StepCounts):
     dataset: str = "mnist"
     models: tuple[str, ...] = ("lenet300100", "mlp784x64x64")
     methods: tuple[str, ...] = ("static", "set", "rigl", "sparse_momentum", "gmp", "ctre", "swat")
@@ -547,14 +552,6 @@ class TargetSettings:
     threads: int = 1
     max_steps: int | None = None       # tests only
 
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.n_train // self.batch
-
-    @property
-    def total_steps(self) -> int:
-        steps = self.epochs * self.steps_per_epoch
-        return min(steps, self.max_steps) if self.max_steps else steps
 
 
 T_CRIT_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
