@@ -15,11 +15,11 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(PY) examples/demo.py
+	@echo "--- optional part: fine-tuning a sparsified model under transformers' Trainer and Lightning"
+	$(MAKE) --no-print-directory demo-integrations
 
-# optional: fine-tune under transformers' Trainer and Lightning (installs the hf and lightning extras, and
-# accelerate, which Trainer needs)
+# fine-tune under transformers' Trainer and Lightning (their packages come with the test extra)
 demo-integrations: $(STAMP)
-	$(PY) -m pip install -q -e ".[hf,lightning]" "accelerate>=1.1"
 	$(PY) examples/finetune_hf_trainer.py --steps 20
 	$(PY) examples/finetune_lightning.py --steps 30
 
