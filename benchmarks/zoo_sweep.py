@@ -23,9 +23,12 @@ with the same basename); ``--resume`` skips finished models.
 ViT, Swin, T5; ``zoo_hf_models.py``), random weights, norms re-randomised, traced with ``trace_hf``. Per model
 (``sweep_hf_sparsifx``): Linear/Conv1D layers visible in the trace, ``magnitude`` masking of every one of them
 (``sparsify``), exact ``channel_prune`` + ``shrink`` with the params ratio over the transformer blocks (the
-encoder/decoder layer lists) and over the whole model, compact ONNX with onnxruntime parity, time; an
-"approximate streams" column that says it is not implemented. ``--compare torch-pruning`` runs Torch-Pruning's
-documented HF recipes on the same model (``sweep_hf_torch_pruning``).
+encoder/decoder layer lists) and over the whole model, compact ONNX with onnxruntime parity, time; then, each on
+a fresh copy of the same randomised model, ``channel_prune`` with ``streams: approximate`` + ``shrink`` (params
+ratios, the output deviation ``shrink`` reports, shrunk vs original and shrunk vs masked, and ONNX parity against
+the shrunk torch model; the summary counts the models at blocks ratio <= ``STREAMS_TARGET``) and an exact
+``attention: heads`` run (params ratios, query heads kept, shrunk == masked). ``--compare torch-pruning`` runs
+Torch-Pruning's documented HF recipes on the same model (``sweep_hf_torch_pruning``).
 
     python benchmarks/zoo_sweep.py --zoo hf --models all --ratio 0.5 --compare torch-pruning \\
         --out benchmarks/results/zoo_hf.json
@@ -380,8 +383,7 @@ def write(records: dict[str, dict], out: Path, args: argparse.Namespace, names: 
 
 
 # ------------------------------------------------------------------ Hugging Face zoo (--zoo hf)
-APPROXIMATE_STREAMS = ("not implemented: sparsifx has no 'streams: approximate' mode; channel_prune keeps the "
-                       "residual stream whole (LayerNorm/RMSNorm statistics span it)")
+STREAMS_TARGET = 0.35  # the issue's target: params ratio over the blocks with approximate streams at ratio 0.5
 
 
 def create_hf(name: str, side: int = 0, num_classes: int = 0) -> nn.Module:
@@ -422,13 +424,14 @@ def sweep_hf_sparsifx(name: str, zoo: str = "hf", ratio: float = 0.5, side: int 
     """One HF model through sparsifx; each part records its own error and the next part still runs:
     ``trace``: ``trace_hf`` with every Linear/Conv1D a visible ``call_module``; ``magnitude``: ``sparsify`` with a
     magnitude stage masks every Linear/Conv1D; ``prune``: channel_prune + shrink (timed, shrunk == masked), params
-    over the blocks and over the whole model, MACs; ``onnx``: compact ONNX with onnxruntime parity."""
+    over the blocks and over the whole model, MACs; ``onnx``: compact ONNX with onnxruntime parity; ``approximate``:
+    ``streams: approximate`` (``_hf_approximate_part``, keys ``approx_*``); ``heads``: exact ``attention: heads``
+    (``_hf_heads_part``, keys ``heads_*``)."""
     from sparsifx import sparsify
     from sparsifx.hf_tracing import trace_hf
     from sparsifx.masking import is_masked
     rec = w.Record(name, "sparsifx", hfm.SPECS[name].side)
     st, errors = rec.stats, []
-    st["approximate_streams"] = APPROXIMATE_STREAMS
     try:
         model, inputs, st["randomised"] = build_hf(name)
     except Exception as exc:
@@ -489,10 +492,130 @@ def sweep_hf_sparsifx(name: str, zoo: str = "hf", ratio: float = 0.5, side: int 
         except Exception as exc:
             st["onnx_error"] = w._cause("onnx", exc)
             errors.append(st["onnx_error"])
+    if "block_params_before" not in st:  # the trace part failed: the ratios below count the model itself
+        st["params_before"], st["block_params_before"] = hfm.all_params(model), hfm.block_params(model, prefixes)
+    _hf_approximate_part(model, inputs, ratio, round_to, prefixes, st, errors, onnx, workdir)
+    _hf_heads_part(model, inputs, ratio, round_to, prefixes, st, errors)
     rec.ok = not errors
     rec.error = "; ".join(errors) or None
     gc.collect()
     return asdict(rec)
+
+
+def _hf_trace_copy(model: nn.Module, inputs: dict):
+    """``trace_hf`` of a fresh deep copy of ``model`` with its example inputs recorded in ``gm.meta`` (so that
+    ``streams: approximate`` measures its deviation on them, not on a random draw)."""
+    from sparsifx.hf_tracing import trace_hf
+    gm = trace_hf(copy.deepcopy(model), inputs, copy_model=False)
+    gm.meta["example_inputs"] = tuple(inputs[k] for k in gm.meta["hf_input_names"])
+    return gm
+
+
+def _hf_approximate_part(model: nn.Module, inputs: dict, ratio: float, round_to: int, prefixes: tuple,
+                         st: dict, errors: list[str], onnx: bool, workdir: str | None) -> None:
+    """``channel_prune(ratio, streams="approximate")`` + ``shrink`` on a fresh copy of the randomised model: params
+    over the blocks and the whole model, the deviations ``shrink`` reports (``channel_report["streams"]``: shrunk vs
+    original and shrunk vs masked, on the example inputs), the same shrunk-vs-original deviation recomputed here on
+    the logits and every other float output, and compact ONNX with onnxruntime parity against the *shrunk* torch
+    model. Keys ``approx_*``; failures go to ``approx_error`` / ``approx_onnx_error`` and to ``errors``."""
+    from sparsifx.passes.channels.streams import relative_deviation
+    from sparsifx.registry import PASSES
+    tensors, shrunk = tuple(inputs.values()), None
+    try:
+        gm = _hf_trace_copy(model, inputs)
+        dense = w.run(gm, tensors)
+        t0 = time.perf_counter()
+        params = {"ratio": ratio, "round_to": round_to, "streams": "approximate"}
+        masked = PASSES.get("channel_prune").from_params(params)(gm).gm.eval()
+        t1 = time.perf_counter()
+        outcome = masked.meta.get("channel_outcome")
+        masked_out = w.run(masked, tensors)  # untimed, as in the exact part
+        t2 = time.perf_counter()
+        shrunk = PASSES.get("shrink").from_params({})(masked).gm.eval()
+        st["approx_time_s"] = (t1 - t0) + (time.perf_counter() - t2)
+        report = shrunk.meta.get("channel_report", {}).get("streams")
+        st["approx_outcome"] = outcome.to_dict() if outcome is not None else None
+        st["approx_params_after"] = hfm.all_params(shrunk)
+        st["approx_block_params_after"] = hfm.block_params(shrunk, prefixes)
+        st["approx_params_ratio"] = st["approx_params_after"] / st["params_before"]
+        st["approx_block_params_ratio"] = st["approx_block_params_after"] / st["block_params_before"]
+        out = w.run(shrunk, tensors)
+        st["approx_deviation_recomputed"] = relative_deviation(out, dense)
+        st["approx_deviation_approximation_recomputed"] = relative_deviation(out, masked_out)
+        if report is None:  # nothing pruned through a normalisation: the prune was exact after all
+            outputs = [str(a) for a in torch.utils._pytree.tree_leaves(
+                [n.args for n in shrunk.graph.nodes if n.op == "output"]) if isinstance(a, torch.fx.Node)]
+            st["approx_exact"] = True
+            st["approx_note"] = ("no channel pruned through a normalisation, so this prune is exact (no deviation "
+                                 "report; deviations recomputed here): the residual stream reaches a model output "
+                                 f"(graph outputs {', '.join(outputs)}), and outputs are never pruned")
+        else:
+            st.update(approx_deviation=report["deviation"],
+                      approx_deviation_approximation=report["deviation_approximation"],
+                      approx_deviation_masked=report["deviation_masked"], approx_units=report["units"],
+                      approx_norms=len(report["approximations"]), approx_deviation_inputs=report["inputs"],
+                      approx_exactness_check=report["exactness_check"])
+    except Exception as exc:
+        shrunk = None
+        st["approx_error"] = w._cause("approximate prune+shrink", exc)
+        errors.append(st["approx_error"])
+    if onnx and shrunk is not None:
+        try:
+            with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+                facts = w.compact_onnx(shrunk, tensors, Path(tmp) / "approx.onnx")
+            st.update({"approx_" + k: v for k, v in facts.items()})
+        except Exception as exc:
+            st["approx_onnx_error"] = w._cause("approximate onnx", exc)
+            errors.append(st["approx_onnx_error"])
+
+
+def head_shapes(gm: torch.fx.GraphModule) -> list[list[int]]:
+    """[heads, head dim] of every attention's query in graph order: sdpa's query, or the left operand of a
+    ``q @ k.transpose(..)`` matmul (as ``attention_heads.head_shapes``)."""
+    import torch.nn.functional as F
+    out = []
+    for n in gm.graph.nodes:
+        sdpa = n.op == "call_function" and n.target is F.scaled_dot_product_attention
+        qk = (n.op == "call_method" and n.target == "matmul" or n.op == "call_function" and n.target is torch.matmul) \
+            and len(n.args) > 1 and isinstance(n.args[1], torch.fx.Node) and n.args[1].target == "transpose"
+        meta = n.args[0].meta.get("tensor_meta") if (sdpa or qk) and isinstance(n.args[0], torch.fx.Node) else None
+        if meta is not None and len(meta.shape) >= 3:
+            out.append([int(meta.shape[-3]), int(meta.shape[-1])])
+    return out
+
+
+def _hf_heads_part(model: nn.Module, inputs: dict, ratio: float, round_to: int, prefixes: tuple, st: dict,
+                   errors: list[str]) -> None:
+    """Exact ``channel_prune(ratio, attention="heads")`` (whole heads) + ``shrink`` on a fresh copy: params over
+    the blocks and the whole model, heads x head dim of each attention before and after, shrunk == masked by
+    ``check_close``. Keys ``heads_*``; a failure goes to ``heads_error`` and to ``errors``."""
+    from sparsifx.registry import PASSES
+    tensors = tuple(inputs.values())
+    try:
+        gm = _hf_trace_copy(model, inputs)
+        st["heads_before"] = head_shapes(gm)
+        t0 = time.perf_counter()
+        params = {"ratio": ratio, "round_to": round_to, "attention": "heads"}
+        masked = PASSES.get("channel_prune").from_params(params)(gm).gm.eval()
+        t1 = time.perf_counter()
+        reference = w.run(masked, tensors)
+        t2 = time.perf_counter()
+        shrunk = PASSES.get("shrink").from_params({})(masked).gm.eval()
+        st["heads_time_s"] = (t1 - t0) + (time.perf_counter() - t2)
+        st["heads_after"] = head_shapes(shrunk)
+        st["heads_kept"] = sum(h for h, _ in st["heads_after"])
+        st["heads_total"] = sum(h for h, _ in st["heads_before"])
+        st["heads_params_ratio"] = hfm.all_params(shrunk) / st["params_before"]
+        st["heads_block_params_ratio"] = hfm.block_params(shrunk, prefixes) / st["block_params_before"]
+        out = w.run(shrunk, tensors)
+        st["heads_shrunk_vs_masked_max_abs"] = w.max_abs(out, reference)  # recorded before the check can fail
+        w.check_close(out, reference)
+        st["heads_exact"] = True
+    except Exception as exc:
+        if "heads_shrunk_vs_masked_max_abs" in st:
+            st["heads_exact"] = False
+        st["heads_error"] = w._cause("heads prune+shrink", exc)
+        errors.append(st["heads_error"])
 
 
 def _hf_sparsifx_prune(model: nn.Module, inputs: dict, ratio: float, repeat: bool, round_to: int):
@@ -677,6 +800,16 @@ def _tp_prune_hf(tp, model: nn.Module, inputs: dict, spec, ratio: float, round_t
     return time.perf_counter() - t0, recipe
 
 
+def _approx_deviations(st: dict) -> dict:
+    """The approximate run's deviations: ``shrink``'s report, or (when nothing was pruned through a norm and
+    there is no report) the ones recomputed by the sweep, flagged ``exact``."""
+    if st.get("approx_exact"):
+        return {"shrunk_vs_original": st.get("approx_deviation_recomputed"),
+                "shrunk_vs_masked": st.get("approx_deviation_approximation_recomputed"), "exact": True}
+    return {"shrunk_vs_original": st.get("approx_deviation"),
+            "shrunk_vs_masked": st.get("approx_deviation_approximation")}
+
+
 def hf_summary(records: dict[str, dict]) -> dict:
     sfx = {n: r["sparsifx"] for n, r in records.items() if "sparsifx" in r}
     tps = {n: r["torch-pruning"] for n, r in records.items() if "torch-pruning" in r}
@@ -698,8 +831,27 @@ def hf_summary(records: dict[str, dict]) -> dict:
            "max_shrunk_vs_masked_max_abs": max(values("shrunk_vs_masked_max_abs", sfx), default=None),
            "max_onnx_max_abs": max(values("onnx_max_abs", sfx), default=None),
            "sparsifx_max_time_s": max(values("time_s", sfx), default=None),
-           "sparsifx_failures": {n: r["error"] for n, r in sfx.items() if r["error"]},
-           "approximate_streams": "not implemented in sparsifx (no 'streams: approximate'); the column says so"}
+           "sparsifx_failures": {n: r["error"] for n, r in sfx.items() if r["error"]}}
+    approx = {n: st for n, st in sts.items() if st.get("approx_block_params_ratio") is not None}
+    reach = sorted(n for n, st in approx.items() if st["approx_block_params_ratio"] <= STREAMS_TARGET)
+    out["approximate_streams"] = {
+        "ran": f"{len(approx)}/{len(sts)}",
+        "blocks_ratio_target": STREAMS_TARGET,
+        "reach_target": f"{len(reach)}/{len(sts)}", "reach_target_models": reach,
+        "miss_target": {n: round(st["approx_block_params_ratio"], 3) for n, st in approx.items() if n not in reach},
+        "median_block_params_ratio": tvs._median([st["approx_block_params_ratio"] for st in approx.values()]),
+        "median_params_ratio": tvs._median([st["approx_params_ratio"] for st in approx.values()]),
+        "deviations": {n: _approx_deviations(st) for n, st in approx.items()},
+        "streams_not_pruned": {n: st["approx_note"] for n, st in approx.items() if st.get("approx_note")},
+        "onnx_parity": count(lambda st: "approx_onnx_max_abs" in st),
+        "max_onnx_max_abs": max(values("approx_onnx_max_abs", sfx), default=None),
+        "failures": {n: "; ".join(st[k] for k in ("approx_error", "approx_onnx_error") if st.get(k))
+                     for n, st in sts.items() if st.get("approx_error") or st.get("approx_onnx_error")}}
+    out["attention_heads"] = {
+        "exact_shrunk_eq_masked": count(lambda st: st.get("heads_exact")),
+        "median_block_params_ratio": tvs._median(values("heads_block_params_ratio", sfx)),
+        "heads_kept": {n: f"{st['heads_kept']}/{st['heads_total']}" for n, st in sts.items() if "heads_kept" in st},
+        "failures": {n: st["heads_error"] for n, st in sts.items() if st.get("heads_error")}}
     if tps:
         both = [n for n in tp_ok if n in sfx and sfx[n]["stats"].get("time_s")]
         out.update({"torch_pruning_ok": f"{len(tp_ok)}/{len(tps)}",
@@ -715,12 +867,25 @@ def hf_summary(records: dict[str, dict]) -> dict:
         tp = tps.get(n)
         line = (f"blocks {f(st.get('block_params_ratio'), '.3f')} whole {f(st.get('params_ratio'), '.3f')} "
                 f"exact {f(st.get('shrunk_vs_masked_max_abs'), '.1e') or 'NO'} "
-                f"onnx {f(st.get('onnx_max_abs'), '.1e') or 'NO'}")
+                f"onnx {f(st.get('onnx_max_abs'), '.1e') or 'NO'} | approx blocks "
+                f"{f(st.get('approx_block_params_ratio'), '.3f') or 'NO'} whole "
+                f"{f(st.get('approx_params_ratio'), '.3f') or 'NO'} deviation vs original / vs masked "
+                f"{_fmt_deviations(_approx_deviations(st))} onnx "
+                f"{f(st.get('approx_onnx_max_abs'), '.1e') or 'NO'} | heads blocks "
+                f"{f(st.get('heads_block_params_ratio'), '.3f') or 'NO'} kept {st.get('heads_kept', '?')}/"
+                f"{st.get('heads_total', '?')} exact {f(st.get('heads_shrunk_vs_masked_max_abs'), '.1e') or 'NO'}"
+                + ("" if st.get("heads_exact") else " (NOT exact)" if "heads_exact" in st else ""))
         if tp is not None:
             line += (f" | TP blocks {f(tp['stats'].get('block_params_ratio'), '.3f')} whole "
                      f"{f(tp['stats'].get('params_ratio'), '.3f')}" if tp["ok"] else " | TP failed")
         out["per_model"][n] = line
     return out
+
+
+def _fmt_deviations(d: dict) -> str:
+    f = tvs._fmt
+    text = f"{f(d.get('shrunk_vs_original'), '.3f') or '-'} / {f(d.get('shrunk_vs_masked'), '.3f') or '-'}"
+    return text + " (exact prune)" if d.get("exact") else text
 
 
 def hf_markdown(records: dict[str, dict], meta: dict) -> str:
@@ -736,31 +901,70 @@ def hf_markdown(records: dict[str, dict], meta: dict) -> str:
              f"{s['magnitude_masked_every_linear']}; channel_prune + shrink exact (shrunk == masked) "
              f"{s['exact_shrunk_eq_masked']}; ONNX with onnxruntime parity {s['onnx_parity']}; median params ratio "
              f"over blocks {f(s['median_block_params_ratio'], '.3f')}, whole model {f(s['median_params_ratio'], '.3f')}"
-             f"; max time {f(s['sparsifx_max_time_s'])} s. Approximate streams: {s['approximate_streams']}."]
+             f"; max time {f(s['sparsifx_max_time_s'])} s."]
+    a, h = s.get("approximate_streams") or {}, s.get("attention_heads") or {}
+    if a:
+        devs = ", ".join(f"{n} {_fmt_deviations(d)}" for n, d in a["deviations"].items())
+        lines.append(
+            f"Approximate streams (`channel_prune` ratio {meta['ratio']}, `streams: approximate`, + `shrink`; not "
+            f"exact by design): {a['reach_target']} models reach blocks ratio <= {a['blocks_ratio_target']} (the "
+            f"issue's target: {', '.join(a['reach_target_models']) or 'none'}"
+            + (f"; not: {', '.join(f'{n} {v}' for n, v in a['miss_target'].items())}" if a["miss_target"] else "")
+            + f"); ran {a['ran']}; median params ratio over blocks {f(a['median_block_params_ratio'], '.3f')}, whole "
+            f"model {f(a['median_params_ratio'], '.3f')}; ONNX with onnxruntime parity against the shrunk model "
+            f"{a['onnx_parity']} (max abs {f(a['max_onnx_max_abs'], '.1e')}). Output deviation, relative L2 on the "
+            f"example inputs, shrunk vs original / shrunk vs masked (the approximation alone): {devs or 'none'}."
+            + "".join(f" {n}: {note}." for n, note in a["streams_not_pruned"].items())
+            + (" Failures: " + "; ".join(f"{n}: {e}" for n, e in a["failures"].items()) + "." if a["failures"] else ""))
+    if h:
+        lines.append(
+            f"Whole heads (`attention: heads`, exact): shrunk == masked {h['exact_shrunk_eq_masked']}; median params "
+            f"ratio over blocks {f(h['median_block_params_ratio'], '.3f')}; query heads kept (all attentions): "
+            + ", ".join(f"{n} {v}" for n, v in h["heads_kept"].items())
+            + (". Failures: " + "; ".join(f"{n}: {e}" for n, e in h["failures"].items()) if h["failures"] else "")
+            + ".")
     if "torch_pruning_ok" in s:
         lines.append(f"Torch-Pruning 1.6 (its HF recipes, see `recipe` in the JSON): {s['torch_pruning_ok']} ran; "
                      f"median params ratio over blocks {f(s['median_block_params_ratio_torch_pruning'], '.3f')}, "
                      f"whole model {f(s['median_params_ratio_torch_pruning'], '.3f')}; median time ratio sparsifx/TP "
-                     f"{f(s['median_time_ratio_sparsifx_over_tp'])}. Torch-Pruning also prunes the hidden size "
-                     "(norm channels, embeddings) without an exactness check; sparsifx keeps the residual stream "
-                     "whole, which is why its whole-model ratio stays high on models with large embeddings.")
-    lines += ["", "| model | seq/side | Linear visible | magnitude masked | blocks after/before | whole after/before | "
-              "MACs after/before | achieved / requested | shrunk-masked max abs | ONNX max abs | approximate streams | "
-              "time s | TP blocks | TP whole | TP time s | errors / notes |", "|" + "---|" * 16]
+                     f"{f(s['median_time_ratio_sparsifx_over_tp'])} (exact run). Torch-Pruning also prunes the hidden "
+                     "size (norm channels, embeddings) without an exactness check or a measured deviation; sparsifx's "
+                     "exact mode keeps the residual stream whole (hence its high whole-model ratio on models with "
+                     "large embeddings), its approximate-streams mode prunes it and reports the deviation.")
+    lines += ["", "Exact: `channel_prune` (default `streams: exact`, `attention: head_dims`) + `shrink`, shrunk == "
+              "masked. Approx.: `streams: approximate` on a fresh copy of the same model; deviation = relative L2 of "
+              "the outputs on the example inputs, shrunk vs original / shrunk vs masked "
+              "(`channel_report[\"streams\"]`; \"exact prune\": nothing was pruned through a norm, no report, the "
+              "sweep's own figures); approx. ONNX = max |onnxruntime - shrunk torch|. Heads: exact `attention: heads`,"
+              " query heads kept / total over all attentions, max |shrunk - masked|.", "",
+              "| model | seq/side | Linear visible | magnitude masked | blocks after/before | whole after/before | "
+              "MACs after/before | achieved / requested | shrunk-masked max abs | ONNX max abs | approx. blocks | "
+              "approx. whole | approx. deviation (vs original / vs masked) | approx. ONNX max abs | approx. time s | "
+              "heads blocks | heads kept | heads shrunk-masked max abs | time s | TP blocks | TP whole | TP time s | "
+              "errors / notes |", "|" + "---|" * 23]
     for name, r in records.items():
         x, tp = r.get("sparsifx", {}), r.get("torch-pruning")
         st, tps = x.get("stats", {}), (tp or {}).get("stats", {})
         o = st.get("outcome") or {}
         untied = [f"{who} untied tied weights: " + ", ".join(s_["untied"])
                   for who, s_ in (("sparsifx", st), ("TP", tps)) if s_.get("untied")]
-        err = "; ".join(e for e in (x.get("error"), tp and not tp["ok"] and "TP " + tp["error"], *untied) if e)
+        notes = [f"approx.: {st['approx_note']}"] if st.get("approx_note") else []
+        err = "; ".join(e for e in (x.get("error"), tp and not tp["ok"] and "TP " + tp["error"], *untied, *notes)
+                        if e)
+        dev = _fmt_deviations(_approx_deviations(st)) if "approx_block_params_ratio" in st else ""
+        heads = f"{st['heads_kept']}/{st['heads_total']}" if "heads_kept" in st else ""
         lines.append("| " + " | ".join([
             name, str(x.get("side", "")), f"{st.get('linear_visible', '?')}/{st.get('linear_layers', '?')}",
             f"{st.get('magnitude_masked', '?')}/{st.get('linear_layers', '?')}",
             f(st.get("block_params_ratio"), ".3f"), f(st.get("params_ratio"), ".3f"), f(st.get("macs_ratio"), ".3f"),
             f"{o['achieved']:.2f} / {o['requested']:.2f}" if o.get("channels") else "",
             f(st.get("shrunk_vs_masked_max_abs"), ".1e") or "NO", f(st.get("onnx_max_abs"), ".1e") or "NO",
-            "not implemented", f(st.get("time_s")),
+            f(st.get("approx_block_params_ratio"), ".3f") or "NO", f(st.get("approx_params_ratio"), ".3f") or "NO",
+            dev, f(st.get("approx_onnx_max_abs"), ".1e") or "NO", f(st.get("approx_time_s")),
+            f(st.get("heads_block_params_ratio"), ".3f") or "NO", heads,
+            (f(st.get("heads_shrunk_vs_masked_max_abs"), ".1e") or "NO") + ("" if st.get("heads_exact", True)
+                                                                          else " (NOT exact)"),
+            f(st.get("time_s")),
             f(tps.get("block_params_ratio"), ".3f") if tp else "", f(tps.get("params_ratio"), ".3f") if tp else "",
             f(tps.get("time_s")) if tp else "", (err or "").replace("|", "/")[:400]]) + " |")
     barriers = {n: r["sparsifx"]["stats"].get("top_barrier") for n, r in records.items()

@@ -97,7 +97,8 @@ def test_cli_refuses_a_zoo_that_is_not_there_yet(capsys, monkeypatch):
 
 def test_hf_sweep_prunes_tiny_bert_exactly_and_reports_it(tmp_path):
     """``--zoo hf``: one tiny BERT through the sparsifx side (trace, magnitude, exact channel_prune + shrink with
-    params over blocks and whole model, ONNX parity), then the summary and table built from its record."""
+    params over blocks and whole model, ONNX parity; approximate streams with its deviations and ONNX parity
+    against the shrunk model; exact whole heads), then the summary and table built from its record."""
     pytest.importorskip("transformers")
     z = _zoo()
     rec = z.sweep_hf_sparsifx("bert", workdir=str(tmp_path), repeat=False)
@@ -108,10 +109,29 @@ def test_hf_sweep_prunes_tiny_bert_exactly_and_reports_it(tmp_path):
     assert st["randomised"]["norm_affine"] > 0 and st["block_prefixes"] == ["bert.encoder.layer."]
     assert st["shrunk_vs_masked_max_abs"] < 1e-4 and st["onnx_max_abs"] < 1e-3
     assert st["block_params_ratio"] < 0.52 and st["block_params_ratio"] < st["params_ratio"] < 1
-    assert st["time_s"] > 0 and st["approximate_streams"].startswith("not implemented")
+    assert st["time_s"] > 0
+    # approximate streams: the residual stream is pruned too, not exactly; the deviation is measured
+    assert st["approx_block_params_ratio"] <= z.STREAMS_TARGET and st["approx_params_ratio"] < st["params_ratio"]
+    assert st["approx_deviation_inputs"] == "example inputs" and st["approx_norms"] == 5 and st["approx_units"] > 0
+    assert 0 < st["approx_deviation_approximation"] < st["approx_deviation"] < 2
+    assert st["approx_deviation"] == pytest.approx(st["approx_deviation_recomputed"], rel=1e-4)
+    assert st["approx_onnx_max_abs"] < 1e-3 and "approx_error" not in st and "approx_onnx_error" not in st
+    # whole heads, exact: half of the 2 x 4 query heads kept
+    assert st["heads_before"] == [[4, 16], [4, 16]] and st["heads_after"] == [[2, 16], [2, 16]]
+    assert st["heads_kept"] == 4 and st["heads_total"] == 8 and st["heads_exact"]
+    assert st["heads_shrunk_vs_masked_max_abs"] < 1e-4 and st["heads_block_params_ratio"] < 0.52
     records = {"bert": {"sparsifx": rec}}
     s = z.hf_summary(records)
     assert s["exact_shrunk_eq_masked"] == s["onnx_parity"] == s["sparsifx_all_parts_ok"] == "1/1"
+    a = s["approximate_streams"]
+    assert a["reach_target"] == a["onnx_parity"] == "1/1" and a["reach_target_models"] == ["bert"]
+    assert a["deviations"]["bert"]["shrunk_vs_masked"] == st["approx_deviation_approximation"]
+    assert s["attention_heads"]["exact_shrunk_eq_masked"] == "1/1" and s["attention_heads"]["heads_kept"] == {
+        "bert": "4/8"}
     meta = {"ratio": 0.5, "round_to": 1, "summary": s, "machine": {"cpus": 2, "loadavg_at_write": [1.0, 1.0, 1.0]}}
     table = z.hf_markdown(records, meta)
-    assert "| bert | 16 | 14/14 | 14/14 |" in table and "not implemented" in table and "Machine load" in table
+    assert "| bert | 16 | 14/14 | 14/14 |" in table and "not implemented" not in table and "Machine load" in table
+    assert "1/1 models reach blocks ratio <= 0.35" in table
+    assert f"{st['approx_deviation']:.3f} / {st['approx_deviation_approximation']:.3f}" in table
+    assert f"| {st['approx_block_params_ratio']:.3f} | {st['approx_params_ratio']:.3f} |" in table
+    assert "| 4/8 |" in table
