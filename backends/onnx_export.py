@@ -187,6 +187,18 @@ def _verify(module, file: Path, batches: list[tuple], rtol: float, atol: float, 
                                f"{result['max_rel']:.3g} (rtol={rtol}, atol={atol})")
 
 
+def _interrupted(exc: BaseException | None) -> bool:
+    """Whether ``exc`` carries a KeyboardInterrupt: in its cause/context chain, or re-raised by native code as a
+    ``RuntimeError`` whose text names it (a Python callback interrupted inside a C++ pass)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt) or (isinstance(exc, RuntimeError) and "KeyboardInterrupt" in str(exc)):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def _export(module, inputs, path: Path, exporter: str, dynamic_batch: bool, opset, n_out: int) -> tuple[str, str]:
     order = AUTO_ORDER if exporter == "auto" else (exporter,)
     failures = []
@@ -194,6 +206,8 @@ def _export(module, inputs, path: Path, exporter: str, dynamic_batch: bool, opse
         try:
             EXPORTERS.get(name)(module, inputs, path, dynamic_batch, opset, n_out)
         except Exception as exc:  # exporters raise many types; all become one BackendError below
+            if _interrupted(exc):  # never fall back to the next exporter past a Ctrl-C
+                raise KeyboardInterrupt(f"ONNX export interrupted in the {name} exporter") from exc
             first = (str(exc).strip().splitlines() or [""])[0][:300]
             failures.append(f"{name} exporter: {type(exc).__name__}: {first}")
             log.warning("ONNX %s exporter failed (%s)%s", name, failures[-1],

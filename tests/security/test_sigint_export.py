@@ -47,3 +47,28 @@ def test_sigint_leaves_old_or_complete_new_file(trial, tmp_path):
         y = sess.run(None, {sess.get_inputs()[0].name: np.ones((2, 4), np.float32)})[0]
         assert y.shape == (2, 3) and np.all(y == y.flat[0]) and y.flat[0] % 4 == 0 and y.flat[0] > 0
     assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]  # no temporary file left behind
+
+
+def test_an_interrupt_wrapped_by_an_exporter_is_not_swallowed_by_the_fallback(tmp_path, monkeypatch):
+    """Native passes can re-raise a Ctrl-C inside a Python callback as a RuntimeError: export must stop, not try
+    the next exporter (which would let a loop of exports ignore SIGINT)."""
+    import torch
+
+    from sparsifx.backends import onnx_export
+
+    def interrupted(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as exc:
+            raise RuntimeError("pass failed") from exc
+
+    calls = []
+    assert onnx_export.AUTO_ORDER[0] == "torchscript"
+    monkeypatch.setattr(onnx_export.EXPORTERS, "get", lambda name: interrupted if name == "torchscript"
+                        else calls.append(name))
+    old = b"previous"
+    (tmp_path / "m.onnx").write_bytes(old)
+    with pytest.raises(KeyboardInterrupt):
+        onnx_export.export_onnx(torch.nn.Linear(4, 3), tmp_path / "m.onnx", (torch.ones(2, 4),),
+                                exporter="auto")
+    assert calls == [] and (tmp_path / "m.onnx").read_bytes() == old
