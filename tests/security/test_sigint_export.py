@@ -14,7 +14,10 @@ import onnxruntime as ort
 import pytest
 
 CHILD = textwrap.dedent("""
-    import sys, torch
+    import signal, sys, torch
+    # a shell that starts the test run in the background (`make test &`) hands SIGINT down ignored; this child
+    # stands for an interactive process, so it takes Ctrl-C as Python does by default
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from sparsifx.backends.onnx_export import export_onnx
     path, i = sys.argv[1], 0
     x = torch.ones(2, 4)
