@@ -284,8 +284,6 @@ def sparse_type(module: nn.Module) -> type | None:
     return None
 
 
-SPARSE_TYPES = {nn.Linear: SparseLinear, nn.Conv2d: SparseConv2d1x1}
-
 
 def _offsets(index: torch.Tensor, n: int) -> torch.Tensor:
     counts = torch.bincount(index.long(), minlength=n) if index.numel() else torch.zeros(n, dtype=torch.int64,
@@ -312,9 +310,6 @@ def densify_sparse_layers(root: nn.Module) -> int:
         count += 1
     return count
 
-
-def dense_numel(module: SparseLinear) -> int:
-    return math.prod(module.shape)
 
 
 def sparse_to_masked(root: nn.Module) -> list[str]:
@@ -344,6 +339,6 @@ def masked_to_sparse(root: nn.Module, names: list[str]) -> None:
         holder = nn.Module()
         holder.layer = module
         bake_masks(holder)
-        layer = SPARSE_TYPES[type(holder.layer)].from_dense(holder.layer, keys)
+        layer = sparse_type(holder.layer).from_dense(holder.layer, keys)
         layer.dense_grad = bool(getattr(module, "dense_grad", False))
         set_submodule(root, name, layer)
