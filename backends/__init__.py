@@ -6,3 +6,5 @@ needs its file and its registry decorator.
 from sparsifx.autoload import import_submodules
 
 LOADED = import_submodules(__name__, __path__)
+
+from .onnx_import import load_onnx  # noqa: E402  (public: an ONNX file into the sparse runtime)

@@ -179,7 +179,7 @@ class Calibration:
 
 def machine_key(kernels: tuple[str, ...]) -> str:
     clock = "thread_time" if torch.get_num_threads() == 1 else "wall"
-    text = "\n".join([CALIBRATION_FORMAT, cpp_kernel._build_name(), str(torch.get_num_threads()), clock, *kernels])
+    text = "\n".join([CALIBRATION_FORMAT, cpp_kernel.build_name(), str(torch.get_num_threads()), clock, *kernels])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -1,94 +1,325 @@
-"""A small C++ sparse-times-dense kernel, compiled lazily with ``torch.utils.cpp_extension.load_inline``.
+"""The C++ CPU kernels of the sparse runtime (one extension, built on first use by ``backends/cpp_build.py``).
 
-``spmm(rowptr, col, val, X, bias) -> Y``: ``Y[n] = W @ X[n] (+ bias)`` where ``W`` is CSR (``rowptr`` int64,
-``col`` uint16 stored as int16 or int32, ``val`` fp32) and ``X`` is ``[N, K, M]`` fp32. Columns of ``X`` are
-processed in tiles of 64/32/.../1 held in registers, so each non-zero costs one broadcast and ``tile/16`` FMAs;
-work is split over ``at::parallel_for`` (torch's own thread pool, so ``torch.set_num_threads`` applies).
+``conv(x, rowptr, off, val, bias, residual, lo, hi, geom, phases)``: direct sparse convolution, unstructured-sparse
+weights times dense NCHW activations, no im2col. Every non-zero weight ``W[r, c, a, b]`` becomes one *offset* into
+a prepared input grid, so a convolution of any kernel size, stride, padding, dilation and grouping is the same loop
+(Park et al. 2017, "direct sparse convolution"; the vectorisation over the spatial axis follows Elsen et al. 2020,
+"Fast Sparse ConvNets")::
 
-``linear(rowptr, col, val, x, bias)`` is ``x @ W.T (+ bias)`` for ``x`` ``[B, K]`` (transposes done in C++).
+    Y[r, j] = act(bias[r] + sum_k val[k] * G[off[k] + j] (+ residual[r, j]))   for grid columns j
 
-Nothing is compiled at import. The first call builds into ``$SPARSIFX_CACHE_DIR/torch_extensions/<hash>`` (default
-``~/.cache/sparsifx``); the hash covers the source, the flags and the CPU, so a cache shared between different
-machines never loads a binary built for another CPU. Without a C++ compiler the call raises ``BackendError``.
+The grid ``G`` is the input zero-padded and, for strides above 1, split into stride phases (``[C * P, Hq, Wq]``
+with ``P`` the phases the taps use), so that every tap reads a contiguous run of ``G``: output ``(oh, ow)`` is grid
+column ``oh * Wq + ow`` and tap ``(a, b)`` reads it at ``(c * P + phase) * Hq * Wq + row_off * Wq + col_off``.
+Grid columns with ``ow >= Wo`` are computed and dropped. A 1x1 stride-1 convolution without padding reads the input
+itself (no copy). Columns are processed in tiles of 64 held in vector registers (8 x AVX2 ``ymm``), the last
+partial tile in 1-8 vectors with masked loads; each non-zero costs one broadcast and one FMA per 8 columns. The
+epilogue adds bias and residual and clamps to ``[lo, hi]`` (ReLU: ``[0, inf]``, ReLU6: ``[0, 6]``) before the
+single store.
+
+``spmm(rowptr, col, val, X, bias)``: ``Y[n] = W @ X[n] (+ bias)`` for CSR ``W`` (``col`` uint16 stored as int16,
+or int32) and ``X`` ``[N, K, M]``, on the same column tiles (non-zero ``k`` reads row ``col[k]`` of ``X``); one
+column (a matrix-vector product) runs four scalar accumulators per row. ``linear(rowptr, col, val, x, bias)`` is
+``x @ W.T (+ bias)`` for ``x`` ``[B, K]``. ``maxpool(x, kh, kw, sh, sw, ph, pw)``: NCHW max pooling.
+
+Work items (image, column tile, block of rows) are spread over ``at::parallel_for`` (torch's thread pool:
+``torch.set_num_threads`` applies). Built with ``-march=native`` on the machine that runs it.
 """
 from __future__ import annotations
 
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import threading
-from pathlib import Path
+from .cpp_build import CppExtension, cache_dir  # noqa: F401  (cache_dir: where kernels and calibrations live)
 
-from sparsifx.errors import BackendError
-
-log = logging.getLogger(__name__)
-
-CPP_SOURCE = r"""
+CONV_SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cstdint>
+#include <cstring>
+#include <algorithm>
+#include <limits>
+#include <cmath>
+#include <vector>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
-typedef float v16 __attribute__((vector_size(64)));
 typedef float v8 __attribute__((vector_size(32)));
 
-// rows r0..r1 times a tile of VL * NV columns of X; U independent accumulator sets (non-zeros k, k+1, ...)
-// keep U * NV FMA chains in flight; the accumulators stay in vector registers
-template <typename I, typename V, int VL, int NV, int U>
-static inline void rows_tile(const int64_t* __restrict rowptr, const I* __restrict col, const float* __restrict val,
-                             const float* __restrict X, int64_t ldx, float* __restrict Y, int64_t ldy,
-                             int64_t r0, int64_t r1, const float* __restrict bias) {
-  for (int64_t r = r0; r < r1; ++r) {
-    V acc[U][NV];
-    const float b = bias ? bias[r] : 0.f;
-    for (int u = 0; u < U; ++u)
-      for (int q = 0; q < NV; ++q) acc[u][q] = V{} + (u == 0 ? b : 0.f);
-    int64_t k = rowptr[r];
-    const int64_t e = rowptr[r + 1];
-    for (; k + U <= e; k += U) {
-      for (int u = 0; u < U; ++u) {
-        const V v = V{} + val[k + u];
-        const float* __restrict xr = X + (int64_t)col[k + u] * ldx;
-        for (int q = 0; q < NV; ++q) { V x; __builtin_memcpy(&x, xr + q * VL, sizeof(V)); acc[u][q] += v * x; }
-      }
-    }
-    for (; k < e; ++k) {
-      const V v = V{} + val[k];
-      const float* __restrict xr = X + (int64_t)col[k] * ldx;
-      for (int q = 0; q < NV; ++q) { V x; __builtin_memcpy(&x, xr + q * VL, sizeof(V)); acc[0][q] += v * x; }
-    }
-    for (int u = 1; u < U; ++u)
-      for (int q = 0; q < NV; ++q) acc[0][q] += acc[u][q];
-    float* __restrict yr = Y + r * ldy;
-    for (int q = 0; q < NV; ++q) __builtin_memcpy(yr + q * VL, &acc[0][q], sizeof(V));
+static inline v8 ld8(const float* p) { v8 x; __builtin_memcpy(&x, p, 32); return x; }
+static inline void st8(float* p, v8 x) { __builtin_memcpy(p, &x, 32); }
+
+// the first n (< 8) floats at p, zeros after; never touches memory past p + n
+static inline v8 ld_part(const float* p, int n) {
+#if defined(__AVX2__)
+  static const int32_t ramp[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+  const __m256i m = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ramp + 8 - n));
+  __m256 x = _mm256_maskload_ps(p, m);
+  v8 r; __builtin_memcpy(&r, &x, 32); return r;
+#else
+  v8 r = v8{};
+  for (int i = 0; i < n; ++i) r[i] = p[i];
+  return r;
+#endif
+}
+
+struct Epilogue {
+  const float* bias;      // [R] or null
+  const float* residual;  // [R, Ho*Wo] of this image or null
+  bool clamp;             // clamp to [lo, hi] (an activation)
+  float lo, hi;
+  int64_t wq, wo, ho;     // grid width, output width and height
+  int64_t ostride, oplane, ooff;  // output row stride, plane size, offset of (0, 0): a padded output when
+                                  // the next convolution reads it as its grid
+};
+
+// y[0..n) = clamp(a + res) (res may be null): branch-free loops the compiler vectorises
+static inline void finish_run(const float* __restrict a, const float* __restrict res, float* __restrict y, int n,
+                              const Epilogue& e) {
+  if (res) for (int t = 0; t < n; ++t) y[t] = a[t] + res[t];
+  else for (int t = 0; t < n; ++t) y[t] = a[t];
+  if (e.clamp) {
+    const float lo = e.lo, hi = e.hi;
+    for (int t = 0; t < n; ++t) y[t] = std::min(std::max(y[t], lo), hi);
   }
 }
 
-// rows times a narrow tile (fewer than 8 columns), scalar
-template <typename I, int BT>
-static inline void rows_narrow(const int64_t* __restrict rowptr, const I* __restrict col, const float* __restrict val,
-                               const float* __restrict X, int64_t ldx, float* __restrict Y, int64_t ldy,
-                               int64_t r0, int64_t r1, const float* __restrict bias) {
-  for (int64_t r = r0; r < r1; ++r) {
-    float acc[BT];
-    const float b = bias ? bias[r] : 0.f;
-    for (int j = 0; j < BT; ++j) acc[j] = b;
-    const int64_t e = rowptr[r + 1];
-    for (int64_t k = rowptr[r]; k < e; ++k) {
-      const float v = val[k];
-      const float* __restrict xr = X + (int64_t)col[k] * ldx;
-      for (int j = 0; j < BT; ++j) acc[j] += v * xr[j];
-    }
-    for (int j = 0; j < BT; ++j) Y[r * ldy + j] = acc[j];
+// y = act(acc + residual) for w columns starting at grid column c0 of row r (only the valid grid columns)
+static inline void store_row(const float* acc, int w, int64_t c0, int64_t r, float* Y, const Epilogue& e) {
+  const int64_t plane = e.ho * e.wo;
+  float* yr = Y + r * e.oplane + e.ooff;
+  const float* rr = e.residual ? e.residual + r * plane : nullptr;
+  if (e.wq == e.wo && e.ostride == e.wo) {  // grid columns are output columns
+    finish_run(acc, rr ? rr + c0 : nullptr, yr + c0, w, e);
+    return;
   }
+  int64_t oh = c0 / e.wq, ow = c0 - oh * e.wq;
+  int i = 0;
+  while (i < w) {
+    const int run = (int)std::min<int64_t>(w - i, e.wq - ow);
+    const int valid = (int)std::max<int64_t>(0, std::min<int64_t>(run, e.wo - ow));
+    if (valid > 0 && oh < e.ho)
+      finish_run(acc + i, rr ? rr + oh * e.wo + ow : nullptr, yr + oh * e.ostride + ow, valid, e);
+    i += run;
+    ow = 0;
+    ++oh;
+  }
+}
+
+// rows r0..r1 times NV vectors of 8 grid columns from c0; the last vector holds only `last` columns when last < 8
+// (masked loads: nothing past the grid is read). U independent accumulator sets (non-zeros k, k+1, ...) keep
+// U * NV FMA chains in flight.
+// where non-zero k reads: a precomputed grid offset (convolutions) or a column index times the row length (CSR)
+struct Offsets {
+  const int32_t* __restrict off;
+  inline int64_t operator()(int64_t k) const { return off[k]; }
+};
+template <typename I>
+struct Columns {
+  const I* __restrict col;
+  int64_t ld;
+  inline int64_t operator()(int64_t k) const { return (int64_t)col[k] * ld; }
+};
+
+template <int NV, int U, bool MASKED, typename Idx>
+static inline void tile(const int64_t* __restrict rowptr, const Idx off, const float* __restrict val,
+                        const float* __restrict G, int64_t c0, int last, int64_t r0, int64_t r1, float* Y,
+                        const Epilogue& e) {
+  const float* Gc = G + c0;
+  const int w = 8 * (NV - 1) + (MASKED ? last : 8);
+  const bool vector_out = !MASKED && e.wq == e.wo && e.ostride == e.wo && e.ooff == 0;
+  const int64_t plane = e.ho * e.wo;
+  for (int64_t r = r0; r < r1; ++r) {
+    v8 acc[U][NV];
+    for (int u = 0; u < U; ++u)
+      for (int q = 0; q < NV; ++q) acc[u][q] = v8{};
+    int64_t k = rowptr[r];
+    const int64_t end = rowptr[r + 1];
+    for (; k + U <= end; k += U)
+      for (int u = 0; u < U; ++u) {
+        const v8 v = v8{} + val[k + u];
+        const float* __restrict x = Gc + off(k + u);
+        for (int q = 0; q < NV; ++q)
+          acc[u][q] += v * ((MASKED && q == NV - 1) ? ld_part(x + 8 * q, last) : ld8(x + 8 * q));
+      }
+    for (; k < end; ++k) {
+      const v8 v = v8{} + val[k];
+      const float* __restrict x = Gc + off(k);
+      for (int q = 0; q < NV; ++q)
+        acc[0][q] += v * ((MASKED && q == NV - 1) ? ld_part(x + 8 * q, last) : ld8(x + 8 * q));
+    }
+    for (int u = 1; u < U; ++u)
+      for (int q = 0; q < NV; ++q) acc[0][q] += acc[u][q];
+    const v8 b = v8{} + (e.bias ? e.bias[r] : 0.f);
+    if (vector_out) {  // grid columns are output columns: bias, residual and clamp on the registers
+      float* y = Y + r * plane + c0;
+      const float* res = e.residual ? e.residual + r * plane + c0 : nullptr;
+      for (int q = 0; q < NV; ++q) {
+        v8 a = acc[0][q] + b;
+        if (res) a += ld8(res + 8 * q);
+        if (e.clamp) {
+          const v8 lo = v8{} + e.lo, hi = v8{} + e.hi;
+          a = a > lo ? a : lo;
+          a = a < hi ? a : hi;
+        }
+        st8(y + 8 * q, a);
+      }
+    } else {
+      alignas(32) float out[8 * NV];
+      for (int q = 0; q < NV; ++q) st8(out + 8 * q, acc[0][q] + b);
+      store_row(out, w, c0, r, Y, e);
+    }
+  }
+}
+
+// the last columns (fewer than 64): ceil(left / 8) vectors, the last one masked when left is not a multiple of 8
+template <int NV, int U, typename Idx>
+static inline void tail(const int64_t* rowptr, const Idx off, const float* val, const float* G, int64_t c,
+                        int last, int64_t r0, int64_t r1, float* Y, const Epilogue& e) {
+  if (last == 8) tile<NV, U, false>(rowptr, off, val, G, c, 8, r0, r1, Y, e);
+  else tile<NV, U, true>(rowptr, off, val, G, c, last, r0, r1, Y, e);
+}
+
+template <typename Idx>
+static void run_columns(const int64_t* rowptr, const Idx off, const float* val, const float* G, int64_t c0,
+                        int64_t width, int64_t r0, int64_t r1, float* Y, const Epilogue& e) {
+  int64_t c = c0;
+  const int64_t stop = c0 + width;
+  for (; c + 64 <= stop; c += 64) tile<8, 1, false>(rowptr, off, val, G, c, 8, r0, r1, Y, e);
+  const int64_t left = stop - c;
+  if (left == 0) return;
+  const int nv = (int)((left + 7) / 8), last = (int)(left - 8 * (nv - 1));
+  switch (nv) {
+    case 1: tail<1, 4>(rowptr, off, val, G, c, last, r0, r1, Y, e); break;
+    case 2: tail<2, 4>(rowptr, off, val, G, c, last, r0, r1, Y, e); break;
+    case 3: tail<3, 2>(rowptr, off, val, G, c, last, r0, r1, Y, e); break;
+    case 4: tail<4, 2>(rowptr, off, val, G, c, last, r0, r1, Y, e); break;
+    case 5: tail<5, 1>(rowptr, off, val, G, c, last, r0, r1, Y, e); break;
+    case 6: tail<6, 1>(rowptr, off, val, G, c, last, r0, r1, Y, e); break;
+    case 7: tail<7, 1>(rowptr, off, val, G, c, last, r0, r1, Y, e); break;
+    default: tail<8, 1>(rowptr, off, val, G, c, last, r0, r1, Y, e); break;
+  }
+}
+
+template <int SW>
+static inline void copy_strided(float* __restrict d, const float* __restrict s, int64_t j0, int64_t j1) {
+  for (int64_t j = j0; j < j1; ++j) d[j] = s[j * SW];
+}
+
+// the zero-padded, phase-split grid [N, C * P, Hq, Wq] of x [N, C, H, W]; phase p reads input row
+// (i * sh + py[p] - ph) and column (j * sw + px[p] - pw)
+static torch::Tensor make_grid(const torch::Tensor& x, const std::vector<int64_t>& phases, int64_t sh, int64_t sw,
+                               int64_t ph, int64_t pw, int64_t hq, int64_t wq) {
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t P = (int64_t)phases.size() / 2;
+  auto G = torch::empty({N, C * P, hq, wq}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* gp = G.data_ptr<float>();
+  at::parallel_for(0, N * C, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t nc = begin; nc < end; ++nc) {
+      const float* src = xp + nc * H * W;
+      for (int64_t p = 0; p < P; ++p) {
+        const int64_t py = phases[2 * p], px = phases[2 * p + 1];
+        float* dst = gp + (nc * P + p) * hq * wq;
+        for (int64_t i = 0; i < hq; ++i) {
+          float* drow = dst + i * wq;
+          const int64_t sr = i * sh + py - ph;
+          if (sr < 0 || sr >= H) { std::memset(drow, 0, sizeof(float) * wq); continue; }
+          const float* srow = src + sr * W;
+          // columns j whose source j * sw + px - pw lies inside the row
+          const int64_t j0 = std::min<int64_t>(wq, std::max<int64_t>(0, (pw - px + sw - 1) / sw));
+          const int64_t j1 = std::max<int64_t>(j0, std::min<int64_t>(wq, (W - 1 + pw - px) / sw + 1));
+          if (j0 > 0) std::memset(drow, 0, sizeof(float) * j0);
+          const float* s0 = srow + px - pw;
+          if (sw == 1) std::memcpy(drow + j0, s0 + j0, sizeof(float) * (j1 - j0));
+          else if (sw == 2) copy_strided<2>(drow, s0, j0, j1);
+          else for (int64_t j = j0; j < j1; ++j) drow[j] = s0[j * sw];
+          if (j1 < wq) std::memset(drow + j1, 0, sizeof(float) * (wq - j1));
+        }
+      }
+    }
+  });
+  return G;
+}
+
+// geom = {sh, sw, ph, pw, hq, wq, ho, wo, direct, oph, opw, max_off}; phases = {py0, px0, py1, px1, ...}
+// oph/opw > 0: the output is written zero-padded ([ho + 2 oph + 1, wo + 2 opw], the extra row for the grid reads
+// of the next convolution), so that a following stride-1 "same" convolution reads it as its grid directly
+torch::Tensor conv(torch::Tensor x, torch::Tensor rowptr, torch::Tensor off, torch::Tensor val,
+                   c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> residual, double lo, double hi,
+                   std::vector<int64_t> geom, std::vector<int64_t> phases) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat, "x must be fp32 [N, C, H, W]");
+  TORCH_CHECK(rowptr.scalar_type() == at::kLong && off.scalar_type() == at::kInt && val.scalar_type() == at::kFloat,
+              "rowptr int64, off int32, val fp32");
+  TORCH_CHECK(geom.size() == 12, "geom has 12 entries");
+  const int64_t sh = geom[0], sw = geom[1], ph = geom[2], pw = geom[3], hq = geom[4], wq = geom[5];
+  const int64_t ho = geom[6], wo = geom[7];
+  const bool direct = geom[8] != 0;
+  const int64_t oph = geom[9], opw = geom[10];
+  const bool padded_out = oph > 0 || opw > 0;
+  const int64_t oh_all = padded_out ? ho + 2 * oph + 1 : ho, ow_all = padded_out ? wo + 2 * opw : wo;
+  x = x.contiguous();
+  const int64_t N = x.size(0), R = rowptr.size(0) - 1;
+  torch::Tensor G = direct ? x : make_grid(x, phases, sh, sw, ph, pw, hq, wq);
+  const int64_t gstride = G.numel() / std::max<int64_t>(1, N);
+  auto Y = torch::empty({N, R, oh_all, ow_all}, x.options());
+  torch::Tensor bc, rc;
+  const float* bp = nullptr;
+  const float* rp = nullptr;
+  if (bias.has_value() && bias->defined()) { bc = bias->contiguous(); bp = bc.data_ptr<float>(); }
+  if (residual.has_value() && residual->defined()) {
+    rc = residual->contiguous();
+    TORCH_CHECK(rc.numel() == N * R * ho * wo && rc.scalar_type() == at::kFloat, "residual must match the output");
+    rp = rc.data_ptr<float>();
+  }
+  const bool clamp = lo > -INFINITY || hi < INFINITY;
+  const int64_t M = ho * wq;  // grid columns that hold outputs
+  // every read is G[off[k] + j] with 0 <= off[k] <= max_off and j < M: it must stay inside this image's grid
+  TORCH_CHECK(ho > 0 && wo > 0 && wo <= wq && geom[11] >= 0 && geom[11] + M <= gstride,
+              "sparse convolution: the weight's offsets do not fit this input (", geom[11], " + ", M, " > ", gstride, ")");
+  const int64_t TILE = 64;
+  const int64_t ntiles = (M + TILE - 1) / TILE;
+  const int64_t nnz = val.numel();
+  // rows per work item: about 32k multiply-adds per item, at least 4 rows
+  const int64_t per_row = std::max<int64_t>(1, nnz / std::max<int64_t>(1, R)) * std::min<int64_t>(M, TILE);
+  const int64_t rb = std::min<int64_t>(R, std::max<int64_t>(4, 32768 / per_row));
+  const int64_t nrb = (R + rb - 1) / rb;
+  const int64_t* rpp = rowptr.data_ptr<int64_t>();
+  const int32_t* op = off.data_ptr<int32_t>();
+  const float* vp = val.data_ptr<float>();
+  const float* gp = G.data_ptr<float>();
+  float* yp = Y.data_ptr<float>();
+  const int64_t oplane = oh_all * ow_all;
+  if (padded_out) {  // zero the border the kernel does not write
+    at::parallel_for(0, N * R, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        float* pl = yp + p * oplane;
+        std::memset(pl, 0, sizeof(float) * oph * ow_all);
+        for (int64_t i = 0; i < ho; ++i) {
+          float* row = pl + (oph + i) * ow_all;
+          std::memset(row, 0, sizeof(float) * opw);
+          std::memset(row + opw + wo, 0, sizeof(float) * opw);
+        }
+        std::memset(pl + (oph + ho) * ow_all, 0, sizeof(float) * (oh_all - oph - ho) * ow_all);
+      }
+    });
+  }
+  at::parallel_for(0, N * ntiles * nrb, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t b = it % nrb, t = (it / nrb) % ntiles, n = it / (nrb * ntiles);
+      const int64_t c0 = t * TILE, w = std::min<int64_t>(TILE, M - c0);
+      const int64_t r0 = b * rb, r1 = std::min<int64_t>(R, r0 + rb);
+      Epilogue e{bp, rp ? rp + n * R * ho * wo : nullptr, clamp, (float)lo, (float)hi, wq, wo, ho,
+                 ow_all, oplane, oph * ow_all + opw};
+      run_columns(rpp, Offsets{op}, vp, gp + n * gstride, c0, w, r0, r1, yp + n * R * oplane, e);
+    }
+  });
+  return Y;
 }
 
 // one column of X (batch 1): four scalar accumulators per row (gathers are slower here)
 template <typename I>
-static inline void rows_vec(const int64_t* __restrict rowptr, const I* __restrict col, const float* __restrict val,
-                            const float* __restrict x, float* __restrict y, int64_t r0, int64_t r1,
-                            const float* __restrict bias) {
+static void rows_vec(const int64_t* __restrict rowptr, const I* __restrict col, const float* __restrict val,
+                     const float* __restrict x, float* __restrict y, int64_t r0, int64_t r1,
+                     const float* __restrict bias) {
   for (int64_t r = r0; r < r1; ++r) {
     int64_t k = rowptr[r];
     const int64_t e = rowptr[r + 1];
@@ -105,50 +336,41 @@ static inline void rows_vec(const int64_t* __restrict rowptr, const I* __restric
 }
 
 template <typename I>
-static void run_tile(const int64_t* rowptr, const I* col, const float* val, const float* X, int64_t ldx,
-                     float* Y, int64_t ldy, int64_t r0, int64_t r1, const float* bias, int64_t width) {
-  int64_t c = 0;
-  while (c < width) {
-    const int64_t left = width - c;
-    const float* Xc = X + c;
-    float* Yc = Y + c;
-    if (left >= 64) { rows_tile<I, v16, 16, 4, 1>(rowptr, col, val, Xc, ldx, Yc, ldy, r0, r1, bias); c += 64; }
-    else if (left >= 32) { rows_tile<I, v16, 16, 2, 2>(rowptr, col, val, Xc, ldx, Yc, ldy, r0, r1, bias); c += 32; }
-    else if (left >= 16) { rows_tile<I, v16, 16, 1, 4>(rowptr, col, val, Xc, ldx, Yc, ldy, r0, r1, bias); c += 16; }
-    else if (left >= 8) { rows_tile<I, v8, 8, 1, 4>(rowptr, col, val, Xc, ldx, Yc, ldy, r0, r1, bias); c += 8; }
-    else if (left >= 4) { rows_narrow<I, 4>(rowptr, col, val, Xc, ldx, Yc, ldy, r0, r1, bias); c += 4; }
-    else if (left >= 2) { rows_narrow<I, 2>(rowptr, col, val, Xc, ldx, Yc, ldy, r0, r1, bias); c += 2; }
-    else if (ldx == 1 && ldy == 1) { rows_vec<I>(rowptr, col, val, Xc, Yc, r0, r1, bias); c += 1; }
-    else { rows_narrow<I, 1>(rowptr, col, val, Xc, ldx, Yc, ldy, r0, r1, bias); c += 1; }
-  }
-}
-
-template <typename I>
 static void spmm_impl(const torch::Tensor& rowptr, const I* col, const torch::Tensor& val, const torch::Tensor& X,
                       torch::Tensor& Y, const float* bias) {
   const int64_t N = X.size(0), K = X.size(1), M = X.size(2), R = rowptr.size(0) - 1;
-  // columns per work item: 64, or 32/16 so that a K x TILE block of X stays in a 512 KiB share of L2
-  const int64_t TILE = 64;  // columns per work item (register tiles of 64/32/16/8/... inside)
-  const int64_t ntiles = (M + TILE - 1) / TILE;
-  const int64_t nnz = val.numel();
-  // rows per work item: about 64k multiply-adds per item, at least 8 rows
-  const int64_t avg = std::max<int64_t>(1, nnz / std::max<int64_t>(1, R)) * std::min<int64_t>(M, TILE);
-  const int64_t rb = std::min<int64_t>(R, std::max<int64_t>(8, 65536 / std::max<int64_t>(1, avg)));
-  const int64_t nrb = (R + rb - 1) / rb;
   const int64_t* rp = rowptr.data_ptr<int64_t>();
-  const float* v = val.data_ptr<float>();
+  const float* vp = val.data_ptr<float>();
   const float* xp = X.data_ptr<float>();
   float* yp = Y.data_ptr<float>();
+  const int64_t nnz = val.numel();
+  if (M == 1) {  // matrix times vector
+    const int64_t rb = std::max<int64_t>(64, 65536 / std::max<int64_t>(1, nnz / std::max<int64_t>(1, R)));
+    at::parallel_for(0, N * ((R + rb - 1) / rb), 1, [&](int64_t begin, int64_t end) {
+      const int64_t nrb = (R + rb - 1) / rb;
+      for (int64_t it = begin; it < end; ++it) {
+        const int64_t n = it / nrb, r0 = (it % nrb) * rb, r1 = std::min<int64_t>(R, r0 + rb);
+        rows_vec<I>(rp, col, vp, xp + n * K, yp + n * R, r0, r1, bias);
+      }
+    });
+    return;
+  }
+  const int64_t TILE = 64, ntiles = (M + TILE - 1) / TILE;
+  const int64_t per_row = std::max<int64_t>(1, nnz / std::max<int64_t>(1, R)) * std::min<int64_t>(M, TILE);
+  const int64_t rb = std::min<int64_t>(R, std::max<int64_t>(4, 32768 / per_row));
+  const int64_t nrb = (R + rb - 1) / rb;
   at::parallel_for(0, N * ntiles * nrb, 1, [&](int64_t begin, int64_t end) {
     for (int64_t it = begin; it < end; ++it) {
       const int64_t b = it % nrb, t = (it / nrb) % ntiles, n = it / (nrb * ntiles);
       const int64_t c0 = t * TILE, w = std::min<int64_t>(TILE, M - c0);
       const int64_t r0 = b * rb, r1 = std::min<int64_t>(R, r0 + rb);
-      run_tile<I>(rp, col, v, xp + n * K * M + c0, M, yp + n * R * M + c0, M, r0, r1, bias, w);
+      Epilogue e{bias, nullptr, false, 0.f, 0.f, M, M, 1, M, M, 0};
+      run_columns(rp, Columns<I>{col, M}, vp, xp + n * K * M, c0, w, r0, r1, yp + n * R * M, e);
     }
   });
 }
 
+// Y[n] = W @ X[n] (+ bias) for CSR W (rowptr int64, col uint16 stored as int16 or int32, val fp32), X [N, K, M]
 torch::Tensor spmm(torch::Tensor rowptr, torch::Tensor col, torch::Tensor val, torch::Tensor X,
                    c10::optional<torch::Tensor> bias) {
   TORCH_CHECK(X.dim() == 3 && X.scalar_type() == at::kFloat && X.is_contiguous(), "X must be contiguous fp32 [N,K,M]");
@@ -176,57 +398,58 @@ torch::Tensor linear(torch::Tensor rowptr, torch::Tensor col, torch::Tensor val,
   auto Y = spmm(rowptr, col, val, x.t().contiguous().unsqueeze(0), bias);
   return Y.squeeze(0).t().contiguous();
 }
+
+// max pooling of NCHW x (floor mode, dilation 1, implicit -inf padding): the column max of kh input rows,
+// then the max of kw strided columns of it
+torch::Tensor maxpool(torch::Tensor x, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat, "x must be fp32 [N, C, H, W]");
+  x = x.contiguous();
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t ho = (H + 2 * ph - kh) / sh + 1, wo = (W + 2 * pw - kw) / sw + 1;
+  TORCH_CHECK(ho > 0 && wo > 0, "pooling window larger than the input");
+  auto Y = torch::empty({N, C, ho, wo}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* yp = Y.data_ptr<float>();
+  const float ninf = -std::numeric_limits<float>::infinity();
+  const int64_t wp = W + 2 * pw + sw;  // padded row, with slack for the last window
+  at::parallel_for(0, N * C, 4, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(wp, ninf);
+    for (int64_t nc = begin; nc < end; ++nc) {
+      const float* src = xp + nc * H * W;
+      float* dst = yp + nc * ho * wo;
+      for (int64_t i = 0; i < ho; ++i) {
+        float* r = row.data() + pw;
+        std::fill(r, r + W, ninf);
+        const int64_t a0 = std::max<int64_t>(0, i * sh - ph), a1 = std::min<int64_t>(H, i * sh - ph + kh);
+        for (int64_t a = a0; a < a1; ++a) {
+          const float* s = src + a * W;
+          for (int64_t j = 0; j < W; ++j) r[j] = r[j] > s[j] ? r[j] : s[j];
+        }
+        const float* q = row.data();
+        for (int64_t j = 0; j < wo; ++j) {
+          float m = q[j * sw];
+          for (int64_t b = 1; b < kw; ++b) m = m > q[j * sw + b] ? m : q[j * sw + b];
+          dst[i * wo + j] = m;
+        }
+      }
+    }
+  });
+  return Y;
+}
 """
 
-CFLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=fast"]
-_LOCK = threading.Lock()
-_MODULE = None
-
-
-def cache_dir() -> Path:
-    """Where sparsifx caches compiled kernels and calibrations (``$SPARSIFX_CACHE_DIR`` or ``~/.cache/sparsifx``)."""
-    return Path(os.environ.get("SPARSIFX_CACHE_DIR", Path.home() / ".cache" / "sparsifx"))
-
-
-def _cpu_signature() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))][:2]
-        return "\n".join(lines)
-    except OSError:
-        return platform.processor() or platform.machine()
-
-
-def _build_name() -> str:
-    import torch
-    key = "\n".join([CPP_SOURCE, " ".join(CFLAGS), _cpu_signature(), torch.__version__, platform.python_version()])
-    return "sparsifx_spmm_" + hashlib.sha256(key.encode()).hexdigest()[:16]
+KERNELS = CppExtension("sparsifx_kernels", CONV_SOURCE, ["conv", "maxpool", "spmm", "linear"], "sparse CPU kernels")
 
 
 def available() -> bool:
-    """Whether the kernel is built or a C++ compiler exists to build it."""
-    return _MODULE is not None or shutil.which(os.environ.get("CXX", "c++")) is not None
+    """Whether the kernels are built or a C++ compiler exists to build them."""
+    return KERNELS.available()
 
 
 def load():
     """Compile (once, cached on disk) and return the extension module; ``BackendError`` if that is impossible."""
-    global _MODULE
-    if _MODULE is not None:
-        return _MODULE
-    with _LOCK:
-        if _MODULE is not None:
-            return _MODULE
-        if shutil.which(os.environ.get("CXX", "c++")) is None:
-            raise BackendError("the 'csr_tiled' sparse kernel needs a C++ compiler (set CXX or install g++); "
-                               "use backend 'csr' or 'dense' instead")
-        from torch.utils.cpp_extension import load_inline
-        name = _build_name()
-        build = cache_dir() / "torch_extensions" / name
-        build.mkdir(parents=True, exist_ok=True)
-        log.info("building sparse kernel %s in %s", name, build)
-        try:
-            _MODULE = load_inline(name=name, cpp_sources=[CPP_SOURCE], functions=["spmm", "linear"], extra_cflags=CFLAGS,
-                                  build_directory=str(build), verbose=False)
-        except Exception as exc:  # compiler/linker failures surface as RuntimeError/CalledProcessError
-            raise BackendError(f"building the sparse kernel failed in {build}: {exc}") from exc
-    return _MODULE
+    return KERNELS.load()
+
+
+def build_name() -> str:
+    return KERNELS.build_name()

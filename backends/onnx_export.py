@@ -14,7 +14,11 @@ destination directory raises ``ArtefactError``. Exporters (``exporter=``): ``"to
 (``torch.onnx.export(dynamo=False)``, fast, handles dynamic batch via ``dynamic_axes``), ``"dynamo"``
 (torch.export-based) or ``"auto"`` (torchscript first; if it cannot export the model, e.g.
 ``adaptive_avg_pool2d`` with a non-divisor output size, the dynamo exporter is tried and a warning names the
-first failure). The exporter used is logged and stored in ``LAST_EXPORT``.
+first failure). The exporter used is logged and returned in the :class:`ExportResult`.
+
+The options that shape the file are grouped in :class:`ExportOptions`, those of the onnxruntime comparison
+in :class:`ParityCheck`; ``export_onnx`` keeps its keyword arguments and builds both from them, and
+:func:`export_with_options` takes them directly. The module holds no state between calls.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ import io
 import logging
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -44,20 +48,61 @@ EXPORTERS: Registry[Callable] = Registry("onnx exporter")
 EXTERNAL_DATA_BYTES = 1_800_000_000
 
 
-@dataclass
-class ExportInfo:
-    """What the last ``export_onnx`` call did (for benchmarks and the CLI)."""
-    path: str = ""
-    exporter: str = ""
-    fallback_reason: str = ""
-    checks: list[dict] = field(default_factory=list)  # one per verified batch: batch, max_abs, max_rel
+@dataclass(frozen=True)
+class ParityCheck:
+    """How onnxruntime is compared with torch: ``|ort - torch| <= atol + rtol * |torch|`` on every output."""
+    rtol: float = 1e-4
+    atol: float = 1e-4
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """How ``export_onnx`` writes the file. ``parity=None`` skips the onnxruntime comparison (``verify=False``);
+    ``onnx.checker`` always runs."""
+    exporter: str = "auto"  # "auto", or a name in EXPORTERS ("torchscript", "dynamo")
+    opset: int | None = None  # None: the exporter's default
+    dynamic_batch: bool = True  # symbolic batch axis, verified on a second batch size
+    sparse_weights: bool = False  # initializers rewritten as sparse tensors (sparse_onnx.to_sparse_initializers)
+    parity: ParityCheck | None = ParityCheck()
+
+    @property
+    def verify(self) -> bool:
+        return self.parity is not None
+
+
+@dataclass(frozen=True)
+class BatchCheck:
+    """One onnxruntime-vs-torch comparison: the batch size and the observed max abs / rel error."""
+    batch: int | None
+    max_abs: float
+    max_rel: float
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What one ``export_onnx`` call did. It stands for ``path`` where a path is expected (``os.PathLike``,
+    ``str(result)``), so ``open(result)``, ``Path(result)`` and ``onnx.load(result)`` work as with the path
+    ``export_onnx`` returned before; use ``result.path`` for ``Path`` methods."""
+    path: Path
+    exporter: str  # the exporter that wrote the file
+    fallback_reason: str = ""  # why earlier exporters of "auto" failed ("" when the first one worked)
+    opset: int | None = None  # the default-domain opset recorded in the file
+    file_bytes: int = 0  # size on disk, external data included
+    checks: tuple[BatchCheck, ...] = ()  # one per verified batch (empty with verify=False)
 
     @property
     def max_abs(self) -> float | None:
-        return max((c["max_abs"] for c in self.checks), default=None)
+        return max((c.max_abs for c in self.checks), default=None)
 
+    @property
+    def max_rel(self) -> float | None:
+        return max((c.max_rel for c in self.checks), default=None)
 
-LAST_EXPORT = ExportInfo()
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
 
 
 def _names(example_inputs: Sequence[Any], n_out: int) -> tuple[list[str], list[str]]:
@@ -155,8 +200,8 @@ def _check_model(path: Path, shown: Path | None = None) -> None:
         raise BackendError(f"onnx.checker rejected {shown or path}: {type(exc).__name__}: {exc}") from exc
 
 
-def _verify(module, file: Path, batches: list[tuple], rtol: float, atol: float, checks: list[dict],
-            path: Path | None = None) -> None:
+def _verify(module, file: Path, batches: list[tuple], rtol: float, atol: float,
+            path: Path | None = None) -> list[BatchCheck]:
     """onnxruntime on ``file`` vs torch on each batch; errors name ``path`` (default: ``file``)."""
     import onnxruntime as ort
     path = path or file
@@ -165,6 +210,7 @@ def _verify(module, file: Path, batches: list[tuple], rtol: float, atol: float, 
     except Exception as exc:
         raise BackendError(f"onnxruntime cannot load {path}: {type(exc).__name__}: {exc}") from exc
     names = [i.name for i in session.get_inputs()]
+    checks = []
     for inputs in batches:
         tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
         feed = {n: x.detach().cpu().numpy() for n, x in zip(names, tensors)}
@@ -180,11 +226,12 @@ def _verify(module, file: Path, batches: list[tuple], rtol: float, atol: float, 
             raise BackendError(f"the module fails on the verification batch of size {batch}: "
                                f"{type(exc).__name__}: {exc}") from exc
         result = compare(got, expected, rtol, atol)
-        checks.append({"batch": batch, "max_abs": result["max_abs"], "max_rel": result["max_rel"]})
+        checks.append(BatchCheck(batch, result["max_abs"], result["max_rel"]))
         if not result["ok"]:
             raise BackendError(f"onnxruntime output does not match torch for batch size {batch} ({path}): "
                                f"{result['detail']}; max abs error {result['max_abs']:.3g}, max rel error "
                                f"{result['max_rel']:.3g} (rtol={rtol}, atol={atol})")
+    return checks
 
 
 def _interrupted(exc: BaseException | None) -> bool:
@@ -219,8 +266,11 @@ def _export(module, inputs, path: Path, exporter: str, dynamic_batch: bool, opse
 
 def export_onnx(module: torch.nn.Module, path: str | os.PathLike, example_inputs: Any, dynamic_batch: bool = True,
                 verify: bool = True, opset: int | None = None, sparse_weights: bool = False, rtol: float = 1e-4,
-                atol: float = 1e-4, exporter: str = "auto") -> Path:
-    """Export ``module`` to ``path`` (ONNX), check it and verify it with onnxruntime; returns the path.
+                atol: float = 1e-4, exporter: str = "auto") -> ExportResult:
+    """Export ``module`` to ``path`` (ONNX), check it and verify it with onnxruntime; returns an
+    :class:`ExportResult` (the path, the exporter used, opset, size on disk and one :class:`BatchCheck` per
+    verified batch). The keyword arguments build an :class:`ExportOptions` (``verify``, ``rtol`` and ``atol``
+    its :class:`ParityCheck`) for :func:`export_with_options`.
 
     The export is written to a temporary file beside ``path`` and renamed over it only after the checks
     pass (``sparsifx.atomic_io.atomic_write``): on any failure an existing file at ``path`` is left as it
@@ -230,6 +280,15 @@ def export_onnx(module: torch.nn.Module, path: str | os.PathLike, example_inputs
     ``sparse_weights=True`` rewrites initializers as sparse tensors with
     ``sparsifx.backends.sparse_onnx.to_sparse_initializers`` before verification.
     """
+    options = ExportOptions(exporter=exporter, opset=opset, dynamic_batch=dynamic_batch,
+                            sparse_weights=sparse_weights, parity=ParityCheck(rtol, atol) if verify else None)
+    return export_with_options(module, path, example_inputs, options)
+
+
+def export_with_options(module: torch.nn.Module, path: str | os.PathLike, example_inputs: Any,
+                        options: ExportOptions = ExportOptions()) -> ExportResult:
+    """``export_onnx`` with its options as one :class:`ExportOptions`."""
+    exporter, dynamic_batch, parity = options.exporter, options.dynamic_batch, options.parity
     if exporter != "auto" and exporter not in EXPORTERS:
         raise BackendError(f"unknown ONNX exporter '{exporter}'; choose auto, {', '.join(EXPORTERS.names())}")
     if not isinstance(module, torch.nn.Module):
@@ -242,6 +301,7 @@ def export_onnx(module: torch.nn.Module, path: str | os.PathLike, example_inputs
         module = copy.deepcopy(module)
         log.info("baked %d masked and %d sparse-storage layers into dense weights for export", bake_masks(module),
                  densify_sparse_layers(module))
+    facts: dict[str, Any] = {}  # filled by write and check, which atomic_write calls in turn
     with preserve_training_flags(module):
         module.eval()
         try:
@@ -251,25 +311,36 @@ def export_onnx(module: torch.nn.Module, path: str | os.PathLike, example_inputs
         # grad stays enabled: under no_grad, MultiheadAttention takes a fused fast path the exporters lack;
         # a batch of 1 would be specialised by the exporters, so dynamic export traces a batch of b + 2
         export_inputs = _other_batch(inputs) if dynamic_batch else inputs
-        info = ExportInfo(str(path))
 
         def write(tmp: Path) -> None:
-            global LAST_EXPORT
-            info.exporter, info.fallback_reason = _export(module, export_inputs, tmp, exporter, dynamic_batch,
-                                                          opset, n_out)
-            LAST_EXPORT = info
-            log.info("exported %s with the %s exporter", path, info.exporter)
-            if sparse_weights:
+            facts["exporter"], facts["fallback_reason"] = _export(module, export_inputs, tmp, exporter,
+                                                                  dynamic_batch, options.opset, n_out)
+            log.info("exported %s with the %s exporter", path, facts["exporter"])
+            if options.sparse_weights:
                 _sparsify_file(tmp, path)
 
         def check(tmp: Path) -> None:
             _check_model(tmp, path)
-            if verify:
+            facts["opset"], facts["file_bytes"] = _file_facts(tmp)
+            if parity is not None:
                 batches = [inputs] + ([export_inputs] if dynamic_batch else [])
-                _verify(module, tmp, batches, rtol, atol, info.checks, path)
+                facts["checks"] = tuple(_verify(module, tmp, batches, parity.rtol, parity.atol, path))
 
         atomic_write(path, write, check)  # the file at ``path`` changes only once export and checks passed
-    return path
+    return ExportResult(path, facts["exporter"], facts["fallback_reason"], facts["opset"], facts["file_bytes"],
+                        facts.get("checks", ()))
+
+
+def _file_facts(path: Path) -> tuple[int | None, int]:
+    """The default-domain opset of the ONNX file at ``path`` and its size on disk with the external-data files
+    it names beside it (the external data itself is not read)."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+    model = onnx.load(str(path), load_external_data=False)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    files = {path.parent / str(ExternalDataInfo(t).location) for t in model.graph.initializer
+             if uses_external_data(t)}
+    return opset, path.stat().st_size + sum(f.stat().st_size for f in files if f.is_file())
 
 
 def _sparsify_file(path: Path, shown: Path | None = None) -> None:

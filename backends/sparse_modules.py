@@ -35,7 +35,12 @@ def _check_plan(plan: Sequence[tuple[int | None, str]]) -> Plan:
 
 
 class _PackedMixin:
-    """Buffers ``<kernel>__<key>`` per kernel; onnxruntime sessions are cached, never pickled."""
+    """Buffers ``<kernel>__<key>`` per kernel; onnxruntime sessions and bound kernels are cached, never saved.
+
+    The buffers are validated (``check``) before a kernel first reads them: when the layer is built, loaded from
+    a file (``sparsifx.load``) or given a state dict. An index out of range is a ``BackendError``, never a read
+    outside a buffer."""
+    TRANSIENT_ATTRS = ("_sessions", "_fast", "_checked")
 
     def _store(self, name: str, packed: dict[str, torch.Tensor]) -> None:
         self._keys = {**getattr(self, "_keys", {}), name: tuple((key, f"{name}__{key}") for key in packed)}
@@ -48,13 +53,41 @@ class _PackedMixin:
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_sessions"] = {}
-        state["_fast"] = None
+        for key in self.TRANSIENT_ATTRS:
+            state.pop(key, None)
         return state
 
     def _apply(self, fn, recurse=True):
-        self._fast = None  # closures over the old buffers
+        self.__dict__.pop("_fast", None)  # closures over the old buffers
         return super()._apply(fn, recurse)
+
+    def _sessions_cache(self) -> dict:
+        return self.__dict__.setdefault("_sessions", {})
+
+    def check(self) -> None:
+        """``BackendError`` unless every kernel's packed buffers are valid for this layer's weight shape."""
+        rows, cols = self._weight_shape()
+        for name in self._keys:
+            check_packed(self._packed(name), rows, cols, f"{type(self).__name__} kernel '{name}'")
+        bias = self._buffers.get("bias")
+        if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (rows,)):
+            raise BackendError(f"{type(self).__name__}: bias must be float32 of shape ({rows},)")
+
+    def _checked_buffers(self) -> None:
+        if not self.__dict__.get("_checked"):
+            self.check()
+            self.__dict__.pop("_fast", None)
+            self._sessions_cache().clear()
+            self.__dict__["_checked"] = True
+
+    def _after_load(self) -> None:
+        """Called by ``sparsifx.load`` on a module it rebuilt from a file."""
+        self.__dict__["_checked"] = False
+        self._checked_buffers()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.__dict__["_checked"] = False  # re-checked before the next call
+        return super()._load_from_state_dict(*args, **kwargs)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.requires_grad and torch.is_grad_enabled():
@@ -70,8 +103,6 @@ class SparseLinear(_PackedMixin, nn.Module):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.plan = _check_plan(plan)
-        self._sessions: dict = {}
-        self._fast = None
         for name in dict.fromkeys(k for _, k in self.plan):
             self._store(name, get_kernel(name).pack(weight.detach().float()))
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
@@ -98,16 +129,22 @@ class SparseLinear(_PackedMixin, nn.Module):
             raise AssertionError("unreachable: plans end unbounded")  # pragma: no cover
         return run
 
+    def _weight_shape(self) -> tuple[int, int]:
+        return self.out_features, self.in_features
+
     def _session(self, name: str):
-        if name not in self._sessions:
-            self._sessions[name] = get_kernel(name).session(self._packed(name)["weight"], self.bias)
-        return self._sessions[name]
+        sessions = self._sessions_cache()
+        if name not in sessions:
+            sessions[name] = get_kernel(name).session(self._packed(name)["weight"], self.bias)
+        return sessions[name]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._checked_buffers()
         if x.dim() == 2 and x.dtype is torch.float32 and not x.requires_grad:
-            if self._fast is None:
-                self._fast = self._fast_path()
-            return self._fast(x)
+            fast = self.__dict__.get("_fast")
+            if fast is None:
+                fast = self.__dict__["_fast"] = self._fast_path()
+            return fast(x)
         if x.requires_grad:
             self._check_input(x)
         if x.dtype != torch.float32:
@@ -161,11 +198,13 @@ class SparseConv2d(_PackedMixin, nn.Module):
         self.kernel_size, self.stride = tuple(conv.kernel_size), tuple(conv.stride)
         self.padding, self.dilation = tuple(conv.padding), tuple(conv.dilation)
         self.kernel = kernel
-        self._sessions: dict = {}
         if not get_kernel(kernel).supports_conv:
             raise BackendError(f"kernel '{kernel}' does not run convolutions")
         self._store(kernel, get_kernel(kernel).pack(weight.detach().float().reshape(self.out_channels, -1)))
         self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().float().clone())
+
+    def _weight_shape(self) -> tuple[int, int]:
+        return self.out_channels, self.in_channels * self.kernel_size[0] * self.kernel_size[1]
 
     @property
     def pointwise(self) -> bool:
@@ -177,6 +216,7 @@ class SparseConv2d(_PackedMixin, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
+        self._checked_buffers()
         if x.dtype != torch.float32:
             raise BackendError(f"SparseConv2d computes in float32; got a {x.dtype} input")
         n, _, h, w = x.shape
@@ -200,11 +240,32 @@ class SparseConv2d(_PackedMixin, nn.Module):
                 f"padding={self.padding}, kernel={self.kernel}")
 
 
+def check_packed(packed: dict[str, torch.Tensor], rows: int, cols: int, who: str) -> None:
+    """Validate one kernel's packed buffers for a ``[rows, cols]`` weight: a dense ``weight``, or CSR ``rowptr`` /
+    ``col`` / ``val`` (``col`` int16 holds uint16 bits)."""
+    def fail(why: str):
+        raise BackendError(f"{who}: invalid packed weight: {why}")
+    if "weight" in packed:
+        w = packed["weight"]
+        if w.dtype != torch.float32 or tuple(w.shape) != (rows, cols):
+            fail(f"dense weight must be float32 of shape ({rows}, {cols})")
+        return
+    rowptr, col, val = packed.get("rowptr"), packed.get("col"), packed.get("val")
+    if any(not isinstance(t, torch.Tensor) or t.dim() != 1 for t in (rowptr, col, val)):
+        fail("rowptr, col and val must be 1-D tensors")
+    if rowptr.dtype != torch.int64 or val.dtype != torch.float32 or col.dtype not in (torch.int16, torch.int32,
+                                                                                       torch.int64):
+        fail("rowptr int64, col int16/int32/int64, val float32")
+    nnz = val.numel()
+    if rowptr.numel() != rows + 1 or col.numel() != nnz:
+        fail(f"sizes: rowptr {rowptr.numel()} (want {rows + 1}), col {col.numel()}, val {nnz}")
+    if int(rowptr[0]) != 0 or int(rowptr[-1]) != nnz or bool((rowptr[1:] < rowptr[:-1]).any()):
+        fail("rowptr must rise from 0 to the number of non-zeros")
+    c = col.to(torch.int32) & 0xFFFF if col.dtype == torch.int16 else col.long()
+    if nnz and (int(c.min()) < 0 or int(c.max()) >= cols):
+        fail(f"column index outside [0, {cols})")
+
+
 def density(weight: torch.Tensor) -> float:
     return float(weight.count_nonzero()) / max(1, weight.numel())
-
-
-def stored_bytes(module: nn.Module) -> int:
-    return sum(b.numel() * b.element_size() for b in module.buffers()) + \
-        sum(p.numel() * p.element_size() for p in module.parameters())
 

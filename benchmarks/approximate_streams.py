@@ -12,19 +12,21 @@ weights), so deviations say what the pruning does to a random network, not to ac
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import re
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from sparsifx.passes.channels import ChannelPrune, Shrink
-from sparsifx.passes.channels.streams import relative_deviation
-from sparsifx.pass_manager import run_model
-from sparsifx.tracing import trace
+if __package__ in (None, ""):  # run as `python benchmarks/<script>.py`: import `benchmarks` as a package
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+from benchmarks import harness  # noqa: E402
+
+from sparsifx.passes.channels import ChannelPrune, Shrink  # noqa: E402
+from sparsifx.passes.channels.streams import relative_deviation  # noqa: E402
+from sparsifx.pass_manager import run_model  # noqa: E402
+from sparsifx.tracing import trace  # noqa: E402
 
 HF = dict(hidden_size=64, num_attention_heads=4, intermediate_size=128, num_hidden_layers=2, vocab_size=100)
 BLOCKS = {"vit_b_16": r"^encoder\.layers\.", "swin_t": r"^features\.[1357]\.", "bert": r"^bert\.encoder\.layer\.",
@@ -87,8 +89,7 @@ def measure(name: str, streams: str, ratio: float, image: int) -> dict:
 
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"# channel_prune streams: exact vs approximate (ratio {meta['ratio']})", "",
-             f"{meta['machine']}. Load average {meta['load_before']} before, {meta['load_after']} after "
-             f"({meta['cpus']} CPUs shared with other workers: timings are indicative only).", "",
+             f"{harness.load_line(meta)} The CPUs are shared with other workers: timings are indicative only.", "",
              "Blocks: params of the modules under the layer list (vit_b_16 `encoder.layers`, swin_t "
              "`features.1/3/5/7`, HF `*.layer`/`h`/`layers`) after shrink over dense; whole: all params. Deviation: relative L2 of the "
              "outputs, shrunk vs original, on the example inputs; approx. only: shrunk vs masked (the normalisation "
@@ -116,9 +117,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=list(BLOCKS))
     ap.add_argument("--out", default="benchmarks/results/approximate_streams")
     args = ap.parse_args()
-    meta = {"ratio": args.ratio, "image": args.image, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "machine": f"{platform.machine()}, torch {torch.__version__}",
-            "load_before": [round(x, 2) for x in os.getloadavg()]}
+    meta = harness.machine(clock="wall", ratio=args.ratio, image=args.image)
     rows = []
     for name in args.models:
         for streams in ("exact", "approximate"):
@@ -127,11 +126,8 @@ def main() -> None:
             print(f"{name:9s} {streams:11s} blocks {row['blocks_ratio']:.3f} whole {row['whole_ratio']:.3f} "
                   f"deviation {row['deviation']:.3f} approx-only {row['deviation_approximation']} "
                   f"({row['prune_shrink_s']:.1f}s)", flush=True)
-    meta["load_after"] = [round(x, 2) for x in os.getloadavg()]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    out.with_suffix(".md").write_text(markdown(rows, meta))
+    harness.finish(meta)
+    harness.write_results(Path(args.out).with_suffix(".json"), {"meta": meta, "rows": rows}, markdown(rows, meta))
 
 
 if __name__ == "__main__":

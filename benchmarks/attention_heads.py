@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -28,11 +26,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-import prune_sweep_worker as w  # noqa: E402
-import zoo_hf_models as hfm  # noqa: E402
-import zoo_sweep as zs  # noqa: E402
+if __package__ in (None, ""):  # run as `python benchmarks/<script>.py`: import `benchmarks` as a package
+    sys.path[0] = str(HERE.parent)
+from benchmarks import harness  # noqa: E402
+from benchmarks import prune_sweep_worker as w  # noqa: E402
+from benchmarks import zoo_hf_models as hfm  # noqa: E402
+from benchmarks import zoo_sweep as zs  # noqa: E402
 
 MODES = ("head_dims", "heads", "both")
 TARGET = 0.6  # issue #12: whole-model params ratio at ratio 0.5, exact
@@ -172,9 +171,8 @@ def fmt_heads(hs: list) -> str:
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         "# Attention pruning modes: `channel_prune(ratio=0.5, attention=...)`, exact", "",
-        f"`{meta['command']}` — {meta['machine']}; torch {meta['torch']}; load average {meta['load_before']} at "
-        f"start, "
-        f"{meta['load_after']} at end (2 cores shared with other workers: times are indicative only).", "",
+        f"`{meta['command']}` — torch {meta['torch']}. {harness.load_line(meta)} The cores are shared with other "
+        "workers: times are indicative only.", "",
         "Params ratio = whole model params after / before (target from issue #12: <= 0.6 for vit_b_16 and swin_t); "
         "blocks ratio (HF) = params of the transformer blocks (embeddings and LM head excluded); "
         "attn ratio = the attention layers' params (q/k/v/o, Swin qkv/proj, relative position bias tables); heads = "
@@ -231,9 +229,8 @@ def main(argv=None) -> None:
     ap.add_argument("--merge", action="store_true", help="keep the rows of other models already in --out")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
-    meta = {"command": "python benchmarks/attention_heads.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "torch": torch.__version__,
-            "load_before": [round(x, 2) for x in os.getloadavg()]}
+    meta = harness.machine(clock="wall", command="python benchmarks/attention_heads.py "
+                           + " ".join(argv if argv is not None else sys.argv[1:]))
     rows = []
     out = Path(args.out)
     models = args.models.split(",")
@@ -252,9 +249,8 @@ def main(argv=None) -> None:
                     rec = {"model": name, "mode": mode, "side": side, "error": f"{type(exc).__name__}: {exc}"}
                 rows.append(rec)
                 print(json.dumps(rec), flush=True)
-                meta["load_after"] = [round(x, 2) for x in os.getloadavg()]
-                out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-                out.with_suffix(".md").write_text(markdown(rows, meta))
+                harness.finish(meta)
+                harness.write_results(out, {"meta": meta, "rows": rows}, markdown(rows, meta))
 
 
 if __name__ == "__main__":

@@ -12,10 +12,7 @@ the model is compiled, the optimizer step and the controller's hooks stay eager.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -25,6 +22,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sparsifx
+
+if __package__ in (None, ""):  # run as `python benchmarks/<script>.py`: import `benchmarks` as a package
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+from benchmarks import harness  # noqa: E402
 
 
 def mlp() -> nn.Module:
@@ -78,13 +79,6 @@ def training_step(gm: nn.Module, forward: nn.Module, x: torch.Tensor) -> Callabl
     return step
 
 
-def timed(fn: Callable[[], object], calls: int) -> tuple[float, float]:
-    c0, w0 = time.thread_time(), time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.thread_time() - c0) / calls * 1e3, (time.perf_counter() - w0) / calls * 1e3
-
-
 def measure(name: str, variant: str, backend: str, rounds: int, calls: int) -> dict:
     model_fn, shape = MODELS[name]
     recipe = VARIANTS[variant]
@@ -101,26 +95,22 @@ def measure(name: str, variant: str, backend: str, rounds: int, calls: int) -> d
     compile_s = time.perf_counter() - t0
     for _ in range(3):  # warm both (and any recompilation)
         eager(), fast()
-    cpu = {"eager": [], "compiled": []}
-    wall = {"eager": [], "compiled": []}
-    for _ in range(rounds):
-        for key, fn in (("eager", eager), ("compiled", fast)):
-            c, w = timed(fn, calls)
-            cpu[key].append(c)
-            wall[key].append(w)
-    med = {k: statistics.median(v) for k, v in cpu.items()}
+    samples = harness.interleaved_samples({"eager": eager, "compiled": fast}, rounds, calls=calls,
+                                          clocks=("cpu", "wall"))
+    med = harness.medians_ms(samples["cpu"])
+    wall = harness.medians_ms(samples["wall"])
     return {"model": name, "variant": variant, "mode": "train step" if train else "inference",
             "batch": shape[0], "eager_ms": med["eager"], "compiled_ms": med["compiled"],
             "speedup": med["eager"] / med["compiled"],
-            "eager_wall_ms": statistics.median(wall["eager"]), "compiled_wall_ms": statistics.median(wall["compiled"]),
+            "eager_wall_ms": wall["eager"], "compiled_wall_ms": wall["compiled"],
             "first_call_s": compile_s}
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"# torch.compile vs eager ({meta['backend']})", "",
-             f"`{meta['command']}` — {meta['machine']}, {meta['cpus']} CPUs; torch {meta['torch']}, "
-             f"{meta['threads']} thread; load average {meta['load_before']} before, {meta['load_after']} after.", "",
-             f"Median per call of {meta['rounds']} interleaved rounds x {meta['calls']} calls, on the calling thread's "
+             f"`{meta['command']}` — torch {meta['torch']}. {harness.load_line(meta)}", "",
+             f"Median per call of {meta['rounds']} interleaved rounds (shuffled order) x {meta['calls']} calls, on the "
+             "calling thread's "
              "CPU clock (wall-clock medians in the JSON). Train step: forward + backward + `optimizer.step()` with "
              "the sparse controller attached; only the model is compiled. First call: compile time (inductor's "
              "on-disk cache may already hold kernels).", "",
@@ -145,9 +135,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/compile_gain.json"))
     args = ap.parse_args()
     torch.set_num_threads(1)
-    meta = {"command": "python benchmarks/compile_gain.py", "machine": platform.machine(), "cpus": os.cpu_count(),
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "backend": args.backend,
-            "rounds": args.rounds, "calls": args.calls, "load_before": [round(v, 2) for v in os.getloadavg()]}
+    meta = harness.machine(clock="cpu", command="python benchmarks/compile_gain.py", backend=args.backend,
+                           rounds=args.rounds, calls=args.calls)
     rows = []
     for name in args.models.split(","):
         for variant in args.variants.split(","):
@@ -156,10 +145,8 @@ def main() -> None:
             except Exception as exc:  # a row that fails is recorded, the rest still run
                 rows.append({"model": name, "variant": variant, "error": f"{type(exc).__name__}: {exc}"[:300]})
             print(rows[-1], flush=True)
-    meta["load_after"] = [round(v, 2) for v in os.getloadavg()]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    args.out.with_suffix(".md").write_text(markdown(rows, meta))
+    harness.finish(meta)
+    harness.write_results(args.out, {"meta": meta, "rows": rows}, markdown(rows, meta))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ MACs per second, lets every other kernel fall by the smaller of its MACs and byt
 per-run overhead; ``roofline`` times every kernel as max(MACs / peak MAC rate, bytes / peak byte rate), the
 peaks being the best rates any kernel of that model reached. Where they are near 1 and the measured
 latency/MACs is not, the excess comes from kernels that run slower per MAC at the pruned widths, not from
-the shapes. Whole-run latency is timed in steady state (``prune_sweep_worker.interleaved_ms``).
+the shapes. Whole-run latency is timed in steady state (``harness.interleaved_ms``).
 
     python benchmarks/ort_latency_breakdown.py --out benchmarks/results/ort_latency_breakdown.json
 """
@@ -27,8 +27,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -36,7 +36,10 @@ from pathlib import Path
 
 import torch
 
-import prune_sweep_worker as W
+if __package__ in (None, ""):  # run as `python benchmarks/<script>.py`: import `benchmarks` as a package
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+from benchmarks import harness  # noqa: E402
+from benchmarks import prune_sweep_worker as W  # noqa: E402
 
 MODELS = ("resnet50", "vgg11_bn", "convnext_tiny", "vit_b_16", "swin_t", "resnext50_32x4d", "regnet_x_400mf",
           "regnet_y_8gf", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "mnasnet1_0",
@@ -68,8 +71,8 @@ def kernel_facts(event: dict) -> tuple[str, int, int]:
 
 def profile(path: Path, inputs: tuple) -> list[dict]:
     """Every kernel of one run: kind, MACs, bytes and median milliseconds."""
-    session = W.ort_session(path, 1, profile_prefix=str(path.with_suffix("")))
-    feed = {session.get_inputs()[0].name: inputs[0].numpy()}
+    session = harness.ort_session(path, 1, profile_prefix=str(path.with_suffix("")))
+    feed = harness.ort_feed(session, inputs[:1])
     for _ in range(PROFILED_RUNS):
         session.run(None, feed)
     events = json.loads(Path(session.end_profiling()).read_text())
@@ -150,6 +153,7 @@ KINDS = ("gemm", "grouped", "per-channel")
 
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = ["# onnxruntime latency of 50 %-pruned models, by kernel kind", "", meta["note"], "",
+             harness.load_line(meta), "",
              "Columns: latency ratio (shrunk / dense, whole run) over the MACs ratio; the same for kernel time only; "
              "the share of the dense run spent outside kernels; per kind (gemm: convs with one group, Gemm, MatMul; "
              "grouped: grouped convs; per-channel: depthwise convs and everything else) the share of dense kernel "
@@ -183,23 +187,21 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/ort_latency_breakdown.json"))
     args = ap.parse_args()
     torch.set_num_threads(2)
+    machine = harness.machine(threads=1, clock="cpu")
     rows = []
     for name in args.models.split(","):
         row = measure(name, args.round_to, args.budget_s)
         rows.append(row)
         print(f"{name:20s} lat/MACs {row['latency_over_macs']:.2f} kernels/MACs {row['kernel_over_macs']:.2f} "
               f"bound {row['bound']:.2f} roofline {row['roofline_over_macs']:.2f}", flush=True)
-    meta = {"command": f"python benchmarks/ort_latency_breakdown.py --models {args.models} "
+    meta = {**harness.finish(machine), "command": f"python benchmarks/ort_latency_breakdown.py --models {args.models} "
                        f"--round-to {args.round_to} --budget-s {args.budget_s} --out {args.out}",
             "note": f"channel_prune ratio 0.5, round_to {args.round_to}; input sides as in the sweep; batch 1; "
                     f"onnxruntime 1 thread; whole-run latency on the thread's CPU clock (steady-state median of "
                     f"interleaved rounds), kernel times from onnxruntime's profiler "
-                    f"(median of {PROFILED_RUNS} runs); {platform.processor() or platform.machine()}, "
-                    f"torch {torch.__version__}.",
+                    f"(median of {PROFILED_RUNS} runs); {machine['machine']}, torch {torch.__version__}.",
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    args.out.with_suffix(".md").write_text(markdown(rows, meta))
+    harness.write_results(args.out, {"meta": meta, "rows": rows}, markdown(rows, meta))
 
 
 if __name__ == "__main__":

@@ -11,16 +11,18 @@ groups instead of channels inside every group) do to real latency and to MACs.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-import prune_sweep_worker as W
+if __package__ in (None, ""):  # run as `python benchmarks/<script>.py`: import `benchmarks` as a package
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+from benchmarks import harness  # noqa: E402
+from benchmarks import prune_sweep_worker as W  # noqa: E402
 
 MODELS = ("regnet_x_400mf", "regnet_y_800mf", "regnet_x_1_6gf", "regnet_y_3_2gf", "regnet_x_8gf", "regnet_y_16gf",
           "resnext50_32x4d", "resnext101_64x4d", "mobilenet_v2", "efficientnet_b0", "resnet50")
@@ -76,7 +78,7 @@ def summary_lines(rows: list[dict], configs: list[str]) -> list[str]:
 
 def markdown(rows: list[dict], configs: list[str], meta: dict) -> str:
     lines = ["# onnxruntime latency by channel_prune setting (ratio 0.5)", "",
-             f"{meta['note']}", "",
+             f"{meta['note']}", "", harness.load_line(meta), "",
              "Each cell: onnxruntime latency ratio (shrunk / dense) · MACs ratio · latency ratio over MACs ratio.",
              "", *summary_lines(rows, configs), "", "| model | " + " | ".join(f"`{c}`" for c in configs) + " |",
              "|---|" + "---|" * len(configs)]
@@ -104,22 +106,21 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/prune_config_latency.json"))
     args = ap.parse_args()
     torch.set_num_threads(2)
+    machine = harness.machine(threads=1, clock="cpu")
     rows = []
     for name in args.models.split(","):
         for row in measure(name, args.configs, args.budget_s):
             rows.append(row)
             print(f"{row['model']:18s} {row['config']:30s} ort {row['ort_latency_ratio']:.3f} "
                   f"MACs {row['macs_ratio']:.3f} over {row['ort_latency_over_macs']:.2f}", flush=True)
-    meta = {"command": "python benchmarks/prune_config_latency.py " + " ".join(
+    meta = {**harness.finish(machine), "command": "python benchmarks/prune_config_latency.py " + " ".join(
                 f"--{k.replace('_', '-')} {' '.join(v) if isinstance(v, list) else v}"
                 for k, v in vars(args).items()),
             "note": f"Input side as in the sweep ({sides_text(args.models.split(','))}), batch 1; onnxruntime "
-                    f"1 thread, CPU clock, median of interleaved rounds; {platform.processor() or platform.machine()}, "
+                    f"1 thread, CPU clock, median of interleaved rounds; {machine['machine']}, "
                     f"torch {torch.__version__}.",
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    args.out.with_suffix(".md").write_text(markdown(rows, args.configs, meta))
+    harness.write_results(args.out, {"meta": meta, "rows": rows}, markdown(rows, args.configs, meta))
 
 
 if __name__ == "__main__":

@@ -1,16 +1,15 @@
 """One model of the channel-pruning sweep: build, prune 50 %, shrink, check, export, measure.
 
 Used by ``benchmarks/torchvision_sweep.py`` (one subprocess per model and tool) and by the CI test
-(``tests/test_torchvision_sweep_ci.py``, in-process, no latency). Every stage is recorded; a failing
+(``tests/benchmarks/test_torchvision_sweep_ci.py``, in-process, no latency). Every stage is recorded; a failing
 stage ends the record with ``error = "<stage>: <Exception>: <message>"``.
 """
 from __future__ import annotations
 
 import copy
 import gc
-import random
 import resource
-import statistics
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,6 +18,11 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
+
+if __package__ in (None, ""):  # run as `python benchmarks/<script>.py`: import `benchmarks` as a package
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+from benchmarks import harness  # noqa: E402
+from benchmarks.models import informative_random_weights  # noqa: E402
 
 # model -> (side, constructor kwargs) per size mode; every other model uses the mode's default side: the
 # models' own 224 px in the full sweep, the largest ones smaller (the issue allows it) to bound time and memory
@@ -47,28 +51,10 @@ def spec(name: str, mode: str = "full") -> Spec:
     return Spec(name, side, dict(kwargs))
 
 
-def prepare(model: nn.Module, side: int) -> nn.Module:
-    """Informative random weights: re-draw all-zero weight matrices (ViT's zero head) and calibrate
-    BatchNorm statistics on one random batch, so activations stay O(1). Returns the model in eval mode."""
-    gen = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2 and not bool(p.any()):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        for m in norms:
-            m.reset_running_stats()
-            m.momentum = None
-        if norms:
-            model.train()
-            model(torch.randn(2, 3, side, side, generator=gen))
-    return model.eval()
-
-
 def build(s: Spec) -> tuple[nn.Module, tuple[torch.Tensor]]:
     import torchvision
     torch.manual_seed(0)
-    model = prepare(torchvision.models.get_model(s.name, weights=None, **s.kwargs), s.side)
+    model = informative_random_weights(torchvision.models.get_model(s.name, weights=None, **s.kwargs), s.side)
     x = torch.randn(1, 3, s.side, s.side, generator=torch.Generator().manual_seed(1))
     return model, (x,)
 
@@ -142,12 +128,16 @@ def sparsifx_prune(model: nn.Module, inputs: tuple, ratio: float, repeat: bool =
     return best
 
 
-def _sparsifx_prune_once(model: nn.Module, inputs: tuple, ratio: float, round_to: int) -> tuple[nn.Module, dict]:
+def _sparsifx_prune_once(model: nn.Module, inputs: tuple, ratio: float, round_to: int,
+                         trace: Callable[[nn.Module], nn.Module] | None = None) -> tuple[nn.Module, dict]:
+    """One timed trace -> channel_prune -> (masked reference outputs, untimed) -> shrink on a deep copy made
+    outside the timer; shrunk == masked by ``check_close``. ``trace(model)``: ``sparsifx.trace`` on ``inputs``
+    by default (``zoo_sweep`` passes ``trace_hf``)."""
     import sparsifx
     from sparsifx.registry import PASSES
     model = copy.deepcopy(model)
     t0 = time.perf_counter()
-    gm = sparsifx.trace(model, inputs, copy_model=False)
+    gm = sparsifx.trace(model, inputs, copy_model=False) if trace is None else trace(model)
     t1 = time.perf_counter()
     masked = PASSES.get("channel_prune").from_params({"ratio": ratio, "round_to": round_to})(gm).gm
     t2 = time.perf_counter()
@@ -167,51 +157,17 @@ def compact_onnx(module: nn.Module, inputs: tuple, path: Path, verify: bool = Tr
     conv algorithms round differently from torch's, and random-weight models such as inception_v3 amplify
     that to a few 1e-4 (``trace_sweep.py`` measures it against torch's own fp32 noise)."""
     import sparsifx
-    from sparsifx.backends import onnx_export
     from sparsifx.registry import PASSES
     folded = copy.deepcopy(module)
     if "fold_bn" in PASSES and hasattr(folded, "graph"):
         folded = PASSES.get("fold_bn").from_params({})(folded).gm
     scale = max(1.0, max(float(t.abs().max()) for t in leaves(run(folded, inputs)))) if verify else 1.0
-    sparsifx.export_onnx(folded, path, inputs, dynamic_batch=False, verify=verify, rtol=1e-3, atol=1e-4 * scale)
-    info = onnx_export.LAST_EXPORT
+    info = sparsifx.export_onnx(folded, path, inputs, dynamic_batch=False, verify=verify, rtol=1e-3,
+                                atol=1e-4 * scale)
     return {"onnx_max_abs": info.max_abs, "onnx_exporter": info.exporter, "onnx_bn_folded": "fold_bn" in PASSES}
 
 
 # ------------------------------------------------------------------ latency
-STEADY_BLOCK = 4  # calls per model and round; the first refills the caches the other models evicted
-
-
-def interleaved_ms(fns: dict[str, Callable[[], Any]], budget_s: float = 6.0, min_rounds: int = 5,
-                   max_rounds: int = 40, clock: Callable[[], float] = time.perf_counter,
-                   block: int = STEADY_BLOCK) -> dict[str, float]:
-    """Median milliseconds per call of each fn in its steady state, measured in interleaved rounds: each
-    round runs every fn ``block`` times in a row, in a freshly shuffled order, and times all calls but the
-    first of each block (with ``block=1``, every call). Interleaving cancels slow drift in the machine's
-    speed. The untimed first call matters: right after a large model, a small one first refills the caches
-    (measured: pruned mobilenet_v2 on onnxruntime 1.72 ms on that call, 1.40-1.45 ms when it runs again),
-    which a model serving requests back to back does not pay. ``clock``: wall clock by default,
-    ``time.thread_time`` for single-threaded work."""
-    for fn in fns.values():  # warm-up
-        fn()
-    t0 = time.perf_counter()
-    for fn in fns.values():
-        fn()
-    per_round = max(time.perf_counter() - t0, 1e-6) * block
-    rounds = int(min(max_rounds, max(min_rounds, budget_s / per_round)))
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    order, rng = list(fns.items()), random.Random(0)
-    for _ in range(rounds):
-        rng.shuffle(order)
-        for key, fn in order:
-            for i in range(block):
-                t = clock()
-                fn()
-                if i or block == 1:
-                    times[key].append((clock() - t) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def fresh_dense(module: nn.Module) -> nn.Module:
     """The same architecture and shapes with freshly allocated (contiguous) parameters and buffers:
     weights ~ N(0, 1/fan_in), biases and means 0, norm scales and variances 1."""
@@ -231,19 +187,6 @@ def fresh_dense(module: nn.Module) -> nn.Module:
     return fresh.eval()
 
 
-def ort_session(path: Path, threads: int, profile_prefix: str | None = None):
-    """A CPU session; with ``profile_prefix``, onnxruntime's profiler writes per-kernel times there."""
-    import onnxruntime as ort
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    # no spin-waiting after a run: idle pool threads would steal the cores from whatever runs next
-    # (the other model of an interleaved pair, or torch), skewing every ratio measured that way
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if profile_prefix is not None:
-        opts.enable_profiling, opts.profile_file_prefix = True, profile_prefix
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
 def latency(dense: nn.Module, shrunk: nn.Module, inputs: tuple, onnx_paths: dict[str, Path] | None,
             physical: bool, threads: int = 2, budget_s: float = 3.0) -> dict:
     torch.set_num_threads(threads)
@@ -252,7 +195,7 @@ def latency(dense: nn.Module, shrunk: nn.Module, inputs: tuple, onnx_paths: dict
     fresh = fresh_dense(shrunk) if physical else None
     if fresh is not None:
         fns["eager_fresh_ms"] = lambda: run(fresh, inputs)
-    out = interleaved_ms(fns, 3 * budget_s if physical else budget_s, min_rounds=9 if physical else 5)
+    out = harness.interleaved_ms(fns, 3 * budget_s if physical else budget_s, min_rounds=9 if physical else 5)
     if fresh is not None:
         out["physical_ratio"] = out["eager_after_ms"] / out["eager_fresh_ms"]
     if onnx_paths:
@@ -264,10 +207,10 @@ def ort_ms(onnx_paths: dict[str, Path], inputs: tuple, budget_s: float, min_roun
     """Median ms of each ONNX file in onnxruntime, interleaved. One thread, timed on that thread's CPU clock:
     with two threads per session the sessions' pools wake, spin and sleep on this 2-vCPU VM in ways that
     swing a model's median by 2-4x from run to run (measured); one thread on the CPU clock repeats within a few %."""
-    sessions = {k: ort_session(p, 1) for k, p in onnx_paths.items()}
-    feeds = {k: {s.get_inputs()[0].name: inputs[0].numpy()} for k, s in sessions.items()}
-    return interleaved_ms({k: (lambda k=k: sessions[k].run(None, feeds[k])) for k in sessions}, budget_s,
-                          min_rounds=min_rounds, clock=time.thread_time)
+    sessions = {k: harness.ort_session(p, 1) for k, p in onnx_paths.items()}
+    feeds = {k: harness.ort_feed(s, inputs[:1]) for k, s in sessions.items()}
+    return harness.interleaved_ms({k: (lambda k=k: sessions[k].run(None, feeds[k])) for k in sessions}, budget_s,
+                                  min_rounds=min_rounds, clock="cpu")
 
 
 # ------------------------------------------------------------------ one model
@@ -376,13 +319,7 @@ def sweep_torch_pruning(name: str, ratio: float = 0.5, mode: str = "full", round
         st["rss_build_mb"] = rss_mb()
         st["params_before"] = sum(p.numel() for p in model.parameters())
         stage = "prune"
-        times = []
-        for _ in range(2):
-            candidate = copy.deepcopy(model)
-            times.append(_tp_prune_once(tp, candidate, inputs, ratio, round_to))
-            if times[-1] > REPEAT_BELOW_S:
-                break
-        model = candidate
+        model, times = pruned_copies(model, lambda m: _tp_prune_once(tp, m, inputs, ratio, round_to))
         st["time_s"] = min(times)
         st["rss_peak_prune_mb"] = rss_mb()
         stage = "forward after pruning"
@@ -395,6 +332,20 @@ def sweep_torch_pruning(name: str, ratio: float = 0.5, mode: str = "full", round
     except Exception as exc:
         rec.error = _cause(stage, exc)
     return asdict(rec)
+
+
+def pruned_copies(model: nn.Module, prune_once: Callable[[nn.Module], Any],
+                  seconds: Callable[[Any], float] = float) -> tuple[nn.Module, list]:
+    """``prune_once`` (which prunes in place and returns its time, or something ``seconds`` reads it from) on a
+    deep copy of the model, and once more on a fresh copy when it took at most ``REPEAT_BELOW_S``; returns the
+    last copy and every result."""
+    results = []
+    for _ in range(2):
+        candidate = copy.deepcopy(model)
+        results.append(prune_once(candidate))
+        if seconds(results[-1]) > REPEAT_BELOW_S:
+            break
+    return candidate, results
 
 
 def _tp_prune_once(tp, model: nn.Module, inputs: tuple, ratio: float, round_to: int) -> float:

@@ -32,6 +32,10 @@ from pathlib import Path
 
 import yaml
 
+if __package__ in (None, ""):  # run as `python benchmarks/<script>.py`: import `benchmarks` as a package
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+from benchmarks import harness  # noqa: E402
+
 DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 WORDS = ["magnitude", "fold_bn", "rigl", "Conv2d", "Linear", "Conv2dd", "erk", "uniform", "auto", "csr", "fc", "*",
@@ -362,13 +366,10 @@ def main() -> int:
     if args.worker:
         worker(args)
         return 0
-    load_start, t0 = [round(x, 2) for x in os.getloadavg()], time.perf_counter()
+    load_start, t0 = harness.load_average(), time.perf_counter()
     rows, workers = run_all(args)
-    summary = summarise(rows, workers, args, load_start, [round(x, 2) for x in os.getloadavg()],
-                        time.perf_counter() - t0)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(summary, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(summary))
+    summary = summarise(rows, workers, args, load_start, harness.load_average(), time.perf_counter() - t0)
+    harness.write_results(args.out, summary, markdown(summary), trailing_newline=True)
     print(markdown(summary))
     return 1 if summary["other_exceptions"] or summary["hangs"] or summary["crashes"] else 0
 

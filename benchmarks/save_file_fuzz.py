@@ -25,7 +25,11 @@ from collections import Counter
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests" / "security"))
+if __package__ in (None, ""):  # run as `python benchmarks/<script>.py`: import `benchmarks` as a package
+    sys.path[0] = str(HERE.parent)
+from benchmarks import harness  # noqa: E402
+
+sys.path.insert(0, str(HERE.parent / "tests" / "security"))  # the mutators of tests/security/save_mutations.py
 
 
 class _Hang(BaseException):
@@ -132,16 +136,14 @@ def main() -> None:
     if args.worker is not None:
         worker(args.worker, args.n, args.seed, args.time_cap, args.mem_cap_mb)
         return
-    load_start, t0 = os.getloadavg(), time.time()
+    load_start, t0 = harness.load_average(), time.time()
     rows = run(args.n, args.seed, args.time_cap, args.mem_cap_mb)
     summary = summarise(rows)
     meta = {"command": "python benchmarks/save_file_fuzz.py " + " ".join(sys.argv[1:]),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-            "load_start": [round(x, 2) for x in load_start], "load_end": [round(x, 2) for x in os.getloadavg()],
+            "load_start": load_start, "load_end": harness.load_average(),
             "wall_s": time.time() - t0, "time_cap_s": args.time_cap, "mem_cap_mb": args.mem_cap_mb}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "summary": summary}, indent=1))
-    args.out.with_suffix(".md").write_text(markdown(summary, meta))
+    harness.write_results(args.out, {"meta": meta, "summary": summary}, markdown(summary, meta))
     print(markdown(summary, meta))
 
 

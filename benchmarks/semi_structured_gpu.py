@@ -9,13 +9,15 @@ dense ``F.linear`` and the semi-structured layer as medians of interleaved runs 
 from __future__ import annotations
 
 import argparse
-import json
-import random
-import statistics
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+if __package__ in (None, ""):  # run as `python benchmarks/<script>.py`: import `benchmarks` as a package
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+from benchmarks import harness  # noqa: E402
 
 SHAPES = [  # (batch tokens, in_features, out_features)
     (64, 4096, 4096), (2048, 4096, 4096), (8192, 4096, 4096), (2048, 4096, 11008), (2048, 11008, 4096),
@@ -23,22 +25,12 @@ SHAPES = [  # (batch tokens, in_features, out_features)
 
 
 def time_gpu(fns: dict, reps: int) -> dict[str, float]:
+    """Median ms per call of each fn: 3 warm-up calls each, then ``reps`` interleaved rounds on CUDA events."""
     for f in fns.values():
         for _ in range(3):
             f()
     torch.cuda.synchronize()
-    times = {k: [] for k in fns}
-    order = list(fns)
-    for _ in range(reps):
-        random.shuffle(order)
-        for k in order:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fns[k]()
-            end.record()
-            end.synchronize()
-            times[k].append(start.elapsed_time(end))
-    return {k: statistics.median(v) for k, v in times.items()}
+    return harness.medians_ms(harness.interleaved_samples(fns, reps, clocks=("cuda",), seed=None)["cuda"])
 
 
 def main(argv=None):
@@ -50,6 +42,7 @@ def main(argv=None):
         raise SystemExit("needs a CUDA device")
     from torch.sparse import to_sparse_semi_structured
     from sparsifx.passes.nm import is_nm, nm_mask
+    meta = harness.machine(clock="cuda")
     rows = []
     for dtype in (torch.float16, torch.bfloat16):
         for tokens, k, n in SHAPES:
@@ -65,16 +58,14 @@ def main(argv=None):
                              dense_ms=round(t["dense"], 4), semi_ms=round(t["2:4"], 4),
                              speedup=round(t["dense"] / t["2:4"], 3)))
             print(rows[-1], flush=True)
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "reps": args.reps, "rows": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1))
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "reps": args.reps, "rows": rows,
+           "meta": harness.finish(meta)}
     lines = [f"# 2:4 semi-structured vs dense Linear on {res['device']} (torch {res['torch']})", "",
-             f"Median ms of {args.reps} interleaved runs (CUDA events).", "",
+             f"Median ms of {args.reps} interleaved runs (CUDA events). {harness.load_line(meta)}", "",
              "| dtype | tokens | in | out | dense ms | 2:4 ms | speedup |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['dtype']} | {r['tokens']} | {r['in_features']} | {r['out_features']} | {r['dense_ms']} | "
               f"{r['semi_ms']} | {r['speedup']} |" for r in rows]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    harness.write_results(Path(args.out), res, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -1,177 +1,272 @@
-"""End to end: LeNet-300-100 and resnet50 at 90% unstructured sparsity (magnitude, ERK), lowered with ``lower``.
+"""Whole networks at 80/90/95% unstructured sparsity: torch dense, onnxruntime dense, sparsifx lowered, DeepSparse.
 
     python benchmarks/sparse_end_to_end.py --out benchmarks/results/sparse_end_to_end.json
 
-Latency of the dense model, the masked model, the lowered model and the dense model in onnxruntime, at batch
-1 and 32 (medians of interleaved runs in shuffled order; with ``--threads 1`` the clock is the CPU time of the
-compute thread, immune to the share other processes take of a busy machine). The lowered model is checked
-against the masked one. Then the resnet50 ONNX size check: the 90%-sparse model exported dense and with
-``sparse_weights=True`` (bitmask initializers), size ratio and onnxruntime parity with torch.
+Models (random init, BatchNorm statistics re-randomised then folded): resnet50 and mobilenet_v2 at 224 px, and a
+BERT-base-style encoder MLP stack (4 x [768 -> 3072 -> GELU -> 768, residual, LayerNorm], 16 tokens). Pruning:
+magnitude, the same sparsity in every layer, first layer dense (``dense_first_layer``). Per (model, sparsity,
+threads, batch) cell the four engines run the same weights, interleaved in shuffled rounds (wall clock, medians):
+- torch dense: the pruned model with its zeros, torch's dense kernels;
+- onnxruntime dense: that model exported to ONNX (opset 17), which is also the file DeepSparse gets;
+- sparsifx lowered: ``lower`` for this batch and thread count (per layer the faster of torch dense and the direct
+  sparse convolution, measured; sparse Linear kernels by the calibrated cost model), fused epilogues;
+- DeepSparse 1.8: ``deepsparse.compile_model`` on the same ONNX file, in its own process and virtual environment
+  (``benchmarks/.deepsparse-venv``, created on first use with ``pip install deepsparse==1.8.0``; ``--no-deepsparse``
+  skips it). Its time is the round trip to that process (about 0.1 ms more than the engine's own).
+Every cell checks the lowered model against the masked one (``assert_close``) and DeepSparse's output against
+torch. ``--reload`` adds the deployable-artefact check: the lowered resnet50 (90%, batch 1) saved with
+``sparsifx.save`` and its sparse ONNX file (``sparse_weights`` bitmask) are loaded in a fresh process and timed
+there beside onnxruntime dense.
 """
 from __future__ import annotations
 
 import argparse
-import collections
 import copy
 import json
-import os
-import random
-import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as `python benchmarks/<script>.py`: import `benchmarks` as a package
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import numpy as np
 import torch
 import torch.nn as nn
 import torchvision
 
 import sparsifx
+from benchmarks import harness
 from sparsifx.masking import bake_masks
 
-
-def lenet_300_100() -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(),
-                         nn.Linear(100, 10))
-
-
-MODELS = {"lenet_300_100": (lenet_300_100, (1, 28, 28)),
-          "resnet50": (lambda: torchvision.models.resnet50(), (3, 224, 224))}
+ROOT = Path(__file__).resolve().parents[1]
+DS_VENV = ROOT / "benchmarks" / ".deepsparse-venv"
+DS_VERSION = "1.8.0"
+TOL = dict(rtol=1e-3, atol=1e-3)
 
 
-def time_models(fns: dict, reps: int, clock: str) -> dict[str, float]:
-    for f in fns.values():
-        f()
-    now = time.thread_time if clock == "cpu" else time.perf_counter
-    times = {k: [] for k in fns}
-    order = list(fns)
-    for _ in range(reps):
-        random.shuffle(order)
-        for k in order:
-            t0 = now()
-            fns[k]()
-            times[k].append((now() - t0) * 1e3)
-    return {k: round(statistics.median(v), 3) for k, v in times.items()}
+class EncoderMLP(nn.Module):
+    """The feed-forward half of BERT-base layers: ``x + fc2(gelu(fc1(x)))`` then LayerNorm, stacked."""
+
+    def __init__(self, layers: int = 4, d: int = 768, hidden: int = 3072):
+        super().__init__()
+        self.fc1 = nn.ModuleList(nn.Linear(d, hidden) for _ in range(layers))
+        self.fc2 = nn.ModuleList(nn.Linear(hidden, d) for _ in range(layers))
+        self.norm = nn.ModuleList(nn.LayerNorm(d) for _ in range(layers))
+
+    def forward(self, x):
+        for fc1, fc2, norm in zip(self.fc1, self.fc2, self.norm):
+            x = norm(x + fc2(nn.functional.gelu(fc1(x))))
+        return x
 
 
-def ort_session(model: nn.Module, x: torch.Tensor, path: Path):
-    import onnxruntime as ort
-    torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17, input_names=["x"], output_names=["y"],
-                      dynamic_axes={"x": {0: "batch"}})
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = torch.get_num_threads()
-    opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+MODELS = {"resnet50": (torchvision.models.resnet50, (3, 224, 224)),
+          "mobilenet_v2": (torchvision.models.mobilenet_v2, (3, 224, 224)),
+          "encoder_mlp": (EncoderMLP, (16, 768))}
 
 
-def run_model(name: str, sparsity: float, batches, reps: int, clock: str, tmp: Path) -> dict:
+def pruned_model(name: str, sparsity: float) -> nn.Module:
     ctor, shape = MODELS[name]
     torch.manual_seed(0)
-    dense = ctor().eval()
-    x1 = torch.randn(1, *shape)
-    masked = sparsifx.sparsify(dense, {"stages": [{"pass": "magnitude", "sparsity": sparsity,
-                                                   "distribution": "erk"}]}, example_inputs=(x1,)).eval()
-    lowered = sparsifx.sparsify(masked, {"stages": [{"pass": "lower"}]}, example_inputs=(x1,)).eval()
-    extra = lowered.meta.get("report_extra", {})
-    baked = copy.deepcopy(masked)
-    bake_masks(baked)
-    sess = ort_session(baked, x1, tmp / f"{name}_dense.onnx")
-    out = {"model": name, "sparsity": sparsity, "layers": len(extra),
-           "backends": dict(collections.Counter(v.get("backend", "?") for v in extra.values())),
-           "per_layer": extra, "latency": {}}
-    for b in batches:
-        x = torch.randn(b, *shape)
-        with torch.inference_mode():
-            torch.testing.assert_close(lowered(x), masked(x), rtol=1e-3, atol=1e-3)
-            t = time_models({"dense": lambda: dense(x), "masked": lambda: masked(x), "lowered": lambda: lowered(x),
-                             "dense_ort": lambda: sess.run(None, {"x": x.numpy()})},
-                            reps if b == 1 or name != "resnet50" else max(3, reps // 3), clock)
-        t["lowered_vs_dense"] = round(t["dense"] / t["lowered"], 3)
-        t["lowered_vs_best_dense"] = round(min(t["dense"], t["dense_ort"]) / t["lowered"], 3)
-        out["latency"][str(b)] = t
-        print(name, b, t, flush=True)
-    return out
+    model = ctor().eval()
+    for m in model.modules():  # constants hide pruning errors: no identity BatchNorm
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(1, *shape)
+    stages = [{"pass": "magnitude", "sparsity": sparsity, "distribution": "uniform", "dense_first_layer": True},
+              {"pass": "fold_bn"}]
+    masked = sparsifx.sparsify(model, {"stages": stages}, example_inputs=(x,)).eval()
+    bake_masks(masked)
+    return masked
 
 
-def onnx_size_check(sparsity: float, tmp: Path) -> dict:
-    """resnet50 at ``sparsity`` exported dense and with sparse (bitmask) initializers."""
-    import onnx
-    import onnxruntime as ort
-    from sparsifx.backends.sparse_onnx import to_sparse_initializers
-    torch.manual_seed(0)
-    x = torch.randn(2, 3, 224, 224)
-    masked = sparsifx.sparsify(torchvision.models.resnet50().eval(),
-                               {"stages": [{"pass": "magnitude", "sparsity": sparsity, "distribution": "erk"}]},
-                               example_inputs=(x[:1],)).eval()
-    baked = copy.deepcopy(masked)
-    bake_masks(baked)
-    dense_path, sparse_path = tmp / "resnet50_dense.onnx", tmp / "resnet50_sparse.onnx"
-    torch.onnx.export(baked, (x,), str(dense_path), dynamo=False, opset_version=17, input_names=["x"], output_names=["y"],
+class DeepSparse:
+    """A DeepSparse worker process (``benchmarks/deepsparse_worker.py``) in its own venv."""
+
+    def __init__(self):
+        python = ensure_deepsparse()
+        self.proc = subprocess.Popen([str(python), str(ROOT / "benchmarks" / "deepsparse_worker.py")],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+
+    def ask(self, line: str) -> dict:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        while True:
+            text = self.proc.stdout.readline()
+            if not text:
+                raise RuntimeError("the DeepSparse worker exited")
+            if text.startswith("{"):
+                reply = json.loads(text)
+                if not reply.get("ok"):
+                    raise RuntimeError(f"DeepSparse: {reply.get('error')}")
+                return reply
+
+    def close(self):
+        try:
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass
+        self.proc.wait(timeout=30)
+
+
+def ensure_deepsparse() -> Path:
+    """The venv's python, with deepsparse installed (created on first use: a benchmark-only dependency)."""
+    python = DS_VENV / "bin" / "python"
+    probe = [str(python), "-c", "import deepsparse; print(deepsparse.__version__)"]
+    if python.exists() and subprocess.run(probe, capture_output=True, text=True).stdout.strip() == DS_VERSION:
+        return python
+    subprocess.run([sys.executable, "-m", "venv", str(DS_VENV)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", f"deepsparse=={DS_VERSION}"], check=True)
+    return python
+
+
+def export(model: nn.Module, x: torch.Tensor, path: Path) -> None:
+    """ONNX opset 17 (DeepSparse 1.8 takes opset <= 19), dynamic batch."""
+    torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17, input_names=["x"], output_names=["y"],
                       dynamic_axes={"x": {0: "batch"}})
-    result = {}
-    for fmt in ("bitmask", "coo"):
-        proto = to_sparse_initializers(onnx.load(str(dense_path)), format=fmt)
-        onnx.save(proto, str(sparse_path))
-        onnx.checker.check_model(str(sparse_path))
-        sess = ort.InferenceSession(str(sparse_path), providers=["CPUExecutionProvider"])
-        with torch.no_grad():
-            ref = baked(x)
-        got = torch.from_numpy(sess.run(None, {"x": x.numpy()})[0])
-        err = float((got - ref).abs().max())
-        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
-        result[fmt] = dict(dense_bytes=dense_path.stat().st_size, sparse_bytes=sparse_path.stat().st_size,
-                           ratio=round(sparse_path.stat().st_size / dense_path.stat().st_size, 4),
-                           ort_max_abs_err=err, ort_matches=True)
-        print("onnx", fmt, result[fmt], flush=True)
-    return result
+
+
+def run_cell(name, sparsity, dense, path, threads, batch, reps, ds, tmp) -> dict:
+    torch.set_num_threads(threads)
+    shape = MODELS[name][1]
+    x = torch.randn(batch, *shape)
+    t0 = time.perf_counter()
+    lowered = sparsifx.sparsify(dense, {"stages": [{"pass": "lower"}]}, example_inputs=(x,)).eval()
+    lower_s = time.perf_counter() - t0
+    sess = harness.ort_session(path, threads)
+    feed = harness.ort_feed(sess, (x,))
+    with torch.inference_mode():
+        ref = dense(x)
+        torch.testing.assert_close(lowered(x), ref, **TOL)
+        torch.testing.assert_close(torch.from_numpy(sess.run(None, feed)[0]), ref, **TOL)
+    fns = {"torch_dense": lambda: dense(x), "ort_dense": lambda: sess.run(None, feed), "lowered": lambda: lowered(x)}
+    if ds is not None:
+        np.save(tmp / "x.npy", x.numpy())
+        ds.ask(f"load {path} {batch} {threads} {tmp / 'x.npy'}")
+        ds.ask(f"out {tmp / 'y.npy'}")
+        torch.testing.assert_close(torch.from_numpy(np.load(tmp / "y.npy")), ref, **TOL)
+        fns["deepsparse"] = lambda: ds.ask("run")
+    with torch.inference_mode():
+        ms = harness.medians_ms(harness.interleaved_samples(fns, reps, warmup_rounds=1)["wall"])
+    summary = lowered.meta.get("lower_summary", {})
+    row = {"model": name, "sparsity": sparsity, "threads": threads, "batch": batch,
+           **{k: round(v, 3) for k, v in ms.items()},
+           "lowered_x_ort": round(ms["ort_dense"] / ms["lowered"], 3),
+           "deepsparse_x_ort": round(ms["ort_dense"] / ms["deepsparse"], 3) if "deepsparse" in ms else None,
+           "lowered_x_deepsparse": round(ms["deepsparse"] / ms["lowered"], 3) if "deepsparse" in ms else None,
+           "lowered_matches_masked": True, "lower_s": round(lower_s, 1),
+           "backends": summary.get("backends"), "flop_speedup": summary.get("flop_speedup"),
+           "layer_sum_predicted_speedup": summary.get("predicted_speedup")}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def reload_check(tmp: Path, reps: int) -> dict:
+    """resnet50 90%, batch 1, one thread: the lowered model saved and the sparse ONNX file, timed in a fresh
+    process beside onnxruntime dense, against the same ratio measured in this process."""
+    import onnx
+    from sparsifx.backends.sparse_onnx import to_sparse_initializers
+    torch.set_num_threads(1)
+    dense = pruned_model("resnet50", 0.9)
+    x = torch.randn(1, 3, 224, 224)
+    dense_path, sparse_path, saved = tmp / "r50.onnx", tmp / "r50_sparse.onnx", tmp / "r50_lowered.sfx"
+    export(dense, x, dense_path)
+    onnx.save(to_sparse_initializers(onnx.load(str(dense_path))), str(sparse_path))
+    lowered = sparsifx.sparsify(dense, {"stages": [{"pass": "lower"}]}, example_inputs=(x,)).eval()
+    sparsifx.save(lowered, saved)
+    here = _reload_times(lowered, None, dense_path, x, reps)
+    cmd = [sys.executable, __file__, "--reload-worker", str(saved), str(sparse_path), str(dense_path),
+           "--reps", str(reps)]
+    fresh = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+    return {"this_process": here, "fresh_process": fresh,
+            "sizes": {"dense_onnx": dense_path.stat().st_size, "sparse_onnx": sparse_path.stat().st_size,
+                      "saved_lowered": saved.stat().st_size}}
+
+
+def _reload_times(lowered, from_onnx, dense_path, x, reps) -> dict:
+    sess = harness.ort_session(dense_path, 1)
+    feed = harness.ort_feed(sess, (x,))
+    fns = {"ort_dense": lambda: sess.run(None, feed), "lowered": lambda: lowered(x)}
+    if from_onnx is not None:
+        fns["load_onnx"] = lambda: from_onnx(x)
+    with torch.inference_mode():
+        ms = harness.medians_ms(harness.interleaved_samples(fns, reps, warmup_rounds=1)["wall"])
+    return {**{k: round(v, 3) for k, v in ms.items()},
+            **{f"{k}_x_ort": round(ms["ort_dense"] / v, 3) for k, v in ms.items() if k != "ort_dense"}}
+
+
+def reload_worker(saved: str, sparse_onnx: str, dense_onnx: str, reps: int) -> None:
+    from sparsifx.backends import load_onnx
+    torch.set_num_threads(1)
+    x = torch.randn(1, 3, 224, 224)
+    lowered = sparsifx.load(saved).eval()
+    from_onnx = load_onnx(sparse_onnx, batch_size=1)
+    with torch.inference_mode():
+        torch.testing.assert_close(lowered(x), from_onnx(x), **TOL)
+    print(json.dumps(_reload_times(lowered, from_onnx, dense_onnx, x, reps)))
 
 
 def markdown(res: dict) -> str:
-    m = res["meta"]
-    lines = [f"# Sparse end to end ({m['threads']} thread(s), {m['clock']} clock, load average "
-             f"{m['loadavg_start']} -> {m['loadavg_end']})", "",
-             "90% unstructured sparsity, magnitude ERK (random-init weights), lowered by `lower` with the cost "
-             "model calibrated on this machine. Median ms of interleaved runs.", "",
-             "| model | batch | dense torch | masked | lowered | dense onnxruntime | lowered x dense | "
-             "lowered x best dense |", "|---|---|---|---|---|---|---|---|"]
-    for r in res["models"]:
-        for b, t in r["latency"].items():
-            lines.append(f"| {r['model']} | {b} | {t['dense']} | {t['masked']} | {t['lowered']} | {t['dense_ort']} | "
-                         f"{t['lowered_vs_dense']} | {t['lowered_vs_best_dense']} |")
-    lines += ["", "Backends chosen: " + "; ".join(f"{r['model']}: {r['backends']}" for r in res["models"]), ""]
-    if res.get("onnx"):
-        lines += ["## resnet50 ONNX size at 90% sparsity", "", "| format | dense bytes | sparse bytes | ratio | "
-                  "onnxruntime max abs err |", "|---|---|---|---|---|"]
-        for fmt, o in res["onnx"].items():
-            lines.append(f"| {fmt} | {o['dense_bytes']} | {o['sparse_bytes']} | {o['ratio']} | {o['ort_max_abs_err']:.2e} |")
+    meta = res["meta"]
+    lines = ["# Sparse end to end: sparsifx lowered vs onnxruntime dense vs DeepSparse", "",
+             harness.load_line(meta), "",
+             "Median wall-clock ms of interleaved rounds; ratios are onnxruntime dense time over each engine's. "
+             "Random-init weights, magnitude pruning at the same sparsity per layer, first layer dense, BatchNorm "
+             "folded. `lowered x DS` > 1: sparsifx faster than DeepSparse.", "",
+             "| model | sparsity | threads | batch | torch dense | onnxruntime dense | sparsifx lowered | DeepSparse 1.8 |"
+             " lowered x ort | DS x ort | lowered x DS |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["cells"]:
+        lines.append(f"| {r['model']} | {r['sparsity']} | {r['threads']} | {r['batch']} | {r['torch_dense']} | "
+                     f"{r['ort_dense']} | {r['lowered']} | {r.get('deepsparse', '-')} | {r['lowered_x_ort']} | "
+                     f"{r.get('deepsparse_x_ort') or '-'} | {r.get('lowered_x_deepsparse') or '-'} |")
+    lines += ["", "Layer choices of `lower` per cell are in the JSON (`backends`), with the executed-MAC ratio "
+              "(`flop_speedup`) and the layer-sum prediction."]
+    if res.get("reload"):
+        rl = res["reload"]
+        lines += ["", "## Deployable artefacts reloaded in a fresh process (resnet50 90%, batch 1, 1 thread)", "",
+                  f"- this process: {rl['this_process']}", f"- fresh process: {rl['fresh_process']}",
+                  f"- sizes (bytes): {rl['sizes']}"]
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None):
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="benchmarks/results/sparse_end_to_end.json")
-    ap.add_argument("--models", nargs="+", default=list(MODELS))
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
-    ap.add_argument("--sparsity", type=float, default=0.9)
-    ap.add_argument("--reps", type=int, default=11)
-    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    ap.add_argument("--no-onnx", action="store_true")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/sparse_end_to_end.json")
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--sparsities", type=float, nargs="+", default=[0.8, 0.9, 0.95])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--no-deepsparse", action="store_true")
+    ap.add_argument("--reload", action="store_true", help="also run the fresh-process reload check")
+    ap.add_argument("--reload-worker", nargs=3, metavar=("SAVED", "SPARSE_ONNX", "DENSE_ONNX"))
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    clock = "cpu" if args.threads == 1 else "wall"
-    load0 = os.getloadavg()
-    with tempfile.TemporaryDirectory() as d:
-        models = [run_model(m, args.sparsity, args.batches, args.reps, clock, Path(d)) for m in args.models]
-        onnx_res = None if args.no_onnx else onnx_size_check(args.sparsity, Path(d))
-    res = {"meta": dict(threads=args.threads, clock=clock, reps=args.reps, torch=torch.__version__,
-                        loadavg_start=[round(v, 2) for v in load0],
-                        loadavg_end=[round(v, 2) for v in os.getloadavg()], argv=sys.argv[1:]),
-           "models": models, "onnx": onnx_res}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1))
-    out.with_suffix(".md").write_text(markdown(res))
+    if args.reload_worker:
+        return reload_worker(*args.reload_worker, args.reps)
+    meta = harness.machine(threads=",".join(map(str, args.threads)), clock="wall", reps=args.reps, argv=sys.argv[1:])
+    cells = []
+    ds = None if args.no_deepsparse else DeepSparse()
+    try:
+        with tempfile.TemporaryDirectory(prefix="sparse-e2e-") as d:
+            tmp = Path(d)
+            for name in args.models:
+                for sparsity in args.sparsities:
+                    dense = pruned_model(name, sparsity)
+                    path = tmp / f"{name}_{sparsity}.onnx"
+                    export(dense, torch.randn(1, *MODELS[name][1]), path)
+                    for threads in args.threads:
+                        for batch in args.batches:
+                            cells.append(run_cell(name, sparsity, dense, path, threads, batch, args.reps, ds, tmp))
+            reload = reload_check(tmp, args.reps) if args.reload else None
+    finally:
+        if ds is not None:
+            ds.close()
+    res = {"meta": harness.finish(meta), "cells": cells, "reload": reload}
+    harness.write_results(args.out, res, markdown(res))
     print(markdown(res))
 
 

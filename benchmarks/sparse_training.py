@@ -28,7 +28,6 @@ absolute dense numbers, methods that were not available).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import math
@@ -50,20 +49,11 @@ HERE = Path(__file__).resolve().parent
 log = logging.getLogger("sparse_training")
 
 
-def _load_sibling(name: str):
-    """Import ``benchmarks/<name>.py`` by path (no package, no sys.path edits, no name clashes)."""
-    key = f"_sparsifx_bench_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, HERE / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        spec.loader.exec_module(module)
-    return sys.modules[key]
-
-
-models = _load_sibling("models")
-report = _load_sibling("sparse_training_report")
-methods_mod = _load_sibling("sparse_training_methods")
+if __package__ in (None, ""):  # run as `python benchmarks/<script>.py`: import `benchmarks` as a package
+    sys.path[0] = str(HERE.parent)
+from benchmarks import harness, models  # noqa: E402
+from benchmarks import sparse_training_methods as methods_mod  # noqa: E402
+from benchmarks import sparse_training_report as report  # noqa: E402
 
 ALL_MODELS = ("lenet300100", "mlp1024x3", "smallcnn")
 SPARSITIES = (0.8, 0.9, 0.95, 0.98)
@@ -189,7 +179,7 @@ def make_trainer(method: str, sparsity: float, model_name: str, seed: int, setti
                  data: tuple[torch.Tensor, torch.Tensor]) -> Trainer:
     model = models.build_model(model_name, seed)
     schedule = methods_mod.Schedule(settings.total_steps, settings.batch, settings.update_period)
-    model, configure = methods_mod.prepare(method, sparsity, model, schedule, data, settings.rescale_init,
+    model, configure = methods_mod.sparsify_for_method(method, sparsity, model, schedule, data, settings.rescale_init,
                                            settings.stage_params)
     optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum, nesterov=True,
                                 weight_decay=settings.weight_decay)
@@ -263,7 +253,7 @@ def resnet18_memory(batch: int = 32, size: int = 224, sparsity: float = 0.9, ste
     for method in ("dense", "swat"):
         model = torchvision.models.resnet18()
         sched = methods_mod.Schedule(total_steps=steps + 1, batch=batch)
-        model, configure = methods_mod.prepare(method, 0.0 if method == "dense" else sparsity, model, sched, (x, y))
+        model, configure = methods_mod.sparsify_for_method(method, 0.0 if method == "dense" else sparsity, model, sched, (x, y))
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         trainers.append(Trainer(method, sparsity, model, opt, cosine_lr(opt, steps + 1), configure(opt)))
     for t in trainers:
@@ -377,12 +367,13 @@ def header_lines(settings: Settings, missing: list[str], wall_s: float, note: st
 def write_outputs(out: Path, rows: list[dict], meta: dict, settings: Settings, missing: list[str],
                   resnet: dict | None, wall_s: float, note: str = "") -> list[tuple[str, bool | None, str]]:
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=1) + "\n")
     checks = target_checks(rows, resnet)
-    meta = {**meta, "settings": asdict(settings), "missing_methods": missing, "resnet18_memory": resnet,
-            "wall_s": wall_s, "targets": [{"target": n, "passed": p, "numbers": s} for n, p, s in checks]}
+    meta = harness.finish({**meta, "settings": asdict(settings), "missing_methods": missing, "resnet18_memory": resnet,
+                           "wall_s": wall_s, "targets": [{"target": n, "passed": p, "numbers": s} for n, p, s in checks]})
     out.with_name(out.stem + "_meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     lines = header_lines(settings, missing, wall_s, note)
+    if "load_before" in meta:
+        lines.append(harness.load_line(meta))
     if meta.get("memory_remeasured"):
         lines.append(meta["memory_remeasured"]["header"])
     table = report.markdown_table(rows, lines)
@@ -397,9 +388,8 @@ def write_outputs(out: Path, rows: list[dict], meta: dict, settings: Settings, m
                   f" training FLOPs ratio {resnet['flops_ratio']:.3f}; median step dense"
                   f" {resnet['dense_median_step_s']:.2f} s, swat {resnet['swat_median_step_s']:.2f} s"
                   f" (ratio {resnet['step_time_ratio']:.2f}).\n")
-    out.with_suffix(".md").write_text(table)
-    if rows:
-        report.plot_accuracy(rows, out.with_suffix(".png"))
+    harness.write_results(out, rows, table, (lambda png: report.plot_accuracy(rows, png)) if rows else None,
+                          trailing_newline=True)
     return checks
 
 
@@ -424,7 +414,8 @@ def run(settings: Settings, out: Path, resnet: bool = True, resnet_only: bool = 
         log.warning("skipping methods whose pass is not registered: %s", ", ".join(missing))
     settings = replace(settings, methods=tuple(present))
     rows: list[dict] = []
-    meta: dict[str, Any] = {"code": code_state(), "dense_absolute": {}}
+    meta: dict[str, Any] = {"code": code_state(), "dense_absolute": {},
+                            **harness.machine(threads=settings.threads, clock="wall")}
     if not resnet_only:
         data = load_data(settings)
         groups = [(m, seed) for seed in settings.seeds for m in settings.models]   # seeds outer: all models early
@@ -496,7 +487,7 @@ def remeasure_memory(out: Path) -> list[dict]:
                 raise RuntimeError(f"dense saved bytes of {name}/seed{seed} changed: {recorded} -> "
                                    f"{dense_saved[(name, seed)]}; the dense path was not meant to change")
         torch.manual_seed(seed)
-        model, _ = methods_mod.prepare(row["method"], row["sparsity"], models.build_model(name, seed),
+        model, _ = methods_mod.sparsify_for_method(row["method"], row["sparsity"], models.build_model(name, seed),
                                        methods_mod.Schedule(s.total_steps, s.batch, s.update_period),
                                        (x_train, y_train), settings.rescale_init, settings.stage_params)
         ratio = methods_mod.saved_bytes(model, x_b, y_b) / dense_saved[(name, seed)]
@@ -573,24 +564,8 @@ def paired_interval(diffs: list[float]) -> tuple[float, float, float]:
 def load_split(settings: TargetSettings) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Stratified train / validation / test split (split seed 0), standardised with the training mean/std."""
     x, y = DATASETS[settings.dataset]()
-    rng = np.random.RandomState(0)
-    classes = np.unique(y)
-    per = [settings.n_train // len(classes), settings.n_val // len(classes), settings.n_test // len(classes)]
-    parts: list[list[np.ndarray]] = [[], [], []]
-    for c in classes:
-        idx = rng.permutation(np.flatnonzero(y == c))
-        if len(idx) < sum(per):
-            raise SystemExit(f"class {c} has {len(idx)} images < {sum(per)} requested")
-        start = 0
-        for k, n in enumerate(per):
-            parts[k].append(idx[start:start + n])
-            start += n
-    idx = [rng.permutation(np.concatenate(p)) for p in parts]
-    x = torch.tensor(x, dtype=torch.float32)
-    mean, std = x[idx[0]].mean(), x[idx[0]].std()
-    x = (x - mean) / std
-    y = torch.tensor(y, dtype=torch.long)
-    return {name: (x[i], y[i]) for name, i in zip(("train", "val", "test"), idx)}
+    parts = models.stratified_split(x, y, (settings.n_train, settings.n_val, settings.n_test), seed=0)
+    return dict(zip(("train", "val", "test"), parts))
 
 
 def train_one(model_name: str, method: str, sparsity: float, lr: float, seed: int, settings: TargetSettings,
@@ -601,7 +576,7 @@ def train_one(model_name: str, method: str, sparsity: float, lr: float, seed: in
     schedule = methods_mod.Schedule(settings.total_steps, settings.batch)
     overrides = (((method, "seed", seed),) if method in MASK_METHODS else ())
     torch.manual_seed(seed)
-    model, configure = methods_mod.prepare(method, sparsity, model, schedule, train, True, overrides)
+    model, configure = methods_mod.sparsify_for_method(method, sparsity, model, schedule, train, True, overrides)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=settings.momentum, nesterov=True,
                                 weight_decay=settings.weight_decay)
     hooks = configure(optimizer)
@@ -723,7 +698,6 @@ def verdicts(intervals: list[dict]) -> list[tuple[str, str, str]]:
 def _write_targets(out: Path, rows: list[dict], tuning: list[dict], settings: TargetSettings, missing: list[str],
                    wall_s: float, partial: bool, note: str = "") -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=1) + "\n")
     intervals = interval_checks(rows, settings)
     checks = verdicts(intervals)
     meta = {"code": code_state(), "settings": asdict(settings), "missing_methods": missing, "wall_s": wall_s,
@@ -731,10 +705,11 @@ def _write_targets(out: Path, rows: list[dict], tuning: list[dict], settings: Ta
             "intervals": [{k: (list(v) if isinstance(v, tuple) else v) for k, v in e.items()} for e in intervals],
             "targets": [{"target": n, "result": v, "numbers": s} for n, v, s in checks]}
     out.with_name(out.stem + "_meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-    out.with_suffix(".md").write_text(report.targets_markdown(rows, tuning, intervals, checks, settings, missing,
-                                                              wall_s, partial, methods_mod, note))
-    if rows and not partial:
-        report.plot_accuracy([{**r, "accuracy": r["test_accuracy"]} for r in rows], out.with_suffix(".png"))
+    plot = (lambda png: report.plot_accuracy([{**r, "accuracy": r["test_accuracy"]} for r in rows], png)) \
+        if rows and not partial else None
+    harness.write_results(out, rows, report.targets_markdown(rows, tuning, intervals, checks, settings, missing,
+                                                             wall_s, partial, methods_mod, note),
+                          plot, trailing_newline=True)
 
 
 def _model_epochs(text: str) -> tuple[str, int]:

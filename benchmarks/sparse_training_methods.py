@@ -1,6 +1,6 @@
 """How the sparse-training benchmark applies each method: one recipe stage per method, schedules scaled to the run.
 
-``prepare(method, sparsity, model, schedule, data)`` returns the module to train (``sparsify`` with one stage) and
+``sparsify_for_method(method, sparsity, model, schedule, data)`` returns the module to train (``sparsify`` with one stage) and
 ``configure(optimizer) -> Hooks``, which attaches the method's controller to the optimizer (``sparsifx.attach``:
 the two lines a plain training loop adds). A method whose pass is not registered is reported by ``available`` and skipped by the benchmark, never faked.
 """
@@ -107,9 +107,9 @@ def rescale_masked_init(model: nn.Module) -> None:
             module.weight.mul_(density ** -0.5)
 
 
-def prepare(method: str, sparsity: float, model: nn.Module, schedule: Schedule,
-            data: tuple[torch.Tensor, torch.Tensor], rescale_init: bool = True, overrides: StageParams = ()
-            ) -> tuple[nn.Module, Callable[[torch.optim.Optimizer], Hooks]]:
+def sparsify_for_method(method: str, sparsity: float, model: nn.Module, schedule: Schedule,
+                        data: tuple[torch.Tensor, torch.Tensor], rescale_init: bool = True,
+                        overrides: StageParams = ()) -> tuple[nn.Module, Callable[[torch.optim.Optimizer], Hooks]]:
     """The model to train and ``configure(optimizer) -> Hooks`` (attaches the method's controller)."""
     if method == "dense":
         return model, lambda optimizer: Hooks()

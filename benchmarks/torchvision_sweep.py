@@ -7,7 +7,7 @@ Per model (random weights, BatchNorm calibrated, eval, batch 1; sides in ``prune
 trace -> ``channel_prune`` 50 %, kept channels rounded up to ``--round-to`` -> ``shrink`` (timed), shrunk ==
 masked (``assert_close``), params and MACs before/after (aten-level FLOP counter), compact ONNX (``fold_bn``
 then ``export_onnx`` with onnxruntime verification), peak RSS, and steady-state median latencies of
-interleaved rounds (``prune_sweep_worker.interleaved_ms``): eager dense vs shrunk
+interleaved rounds (``harness.interleaved_ms``): eager dense vs shrunk
 (2 threads, wall clock), onnxruntime dense vs compact (1 thread, that thread's CPU clock), and for the
 physical-limit models the shrunk model vs a
 freshly allocated dense model of the same shapes. With ``--compare torch-pruning`` Torch-Pruning 1.6
@@ -30,7 +30,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+if __package__ in (None, ""):  # run as `python benchmarks/<script>.py`: import `benchmarks` as a package
+    sys.path[0] = str(HERE.parent)
+from benchmarks import harness  # noqa: E402
 
 
 def all_models() -> list[str]:
@@ -68,7 +70,7 @@ def _child(conn, name: str, tool: str, ratio: float, round_to: int, mode: str, l
     logging.disable(logging.WARNING)
     import torch
     torch.set_num_threads(2)
-    import prune_sweep_worker as w
+    from benchmarks import prune_sweep_worker as w
     kwargs = {"measure": latency} if tool == "sparsifx" else {}
     conn.send(w.TOOLS[tool](name, ratio=ratio, round_to=round_to, mode=mode, **kwargs))
     conn.close()
@@ -79,8 +81,8 @@ def preload(tools: list[str]) -> None:
     import onnxruntime  # noqa: F401
     import torchvision  # noqa: F401
 
-    import prune_sweep_worker  # noqa: F401
     import sparsifx  # noqa: F401
+    from benchmarks import prune_sweep_worker  # noqa: F401
     if "torch-pruning" in tools:
         import torch_pruning  # noqa: F401
 
@@ -166,7 +168,8 @@ def markdown(records: dict[str, dict], meta: dict) -> str:
              f"max pruning time {_fmt(s['sparsifx_max_time_s'])} s; median latency/MACs ratio eager "
              f"{_fmt(s['median_eager_latency_over_macs'])} (2 threads, wall clock), onnxruntime "
              f"{_fmt(s['median_ort_latency_over_macs'])} (1 thread, CPU clock; "
-             f"{s.get('ort_latency_over_macs_at_most_1_1', '?')} models at most 1.1)."]
+             f"{s.get('ort_latency_over_macs_at_most_1_1', '?')} models at most 1.1).",
+             *([harness.load_line(meta)] if "load_before" in meta else [])]
     if s.get("not_run"):
         lines.append(f"Not run ({len(s['not_run'])}): " + ", ".join(s["not_run"]))
     if "torch_pruning_ok" in s:
@@ -195,15 +198,15 @@ def markdown(records: dict[str, dict], meta: dict) -> str:
 
 
 def write(records: dict[str, dict], out: Path, args: argparse.Namespace) -> dict:
-    import torch
     import torchvision
-    meta = {"ratio": args.ratio, "round_to": args.round_to, "mode": args.mode, "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "threads": 2, "batch": 1, "summary": summary(records)}
+    meta = {**harness.machine(threads=2, clock="eager: wall; onnxruntime: cpu, 1 thread"), "ratio": args.ratio,
+            "round_to": args.round_to, "mode": args.mode, "torchvision": torchvision.__version__, "batch": 1,
+            "summary": summary(records)}
+    meta["load_before"] = getattr(args, "load_before", meta["load_before"])  # at the start of the sweep
+    harness.finish(meta)
     if args.models == "all" or args.merge:
         meta["summary"]["not_run"] = [n for n in all_models() if n not in records]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "records": records}, indent=1))
-    out.with_suffix(".md").write_text(markdown(records, meta))
+    harness.write_results(out, {"meta": meta, "records": records}, markdown(records, meta))
     return meta["summary"]
 
 
@@ -236,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(write(_ordered(merged, order), args.out, args), indent=1))
         return 0
     names = all_models() if args.models == "all" else [m.strip() for m in args.models.split(",") if m.strip()]
+    args.load_before = harness.load_average()
     records: dict[str, dict] = {}
     if args.resume and args.out.exists():
         records = json.loads(args.out.read_text())["records"]

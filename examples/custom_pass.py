@@ -2,7 +2,6 @@
 import torch
 import torch.nn.functional as F
 import torchvision
-
 import sparsifx
 from sparsifx import PassBase, PassResult, validate
 
@@ -10,6 +9,7 @@ from sparsifx import PassBase, PassResult, validate
 @sparsifx.register_pass("leaky_relu")
 class LeakyReLUPass(PassBase):
     """relu(x) -> leaky_relu(x, negative_slope). Parameter: negative_slope in [0, 1]."""
+    in_place = True  # call() rewrites gm and returns it (False: a functional pass returning a new module)
 
     def __init__(self, *, negative_slope: float = 0.01):
         self.slope = validate.number("negative_slope", negative_slope, 0.0, 1.0)

@@ -17,7 +17,6 @@ import torch
 import torchvision
 
 import sparsifx
-from sparsifx.backends import onnx_export
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "examples" / "recipes"
@@ -59,12 +58,11 @@ def print_history(gm: torch.fx.GraphModule) -> None:
 def export_verified(gm: torch.nn.Module, path: Path, x: torch.Tensor) -> Path:
     """Export with onnx.checker + onnxruntime verification (raises BackendError on a mismatch)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)  # export_onnx writes only into existing folders
-    path = sparsifx.export_onnx(gm, path, (x,), dynamic_batch=True, verify=True)
-    info = onnx_export.LAST_EXPORT
-    print(f"  wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {info.exporter} exporter)")
+    info = sparsifx.export_onnx(gm, path, (x,), dynamic_batch=True, verify=True)
+    print(f"  wrote {info.path} ({info.file_bytes / 2**20:.1f} MiB, {info.exporter} exporter, opset {info.opset})")
     for check in info.checks:
-        print(f"  onnxruntime vs torch, batch {check['batch']}: max |diff| = {check['max_abs']:.2e}")
-    return path
+        print(f"  onnxruntime vs torch, batch {check.batch}: max |diff| = {check.max_abs:.2e}")
+    return info.path
 
 
 def section_unstructured(cfg: DemoConfig) -> None:

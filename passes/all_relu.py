@@ -1,4 +1,5 @@
-"""Pass ``all_relu``: the All-ReLU activation of Truly Sparse Neural Networks at Scale (algorithms.md §5)."""
+"""Pass ``all_relu``: the All-ReLU activation of Truly Sparse Neural Networks at Scale
+(docs/algorithms.md#all-relu)."""
 from __future__ import annotations
 
 import logging

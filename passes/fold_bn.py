@@ -11,17 +11,16 @@ import torch.nn as nn
 
 from sparsifx.masking import is_masked
 from sparsifx.pass_base import PassBase, PassResult
-from sparsifx.registry import register_pass
+from sparsifx.registry import Registry, register_pass, type_registry_lookup
+from sparsifx.meta_keys import TENSOR_META
 
 log = logging.getLogger(__name__)
 
 # producer class -> BatchNorm class it may be folded with (masked layers are subclasses and match too)
-FOLDABLE: dict[type, tuple[type, ...]] = {
-    nn.Conv1d: (nn.BatchNorm1d,),
-    nn.Conv2d: (nn.BatchNorm2d,),
-    nn.Conv3d: (nn.BatchNorm3d,),
-    nn.Linear: (nn.BatchNorm1d,),
-}
+FOLDABLE: Registry[tuple[type, ...]] = Registry("foldable producer")
+for _producer, _bn in ((nn.Conv1d, nn.BatchNorm1d), (nn.Conv2d, nn.BatchNorm2d), (nn.Conv3d, nn.BatchNorm3d),
+                       (nn.Linear, nn.BatchNorm1d)):
+    FOLDABLE.register(_producer, (_bn,))
 
 
 @dataclass(frozen=True)
@@ -35,10 +34,7 @@ def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
 
 
 def _bn_types(module: nn.Module | None) -> tuple[type, ...]:
-    for cls in type(module).__mro__:
-        if cls in FOLDABLE:
-            return FOLDABLE[cls]
-    return ()
+    return type_registry_lookup(FOLDABLE, module) or ()
 
 
 def _used_once(gm: fx.GraphModule, name: str) -> bool:
@@ -67,7 +63,7 @@ def _why_not(gm: fx.GraphModule, node: fx.Node) -> str | None:
     if not _used_once(gm, src.target):
         return "the layer is shared (called more than once or read by attribute)"
     if isinstance(producer, nn.Linear):
-        meta = src.meta.get("tensor_meta")
+        meta = src.meta.get(TENSOR_META)
         if meta is None or len(getattr(meta, "shape", ())) != 2:
             return "Linear+BatchNorm1d folds only with a recorded 2-D output shape (N, features)"
     return None

@@ -1,6 +1,7 @@
 """Pass ``lower``: run each sparse Linear / Conv2d with the fastest execution this machine measured."""
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import statistics
@@ -17,12 +18,15 @@ from sparsifx.pass_base import PassBase, PassResult
 from sparsifx.registry import register_pass
 from sparsifx.module_utils import set_submodule
 from sparsifx.selection import LayerSelection
-from sparsifx.tracing import record_shapes
+
+from sparsifx.meta_keys import EXAMPLE_INPUTS, LOWER_SUMMARY, REPORT_EXTRA, REPORT_NOTES
+
+from .fuse_epilogues import fusable_activations
+from .lower_stats import executed_macs, model_summary
 
 log = logging.getLogger(__name__)
-BACKEND_CHOICES = ("auto", "dense", "csr", "csr_tiled", "dense_ort")
-
-
+BACKEND_CHOICES = ("auto", "dense", "csr", "csr_tiled", "dense_ort", "direct")
+CONV_TIMING_REPS = 7
 
 def _dense_copy(module: nn.Module, weight: torch.Tensor) -> nn.Module:
     """A plain ``nn.Linear`` / ``nn.Conv2d`` computing with ``weight`` (the mask baked in)."""
@@ -46,15 +50,23 @@ class Lower(PassBase):
     Parameters: ``backend`` (``auto`` or a kernel name; per layer via ``by_name: {fc1: {backend: csr}}``),
     ``kernels`` (candidates for ``auto``), ``batch_size`` (plan for this batch only; default: a plan per
     batch range), ``min_speedup`` (another kernel must be predicted this much faster than torch dense; 1.1),
-    ``cache_dir`` (calibration cache), ``recalibrate``, ``measure`` (time each lowered layer on its example
-    input shape and report the measured speedup). Dense choices bake the mask into a plain layer.
+    ``cache_dir`` (calibration cache), ``recalibrate``, ``measure`` (time each lowered Linear on its example
+    input shape and the whole model before and after, and report the measured speedups), ``fuse`` (run
+    ``fuse_epilogues`` afterwards: residual adds and ReLUs folded into the sparse convolutions; default on).
+    Convolutions are planned by measurement: torch's dense convolution and the direct sparse convolution
+    (``backends/cpp_kernel.py``; not for depthwise layers) are timed on the layer's recorded input shape and the
+    faster one is kept. Each layer reports ``flop_speedup`` (dense over executed multiply-adds, the theoretical
+    figure) beside ``measured_speedup``; ``report_extra["lower"]`` sums them for the model. Dense choices bake the
+    mask into a plain layer.
     """
+    in_place = True
     preserves_semantics = True
+    uses_analyses = ("shapes",)   # input shapes of conv layers (provided from the example inputs when given)
     layer_params = ("backend",)
 
     def __init__(self, *, backend: str = "auto", kernels: list | None = None, batch_size: int | None = None,
                  min_speedup: float = 1.1, cache_dir: str | None = None, recalibrate: bool = False,
-                 measure: bool = False, selection: LayerSelection | None = None):
+                 measure: bool = False, fuse: bool = True, selection: LayerSelection | None = None):
         from sparsifx.backends.sparse_kernels import SPARSE_KERNELS
         self.backend = validate.choice("backend", backend, BACKEND_CHOICES)
         names = SPARSE_KERNELS.names()
@@ -65,6 +77,7 @@ class Lower(PassBase):
         self.cache_dir = None if cache_dir is None else validate.string_list("cache_dir", cache_dir)[0]
         self.recalibrate = validate.boolean("recalibrate", recalibrate)
         self.measure = validate.boolean("measure", measure)
+        self.fuse = validate.boolean("fuse", fuse)
         self.selection = (selection or LayerSelection()).with_defaults(("Conv2d", "Linear"))
         self._calibration = None
 
@@ -106,30 +119,40 @@ class Lower(PassBase):
                 plan.append((bound, k))
         return tuple(plan), speedups[0]
 
-    def plan_conv(self, conv: nn.Conv2d, nnz: int, in_shape: tuple[int, ...]) -> tuple[str, float]:
-        if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            return "dense", 1.0
-        n, _, h, w = in_shape
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv.kernel_size, conv.stride, conv.padding, conv.dilation
-        cols = n * ((h + 2 * ph - dh * (kh - 1) - 1) // sh + 1) * ((w + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
-        k_dim = conv.in_channels * kh * kw
-        unfold = (kh, kw) != (1, 1) or (ph, pw) != (0, 0)
-        cal = self.calibration()
-        cost = {k: cal.conv_ms(k, conv.out_channels, k_dim, nnz, cols, unfold) for k in self._usable(True)}
-        best = self._best(cost)
-        return best, cost["dense"] / cost[best]
+    def plan_conv(self, name: str, conv: nn.Conv2d, weight: torch.Tensor, in_shape: tuple[int, ...],
+                  activation: str | None = None) -> tuple[nn.Module, dict]:
+        """The faster of torch's dense convolution and the direct sparse one, timed on ``in_shape``; with the
+        ``activation`` that follows the layer (and that the direct kernel fuses) counted on both sides."""
+        from sparsifx.backends.cost_model import median_ms
+        from sparsifx.backends.sparse_conv import ACTIVATIONS, DirectSparseConv2d, direct_supported
+        dense = _dense_copy(conv, weight).eval()
+        lo, hi = ACTIVATIONS[activation]
+        candidates = {"dense": (dense, (lambda m, x: m(x).clamp_(lo, hi)) if activation else (lambda m, x: m(x)))}
+        if direct_supported(conv) and "direct" in self._conv_kernels():
+            candidates["direct"] = (DirectSparseConv2d(conv, weight, activation=activation), lambda m, x: m(x))
+        x = torch.randn(in_shape)
+        with torch.inference_mode():
+            ms = median_ms({k: (lambda m=m, f=f: f(m, x)) for k, (m, f) in candidates.items()}, reps=CONV_TIMING_REPS)
+        best = self._best(ms)
+        new = candidates[best][0]
+        if best == "direct":
+            new.activation = None  # fuse_epilogues sets it where the graph allows
+        info = {"dense_ms": round(ms["dense"], 4), "lowered_ms": round(ms[best], 4),
+                "measured_speedup": round(ms["dense"] / ms[best], 2)}
+        return new.train(conv.training), {"backend": best, **info}
+
+    def _conv_kernels(self) -> tuple[str, ...]:
+        from sparsifx.backends import cpp_kernel
+        return ("direct",) if cpp_kernel.available() else ()
 
     # ---- the rewrite -------------------------------------------------------------------------------------
     def _input_shapes(self, gm: fx.GraphModule) -> dict[str, tuple[int, ...]]:
-        nodes = [n for n in gm.graph.nodes if n.op == "call_module"]
-        if any(n.args and "tensor_meta" not in getattr(n.args[0], "meta", {}) for n in nodes):
-            inputs = gm.meta.get("example_inputs")
-            if inputs is not None:
-                record_shapes(gm, inputs)
+        nodes = [n for n in gm.graph.nodes if n.op == "call_module"]  # shapes: the declared 'shapes' analysis
         return {n.target: tuple(n.args[0].meta["tensor_meta"].shape) for n in nodes
                 if n.args and isinstance(n.args[0], fx.Node) and "tensor_meta" in n.args[0].meta}
 
-    def _lower_one(self, name: str, module: nn.Module, backend: str, shape) -> tuple[nn.Module, dict]:
+    def _lower_one(self, name: str, module: nn.Module, backend: str, shape,
+                   activation: str | None = None) -> tuple[nn.Module, dict]:
         from sparsifx.backends.sparse_modules import SparseConv2d, SparseLinear
         weight = effective_weight(module).detach()
         nnz, density = int(weight.count_nonzero()), float(weight.count_nonzero()) / weight.numel()
@@ -144,17 +167,28 @@ class Lower(PassBase):
             info["backend"] = " | ".join(f"{'<=' + str(b) if b else 'else'}:{k}" if len(plan) > 1 else k
                                          for b, k in plan)
         else:
-            if backend == "auto":
-                if shape is None:
-                    raise PreconditionError(f"lower needs the input shape of conv layer '{name}': pass "
-                                            "example_inputs (or run the 'shapes' analysis) first")
-                backend, info["predicted_speedup"] = self.plan_conv(module, nnz, shape)
-                info["predicted_speedup"] = round(info["predicted_speedup"], 2)
-            new = _dense_copy(module, weight) if backend == "dense" else SparseConv2d(module, weight, backend)
-            info["backend"] = backend
-        if self.measure and shape is not None:
+            new, conv_info = self._lower_conv(name, module, weight, backend, shape, activation)
+            info.update(conv_info)
+        if self.measure and shape is not None and "measured_speedup" not in info:
             info["measured_speedup"] = round(self._measure(module, new, shape), 2)
+        if shape is not None:
+            info.update(executed_macs(module, new, weight, shape))
+            info["flop_speedup"] = round(info["dense_macs"] / max(1, info["executed_macs"]), 2)
         return new, info
+
+    def _lower_conv(self, name: str, module: nn.Conv2d, weight: torch.Tensor, backend: str, shape,
+                    activation: str | None = None) -> tuple[nn.Module, dict]:
+        from sparsifx.backends.sparse_conv import DirectSparseConv2d
+        from sparsifx.backends.sparse_modules import SparseConv2d
+        if backend == "auto":
+            if shape is None:
+                raise PreconditionError(f"lower needs the input shape of conv layer '{name}': pass "
+                                        "example_inputs (or run the 'shapes' analysis) first")
+            return self.plan_conv(name, module, weight, shape, activation)
+        if backend == "dense":
+            return _dense_copy(module, weight), {"backend": backend}
+        new = DirectSparseConv2d(module, weight) if backend == "direct" else SparseConv2d(module, weight, backend)
+        return new, {"backend": backend}
 
     @staticmethod
     def _measure(old: nn.Module, new: nn.Module, shape) -> float:
@@ -167,6 +201,50 @@ class Lower(PassBase):
                     mod(x)
                     times[key].append(time.perf_counter() - t0)
         return statistics.median(times["old"]) / statistics.median(times["new"])
+
+    @staticmethod
+    def _lower_pools(gm: fx.GraphModule) -> str | None:
+        """``nn.MaxPool2d`` -> ``FastMaxPool2d`` (torch's NCHW pooling is slow on one thread), where supported."""
+        from sparsifx.backends import cpp_kernel
+        from sparsifx.backends.fast_pool import FastMaxPool2d, supported
+        if not cpp_kernel.available():
+            return None
+        names = [name for name, m in gm.named_modules() if supported(m)]
+        for name in names:
+            old = gm.get_submodule(name)
+            set_submodule(gm, name, FastMaxPool2d(old).train(old.training))
+        if names:
+            gm.recompile()
+            return f"lower: {len(names)} MaxPool2d run by the C++ pooling kernel ({', '.join(names[:4])})"
+        return None
+
+    @staticmethod
+    def _dense_twin(gm: fx.GraphModule, targets) -> fx.GraphModule:
+        """A copy of ``gm`` with every target layer a plain dense layer (the mask baked in): the reference."""
+        twin = copy.deepcopy(gm)
+        for name, module, _ in targets:
+            set_submodule(twin, name, _dense_copy(module, effective_weight(module).detach()))
+        twin.recompile()
+        return twin.eval()
+
+    @staticmethod
+    def _measure_model(twin: fx.GraphModule, gm: fx.GraphModule) -> dict:
+        """The whole model timed against its dense twin on the example inputs (interleaved medians)."""
+        from sparsifx.backends.cost_model import median_ms
+        inputs = gm.meta.get(EXAMPLE_INPUTS)
+        if inputs is None:
+            return {"measured_speedup": None, "measured_note": "no example inputs to time the model on"}
+        inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+        flags = [m.training for m in gm.modules()]
+        gm.eval()
+        try:
+            with torch.inference_mode():
+                ms = median_ms({"dense": lambda: twin(*inputs), "lowered": lambda: gm(*inputs)}, reps=CONV_TIMING_REPS)
+        finally:
+            for m, flag in zip(gm.modules(), flags):
+                m.training = flag
+        return {"model_dense_ms": round(ms["dense"], 3), "model_lowered_ms": round(ms["lowered"], 3),
+                "measured_speedup": round(ms["dense"] / ms["lowered"], 2)}
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         from sparsifx.masking import is_masked
@@ -184,17 +262,32 @@ class Lower(PassBase):
                 targets.append((name, module, backend))
         if not targets:
             return PassResult(gm, False)
-        shapes = self._input_shapes(gm) if any(isinstance(m, nn.Conv2d) for _, m, _ in targets) else {}
-        report = gm.meta.setdefault("report_extra", {})
+        shapes = self._input_shapes(gm)
+        activations = fusable_activations(gm) if self.fuse else {}
+        report = gm.meta.setdefault(REPORT_EXTRA, {})
+        twin = self._dense_twin(gm, targets) if self.measure else None
         modified = False
         for name, module, backend in targets:
-            new, info = self._lower_one(name, module, backend, shapes.get(name))
+            new, info = self._lower_one(name, module, backend, shapes.get(name), activations.get(name))
             report.setdefault(name, {}).update(info)
             log.info("lower %s: %s", name, info)
             if type(new) is type(module) and not is_masked(module):
                 continue  # a plain layer that stays dense: nothing to rewrite
+            new.train(module.training)
             set_submodule(gm, name, new)
             modified = True
         if modified:
             gm.recompile()
+        if modified and self.fuse:
+            from .fuse_epilogues import FuseEpilogues
+            FuseEpilogues()(gm)
+            report_notes = self._lower_pools(gm)
+            if report_notes:
+                gm.meta.setdefault(REPORT_NOTES, []).append(report_notes)
+        lowered = {name: report[name] for name, _, _ in targets}
+        summary = model_summary(lowered)
+        if twin is not None and modified:
+            summary.update(self._measure_model(twin, gm))
+        gm.meta[LOWER_SUMMARY] = summary
+        log.info("lower: %s", summary)
         return PassResult(gm, modified)

@@ -41,9 +41,10 @@ class MagnitudePruning(PassBase):
     """``layer(x) -> masked_layer(x)`` with ``W·M``; ``M`` zeros the ``round(s_l·N_l)`` smallest ``|W·M_old|``.
 
     Parameters: ``sparsity`` (global target in [0, 1)); ``distribution`` (``uniform``, ``er`` or ``erk``,
-    algorithms.md §0.3) spreading it over the selected layers; ``erk_power_scale`` (exponent on ER/ERK
-    scores); ``dense_first_layer`` / ``dense_last_layer`` (keep the first/last selected layer, in
-    ``named_modules`` order, dense); ``selection`` (``types``, ``ignore``, ``by_type`` / ``by_pattern`` /
+    docs/algorithms.md#layer-sparsity-distributions) spreading it over the selected layers;
+    ``erk_power_scale`` (exponent on ER/ERK scores); ``dense_first_layer`` / ``dense_last_layer`` (keep the
+    first/last selected layer, in ``named_modules`` order, dense; the one spelling of this exclusion in every
+    pass, see ``sparsifx.selection``); ``selection`` (``types``, ``ignore``, ``by_type`` / ``by_pattern`` /
     ``by_name`` overrides of ``sparsity``). A per-layer override fixes that layer's sparsity exactly and
     takes it out of the distribution's budget. Scores use the effective weight, so a layer that is
     already masked keeps its pruned weights pruned first. Weights are not changed: the mask is a

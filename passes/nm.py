@@ -13,6 +13,7 @@ from sparsifx.masking import effective_weight, get_mask, set_mask
 from sparsifx.pass_base import PassBase, PassResult
 from sparsifx.registry import register_pass
 from sparsifx.selection import LayerSelection
+from sparsifx.meta_keys import REPORT_EXTRA
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class NMSparsity(PassBase):
     Layers whose input dimension is not a multiple of ``m`` are left dense, logged, and listed in
     ``gm.meta["report_extra"][layer]["nm"]``.
     """
+    in_place = True
     layer_params = ("n", "m")
 
     def __init__(self, *, n: int = 2, m: int = 4, semi_structured: bool = False,
@@ -55,7 +57,7 @@ class NMSparsity(PassBase):
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         modified = False
-        report = gm.meta.setdefault("report_extra", {})
+        report = gm.meta.setdefault(REPORT_EXTRA, {})
         for name, module in list(self.selection.layers(gm)):
             if not isinstance(module, (nn.Linear, nn.Conv2d)):
                 continue

@@ -1,7 +1,8 @@
 """sparsifx: graph transformations that make sparse neural networks real.
 
 Public names are loaded lazily so that ``import sparsifx`` stays light (ONNX and the backends are
-imported on first use).
+imported on first use). The core imports no pass module: the built-in passes register through
+``sparsifx.passes.register_builtins()``, which the pass registry calls on first use.
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import importlib
 
 from .errors import (BackendError, PassError, PostconditionError, PreconditionError, RecipeError, SparsifxError,
                      TraceError, UnsupportedOpError, VerificationError)
-from .pass_base import PassBase, PassResult
+from .pass_base import PassBase, PassCrash, PassDefinitionError, PassResult
 from .pass_manager import PassManager
 from .recipe import Recipe
 from .registry import register_pass
@@ -20,7 +21,7 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it (imported on first access)
 _LAZY = {
-    "report": "sparsifx.report",
+    "report": "sparsifx.reporting",
     "export_onnx": "sparsifx.backends.onnx_export",
     "save": "sparsifx.serialization",
     "load": "sparsifx.serialization",
@@ -29,6 +30,10 @@ _LAZY = {
 
 
 def __getattr__(name: str):
+    if name == "passes":  # the built-in passes, loaded on first use (the pass registry's entry point)
+        from .registry import PASSES
+        PASSES.names()
+        return importlib.import_module("sparsifx.passes")
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
@@ -38,6 +43,5 @@ def __getattr__(name: str):
 
 __all__ = ["sparsify", "trace", "Recipe", "PassBase", "PassResult", "PassManager", "register_pass", "report",
            "export_onnx", "save", "load", "attach", "SparsifxError", "TraceError", "RecipeError", "PassError",
-           "BackendError", "PreconditionError", "PostconditionError", "UnsupportedOpError", "VerificationError"]
-
-from . import passes as _passes  # noqa: E402,F401  (registers the built-in passes)
+           "BackendError", "PreconditionError", "PostconditionError", "UnsupportedOpError", "VerificationError",
+           "PassCrash", "PassDefinitionError"]

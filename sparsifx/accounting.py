@@ -32,7 +32,9 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
+from .analysis.costs import layer_macs_rule as macs_rule  # the one op cost table (sparsifx.analysis.costs)
 from .masking import is_masked
+from .meta_keys import SPARSE_CONTROLLER
 from .module_utils import preserve_training_flags
 
 LossFn = Callable[[Any], torch.Tensor]
@@ -113,7 +115,6 @@ def layer_densities(module: nn.Module, dense_grad_every: int | None = None) -> t
 
 def layer_flops(model: nn.Module, inputs: Sequence[Any], dense_grad_every: int | None = None) -> list[LayerFlops]:
     """Per Conv/Linear layer forward FLOPs (measured shapes of one forward) and densities."""
-    from sparsifx.passes.training.flops import macs_rule  # the MAC rules registry (one per layer type)
     macs: dict[str, float] = {}
     handles = []
     for name, module in model.named_modules():
@@ -149,7 +150,7 @@ SNAPSHOT_INEXACT = frozenset({"sparse_momentum", "rigl", "gmp", "ctre"})
 def _controller_method(model: nn.Module) -> str | None:
     inner = getattr(model, "module", model)
     meta = getattr(inner, "meta", None)
-    ctrl = meta.get("sparse_controller") if isinstance(meta, dict) else None
+    ctrl = meta.get(SPARSE_CONTROLLER) if isinstance(meta, dict) else None
     method = getattr(ctrl, "method", None)
     return None if method is None else str(getattr(method, "label", type(method).__name__)).lower()
 
@@ -206,7 +207,6 @@ class MeasuredFlops:
     """
 
     def __init__(self, model: nn.Module):
-        from sparsifx.passes.training.flops import macs_rule
         self.theoretical = self.executed = self.dense = 0.0
         self.forwards = 0
         self.density_sum: dict[str, list[float]] = {}

@@ -13,6 +13,7 @@ up in the generated ``forward`` source (placeholders, module paths, keyword name
 """
 from __future__ import annotations
 
+import functools
 import keyword
 import math
 import operator
@@ -51,7 +52,6 @@ _TORCHVISION_FUNCTIONS = {
     "torchvision.models.video.mvit": ("_unsqueeze", "_squeeze", "_add_rel_pos", "_add_shortcut"),
 }
 
-_FUNCTIONS: dict[str, Callable] | None = None
 EXTRA_FUNCTIONS: dict[str, Callable] = {}
 NO_KWARGS_FUNCTIONS = frozenset(f"builtins.{n}" for n in _BUILTINS_NO_KWARGS)
 
@@ -64,6 +64,7 @@ def function_name(fn: Callable) -> str:
     return "builtins." + name if "." not in name else name
 
 
+@functools.cache  # collected once, on the first lookup
 def _collect() -> dict[str, Callable]:
     import builtins
 
@@ -114,14 +115,11 @@ def _add_torchvision(add: Callable[[Any], None]) -> None:
 
 def allowed_function(name: Any) -> Callable | None:
     """The function a file's ``name`` denotes, or None when the allow-list does not name it."""
-    global _FUNCTIONS
     if not isinstance(name, str):
         return None
     if name in EXTRA_FUNCTIONS:
         return EXTRA_FUNCTIONS[name]
-    if _FUNCTIONS is None:
-        _FUNCTIONS = _collect()
-    return _FUNCTIONS.get(name)
+    return _collect().get(name)
 
 
 # ---------------------------------------------------------------- Tensor methods and attributes
@@ -185,12 +183,17 @@ for _name in ("MaskedLinear", "MaskedConv1d", "MaskedConv2d", "MaskedConv3d"):
     MODULE_CLASSES[f"sparsifx.masking.{_name}"] = ("sparsifx.masking", _name)
 for _name in ("SparseLinear", "SparseConv2d1x1"):
     MODULE_CLASSES[f"sparsifx.sparse_linear.{_name}"] = ("sparsifx.sparse_linear", _name)
+# lowered layers (``lower``): their index buffers are validated before a kernel reads them
+for _module, _name in (("sparse_modules", "SparseLinear"), ("sparse_modules", "SparseConv2d"),
+                       ("sparse_conv", "DirectSparseConv2d"), ("fast_pool", "FastMaxPool2d")):
+    MODULE_CLASSES[f"sparsifx.backends.{_module}.{_name}"] = (f"sparsifx.backends.{_module}", _name)
 
 
 def class_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+@functools.cache  # collected once, on the first lookup
 def _torch_nn_classes() -> dict[str, type]:
     """Public layer classes defined in ``torch.nn.modules.*`` (incl. ones not re-exported, e.g. MHA's out_proj)."""
     import types
@@ -204,12 +207,8 @@ def _torch_nn_classes() -> dict[str, type]:
     return table
 
 
-_NN_CLASSES: dict[str, type] | None = None
-
-
 def allowed_module_class(name: Any) -> type | None:
     """The ``nn.Module`` class a file's ``name`` denotes: public ``torch.nn`` layers, registered classes."""
-    global _NN_CLASSES
     if not isinstance(name, str):
         return None
     entry = MODULE_CLASSES.get(name)
@@ -220,8 +219,6 @@ def allowed_module_class(name: Any) -> type | None:
         except (ImportError, AttributeError):
             return None
     if entry is None:
-        if _NN_CLASSES is None:
-            _NN_CLASSES = _torch_nn_classes()
-        entry = _NN_CLASSES.get(name)
+        entry = _torch_nn_classes().get(name)
     ok = isinstance(entry, type) and issubclass(entry, nn.Module) and class_name(entry) == name
     return entry if ok else None

@@ -7,6 +7,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 import torch.fx as fx
 
+from .meta_keys import EXAMPLE_INPUTS, HISTORY, RECIPE
 from .pass_manager import PassManager, Tolerance
 from .recipe import Recipe
 from .tracing import trace
@@ -32,12 +33,12 @@ def sparsify(model: torch.nn.Module, recipe: Recipe | Mapping | str, example_inp
         example_inputs = (example_inputs,)
     flags = {name: m.training for name, m in model.named_modules()} if isinstance(model, torch.nn.Module) else {}
     gm = trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
-    gm.meta["example_inputs"] = example_inputs
+    gm.meta[EXAMPLE_INPUTS] = example_inputs
     manager = PassManager.from_recipe(recipe, example_inputs=example_inputs, verify=verify,
                                       progress=progress, tolerance=tolerance)
     result = manager.run(gm)
-    result.gm.meta["history"] = result.history
-    result.gm.meta["recipe"] = recipe
+    result.gm.meta[HISTORY] = result.history
+    result.gm.meta[RECIPE] = recipe
     _keep_training_flags(result.gm, flags)
     return result.gm
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import SparsifxError
+from .errors import CliError, SparsifxError
 from .progress import enabled as progress_enabled, progress
 from .registry import Registry
 
@@ -50,10 +50,6 @@ DEFAULT_TEXT_SHAPE = (1, 16)
 # ``hf:<model type>``: the type's default config with these set where the config has them (random weights)
 HF_TINY = {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2, "intermediate_size": 128}
 MAX_CONFIG_BYTES = 1 << 20
-
-
-class CliError(SparsifxError):
-    """A bad command-line argument or input file."""
 
 
 @dataclass
@@ -257,6 +253,14 @@ def make_parser() -> argparse.ArgumentParser:
                          help="allow loading a torch.save'd module (runs code from the file; only for trusted files)")
     inspect.add_argument("--plot", type=Path, help="write a figure of the module's per-layer params/density/MACs")
     inspect.add_argument("--json", action="store_true", help="print as JSON")
+    bench = sub.add_parser("bench", help="latency/throughput of the sparse runtime beside onnxruntime dense")
+    bench.add_argument("target", help="an .onnx file, or a model source (torchvision:resnet50) with --sparsity")
+    bench.add_argument("--sparsity", type=float, help="prune a model source to this sparsity first (e.g. 0.9)")
+    bench.add_argument("--batch", type=parse_shape, default=(1,), help="batch sizes, e.g. 1,16 (default 1)")
+    bench.add_argument("--threads", type=parse_shape, default=(1,), help="thread counts, e.g. 1,2 (default 1)")
+    bench.add_argument("--reps", type=int, default=20, help="timed runs per engine and cell (default 20)")
+    bench.add_argument("--input-shape", type=parse_shape, help="input shape where the file or source needs one")
+    bench.add_argument("--json", action="store_true", help="print the rows as JSON")
     return parser
 
 
@@ -330,9 +334,8 @@ def _write_outputs(args, gm, built: Built, rep, before, steps: _Steps, title: st
     if args.onnx:
         steps.next("onnx")
         from .backends import onnx_export
-        onnx_export.export_onnx(gm, args.onnx, built.inputs, **built.onnx_kwargs)
-        info = onnx_export.LAST_EXPORT
-        steps.say(f"wrote {args.onnx} ({args.onnx.stat().st_size / 1e6:.2f} MB, {info.exporter} exporter; "
+        info = onnx_export.export_onnx(gm, args.onnx, built.inputs, **built.onnx_kwargs)
+        steps.say(f"wrote {args.onnx} ({info.file_bytes / 1e6:.2f} MB, {info.exporter} exporter; "
                   f"onnxruntime matches torch, max abs error {info.max_abs:.2e})", out)
     if args.save:
         steps.next("save")
@@ -415,7 +418,22 @@ def _format_onnx(data: dict) -> str:
                       fmt(total)])
 
 
-COMMANDS = {"run": cmd_run, "inspect": cmd_inspect}
+def cmd_bench(args) -> int:
+    from .bench import HEADER, as_dicts, bench
+    if args.sparsity is not None and not 0 <= args.sparsity < 1:
+        raise CliError("--sparsity must be in [0, 1)")
+    if args.reps < 1:
+        raise CliError("--reps must be at least 1")
+    if not args.json:
+        print(HEADER)
+    rows = bench(args.target, batches=args.batch, threads=args.threads, reps=args.reps, sparsity=args.sparsity,
+                 input_shape=args.input_shape, progress=None if args.json else print)
+    if args.json:
+        print(json.dumps(as_dicts(rows), indent=1))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "inspect": cmd_inspect, "bench": cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """Per-layer sparsity distributions: uniform, Erdős–Rényi (ER) and ER-Kernel (ERK).
 
-Follows algorithms.md §0.3 (rigl ``sparse_utils.get_sparsities_erdos_renyi``): densities
+Follows docs/algorithms.md#layer-sparsity-distributions (rigl ``sparse_utils.get_sparsities_erdos_renyi``): densities
 ``d_l = ε·r_l`` with ``r_l = sum(shape)/prod(shape)`` (ERK) or ``(n_out+n_in)/(n_out·n_in)`` (ER, dims
 0 and 1 of the PyTorch layout), ε solved so the non-zero count equals the uniform budget; layers
 whose density would exceed 1 are made dense and ε is solved again. Layers in ``custom`` keep their

@@ -81,6 +81,10 @@ class SerializationError(SparsifxError):
     """A module cannot be saved as plain data, or a file is malformed or names something outside the allow-lists."""
 
 
+class CliError(SparsifxError):
+    """A bad command-line argument or input file (``sparsifx`` command line; re-exported by ``sparsifx.cli``)."""
+
+
 class BackendError(SparsifxError):
     """Lowering or export failed, or the artefact does not match torch."""
 

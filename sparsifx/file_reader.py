@@ -14,7 +14,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from . import allow_list
-from .errors import SerializationError
+from .errors import SerializationError, SparsifxError
 
 _NODE_OPS = frozenset({"placeholder", "output", "call_module", "get_attr", "call_function", "call_method"})
 _INIT_KEYS = frozenset(nn.Module().__dict__)
@@ -200,6 +200,12 @@ class PayloadReader:
             _name(key, _free_child_name(cls), "child name", where)
             module._modules[key] = self.module(child, f"{path}.{key}", depth + 1)
         module.training = bool(record.get("training"))
+        after_load = getattr(cls, "_after_load", None)  # allow-listed classes validate what they were given
+        if after_load is not None:
+            try:
+                after_load(module)
+            except SparsifxError as exc:
+                raise SerializationError(f"{where}{exc}") from exc
         return module
 
     def root(self) -> dict[str, Any]:

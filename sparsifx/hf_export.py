@@ -19,9 +19,10 @@ from torch.utils import _pytree as pytree
 
 from .errors import TraceError
 from .hf_tracing import Captured, HFCall, strip, strip_stack
+from .meta_keys import NN_MODULE_STACK, STACK_TRACE, TORCH_FN, VAL
 from .tracing import LEAF_TYPES
 
-_META_KEPT = ("nn_module_stack", "stack_trace", "torch_fn", "val")
+_META_KEPT = (NN_MODULE_STACK, STACK_TRACE, TORCH_FN, VAL)
 
 
 def export_graph(call: HFCall, tensors: tuple, leaf_paths: set[str], leaf_types: tuple) -> Captured:
@@ -37,7 +38,7 @@ def export_graph(call: HFCall, tensors: tuple, leaf_paths: set[str], leaf_types:
     types = tuple(LEAF_TYPES) + tuple(leaf_types)
     inlined = _fold_leaves(graph, call.model, lambda path, m: path in leaf_paths or _is_leaf(m, types))
     for node in graph.nodes:
-        node.meta.pop("val", None)  # fake tensors: not copyable; shapes are recorded afterwards
+        node.meta.pop(VAL, None)  # fake tensors: not copyable; shapes are recorded afterwards
     constants = {n.target: _attr(src, n.target) for n in graph.nodes
                  if n.op == "get_attr" and _attr(call.model, n.target, None) is None}
     return Captured(graph, [], constants, inlined)
@@ -82,7 +83,7 @@ def _fold_leaves(graph: fx.Graph, model: nn.Module, is_leaf) -> list[str]:
     for node in graph.nodes:
         if node.op != "call_function":
             continue
-        for key, (path, _) in node.meta.get("nn_module_stack", {}).items():
+        for key, (path, _) in node.meta.get(NN_MODULE_STACK, {}).items():
             if path not in cache:
                 cache[path] = is_leaf(path, _attr(model, path, None))
             if cache[path]:
@@ -105,9 +106,9 @@ def _fold(graph: fx.Graph, model: nn.Module, path: str, nodes: list[fx.Node]) ->
                 reads.append(arg.target)
                 if id(_attr(model, arg.target, None)) not in own:
                     return False
-            elif isinstance(arg.meta.get("val"), torch.Tensor):
+            elif isinstance(arg.meta.get(VAL), torch.Tensor):
                 inputs += [arg] if arg not in inputs else []
-            elif not isinstance(arg.meta.get("val"), (torch.SymInt, int)):
+            elif not isinstance(arg.meta.get(VAL), (torch.SymInt, int)):
                 return False
     outputs = [n for n in nodes if any(u not in inside for u in n.users)]
     if len(inputs) != 1 or len(outputs) != 1 or len(reads) != len(set(reads)):
@@ -115,11 +116,11 @@ def _fold(graph: fx.Graph, model: nn.Module, path: str, nodes: list[fx.Node]) ->
     out = outputs[0]
     with graph.inserting_after(out):
         call = graph.call_module(path, (inputs[0],))
-    stack = out.meta.get("nn_module_stack", {})
+    stack = out.meta.get(NN_MODULE_STACK, {})
     keys = list(stack)
     depth = next(i for i, k in enumerate(keys) if stack[k][0] == path) + 1
-    call.meta = {"nn_module_stack": {k: stack[k] for k in keys[:depth]}, "stack_trace": out.meta.get("stack_trace"),
-                 "val": out.meta.get("val")}
+    call.meta = {NN_MODULE_STACK: {k: stack[k] for k in keys[:depth]}, STACK_TRACE: out.meta.get(STACK_TRACE),
+                 VAL: out.meta.get(VAL)}
     out.replace_all_uses_with(call, delete_user_cb=lambda user: user not in inside)
     for node in reversed(nodes):
         graph.erase_node(node)

@@ -33,7 +33,7 @@ from torch.fx.node import map_aggregate
 from .errors import TraceError
 from .masking import register_hf_types
 from .module_classes import record_module_classes
-from .module_utils import clone_module, preserve_training_flags
+from .module_utils import clone_module, eval_mode
 from .tracing import MAX_OPAQUE_RETRIES, SparsifxTracer, record_shapes
 
 log = logging.getLogger(__name__)
@@ -92,8 +92,7 @@ def trace_hf(model: nn.Module, example_inputs: Mapping[str, Any], *, leaf_module
         model = clone_module(model)
     tensors = tuple(example_inputs[k] for k in names)
     call = HFCall(model, names, _constants(model, {k: v for k, v in example_inputs.items() if k not in names}))
-    with preserve_training_flags(model):
-        model.eval()
+    with eval_mode(model):
         if method == "fx":
             cap = _trace_fx(call, tensors, leaf_paths, leaf_types)
         else:
@@ -302,9 +301,7 @@ def _targets(graph: fx.Graph, model: nn.Module, extra: Mapping[str, Any]) -> dic
 
 def _verify(gm: fx.GraphModule, call: HFCall, tensors: tuple) -> None:
     name = type(call.model).__name__
-    with preserve_training_flags(call), preserve_training_flags(gm), torch.no_grad():
-        call.eval()
-        gm.eval()
+    with eval_mode(call, gm), torch.no_grad():
         expected, got = call(*tensors), gm(*tensors)
     try:
         torch.testing.assert_close(got, expected)

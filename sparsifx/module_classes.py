@@ -18,7 +18,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-META_KEY = "module_classes"
+from .meta_keys import MODULE_CLASSES
+
+META_KEY = MODULE_CLASSES
 
 
 def class_record(cls: type) -> list[str]:

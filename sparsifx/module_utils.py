@@ -99,6 +99,18 @@ def preserve_training_flags(module: nn.Module) -> Iterator[nn.Module]:
             m.training = flag
 
 
+@contextlib.contextmanager
+def eval_mode(*modules: nn.Module) -> Iterator[tuple[nn.Module, ...]]:
+    """Every module in eval mode inside the block; on exit (normal or not) each submodule gets its own
+    ``training`` flag back (``preserve_training_flags``). Yields the modules."""
+    with contextlib.ExitStack() as stack:
+        for m in modules:
+            stack.enter_context(preserve_training_flags(m))
+        for m in modules:
+            m.eval()
+        yield modules
+
+
 def submodule(root: nn.Module, name: str) -> nn.Module:
     """``root.get_submodule(name)`` by direct ``_modules`` lookups (about 20x faster; hot in the channel
     analysis). Unknown names raise ``get_submodule``'s ``AttributeError``."""

@@ -1,9 +1,18 @@
-"""The pass contract: ``call(gm) -> PassResult``, wrapped by ``requires`` / ``ensures`` checks."""
+"""The pass contract: ``call(gm) -> PassResult``, wrapped by ``requires`` / ``ensures`` checks.
+
+Every pass states ``in_place`` (``True``: the result is the input object; ``False``: functional, a new object
+when modified): there is no default, and a pass class without it raises ``PassDefinitionError`` when it is
+created (or registered). Exceptions other than ``SparsifxError`` raised inside ``requires`` / ``ensures``
+become ``PreconditionError`` / ``PostconditionError``; inside ``call`` they become ``PassError`` (the pass
+manager adds the passes that ran before it).
+"""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import inspect
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch.fx as fx
 
@@ -11,6 +20,44 @@ from . import validate
 from .errors import PassError, PostconditionError, PreconditionError, RecipeError, SparsifxError
 
 ALL_ANALYSES = "*"
+
+# True while the pass manager runs a pass: it has provided the declared analyses itself
+_MANAGED: contextvars.ContextVar[bool] = contextvars.ContextVar("sparsifx_managed_pass", default=False)
+
+
+class PassDefinitionError(SparsifxError, TypeError):
+    """A pass class breaks the contract's declarations (e.g. it does not state ``in_place``)."""
+
+
+class PassCrash(PassError):
+    """A pass raised something other than a ``SparsifxError`` inside ``call``. ``pass_name`` names it;
+    ``passes_before`` lists the passes the manager ran before it (empty when it was called directly)."""
+
+    def __init__(self, pass_name: str, detail: str, passes_before: list[str] | None = None):
+        self.pass_name, self.detail, self.passes_before = pass_name, detail, list(passes_before or [])
+        prior = f" (passes run before it: {', '.join(self.passes_before) or 'none'})" \
+            if passes_before is not None else ""
+        super().__init__(f"pass '{pass_name}' failed{prior}: {detail}")
+
+
+def check_pass_class(cls: type) -> None:
+    """Raise ``PassDefinitionError`` unless ``cls`` states ``in_place`` as a bool (itself or a base pass)."""
+    value = getattr(cls, "in_place", None)
+    if not isinstance(value, bool):
+        raise PassDefinitionError(
+            f"pass class {cls.__module__}.{cls.__qualname__} must state in_place = True (it returns its input "
+            "module, modified in place) or in_place = False (functional: a new module when modified)"
+            + (f"; got {value!r}" if value is not None else ""))
+
+
+@contextlib.contextmanager
+def managed_call():
+    """Within: passes leave providing their analyses to the caller (the pass manager)."""
+    token = _MANAGED.set(True)
+    try:
+        yield
+    finally:
+        _MANAGED.reset(token)
 
 
 @dataclass
@@ -24,16 +71,26 @@ class PassBase:
     """Base of every graph pass.
 
     Subclasses implement ``call``. Class attributes declare the contract:
-    ``in_place`` (the result is the input object) or functional (a new object when modified);
+    ``in_place`` (required: the result is the input object, or functional: a new object when modified);
     ``preserves_semantics`` (the manager verifies outputs with ``verify=True``);
-    ``requires_analyses`` / ``invalidates_analyses`` (``node.meta`` keys, ``"*"`` for all).
+    ``requires_analyses`` (names in ``sparsifx.registry.ANALYSES``: the manager runs each before the pass
+    unless still valid, and raises ``PreconditionError`` for one it cannot provide), ``uses_analyses``
+    (provided when possible; the pass checks what it reads) and ``invalidates_analyses`` (``"*"`` for all).
+    A pass called directly runs its declared analyses whose results are missing from
+    ``gm.meta["example_inputs"]`` when those are there (``sparsifx.analysis.provide``).
     """
 
     name: ClassVar[str] = ""
-    in_place: ClassVar[bool] = True
+    in_place: ClassVar[bool]   # no default: every pass states it
     preserves_semantics: ClassVar[bool] = False
     requires_analyses: ClassVar[tuple[str, ...]] = ()
+    uses_analyses: ClassVar[tuple[str, ...]] = ()
     invalidates_analyses: ClassVar[tuple[str, ...]] = (ALL_ANALYSES,)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.call is not PassBase.call:  # a concrete pass (an abstract base may leave it to its subclasses)
+            check_pass_class(cls)
 
     def call(self, gm: fx.GraphModule) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -59,21 +116,32 @@ class PassBase:
     def label(self) -> str:
         return self.name or type(self).__name__
 
+    def _checked(self, check: Callable[[fx.GraphModule], None], gm: fx.GraphModule, error: type, what: str) -> None:
+        try:
+            check(gm)
+        except SparsifxError:
+            raise
+        except Exception as exc:
+            raise error(f"pass '{self.label}': its {what} check raised {type(exc).__name__}: {exc}") from exc
+
     def __call__(self, gm: fx.GraphModule) -> PassResult:
-        self.requires(gm)
+        if isinstance(gm, fx.GraphModule) and not _MANAGED.get():
+            from .analysis import provide
+            provide(gm, (*self.requires_analyses, *self.uses_analyses))
+        self._checked(self.requires, gm, PreconditionError, "precondition")
         try:
             result = self.call(gm)
         except SparsifxError:
             raise
         except Exception as exc:
-            raise PassError(f"pass '{self.label}' failed: {type(exc).__name__}: {exc}") from exc
+            raise PassCrash(self.label, f"{type(exc).__name__}: {exc}") from exc
         if not isinstance(result, PassResult):
             raise PostconditionError(f"pass '{self.label}' returned {type(result).__name__}, not PassResult")
         if self.in_place and result.gm is not gm:
             raise PostconditionError(f"pass '{self.label}' declares in_place but returned a new module")
         if not self.in_place and result.modified and result.gm is gm:
             raise PostconditionError(f"pass '{self.label}' declares functional but modified its input in place")
-        self.ensures(result.gm)
+        self._checked(self.ensures, result.gm, PostconditionError, "postcondition")
         return result
 
     @classmethod

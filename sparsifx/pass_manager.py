@@ -8,9 +8,10 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.fx as fx
 
+from .analysis import Analysis, example_inputs_of, missing
 from .errors import PassError, RecipeError, VerificationError
 from .module_utils import preserve_training_flags
-from .pass_base import ALL_ANALYSES, PassBase, PassResult
+from .pass_base import ALL_ANALYSES, PassBase, PassCrash, PassResult, managed_call
 from .registry import ANALYSES
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,11 @@ def run_model(gm: torch.nn.Module, inputs: Sequence[Any]) -> Any:
 class PassManager:
     """Run ``passes`` over a GraphModule.
 
-    ``example_inputs`` feed the analyses and verification. With ``verify=True`` every pass whose class
+    ``example_inputs`` (default: ``gm.meta["example_inputs"]``) feed the analyses and verification. Before each
+    pass the manager runs the analyses it declares (``requires_analyses``, ``uses_analyses``) unless their results
+    are still valid; a required one it cannot run (no example inputs, no result on the module) raises
+    ``PreconditionError`` naming the pass and the analysis. A pass that crashes raises ``PassError`` naming it
+    and the passes run before it. With ``verify=True`` every pass whose class
     sets ``preserves_semantics`` is checked with ``torch.testing.assert_close``; a mismatch raises
     ``VerificationError`` naming it and the passes before it. A pass that waives it for this module
     (``PassBase.exactness_waived``) is not checked: the reason is logged and kept in its ``PassRecord``.
@@ -94,7 +99,7 @@ class PassManager:
         return tqdm(self.passes, desc="sparsifx passes", unit="pass")
 
     def _run_one(self, p: PassBase, gm: fx.GraphModule, history: list[PassRecord]):
-        self.ensure_analyses(gm, p.requires_analyses)
+        self.ensure_analyses(gm, p.requires_analyses, optional=p.uses_analyses, pass_label=p.label)
         check = self.verify and p.preserves_semantics and self.example_inputs is not None
         waived = p.exactness_waived(gm) if check else None
         if waived:
@@ -102,7 +107,13 @@ class PassManager:
             check = False
         reference = run_model(gm, self.example_inputs) if check else None
         log.info("running pass %s", p.label)
-        result = p(gm)
+        try:
+            with managed_call():
+                result = p(gm)
+        except PassCrash as exc:
+            if exc.pass_name != p.label:
+                raise
+            raise PassCrash(p.label, exc.detail, [h.name for h in history]) from exc.__cause__
         if result.modified:
             self._invalidate(p.invalidates_analyses)
             if check:
@@ -110,11 +121,28 @@ class PassManager:
         history.append(PassRecord(p.label, result.modified, check and result.modified, waived))
         return result.gm, result.modified
 
-    def ensure_analyses(self, gm: fx.GraphModule, names: Iterable[str]) -> None:
-        for name in names:
-            if name not in self._valid:
-                ANALYSES.get(name)(gm, self.example_inputs)
-                self._valid.add(name)
+    def ensure_analyses(self, gm: fx.GraphModule, names: Iterable[str], optional: Iterable[str] = (),
+                        pass_label: str = "") -> None:
+        """Run each analysis of ``names`` (required) and ``optional`` whose result is not valid any more.
+
+        Inputs: the manager's ``example_inputs``, else ``gm.meta["example_inputs"]``. Without inputs an analysis
+        that needs them counts as valid when the module already has its result; a required one that is missing
+        raises ``PreconditionError``; an optional one is left to the pass."""
+        optional = [n for n in optional if n not in names]
+        inputs = example_inputs_of(gm, self.example_inputs)
+        for name in [*names, *optional]:
+            if name in self._valid:
+                continue
+            analysis = ANALYSES.get(name)
+            if isinstance(analysis, Analysis) and analysis.needs_inputs and inputs is None:
+                if analysis.present(gm):
+                    self._valid.add(name)
+                    continue
+                if name in optional:
+                    continue
+                raise missing(pass_label or "?", name, analysis)
+            analysis(gm, inputs)
+            self._valid.add(name)
 
     def _invalidate(self, names: Iterable[str]) -> None:
         names = set(names)

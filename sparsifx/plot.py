@@ -22,7 +22,7 @@ from .atomic_io import atomic_write
 from .errors import SparsifxError
 
 if TYPE_CHECKING:
-    from .report import Report
+    from .reporting import Report
 
 BEFORE, AFTER = "#9e9e9e", "#1f77b4"
 
@@ -139,7 +139,7 @@ def _summary(label: str, rep: "Report") -> str:
 
 
 def _short(n: int | None) -> str:
-    from .report import _human
+    from .reporting import _human
     return _human(n)
 
 

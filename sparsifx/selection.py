@@ -24,6 +24,12 @@ of its tensors; a selection made ``with_traced_into()`` (channel pruning, whose 
 prune such containers) types it by the class ``gm.meta["module_classes"]`` recorded at trace time
 (``sparsifx.module_classes``). Passes that need the real layer class (``magnitude`` swaps layers for
 ``Masked*`` ones) leave that off, so they never select a container.
+
+First/last-layer exclusion: every pass that can keep the first or last selected layer dense spells it
+``dense_first_layer`` / ``dense_last_layer`` (booleans; "first"/"last" in the pass's layer order). The older
+spellings ``dense_first`` / ``dense_last`` (the dynamic sparse training passes) and ``sparsify_first_layer`` /
+``sparsify_last_layer`` (``swat``, the negation) are still accepted and raise a ``DeprecationWarning`` naming the
+new key (:func:`renamed_exclusion_keys`).
 """
 from __future__ import annotations
 
@@ -43,6 +49,13 @@ from .errors import RecipeError
 log = logging.getLogger(__name__)
 
 SELECTION_KEYS = ("types", "ignore", "by_type", "by_pattern", "by_name", "allow_empty")
+
+DENSE_FIRST, DENSE_LAST = "dense_first_layer", "dense_last_layer"
+# deprecated spelling -> (the key that replaces it, whether its value is negated)
+DEPRECATED_EXCLUSION_KEYS = {
+    "dense_first": (DENSE_FIRST, False), "dense_last": (DENSE_LAST, False),
+    "sparsify_first_layer": (DENSE_FIRST, True), "sparsify_last_layer": (DENSE_LAST, True),
+}
 
 
 class SelectionError(RecipeError):
@@ -228,6 +241,27 @@ def _unmatched(sel: LayerSelection, root: torch.nn.Module, chosen: list) -> list
             selected = sorted({sel.type_names(root, n, m)[0] for n, m in chosen})
             out.append(SelectionError(why, f"by_type.{type_name}",
                                       allowed="types of the selected layers: " + (", ".join(selected) or "none")))
+    return out
+
+
+def renamed_exclusion_keys(pass_name: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """``params`` with the deprecated first/last-layer exclusion keys replaced by ``dense_first_layer`` /
+    ``dense_last_layer`` (a ``sparsify_*`` value is negated; ``None`` stays ``None``). Each old key raises a
+    ``DeprecationWarning`` naming its replacement; an old key given together with its new one is a
+    ``RecipeError``."""
+    import warnings
+    out = dict(params)
+    for old, (new, negate) in DEPRECATED_EXCLUSION_KEYS.items():
+        if old not in out:
+            continue
+        value = out.pop(old)
+        if new in params:
+            raise RecipeError(f"give only {new} (the deprecated {old} is given too) to pass '{pass_name}'", old)
+        warnings.warn(f"pass '{pass_name}': '{old}' is deprecated; use '{new}'"
+                      + (f" (the negation: {new} = not {old})" if negate else ""), DeprecationWarning, stacklevel=3)
+        if negate and value is not None:
+            value = not validate.boolean(old, value)
+        out[new] = value
     return out
 
 

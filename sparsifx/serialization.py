@@ -113,8 +113,9 @@ def _module_record(module: nn.Module, path: str, tensors: dict[str, torch.Tensor
     if hooks:
         raise SerializationError(f"{where}has hooks ({', '.join(hooks)}); hooks cannot be saved as data")
     attrs = {}
+    transient = getattr(type(module), "TRANSIENT_ATTRS", ())  # caches a class rebuilds on use
     for key, value in module.__dict__.items():
-        if key in _INIT_KEYS or key.startswith("__"):
+        if key in _INIT_KEYS or key.startswith("__") or key in transient:
             continue
         attrs[key] = _encode(value, f"{where}attribute '{key}': ")
     params, buffers = {}, {}

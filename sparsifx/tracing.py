@@ -1,20 +1,19 @@
-"""``trace``: symbolic tracing with leaf modules, opaque-leaf fallback and shape recording."""
+"""``trace``: symbolic tracing with leaf modules, opaque-leaf fallback and shape recording (``record_shapes``:
+the ``shapes`` analysis, ``sparsifx.analysis.shapes``)."""
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import re
 from typing import Any, Iterable, Sequence
 
 import torch
 import torch.fx as fx
-from torch.fx.passes.shape_prop import ShapeProp
 
-from .errors import ExampleInputError, TraceError
+from .analysis.shapes import record_shapes  # noqa: F401  (re-exported: the 'shapes' analysis records them)
+from .errors import TraceError
+from .meta_keys import LEAF_TYPES as LEAF_TYPES_KEY, OPAQUE_LEAVES
 from .module_classes import record_module_classes
-from .module_utils import clone_module, preserve_training_flags
-from .shape_prop import HeavyOpsOnMeta
+from .module_utils import clone_module
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +151,8 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any] | None = None,
     else:
         raise TraceError(f"gave up after {MAX_OPAQUE_RETRIES} opaque-leaf retries: {opaque[-5:]}")
     _bind_concrete_args(gm, concrete_args or {})
-    gm.meta["opaque_leaves"] = opaque
-    gm.meta["leaf_types"] = tuple(leaf_types)
+    gm.meta[OPAQUE_LEAVES] = opaque
+    gm.meta[LEAF_TYPES_KEY] = tuple(leaf_types)
     record_module_classes(model, gm)
     if example_inputs is not None:
         record_shapes(gm, example_inputs)
@@ -187,87 +186,10 @@ def _has_placeholder_marker(value: Any) -> bool:
     return any(found)
 
 
-class _RemembersFailure:
-    """Interpreter mixin: ``failed_node`` is the node whose execution raised (``None`` while none has)."""
-    failed_node: fx.Node | None = None
-
-    def run_node(self, n: fx.Node) -> Any:
-        try:
-            return super().run_node(n)
-        except Exception:
-            self.failed_node = self.failed_node or n
-            raise
-
-
-class _FastShapes(_RemembersFailure, HeavyOpsOnMeta):
-    pass
-
-
-class _RealShapes(_RemembersFailure, ShapeProp):
-    pass
-
-
-def record_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
-    """Run ``gm`` once (eval, no grad) and store ``tensor_meta`` on every node.
-
-    Heavy ops compute shapes only (``shape_prop.HeavyOpsOnMeta``); if that run raises (an op that
-    rejects the zeros it then sees), the plain ``ShapeProp`` runs the model for real. Inputs the model
-    rejects raise ``ExampleInputError`` naming their shapes and the node and module that rejected them.
-    Every submodule's ``training`` flag is as it was afterwards (frozen BatchNorms stay frozen)."""
-    fast, real = _FastShapes(gm), _RealShapes(gm)
-    with preserve_training_flags(gm), torch.no_grad():
-        gm.eval()
-        try:
-            # ShapeProp prints the traceback of a failing node before it raises: the failure is reported below
-            with contextlib.redirect_stderr(io.StringIO()):
-                fast.propagate(*example_inputs)
-            return
-        except Exception as exc:  # noqa: BLE001 - retried for real below, and logged
-            log.info("shape propagation with heavy ops on meta failed (%s: %s); running the model for real",
-                     type(exc).__name__, exc)
-        try:
-            with contextlib.redirect_stderr(io.StringIO()):
-                real.propagate(*example_inputs)
-        except Exception as exc:
-            raise _rejection(gm, example_inputs, real.failed_node, exc) from exc
-
-
-def _describe_inputs(inputs: Sequence[Any]) -> str:
-    parts = [f"{tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}" if isinstance(x, torch.Tensor)
-             else type(x).__name__ for x in inputs]
-    return "[" + ", ".join(parts) + "]"
-
-
-def _rejection(gm: fx.GraphModule, inputs: Sequence[Any], node: fx.Node | None,
-               exc: Exception) -> ExampleInputError:
-    """Which node and module rejected the example inputs, and torch's own reason (not ShapeProp's wrapper)."""
-    cause = exc.__cause__ if exc.__cause__ is not None and "ShapeProp error" in str(exc) else exc
-    text = str(cause).strip()
-    reason = f"{type(cause).__name__}: {text.splitlines()[0] if text else ''}"
-    shapes, where, module = _describe_inputs(inputs), "the model", None
-    if node is not None:
-        stack = list(node.meta.get("nn_module_stack", {}).values())
-        if node.op == "call_module":
-            module = node.target
-            where = f"module '{module}' ({type(gm.get_submodule(module)).__name__}, node '{node.name}')"
-        else:
-            module = stack[-1][0] if stack else None
-            where = f"node '{node.name}' ({node.op} {_target_name(node)})"
-            where += f" in module '{module}'" if module else ""
-    return ExampleInputError(
-        f"the example inputs {shapes} are rejected by {where}: {reason}. Pass inputs of the shapes and dtypes "
-        "the model's forward accepts (as in model(*example_inputs)).",
-        shapes, node.name if node is not None else None, module)
-
-
-def _target_name(node: fx.Node) -> str:
-    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
-
-
 def retrace(gm: fx.GraphModule) -> fx.GraphModule:
     """Trace an existing GraphModule again with the same leaves (keeps opaque leaves opaque; bare containers
     keep the class ``gm.meta["module_classes"]`` recorded for them)."""
-    leaves = list(gm.meta.get("opaque_leaves", [])) + list(gm.meta.get("leaf_types", ()))
+    leaves = list(gm.meta.get(OPAQUE_LEAVES, [])) + list(gm.meta.get(LEAF_TYPES_KEY, ()))
     new = trace(gm, leaf_modules=leaves, copy_model=False)
     new.meta.update({k: v for k, v in gm.meta.items() if k not in new.meta})
     return new

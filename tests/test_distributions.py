@@ -1,4 +1,5 @@
-"""Layer-sparsity distributions against algorithms.md §0.3 (rigl sparse_utils) test vectors."""
+"""Layer-sparsity distributions against rigl sparse_utils test vectors
+(docs/algorithms.md#layer-sparsity-distributions)."""
 from __future__ import annotations
 
 import math

@@ -156,7 +156,7 @@ def test_masked_resnet18_exports_to_onnx(tmp_path):
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             set_mask(model, name, _random_mask(m.weight, 0.5))
     x = torch.randn(1, 3, 32, 32)
-    path = export_onnx(model, tmp_path / "resnet18_masked.onnx", (x,), verify=True)  # raises on mismatch
+    path = export_onnx(model, tmp_path / "resnet18_masked.onnx", (x,), verify=True).path  # raises on mismatch
     assert path.exists() and sum(1 for _ in masked_layers(model)) == 21  # the input model stays masked
 
 

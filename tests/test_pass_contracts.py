@@ -14,6 +14,7 @@ from sparsifx import (PassBase, PassError, PassManager, PassResult, Postconditio
                       VerificationError, sparsify)
 from sparsifx.passes.fold_bn import FoldBatchNorm
 from sparsifx.passes.magnitude import MagnitudePruning
+from sparsifx.pass_base import PassCrash, PassDefinitionError
 from sparsifx.registry import ANALYSES, register_pass
 from sparsifx.tracing import trace
 
@@ -36,6 +37,7 @@ def small():
 
 
 class Noop(PassBase):
+    in_place = True
     name = "noop"
 
     def call(self, gm):
@@ -44,6 +46,7 @@ class Noop(PassBase):
 
 class DropOneRelu(PassBase):
     """relu(x) -> x, one node per call (needs a fixed point to remove them all)."""
+    in_place = True
     name = "drop_one_relu"
 
     def call(self, gm):
@@ -58,6 +61,7 @@ class DropOneRelu(PassBase):
 
 class Breaker(PassBase):
     """Claims to preserve semantics but scales the last layer."""
+    in_place = True
     name = "breaker"
     preserves_semantics = True
 
@@ -79,6 +83,7 @@ def test_modified_exact_for_builtin_passes(small):
 
 def test_in_place_pass_returning_new_module_is_caught(small):
     class Copies(PassBase):
+        in_place = True
         name = "copies"
 
         def call(self, gm):
@@ -90,6 +95,7 @@ def test_in_place_pass_returning_new_module_is_caught(small):
 
 def test_non_passresult_is_caught(small):
     class ReturnsModule(PassBase):
+        in_place = True
         name = "returns_module"
 
         def call(self, gm):
@@ -121,6 +127,7 @@ def test_functional_pass_mutating_in_place_is_caught(small):
 
 def test_malformed_graph_precondition_and_crash_are_typed(small):
     class Malformed(PassBase):
+        in_place = True
         name = "malformed"
 
         def call(self, gm):
@@ -131,6 +138,7 @@ def test_malformed_graph_precondition_and_crash_are_typed(small):
             return PassResult(gm, True)
 
     class Crashes(PassBase):
+        in_place = True
         name = "crashes"
 
         def call(self, gm):
@@ -194,6 +202,7 @@ def test_fixed_point_stops(small, monkeypatch):
     assert not any(n.target is torch.relu for n in result.gm.graph.nodes)
 
     class Liar(PassBase):
+        in_place = True
         name = "liar"
 
         def call(self, gm):
@@ -210,7 +219,7 @@ def test_analyses_rerun_only_after_invalidation(small):
     ANALYSES.register("test_contracts_counter", lambda g, inputs: calls.append(len(g.graph.nodes)), replace=True)
 
     def make(name, modifies, invalidates):
-        attrs = {"name": name, "requires_analyses": ("test_contracts_counter",),
+        attrs = {"name": name, "in_place": True, "requires_analyses": ("test_contracts_counter",),
                  "invalidates_analyses": invalidates,
                  "call": lambda self, g: PassResult(g, modifies)}
         return type(name, (PassBase,), attrs)()
@@ -226,6 +235,7 @@ def test_shapes_analysis_rerun_after_a_pass_changed_the_graph(small):
     gm, x = small
 
     class NeedsShapes(PassBase):
+        in_place = True
         name = "needs_shapes"
         requires_analyses = ("shapes",)
         seen: list = []
@@ -238,3 +248,138 @@ def test_shapes_analysis_rerun_after_a_pass_changed_the_graph(small):
         n.meta.pop("tensor_meta", None)
     PassManager([NeedsShapes(), DropOneRelu(), NeedsShapes()], example_inputs=(x,)).run(gm)
     assert NeedsShapes.seen == [len(gm.graph.nodes) + 1, len(gm.graph.nodes)]
+
+
+def test_in_place_must_be_stated():
+    with pytest.raises(PassDefinitionError, match="must state in_place"):
+        class Silent(PassBase):
+            name = "silent"
+
+            def call(self, gm):
+                return PassResult(gm, False)
+
+    with pytest.raises(TypeError, match="in_place"):  # PassDefinitionError is a TypeError and a SparsifxError
+        type("Built", (PassBase,), {"call": lambda self, gm: PassResult(gm, False)})
+
+    with pytest.raises(PassDefinitionError, match="got 1"):
+        class NotBool(PassBase):
+            in_place = 1
+
+            def call(self, gm):
+                return PassResult(gm, False)
+
+    class Abstract(PassBase):  # no call: a base for passes, which state in_place themselves
+        pass
+
+    with pytest.raises(PassDefinitionError):
+        register_pass("test_contracts_abstract", replace=True)(Abstract)
+
+    class Functional(Abstract):
+        in_place = False
+
+        def call(self, gm):
+            return PassResult(gm, False)
+
+    assert Functional.in_place is False
+
+
+def test_exceptions_in_requires_and_ensures_are_wrapped(small):
+    class BadRequires(PassBase):
+        in_place = True
+        name = "bad_requires"
+
+        def requires(self, gm):
+            raise KeyError("plan")
+
+        def call(self, gm):
+            return PassResult(gm, False)
+
+    class BadEnsures(Noop):
+        name = "bad_ensures"
+
+        def ensures(self, gm):
+            raise ValueError("broken invariant")
+
+    with pytest.raises(PreconditionError, match=r"bad_requires.*precondition.*KeyError") as info:
+        BadRequires()(small[0])
+    assert isinstance(info.value.__cause__, KeyError)
+    with pytest.raises(PostconditionError, match=r"bad_ensures.*postcondition.*ValueError: broken invariant"):
+        BadEnsures()(small[0])
+
+
+def test_crash_in_a_pipeline_names_the_pass_and_the_passes_before_it(small):
+    gm, x = small
+
+    class Crashes(PassBase):
+        in_place = True
+        name = "crashes"
+
+        def call(self, gm):
+            raise ValueError("boom")
+
+    with pytest.raises(PassError, match=r"pass 'crashes' failed \(passes run before it: noop, fold_bn\): "
+                                        r"ValueError: boom") as info:
+        PassManager([Noop(), FoldBatchNorm(), Crashes(), Noop()], example_inputs=(x,)).run(gm)
+    assert isinstance(info.value, PassCrash) and info.value.pass_name == "crashes"
+    assert info.value.passes_before == ["noop", "fold_bn"] and isinstance(info.value.__cause__, ValueError)
+    with pytest.raises(PassError, match=r"passes run before it: none"):
+        PassManager([Crashes()]).run(gm)
+
+
+def test_missing_required_analysis_is_a_precondition_error(small):
+    gm, x = small
+
+    class NeedsShapes(PassBase):
+        in_place = True
+        name = "needs_shapes_strict"
+        requires_analyses = ("shapes",)
+
+        def call(self, g):
+            return PassResult(g, False)
+
+    for n in gm.graph.nodes:
+        n.meta.pop("tensor_meta", None)
+    with pytest.raises(PreconditionError, match=r"'needs_shapes_strict' needs the 'shapes' analysis.*tensor_meta.*"
+                                                r"example_inputs"):
+        PassManager([NeedsShapes()]).run(gm)
+    gm.meta["example_inputs"] = (x,)  # the inputs sparsify traced with: the manager provides the analysis
+    PassManager([NeedsShapes()]).run(gm)
+    assert all("tensor_meta" in n.meta for n in gm.graph.nodes)
+
+
+def test_a_pass_called_directly_gets_its_declared_analyses_from_the_example_inputs(small):
+    gm, x = small
+    seen = []
+
+    class UsesShapes(PassBase):
+        in_place = True
+        name = "uses_shapes"
+        uses_analyses = ("shapes",)
+
+        def call(self, g):
+            seen.append(all("tensor_meta" in n.meta for n in g.graph.nodes))
+            return PassResult(g, False)
+
+    for n in gm.graph.nodes:
+        n.meta.pop("tensor_meta", None)
+    UsesShapes()(gm)   # no example inputs: not provided, the pass decides
+    PassManager([UsesShapes()]).run(gm)   # optional: not an error in the manager either
+    gm.meta["example_inputs"] = (x,)
+    UsesShapes()(gm)
+    assert seen == [False, False, True]
+
+
+def test_core_imports_no_pass_module_and_builtins_register_on_first_use():
+    import subprocess
+    import sys
+    code = ("import sys, sparsifx, sparsifx.accounting, sparsifx.reporting\n"
+            "assert not [m for m in sys.modules if m.startswith('sparsifx.passes')], 'passes imported'\n"
+            "from sparsifx.registry import PASSES\n"
+            "assert 'magnitude' in PASSES.names() and PASSES.get('shrink').name == 'shrink'\n"
+            "import torch\n"
+            "gm = sparsifx.sparsify(torch.nn.Sequential(torch.nn.Linear(4, 4)), "
+            "{'stages': [{'pass': 'magnitude', 'sparsity': 0.5}]})\n"
+            "assert callable(sparsifx.report) and sparsifx.report(gm).total_nonzeros == 12\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+

@@ -16,6 +16,7 @@ from sparsifx.registry import register_pass
 @register_pass("test_sparsify_scale_all", replace=True)
 class ScaleAll(PassBase):
     """An in-place pass that rewrites every parameter and buffer of the module it is given."""
+    in_place = True
 
     def __init__(self, *, factor: float = 0.0):
         self.factor = factor

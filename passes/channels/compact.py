@@ -14,6 +14,7 @@ from sparsifx.masking import effective_weight, is_masked
 from sparsifx.pass_base import PassBase, PassResult
 from sparsifx.registry import register_pass
 from sparsifx.sparse_linear import masked_to_sparse, sparse_to_masked
+from sparsifx.meta_keys import CHANNEL_REPORT, REPORT_NOTES
 
 from .coupling import ChannelAnalysis, analyze_channels
 from .importance import member_tensor
@@ -71,6 +72,7 @@ class Compact(PassBase):
     Parameters: ``atol`` (weights with ``|w| <= atol`` count as zero; default 0, exact).
     """
 
+    in_place = True
     preserves_semantics = True
     requires_analyses = ("shapes",)
 
@@ -96,8 +98,8 @@ class Compact(PassBase):
                              "across conv groups")
         candidates = int(pruned.sum())
         modified = shrink_with_plan(gm, ChannelPlan(a, pruned, notes)) if candidates else False
-        report = gm.meta.get("channel_report", {}) if modified else {}
-        gm.meta.setdefault("report_notes", []).append(
+        report = gm.meta.get(CHANNEL_REPORT, {}) if modified else {}
+        gm.meta.setdefault(REPORT_NOTES, []).append(
             f"compact: {candidates} all-zero channel units found, {report.get('removed_units', 0)} removed"
             + "".join(f"; {n}" for n in notes))
         log.info("compact: %d dead channel units, modified=%s", candidates, modified)

@@ -19,6 +19,7 @@ from typing import Any, Iterator
 
 import torch
 import torch.fx as fx
+from sparsifx.meta_keys import TENSOR_META
 
 from .rules_base import UNKNOWN, RuleContext
 from .tracker import tensor_leaves
@@ -39,7 +40,7 @@ def is_container_op(node: fx.Node) -> bool:
     """A Python operator or container class (a namedtuple) that builds a container of tensors."""
     builds = is_python_op(node) or (node.op == "call_function" and isinstance(node.target, type)
                                     and issubclass(node.target, (tuple, list, dict)))
-    return builds and is_container(node.meta.get("tensor_meta"))
+    return builds and is_container(node.meta.get(TENSOR_META))
 
 
 def container_value(cx: RuleContext, node: fx.Node) -> Any:
@@ -50,7 +51,7 @@ def container_value(cx: RuleContext, node: fx.Node) -> Any:
     except Exception:  # an operand the analysis could not evaluate (UNKNOWN): follow nothing
         out = UNKNOWN
     inputs = {id(t) for t in tensor_leaves((args, kwargs))}
-    if _matches(out, node.meta["tensor_meta"]) and all(id(t) in inputs for t in tensor_leaves(out)):
+    if _matches(out, node.meta[TENSOR_META]) and all(id(t) in inputs for t in tensor_leaves(out)):
         return out
     cx.t.barrier(node, "container operation the analysis cannot follow", [args, kwargs])
     return cx.fixed(node)
@@ -75,7 +76,7 @@ def _walks_through(cx: RuleContext, node: fx.Node) -> bool:
     (sizes change with its inputs' channel counts) or a container whose labels were not resolved."""
     if node.op in ("placeholder", "get_attr"):
         return False
-    meta = node.meta.get("tensor_meta")
+    meta = node.meta.get(TENSOR_META)
     return meta is None or (is_container(meta) and not _matches(cx.env.get(node, UNKNOWN), meta))
 
 

@@ -1,6 +1,7 @@
 """Channel-coupling analysis: run the channel rules over the FX graph, then form units and groups.
 
-``analyze_channels(gm)`` needs ``node.meta["tensor_meta"]`` (the ``shapes`` analysis). Each node's
+``analyze_channels(gm)`` needs ``node.meta["tensor_meta"]`` (the ``shapes`` analysis); registered as the
+analysis ``channel_coupling`` (``gm.meta["channel_analysis"]``). Each node's
 output gets a label tensor (see ``tracker``); an op without a rule is a barrier (its channels stay
 whole) and is listed in ``ChannelAnalysis.barriers``. A *unit* is a set of channels pruned as one (a
 connected component of coupled atoms); a *group* is a set of units of coupled producer spaces
@@ -19,7 +20,9 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from sparsifx.analysis import register_analysis
 from sparsifx.errors import PreconditionError
+from sparsifx.meta_keys import CHANNEL_ANALYSIS, EXAMPLE_INPUTS, TENSOR_META
 from sparsifx.module_utils import submodule
 
 from . import rules_attention, rules_elementwise, rules_modules, rules_shape  # noqa: F401  (register rules)
@@ -72,9 +75,6 @@ class ChannelAnalysis:
                 out.setdefault(u, []).append(i)
         return out
 
-    def units_of(self, atoms: torch.Tensor) -> np.ndarray:
-        return self.unit[atoms.numpy()]
-
 
 def graph_signature(gm: fx.GraphModule) -> tuple[str, ...]:
     return tuple(f"{n.op}:{n.name}" for n in gm.graph.nodes)
@@ -83,12 +83,12 @@ def graph_signature(gm: fx.GraphModule) -> tuple[str, ...]:
 def model_inputs(gm: fx.GraphModule, seed: int) -> tuple[tuple, tuple]:
     """(example inputs, a random draw of the same shapes) from ``gm.meta`` / placeholder shapes."""
     gen = torch.Generator().manual_seed(seed)
-    example = gm.meta.get("example_inputs")
+    example = gm.meta.get(EXAMPLE_INPUTS)
     example = (example,) if isinstance(example, torch.Tensor) else example
     holders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     while holders and _optional_unshaped(holders[-1], example):  # ``attn_mask=None``: runs on its default
         holders.pop()
-    metas = [n.meta.get("tensor_meta") for n in holders]
+    metas = [n.meta.get(TENSOR_META) for n in holders]
     if any(m is None for m in metas):
         raise PreconditionError("shrink needs input shapes (node.meta['tensor_meta'] on placeholders)")
     rand = tuple(torch.randn(m.shape, generator=gen, dtype=m.dtype) if m.dtype.is_floating_point
@@ -101,14 +101,14 @@ def _optional_unshaped(node: fx.Node, example) -> bool:
     input fills and no shape was recorded for: it carries no channels and the model runs on its default."""
     index = [n for n in node.graph.nodes if n.op == "placeholder"].index(node)
     given = example is not None and index < len(example)
-    return (not given and "tensor_meta" not in node.meta and len(node.args) == 1
+    return (not given and TENSOR_META not in node.meta and len(node.args) == 1
             and (node.args[0] is None or isinstance(node.args[0], (bool, int, float, str))))
 
 
 def analyze_channels(gm: fx.GraphModule, streams: str = "exact") -> ChannelAnalysis:
     """Propagate channel labels through ``gm`` and compute units and groups; ``streams="approximate"`` lets
     channel-wide normalisations pass channels, recorded as approximations (``streams.py``)."""
-    if not any("tensor_meta" in n.meta for n in gm.graph.nodes if n.op == "placeholder"):
+    if not any(TENSOR_META in n.meta for n in gm.graph.nodes if n.op == "placeholder"):
         raise PreconditionError("channel analysis needs shapes: trace with example_inputs or run the 'shapes' "
                                 "analysis (node.meta['tensor_meta'])")
     cx = RuleContext(gm, Tracker(streams))
@@ -131,7 +131,7 @@ def _visit(cx: RuleContext, node: fx.Node):
     if node.op == "output":
         protect_outputs(cx, node)
         return None, None
-    if "tensor_meta" not in node.meta:
+    if TENSOR_META not in node.meta:
         return _static(cx, node), None
     if is_container_op(node):
         return container_value(cx, node), None
@@ -275,3 +275,16 @@ def _finalize(gm: fx.GraphModule, t: Tracker) -> ChannelAnalysis:
     log.info("channel analysis: %d units in %d groups, %d barriers", int(prunable.sum()), len(out),
              len(t.barriers))
     return ChannelAnalysis(t, unit, prunable, out, graph_signature(gm))
+
+
+def _has_current_analysis(gm: fx.GraphModule) -> bool:
+    found = gm.meta.get(CHANNEL_ANALYSIS)
+    return isinstance(found, ChannelAnalysis) and found.signature == graph_signature(gm)
+
+
+@register_analysis("channel_coupling", key=CHANNEL_ANALYSIS, present=_has_current_analysis, needs_inputs=False,
+                   remedy="record shapes first (the 'shapes' analysis: pass example_inputs)")
+def channel_coupling(gm: fx.GraphModule, example_inputs=None) -> None:
+    """Analysis ``channel_coupling``: ``gm.meta["channel_analysis"]`` = ``analyze_channels(gm)`` (coupled channel
+    units and groups). Needs shapes (``node.meta["tensor_meta"]``): declare ``("shapes", "channel_coupling")``."""
+    gm.meta[CHANNEL_ANALYSIS] = analyze_channels(gm)

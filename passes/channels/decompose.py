@@ -19,6 +19,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from sparsifx.meta_keys import TENSOR_META
 
 from .window_attention import decompose_window_attention, has_window_attention
 
@@ -47,7 +48,7 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
 
 
 def _seq_batch(src: fx.Node, batch_first: bool) -> tuple[int, int]:
-    shape = tuple(src.meta["tensor_meta"].shape) if "tensor_meta" in src.meta else (0, 0, 0)
+    shape = tuple(src.meta[TENSOR_META].shape) if TENSOR_META in src.meta else (0, 0, 0)
     return (shape[1], shape[0]) if batch_first else (shape[0], shape[1])
 
 
@@ -84,8 +85,8 @@ def _restyle(gm: fx.GraphModule, heads: bool) -> int:
     """Rewrite earlier head splits (``unflatten``) for ``heads``; returns how many changed."""
     count = 0
     for node in gm.graph.nodes:
-        if node.meta.get(HEAD_SPLIT) and "tensor_meta" in node.meta:
-            h, d = node.meta["tensor_meta"].shape[-2:]
+        if node.meta.get(HEAD_SPLIT) and TENSOR_META in node.meta:
+            h, d = node.meta[TENSOR_META].shape[-2:]
             sizes = _split_sizes(h, d, heads)
             if tuple(node.args[2]) != sizes:
                 node.args = (node.args[0], node.args[1], sizes)
@@ -107,14 +108,14 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, m: nn.MultiheadAttention, whole_
     for key, lin in parts.items():
         gm.add_submodule(f"{name}.{key}", lin)
     g = gm.graph
-    ref = node.args[0].meta.get("tensor_meta")
+    ref = node.args[0].meta.get(TENSOR_META)
 
     def shaped(new: fx.Node, *shape: int) -> fx.Node:  # shapes known in closed form: no model run needed
         if ref is not None:
             stride = [1] * len(shape)
             for i in range(len(shape) - 2, -1, -1):
                 stride[i] = stride[i + 1] * shape[i + 1]
-            new.meta["tensor_meta"] = ref._replace(shape=torch.Size(shape), stride=tuple(stride))
+            new.meta[TENSOR_META] = ref._replace(shape=torch.Size(shape), stride=tuple(stride))
         return new
 
     with g.inserting_before(node):

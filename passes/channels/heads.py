@@ -26,6 +26,7 @@ from typing import Iterator
 
 import torch
 import torch.fx as fx
+from sparsifx.meta_keys import CHANNEL_OUTCOME, CHANNEL_PLAN, REPORT_NOTES, TENSOR_META
 
 ATTENTION_MODES = ("head_dims", "heads", "both")
 META_KEY = "channel_head_splits"   # gm.meta during a heads analysis: {reshape node name: dims united in a head}
@@ -80,7 +81,7 @@ def _is_reshape(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def _shape(node) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    meta = node.meta.get(TENSOR_META) if isinstance(node, fx.Node) else None
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
@@ -169,7 +170,7 @@ def prune_heads_then_dims(prune, gm: fx.GraphModule):
     first.attention = "heads"
     first._stage = _Stage(gm, lambda group: 1.0 - math.sqrt(keep), lambda ratio: ratio)
     modified = first.call(gm).modified
-    plan, outcome1 = gm.meta.pop("channel_plan"), gm.meta["channel_outcome"]
+    plan, outcome1 = gm.meta.pop(CHANNEL_PLAN), gm.meta[CHANNEL_OUTCOME]
     kept_heads = {}  # producer layer -> fraction of its heads kept
     for group in plan.analysis.groups:
         if first._stage.is_attention(plan.analysis, group):
@@ -184,12 +185,12 @@ def prune_heads_then_dims(prune, gm: fx.GraphModule):
     second.attention = "head_dims"
     second._stage = _Stage(gm, dims_ratio, lambda ratio: None)
     modified = second.call(gm).modified or modified
-    outcome2 = gm.meta["channel_outcome"]
+    outcome2 = gm.meta[CHANNEL_OUTCOME]
     removed = outcome1.removed + outcome2.removed
     outcome = dataclasses.replace(outcome1, removed=removed,
                                   achieved=removed / outcome1.channels if outcome1.channels else 0.0)
-    gm.meta["channel_outcome"] = outcome
-    notes = gm.meta.setdefault("report_notes", [])
+    gm.meta[CHANNEL_OUTCOME] = outcome
+    notes = gm.meta.setdefault(REPORT_NOTES, [])
     notes.append(f"channel_prune attention='both': whole heads removed first ({outcome1.removed} channels), then "
                  f"{outcome2.removed} within-head channels zeroed")
     prune._judge(outcome, notes)

@@ -21,8 +21,9 @@ import torch
 import torch.fx as fx
 
 from sparsifx.errors import PreconditionError
-from sparsifx.module_utils import preserve_training_flags, submodule
+from sparsifx.module_utils import eval_mode, submodule
 from sparsifx.registry import Registry
+from sparsifx.meta_keys import EXAMPLE_INPUTS
 
 from .coupling import ChannelAnalysis
 from .tracker import Member
@@ -133,7 +134,7 @@ def default_loss(output: Any) -> torch.Tensor:
 
 @IMPORTANCE.register("taylor")
 def taylor(gm: fx.GraphModule, a: ChannelAnalysis, options: Any = None) -> np.ndarray:
-    batch = getattr(options, "batch", None) or gm.meta.get("example_inputs")
+    batch = getattr(options, "batch", None) or gm.meta.get(EXAMPLE_INPUTS)
     if batch is None:
         raise PreconditionError("importance 'taylor' needs a batch: pass batch=(inputs,) to channel_prune or "
                                 "set gm.meta['example_inputs']")
@@ -141,8 +142,7 @@ def taylor(gm: fx.GraphModule, a: ChannelAnalysis, options: Any = None) -> np.nd
     batch = (batch,) if isinstance(batch, torch.Tensor) else tuple(batch)
     params = [p for p in gm.parameters()]
     saved = [(p.requires_grad, p.grad) for p in params]
-    with preserve_training_flags(gm):
-        gm.eval()  # no running-stat updates, no dropout
+    with eval_mode(gm):  # no running-stat updates, no dropout
         for p in params:
             p.requires_grad_(True)
             p.grad = None

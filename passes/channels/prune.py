@@ -18,6 +18,7 @@ from sparsifx.module_classes import class_name, is_container
 from sparsifx.pass_base import PassBase, PassResult
 from sparsifx.registry import register_pass
 from sparsifx.selection import LayerSelection
+from sparsifx.meta_keys import CHANNEL_BARRIERS, CHANNEL_OUTCOME, CHANNEL_PLAN, REPORT_NOTES
 
 from .coupling import ChannelAnalysis, Group, analyze_channels
 from .decompose import decompose_attention, has_attention
@@ -50,9 +51,6 @@ class ChannelPlan:
             if t is None or id(t) != ident or t._version != version:
                 return False
         return True
-
-    def pruned_atoms(self, atoms: torch.Tensor) -> np.ndarray:
-        return self.pruned[self.analysis.unit[atoms.numpy()]]
 
 
 @register_pass("channel_prune")
@@ -90,6 +88,7 @@ class ChannelPrune(PassBase):
     approximation and measuring the output deviation it causes (``streams.py``; fine-tune afterwards).
     """
 
+    in_place = True
     requires_analyses = ("shapes",)
     layer_params = ("ratio",)
     _stage = None   # attention="both": one stage's group ratios (heads.py)
@@ -146,10 +145,10 @@ class ChannelPrune(PassBase):
             streams.after_prune(gm, notes)
             outcome.streams = streams.to_dict()
         plan = ChannelPlan(analysis, pruned, notes, _versions(gm, analysis), streams)
-        gm.meta["channel_plan"] = plan
-        gm.meta["channel_barriers"] = [{**b, "channels": held.get(b["node"], 0)} for b in analysis.barriers]
-        gm.meta["channel_outcome"] = outcome
-        gm.meta.setdefault("report_notes", []).append(
+        gm.meta[CHANNEL_PLAN] = plan
+        gm.meta[CHANNEL_BARRIERS] = [{**b, "channels": held.get(b["node"], 0)} for b in analysis.barriers]
+        gm.meta[CHANNEL_OUTCOME] = outcome
+        gm.meta.setdefault(REPORT_NOTES, []).append(
             f"channel_prune: pruned {int(pruned.sum())} of {int(analysis.prunable.sum())} channel units in "
             f"{len(analysis.groups)} groups; {len(analysis.barriers)} barrier ops" + "".join(f"; {n}" for n in notes))
         return PassResult(gm, modified)

@@ -17,7 +17,8 @@ import torch.fx as fx
 from torch.fx.node import _get_qualified_name
 
 from sparsifx.module_utils import submodule
-from sparsifx.registry import Registry
+from sparsifx.registry import Registry, type_key, type_registry_lookup
+from sparsifx.meta_keys import NN_MODULE_STACK, TENSOR_META
 
 from .tracker import FIXED, Tracker
 
@@ -33,11 +34,14 @@ def fn_key(fn: Any) -> str:
         return f"fn:{mod}.{getattr(fn, '__qualname__', getattr(fn, '__name__', repr(fn)))}"
 
 
+MODULE_PREFIX = "module:"   # type keys: "module:" + sparsifx.registry.type_key(cls)
+
+
 def rule_key(obj: Any) -> str:
     if isinstance(obj, str):
         return obj
     if isinstance(obj, type):
-        return f"module:{obj.__module__}.{obj.__qualname__}"
+        return f"{MODULE_PREFIX}{type_key(obj)}"
     return fn_key(obj)
 
 
@@ -57,17 +61,13 @@ def param_channel_dim(dim: int, tensor: str, *types: type) -> None:
 
 
 def find_param_dim(owner_type: type, tensor: str) -> int | None:
-    for cls in owner_type.__mro__:
-        key = f"{rule_key(cls)}.{tensor}"
-        if key in PARAM_DIMS:
-            return PARAM_DIMS.get(key)
-    return None
+    return type_registry_lookup(PARAM_DIMS, owner_type, prefix=MODULE_PREFIX, suffix=f".{tensor}")
 
 
 def owner_type(gm: fx.GraphModule, node: fx.Node, path: str) -> type:
     """The class of module ``path`` as the model had it: a module traced into is only a plain ``nn.Module``
     holding its tensors in ``gm``; its class is in the ``nn_module_stack`` of the nodes it ran."""
-    for entry in (node.meta.get("nn_module_stack") or {}).values():
+    for entry in (node.meta.get(NN_MODULE_STACK) or {}).values():
         if isinstance(entry, tuple) and len(entry) == 2 and entry[0] == path and isinstance(entry[1], type):
             return entry[1]
     return type(submodule(gm, path))
@@ -81,10 +81,7 @@ def find_rule(gm: fx.GraphModule, node: fx.Node) -> Callable | None:
         key = f"method:{node.target}"
         return CHANNEL_RULES.get(key) if key in CHANNEL_RULES else None
     if node.op == "call_module":
-        for cls in type(submodule(gm, node.target)).__mro__:
-            key = rule_key(cls)
-            if key in CHANNEL_RULES:
-                return CHANNEL_RULES.get(key)
+        return type_registry_lookup(CHANNEL_RULES, submodule(gm, node.target), prefix=MODULE_PREFIX)
     return None
 
 
@@ -129,19 +126,19 @@ class RuleContext:
     # labels ---------------------------------------------------------------------------------------------
     def fixed(self, node: fx.Node) -> Any:
         """All-FIXED labels shaped like ``node``'s output (tuple-aware)."""
-        return _fixed_like(node.meta.get("tensor_meta"))
+        return _fixed_like(node.meta.get(TENSOR_META))
 
 
 def shape_of(arg: Any) -> tuple[int, ...] | None:
     if isinstance(arg, fx.Node):
-        meta = arg.meta.get("tensor_meta")
+        meta = arg.meta.get(TENSOR_META)
         if meta is not None and hasattr(meta, "shape"):
             return tuple(meta.shape)
     return None
 
 
 def out_shape(node: fx.Node) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta")
+    meta = node.meta.get(TENSOR_META)
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 

@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from sparsifx.meta_keys import NN_MODULE_STACK
 
 from .rewrites import REWRITES
 from .rules_base import RuleContext, channel_rule, out_shape, param_channel_dim, shape_of
@@ -43,7 +44,7 @@ def _space(node: fx.Node, param) -> str:
     forward made the call, else the node."""
     if param is not None:
         return param[0]
-    stack = list((node.meta.get("nn_module_stack") or {}).values())
+    stack = list((node.meta.get(NN_MODULE_STACK) or {}).values())
     return stack[-1][0] if stack and isinstance(stack[-1], tuple) else node.name
 
 

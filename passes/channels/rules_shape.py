@@ -8,6 +8,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from sparsifx.meta_keys import TENSOR_META
 
 from . import rules_elementwise
 from .heads import keep_heads
@@ -139,7 +140,7 @@ def stack(cx: RuleContext, node: fx.Node):
 def split(cx: RuleContext, node: fx.Node):
     """``split/chunk``: each piece takes its index range; constant sizes are rewritten by shrink."""
     lab = cx.inp(node, 0, "tensor" if node.op == "call_function" else None)
-    metas = node.meta["tensor_meta"]
+    metas = node.meta[TENSOR_META]
     dim = cx.inp(node, 2, "dim", 0) % lab.ndim
     sizes = [m.shape[dim] for m in metas]
     if lab.shape[dim] == 1:
@@ -153,7 +154,7 @@ def unbind(cx: RuleContext, node: fx.Node):
     """``x.unbind(dim)`` (timm's ``q, k, v = qkv.unbind(0)``): each item is ``x[i]`` along ``dim``; along a dim
     without channels the items keep them (a q/k/v split of a head reshape keeps its inner factor)."""
     lab = cx.inp(node, 0, "input")
-    dim, n = cx.inp(node, 1, "dim", 0), len(node.meta.get("tensor_meta") or ())
+    dim, n = cx.inp(node, 1, "dim", 0), len(node.meta.get(TENSOR_META) or ())
     if not is_label(lab) or not isinstance(dim, int):
         cx.t.barrier(node, "unbind along a dim not known statically", lab)
         return cx.fixed(node)
@@ -192,7 +193,7 @@ def _is_array(i) -> bool:
 def _array_rank(i, r) -> tuple[bool, int]:
     """(is a bool mask, rank) of an index array: a graph tensor ``r`` (labels ``i``), a constant or a list."""
     if isinstance(r, fx.Node):
-        meta = r.meta.get("tensor_meta")
+        meta = r.meta.get(TENSOR_META)
         return meta.dtype == torch.bool, len(meta.shape)
     t = torch.as_tensor(i)
     return t.dtype == torch.bool, t.ndim

@@ -19,9 +19,10 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from sparsifx.module_utils import preserve_training_flags, submodule
+from sparsifx.module_utils import eval_mode, submodule
 from sparsifx.errors import PassError, PreconditionError
 from sparsifx.masking import effective_weight
+from sparsifx.meta_keys import CHANNEL_PLAN, CHANNEL_REPORT, REPORT_NOTES, TENSOR_META
 from sparsifx.pass_base import PassBase, PassResult
 from sparsifx.pass_manager import run_model
 from sparsifx.registry import register_pass
@@ -42,28 +43,36 @@ class Shrink(PassBase):
     groups and size attributes renumbered; constant channels folded into consumer biases.
 
     Parameters: ``seed`` (the random input draw of the exactness check). Needs ``gm.meta["channel_plan"]``
-    (from ``channel_prune``); without one it changes nothing. A plan of ``channel_prune(streams="approximate")``
-    that prunes through normalisations is not exact: the manager's verification is waived (``exactness_waived``)
-    and ``gm.meta["channel_report"]["streams"]`` gives the measured output deviation instead (``streams.py``).
+    (from ``channel_prune``); without one it raises ``PreconditionError``. A plan of
+    ``channel_prune(streams="approximate")`` that prunes through normalisations is not exact: the manager's
+    verification is waived (``exactness_waived``) and ``gm.meta["channel_report"]["streams"]`` gives the measured
+    output deviation instead (``streams.py``).
     """
 
+    in_place = True
     preserves_semantics = True
     requires_analyses = ("shapes",)
 
     def __init__(self, *, seed: int = 0):
         self.seed = seed
 
+    def requires(self, gm: fx.GraphModule) -> None:
+        super().requires(gm)
+        if gm.meta.get(CHANNEL_PLAN) is None:
+            raise PreconditionError(
+                f"pass 'shrink' needs gm.meta['{CHANNEL_PLAN}'] (the ChannelPlan that 'channel_prune' records), and "
+                "this module has none: run 'channel_prune' before 'shrink' (in one recipe or PassManager), or use "
+                "'compact' to remove channels that are already all zero")
+
     def call(self, gm: fx.GraphModule) -> PassResult:
-        plan = gm.meta.get("channel_plan")
-        if plan is None:
-            return PassResult(gm, False)
+        plan = gm.meta[CHANNEL_PLAN]
         modified = shrink_with_plan(gm, plan, seed=self.seed)
-        del gm.meta["channel_plan"]
+        del gm.meta[CHANNEL_PLAN]
         return PassResult(gm, modified)
 
     def exactness_waived(self, gm: fx.GraphModule) -> str | None:
         """Why shrinking ``gm``'s plan cannot equal the masked model: it prunes through approximated norms."""
-        plan = gm.meta.get("channel_plan")
+        plan = gm.meta.get(CHANNEL_PLAN)
         return plan.streams.exactness_check if plan is not None and plan.streams is not None else None
 
 
@@ -109,8 +118,7 @@ def _probe(gm: fx.GraphModule, plan: ChannelPlan, pruned: np.ndarray, inputs_pai
     if not wanted:
         return {}
     runs = []
-    with preserve_training_flags(gm), torch.no_grad():
-        gm.eval()
+    with eval_mode(gm), torch.no_grad():
         for inputs in inputs_pair:
             probe = _Probe(gm, wanted)
             probe.run(*inputs)
@@ -202,14 +210,14 @@ def shrink_with_plan(gm: fx.GraphModule, plan: ChannelPlan, seed: int = 0,
         gm.recompile()
     _update_shapes(gm, a, kept)
     removed = int(pruned.sum())
-    gm.meta.setdefault("report_notes", []).append(
+    gm.meta.setdefault(REPORT_NOTES, []).append(
         f"shrink: removed {removed} channel units, folded {n_folded} constant channels into biases"
         + "".join(f"; {n}" for n in sorted(set(notes))))
-    gm.meta["channel_report"] = {"removed_units": removed, "folded": n_folded, "kept_for_exactness": notes}
+    gm.meta[CHANNEL_REPORT] = {"removed_units": removed, "folded": n_folded, "kept_for_exactness": notes}
     if streams is not None:
         streams.after_shrink(gm, masked)
-        gm.meta["channel_report"]["streams"] = streams.to_dict()
-        gm.meta["report_notes"].append(
+        gm.meta[CHANNEL_REPORT]["streams"] = streams.to_dict()
+        gm.meta[REPORT_NOTES].append(
             f"shrink: approximate streams: output deviation {streams.deviation:.3g} from the original, "
             f"{streams.deviation_approximation:.3g} from the masked model (relative L2, {streams.inputs_kind}); "
             "exactness check skipped; fine-tune afterwards")
@@ -220,17 +228,17 @@ def shrink_with_plan(gm: fx.GraphModule, plan: ChannelPlan, seed: int = 0,
 def _update_shapes(gm: fx.GraphModule, a, kept) -> None:
     """Shrink every recorded ``tensor_meta`` along its channel dim (no model run needed)."""
     for node in gm.graph.nodes:
-        if "tensor_meta" not in node.meta:
+        if TENSOR_META not in node.meta:
             continue
         if node.op == "get_attr":  # a parameter may be cut along dims its label does not carry: read it
-            node.meta["tensor_meta"] = _attr_meta(gm, node, a.tracker.labels.get(node.name), kept)
+            node.meta[TENSOR_META] = _attr_meta(gm, node, a.tracker.labels.get(node.name), kept)
         else:
-            node.meta["tensor_meta"] = _resize(node.meta["tensor_meta"], a.tracker.labels.get(node.name), kept)
+            node.meta[TENSOR_META] = _resize(node.meta[TENSOR_META], a.tracker.labels.get(node.name), kept)
 
 
 def _attr_meta(gm: fx.GraphModule, node: fx.Node, lab, kept):
     """The recorded shape of a ``get_attr`` read: the sliced tensor's own (contiguous) shape."""
-    meta = node.meta["tensor_meta"]
+    meta = node.meta[TENSOR_META]
     owner, _, attr = node.target.rpartition(".")
     value = getattr(submodule(gm, owner), attr, None)
     if not isinstance(meta, TensorMetadata) or not isinstance(value, torch.Tensor):

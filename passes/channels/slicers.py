@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from sparsifx.masking import is_masked
-from sparsifx.registry import Registry, type_registry_lookup
+from sparsifx.registry import Registry, type_key, type_registry_lookup
 
 SLICERS: Registry[Callable] = Registry("layer slicer")
 Cuts = dict[tuple[str, int], torch.Tensor]
@@ -19,7 +19,7 @@ Cuts = dict[tuple[str, int], torch.Tensor]
 def register_slicer(*types: type) -> Callable[[Callable], Callable]:
     def add(fn: Callable) -> Callable:
         for t in types:
-            SLICERS.register(f"{t.__module__}.{t.__qualname__}", fn)
+            SLICERS.register(t, fn)   # keyed by sparsifx.registry.type_key
         return fn
     return add
 
@@ -109,7 +109,7 @@ HF_CONV1D = "transformers.pytorch_utils.Conv1D"  # registered by name: transform
 
 
 def is_hf_conv1d(m: nn.Module) -> bool:
-    return any(f"{c.__module__}.{c.__qualname__}" == HF_CONV1D for c in type(m).__mro__)
+    return any(type_key(c) == HF_CONV1D for c in type(m).__mro__)
 
 
 def slice_hf_conv1d(m: nn.Module, cuts: Cuts) -> None:

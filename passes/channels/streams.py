@@ -27,6 +27,7 @@ import numpy as np
 import torch.fx as fx
 
 from sparsifx.pass_manager import run_model
+from sparsifx.meta_keys import EXAMPLE_INPUTS
 
 from . import rules_modules as rm
 from .coupling import ChannelAnalysis, model_inputs
@@ -103,7 +104,7 @@ def begin(gm: fx.GraphModule, a: ChannelAnalysis, pruned: np.ndarray, seed: int)
     if not hit:
         return None
     inputs = model_inputs(gm, seed)[0]
-    kind = "example inputs" if gm.meta.get("example_inputs") is not None else "a random input draw"
+    kind = "example inputs" if gm.meta.get(EXAMPLE_INPUTS) is not None else "a random input draw"
     units = int(len(np.unique(np.concatenate([u for _, u in hit]))))
     shown = [{k: rec[k] for k in ("node", "op", "reason")} for rec, _ in hit]
     return StreamsReport(shown, units, kind, inputs=tuple(inputs), reference=run_model(gm, inputs))

@@ -25,6 +25,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
+from sparsifx.meta_keys import TENSOR_META
 
 try:
     from torchvision.models import swin_transformer as _swin
@@ -66,7 +67,7 @@ def _bound(node: fx.Node) -> dict | None:
         return None
     bound.apply_defaults()
     a = dict(bound.arguments)
-    meta = a["input"].meta.get("tensor_meta") if isinstance(a["input"], fx.Node) else None
+    meta = a["input"].meta.get(TENSOR_META) if isinstance(a["input"], fx.Node) else None
     reads = [a["qkv_weight"], a["proj_weight"]] + [a[k] for k in ("qkv_bias", "proj_bias") if a[k] is not None]
     if meta is None or len(meta.shape) != 4 or not all(isinstance(r, fx.Node) and r.op == "get_attr" for r in reads):
         return None
@@ -89,7 +90,7 @@ class _Emitter:
 
     def _meta(self, value):
         if isinstance(value, fx.Node):
-            m = value.meta["tensor_meta"]
+            m = value.meta[TENSOR_META]
             return torch.empty(m.shape, dtype=m.dtype, device="meta")
         return value
 
@@ -107,7 +108,7 @@ class _Emitter:
             out = getattr(a[0], target)(*a[1:], **kw)
         else:
             out = target(*a, **kw)
-        n.meta["tensor_meta"] = _extract_tensor_metadata(out)
+        n.meta[TENSOR_META] = _extract_tensor_metadata(out)
         return n
 
     def fn(self, target, *args, **kwargs) -> fx.Node:
@@ -192,8 +193,8 @@ def _bias_node(gm: fx.GraphModule, bias: fx.Node) -> None:
 
 def _rewrite(gm: fx.GraphModule, node: fx.Node, a: dict) -> None:
     x, heads = a["input"], a["num_heads"]
-    _, height, width, c = a["input"].meta["tensor_meta"].shape
-    dtype = a["input"].meta["tensor_meta"].dtype
+    _, height, width, c = a["input"].meta[TENSOR_META].shape
+    dtype = a["input"].meta[TENSOR_META].dtype
     ws, d = list(a["window_size"]), c // heads
     n = ws[0] * ws[1]
     pad_r, pad_b = (ws[1] - width % ws[1]) % ws[1], (ws[0] - height % ws[0]) % ws[0]

@@ -2,11 +2,11 @@
 
 For a Linear layer with input ``A_in (N×n_in)`` and post-activation output ``A_out (N×n_out)``, accumulated
 over batches without storing them: ``G = A_outᵀ A_in``, ``q_in = Σ A_in²``, ``q_out = Σ A_out²``; then
-``S = |G| / (sqrt(q_out) sqrt(q_in)ᵀ)`` (0 where a column is all zero), shaped like the weight (algorithms.md
-§4.2). Conv2d (groups=1) is treated as a Linear over unfolded input patches (departure: CTRE is defined for
-MLPs; this is its natural extension). The post-activation is found in the graph: the layer's single user
-when it is a registered activation, softmax when the layer feeds the graph output (as CTRE's output layer),
-else the raw output. Under DDP the sums are all-reduced before ``S`` is formed.
+``S = |G| / (sqrt(q_out) sqrt(q_in)ᵀ)`` (0 where a column is all zero), shaped like the weight
+(docs/algorithms.md#ctre). Conv2d (groups=1) is treated as a Linear over unfolded input patches (departure:
+CTRE is defined for MLPs; this is its natural extension). The post-activation is found in the graph: the
+layer's single user when it is a registered activation, softmax when the layer feeds the graph output (as
+CTRE's output layer), else the raw output. Under DDP the sums are all-reduced before ``S`` is formed.
 """
 from __future__ import annotations
 

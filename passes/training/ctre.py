@@ -1,4 +1,5 @@
-"""CTRE — Cosine similarity-based and Random Topology Exploration (Atashgahi et al., 2022), algorithms.md §4.2."""
+"""CTRE — Cosine similarity-based and Random Topology Exploration (Atashgahi et al., 2022),
+docs/algorithms.md#ctre."""
 from __future__ import annotations
 
 import logging
@@ -9,7 +10,7 @@ import torch
 from sparsifx import validate
 from sparsifx.errors import PreconditionError, UnsupportedOpError
 from sparsifx.registry import register_pass
-from sparsifx.module_utils import preserve_training_flags
+from sparsifx.module_utils import eval_mode
 from sparsifx.selection import LayerSelection
 
 from .cosine import CosineStats
@@ -95,8 +96,7 @@ class CTRE(DSTPass):
         stats.install()
         ctrl.flops.extra_mode = True
         try:
-            with preserve_training_flags(ctrl.gm):
-                ctrl.gm.eval()
+            with eval_mode(ctrl.gm):
                 for batch in ctrl.data:
                     x = batch[0] if isinstance(batch, (tuple, list)) else batch
                     ctrl.gm(x)

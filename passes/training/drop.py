@@ -5,7 +5,7 @@ Each entry is ``fn(weight, mask, amount, generator) -> keep`` (bool, ``keep ⊆ 
 * ``magnitude`` — RigL/CTRE: keep the ``nnz − amount`` largest ``|W| + N(0, 1e-5)`` among active positions
   (exact count; the noise breaks ties). Departure from rigl's TF code: inactive positions are never
   "kept" (TF ranks all positions, an inactive one could outrank an active weight below the noise).
-* ``set_zeta`` — SET (algorithms.md §4.1): ``amount = ζ``; over the sorted active values ``v`` with
+* ``set_zeta`` — SET (docs/algorithms.md#set): ``amount = ζ``; over the sorted active values ``v`` with
   ``n_neg`` negatives, ``neg_thr = v[int((1−ζ)·n_neg)]``,
   ``pos_thr = v[int(min(len−1, n_neg + ζ·(len−n_neg)))]``;
   keep ``w > pos_thr or w < neg_thr`` (ζ of the negatives and of the positives nearest zero go).

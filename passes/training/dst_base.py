@@ -1,7 +1,8 @@
 """Shared base of the dynamic sparse training passes: mask installation plus a controller.
 
 ``DSTPass.call``: every selected Conv/Linear ``layer(x) -> masked_layer(x, W ⊙ M)`` with ``M`` drawn from
-the configured layer-sparsity distribution (algorithms.md §0.3/§0.4), ``W ← W ⊙ M``, and a
+the configured layer-sparsity distribution (docs/algorithms.md#layer-sparsity-distributions,
+docs/algorithms.md#prune-and-grow-skeleton), ``W ← W ⊙ M``, and a
 ``SparseController`` stored in ``gm.meta["sparse_controller"]`` that updates the masks while training
 runs (``sparsifx.attach(model, optimizer, steps_per_epoch=...)``). Subclasses implement the method:
 ``dense_grad_at`` (which forward passes need the dense weight gradient), ``before_step`` (update
@@ -26,7 +27,8 @@ from sparsifx.masking import MASKED_TYPES, is_masked, set_mask
 from sparsifx.module_utils import set_submodule
 from sparsifx.sparse_linear import is_sparse_storage, sparse_type
 from sparsifx.pass_base import PassBase, PassResult
-from sparsifx.selection import LayerSelection
+from sparsifx.selection import LayerSelection, renamed_exclusion_keys
+from sparsifx.meta_keys import SPARSE_CONTROLLER, STORAGE_NOTES
 
 from .mask_ops import DENSE_DRAW_LIMIT, bernoulli_mask, keys_of, random_keys, random_mask, seeded_generator
 from .neuron_pruning import NeuronPruning
@@ -44,8 +46,9 @@ class MaskConfig:
 
     ``sparsity`` global target; ``distribution`` uniform | er | erk | er_epsilon (SET's
     ``p = ε(n_in+n_out)/(n_in·n_out)``, ignores ``sparsity``); ``epsilon`` for er_epsilon;
-    ``erk_power_scale``; ``dense_first``/``dense_last`` keep the first/last selected layer dense (None: dense
-    first layer iff uniform, as RigL); ``init`` exact (k random positions) | bernoulli | ones; ``seed``;
+    ``erk_power_scale``; ``dense_first_layer``/``dense_last_layer`` keep the first/last selected layer dense
+    (None: dense first layer iff uniform, as RigL; the deprecated recipe keys ``dense_first``/``dense_last``
+    still work, see ``sparsifx.selection``); ``init`` exact (k random positions) | bernoulli | ones; ``seed``;
     ``storage`` masked (dense weight × mask, the default) | sparse (Linear and 1×1 Conv2d layers become ``SparseLinear``/``SparseConv2d1x1``: values
     and indices only, compute and optimizer state proportional to nnz; other layers stay masked).
     """
@@ -53,14 +56,14 @@ class MaskConfig:
     distribution: str = "erk"
     epsilon: float = 13.0
     erk_power_scale: float = 1.0
-    dense_first: bool | None = False
-    dense_last: bool = False
+    dense_first_layer: bool | None = False
+    dense_last_layer: bool = False
     init: str = "exact"
     seed: int = 0
     storage: str = "masked"
 
-    FIELDS: ClassVar[tuple[str, ...]] = ("sparsity", "distribution", "epsilon", "erk_power_scale", "dense_first",
-                                         "dense_last", "init", "seed", "storage")
+    FIELDS: ClassVar[tuple[str, ...]] = ("sparsity", "distribution", "epsilon", "erk_power_scale",
+                                         "dense_first_layer", "dense_last_layer", "init", "seed", "storage")
 
     def replace(self, params: dict[str, Any]) -> "MaskConfig":
         checked = dict(params)
@@ -72,10 +75,10 @@ class MaskConfig:
             checked["epsilon"] = validate.number("epsilon", checked["epsilon"], 0.0, lo_open=True)
         if "erk_power_scale" in checked:
             checked["erk_power_scale"] = validate.number("erk_power_scale", checked["erk_power_scale"], 0.0)
-        if checked.get("dense_first") is not None:
-            validate.boolean("dense_first", checked["dense_first"])
-        if "dense_last" in checked:
-            validate.boolean("dense_last", checked["dense_last"])
+        if checked.get("dense_first_layer") is not None:
+            validate.boolean("dense_first_layer", checked["dense_first_layer"])
+        if "dense_last_layer" in checked:
+            validate.boolean("dense_last_layer", checked["dense_last_layer"])
         if "init" in checked:
             validate.choice("init", checked["init"], MASK_INITS)
         if "seed" in checked:
@@ -86,8 +89,8 @@ class MaskConfig:
 
     def sparsities(self, shapes: dict[str, tuple], custom: dict[str, float]) -> dict[str, float]:
         names = list(shapes)
-        dense_first = self.dense_first if self.dense_first is not None else self.distribution == "uniform"
-        dense = ([names[0]] if dense_first and names else []) + ([names[-1]] if self.dense_last and names else [])
+        dense_first = self.dense_first_layer if self.dense_first_layer is not None else self.distribution == "uniform"
+        dense = ([names[0]] if dense_first and names else []) + ([names[-1]] if self.dense_last_layer and names else [])
         if self.distribution == "er_epsilon":
             out = {n: 1.0 - er_epsilon_density(s, self.epsilon) for n, s in shapes.items()}
             return {**out, **{n: 0.0 for n in dense}, **custom}
@@ -134,6 +137,8 @@ class DSTPass(PassBase):
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> "DSTPass":
+        if isinstance(params, dict):
+            params = renamed_exclusion_keys(cls.name, params)  # dense_first / dense_last: deprecated spellings
         schedule = NeuronPruning.from_dict(params.get("neuron_pruning"))
         mask_params = {k: v for k, v in params.items() if k in MaskConfig.FIELDS}
         rest = {k: v for k, v in params.items() if k not in MaskConfig.FIELDS and k != "neuron_pruning"}
@@ -182,7 +187,7 @@ class DSTPass(PassBase):
             layer.dense_grad = False
             names.append(n)
         if kept_masked:
-            gm.meta["storage_notes"] = {n: "masked: sparse storage covers Linear and plain 1x1 Conv2d layers only"
+            gm.meta[STORAGE_NOTES] = {n: "masked: sparse storage covers Linear and plain 1x1 Conv2d layers only"
                                         for n in kept_masked}
             log.warning("pass '%s': storage sparse covers Linear and 1x1 Conv2d layers; %d layers stay masked "
                         "(dense compute): %s",
@@ -196,7 +201,7 @@ class DSTPass(PassBase):
                             "to sparse storage (only sparse-storage Linear/1x1 Conv2d layers can start from the "
                             "meta device); build them on a real device, or select them with storage: sparse and "
                             "a sparsity above 0")
-        gm.meta["sparse_controller"] = SparseController(gm, self, names, target_sparsity=sparsities)
+        gm.meta[SPARSE_CONTROLLER] = SparseController(gm, self, names, target_sparsity=sparsities)
         log.info("pass '%s' masked %d layers: %s", self.label, len(names),
                  {n: round(sparsities[n], 4) for n in names})
         return PassResult(gm, True)

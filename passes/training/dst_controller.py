@@ -24,6 +24,7 @@ import torch.nn as nn
 from sparsifx.errors import PreconditionError, SparsifxError
 
 from sparsifx.sparse_linear import SPARSE_INDEX_BUFFERS, is_sparse_storage
+from sparsifx.meta_keys import SPARSE_CONTROLLER
 
 from .distributed import sync_layers
 from .flops import FlopCounter, macs_rule
@@ -342,7 +343,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def controller(model: nn.Module) -> SparseController:
     """The ``SparseController`` a DST pass stored on ``model`` (a GraphModule, or DDP around one)."""
     meta = getattr(_unwrap(model), "meta", None)
-    ctrl = meta.get("sparse_controller") if isinstance(meta, dict) else None
+    ctrl = meta.get(SPARSE_CONTROLLER) if isinstance(meta, dict) else None
     if ctrl is None:
         raise SparsifxError("model has no sparse controller: sparsify it with a sparse training pass "
                             "(static, set, rigl, sparse_momentum, ctre, gmp, swat) first")

@@ -15,36 +15,18 @@ input gradient, sampled weight gradient) plus ``F`` for the blocked dense gradie
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
-import torch
 import torch.nn as nn
 
-from sparsifx.registry import Registry
-
-MACS: Registry = Registry("training FLOP rule")
-
-
-@MACS.register("Linear")
-def _linear_macs(module: nn.Linear, out: torch.Tensor) -> int:
-    return out.numel() * module.in_features
-
-
-def _conv_macs(module: nn.modules.conv._ConvNd, out: torch.Tensor) -> int:
-    return out.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
-
-
-for _name in ("Conv1d", "Conv2d", "Conv3d"):
-    MACS.register(_name, _conv_macs)
-MACS.register("SparseLinear", _linear_macs)  # dense-equivalent MACs (1x1 conv: per pixel); charged times density
+from sparsifx.analysis.costs import layer_macs_rule
 
 
 def macs_rule(module: nn.Module):
-    for cls in type(module).__mro__:
-        if cls.__name__ in MACS:
-            return MACS.get(cls.__name__)
-    return None
+    """``rule(module, output) -> MACs`` for a Conv1d/2d/3d, Linear or SparseLinear layer (dense-equivalent: a
+    sparse layer is charged times its density), else ``None``. The rules are the analysis layer's one table
+    (``sparsifx.analysis.costs.COST_RULES``, shared with the report)."""
+    return layer_macs_rule(module)
 
 
 @dataclass

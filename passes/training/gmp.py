@@ -1,4 +1,4 @@
-"""GMP — gradual magnitude pruning (Zhu & Gupta 2017), algorithms.md §6."""
+"""GMP — gradual magnitude pruning (Zhu & Gupta 2017), docs/algorithms.md#gmp."""
 from __future__ import annotations
 
 import math
@@ -28,7 +28,7 @@ class GMP(DSTPass):
     ``end_fraction``·total steps, 0.75), ``frequency`` Δt (100), ``power`` (3).
     """
 
-    default_mask = MaskConfig(distribution="uniform", dense_first=False, init="ones")
+    default_mask = MaskConfig(distribution="uniform", dense_first_layer=False, init="ones")
     changes_nnz = True
 
     def __init__(self, *, mask: MaskConfig | None = None, selection: LayerSelection | None = None,

@@ -1,4 +1,5 @@
-"""Hidden-neuron importance pruning (Truly Sparse Neural Networks at Scale, algorithms.md §5).
+"""Hidden-neuron importance pruning (Truly Sparse Neural Networks at Scale,
+docs/algorithms.md#neuron-importance-pruning).
 
 A schedule any DST stage can carry (``neuron_pruning: {every_epochs: 10, percentile: 20, after: 200, until: null}``;
 absent or null: off). At the end of epoch ``e`` with ``e > after``, ``(e - after) % every_epochs == 0`` and

@@ -1,4 +1,4 @@
-"""RigL — Rigging the Lottery (Evci et al., ICML 2020), algorithms.md §3."""
+"""RigL — Rigging the Lottery (Evci et al., ICML 2020), docs/algorithms.md#rigl."""
 from __future__ import annotations
 
 import math
@@ -29,7 +29,7 @@ class RigL(DSTPass):
     The dense gradient is computed only on update steps (``dense_grad`` is switched on for those forwards).
     """
 
-    default_mask = MaskConfig(distribution="erk", dense_first=None)
+    default_mask = MaskConfig(distribution="erk", dense_first_layer=None)
 
     def __init__(self, *, mask: MaskConfig | None = None, selection: LayerSelection | None = None,
                  delta_t: int = 100, drop_fraction: float = 0.3, anneal: str = "cosine", begin_step: int = 0,

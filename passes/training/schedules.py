@@ -1,4 +1,5 @@
-"""Closed-form schedules of the dynamic sparse training methods (algorithms.md §2.1, §3.1, §6 GMP).
+"""Closed-form schedules of the dynamic sparse training methods (docs/algorithms.md#sparse-momentum,
+docs/algorithms.md#rigl, docs/algorithms.md#gmp).
 
 * ``cosine_drop_fraction`` — RigL's drop fraction ``α_t = α/2·(1 + cos(π·min(t, T_end−t0)/(T_end−t0)))``
   (TF ``cosine_decay`` fed the global step ``t``, not ``t − t0``).

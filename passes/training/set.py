@@ -1,4 +1,4 @@
-"""SET — Sparse Evolutionary Training (Mocanu et al., Nat. Commun. 2018), algorithms.md §4.1."""
+"""SET — Sparse Evolutionary Training (Mocanu et al., Nat. Commun. 2018), docs/algorithms.md#set."""
 from __future__ import annotations
 
 import torch
@@ -26,7 +26,7 @@ class SET(DSTPass):
     Parameters: mask settings (default ``distribution: er_epsilon``, ``epsilon`` 13, ``init: bernoulli``),
     ``zeta`` ζ (0.3), ``grow_init`` zeros|normal|kaiming_uniform (default zeros, the Keras version; ``normal`` =
     N(0,1)/10 of the numpy tutorial), ``evolve_last`` (False: the output layer keeps its topology, as the
-    truly-sparse code; GUESS per algorithms.md). Optimizer slots of new connections are zeroed.
+    truly-sparse code; a design choice, docs/algorithms.md#set). Optimizer slots of new connections are zeroed.
     """
 
     default_mask = MaskConfig(distribution="er_epsilon", epsilon=13.0, init="bernoulli")

@@ -1,4 +1,5 @@
-"""Sparse momentum (Dettmers & Zettlemoyer 2019, "Sparse Networks from Scratch"), algorithms.md §2."""
+"""Sparse momentum (Dettmers & Zettlemoyer 2019, "Sparse Networks from Scratch"),
+docs/algorithms.md#sparse-momentum."""
 from __future__ import annotations
 
 import math
@@ -50,7 +51,7 @@ class SparseMomentum(DSTPass):
     ``decay`` cosine|constant. Needs ``attach(..., steps_per_epoch=, epochs=)`` and an optimizer with momentum.
     """
 
-    default_mask = MaskConfig(sparsity=0.95, distribution="uniform", dense_first=False, init="bernoulli")
+    default_mask = MaskConfig(sparsity=0.95, distribution="uniform", dense_first_layer=False, init="bernoulli")
 
     def __init__(self, *, mask: MaskConfig | None = None, selection: LayerSelection | None = None,
                  prune_rate: float = 0.5, eta_min: float = 0.005, decay: str = "cosine"):

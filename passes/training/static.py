@@ -13,11 +13,11 @@ class Static(DSTPass):
     the controller only re-applies ``W ← W ⊙ M`` after each optimizer step and counts FLOPs.
 
     Parameters: mask settings (``sparsity``, ``distribution`` uniform|er|erk|er_epsilon (default erk),
-    ``epsilon``, ``erk_power_scale``, ``dense_first`` (default: dense first layer iff uniform, as RigL, whose
-    baseline this is), ``dense_last``, ``init``, ``seed``) and layer selection.
+    ``epsilon``, ``erk_power_scale``, ``dense_first_layer`` (default: dense first layer iff uniform, as RigL,
+    whose baseline this is), ``dense_last_layer``, ``init``, ``seed``) and layer selection.
     """
 
-    default_mask = MaskConfig(distribution="erk", dense_first=None)  # as RigL: uniform keeps the first layer dense
+    default_mask = MaskConfig(distribution="erk", dense_first_layer=None)  # as RigL: uniform keeps first layer dense
 
     def __init__(self, *, mask: MaskConfig | None = None, selection: LayerSelection | None = None):
         super().__init__(mask=mask, selection=selection)

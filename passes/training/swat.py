@@ -1,4 +1,4 @@
-"""Pass ``swat``: Sparse Weight Activation Training (Raihan & Aamodt 2020; algorithms.md §1).
+"""Pass ``swat``: Sparse Weight Activation Training (Raihan & Aamodt 2020; docs/algorithms.md#swat).
 
 ``linear(x) -> swat_linear(x, W, k)`` and ``conv(x) -> swat_conv(x, W, k)``: forward with Top-K weights
 and dense activations, input gradient with the Top-K weights, weight gradient from Top-K activations
@@ -26,8 +26,9 @@ Parameters: ``sparsity`` (global S; per-layer overrides through ``by_name`` etc.
 (``unstructured`` | ``erk`` | ``momentum`` | ``structured``), ``topk_period`` (threshold recompute
 period for convs, CIFAR default 10; Linear layers recompute every call), ``warmup_steps`` (steps of
 exact per-step Top-K; the reference counts epochs), ``exact`` (index-based Top-K on recompute steps),
-``sparsify_first_layer`` (default False) / ``sparsify_last_layer`` (default True) as the CIFAR
-SWAT-U config (its ERK configs sparsify both: set ``sparsify_first_layer: true``), ``lean_relu`` and
+``dense_first_layer`` (default True) / ``dense_last_layer`` (default False) as the CIFAR SWAT-U config
+(its ERK configs sparsify both: set ``dense_first_layer: false``; the deprecated ``sparsify_first_layer`` /
+``sparsify_last_layer``, their negations, still work with a ``DeprecationWarning``), ``lean_relu`` and
 ``lean_maxpool`` (replace every ReLU / MaxPool2d: both are numerically identical, so all of them are
 replaced rather than only SWAT neighbours). Biases and BatchNorm are never sparsified.
 """
@@ -46,7 +47,8 @@ from sparsifx.errors import PreconditionError, RecipeError, UnsupportedOpError
 from sparsifx.module_utils import set_submodule, swap_class
 from sparsifx.pass_base import PassBase, PassResult
 from sparsifx.registry import register_pass
-from sparsifx.selection import LayerSelection
+from sparsifx.selection import LayerSelection, renamed_exclusion_keys
+from sparsifx.meta_keys import SPARSE_CONTROLLER, SWAT_STATE
 
 from .swat_control import SWATController
 from .swat_layers import SWAT_TYPES, LeanMaxPool2d, LeanReLU, SWATLayerConfig, is_swat
@@ -70,12 +72,14 @@ def _free_name(gm: nn.Module, stem: str) -> str:
 class SWAT(PassBase):
     """``conv/linear(x) -> swat_conv/swat_linear(x, W, k)`` plus lean ReLU / MaxPool (module docstring)."""
 
+    in_place = True
     layer_params = ("sparsity",)
 
     def __init__(self, *, sparsity: float = 0.9, variant: str = "unstructured", topk_period: int = 10,
-                 warmup_steps: int = 0, exact: bool = False, sparsify_first_layer: bool = False,
-                 sparsify_last_layer: bool = True, lean_relu: bool = True, lean_maxpool: bool = True,
-                 storage: str = "masked", selection: LayerSelection | None = None):
+                 warmup_steps: int = 0, exact: bool = False, dense_first_layer: bool | None = None,
+                 dense_last_layer: bool | None = None, lean_relu: bool = True, lean_maxpool: bool = True,
+                 storage: str = "masked", selection: LayerSelection | None = None,
+                 sparsify_first_layer: bool | None = None, sparsify_last_layer: bool | None = None):
         if validate.choice("storage", storage, ("masked", "sparse")) == "sparse":
             raise RecipeError("swat cannot use storage: sparse: it re-selects the top-k of the dense weight every "
                               "topk_period steps, so the dense weight must exist; use storage: masked, or a DST "
@@ -85,8 +89,12 @@ class SWAT(PassBase):
         self.topk_period = validate.integer("topk_period", topk_period, 1)
         self.warmup_steps = validate.integer("warmup_steps", warmup_steps, 0)
         self.exact = validate.boolean("exact", exact)
-        self.sparsify_first_layer = validate.boolean("sparsify_first_layer", sparsify_first_layer)
-        self.sparsify_last_layer = validate.boolean("sparsify_last_layer", sparsify_last_layer)
+        given = {k: v for k, v in (("dense_first_layer", dense_first_layer), ("dense_last_layer", dense_last_layer),
+                                   ("sparsify_first_layer", sparsify_first_layer),
+                                   ("sparsify_last_layer", sparsify_last_layer)) if v is not None}
+        given = renamed_exclusion_keys("swat", given)  # None: the default, True first / False last
+        self.dense_first_layer = validate.boolean("dense_first_layer", given.get("dense_first_layer", True))
+        self.dense_last_layer = validate.boolean("dense_last_layer", given.get("dense_last_layer", False))
         self.lean_relu = validate.boolean("lean_relu", lean_relu)
         self.lean_maxpool = validate.boolean("lean_maxpool", lean_maxpool)
         self.selection = (selection or LayerSelection()).with_defaults(("Conv2d", "Linear"))
@@ -105,9 +113,9 @@ class SWAT(PassBase):
             log.info("swat: layer %s is not called as a graph node; left dense", name)
         order = {id(p): i for i, (_, p) in enumerate(gm.named_parameters())}
         names = sorted((n for n in chosen if n in called), key=lambda n: order.get(id(chosen[n].weight), 0))
-        if names and not self.sparsify_first_layer:
+        if names and self.dense_first_layer:
             names = names[1:]
-        if names and not self.sparsify_last_layer:
+        if names and self.dense_last_layer:
             names = names[:-1]
         for name in names:
             module = chosen[name]
@@ -145,9 +153,9 @@ class SWAT(PassBase):
         if self.lean_maxpool:
             modified |= self._lean_maxpools(gm)
         if targets:
-            gm.meta["swat"] = {"sparsity": self.sparsity, "variant": self.variant, "layers": dict(sparsity),
+            gm.meta[SWAT_STATE] = {"sparsity": self.sparsity, "variant": self.variant, "layers": dict(sparsity),
                                "skipped": dict(self.skipped)}
-            gm.meta["sparse_controller"] = SWATController(gm, list(targets), self.variant, self.sparsity)
+            gm.meta[SPARSE_CONTROLLER] = SWATController(gm, list(targets), self.variant, self.sparsity)
         if modified:
             gm.recompile()
         return PassResult(gm, modified)

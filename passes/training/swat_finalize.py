@@ -20,6 +20,7 @@ from sparsifx.masking import set_mask
 from sparsifx.module_utils import set_submodule, swap_class
 from sparsifx.pass_base import PassBase, PassResult
 from sparsifx.registry import register_pass
+from sparsifx.meta_keys import SPARSE_CONTROLLER, SWAT_STATE
 
 from . import topk
 from .swat_control import SWATController
@@ -41,6 +42,8 @@ def final_mask(layer: nn.Module) -> torch.Tensor:
 @register_pass("swat_finalize")
 class SWATFinalize(PassBase):
     """``swat_conv(x, W, k) -> conv(x, W ⊙ M_final)``; lean ReLU/MaxPool back to torch's (module docstring)."""
+
+    in_place = True
 
     def __init__(self, *, masked: bool = False):
         self.masked = validate.boolean("masked", masked)
@@ -67,10 +70,10 @@ class SWATFinalize(PassBase):
                 if plain is not None:
                     set_submodule(gm, node.target, swap_class(module, plain))
                     modified = True
-        if isinstance(gm.meta.get("sparse_controller"), SWATController):
-            gm.meta["sparse_controller"].detach()
-            del gm.meta["sparse_controller"]
+        if isinstance(gm.meta.get(SPARSE_CONTROLLER), SWATController):
+            gm.meta[SPARSE_CONTROLLER].detach()
+            del gm.meta[SPARSE_CONTROLLER]
         if modified:
-            gm.meta.pop("swat", None)
+            gm.meta.pop(SWAT_STATE, None)
             gm.recompile()
         return PassResult(gm, modified)

@@ -1,6 +1,6 @@
 """Top-K selection helpers: keep counts, exact k-th-largest thresholds, threshold and exact masks.
 
-Shared by SWAT and usable by the DST methods. Conventions (algorithms.md §0.2):
+Shared by SWAT and usable by the DST methods. Conventions (docs/algorithms.md#conventions):
 
 * ``keep_count(numel, s) = ceil((1 - s) * numel)`` clamped to ``[0, numel]``.
 * threshold mode (SWAT-compatible): keep ``|x| >= kth_largest(|x|, k)`` -- ties keep more than ``k``.

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from sparsifx.errors import PreconditionError, SparsifxError
+from sparsifx.meta_keys import SPARSE_CONTROLLER
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,8 @@ def find_controller(model: nn.Module) -> Any:
     found = {}
     for name, module in model.named_modules():
         meta = getattr(module, "meta", None)
-        if isinstance(meta, dict) and meta.get("sparse_controller") is not None:
-            found.setdefault(id(meta["sparse_controller"]), (name or "(the model)", module))
+        if isinstance(meta, dict) and meta.get(SPARSE_CONTROLLER) is not None:
+            found.setdefault(id(meta[SPARSE_CONTROLLER]), (name or "(the model)", module))
     if not found:
         controller(model)  # raises the standard "no sparse controller" error
     if len(found) > 1:

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sparsifx.errors import BackendError
-from sparsifx.backends import cost_model, cpp_kernel
+from sparsifx.backends import cost_model, cpp_build, cpp_kernel
 from sparsifx.backends.sparse_kernels import SPARSE_KERNELS, get_kernel
 from sparsifx.backends.sparse_modules import SparseConv2d, SparseLinear
 
@@ -56,8 +56,8 @@ def test_tiled_index_widths(in_f):
 def test_unknown_kernel_and_missing_compiler(monkeypatch):
     with pytest.raises(BackendError, match="unknown sparse kernel"):
         get_kernel("nope")
-    monkeypatch.setattr(cpp_kernel, "_MODULE", None)
-    monkeypatch.setattr(cpp_kernel.shutil, "which", lambda _: None)
+    monkeypatch.setattr(cpp_kernel.KERNELS, "_module", None)
+    monkeypatch.setattr(cpp_build.shutil, "which", lambda _: None)
     with pytest.raises(BackendError, match="C\\+\\+ compiler"):
         cpp_kernel.load()
 

@@ -106,8 +106,8 @@ def test_export_onnx_sparse_weights(tmp_path):
     gm = sparsifx.sparsify(torchvision.models.resnet18(num_classes=10).eval(),
                            {"stages": [{"pass": "magnitude", "sparsity": 0.9, "distribution": "erk"}]},
                            example_inputs=(x,))
-    dense = sparsifx.export_onnx(gm, tmp_path / "dense.onnx", (x,))
-    sparse = sparsifx.export_onnx(gm, tmp_path / "sparse.onnx", (x,), sparse_weights=True)
+    dense = sparsifx.export_onnx(gm, tmp_path / "dense.onnx", (x,)).path
+    sparse = sparsifx.export_onnx(gm, tmp_path / "sparse.onnx", (x,), sparse_weights=True).path
     assert sparse.stat().st_size < 0.2 * dense.stat().st_size
     proto = onnx.load(str(sparse))
     assert any(i.name.endswith("__bits") for i in proto.graph.initializer)

@@ -1,4 +1,5 @@
-"""All-ReLU (algorithms.md §5): f(z) = z for z >= 0 else a_l·z, a_l alternating in sign over hidden layers."""
+"""All-ReLU (docs/algorithms.md#all-relu): f(z) = z for z >= 0 else a_l·z, a_l alternating in sign over hidden
+layers."""
 from __future__ import annotations
 
 import pytest

@@ -38,7 +38,7 @@ def _train(method: str, **params):
 
 
 def _dst(method: str, **params):
-    return _train(method, distribution="uniform", dense_first=False, init="exact", **params)
+    return _train(method, distribution="uniform", dense_first_layer=False, init="exact", **params)
 
 
 def test_static_sparse_everywhere():
@@ -115,7 +115,7 @@ def test_swat_measured_densities_and_threshold_reuse():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(N_IN, N_OUT))
     gm = sparsify(model, {"stages": [{"pass": "swat", "sparsity": 0.5, "variant": "unstructured",
-                                      "sparsify_first_layer": True, "sparsify_last_layer": True}]},
+                                      "dense_first_layer": False, "dense_last_layer": False}]},
                   example_inputs=(torch.randn(N, N_IN),))
     layer = next(m for m in gm.modules() if hasattr(m, "swat"))
     assert layer.sparsity == pytest.approx(0.5)

@@ -77,7 +77,7 @@ def test_atomic_write_bad_directory_is_a_typed_error(tmp_path, monkeypatch):
 @pytest.fixture
 def good_file(tmp_path):
     torch.manual_seed(0)
-    path = onnx_export.export_onnx(nn.Linear(4, 3), tmp_path / "model.onnx", X)
+    path = onnx_export.export_onnx(nn.Linear(4, 3), tmp_path / "model.onnx", X).path
     return path, path.read_bytes()
 
 
@@ -123,15 +123,16 @@ def test_failed_export_leaves_the_good_file_untouched(good_file, monkeypatch, ex
 def test_successful_export_replaces_the_file(good_file):
     path, good = good_file
     torch.manual_seed(1)
-    assert onnx_export.export_onnx(nn.Linear(4, 3), path, X) == path
+    info = onnx_export.export_onnx(nn.Linear(4, 3), path, X)
+    assert info.path == path
     assert path.read_bytes() != good and listing(path.parent) == ["model.onnx"]
-    assert onnx_export.LAST_EXPORT.path == str(path) and onnx_export.LAST_EXPORT.max_abs < 1e-4
+    assert info.max_abs < 1e-4 and info.file_bytes == path.stat().st_size
 
 
 def test_sparse_weights_export_is_atomic_too(tmp_path):
     model = sparsifx.trace(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)))
     set_mask(model, "0", (torch.rand(8, 4) > 0.5).float())
-    path = onnx_export.export_onnx(model, tmp_path / "s.onnx", X, sparse_weights=True)
+    path = onnx_export.export_onnx(model, tmp_path / "s.onnx", X, sparse_weights=True).path
     assert listing(tmp_path) == ["s.onnx"] and onnx_export.inspect_onnx(path)["total"]["nonzeros"]
 
 

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sparsifx.errors import SparsifxError
-from sparsifx.report import report
+from sparsifx.reporting import report
 from sparsifx.serialization import load
 
 sys.path.insert(0, os.path.dirname(__file__))

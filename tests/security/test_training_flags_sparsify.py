@@ -102,6 +102,7 @@ def test_record_shapes_and_run_model_keep_each_flag():
 
 class TrainAll(PassBase):
     """A careless custom pass: ``gm.train()`` resets every submodule to train mode."""
+    in_place = True
 
     def call(self, gm):
         gm.train()
