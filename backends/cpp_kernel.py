@@ -61,6 +61,18 @@ static inline v8 ld_part(const float* p, int n) {
 #endif
 }
 
+// store the first n (< 8) floats of x at p; never touches memory past p + n
+static inline void st_part(float* p, v8 x, int n) {
+#if defined(__AVX2__)
+  static const int32_t ramp[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+  const __m256i m = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ramp + 8 - n));
+  __m256 v; __builtin_memcpy(&v, &x, 32);
+  _mm256_maskstore_ps(p, m, v);
+#else
+  for (int i = 0; i < n; ++i) p[i] = x[i];
+#endif
+}
+
 struct Epilogue {
   const float* bias;      // [R] or null
   const float* residual;  // [R, Ho*Wo] of this image or null
@@ -71,14 +83,21 @@ struct Epilogue {
                                   // the next convolution reads it as its grid
 };
 
-// y[0..n) = clamp(a + res) (res may be null): branch-free loops the compiler vectorises
+// y[0..n) = clamp(a + res) (res may be null), eight columns at a time
 static inline void finish_run(const float* __restrict a, const float* __restrict res, float* __restrict y, int n,
                               const Epilogue& e) {
-  if (res) for (int t = 0; t < n; ++t) y[t] = a[t] + res[t];
-  else for (int t = 0; t < n; ++t) y[t] = a[t];
-  if (e.clamp) {
-    const float lo = e.lo, hi = e.hi;
-    for (int t = 0; t < n; ++t) y[t] = std::min(std::max(y[t], lo), hi);
+  const v8 lo = v8{} + e.lo, hi = v8{} + e.hi;
+  int t = 0;
+  for (; t + 8 <= n; t += 8) {
+    v8 v = ld8(a + t);
+    if (res) v += ld8(res + t);
+    if (e.clamp) { v = v > lo ? v : lo; v = v < hi ? v : hi; }
+    st8(y + t, v);
+  }
+  for (; t < n; ++t) {
+    float v = a[t] + (res ? res[t] : 0.f);
+    if (e.clamp) v = std::min(std::max(v, e.lo), e.hi);
+    y[t] = v;
   }
 }
 
@@ -119,14 +138,21 @@ struct Columns {
   inline int64_t operator()(int64_t k) const { return (int64_t)col[k] * ld; }
 };
 
+// where a run of grid columns lands: `direct` (they are consecutive output columns, at `yoff` in the output
+// plane and `roff` in the residual plane: stored from the registers) or spread over output rows (store_row)
+struct Dest {
+  bool direct;
+  int64_t yoff, roff;
+};
+
 template <int NV, int U, bool MASKED, typename Idx>
 static inline void tile(const int64_t* __restrict rowptr, const Idx off, const float* __restrict val,
                         const float* __restrict G, int64_t c0, int last, int64_t r0, int64_t r1, float* Y,
-                        const Epilogue& e) {
+                        const Epilogue& e, const Dest d) {
   const float* Gc = G + c0;
   const int w = 8 * (NV - 1) + (MASKED ? last : 8);
-  const bool vector_out = !MASKED && e.wq == e.wo && e.ostride == e.wo && e.ooff == 0;
   const int64_t plane = e.ho * e.wo;
+  const v8 lo = v8{} + e.lo, hi = v8{} + e.hi;
   for (int64_t r = r0; r < r1; ++r) {
     v8 acc[U][NV];
     for (int u = 0; u < U; ++u)
@@ -149,18 +175,16 @@ static inline void tile(const int64_t* __restrict rowptr, const Idx off, const f
     for (int u = 1; u < U; ++u)
       for (int q = 0; q < NV; ++q) acc[0][q] += acc[u][q];
     const v8 b = v8{} + (e.bias ? e.bias[r] : 0.f);
-    if (vector_out) {  // grid columns are output columns: bias, residual and clamp on the registers
-      float* y = Y + r * plane + c0;
-      const float* res = e.residual ? e.residual + r * plane + c0 : nullptr;
+    if (d.direct) {  // bias, residual and clamp on the registers, one store
+      float* y = Y + r * e.oplane + d.yoff;
+      const float* res = e.residual ? e.residual + r * plane + d.roff : nullptr;
       for (int q = 0; q < NV; ++q) {
+        const bool part = MASKED && q == NV - 1;
         v8 a = acc[0][q] + b;
-        if (res) a += ld8(res + 8 * q);
-        if (e.clamp) {
-          const v8 lo = v8{} + e.lo, hi = v8{} + e.hi;
-          a = a > lo ? a : lo;
-          a = a < hi ? a : hi;
-        }
-        st8(y + 8 * q, a);
+        if (res) a += part ? ld_part(res + 8 * q, last) : ld8(res + 8 * q);
+        if (e.clamp) { a = a > lo ? a : lo; a = a < hi ? a : hi; }
+        if (part) st_part(y + 8 * q, a, last);
+        else st8(y + 8 * q, a);
       }
     } else {
       alignas(32) float out[8 * NV];
@@ -173,30 +197,51 @@ static inline void tile(const int64_t* __restrict rowptr, const Idx off, const f
 // the last columns (fewer than 64): ceil(left / 8) vectors, the last one masked when left is not a multiple of 8
 template <int NV, int U, typename Idx>
 static inline void tail(const int64_t* rowptr, const Idx off, const float* val, const float* G, int64_t c,
-                        int last, int64_t r0, int64_t r1, float* Y, const Epilogue& e) {
-  if (last == 8) tile<NV, U, false>(rowptr, off, val, G, c, 8, r0, r1, Y, e);
-  else tile<NV, U, true>(rowptr, off, val, G, c, last, r0, r1, Y, e);
+                        int last, int64_t r0, int64_t r1, float* Y, const Epilogue& e, const Dest d) {
+  if (last == 8) tile<NV, U, false>(rowptr, off, val, G, c, 8, r0, r1, Y, e, d);
+  else tile<NV, U, true>(rowptr, off, val, G, c, last, r0, r1, Y, e, d);
 }
 
+// grid columns [c0, c0 + width), width <= 64, landing at `d`
 template <typename Idx>
-static void run_columns(const int64_t* rowptr, const Idx off, const float* val, const float* G, int64_t c0,
-                        int64_t width, int64_t r0, int64_t r1, float* Y, const Epilogue& e) {
-  int64_t c = c0;
-  const int64_t stop = c0 + width;
-  for (; c + 64 <= stop; c += 64) tile<8, 1, false>(rowptr, off, val, G, c, 8, r0, r1, Y, e);
-  const int64_t left = stop - c;
-  if (left == 0) return;
-  const int nv = (int)((left + 7) / 8), last = (int)(left - 8 * (nv - 1));
+static void run_columns(const int64_t* rowptr, const Idx off, const float* val, const float* G, int64_t c,
+                        int64_t width, int64_t r0, int64_t r1, float* Y, const Epilogue& e, const Dest d) {
+  if (width == 64) { tile<8, 1, false>(rowptr, off, val, G, c, 8, r0, r1, Y, e, d); return; }
+  const int nv = (int)((width + 7) / 8), last = (int)(width - 8 * (nv - 1));
   switch (nv) {
-    case 1: tail<1, 4>(rowptr, off, val, G, c, last, r0, r1, Y, e); break;
-    case 2: tail<2, 4>(rowptr, off, val, G, c, last, r0, r1, Y, e); break;
-    case 3: tail<3, 2>(rowptr, off, val, G, c, last, r0, r1, Y, e); break;
-    case 4: tail<4, 2>(rowptr, off, val, G, c, last, r0, r1, Y, e); break;
-    case 5: tail<5, 1>(rowptr, off, val, G, c, last, r0, r1, Y, e); break;
-    case 6: tail<6, 1>(rowptr, off, val, G, c, last, r0, r1, Y, e); break;
-    case 7: tail<7, 1>(rowptr, off, val, G, c, last, r0, r1, Y, e); break;
-    default: tail<8, 1>(rowptr, off, val, G, c, last, r0, r1, Y, e); break;
+    case 1: tail<1, 4>(rowptr, off, val, G, c, last, r0, r1, Y, e, d); break;
+    case 2: tail<2, 4>(rowptr, off, val, G, c, last, r0, r1, Y, e, d); break;
+    case 3: tail<3, 2>(rowptr, off, val, G, c, last, r0, r1, Y, e, d); break;
+    case 4: tail<4, 2>(rowptr, off, val, G, c, last, r0, r1, Y, e, d); break;
+    case 5: tail<5, 1>(rowptr, off, val, G, c, last, r0, r1, Y, e, d); break;
+    case 6: tail<6, 1>(rowptr, off, val, G, c, last, r0, r1, Y, e, d); break;
+    case 7: tail<7, 1>(rowptr, off, val, G, c, last, r0, r1, Y, e, d); break;
+    default: tail<8, 1>(rowptr, off, val, G, c, last, r0, r1, Y, e, d); break;
   }
+}
+
+// A column segment: grid columns [c0, c0 + width) and where they land
+struct Segment {
+  int64_t c0, width;
+  Dest d;
+};
+
+// how a convolution's grid columns are cut: contiguous outputs in 64-column tiles; rows of at least ROW_MIN
+// outputs one row at a time (only valid columns computed, stored from the registers); narrower rows in 64-column
+// tiles across rows (stored through store_row, the padding columns computed and dropped)
+static std::vector<Segment> segments(int64_t ho, int64_t wo, int64_t wq, int64_t ostride, int64_t ooff) {
+  const int64_t ROW_MIN = 48;
+  std::vector<Segment> out;
+  if (wq == wo && ostride == wo && ooff == 0) {
+    for (int64_t c = 0; c < ho * wo; c += 64) out.push_back({c, std::min<int64_t>(64, ho * wo - c), {true, c, c}});
+  } else if (wo >= ROW_MIN || wq == wo) {
+    for (int64_t i = 0; i < ho; ++i)
+      for (int64_t j = 0; j < wo; j += 64)
+        out.push_back({i * wq + j, std::min<int64_t>(64, wo - j), {true, ooff + i * ostride + j, i * wo + j}});
+  } else {
+    for (int64_t c = 0; c < ho * wq; c += 64) out.push_back({c, std::min<int64_t>(64, ho * wq - c), {false, 0, 0}});
+  }
+  return out;
 }
 
 template <int SW>
@@ -275,11 +320,11 @@ torch::Tensor conv(torch::Tensor x, torch::Tensor rowptr, torch::Tensor off, tor
   // every read is G[off[k] + j] with 0 <= off[k] <= max_off and j < M: it must stay inside this image's grid
   TORCH_CHECK(ho > 0 && wo > 0 && wo <= wq && geom[11] >= 0 && geom[11] + M <= gstride,
               "sparse convolution: the weight's offsets do not fit this input (", geom[11], " + ", M, " > ", gstride, ")");
-  const int64_t TILE = 64;
-  const int64_t ntiles = (M + TILE - 1) / TILE;
+  const std::vector<Segment> segs = segments(ho, wo, wq, ow_all, oph * ow_all + opw);
+  const int64_t ntiles = (int64_t)segs.size();
   const int64_t nnz = val.numel();
   // rows per work item: about 32k multiply-adds per item, at least 4 rows
-  const int64_t per_row = std::max<int64_t>(1, nnz / std::max<int64_t>(1, R)) * std::min<int64_t>(M, TILE);
+  const int64_t per_row = std::max<int64_t>(1, nnz / std::max<int64_t>(1, R)) * std::min<int64_t>(M, 64);
   const int64_t rb = std::min<int64_t>(R, std::max<int64_t>(4, 32768 / per_row));
   const int64_t nrb = (R + rb - 1) / rb;
   const int64_t* rpp = rowptr.data_ptr<int64_t>();
@@ -305,11 +350,11 @@ torch::Tensor conv(torch::Tensor x, torch::Tensor rowptr, torch::Tensor off, tor
   at::parallel_for(0, N * ntiles * nrb, 1, [&](int64_t begin, int64_t end) {
     for (int64_t it = begin; it < end; ++it) {
       const int64_t b = it % nrb, t = (it / nrb) % ntiles, n = it / (nrb * ntiles);
-      const int64_t c0 = t * TILE, w = std::min<int64_t>(TILE, M - c0);
       const int64_t r0 = b * rb, r1 = std::min<int64_t>(R, r0 + rb);
       Epilogue e{bp, rp ? rp + n * R * ho * wo : nullptr, clamp, (float)lo, (float)hi, wq, wo, ho,
                  ow_all, oplane, oph * ow_all + opw};
-      run_columns(rpp, Offsets{op}, vp, gp + n * gstride, c0, w, r0, r1, yp + n * R * oplane, e);
+      const Segment& sg = segs[t];
+      run_columns(rpp, Offsets{op}, vp, gp + n * gstride, sg.c0, sg.width, r0, r1, yp + n * R * oplane, e, sg.d);
     }
   });
   return Y;
@@ -365,7 +410,7 @@ static void spmm_impl(const torch::Tensor& rowptr, const I* col, const torch::Te
       const int64_t c0 = t * TILE, w = std::min<int64_t>(TILE, M - c0);
       const int64_t r0 = b * rb, r1 = std::min<int64_t>(R, r0 + rb);
       Epilogue e{bias, nullptr, false, 0.f, 0.f, M, M, 1, M, M, 0};
-      run_columns(rp, Columns<I>{col, M}, vp, xp + n * K * M, c0, w, r0, r1, yp + n * R * M, e);
+      run_columns(rp, Columns<I>{col, M}, vp, xp + n * K * M, c0, w, r0, r1, yp + n * R * M, e, Dest{true, c0, c0});
     }
   });
 }

@@ -54,8 +54,8 @@ class Lower(PassBase):
     input shape and the whole model before and after, and report the measured speedups), ``fuse`` (run
     ``fuse_epilogues`` afterwards: residual adds and ReLUs folded into the sparse convolutions; default on).
     Convolutions are planned by measurement: torch's dense convolution and the direct sparse convolution
-    (``backends/cpp_kernel.py``; not for depthwise layers) are timed on the layer's recorded input shape and the
-    faster one is kept. Each layer reports ``flop_speedup`` (dense over executed multiply-adds, the theoretical
+    (``backends/cpp_kernel.py``) are timed on the layer's recorded input shape, each with the ReLU / ReLU6 that
+    follows it (fused by the direct kernel), and the faster one is kept (``min_speedup`` applies to predictions). Each layer reports ``flop_speedup`` (dense over executed multiply-adds, the theoretical
     figure) beside ``measured_speedup``; ``report_extra["lower"]`` sums them for the model. Dense choices bake the
     mask into a plain layer.
     """
@@ -133,7 +133,7 @@ class Lower(PassBase):
         x = torch.randn(in_shape)
         with torch.inference_mode():
             ms = median_ms({k: (lambda m=m, f=f: f(m, x)) for k, (m, f) in candidates.items()}, reps=CONV_TIMING_REPS)
-        best = self._best(ms)
+        best = min(ms, key=ms.__getitem__)  # measured, not predicted: the faster one, no margin
         new = candidates[best][0]
         if best == "direct":
             new.activation = None  # fuse_epilogues sets it where the graph allows
