@@ -7,10 +7,12 @@ interpolated in log(batch). A convolution costs, for a sparse kernel, its 256-ba
 times the output columns plus an im2col (``F.unfold``) cost per element, and for dense ``F.conv2d`` a fitted
 overhead plus a cost per multiply-add. Timings are medians of interleaved runs on the calling thread's CPU clock
 when torch runs one thread (immune to a busy machine), minima on the wall clock otherwise (the uncontended cost);
-every timed Linear call starts with the caches flushed (``CacheEvictor``). ``crossover`` gives the density below which a kernel beats
+every timed Linear call starts with the caches flushed (``CacheEvictor``). ``crossover`` gives the density below which
+a kernel beats
 torch's dense layer. The calibration is stored as JSON in ``cache_dir()``, keyed by CPU, threads and torch; it is
 written atomically, and a cache file that is not a well-formed calibration is logged and replaced.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -68,8 +70,12 @@ class CacheEvictor:
         self.buffer.fill_(1.0)
 
 
-def median_ms(fns: dict[str, Callable[[], object]], reps: int = 7, quantile: float = 0.5,
-              before: Callable[[], object] | None = None) -> dict[str, float]:
+def median_ms(
+    fns: dict[str, Callable[[], object]],
+    reps: int = 7,
+    quantile: float = 0.5,
+    before: Callable[[], object] | None = None,
+) -> dict[str, float]:
     """Median (or another quantile) time in ms of each callable, timed interleaved after one warm-up;
     ``before`` (untimed) runs before every timed call.
 
@@ -86,8 +92,10 @@ def median_ms(fns: dict[str, Callable[[], object]], reps: int = 7, quantile: flo
             t0 = clock()
             f()
             times[k].append((clock() - t0) * 1e3)
-    return {k: statistics.median(v) if quantile == 0.5 else sorted(v)[int(quantile * (len(v) - 1))]
-            for k, v in times.items()}
+    return {
+        k: statistics.median(v) if quantile == 0.5 else sorted(v)[int(quantile * (len(v) - 1))]
+        for k, v in times.items()
+    }
 
 
 def _quantile() -> float:
@@ -117,6 +125,7 @@ def _interp(points: list[tuple[float, float]], work: float) -> float:
 @dataclass
 class Calibration:
     """Timed points ``linear[kernel][batch] = [(work, ms), ...]``; conv costs per element / multiply-add."""
+
     key: str
     threads: int
     linear: dict[str, dict[int, list[tuple[float, float]]]] = field(default_factory=dict)
@@ -165,16 +174,24 @@ class Calibration:
     def to_json(self) -> dict:
         data = asdict(self)
         data["linear"] = {k: {str(b): [list(p) for p in v] for b, v in t.items()} for k, t in self.linear.items()}
-        data["crossover_density"] = {k: {f"{n}@{b}": round(self.crossover(k, n, b), 4)
-                                         for n in CAL_SIZES for b in self.batches}
-                                     for k in self.linear if SPARSE_KERNELS.get(k).sparse}
+        data["crossover_density"] = {
+            k: {f"{n}@{b}": round(self.crossover(k, n, b), 4) for n in CAL_SIZES for b in self.batches}
+            for k in self.linear
+            if SPARSE_KERNELS.get(k).sparse
+        }
         return data
 
     @classmethod
     def from_json(cls, data: dict) -> "Calibration":
         linear = {k: {int(b): [tuple(p) for p in v] for b, v in t.items()} for k, t in data["linear"].items()}
-        return cls(data["key"], data["threads"], linear, data["unfold_ms_per_elem"], data["conv_dense_ms_per_mac"],
-                   data["conv_dense_overhead_ms"])
+        return cls(
+            data["key"],
+            data["threads"],
+            linear,
+            data["unfold_ms_per_elem"],
+            data["conv_dense_ms_per_mac"],
+            data["conv_dense_overhead_ms"],
+        )
 
 
 def machine_key(kernels: tuple[str, ...]) -> str:
@@ -190,6 +207,7 @@ def _fit(x0: float, t0: float, x1: float, t1: float) -> tuple[float, float]:
 
 def _layer(name: str, w: torch.Tensor) -> torch.nn.Module:
     from .sparse_modules import SparseLinear
+
     if name == "dense":
         layer = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
         with torch.no_grad():
@@ -198,8 +216,9 @@ def _layer(name: str, w: torch.Tensor) -> torch.nn.Module:
     return SparseLinear(w, None, [(None, name)])
 
 
-def _calibrate_linear(kernels: tuple[str, ...], reps: int, sizes: tuple[int, ...], batches: tuple[int, ...]
-                      ) -> dict[str, dict[int, list[tuple[float, float]]]]:
+def _calibrate_linear(
+    kernels: tuple[str, ...], reps: int, sizes: tuple[int, ...], batches: tuple[int, ...]
+) -> dict[str, dict[int, list[tuple[float, float]]]]:
     gen = torch.Generator().manual_seed(0)
     mats = {n: _random_sparse(n, CAL_DENSITY, gen) for n in sizes}
     evict = CacheEvictor()
@@ -224,17 +243,27 @@ def _calibrate_conv(reps: int) -> tuple[float, float, float]:
     x = torch.randn(r["n"], r["c"], r["hw"], r["hw"])
     w_big = torch.randn(r["c"], r["c"], r["k"], r["k"])
     w_small = torch.randn(r["c"] // 4, r["c"], r["k"], r["k"])
-    t = median_ms({"unfold": lambda: F.unfold(x, r["k"], padding=1).contiguous(),
-                   "big": lambda: F.conv2d(x, w_big, padding=1), "small": lambda: F.conv2d(x, w_small, padding=1)},
-                  reps, quantile=_quantile())
+    t = median_ms(
+        {
+            "unfold": lambda: F.unfold(x, r["k"], padding=1).contiguous(),
+            "big": lambda: F.conv2d(x, w_big, padding=1),
+            "small": lambda: F.conv2d(x, w_small, padding=1),
+        },
+        reps,
+        quantile=_quantile(),
+    )
     cols = r["n"] * r["hw"] ** 2
     k_dim = r["c"] * r["k"] ** 2
     overhead, per_mac = _fit(r["c"] // 4 * k_dim * cols, t["small"], r["c"] * k_dim * cols, t["big"])
     return t["unfold"] / (k_dim * cols), per_mac, overhead
 
 
-def calibrate(kernels: tuple[str, ...] | None = None, reps: int = 9, sizes: tuple[int, ...] = CAL_SIZES,
-              batches: tuple[int, ...] = CAL_BATCHES) -> Calibration:
+def calibrate(
+    kernels: tuple[str, ...] | None = None,
+    reps: int = 9,
+    sizes: tuple[int, ...] = CAL_SIZES,
+    batches: tuple[int, ...] = CAL_BATCHES,
+) -> Calibration:
     """Time every available kernel on this machine and fit the cost model (takes seconds)."""
     kernels = tuple(k for k in (kernels or SPARSE_KERNELS.names()) if SPARSE_KERNELS.get(k).available())
     if "dense" not in kernels:
@@ -252,10 +281,13 @@ def cache_path(kernels: tuple[str, ...], directory: str | Path | None = None) ->
 
 
 def _number(value, what: str, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
-            value <= 0 if positive else value < 0):
-        raise ValueError(f"{what} must be a finite {'positive' if positive else 'non-negative'} number, "
-                         f"got {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or (value <= 0 if positive else value < 0)
+    ):
+        raise ValueError(f"{what} must be a finite {'positive' if positive else 'non-negative'} number, got {value!r}")
     return float(value)
 
 
@@ -276,8 +308,11 @@ def _checked(data, kernels: tuple[str, ...]) -> dict:
         for batch, points in table.items():
             if not (isinstance(batch, str) and batch.isdigit() and int(batch) > 0):
                 raise ValueError(f"linear.{kernel}: batch {batch!r} is not a positive integer")
-            if not isinstance(points, list) or not points or not all(
-                    isinstance(p, list) and len(p) == 2 for p in points):
+            if (
+                not isinstance(points, list)
+                or not points
+                or not all(isinstance(p, list) and len(p) == 2 for p in points)
+            ):
                 raise ValueError(f"linear.{kernel}.{batch} must be a non-empty list of [work, ms] pairs")
             for work, ms in points:
                 _number(work, f"linear.{kernel}.{batch} work", positive=True)
@@ -315,8 +350,12 @@ def _store(path: Path, cal: Calibration) -> None:
     log.info("calibration written to %s", path)
 
 
-def load_or_calibrate(kernels: tuple[str, ...] | None = None, directory: str | Path | None = None,
-                      recalibrate: bool = False, **calibrate_kwargs) -> Calibration:
+def load_or_calibrate(
+    kernels: tuple[str, ...] | None = None,
+    directory: str | Path | None = None,
+    recalibrate: bool = False,
+    **calibrate_kwargs,
+) -> Calibration:
     """The cached calibration for these kernels on this machine, measured first if missing (or asked).
 
     A cache file that cannot be read or is not a well-formed calibration of these kernels is logged and

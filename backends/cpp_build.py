@@ -6,6 +6,7 @@ it runs on (AVX2, AVX-512, NEON), which is this library's runtime dispatch. The 
 CPU, torch and Python, so a cache shared between machines never loads a binary built for another CPU. Without a C++
 compiler a build raises ``BackendError``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -51,6 +52,7 @@ class CppExtension:
 
     def build_name(self) -> str:
         import torch
+
         key = "\n".join([self.source, " ".join(CFLAGS), cpu_signature(), torch.__version__, platform.python_version()])
         return f"{self.prefix}_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
@@ -66,16 +68,25 @@ class CppExtension:
             if self._module is not None:
                 return self._module
             if not compiler_available():
-                raise BackendError(f"the {self.what} needs a C++ compiler (set CXX or install g++); "
-                                   "use backend 'csr' or 'dense' instead")
+                raise BackendError(
+                    f"the {self.what} needs a C++ compiler (set CXX or install g++); "
+                    "use backend 'csr' or 'dense' instead"
+                )
             from torch.utils.cpp_extension import load_inline
+
             name = self.build_name()
             build = cache_dir() / "torch_extensions" / name
             build.mkdir(parents=True, exist_ok=True)
             log.info("building %s %s in %s", self.what, name, build)
             try:
-                self._module = load_inline(name=name, cpp_sources=[self.source], functions=self.functions,
-                                           extra_cflags=CFLAGS, build_directory=str(build), verbose=False)
+                self._module = load_inline(
+                    name=name,
+                    cpp_sources=[self.source],
+                    functions=self.functions,
+                    extra_cflags=CFLAGS,
+                    build_directory=str(build),
+                    verbose=False,
+                )
             except Exception as exc:  # compiler/linker failures surface as RuntimeError/CalledProcessError
                 raise BackendError(f"building the {self.what} failed in {build}: {exc}") from exc
         return self._module

@@ -25,6 +25,7 @@ column (a matrix-vector product) runs four scalar accumulators per row. ``linear
 Work items (image, column tile, block of rows) are spread over ``at::parallel_for`` (torch's thread pool:
 ``torch.set_num_threads`` applies). Built with ``-march=native`` on the machine that runs it.
 """
+
 from __future__ import annotations
 
 from .cpp_build import CppExtension, cache_dir  # noqa: F401  (cache_dir: where kernels and calibrations live)
@@ -319,7 +320,8 @@ torch::Tensor conv(torch::Tensor x, torch::Tensor rowptr, torch::Tensor off, tor
   const int64_t M = ho * wq;  // grid columns that hold outputs
   // every read is G[off[k] + j] with 0 <= off[k] <= max_off and j < M: it must stay inside this image's grid
   TORCH_CHECK(ho > 0 && wo > 0 && wo <= wq && geom[11] >= 0 && geom[11] + M <= gstride,
-              "sparse convolution: the weight's offsets do not fit this input (", geom[11], " + ", M, " > ", gstride, ")");
+              "sparse convolution: the weight's offsets do not fit this input (", geom[11], " + ", M, " > ",
+              gstride, ")");
   const std::vector<Segment> segs = segments(ho, wo, wq, ow_all, oph * ow_all + opw);
   const int64_t ntiles = (int64_t)segs.size();
   const int64_t nnz = val.numel();

@@ -4,6 +4,7 @@ torch's NCHW max pooling is slow on one CPU thread at batch 1 (resnet50's stem p
 here), which matters once the convolutions around it are sparse. Floor mode, dilation 1, no indices only
 (``supported``); anything else keeps ``nn.MaxPool2d``. Inference only; a tracing leaf.
 """
+
 from __future__ import annotations
 
 import torch
@@ -17,8 +18,9 @@ from . import cpp_kernel
 
 
 def supported(pool: nn.Module) -> bool:
-    return (type(pool) is nn.MaxPool2d and not pool.ceil_mode and not pool.return_indices
-            and _pair(pool.dilation) == (1, 1))
+    return (
+        type(pool) is nn.MaxPool2d and not pool.ceil_mode and not pool.return_indices and _pair(pool.dilation) == (1, 1)
+    )
 
 
 @register_leaf_type

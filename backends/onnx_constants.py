@@ -5,6 +5,7 @@ and the nodes computed from them only (the decode subgraph of ``sparse_onnx``'s 
 The file is untrusted: only the ops in ``CONSTANT_OPS`` are evaluated, every produced array is bounded by
 ``max_elements``, external data is refused (it would read other files), and every failure is an ``OnnxImportError``.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -20,6 +21,7 @@ class OnnxImportError(BackendError):
 
 def _attr(node, name: str, default=None):
     from onnx import helper
+
     for a in node.attribute:
         if a.name == name:
             return helper.get_attribute_value(a)
@@ -45,8 +47,9 @@ CONSTANT_OPS: dict[str, Callable] = {
     "Identity": lambda n, x: x,
     "Reshape": _reshape,
     "Transpose": lambda n, x: np.transpose(x, _attr(n, "perm")),
-    "BitShift": lambda n, x, s: (x >> s) if _attr(n, "direction") == b"RIGHT" or _attr(n, "direction") == "RIGHT"
-    else (x << s),
+    "BitShift": lambda n, x, s: (
+        (x >> s) if _attr(n, "direction") == b"RIGHT" or _attr(n, "direction") == "RIGHT" else (x << s)
+    ),
     "Mod": lambda n, a, b: np.mod(a, b),
     "Slice": _slice,
     "Cast": lambda n, x: x.astype(__import__("onnx").helper.tensor_dtype_to_np_dtype(_attr(n, "to"))),
@@ -54,15 +57,18 @@ CONSTANT_OPS: dict[str, Callable] = {
     "Mul": lambda n, a, b: a * b,
     "Add": lambda n, a, b: a + b,
     "Gather": lambda n, x, i: np.take(x, i, axis=_attr(n, "axis", 0)),
-    "Unsqueeze": lambda n, x, axes=None: np.expand_dims(x, tuple(int(a) for a in (axes if axes is not None
-                                                                                   else _attr(n, "axes")))),
-    "Squeeze": lambda n, x, axes=None: np.squeeze(x, tuple(int(a) for a in (axes if axes is not None
-                                                                              else _attr(n, "axes")))),
+    "Unsqueeze": lambda n, x, axes=None: np.expand_dims(
+        x, tuple(int(a) for a in (axes if axes is not None else _attr(n, "axes")))
+    ),
+    "Squeeze": lambda n, x, axes=None: np.squeeze(
+        x, tuple(int(a) for a in (axes if axes is not None else _attr(n, "axes")))
+    ),
 }
 
 
 def _sparse_to_dense(sparse) -> tuple[str, np.ndarray]:
     from onnx import numpy_helper
+
     values = numpy_helper.to_array(sparse.values)
     indices = numpy_helper.to_array(sparse.indices).astype(np.int64)
     dims = tuple(int(d) for d in sparse.dims)
@@ -77,6 +83,7 @@ def _sparse_to_dense(sparse) -> tuple[str, np.ndarray]:
 def fold_constants(model, max_elements: int) -> tuple[dict[str, np.ndarray], list]:
     """``(constants by name, the nodes that remain)``: every value computable from the file alone, in numpy."""
     from onnx import TensorProto, numpy_helper
+
     consts: dict[str, np.ndarray] = {}
     total = 0
 
@@ -84,14 +91,17 @@ def fold_constants(model, max_elements: int) -> tuple[dict[str, np.ndarray], lis
         nonlocal total
         total += array.size
         if array.size > max_elements or total > 4 * max_elements:
-            raise OnnxImportError(f"{where}: constant '{name}' exceeds the import size limit ({max_elements} "
-                                  "elements per tensor)")
+            raise OnnxImportError(
+                f"{where}: constant '{name}' exceeds the import size limit ({max_elements} elements per tensor)"
+            )
         consts[name] = array
 
     for init in model.graph.initializer:
         if init.data_location == TensorProto.EXTERNAL:
-            raise OnnxImportError(f"initializer '{init.name}' uses external data; the importer reads one file "
-                                  "only: save the model with its weights inside (onnx.save without external data)")
+            raise OnnxImportError(
+                f"initializer '{init.name}' uses external data; the importer reads one file "
+                "only: save the model with its weights inside (onnx.save without external data)"
+            )
         add(init.name, numpy_helper.to_array(init), "initializer")
     for sparse in model.graph.sparse_initializer:
         name, dense = _sparse_to_dense(sparse)

@@ -20,6 +20,7 @@ The options that shape the file are grouped in :class:`ExportOptions`, those of 
 in :class:`ParityCheck`; ``export_onnx`` keeps its keyword arguments and builds both from them, and
 :func:`export_with_options` takes them directly. The module holds no state between calls.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -37,9 +38,9 @@ import torch
 from sparsifx.atomic_io import atomic_write
 from sparsifx.errors import BackendError
 from sparsifx.masking import bake_masks, masked_layers
+from sparsifx.module_utils import eval_mode
+from sparsifx.registry import Registry
 from sparsifx.sparse_linear import densify_sparse_layers, sparse_layers
-from sparsifx.module_utils import preserve_training_flags
-from sparsifx.registry import BACKENDS, Registry
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ EXTERNAL_DATA_BYTES = 1_800_000_000
 @dataclass(frozen=True)
 class ParityCheck:
     """How onnxruntime is compared with torch: ``|ort - torch| <= atol + rtol * |torch|`` on every output."""
+
     rtol: float = 1e-4
     atol: float = 1e-4
 
@@ -59,6 +61,7 @@ class ParityCheck:
 class ExportOptions:
     """How ``export_onnx`` writes the file. ``parity=None`` skips the onnxruntime comparison (``verify=False``);
     ``onnx.checker`` always runs."""
+
     exporter: str = "auto"  # "auto", or a name in EXPORTERS ("torchscript", "dynamo")
     opset: int | None = None  # None: the exporter's default
     dynamic_batch: bool = True  # symbolic batch axis, verified on a second batch size
@@ -73,6 +76,7 @@ class ExportOptions:
 @dataclass(frozen=True)
 class BatchCheck:
     """One onnxruntime-vs-torch comparison: the batch size and the observed max abs / rel error."""
+
     batch: int | None
     max_abs: float
     max_rel: float
@@ -83,6 +87,7 @@ class ExportResult:
     """What one ``export_onnx`` call did. It stands for ``path`` where a path is expected (``os.PathLike``,
     ``str(result)``), so ``open(result)``, ``Path(result)`` and ``onnx.load(result)`` work as with the path
     ``export_onnx`` returned before; use ``result.path`` for ``Path`` methods."""
+
     path: Path
     exporter: str  # the exporter that wrote the file
     fallback_reason: str = ""  # why earlier exporters of "auto" failed ("" when the first one worked)
@@ -115,9 +120,17 @@ def _export_torchscript(module, inputs, path, dynamic_batch, opset, n_out):
     axes = {n: {0: "batch"} for n in in_names + out_names} if dynamic_batch else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the legacy exporter warns about its own deprecation
-        torch.onnx.export(module, tuple(inputs), str(path), dynamo=False, input_names=in_names,
-                          output_names=out_names, dynamic_axes=axes, opset_version=opset,
-                          do_constant_folding=True)
+        torch.onnx.export(
+            module,
+            tuple(inputs),
+            str(path),
+            dynamo=False,
+            input_names=in_names,
+            output_names=out_names,
+            dynamic_axes=axes,
+            opset_version=opset,
+            do_constant_folding=True,
+        )
 
 
 @EXPORTERS.register("dynamo")
@@ -130,9 +143,18 @@ def _export_dynamo(module, inputs, path, dynamic_batch, opset, n_out):
     big = sum(p.numel() * p.element_size() for p in module.parameters()) > EXTERNAL_DATA_BYTES
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # the exporter prints progress
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, tuple(inputs), str(path), dynamo=True, input_names=in_names,
-                          output_names=out_names, dynamic_shapes=shapes, opset_version=opset,
-                          external_data=big, verbose=False)
+        torch.onnx.export(
+            module,
+            tuple(inputs),
+            str(path),
+            dynamo=True,
+            input_names=in_names,
+            output_names=out_names,
+            dynamic_shapes=shapes,
+            opset_version=opset,
+            external_data=big,
+            verbose=False,
+        )
 
 
 AUTO_ORDER = ("torchscript", "dynamo")
@@ -170,16 +192,24 @@ def _other_batch(inputs: Sequence[Any]) -> tuple:
 def compare(actual: Sequence[Any], expected: Sequence[torch.Tensor], rtol: float, atol: float) -> dict:
     """Max abs/rel error between onnxruntime outputs and torch outputs, and whether they are close."""
     if len(actual) != len(expected):
-        return {"ok": False, "max_abs": float("inf"), "max_rel": float("inf"),
-                "detail": f"onnxruntime returned {len(actual)} outputs, torch {len(expected)}"}
+        return {
+            "ok": False,
+            "max_abs": float("inf"),
+            "max_rel": float("inf"),
+            "detail": f"onnxruntime returned {len(actual)} outputs, torch {len(expected)}",
+        }
     max_abs = max_rel = 0.0
     ok, detail = True, ""
     for i, (a, e) in enumerate(zip(actual, expected)):
         a = torch.as_tensor(a)
         e = e.detach().cpu()
         if tuple(a.shape) != tuple(e.shape):
-            return {"ok": False, "max_abs": float("inf"), "max_rel": float("inf"),
-                    "detail": f"output {i}: shape {tuple(a.shape)} != torch {tuple(e.shape)}"}
+            return {
+                "ok": False,
+                "max_abs": float("inf"),
+                "max_rel": float("inf"),
+                "detail": f"output {i}: shape {tuple(a.shape)} != torch {tuple(e.shape)}",
+            }
         if e.numel() == 0:
             continue
         a64, e64 = a.double(), e.double()
@@ -194,16 +224,19 @@ def compare(actual: Sequence[Any], expected: Sequence[torch.Tensor], rtol: float
 def _check_model(path: Path, shown: Path | None = None) -> None:
     """``onnx.checker`` on ``path``; errors name ``shown`` (the destination of a temporary file)."""
     import onnx
+
     try:
         onnx.checker.check_model(str(path), full_check=False)
     except Exception as exc:
         raise BackendError(f"onnx.checker rejected {shown or path}: {type(exc).__name__}: {exc}") from exc
 
 
-def _verify(module, file: Path, batches: list[tuple], rtol: float, atol: float,
-            path: Path | None = None) -> list[BatchCheck]:
+def _verify(
+    module, file: Path, batches: list[tuple], rtol: float, atol: float, path: Path | None = None
+) -> list[BatchCheck]:
     """onnxruntime on ``file`` vs torch on each batch; errors name ``path`` (default: ``file``)."""
     import onnxruntime as ort
+
     path = path or file
     try:
         session = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
@@ -218,19 +251,23 @@ def _verify(module, file: Path, batches: list[tuple], rtol: float, atol: float,
         try:
             got = session.run(None, feed)
         except Exception as exc:
-            raise BackendError(f"onnxruntime failed on {path} with batch size {batch}: "
-                               f"{type(exc).__name__}: {exc}") from exc
+            raise BackendError(
+                f"onnxruntime failed on {path} with batch size {batch}: {type(exc).__name__}: {exc}"
+            ) from exc
         try:
             expected = _run_torch(module, inputs)
         except Exception as exc:
-            raise BackendError(f"the module fails on the verification batch of size {batch}: "
-                               f"{type(exc).__name__}: {exc}") from exc
+            raise BackendError(
+                f"the module fails on the verification batch of size {batch}: {type(exc).__name__}: {exc}"
+            ) from exc
         result = compare(got, expected, rtol, atol)
         checks.append(BatchCheck(batch, result["max_abs"], result["max_rel"]))
         if not result["ok"]:
-            raise BackendError(f"onnxruntime output does not match torch for batch size {batch} ({path}): "
-                               f"{result['detail']}; max abs error {result['max_abs']:.3g}, max rel error "
-                               f"{result['max_rel']:.3g} (rtol={rtol}, atol={atol})")
+            raise BackendError(
+                f"onnxruntime output does not match torch for batch size {batch} ({path}): "
+                f"{result['detail']}; max abs error {result['max_abs']:.3g}, max rel error "
+                f"{result['max_rel']:.3g} (rtol={rtol}, atol={atol})"
+            )
     return checks
 
 
@@ -257,16 +294,29 @@ def _export(module, inputs, path: Path, exporter: str, dynamic_batch: bool, opse
                 raise KeyboardInterrupt(f"ONNX export interrupted in the {name} exporter") from exc
             first = (str(exc).strip().splitlines() or [""])[0][:300]
             failures.append(f"{name} exporter: {type(exc).__name__}: {first}")
-            log.warning("ONNX %s exporter failed (%s)%s", name, failures[-1],
-                        "; trying the next exporter" if name != order[-1] else "")
+            log.warning(
+                "ONNX %s exporter failed (%s)%s",
+                name,
+                failures[-1],
+                "; trying the next exporter" if name != order[-1] else "",
+            )
             continue
         return name, "; ".join(failures)
     raise BackendError(f"ONNX export of {type(module).__name__} failed: " + " | ".join(failures))
 
 
-def export_onnx(module: torch.nn.Module, path: str | os.PathLike, example_inputs: Any, dynamic_batch: bool = True,
-                verify: bool = True, opset: int | None = None, sparse_weights: bool = False, rtol: float = 1e-4,
-                atol: float = 1e-4, exporter: str = "auto") -> ExportResult:
+def export_onnx(
+    module: torch.nn.Module,
+    path: str | os.PathLike,
+    example_inputs: Any,
+    dynamic_batch: bool = True,
+    verify: bool = True,
+    opset: int | None = None,
+    sparse_weights: bool = False,
+    rtol: float = 1e-4,
+    atol: float = 1e-4,
+    exporter: str = "auto",
+) -> ExportResult:
     """Export ``module`` to ``path`` (ONNX), check it and verify it with onnxruntime; returns an
     :class:`ExportResult` (the path, the exporter used, opset, size on disk and one :class:`BatchCheck` per
     verified batch). The keyword arguments build an :class:`ExportOptions` (``verify``, ``rtol`` and ``atol``
@@ -275,18 +325,24 @@ def export_onnx(module: torch.nn.Module, path: str | os.PathLike, example_inputs
     The export is written to a temporary file beside ``path`` and renamed over it only after the checks
     pass (``sparsifx.atomic_io.atomic_write``): on any failure an existing file at ``path`` is left as it
     was. The directory must exist (``ArtefactError`` otherwise). Every submodule's ``training`` flag is
-    restored afterwards (``preserve_training_flags``).
+    restored afterwards (``eval_mode``).
 
     ``sparse_weights=True`` rewrites initializers as sparse tensors with
     ``sparsifx.backends.sparse_onnx.to_sparse_initializers`` before verification.
     """
-    options = ExportOptions(exporter=exporter, opset=opset, dynamic_batch=dynamic_batch,
-                            sparse_weights=sparse_weights, parity=ParityCheck(rtol, atol) if verify else None)
+    options = ExportOptions(
+        exporter=exporter,
+        opset=opset,
+        dynamic_batch=dynamic_batch,
+        sparse_weights=sparse_weights,
+        parity=ParityCheck(rtol, atol) if verify else None,
+    )
     return export_with_options(module, path, example_inputs, options)
 
 
-def export_with_options(module: torch.nn.Module, path: str | os.PathLike, example_inputs: Any,
-                        options: ExportOptions = ExportOptions()) -> ExportResult:
+def export_with_options(
+    module: torch.nn.Module, path: str | os.PathLike, example_inputs: Any, options: ExportOptions = ExportOptions()
+) -> ExportResult:
     """``export_onnx`` with its options as one :class:`ExportOptions`."""
     exporter, dynamic_batch, parity = options.exporter, options.dynamic_batch, options.parity
     if exporter != "auto" and exporter not in EXPORTERS:
@@ -299,11 +355,13 @@ def export_with_options(module: torch.nn.Module, path: str | os.PathLike, exampl
     path = Path(path)
     if any(True for _ in masked_layers(module)) or any(True for _ in sparse_layers(module)):
         module = copy.deepcopy(module)
-        log.info("baked %d masked and %d sparse-storage layers into dense weights for export", bake_masks(module),
-                 densify_sparse_layers(module))
+        log.info(
+            "baked %d masked and %d sparse-storage layers into dense weights for export",
+            bake_masks(module),
+            densify_sparse_layers(module),
+        )
     facts: dict[str, Any] = {}  # filled by write and check, which atomic_write calls in turn
-    with preserve_training_flags(module):
-        module.eval()
+    with eval_mode(module):
         try:
             n_out = len(_run_torch(module, inputs))
         except Exception as exc:
@@ -313,8 +371,9 @@ def export_with_options(module: torch.nn.Module, path: str | os.PathLike, exampl
         export_inputs = _other_batch(inputs) if dynamic_batch else inputs
 
         def write(tmp: Path) -> None:
-            facts["exporter"], facts["fallback_reason"] = _export(module, export_inputs, tmp, exporter,
-                                                                  dynamic_batch, options.opset, n_out)
+            facts["exporter"], facts["fallback_reason"] = _export(
+                module, export_inputs, tmp, exporter, dynamic_batch, options.opset, n_out
+            )
             log.info("exported %s with the %s exporter", path, facts["exporter"])
             if options.sparse_weights:
                 _sparsify_file(tmp, path)
@@ -327,8 +386,9 @@ def export_with_options(module: torch.nn.Module, path: str | os.PathLike, exampl
                 facts["checks"] = tuple(_verify(module, tmp, batches, parity.rtol, parity.atol, path))
 
         atomic_write(path, write, check)  # the file at ``path`` changes only once export and checks passed
-    return ExportResult(path, facts["exporter"], facts["fallback_reason"], facts["opset"], facts["file_bytes"],
-                        facts.get("checks", ()))
+    return ExportResult(
+        path, facts["exporter"], facts["fallback_reason"], facts["opset"], facts["file_bytes"], facts.get("checks", ())
+    )
 
 
 def _file_facts(path: Path) -> tuple[int | None, int]:
@@ -336,10 +396,10 @@ def _file_facts(path: Path) -> tuple[int | None, int]:
     it names beside it (the external data itself is not read)."""
     import onnx
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
     model = onnx.load(str(path), load_external_data=False)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    files = {path.parent / str(ExternalDataInfo(t).location) for t in model.graph.initializer
-             if uses_external_data(t)}
+    files = {path.parent / str(ExternalDataInfo(t).location) for t in model.graph.initializer if uses_external_data(t)}
     return opset, path.stat().st_size + sum(f.stat().st_size for f in files if f.is_file())
 
 
@@ -348,15 +408,19 @@ def _sparsify_file(path: Path, shown: Path | None = None) -> None:
     try:
         from sparsifx.backends.sparse_onnx import to_sparse_initializers
     except ImportError as exc:
-        raise BackendError("sparse_weights=True needs sparsifx.backends.sparse_onnx.to_sparse_initializers, "
-                           f"which is not available: {exc}") from exc
+        raise BackendError(
+            "sparse_weights=True needs sparsifx.backends.sparse_onnx.to_sparse_initializers, "
+            f"which is not available: {exc}"
+        ) from exc
     import onnx
+
     model = onnx.load(str(path))
     try:
         model = to_sparse_initializers(model)
     except Exception as exc:
-        raise BackendError(f"converting initializers of {shown or path} to sparse failed: "
-                           f"{type(exc).__name__}: {exc}") from exc
+        raise BackendError(
+            f"converting initializers of {shown or path} to sparse failed: {type(exc).__name__}: {exc}"
+        ) from exc
     onnx.save(model, str(path))
 
 
@@ -366,15 +430,22 @@ MAX_INSPECT_BYTES = 8 << 30  # an ONNX file (with its external data) that inspec
 def _external_file(path: Path, tensor) -> Path | None:
     """The external-data file of ``tensor``, checked to be a regular file inside ``path``'s folder."""
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
     if not uses_external_data(tensor):
         return None
     info = ExternalDataInfo(tensor)
     location = Path(str(info.location))
     target = (path.parent / location).resolve()
-    if location.is_absolute() or ".." in location.parts or path.parent.resolve() not in target.parents \
-            or not target.is_file():
-        raise BackendError(f"ONNX file {path}: tensor '{tensor.name}' points at external data "
-                           f"'{str(info.location)[:80]}' outside the model's folder or not a regular file")
+    if (
+        location.is_absolute()
+        or ".." in location.parts
+        or path.parent.resolve() not in target.parents
+        or not target.is_file()
+    ):
+        raise BackendError(
+            f"ONNX file {path}: tensor '{tensor.name}' points at external data "
+            f"'{str(info.location)[:80]}' outside the model's folder or not a regular file"
+        )
     size = target.stat().st_size
     offset, length = int(info.offset or 0), info.length
     if offset < 0 or offset > size or (length is not None and (length < 0 or offset + int(length) > size)):
@@ -384,6 +455,7 @@ def _external_file(path: Path, tensor) -> Path | None:
 
 def _tensor_array(path: Path, tensor):
     from onnx import numpy_helper
+
     _external_file(path, tensor)
     try:
         return numpy_helper.to_array(tensor, base_dir=str(path.parent))
@@ -402,6 +474,7 @@ def inspect_onnx(path: str | os.PathLike) -> dict:
 
     import numpy as np
     import onnx
+
     path = Path(path)
     try:
         if path.stat().st_size > MAX_INSPECT_BYTES:
@@ -414,25 +487,42 @@ def inspect_onnx(path: str | os.PathLike) -> dict:
     rows = []
     for init in model.graph.initializer:
         arr = _tensor_array(path, init)
-        rows.append({"name": init.name, "shape": list(arr.shape), "kind": "dense", "params": int(arr.size),
-                     "nonzeros": int(np.count_nonzero(arr))})
+        rows.append(
+            {
+                "name": init.name,
+                "shape": list(arr.shape),
+                "kind": "dense",
+                "params": int(arr.size),
+                "nonzeros": int(np.count_nonzero(arr)),
+            }
+        )
     for sparse in model.graph.sparse_initializer:
         values = _tensor_array(path, sparse.values)
         dims = [int(d) for d in sparse.dims]
         if any(d < 0 for d in dims):
             raise BackendError(f"ONNX file {path}: sparse initializer '{sparse.values.name}' has negative dims")
-        rows.append({"name": sparse.values.name, "shape": dims, "kind": "sparse", "params": math.prod(dims),
-                     "nonzeros": int(np.count_nonzero(values))})
+        rows.append(
+            {
+                "name": sparse.values.name,
+                "shape": dims,
+                "kind": "sparse",
+                "params": math.prod(dims),
+                "nonzeros": int(np.count_nonzero(values)),
+            }
+        )
     for row in rows:
         row["sparsity"] = 1 - row["nonzeros"] / row["params"] if row["params"] else 0.0
     params, nonzeros = sum(r["params"] for r in rows), sum(r["nonzeros"] for r in rows)
-    external = {_external_file(path, t) for t in [*model.graph.initializer,
-                                                   *(s.values for s in model.graph.sparse_initializer)]}
+    external = {
+        _external_file(path, t) for t in [*model.graph.initializer, *(s.values for s in model.graph.sparse_initializer)]
+    }
     size = path.stat().st_size + sum(f.stat().st_size for f in external - {None})
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    return {"file": str(path), "file_bytes": size, "opset": opset, "nodes": len(model.graph.node),
-            "initializers": rows, "total": {"params": params, "nonzeros": nonzeros,
-                                            "sparsity": 1 - nonzeros / params if params else 0.0}}
-
-
-BACKENDS.register("onnx", export_onnx)
+    return {
+        "file": str(path),
+        "file_bytes": size,
+        "opset": opset,
+        "nodes": len(model.graph.node),
+        "initializers": rows,
+        "total": {"params": params, "nonzeros": nonzeros, "sparsity": 1 - nonzeros / params if params else 0.0},
+    }

@@ -7,6 +7,7 @@ so that ``lower`` sees layers. An op without a builder is an ``OnnxImportError``
 supported ops; nothing in the file becomes code (``onnx_constants`` evaluates the constant part in numpy within
 size limits; external data is refused).
 """
+
 from __future__ import annotations
 
 import operator
@@ -26,6 +27,7 @@ from .onnx_constants import OnnxImportError, _attr, fold_constants
 @dataclass(frozen=True)
 class ImportLimits:
     """Bounds on what ``load_onnx`` accepts (a file is untrusted input)."""
+
     max_file_bytes: int = 4 << 30
     max_nodes: int = 100_000
     max_elements: int = 1 << 28  # per constant tensor
@@ -81,9 +83,16 @@ def _conv(b: _Builder, node, where: str):
     if w.ndim != 4:
         raise OnnxImportError(f"{where}: only 2-D convolutions are supported (weight {w.shape})")
     groups = _attr(node, "group", 1)
-    conv = nn.Conv2d(w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]), tuple(_attr(node, "strides", [1, 1])),
-                     _pads(node, where), tuple(_attr(node, "dilations", [1, 1])), groups, bias=len(node.input) > 2
-                     and bool(node.input[2]))
+    conv = nn.Conv2d(
+        w.shape[1] * groups,
+        w.shape[0],
+        tuple(w.shape[2:]),
+        tuple(_attr(node, "strides", [1, 1])),
+        _pads(node, where),
+        tuple(_attr(node, "dilations", [1, 1])),
+        groups,
+        bias=len(node.input) > 2 and bool(node.input[2]),
+    )
     with torch.no_grad():
         conv.weight.copy_(_tensor(w))
         if conv.bias is not None:
@@ -130,8 +139,11 @@ def _layernorm(b: _Builder, node, where: str):
     ln = nn.LayerNorm(weight.shape[0], eps=_attr(node, "epsilon", 1e-5))
     with torch.no_grad():
         ln.weight.copy_(_tensor(weight))
-        ln.bias.copy_(_tensor(b.const(node.input[2], where)) if len(node.input) > 2 and node.input[2]
-                      else torch.zeros_like(ln.bias))
+        ln.bias.copy_(
+            _tensor(b.const(node.input[2], where))
+            if len(node.input) > 2 and node.input[2]
+            else torch.zeros_like(ln.bias)
+        )
     return b.module(node, ln, b.value(node.input[0], where))
 
 
@@ -145,9 +157,13 @@ def _maxpool(b: _Builder, node, where: str):
 
 def _avgpool(b: _Builder, node, where: str):
     k = tuple(_attr(node, "kernel_shape"))
-    pool = nn.AvgPool2d(k, tuple(_attr(node, "strides", [1, 1])), _pads(node, where),
-                        ceil_mode=bool(_attr(node, "ceil_mode", 0)),
-                        count_include_pad=bool(_attr(node, "count_include_pad", 0)))
+    pool = nn.AvgPool2d(
+        k,
+        tuple(_attr(node, "strides", [1, 1])),
+        _pads(node, where),
+        ceil_mode=bool(_attr(node, "ceil_mode", 0)),
+        count_include_pad=bool(_attr(node, "count_include_pad", 0)),
+    )
     return b.module(node, pool, b.value(node.input[0], where))
 
 
@@ -163,12 +179,14 @@ def _call(fn: Callable, n_inputs: int | None = None, **kw_from_attrs: Callable) 
         args = tuple(b.value(i, where) for i in inputs if i)
         kwargs = {k: f(node) for k, f in kw_from_attrs.items()}
         return b.graph.call_function(fn, args, kwargs)
+
     return build
 
 
 def _module_op(factory: Callable[[Any], nn.Module]) -> Callable:
     def build(b: _Builder, node, where: str):
         return b.module(node, factory(node), b.value(node.input[0], where))
+
     return build
 
 
@@ -182,21 +200,40 @@ def _clip(b: _Builder, node, where: str):
 
 # ONNX op type -> builder(builder, node, where) -> fx node of the node's (single) output
 ONNX_OPS: dict[str, Callable] = {
-    "Conv": _conv, "Gemm": _gemm, "MatMul": _matmul, "BatchNormalization": _batchnorm,
-    "LayerNormalization": _layernorm, "MaxPool": _maxpool, "AveragePool": _avgpool,
-    "Relu": _module_op(lambda n: nn.ReLU()), "Clip": _clip,
-    "Sigmoid": _call(torch.sigmoid), "Tanh": _call(torch.tanh), "Erf": _call(torch.erf),
-    "Add": _call(operator.add), "Sub": _call(operator.sub), "Mul": _call(operator.mul), "Div": _call(operator.truediv),
+    "Conv": _conv,
+    "Gemm": _gemm,
+    "MatMul": _matmul,
+    "BatchNormalization": _batchnorm,
+    "LayerNormalization": _layernorm,
+    "MaxPool": _maxpool,
+    "AveragePool": _avgpool,
+    "Relu": _module_op(lambda n: nn.ReLU()),
+    "Clip": _clip,
+    "Sigmoid": _call(torch.sigmoid),
+    "Tanh": _call(torch.tanh),
+    "Erf": _call(torch.erf),
+    "Add": _call(operator.add),
+    "Sub": _call(operator.sub),
+    "Mul": _call(operator.mul),
+    "Div": _call(operator.truediv),
     "GlobalAveragePool": _module_op(lambda n: nn.AdaptiveAvgPool2d(1)),
     "Flatten": _call(torch.flatten, 1, start_dim=lambda n: _attr(n, "axis", 1)),
     "Reshape": _call(onnx_reshape, 2),
     "Transpose": _call(torch.permute, 1, dims=lambda n: tuple(_attr(n, "perm"))),
     "Softmax": _call(torch.softmax, 1, dim=lambda n: _attr(n, "axis", -1)),
-    "Concat": lambda b, n, w: b.graph.call_function(torch.cat, ([b.value(i, w) for i in n.input],),
-                                                    {"dim": _attr(n, "axis")}),
+    "Concat": lambda b, n, w: b.graph.call_function(
+        torch.cat, ([b.value(i, w) for i in n.input],), {"dim": _attr(n, "axis")}
+    ),
     "Identity": lambda b, n, w: b.value(n.input[0], w),
-    "Gelu": _call(F.gelu, 1, approximate=lambda n: _attr(n, "approximate", b"none").decode()
-                  if isinstance(_attr(n, "approximate", b"none"), bytes) else _attr(n, "approximate", "none")),
+    "Gelu": _call(
+        F.gelu,
+        1,
+        approximate=lambda n: (
+            _attr(n, "approximate", b"none").decode()
+            if isinstance(_attr(n, "approximate", b"none"), bytes)
+            else _attr(n, "approximate", "none")
+        ),
+    ),
 }
 
 
@@ -229,6 +266,7 @@ def to_graph_module(model, limits: ImportLimits = ImportLimits()) -> tuple[fx.Gr
 
 def read_model(path: str | os.PathLike, limits: ImportLimits = ImportLimits()):
     import onnx
+
     size = os.path.getsize(path)
     if size > limits.max_file_bytes:
         raise OnnxImportError(f"{path}: {size} bytes exceed the import limit of {limits.max_file_bytes}")
@@ -238,11 +276,18 @@ def read_model(path: str | os.PathLike, limits: ImportLimits = ImportLimits()):
         raise OnnxImportError(f"{path}: not a readable ONNX model: {type(exc).__name__}: {exc}") from exc
 
 
-def load_onnx(path: str | os.PathLike, *, batch_size: int = 1, lower: bool = True, recipe_stages: list | None = None,
-              limits: ImportLimits = ImportLimits()) -> fx.GraphModule:
+def load_onnx(
+    path: str | os.PathLike,
+    *,
+    batch_size: int = 1,
+    lower: bool = True,
+    recipe_stages: list | None = None,
+    limits: ImportLimits = ImportLimits(),
+) -> fx.GraphModule:
     """The model in ``path`` as a GraphModule, lowered onto the sparse kernels for ``batch_size`` (``lower=False``:
     plain torch layers). A symbolic input dimension is taken as ``batch_size`` (first) or must be fixed."""
     import sparsifx
+
     gm, shapes = to_graph_module(read_model(path, limits), limits)
     if not lower:
         return gm

@@ -1,4 +1,5 @@
 """2:4 semi-structured sparse Linear layers on CUDA (``torch.sparse.to_sparse_semi_structured``)."""
+
 from __future__ import annotations
 
 import logging
@@ -22,9 +23,11 @@ class SemiStructuredLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         if not weight.is_cuda or weight.dtype not in SEMI_DTYPES:
-            raise BackendError(f"semi-structured sparsity needs a CUDA fp16/bf16 weight, got {weight.dtype} on "
-                               f"{weight.device}")
+            raise BackendError(
+                f"semi-structured sparsity needs a CUDA fp16/bf16 weight, got {weight.dtype} on {weight.device}"
+            )
         from torch.sparse import to_sparse_semi_structured
+
         self.out_features, self.in_features = weight.shape
         self.weight = nn.Parameter(to_sparse_semi_structured(weight.detach().contiguous()), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
@@ -46,8 +49,10 @@ def lower_semi_structured(gm: torch.fx.GraphModule, selection) -> bool:
             continue
         weight = effective_weight(module).detach()
         if not weight.is_cuda or weight.dtype not in SEMI_DTYPES:
-            raise BackendError(f"layer '{name}': semi-structured lowering needs a CUDA fp16/bf16 weight, got "
-                               f"{weight.dtype} on {weight.device}; call model.half().cuda() first")
+            raise BackendError(
+                f"layer '{name}': semi-structured lowering needs a CUDA fp16/bf16 weight, got "
+                f"{weight.dtype} on {weight.device}; call model.half().cuda() first"
+            )
         new = SemiStructuredLinear(weight, module.bias)
         parent, _, child = name.rpartition(".")
         setattr(gm.get_submodule(parent) if parent else gm, child, new)

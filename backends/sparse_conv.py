@@ -6,6 +6,7 @@ computed on first use of each input size (cached per size, never saved). An opti
 (``forward(x, residual)``) and applies an activation (``ACTIVATIONS``: ReLU, ReLU6, as clamps), as
 ``fuse_epilogues`` sets up. Inference only; a tracing leaf.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,18 +28,30 @@ ACTIVATIONS: dict[str | None, tuple[float, float]] = {None: (-INF, INF), "relu":
 @dataclass(frozen=True)
 class Geometry:
     """Where each tap of a convolution reads in the prepared grid, for one input size."""
+
     ho: int
     wo: int
     hq: int
     wq: int
-    phases: tuple[int, ...]       # flat (py, px) pairs of the stride phases the taps use
-    tap_phase: torch.Tensor       # [kh * kw] index into phases
-    tap_shift: torch.Tensor       # [kh * kw] row_off * wq + col_off
-    direct: bool                  # the input itself is the grid (1x1, stride 1, no padding)
+    phases: tuple[int, ...]  # flat (py, px) pairs of the stride phases the taps use
+    tap_phase: torch.Tensor  # [kh * kw] index into phases
+    tap_shift: torch.Tensor  # [kh * kw] row_off * wq + col_off
+    direct: bool  # the input itself is the grid (1x1, stride 1, no padding)
 
     def args(self, stride, padding, out_pad=(0, 0)) -> list[int]:
-        return [stride[0], stride[1], padding[0], padding[1], self.hq, self.wq, self.ho, self.wo, int(self.direct),
-                out_pad[0], out_pad[1]]
+        return [
+            stride[0],
+            stride[1],
+            padding[0],
+            padding[1],
+            self.hq,
+            self.wq,
+            self.ho,
+            self.wo,
+            int(self.direct),
+            out_pad[0],
+            out_pad[1],
+        ]
 
 
 def padded_size(h: int, w: int, pad: tuple[int, int]) -> tuple[int, int]:
@@ -88,22 +101,31 @@ def pack(weight: torch.Tensor, groups: int) -> dict[str, torch.Tensor]:
     chan = group * in_per_group + cols // (kh * kw)
     rowptr = torch.zeros(out_c + 1, dtype=torch.int64)
     rowptr[1:] = torch.bincount(rows, minlength=out_c).cumsum(0)
-    return {"rowptr": rowptr, "chan": chan.to(torch.int32), "tap": (cols % (kh * kw)).to(torch.int32),
-            "val": w[rows, cols].contiguous()}
+    return {
+        "rowptr": rowptr,
+        "chan": chan.to(torch.int32),
+        "tap": (cols % (kh * kw)).to(torch.int32),
+        "val": w[rows, cols].contiguous(),
+    }
 
 
 def check_packed(rowptr, chan, tap, val, bias, out_c: int, in_c: int, groups: int, taps: int, who: str) -> None:
     """Validate CSR buffers of a ``[out_c, in_c / groups, kh, kw]`` weight (they may come from a file)."""
+
     def fail(why: str):
         raise BackendError(f"{who}: invalid sparse weight buffers: {why}")
-    for name, t, dtype in (("rowptr", rowptr, torch.int64), ("chan", chan, torch.int32), ("tap", tap, torch.int32),
-                           ("val", val, torch.float32)):
+
+    for name, t, dtype in (
+        ("rowptr", rowptr, torch.int64),
+        ("chan", chan, torch.int32),
+        ("tap", tap, torch.int32),
+        ("val", val, torch.float32),
+    ):
         if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.dim() != 1 or t.device.type != "cpu":
             fail(f"'{name}' must be a 1-D CPU {dtype} tensor")
     nnz = val.numel()
     if rowptr.numel() != out_c + 1 or chan.numel() != nnz or tap.numel() != nnz:
-        fail(f"sizes: rowptr {rowptr.numel()} (want {out_c + 1}), chan {chan.numel()}, tap {tap.numel()}, "
-             f"val {nnz}")
+        fail(f"sizes: rowptr {rowptr.numel()} (want {out_c + 1}), chan {chan.numel()}, tap {tap.numel()}, val {nnz}")
     if int(rowptr[0]) != 0 or int(rowptr[-1]) != nnz or bool((rowptr[1:] < rowptr[:-1]).any()):
         fail("rowptr must rise from 0 to the number of non-zeros")
     if nnz and (int(tap.min()) < 0 or int(tap.max()) >= taps):
@@ -125,22 +147,24 @@ class DirectSparseConv2d(nn.Module):
     The index buffers are validated (``check``) before the kernel first reads them: when the layer is built,
     loaded from a file (``sparsifx.load``) or given a state dict. An index out of range is a ``BackendError``,
     never a read outside a buffer. (Writing into the buffers by hand afterwards is not re-checked.)"""
+
     TRANSIENT_ATTRS = ("_cache",)  # per-input-size offsets: rebuilt on use, never saved
 
-    def __init__(self, conv: nn.Conv2d, weight: torch.Tensor, *, activation: str | None = None,
-                 residual: bool = False):
+    def __init__(self, conv: nn.Conv2d, weight: torch.Tensor, *, activation: str | None = None, residual: bool = False):
         super().__init__()
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise BackendError(f"DirectSparseConv2d needs zero padding given as numbers; got padding="
-                               f"{conv.padding!r}, padding_mode={conv.padding_mode!r}")
+            raise BackendError(
+                f"DirectSparseConv2d needs zero padding given as numbers; got padding="
+                f"{conv.padding!r}, padding_mode={conv.padding_mode!r}"
+            )
         self.in_channels, self.out_channels, self.groups = conv.in_channels, conv.out_channels, conv.groups
         self.kernel_size, self.stride = tuple(conv.kernel_size), tuple(conv.stride)
         self.padding, self.dilation = tuple(conv.padding), tuple(conv.dilation)
         if activation not in ACTIVATIONS:
             raise BackendError(f"unknown fused activation {activation!r}; known: {list(ACTIVATIONS)}")
         self.activation, self.residual = activation, residual
-        self.out_pad = (0, 0)    # write the output zero-padded for the next layer (fuse_epilogues sets it)
-        self.in_padded = False   # the input arrives padded by the layer before
+        self.out_pad = (0, 0)  # write the output zero-padded for the next layer (fuse_epilogues sets it)
+        self.in_padded = False  # the input arrives padded by the layer before
         with torch.inference_mode(False):  # plain tensors even when built under inference_mode
             for key, value in pack(weight.clone(), conv.groups).items():
                 self.register_buffer(key, value.clone())
@@ -152,22 +176,37 @@ class DirectSparseConv2d(nn.Module):
 
     def check(self) -> None:
         """``BackendError`` unless the buffers form a valid sparse weight of this layer's shape."""
-        check_packed(self.rowptr, self.chan, self.tap, self.val, self.bias, self.out_channels, self.in_channels,
-                     self.groups, self.kernel_size[0] * self.kernel_size[1], type(self).__name__)
+        check_packed(
+            self.rowptr,
+            self.chan,
+            self.tap,
+            self.val,
+            self.bias,
+            self.out_channels,
+            self.in_channels,
+            self.groups,
+            self.kernel_size[0] * self.kernel_size[1],
+            type(self).__name__,
+        )
 
     def _after_load(self) -> None:
         """Called by ``sparsifx.load`` on a module it rebuilt from a file: its attributes and buffers must
         describe a valid layer (the kernel also bounds every read by the input it is given)."""
         self.__dict__.pop("_cache", None)
+
         def pair(name, lo):
             v = getattr(self, name, None)
             if not (isinstance(v, tuple) and len(v) == 2 and all(type(i) is int and lo <= i <= 1 << 16 for i in v)):
                 raise BackendError(f"{type(self).__name__}: attribute '{name}' must be two integers >= {lo}")
+
         for name, lo in (("kernel_size", 1), ("stride", 1), ("padding", 0), ("dilation", 1), ("out_pad", 0)):
             pair(name, lo)
         ints = (self.in_channels, self.out_channels, self.groups)
-        if any(type(i) is not int or i < 1 for i in ints) or self.in_channels % self.groups \
-                or self.out_channels % self.groups:
+        if (
+            any(type(i) is not int or i < 1 for i in ints)
+            or self.in_channels % self.groups
+            or self.out_channels % self.groups
+        ):
             raise BackendError(f"{type(self).__name__}: channels and groups must be positive, groups dividing both")
         if self.activation not in ACTIVATIONS or type(self.residual) is not bool or type(self.in_padded) is not bool:
             raise BackendError(f"{type(self).__name__}: invalid activation / residual / in_padded attribute")
@@ -196,14 +235,18 @@ class DirectSparseConv2d(nn.Module):
             if off.numel() and int(off.min()) < 0:
                 raise BackendError(f"{type(self).__name__}: negative grid offsets (invalid geometry)")
             max_off = int(off.max()) if off.numel() else 0
-            plan = cache[(h, w)] = (g.args(self.stride, self.padding, self.out_pad) + [max_off], list(g.phases),
-                                    off.to(torch.int32).contiguous())
+            plan = cache[(h, w)] = (
+                g.args(self.stride, self.padding, self.out_pad) + [max_off],
+                list(g.phases),
+                off.to(torch.int32).contiguous(),
+            )
         return plan
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if x.requires_grad and torch.is_grad_enabled():
-            raise BackendError("DirectSparseConv2d is inference-only; run it under torch.no_grad() or "
-                               "torch.inference_mode()")
+            raise BackendError(
+                "DirectSparseConv2d is inference-only; run it under torch.no_grad() or torch.inference_mode()"
+            )
         if x.dtype != torch.float32 or x.dim() != 4:
             raise BackendError(f"DirectSparseConv2d computes on float32 NCHW input; got {x.dtype} {tuple(x.shape)}")
         geom, phases, off = self._plan(x.shape[2], x.shape[3])
@@ -222,11 +265,14 @@ class DirectSparseConv2d(nn.Module):
         return state
 
     def extra_repr(self) -> str:
-        fused = "+".join(k for k, on in (("residual", self.residual), (self.activation, self.activation)) if on) \
-            or "none"
+        fused = (
+            "+".join(k for k, on in (("residual", self.residual), (self.activation, self.activation)) if on) or "none"
+        )
         pads = (f", out_pad={self.out_pad}" if any(self.out_pad) else "") + (", in_padded" if self.in_padded else "")
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, groups={self.groups}, nnz={self.nnz}, fused={fused}{pads}")
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, groups={self.groups}, nnz={self.nnz}, fused={fused}{pads}"
+        )
 
 
 def direct_supported(conv: nn.Conv2d) -> bool:

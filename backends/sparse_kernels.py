@@ -10,6 +10,7 @@
   (``backends/cpp_kernel.py``, compiled on first use).
 - ``dense_ort``: onnxruntime's dense Gemm (Linear only; often faster than torch's GEMM on CPU).
 """
+
 from __future__ import annotations
 
 import logging
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsifx.errors import BackendError
-from sparsifx.registry import BACKENDS, Registry
+from sparsifx.registry import Registry
 
 from . import cpp_kernel
 
@@ -29,14 +30,15 @@ log = logging.getLogger(__name__)
 
 class SparseKernel(Protocol):
     name: str
-    sparse: bool          # stores only non-zeros
-    supports_conv: bool   # has ``matmul_cols``
+    sparse: bool  # stores only non-zeros
+    supports_conv: bool  # has ``matmul_cols``
 
     def available(self) -> bool: ...
     def pack(self, weight2d: torch.Tensor) -> dict[str, torch.Tensor]: ...
     def linear(self, x: torch.Tensor, packed: dict[str, torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor: ...
-    def matmul_cols(self, X: torch.Tensor, packed: dict[str, torch.Tensor],
-                    bias: torch.Tensor | None) -> torch.Tensor: ...
+    def matmul_cols(
+        self, X: torch.Tensor, packed: dict[str, torch.Tensor], bias: torch.Tensor | None
+    ) -> torch.Tensor: ...
 
 
 SPARSE_KERNELS: Registry[SparseKernel] = Registry("sparse kernel")
@@ -50,6 +52,7 @@ def _register(cls):
 @_register
 class DenseKernel:
     """Torch dense GEMM on the masked weight."""
+
     name, sparse, supports_conv = "dense", False, True
 
     def available(self) -> bool:
@@ -77,6 +80,7 @@ def _csr_parts(weight2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
 @_register
 class TorchCsrKernel:
     """``torch.sparse.mm`` on a CSR weight (plain torch.sparse baseline)."""
+
     name, sparse, supports_conv = "csr", True, True
 
     def available(self) -> bool:
@@ -106,6 +110,7 @@ class TorchCsrKernel:
 @_register
 class TiledCsrKernel:
     """CSR (uint16 column indices where K <= 65536) times 64-column tiles of X in a C++ kernel."""
+
     name, sparse, supports_conv = "csr_tiled", True, True
 
     def available(self) -> bool:
@@ -114,8 +119,11 @@ class TiledCsrKernel:
     def pack(self, weight2d):
         rowptr, col, val = _csr_parts(weight2d)
         if weight2d.shape[1] <= 65536:  # stored as int16 bits, read as uint16 by the kernel
-            col = col.to(torch.int32).to(torch.uint16).view(torch.int16) if hasattr(torch, "uint16") \
+            col = (
+                col.to(torch.int32).to(torch.uint16).view(torch.int16)
+                if hasattr(torch, "uint16")
                 else (col - 65536 * (col >= 32768)).to(torch.int16)
+            )
         else:
             col = col.to(torch.int32)
         return {"rowptr": rowptr, "col": col, "val": val}
@@ -130,6 +138,7 @@ class TiledCsrKernel:
 @_register
 class OrtDenseKernel:
     """onnxruntime's dense ``Gemm`` (one small session per layer, spinning threads off)."""
+
     name, sparse, supports_conv = "dense_ort", False, False
 
     def available(self) -> bool:
@@ -146,14 +155,18 @@ class OrtDenseKernel:
         """An onnxruntime session computing ``x @ weight.T + bias`` with the weights as initializers."""
         import onnxruntime as ort
         from onnx import TensorProto, helper, numpy_helper
+
         out_f, in_f = weight.shape
         inits = [numpy_helper.from_array(weight.detach().float().contiguous().numpy(), "W")]
         if bias is not None:
             inits.append(numpy_helper.from_array(bias.detach().float().contiguous().numpy(), "b"))
         graph = helper.make_graph(
-            [helper.make_node("Gemm", ["x", "W"] + (["b"] if bias is not None else []), ["y"], transB=1)], "linear",
+            [helper.make_node("Gemm", ["x", "W"] + (["b"] if bias is not None else []), ["y"], transB=1)],
+            "linear",
             [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", in_f])],
-            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", out_f])], inits)
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", out_f])],
+            inits,
+        )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = torch.get_num_threads()
@@ -177,6 +190,3 @@ def get_kernel(name: str) -> SparseKernel:
     if not kernel.available():
         raise BackendError(f"sparse kernel '{name}' is not available on this machine")
     return kernel
-
-
-BACKENDS.register("sparse_kernels", SPARSE_KERNELS)

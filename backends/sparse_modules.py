@@ -6,6 +6,7 @@ and dense at batch 256 when that is what the machine measured; only the kernels 
 ``SparseConv2d`` runs one kernel on the im2col form (``F.unfold``; 1x1 convolutions need no unfold).
 Both are tracing leaves, hold their data in buffers (``state_dict`` works) and do not support autograd.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,6 +41,7 @@ class _PackedMixin:
     The buffers are validated (``check``) before a kernel first reads them: when the layer is built, loaded from
     a file (``sparsifx.load``) or given a state dict. An index out of range is a ``BackendError``, never a read
     outside a buffer."""
+
     TRANSIENT_ATTRS = ("_sessions", "_fast", "_checked")
 
     def _store(self, name: str, packed: dict[str, torch.Tensor]) -> None:
@@ -91,8 +93,9 @@ class _PackedMixin:
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.requires_grad and torch.is_grad_enabled():
-            raise BackendError(f"{type(self).__name__} is inference-only; run it under torch.no_grad() "
-                               "or torch.inference_mode()")
+            raise BackendError(
+                f"{type(self).__name__} is inference-only; run it under torch.no_grad() or torch.inference_mode()"
+            )
 
 
 @register_leaf_type
@@ -116,8 +119,10 @@ class SparseLinear(_PackedMixin, nn.Module):
     def _fast_path(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """``x -> kernel_for(rows)(x)`` with every kernel bound to its buffers: the dispatch of ``forward`` without
         its lookups (tens of microseconds per call, as much as a cache-cold 1024x1024 product takes at batch 1)."""
-        steps = [(math.inf if bound is None else bound, BINDERS.get(name, _bind_generic)(self, name))
-                 for bound, name in self.plan]
+        steps = [
+            (math.inf if bound is None else bound, BINDERS.get(name, _bind_generic)(self, name))
+            for bound, name in self.plan
+        ]
         if len(steps) == 1:
             return steps[0][1]
 
@@ -127,6 +132,7 @@ class SparseLinear(_PackedMixin, nn.Module):
                 if rows <= bound:
                     return fn(x)
             raise AssertionError("unreachable: plans end unbounded")  # pragma: no cover
+
         return run
 
     def _weight_shape(self) -> tuple[int, int]:
@@ -170,6 +176,7 @@ def _bind_generic(m: SparseLinear, name: str) -> Callable[[torch.Tensor], torch.
 
 def _bind_csr_tiled(m: SparseLinear, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     from . import cpp_kernel
+
     linear, p, bias = cpp_kernel.load().linear, m._packed(name), m.bias
     rowptr, col, val = p["rowptr"], p["col"], p["val"]
     return lambda x: linear(rowptr, col, val, x, bias)
@@ -182,7 +189,9 @@ def _bind_dense_ort(m: SparseLinear, name: str) -> Callable[[torch.Tensor], torc
 
 # kernel name -> ``(layer, name) -> x -> y`` bound to the layer's buffers; other kernels use ``_bind_generic``
 BINDERS: dict[str, Callable[[SparseLinear, str], Callable[[torch.Tensor], torch.Tensor]]] = {
-    "csr_tiled": _bind_csr_tiled, "dense_ort": _bind_dense_ort}
+    "csr_tiled": _bind_csr_tiled,
+    "dense_ort": _bind_dense_ort,
+}
 
 
 @register_leaf_type
@@ -192,8 +201,10 @@ class SparseConv2d(_PackedMixin, nn.Module):
     def __init__(self, conv: nn.Conv2d, weight: torch.Tensor, kernel: str):
         super().__init__()
         if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise BackendError(f"SparseConv2d needs groups=1, zero padding given as numbers; got groups={conv.groups}, "
-                               f"padding={conv.padding!r}, padding_mode={conv.padding_mode!r}")
+            raise BackendError(
+                f"SparseConv2d needs groups=1, zero padding given as numbers; got groups={conv.groups}, "
+                f"padding={conv.padding!r}, padding_mode={conv.padding_mode!r}"
+            )
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.kernel_size, self.stride = tuple(conv.kernel_size), tuple(conv.stride)
         self.padding, self.dilation = tuple(conv.padding), tuple(conv.dilation)
@@ -223,28 +234,37 @@ class SparseConv2d(_PackedMixin, nn.Module):
         ho, wo = self.out_size(h, w)
         kernel, packed = SPARSE_KERNELS.get(self.kernel), self._packed(self.kernel)
         if self.pointwise:
-            xs = x if self.stride == (1, 1) else x[:, :, ::self.stride[0], ::self.stride[1]]
+            xs = x if self.stride == (1, 1) else x[:, :, :: self.stride[0], :: self.stride[1]]
             y = kernel.matmul_cols(xs.reshape(n, self.in_channels, ho * wo).contiguous(), packed, self.bias)
             return y.reshape(n, self.out_channels, ho, wo)
         # im2col a few samples at a time so that the unfolded block stays in cache (about UNFOLD_BYTES)
         per_sample = self.in_channels * self.kernel_size[0] * self.kernel_size[1] * ho * wo * 4
         step = max(1, UNFOLD_BYTES // per_sample)
-        outs = [kernel.matmul_cols(F.unfold(x[i:i + step], self.kernel_size, self.dilation, self.padding,
-                                            self.stride).contiguous(), packed, self.bias)
-                for i in range(0, n, step)]
+        outs = [
+            kernel.matmul_cols(
+                F.unfold(x[i : i + step], self.kernel_size, self.dilation, self.padding, self.stride).contiguous(),
+                packed,
+                self.bias,
+            )
+            for i in range(0, n, step)
+        ]
         y = outs[0] if len(outs) == 1 else torch.cat(outs)
         return y.reshape(n, self.out_channels, ho, wo)
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, kernel={self.kernel}")
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, kernel={self.kernel}"
+        )
 
 
 def check_packed(packed: dict[str, torch.Tensor], rows: int, cols: int, who: str) -> None:
     """Validate one kernel's packed buffers for a ``[rows, cols]`` weight: a dense ``weight``, or CSR ``rowptr`` /
     ``col`` / ``val`` (``col`` int16 holds uint16 bits)."""
+
     def fail(why: str):
         raise BackendError(f"{who}: invalid packed weight: {why}")
+
     if "weight" in packed:
         w = packed["weight"]
         if w.dtype != torch.float32 or tuple(w.shape) != (rows, cols):
@@ -253,8 +273,11 @@ def check_packed(packed: dict[str, torch.Tensor], rows: int, cols: int, who: str
     rowptr, col, val = packed.get("rowptr"), packed.get("col"), packed.get("val")
     if any(not isinstance(t, torch.Tensor) or t.dim() != 1 for t in (rowptr, col, val)):
         fail("rowptr, col and val must be 1-D tensors")
-    if rowptr.dtype != torch.int64 or val.dtype != torch.float32 or col.dtype not in (torch.int16, torch.int32,
-                                                                                       torch.int64):
+    if (
+        rowptr.dtype != torch.int64
+        or val.dtype != torch.float32
+        or col.dtype not in (torch.int16, torch.int32, torch.int64)
+    ):
         fail("rowptr int64, col int16/int32/int64, val float32")
     nnz = val.numel()
     if rowptr.numel() != rows + 1 or col.numel() != nnz:
@@ -268,4 +291,3 @@ def check_packed(packed: dict[str, torch.Tensor], rows: int, cols: int, who: str
 
 def density(weight: torch.Tensor) -> float:
     return float(weight.count_nonzero()) / max(1, weight.numel())
-

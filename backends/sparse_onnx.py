@@ -11,6 +11,7 @@ Formats (``SPARSE_ONNX_FORMATS``):
 
 Only fp32 initializers with at least ``min_numel`` elements and ``min_sparsity`` zeros are converted.
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,6 +35,7 @@ def _opset(model) -> int:
 @SPARSE_ONNX_FORMATS.register("bitmask")
 def _bitmask(model, name: str, array: np.ndarray) -> None:
     from onnx import TensorProto, helper, numpy_helper
+
     if _opset(model) < 11:
         raise BackendError(f"the bitmask sparse format needs ONNX opset >= 11, the model has {_opset(model)}")
     graph, flat = model.graph, array.reshape(-1)
@@ -41,17 +43,25 @@ def _bitmask(model, name: str, array: np.ndarray) -> None:
     bits = np.packbits(nz, bitorder="little")
     values = np.concatenate([np.zeros(1, np.float32), flat[nz].astype(np.float32)])
     p = f"{name}__"
-    graph.initializer.extend([
-        numpy_helper.from_array(bits, p + "bits"), numpy_helper.from_array(values, p + "values"),
-        numpy_helper.from_array(np.array([bits.size, 1], np.int64), p + "bits_shape"),
-        numpy_helper.from_array(np.array([flat.size], np.int64), p + "numel"),
-        numpy_helper.from_array(np.array(array.shape, np.int64), p + "shape")])
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(bits, p + "bits"),
+            numpy_helper.from_array(values, p + "values"),
+            numpy_helper.from_array(np.array([bits.size, 1], np.int64), p + "bits_shape"),
+            numpy_helper.from_array(np.array([flat.size], np.int64), p + "numel"),
+            numpy_helper.from_array(np.array(array.shape, np.int64), p + "shape"),
+        ]
+    )
     if not any(i.name == SHIFTS for i in graph.initializer):
-        graph.initializer.extend([numpy_helper.from_array(np.arange(8, dtype=np.uint8).reshape(1, 8), SHIFTS),
-                                  numpy_helper.from_array(np.array(2, np.uint8), TWO),
-                                  numpy_helper.from_array(np.array([0], np.int64), "sparsifx__zero"),
-                                  numpy_helper.from_array(np.array([-1], np.int64), "sparsifx__minus_one"),
-                                  numpy_helper.from_array(np.array(0, np.int64), "sparsifx__axis0")])
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(np.arange(8, dtype=np.uint8).reshape(1, 8), SHIFTS),
+                numpy_helper.from_array(np.array(2, np.uint8), TWO),
+                numpy_helper.from_array(np.array([0], np.int64), "sparsifx__zero"),
+                numpy_helper.from_array(np.array([-1], np.int64), "sparsifx__minus_one"),
+                numpy_helper.from_array(np.array(0, np.int64), "sparsifx__axis0"),
+            ]
+        )
     nodes = [
         helper.make_node("Reshape", [p + "bits", p + "bits_shape"], [p + "b2"]),
         helper.make_node("BitShift", [p + "b2", SHIFTS], [p + "shifted"], direction="RIGHT"),
@@ -71,20 +81,22 @@ def _bitmask(model, name: str, array: np.ndarray) -> None:
 @SPARSE_ONNX_FORMATS.register("coo")
 def _coo(model, name: str, array: np.ndarray) -> None:
     from onnx import helper, numpy_helper
+
     flat = array.reshape(-1)
     idx = np.flatnonzero(flat).astype(np.int64)
     values = numpy_helper.from_array(flat[idx].astype(np.float32), name)
     model.graph.sparse_initializer.append(
-        helper.make_sparse_tensor(values, numpy_helper.from_array(idx, f"{name}__indices"), list(array.shape)))
+        helper.make_sparse_tensor(values, numpy_helper.from_array(idx, f"{name}__indices"), list(array.shape))
+    )
 
 
-def to_sparse_initializers(model, *, format: str = "bitmask", min_sparsity: float = 0.3,
-                           min_numel: int = 1024):
+def to_sparse_initializers(model, *, format: str = "bitmask", min_sparsity: float = 0.3, min_numel: int = 1024):
     """Return ``model`` (an ``onnx.ModelProto``, changed in place) with its sparse fp32 weights stored compactly.
 
     ``gm.meta``-free and framework-free: any ONNX model works. ``format`` names a ``SPARSE_ONNX_FORMATS`` entry.
     """
     from onnx import TensorProto, numpy_helper
+
     if format not in SPARSE_ONNX_FORMATS:
         raise BackendError(f"unknown sparse ONNX format '{format}'; available: {', '.join(SPARSE_ONNX_FORMATS)}")
     encode = SPARSE_ONNX_FORMATS.get(format)

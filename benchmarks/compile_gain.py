@@ -9,6 +9,7 @@ the model is compiled, the optimizer step and the controller's hooks stay eager.
 
     python benchmarks/compile_gain.py --out benchmarks/results/compile_gain.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,10 +34,22 @@ def mlp() -> nn.Module:
 
 
 def cnn() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(64, 64, 3, padding=1),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, 10),
+    )
 
 
 MODELS = {"mlp 784-300-100-10": (mlp, (64, 784)), "cnn 3-32-64-64": (cnn, (16, 3, 32, 32))}
@@ -63,6 +76,7 @@ def inference_step(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
     def step():
         with torch.no_grad():
             return model(x)
+
     return step
 
 
@@ -76,6 +90,7 @@ def training_step(gm: nn.Module, forward: nn.Module, x: torch.Tensor) -> Callabl
         opt.zero_grad()
         F.cross_entropy(forward(x), y).backward()
         opt.step()
+
     return step
 
 
@@ -95,33 +110,48 @@ def measure(name: str, variant: str, backend: str, rounds: int, calls: int) -> d
     compile_s = time.perf_counter() - t0
     for _ in range(3):  # warm both (and any recompilation)
         eager(), fast()
-    samples = harness.interleaved_samples({"eager": eager, "compiled": fast}, rounds, calls=calls,
-                                          clocks=("cpu", "wall"))
+    samples = harness.interleaved_samples(
+        {"eager": eager, "compiled": fast}, rounds, calls=calls, clocks=("cpu", "wall")
+    )
     med = harness.medians_ms(samples["cpu"])
     wall = harness.medians_ms(samples["wall"])
-    return {"model": name, "variant": variant, "mode": "train step" if train else "inference",
-            "batch": shape[0], "eager_ms": med["eager"], "compiled_ms": med["compiled"],
-            "speedup": med["eager"] / med["compiled"],
-            "eager_wall_ms": wall["eager"], "compiled_wall_ms": wall["compiled"],
-            "first_call_s": compile_s}
+    return {
+        "model": name,
+        "variant": variant,
+        "mode": "train step" if train else "inference",
+        "batch": shape[0],
+        "eager_ms": med["eager"],
+        "compiled_ms": med["compiled"],
+        "speedup": med["eager"] / med["compiled"],
+        "eager_wall_ms": wall["eager"],
+        "compiled_wall_ms": wall["compiled"],
+        "first_call_s": compile_s,
+    }
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    lines = [f"# torch.compile vs eager ({meta['backend']})", "",
-             f"`{meta['command']}` — torch {meta['torch']}. {harness.load_line(meta)}", "",
-             f"Median per call of {meta['rounds']} interleaved rounds (shuffled order) x {meta['calls']} calls, on the "
-             "calling thread's "
-             "CPU clock (wall-clock medians in the JSON). Train step: forward + backward + `optimizer.step()` with "
-             "the sparse controller attached; only the model is compiled. First call: compile time (inductor's "
-             "on-disk cache may already hold kernels).", "",
-             "| model | variant | mode | batch | eager ms | compiled ms | eager / compiled | first call s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# torch.compile vs eager ({meta['backend']})",
+        "",
+        f"`{meta['command']}` — torch {meta['torch']}. {harness.load_line(meta)}",
+        "",
+        f"Median per call of {meta['rounds']} interleaved rounds (shuffled order) x {meta['calls']} calls, on the "
+        "calling thread's "
+        "CPU clock (wall-clock medians in the JSON). Train step: forward + backward + `optimizer.step()` with "
+        "the sparse controller attached; only the model is compiled. First call: compile time (inductor's "
+        "on-disk cache may already hold kernels).",
+        "",
+        "| model | variant | mode | batch | eager ms | compiled ms | eager / compiled | first call s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['variant']} | | | error: {r['error']} | | | |")
             continue
-        lines.append(f"| {r['model']} | {r['variant']} | {r['mode']} | {r['batch']} | {r['eager_ms']:.3f} | "
-                     f"{r['compiled_ms']:.3f} | {r['speedup']:.2f} | {r['first_call_s']:.1f} |")
+        lines.append(
+            f"| {r['model']} | {r['variant']} | {r['mode']} | {r['batch']} | {r['eager_ms']:.3f} | "
+            f"{r['compiled_ms']:.3f} | {r['speedup']:.2f} | {r['first_call_s']:.1f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -135,8 +165,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/compile_gain.json"))
     args = ap.parse_args()
     torch.set_num_threads(1)
-    meta = harness.machine(clock="cpu", command="python benchmarks/compile_gain.py", backend=args.backend,
-                           rounds=args.rounds, calls=args.calls)
+    meta = harness.machine(
+        clock="cpu",
+        command="python benchmarks/compile_gain.py",
+        backend=args.backend,
+        rounds=args.rounds,
+        calls=args.calls,
+    )
     rows = []
     for name in args.models.split(","):
         for variant in args.variants.split(","):

@@ -10,6 +10,7 @@ Commands, one per line; each answer is one JSON line:
 - ``quit``
 This file imports nothing from sparsifx: it runs under a different Python environment.
 """
+
 import json
 import sys
 
@@ -18,6 +19,7 @@ import numpy as np
 
 def main() -> None:
     import deepsparse
+
     engine, x = None, None
     for line in sys.stdin:
         cmd, *args = line.split()

@@ -17,6 +17,7 @@ the figure is the median. Clocks: ``"cpu"`` (``time.thread_time``: the calling t
 single-threaded work; other load on the machine does not enter it), ``"wall"`` (``time.perf_counter``), ``"cuda"``
 (CUDA events, synchronised), or any callable returning seconds.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,6 +39,7 @@ class _CudaTimer:
 
     def start(self):
         import torch
+
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         begin.record()
         return begin, end
@@ -86,10 +88,17 @@ def timed_calls(fn: Callable[[], Any], n: int, clock: str | Callable[[], float] 
     return out
 
 
-def interleaved_samples(fns: Mapping[str, Callable[[], Any]], rounds: int, *, warmup_rounds: int = 0,
-                        block: int = 1, calls: int = 1, clocks: Sequence[str | Callable[[], float]] = ("wall",),
-                        seed: int | None = 0, before_round: Callable[[int], Any] | None = None
-                        ) -> dict[str, dict[str, list[float]]]:
+def interleaved_samples(
+    fns: Mapping[str, Callable[[], Any]],
+    rounds: int,
+    *,
+    warmup_rounds: int = 0,
+    block: int = 1,
+    calls: int = 1,
+    clocks: Sequence[str | Callable[[], float]] = ("wall",),
+    seed: int | None = 0,
+    before_round: Callable[[int], Any] | None = None,
+) -> dict[str, dict[str, list[float]]]:
     """Seconds per call of each fn, ``{clock name: {key: [one sample per timed block entry]}}``.
 
     ``warmup_rounds + rounds`` rounds; each calls ``before_round(r)`` (e.g. to draw the round's batch), shuffles
@@ -123,9 +132,14 @@ def medians_ms(samples: Mapping[str, Sequence[float]]) -> dict[str, float]:
     return {k: statistics.median(v) * 1e3 for k, v in samples.items()}
 
 
-def interleaved_ms(fns: Mapping[str, Callable[[], Any]], budget_s: float = 6.0, min_rounds: int = 5,
-                   max_rounds: int = 40, clock: str | Callable[[], float] = "wall",
-                   block: int = STEADY_BLOCK) -> dict[str, float]:
+def interleaved_ms(
+    fns: Mapping[str, Callable[[], Any]],
+    budget_s: float = 6.0,
+    min_rounds: int = 5,
+    max_rounds: int = 40,
+    clock: str | Callable[[], float] = "wall",
+    block: int = STEADY_BLOCK,
+) -> dict[str, float]:
     """Median milliseconds per call of each fn in its steady state, measured in interleaved rounds: each
     round runs every fn ``block`` times in a row, in a freshly shuffled order, and times all calls but the
     first of each block (with ``block=1``, every call). Interleaving cancels slow drift in the machine's
@@ -151,6 +165,7 @@ def ort_session(model: str | Path | bytes, threads: int = 1, profile_prefix: str
     threads, one inter-op thread, no spin-waiting. With ``profile_prefix``, onnxruntime's profiler writes
     per-kernel times there."""
     import onnxruntime as ort
+
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
     # no spin-waiting after a run: idle pool threads would steal the cores from whatever runs next
@@ -177,8 +192,13 @@ def machine(threads: int | None = None, clock: str | None = None, **extra: Any) 
     """Facts for a result's ``meta``: machine, CPUs, torch, threads, clock and the load average now
     (``load_before``); ``finish(meta)`` adds ``load_after``."""
     import torch
-    meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
-            "threads": torch.get_num_threads() if threads is None else threads}
+
+    meta = {
+        "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads() if threads is None else threads,
+    }
     if clock is not None:
         meta["clock"] = clock
     meta.update(extra)
@@ -202,9 +222,15 @@ def load_line(meta: Mapping[str, Any]) -> str:
     return "Machine: " + "; ".join(parts) + "."
 
 
-def write_results(out: Path, payload: Any, markdown: str | None = None,
-                  plot: Callable[[Path], Any] | None = None, *, trailing_newline: bool = False,
-                  default: Callable[[Any], Any] | None = None) -> None:
+def write_results(
+    out: Path,
+    payload: Any,
+    markdown: str | None = None,
+    plot: Callable[[Path], Any] | None = None,
+    *,
+    trailing_newline: bool = False,
+    default: Callable[[Any], Any] | None = None,
+) -> None:
     """``out`` (JSON, indent 1; written whole or not at all: a temporary file renamed), the markdown beside it
     (``.md``) and, with ``plot``, ``plot(out.png)``."""
     out = Path(out)

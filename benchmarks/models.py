@@ -13,6 +13,7 @@ Every model takes ``(N, 1, 28, 28)`` images and returns ``(N, 10)`` logits:
 ``informative_random_weights(model, side)`` prepares a randomly initialised image model (torchvision, timm) for
 the pruning and tracing sweeps.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -27,6 +28,7 @@ def register(name: str):
     def add(builder: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
         MODELS[name] = builder
         return builder
+
     return add
 
 
@@ -52,9 +54,18 @@ def mlp1024x3() -> nn.Module:
 @register("smallcnn")
 def smallcnn() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(1, 16, 5), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),     # 16 x 12 x 12
-        nn.Conv2d(16, 32, 5), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),    # 32 x 4 x 4
-        nn.Flatten(), nn.Linear(512, 100), nn.ReLU(), nn.Linear(100, 10),
+        nn.Conv2d(1, 16, 5),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.MaxPool2d(2),  # 16 x 12 x 12
+        nn.Conv2d(16, 32, 5),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.MaxPool2d(2),  # 32 x 4 x 4
+        nn.Flatten(),
+        nn.Linear(512, 100),
+        nn.ReLU(),
+        nn.Linear(100, 10),
     )
 
 
@@ -96,6 +107,7 @@ def stratified_split(x, y, sizes, seed: int = 0) -> list[tuple[torch.Tensor, tor
     """Stratified split of numpy arrays ``x``, ``y`` into parts of ``sizes`` samples (each part the same number per
     class, shuffled; ``np.random.RandomState(seed)``), ``x`` standardised with the first part's mean and std."""
     import numpy as np
+
     rng = np.random.RandomState(seed)
     classes = np.unique(y)
     per = [n // len(classes) for n in sizes]
@@ -106,7 +118,7 @@ def stratified_split(x, y, sizes, seed: int = 0) -> list[tuple[torch.Tensor, tor
             raise SystemExit(f"class {c} has {len(idx)} images < {sum(per)} requested")
         start = 0
         for k, n in enumerate(per):
-            parts[k].append(idx[start:start + n])
+            parts[k].append(idx[start : start + n])
             start += n
     idx = [rng.permutation(np.concatenate(p)) for p in parts]
     xt = torch.tensor(x, dtype=torch.float32)

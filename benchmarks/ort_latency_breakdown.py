@@ -22,6 +22,7 @@ the shapes. Whole-run latency is timed in steady state (``harness.interleaved_ms
 
     python benchmarks/ort_latency_breakdown.py --out benchmarks/results/ort_latency_breakdown.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,9 +42,24 @@ if __package__ in (None, ""):  # run as `python benchmarks/<script>.py`: import 
 from benchmarks import harness  # noqa: E402
 from benchmarks import prune_sweep_worker as W  # noqa: E402
 
-MODELS = ("resnet50", "vgg11_bn", "convnext_tiny", "vit_b_16", "swin_t", "resnext50_32x4d", "regnet_x_400mf",
-          "regnet_y_8gf", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "mnasnet1_0",
-          "shufflenet_v2_x1_0", "densenet121", "googlenet", "squeezenet1_1")
+MODELS = (
+    "resnet50",
+    "vgg11_bn",
+    "convnext_tiny",
+    "vit_b_16",
+    "swin_t",
+    "resnext50_32x4d",
+    "regnet_x_400mf",
+    "regnet_y_8gf",
+    "mobilenet_v2",
+    "mobilenet_v3_large",
+    "efficientnet_b0",
+    "mnasnet1_0",
+    "shufflenet_v2_x1_0",
+    "densenet121",
+    "googlenet",
+    "squeezenet1_1",
+)
 GEMM_OPS = {"Conv", "FusedConv", "Gemm", "MatMul", "FusedMatMul", "FusedGemm"}
 PROFILED_RUNS = 40
 
@@ -56,8 +72,11 @@ def kernel_facts(event: dict) -> tuple[str, int, int]:
     """(kind, MACs, bytes) of one profiled kernel, from its input and output shapes."""
     op = event["args"]["op_name"]
     ins, outs = _shapes(event, "input_type_shape"), _shapes(event, "output_type_shape")
-    size = int(event["args"].get("activation_size", 0)) + int(event["args"].get("output_size", 0)) \
+    size = (
+        int(event["args"].get("activation_size", 0))
+        + int(event["args"].get("output_size", 0))
         + int(event["args"].get("parameter_size", 0))
+    )
     out_numel = math.prod(outs[0]) if outs else 0
     if op in ("Conv", "FusedConv") and len(ins) > 1:
         weight = ins[1]
@@ -83,8 +102,10 @@ def profile(path: Path, inputs: tuple) -> list[dict]:
             durations[ev["name"]].append(ev["dur"] / 1e3)
             facts[ev["name"]] = kernel_facts(ev)
     # the first runs warm the arena and caches
-    return [{"kind": facts[n][0], "macs": facts[n][1], "bytes": facts[n][2], "ms": statistics.median(ds[len(ds) // 4:])}
-            for n, ds in durations.items()]
+    return [
+        {"kind": facts[n][0], "macs": facts[n][1], "bytes": facts[n][2], "ms": statistics.median(ds[len(ds) // 4 :])}
+        for n, ds in durations.items()
+    ]
 
 
 def roofline_ms(kernel: dict, macs_per_ms: float, bytes_per_ms: float) -> float:
@@ -115,8 +136,9 @@ def measure(name: str, round_to: int, budget_s: float) -> dict:
     return summarize(name, spec.side, macs_ratio, total_ms, kernels)
 
 
-def summarize(name: str, side: int, macs_ratio: float, total_ms: dict[str, float],
-              kernels: dict[str, list[dict]]) -> dict:
+def summarize(
+    name: str, side: int, macs_ratio: float, total_ms: dict[str, float], kernels: dict[str, list[dict]]
+) -> dict:
     """``macs_ratio`` is the sweep's (torch's FLOP counter); the per-kind MACs come from the kernels' shapes."""
     dense, shrunk = by_kind(kernels["dense"]), by_kind(kernels["shrunk"])
     kernel_ms = {k: sum(r["ms"] for r in v) for k, v in kernels.items()}
@@ -124,9 +146,15 @@ def summarize(name: str, side: int, macs_ratio: float, total_ms: dict[str, float
     macs_per_ms = max(k["macs"] / k["ms"] for k in every if k["kind"] == "gemm" and k["ms"] > 0)
     bytes_per_ms = max(k["bytes"] / k["ms"] for k in every if k["ms"] > 0)
     roof = {key: sum(roofline_ms(k, macs_per_ms, bytes_per_ms) for k in v) for key, v in kernels.items()}
-    row = {"model": name, "side": side, "latency_ratio": total_ms["shrunk"] / total_ms["dense"],
-           "macs_ratio": macs_ratio, "kernel_ratio": kernel_ms["shrunk"] / kernel_ms["dense"],
-           "overhead_share": max(0.0, 1 - kernel_ms["dense"] / total_ms["dense"]), "kinds": {}}
+    row = {
+        "model": name,
+        "side": side,
+        "latency_ratio": total_ms["shrunk"] / total_ms["dense"],
+        "macs_ratio": macs_ratio,
+        "kernel_ratio": kernel_ms["shrunk"] / kernel_ms["dense"],
+        "overhead_share": max(0.0, 1 - kernel_ms["dense"] / total_ms["dense"]),
+        "kinds": {},
+    }
     ideal_ms = 0.0
     for kind in sorted(dense):
         d, s = dense[kind], shrunk.get(kind, {"ms": 0.0, "macs": 0, "bytes": 0, "kernels": 0})
@@ -134,8 +162,13 @@ def summarize(name: str, side: int, macs_ratio: float, total_ms: dict[str, float
         r_bytes = s["bytes"] / d["bytes"] if d["bytes"] else None
         best = r_macs if kind == "gemm" else min(x for x in (r_macs, r_bytes) if x is not None)
         ideal_ms += d["ms"] * best
-        row["kinds"][kind] = {"share": d["ms"] / kernel_ms["dense"], "time_ratio": s["ms"] / d["ms"],
-                              "macs_ratio": r_macs, "bytes_ratio": r_bytes, "kernels": d["kernels"]}
+        row["kinds"][kind] = {
+            "share": d["ms"] / kernel_ms["dense"],
+            "time_ratio": s["ms"] / d["ms"],
+            "macs_ratio": r_macs,
+            "bytes_ratio": r_bytes,
+            "kernels": d["kernels"],
+        }
     row["latency_over_macs"] = row["latency_ratio"] / macs_ratio
     row["kernel_over_macs"] = row["kernel_ratio"] / macs_ratio
     row["bound"] = ideal_ms / kernel_ms["dense"] / macs_ratio
@@ -152,29 +185,45 @@ KINDS = ("gemm", "grouped", "per-channel")
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    lines = ["# onnxruntime latency of 50 %-pruned models, by kernel kind", "", meta["note"], "",
-             harness.load_line(meta), "",
-             "Columns: latency ratio (shrunk / dense, whole run) over the MACs ratio; the same for kernel time only; "
-             "the share of the dense run spent outside kernels; per kind (gemm: convs with one group, Gemm, MatMul; "
-             "grouped: grouped convs; per-channel: depthwise convs and everything else) the share of dense kernel "
-             "time and the time · MACs · bytes ratios; `bound`: the latency/MACs of a perfect runtime (gemm kernels "
-             "at their dense MACs per second, other kernels at the smaller of their MACs and bytes ratios, no "
-             "overhead); `roofline`: latency/MACs that a roofline model predicts from the kernels' shapes alone "
-             "(each kernel takes max(MACs / peak MAC rate, bytes / peak byte rate), peaks = the best rates any "
-             "kernel of the model reached).", "",
-             "| model | side | MACs ratio | lat/MACs | kernels/MACs | overhead share | "
-             + " | ".join(f"{k} share | {k} time · MACs · bytes" for k in KINDS) + " | bound | roofline |",
-             "|---|---|---|---|---|---|" + "---|---|" * len(KINDS) + "---|---|"]
+    lines = [
+        "# onnxruntime latency of 50 %-pruned models, by kernel kind",
+        "",
+        meta["note"],
+        "",
+        harness.load_line(meta),
+        "",
+        "Columns: latency ratio (shrunk / dense, whole run) over the MACs ratio; the same for kernel time only; "
+        "the share of the dense run spent outside kernels; per kind (gemm: convs with one group, Gemm, MatMul; "
+        "grouped: grouped convs; per-channel: depthwise convs and everything else) the share of dense kernel "
+        "time and the time · MACs · bytes ratios; `bound`: the latency/MACs of a perfect runtime (gemm kernels "
+        "at their dense MACs per second, other kernels at the smaller of their MACs and bytes ratios, no "
+        "overhead); `roofline`: latency/MACs that a roofline model predicts from the kernels' shapes alone "
+        "(each kernel takes max(MACs / peak MAC rate, bytes / peak byte rate), peaks = the best rates any "
+        "kernel of the model reached).",
+        "",
+        "| model | side | MACs ratio | lat/MACs | kernels/MACs | overhead share | "
+        + " | ".join(f"{k} share | {k} time · MACs · bytes" for k in KINDS)
+        + " | bound | roofline |",
+        "|---|---|---|---|---|---|" + "---|---|" * len(KINDS) + "---|---|",
+    ]
     for r in rows:
         cells = []
         for kind in KINDS:
             k = r["kinds"].get(kind)
-            cells += ["", ""] if k is None else [
-                _fmt(k["share"]), f"{_fmt(k['time_ratio'], 3)} · {_fmt(k['macs_ratio'], 3)} · "
-                                  f"{_fmt(k['bytes_ratio'], 3)}"]
-        lines.append(f"| {r['model']} | {r['side']} | {r['macs_ratio']:.3f} | {r['latency_over_macs']:.2f} | "
-                     f"{r['kernel_over_macs']:.2f} | {r['overhead_share']:.2f} | " + " | ".join(cells)
-                     + f" | **{r['bound']:.2f}** | {r['roofline_over_macs']:.2f} |")
+            cells += (
+                ["", ""]
+                if k is None
+                else [
+                    _fmt(k["share"]),
+                    f"{_fmt(k['time_ratio'], 3)} · {_fmt(k['macs_ratio'], 3)} · {_fmt(k['bytes_ratio'], 3)}",
+                ]
+            )
+        lines.append(
+            f"| {r['model']} | {r['side']} | {r['macs_ratio']:.3f} | {r['latency_over_macs']:.2f} | "
+            f"{r['kernel_over_macs']:.2f} | {r['overhead_share']:.2f} | "
+            + " | ".join(cells)
+            + f" | **{r['bound']:.2f}** | {r['roofline_over_macs']:.2f} |"
+        )
     lines += ["", "```", meta["command"], "```", ""]
     return "\n".join(lines)
 
@@ -192,15 +241,21 @@ def main() -> None:
     for name in args.models.split(","):
         row = measure(name, args.round_to, args.budget_s)
         rows.append(row)
-        print(f"{name:20s} lat/MACs {row['latency_over_macs']:.2f} kernels/MACs {row['kernel_over_macs']:.2f} "
-              f"bound {row['bound']:.2f} roofline {row['roofline_over_macs']:.2f}", flush=True)
-    meta = {**harness.finish(machine), "command": f"python benchmarks/ort_latency_breakdown.py --models {args.models} "
-                       f"--round-to {args.round_to} --budget-s {args.budget_s} --out {args.out}",
-            "note": f"channel_prune ratio 0.5, round_to {args.round_to}; input sides as in the sweep; batch 1; "
-                    f"onnxruntime 1 thread; whole-run latency on the thread's CPU clock (steady-state median of "
-                    f"interleaved rounds), kernel times from onnxruntime's profiler "
-                    f"(median of {PROFILED_RUNS} runs); {machine['machine']}, torch {torch.__version__}.",
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        print(
+            f"{name:20s} lat/MACs {row['latency_over_macs']:.2f} kernels/MACs {row['kernel_over_macs']:.2f} "
+            f"bound {row['bound']:.2f} roofline {row['roofline_over_macs']:.2f}",
+            flush=True,
+        )
+    meta = {
+        **harness.finish(machine),
+        "command": f"python benchmarks/ort_latency_breakdown.py --models {args.models} "
+        f"--round-to {args.round_to} --budget-s {args.budget_s} --out {args.out}",
+        "note": f"channel_prune ratio 0.5, round_to {args.round_to}; input sides as in the sweep; batch 1; "
+        f"onnxruntime 1 thread; whole-run latency on the thread's CPU clock (steady-state median of "
+        f"interleaved rounds), kernel times from onnxruntime's profiler "
+        f"(median of {PROFILED_RUNS} runs); {machine['machine']}, torch {torch.__version__}.",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
     harness.write_results(args.out, {"meta": meta, "rows": rows}, markdown(rows, meta))
 
 

@@ -8,6 +8,7 @@ groups instead of channels inside every group) do to real latency and to MACs.
 
     python benchmarks/prune_config_latency.py --out benchmarks/results/prune_config_latency.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,19 @@ if __package__ in (None, ""):  # run as `python benchmarks/<script>.py`: import 
 from benchmarks import harness  # noqa: E402
 from benchmarks import prune_sweep_worker as W  # noqa: E402
 
-MODELS = ("regnet_x_400mf", "regnet_y_800mf", "regnet_x_1_6gf", "regnet_y_3_2gf", "regnet_x_8gf", "regnet_y_16gf",
-          "resnext50_32x4d", "resnext101_64x4d", "mobilenet_v2", "efficientnet_b0", "resnet50")
+MODELS = (
+    "regnet_x_400mf",
+    "regnet_y_800mf",
+    "regnet_x_1_6gf",
+    "regnet_y_3_2gf",
+    "regnet_x_8gf",
+    "regnet_y_16gf",
+    "resnext50_32x4d",
+    "resnext101_64x4d",
+    "mobilenet_v2",
+    "efficientnet_b0",
+    "resnet50",
+)
 CONFIGS = ("round_to=1", "round_to=16", "round_to=1,conv_groups=prune", "round_to=16,conv_groups=prune")
 
 
@@ -71,17 +83,28 @@ def summary_lines(rows: list[dict], configs: list[str]) -> list[str]:
     for c in configs:
         over = [r["ort_latency_over_macs"] for r in rows if r["config"] == c]
         lat = [r["ort_latency_ratio"] for r in rows if r["config"] == c]
-        lines.append(f"- `{c}`: median latency ratio {statistics.median(lat):.3f}, median latency/MACs "
-                     f"{statistics.median(over):.3f}, {sum(v <= 1.1 for v in over)}/{len(over)} models at most 1.1")
+        lines.append(
+            f"- `{c}`: median latency ratio {statistics.median(lat):.3f}, median latency/MACs "
+            f"{statistics.median(over):.3f}, {sum(v <= 1.1 for v in over)}/{len(over)} models at most 1.1"
+        )
     return lines
 
 
 def markdown(rows: list[dict], configs: list[str], meta: dict) -> str:
-    lines = ["# onnxruntime latency by channel_prune setting (ratio 0.5)", "",
-             f"{meta['note']}", "", harness.load_line(meta), "",
-             "Each cell: onnxruntime latency ratio (shrunk / dense) · MACs ratio · latency ratio over MACs ratio.",
-             "", *summary_lines(rows, configs), "", "| model | " + " | ".join(f"`{c}`" for c in configs) + " |",
-             "|---|" + "---|" * len(configs)]
+    lines = [
+        "# onnxruntime latency by channel_prune setting (ratio 0.5)",
+        "",
+        f"{meta['note']}",
+        "",
+        harness.load_line(meta),
+        "",
+        "Each cell: onnxruntime latency ratio (shrunk / dense) · MACs ratio · latency ratio over MACs ratio.",
+        "",
+        *summary_lines(rows, configs),
+        "",
+        "| model | " + " | ".join(f"`{c}`" for c in configs) + " |",
+        "|---|" + "---|" * len(configs),
+    ]
     by_model: dict[str, dict[str, dict]] = {}
     for r in rows:
         by_model.setdefault(r["model"], {})[r["config"]] = r
@@ -100,8 +123,9 @@ def markdown(rows: list[dict], configs: list[str], meta: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(MODELS))
-    ap.add_argument("--configs", nargs="+", default=list(CONFIGS),
-                    help="channel_prune settings, e.g. round_to=16,conv_groups=prune")
+    ap.add_argument(
+        "--configs", nargs="+", default=list(CONFIGS), help="channel_prune settings, e.g. round_to=16,conv_groups=prune"
+    )
     ap.add_argument("--budget-s", type=float, default=4.0)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/prune_config_latency.json"))
     args = ap.parse_args()
@@ -111,15 +135,22 @@ def main() -> None:
     for name in args.models.split(","):
         for row in measure(name, args.configs, args.budget_s):
             rows.append(row)
-            print(f"{row['model']:18s} {row['config']:30s} ort {row['ort_latency_ratio']:.3f} "
-                  f"MACs {row['macs_ratio']:.3f} over {row['ort_latency_over_macs']:.2f}", flush=True)
-    meta = {**harness.finish(machine), "command": "python benchmarks/prune_config_latency.py " + " ".join(
-                f"--{k.replace('_', '-')} {' '.join(v) if isinstance(v, list) else v}"
-                for k, v in vars(args).items()),
-            "note": f"Input side as in the sweep ({sides_text(args.models.split(','))}), batch 1; onnxruntime "
-                    f"1 thread, CPU clock, median of interleaved rounds; {machine['machine']}, "
-                    f"torch {torch.__version__}.",
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            print(
+                f"{row['model']:18s} {row['config']:30s} ort {row['ort_latency_ratio']:.3f} "
+                f"MACs {row['macs_ratio']:.3f} over {row['ort_latency_over_macs']:.2f}",
+                flush=True,
+            )
+    meta = {
+        **harness.finish(machine),
+        "command": "python benchmarks/prune_config_latency.py "
+        + " ".join(
+            f"--{k.replace('_', '-')} {' '.join(v) if isinstance(v, list) else v}" for k, v in vars(args).items()
+        ),
+        "note": f"Input side as in the sweep ({sides_text(args.models.split(','))}), batch 1; onnxruntime "
+        f"1 thread, CPU clock, median of interleaved rounds; {machine['machine']}, "
+        f"torch {torch.__version__}.",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
     harness.write_results(args.out, {"meta": meta, "rows": rows}, markdown(rows, args.configs, meta))
 
 

@@ -4,6 +4,7 @@ Used by ``benchmarks/torchvision_sweep.py`` (one subprocess per model and tool) 
 (``tests/benchmarks/test_torchvision_sweep_ci.py``, in-process, no latency). Every stage is recorded; a failing
 stage ends the record with ``error = "<stage>: <Exception>: <message>"``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -27,13 +28,24 @@ from benchmarks.models import informative_random_weights  # noqa: E402
 # model -> (side, constructor kwargs) per size mode; every other model uses the mode's default side: the
 # models' own 224 px in the full sweep, the largest ones smaller (the issue allows it) to bound time and memory
 FULL_DEFAULT, CI_DEFAULT = 224, 64
-NO_AUX = {"googlenet": (None, {"aux_logits": False, "init_weights": False}),
-          "inception_v3": (None, {"aux_logits": False, "init_weights": False})}
-FULL_SPECIAL = {"regnet_y_128gf": (128, {}), "vit_h_14": (112, {"image_size": 112}),
-                **{n: (128, {"image_size": 128}) for n in ("vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32")}}
-CI_SPECIAL = {"inception_v3": (80, {}), "vit_b_16": (32, {"image_size": 32}), "vit_l_16": (32, {"image_size": 32}),
-              "vit_b_32": (64, {"image_size": 64}), "vit_l_32": (64, {"image_size": 64}),
-              "vit_h_14": (28, {"image_size": 28}), "maxvit_t": (224, {})}
+NO_AUX = {
+    "googlenet": (None, {"aux_logits": False, "init_weights": False}),
+    "inception_v3": (None, {"aux_logits": False, "init_weights": False}),
+}
+FULL_SPECIAL = {
+    "regnet_y_128gf": (128, {}),
+    "vit_h_14": (112, {"image_size": 112}),
+    **{n: (128, {"image_size": 128}) for n in ("vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32")},
+}
+CI_SPECIAL = {
+    "inception_v3": (80, {}),
+    "vit_b_16": (32, {"image_size": 32}),
+    "vit_l_16": (32, {"image_size": 32}),
+    "vit_b_32": (64, {"image_size": 64}),
+    "vit_l_32": (64, {"image_size": 64}),
+    "vit_h_14": (28, {"image_size": 28}),
+    "maxvit_t": (224, {}),
+}
 PHYSICAL_LIMIT_MODELS = ("resnet18", "resnet50", "mobilenet_v2", "convnext_tiny", "vit_b_16")
 
 
@@ -53,6 +65,7 @@ def spec(name: str, mode: str = "full") -> Spec:
 
 def build(s: Spec) -> tuple[nn.Module, tuple[torch.Tensor]]:
     import torchvision
+
     torch.manual_seed(0)
     model = informative_random_weights(torchvision.models.get_model(s.name, weights=None, **s.kwargs), s.side)
     x = torch.randn(1, 3, s.side, s.side, generator=torch.Generator().manual_seed(1))
@@ -62,6 +75,7 @@ def build(s: Spec) -> tuple[nn.Module, tuple[torch.Tensor]]:
 def count(model: nn.Module, inputs: tuple) -> tuple[int, int]:
     """(parameters, multiply-accumulates of one forward): MACs = aten-level FLOPs / 2."""
     from torch.utils.flop_counter import FlopCounterMode
+
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     counter = FlopCounterMode(display=False)
     # nn.MultiheadAttention's fused eval fast path is invisible to the FLOP counter: count the same
@@ -111,8 +125,9 @@ def check_close(actual: Any, expected: Any) -> float:
 REPEAT_BELOW_S = 2.0  # prune again (both tools) when one run is this fast, and keep the faster run
 
 
-def sparsifx_prune(model: nn.Module, inputs: tuple, ratio: float, repeat: bool = True,
-                   round_to: int = 1) -> tuple[nn.Module, dict]:
+def sparsifx_prune(
+    model: nn.Module, inputs: tuple, ratio: float, repeat: bool = True, round_to: int = 1
+) -> tuple[nn.Module, dict]:
     """trace -> channel_prune(ratio, round_to) -> (masked reference outputs) -> shrink; the time excludes the
     reference run. With ``repeat``, run again (fresh trace) when fast and keep the faster run.
 
@@ -128,13 +143,15 @@ def sparsifx_prune(model: nn.Module, inputs: tuple, ratio: float, repeat: bool =
     return best
 
 
-def _sparsifx_prune_once(model: nn.Module, inputs: tuple, ratio: float, round_to: int,
-                         trace: Callable[[nn.Module], nn.Module] | None = None) -> tuple[nn.Module, dict]:
+def _sparsifx_prune_once(
+    model: nn.Module, inputs: tuple, ratio: float, round_to: int, trace: Callable[[nn.Module], nn.Module] | None = None
+) -> tuple[nn.Module, dict]:
     """One timed trace -> channel_prune -> (masked reference outputs, untimed) -> shrink on a deep copy made
     outside the timer; shrunk == masked by ``check_close``. ``trace(model)``: ``sparsifx.trace`` on ``inputs``
     by default (``zoo_sweep`` passes ``trace_hf``)."""
     import sparsifx
     from sparsifx.registry import PASSES
+
     model = copy.deepcopy(model)
     t0 = time.perf_counter()
     gm = sparsifx.trace(model, inputs, copy_model=False) if trace is None else trace(model)
@@ -146,8 +163,13 @@ def _sparsifx_prune_once(model: nn.Module, inputs: tuple, ratio: float, round_to
     t3 = time.perf_counter()
     shrunk = PASSES.get("shrink").from_params({})(masked).gm.eval()
     t4 = time.perf_counter()
-    info = {"trace_s": t1 - t0, "prune_s": t2 - t1, "shrink_s": t4 - t3, "time_s": (t2 - t0) + (t4 - t3),
-            "shrunk_vs_masked_max_abs": check_close(run(shrunk, inputs), reference)}
+    info = {
+        "trace_s": t1 - t0,
+        "prune_s": t2 - t1,
+        "shrink_s": t4 - t3,
+        "time_s": (t2 - t0) + (t4 - t3),
+        "shrunk_vs_masked_max_abs": check_close(run(shrunk, inputs), reference),
+    }
     return shrunk, info
 
 
@@ -158,12 +180,12 @@ def compact_onnx(module: nn.Module, inputs: tuple, path: Path, verify: bool = Tr
     that to a few 1e-4 (``trace_sweep.py`` measures it against torch's own fp32 noise)."""
     import sparsifx
     from sparsifx.registry import PASSES
+
     folded = copy.deepcopy(module)
     if "fold_bn" in PASSES and hasattr(folded, "graph"):
         folded = PASSES.get("fold_bn").from_params({})(folded).gm
     scale = max(1.0, max(float(t.abs().max()) for t in leaves(run(folded, inputs)))) if verify else 1.0
-    info = sparsifx.export_onnx(folded, path, inputs, dynamic_batch=False, verify=verify, rtol=1e-3,
-                                atol=1e-4 * scale)
+    info = sparsifx.export_onnx(folded, path, inputs, dynamic_batch=False, verify=verify, rtol=1e-3, atol=1e-4 * scale)
     return {"onnx_max_abs": info.max_abs, "onnx_exporter": info.exporter, "onnx_bn_folded": "fold_bn" in PASSES}
 
 
@@ -182,13 +204,19 @@ def fresh_dense(module: nn.Module) -> nn.Module:
                     new = torch.randn(t.shape, generator=gen) / max(1.0, t[0].numel()) ** 0.5
                 else:
                     new = torch.full(t.shape, 1.0 if ("var" in key or key == "weight") else 0.0)
-                table[key] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) \
-                    else new
+                table[key] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
     return fresh.eval()
 
 
-def latency(dense: nn.Module, shrunk: nn.Module, inputs: tuple, onnx_paths: dict[str, Path] | None,
-            physical: bool, threads: int = 2, budget_s: float = 3.0) -> dict:
+def latency(
+    dense: nn.Module,
+    shrunk: nn.Module,
+    inputs: tuple,
+    onnx_paths: dict[str, Path] | None,
+    physical: bool,
+    threads: int = 2,
+    budget_s: float = 3.0,
+) -> dict:
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)
     fns = {"eager_before_ms": lambda: run(dense, inputs), "eager_after_ms": lambda: run(shrunk, inputs)}
@@ -209,8 +237,12 @@ def ort_ms(onnx_paths: dict[str, Path], inputs: tuple, budget_s: float, min_roun
     swing a model's median by 2-4x from run to run (measured); one thread on the CPU clock repeats within a few %."""
     sessions = {k: harness.ort_session(p, 1) for k, p in onnx_paths.items()}
     feeds = {k: harness.ort_feed(s, inputs[:1]) for k, s in sessions.items()}
-    return harness.interleaved_ms({k: (lambda k=k: sessions[k].run(None, feeds[k])) for k in sessions}, budget_s,
-                                  min_rounds=min_rounds, clock="cpu")
+    return harness.interleaved_ms(
+        {k: (lambda k=k: sessions[k].run(None, feeds[k])) for k in sessions},
+        budget_s,
+        min_rounds=min_rounds,
+        clock="cpu",
+    )
 
 
 # ------------------------------------------------------------------ one model
@@ -232,9 +264,16 @@ def _cause(stage: str, exc: BaseException) -> str:
 ORT_DENSE_MAX_PARAMS = 400_000_000  # above: the dense ONNX export alone would exceed the sweep's memory cap
 
 
-def sweep_sparsifx(name: str, ratio: float = 0.5, mode: str = "full", onnx: bool = True,
-                   measure: bool = True, workdir: str | None = None, repeat: bool = True,
-                   round_to: int = 1) -> dict:
+def sweep_sparsifx(
+    name: str,
+    ratio: float = 0.5,
+    mode: str = "full",
+    onnx: bool = True,
+    measure: bool = True,
+    workdir: str | None = None,
+    repeat: bool = True,
+    round_to: int = 1,
+) -> dict:
     """Build, prune+shrink (timed), check shrunk == masked, count params/MACs, export ONNX (+ latency)."""
     s = spec(name, mode)
     rec = Record(name, "sparsifx", s.side)
@@ -263,8 +302,10 @@ def sweep_sparsifx(name: str, ratio: float = 0.5, mode: str = "full", onnx: bool
             if measure:
                 stage = "latency"
                 if onnx and st["params_before"] > ORT_DENSE_MAX_PARAMS:
-                    st["ort_skipped"] = f"dense model has {st['params_before'] / 1e6:.0f}M params (> 400M): its " \
-                                        "ONNX export would exceed the memory cap"
+                    st["ort_skipped"] = (
+                        f"dense model has {st['params_before'] / 1e6:.0f}M params (> 400M): its "
+                        "ONNX export would exceed the memory cap"
+                    )
                     paths = None
                 elif onnx:
                     # the dense model is only the timing baseline here: its onnxruntime parity is
@@ -286,6 +327,7 @@ def pruned_copy(model: nn.Module, inputs: tuple, params: dict) -> nn.Module:
     """trace a copy -> channel_prune(**params) -> shrink, in eval mode (untimed, for latency studies)."""
     import sparsifx
     from sparsifx.registry import PASSES
+
     gm = sparsifx.trace(copy.deepcopy(model), inputs)
     masked = PASSES.get("channel_prune").from_params(params)(gm).gm.eval()
     return PASSES.get("shrink").from_params({})(masked).gm.eval()
@@ -293,6 +335,7 @@ def pruned_copy(model: nn.Module, inputs: tuple, params: dict) -> nn.Module:
 
 def sparsifx_trace(model: nn.Module) -> nn.Module:
     import sparsifx
+
     return sparsifx.trace(model)
 
 
@@ -310,6 +353,7 @@ def sweep_torch_pruning(name: str, ratio: float = 0.5, mode: str = "full", round
     the 1000-way classifier and attention out-projections ignored, ViT channels rounded to num_heads
     (other models to ``round_to``, as sparsifx)."""
     import torch_pruning as tp
+
     s = spec(name, mode)
     rec = Record(name, "torch-pruning", s.side)
     st = rec.stats
@@ -334,8 +378,9 @@ def sweep_torch_pruning(name: str, ratio: float = 0.5, mode: str = "full", round
     return asdict(rec)
 
 
-def pruned_copies(model: nn.Module, prune_once: Callable[[nn.Module], Any],
-                  seconds: Callable[[Any], float] = float) -> tuple[nn.Module, list]:
+def pruned_copies(
+    model: nn.Module, prune_once: Callable[[nn.Module], Any], seconds: Callable[[Any], float] = float
+) -> tuple[nn.Module, list]:
     """``prune_once`` (which prunes in place and returns its time, or something ``seconds`` reads it from) on a
     deep copy of the model, and once more on a fresh copy when it took at most ``REPEAT_BELOW_S``; returns the
     last copy and every result."""
@@ -350,14 +395,24 @@ def pruned_copies(model: nn.Module, prune_once: Callable[[nn.Module], Any],
 
 def _tp_prune_once(tp, model: nn.Module, inputs: tuple, ratio: float, round_to: int) -> float:
     from torchvision.models.vision_transformer import VisionTransformer
+
     t0 = time.perf_counter()
-    ignored = [m for m in model.modules() if (isinstance(m, nn.Linear) and m.out_features == 1000)
-               or isinstance(m, nn.modules.linear.NonDynamicallyQuantizableLinear)]
+    ignored = [
+        m
+        for m in model.modules()
+        if (isinstance(m, nn.Linear) and m.out_features == 1000)
+        or isinstance(m, nn.modules.linear.NonDynamicallyQuantizableLinear)
+    ]
     if isinstance(model, VisionTransformer):
         round_to = model.encoder.layers[0].num_heads
-    pruner = tp.pruner.MagnitudePruner(model, inputs[0], importance=tp.importance.MagnitudeImportance(p=1),
-                                       pruning_ratio=ratio, ignored_layers=ignored,
-                                       round_to=round_to if round_to > 1 else None)
+    pruner = tp.pruner.MagnitudePruner(
+        model,
+        inputs[0],
+        importance=tp.importance.MagnitudeImportance(p=1),
+        pruning_ratio=ratio,
+        ignored_layers=ignored,
+        round_to=round_to if round_to > 1 else None,
+    )
     pruner.step()
     if isinstance(model, VisionTransformer):
         model.hidden_dim = model.conv_proj.out_channels

@@ -12,6 +12,7 @@ peak per input. A worker that dies is restarted after the input that killed it (
 and a markdown table next to it; exits 1 if any input raised something other than a ``SparsifxError``, hung or
 crashed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,28 @@ from benchmarks import harness  # noqa: E402
 
 DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
-WORDS = ["magnitude", "fold_bn", "rigl", "Conv2d", "Linear", "Conv2dd", "erk", "uniform", "auto", "csr", "fc", "*",
-         "layer1.*", "", "null", "1e999", "fc_b", "kaiming_uniform", "cosine", "x" * 100]
+WORDS = [
+    "magnitude",
+    "fold_bn",
+    "rigl",
+    "Conv2d",
+    "Linear",
+    "Conv2dd",
+    "erk",
+    "uniform",
+    "auto",
+    "csr",
+    "fc",
+    "*",
+    "layer1.*",
+    "",
+    "null",
+    "1e999",
+    "fc_b",
+    "kaiming_uniform",
+    "cosine",
+    "x" * 100,
+]
 SEED_YAML = [
     "stages:\n  - pass: magnitude\n    sparsity: 0.8\n    distribution: erk\n    ignore: [fc]\n"
     "    by_name: {conv1: {sparsity: 0.3}}\n  - pass: fold_bn\n",
@@ -47,10 +68,44 @@ SEED_YAML = [
     "stages: [{pass: lower, backend: auto, cache_dir: /tmp/x, kernels: [csr]}]\n",
     "stages:\n- pass: channel_prune\n  ratio: 0.5\n  round_to: 8\n- pass: shrink\n",
 ]
-TOKENS = ["&a ", "*a", "!!python/object/apply:os.system ['true'] ", "!!binary ", "!!set ", "!!timestamp ", "!foo ",
-          "<<: ", "? ", "[" * 40, "{" * 40, "]", "}", ": ", "- ", "\n  ", "\t", "\x00", "'", '"', "#", "1e999",
-          ".nan", ".inf", "9" * 5000, "0x" + "f" * 3000, "2024-01-01", "~", "%YAML 1.1\n---\n", "\n---\n", "\ufeff",
-          "|\n  ", ">-\n  ", "1:2:3:4:5", "!!int ", "!!float "]
+TOKENS = [
+    "&a ",
+    "*a",
+    "!!python/object/apply:os.system ['true'] ",
+    "!!binary ",
+    "!!set ",
+    "!!timestamp ",
+    "!foo ",
+    "<<: ",
+    "? ",
+    "[" * 40,
+    "{" * 40,
+    "]",
+    "}",
+    ": ",
+    "- ",
+    "\n  ",
+    "\t",
+    "\x00",
+    "'",
+    '"',
+    "#",
+    "1e999",
+    ".nan",
+    ".inf",
+    "9" * 5000,
+    "0x" + "f" * 3000,
+    "2024-01-01",
+    "~",
+    "%YAML 1.1\n---\n",
+    "\n---\n",
+    "\ufeff",
+    "|\n  ",
+    ">-\n  ",
+    "1:2:3:4:5",
+    "!!int ",
+    "!!float ",
+]
 
 
 # --- deterministic generator ----------------------------------------------------------------------------------------
@@ -58,11 +113,13 @@ def pass_keys() -> dict[str, list[str]]:
     from sparsifx.passes.training.dst_base import MaskConfig
     from sparsifx.registry import PASSES
     from sparsifx.selection import SELECTION_KEYS
+
     out = {}
     for name in PASSES.names():
         params = list(inspect.signature(PASSES.get(name).__init__).parameters)[1:]
         extra = (list(MaskConfig.FIELDS) if "mask" in params else []) + (
-            list(SELECTION_KEYS) if "selection" in params else [])
+            list(SELECTION_KEYS) if "selection" in params else []
+        )
         out[name] = sorted(set(params) - {"selection", "mask"} | set(extra))
     return out
 
@@ -72,7 +129,9 @@ def scalar(rng: random.Random, plain: bool):
     if r < 0.2:
         return rng.randint(-5, 300)
     if r < 0.3:
-        return rng.choice([2**63, -2**63 - 1, 2**64, 10**400]) if rng.random() < 0.8 else 10**rng.choice([5000, 10000])
+        return (
+            rng.choice([2**63, -(2**63) - 1, 2**64, 10**400]) if rng.random() < 0.8 else 10 ** rng.choice([5000, 10000])
+        )
     if r < 0.45:
         return rng.choice([float("nan"), float("inf"), -float("inf"), 1e308, -0.0, 0.5, 0.9, 0.999, 1.0, 1.5, -1.0])
     if r < 0.55:
@@ -163,9 +222,9 @@ def mutate(rng: random.Random, text: str) -> str:
         if action < 0.4:
             text = text[:pos] + rng.choice(TOKENS) + text[pos:]
         elif action < 0.6:
-            text = text[:pos] + text[pos + rng.randint(1, 20):]
+            text = text[:pos] + text[pos + rng.randint(1, 20) :]
         elif action < 0.8:
-            text = text[:pos] + text[pos:pos + 40] * rng.randint(2, 50) + text[pos:]
+            text = text[:pos] + text[pos : pos + 40] * rng.randint(2, 50) + text[pos:]
         else:
             text = text[:pos] + "".join(chr(rng.randint(1, 0x2FF)) for _ in range(rng.randint(1, 10))) + text[pos:]
     return text
@@ -186,12 +245,29 @@ def yaml_attack(rng: random.Random) -> str:
     if kind == 3:
         return "stages: [{pass: magnitude, distribution: " + "e" * rng.choice([8192, 8193, 1 << 20, 2 << 20]) + "}]"
     if kind == 4:
-        return "stages: [{pass: static, seed: " + rng.choice(["9" * rng.choice([19, 4300, 4301, 100_000]),
-                                                               "0x" + "f" * rng.choice([16, 100_000]),
-                                                               ":".join(["59"] * 3000)]) + "}]"
+        return (
+            "stages: [{pass: static, seed: "
+            + rng.choice(
+                [
+                    "9" * rng.choice([19, 4300, 4301, 100_000]),
+                    "0x" + "f" * rng.choice([16, 100_000]),
+                    ":".join(["59"] * 3000),
+                ]
+            )
+            + "}]"
+        )
     if kind == 5:
-        tag = rng.choice(["!!python/object/apply:os.system ['true']", "!!binary aGVsbG8=", "!!set {a, b}",
-                          "!!timestamp 2001-12-14", "!!omap [a: 1]", "!foo bar", "!!python/name:os.system"])
+        tag = rng.choice(
+            [
+                "!!python/object/apply:os.system ['true']",
+                "!!binary aGVsbG8=",
+                "!!set {a, b}",
+                "!!timestamp 2001-12-14",
+                "!!omap [a: 1]",
+                "!foo bar",
+                "!!python/name:os.system",
+            ]
+        )
         return f"stages: [{{pass: magnitude, sparsity: {tag}}}]"
     if kind == 6:
         return "".join(chr(rng.randint(0, 255)) for _ in range(rng.randint(0, 2000)))
@@ -229,6 +305,7 @@ def _alarm(signum, frame):
 def worker(args) -> None:
     from sparsifx import Recipe
     from sparsifx.errors import RecipeError, SparsifxError
+
     keys_of = pass_keys()
     for text in SEED_YAML:  # warm-up: imports of every pass and backend happen here, not in a timed input
         Recipe.from_yaml(text)
@@ -260,8 +337,10 @@ def worker(args) -> None:
         peak = tracemalloc.get_traced_memory()[1] - base
         tracemalloc.stop()
         del payload
-        print(json.dumps({"i": i, "kind": kind, "entry": entry, "outcome": outcome, "s": seconds, "peak": peak}),
-              flush=True)
+        print(
+            json.dumps({"i": i, "kind": kind, "entry": entry, "outcome": outcome, "s": seconds, "peak": peak}),
+            flush=True,
+        )
     usage = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"done": True, "maxrss_kib": usage.ru_maxrss, "as_cap": cap}), flush=True)
 
@@ -270,8 +349,21 @@ def worker(args) -> None:
 def run_all(args) -> tuple[list[dict], list[dict]]:
     rows, workers, start = [], [], args.start
     while start < args.n:
-        cmd = [sys.executable, __file__, "--worker", "--start", str(start), "--end", str(args.n), "--seed",
-               str(args.seed), "--time-cap", str(args.time_cap), "--mem-cap-mb", str(args.mem_cap_mb)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            "--start",
+            str(start),
+            "--end",
+            str(args.n),
+            "--seed",
+            str(args.seed),
+            "--time-cap",
+            str(args.time_cap),
+            "--mem-cap-mb",
+            str(args.mem_cap_mb),
+        ]
         err = tempfile.TemporaryFile(mode="w+")
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
         for line in proc.stdout:
@@ -285,8 +377,16 @@ def run_all(args) -> tuple[list[dict], list[dict]]:
         if start < args.n and proc.returncode != 0:  # the worker died on input `start`
             err.seek(0)
             tail = err.read()[-300:].replace("\n", " | ")
-            rows.append({"i": start, "kind": "?", "entry": "?", "outcome": f"crash:rc={proc.returncode}: {tail}",
-                         "s": None, "peak": None})
+            rows.append(
+                {
+                    "i": start,
+                    "kind": "?",
+                    "entry": "?",
+                    "outcome": f"crash:rc={proc.returncode}: {tail}",
+                    "s": None,
+                    "peak": None,
+                }
+            )
             start += 1
         elif start < args.n:
             raise RuntimeError(f"worker stopped early at input {start}")
@@ -294,8 +394,9 @@ def run_all(args) -> tuple[list[dict], list[dict]]:
 
 
 def summarise(rows: list[dict], workers: list[dict], args, load_start, load_end, wall: float) -> dict:
-    outcomes = Counter(r["outcome"].split(":")[0] if r["outcome"].startswith(("other", "crash")) else r["outcome"]
-                       for r in rows)
+    outcomes = Counter(
+        r["outcome"].split(":")[0] if r["outcome"].startswith(("other", "crash")) else r["outcome"] for r in rows
+    )
     timed = [r for r in rows if r["s"] is not None]
     slowest = max(timed, key=lambda r: r["s"])
     largest = max(timed, key=lambda r: r["peak"])
@@ -312,14 +413,19 @@ def summarise(rows: list[dict], workers: list[dict], args, load_start, load_end,
         "hangs": outcomes["hang"],
         "crashes": outcomes["crash"],
         "other_exception_examples": [r for r in rows if r["outcome"].startswith(("other", "crash"))][:20],
-        "max_seconds": slowest["s"], "max_seconds_input": {k: slowest[k] for k in ("i", "kind", "entry")},
+        "max_seconds": slowest["s"],
+        "max_seconds_input": {k: slowest[k] for k in ("i", "kind", "entry")},
         "max_tracemalloc_peak_bytes": largest["peak"],
         "max_peak_input": {k: largest[k] for k in ("i", "kind", "entry")},
         "worker_maxrss_kib": max((w["maxrss_kib"] for w in workers), default=None),
         "mean_ms": 1000 * sum(r["s"] for r in timed) / len(timed),
-        "time_cap_s": args.time_cap, "mem_cap_mb_over_warm_worker": args.mem_cap_mb,
+        "time_cap_s": args.time_cap,
+        "mem_cap_mb_over_warm_worker": args.mem_cap_mb,
         "by_kind": {k: dict(v) for k, v in sorted(by_kind.items())},
-        "loadavg_start": load_start, "loadavg_end": load_end, "wall_s": wall, "seed": args.seed,
+        "loadavg_start": load_start,
+        "loadavg_end": load_end,
+        "wall_s": wall,
+        "seed": args.seed,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
     }
 
@@ -327,13 +433,15 @@ def summarise(rows: list[dict], workers: list[dict], args, load_start, load_end,
 def markdown(s: dict) -> str:
     kinds = sorted({o for v in s["by_kind"].values() for o in v})
     lines = [
-        "# Recipe fuzzing (issue #11: recipes are untrusted input)", "",
+        "# Recipe fuzzing (issue #11: recipes are untrusted input)",
+        "",
         f"`{s['command']}` — {s['machine']}; load average {s['loadavg_start']} at start, {s['loadavg_end']} at end "
         f"(a shared machine); wall {s['wall_s']:.0f} s. Each input runs in a worker with RLIMIT_AS = its size after "
         f"warm-up + {s['mem_cap_mb_over_warm_worker']} MiB and a {s['time_cap_s']} s alarm (a hang). Memory is the "
         "tracemalloc peak of the call above what was alive before it (Python allocations; libyaml's C buffers are "
         "bounded by the 1 MiB text cap and covered by RLIMIT_AS). Times are measured with tracemalloc on, which "
-        "slows allocation-heavy inputs several-fold; inputs are generated outside the measured call.", "",
+        "slows allocation-heavy inputs several-fold; inputs are generated outside the measured call.",
+        "",
         "| inputs | accepted | RecipeError | other SparsifxError | other exceptions | hangs | crashes | "
         "max time / input | max memory / input | mean time |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -341,14 +449,18 @@ def markdown(s: dict) -> str:
         f"{s['other_exceptions']} | {s['hangs']} | {s['crashes']} | {1000 * s['max_seconds']:.1f} ms "
         f"(#{s['max_seconds_input']['i']}, {s['max_seconds_input']['kind']}) | "
         f"{s['max_tracemalloc_peak_bytes'] / 2**20:.2f} MiB (#{s['max_peak_input']['i']}, "
-        f"{s['max_peak_input']['kind']}) | {s['mean_ms']:.2f} ms |", "",
-        f"Worker peak RSS: {s['worker_maxrss_kib'] / 1024:.0f} MiB (torch and sparsifx imported).", "",
-        "| input kind | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds),
+        f"{s['max_peak_input']['kind']}) | {s['mean_ms']:.2f} ms |",
+        "",
+        f"Worker peak RSS: {s['worker_maxrss_kib'] / 1024:.0f} MiB (torch and sparsifx imported).",
+        "",
+        "| input kind | " + " | ".join(kinds) + " |",
+        "|---|" + "---|" * len(kinds),
     ]
     lines += [f"| {k} | " + " | ".join(str(v.get(o, 0)) for o in kinds) + " |" for k, v in s["by_kind"].items()]
     if s["other_exception_examples"]:
-        lines += ["", "Other exceptions / crashes:", ""] + [f"- #{r['i']} {r['kind']}: {r['outcome']}"
-                                                           for r in s["other_exception_examples"]]
+        lines += ["", "Other exceptions / crashes:", ""] + [
+            f"- #{r['i']} {r['kind']}: {r['outcome']}" for r in s["other_exception_examples"]
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -8,6 +8,7 @@ and, when it loads, builds its report (what ``sparsifx inspect`` does). Each inp
 (SIGALRM) and the worker under a memory cap (RLIMIT_DATA above its start-up size); a worker that dies is
 counted and restarted at the next input. Writes the JSON and a markdown table beside it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +46,9 @@ def worker(start: int, n: int, seed: int, time_cap: float, mem_cap_mb: int) -> N
     from save_mutations import MUTATIONS, good_file, mutate
 
     from sparsifx.errors import SparsifxError
-    from sparsifx.report import report
+    from sparsifx.reporting import report
     from sparsifx.serialization import load
+
     data, payload = good_file()
     kinds = sorted(MUTATIONS)
     base_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -75,52 +77,96 @@ def worker(start: int, n: int, seed: int, time_cap: float, mem_cap_mb: int) -> N
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
             grew_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
-            print(json.dumps({"i": i, "kind": kind, "outcome": outcome, "s": time.perf_counter() - t0,
-                              "rss_growth_mb": grew_kb / 1024}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "i": i,
+                        "kind": kind,
+                        "outcome": outcome,
+                        "s": time.perf_counter() - t0,
+                        "rss_growth_mb": grew_kb / 1024,
+                    }
+                ),
+                flush=True,
+            )
 
 
 def run(n: int, seed: int, time_cap: float, mem_cap_mb: int) -> list[dict]:
     rows: list[dict] = []
     while len(rows) < n:
         start = len(rows)
-        cmd = [sys.executable, __file__, "--worker", str(start), "--n", str(n), "--seed", str(seed),
-               "--time-cap", str(time_cap), "--mem-cap-mb", str(mem_cap_mb)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            str(start),
+            "--n",
+            str(n),
+            "--seed",
+            str(seed),
+            "--time-cap",
+            str(time_cap),
+            "--mem-cap-mb",
+            str(mem_cap_mb),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         rows += [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
         if proc.returncode != 0 and len(rows) < n:  # the worker died on input len(rows)
-            rows.append({"i": len(rows), "kind": "?", "outcome": f"worker died (rc {proc.returncode})",
-                         "s": 0.0, "rss_growth_mb": 0.0})
+            rows.append(
+                {
+                    "i": len(rows),
+                    "kind": "?",
+                    "outcome": f"worker died (rc {proc.returncode})",
+                    "s": 0.0,
+                    "rss_growth_mb": 0.0,
+                }
+            )
     return rows
 
 
 def summarise(rows: list[dict]) -> dict:
     by_kind: dict[str, Counter] = {}
     for r in rows:
-        by_kind.setdefault(r["kind"], Counter())[r["outcome"] if not r["outcome"].startswith("ESCAPED")
-                                                 else "ESCAPED"] += 1
+        by_kind.setdefault(r["kind"], Counter())[
+            r["outcome"] if not r["outcome"].startswith("ESCAPED") else "ESCAPED"
+        ] += 1
     escaped = [r for r in rows if r["outcome"].startswith(("ESCAPED", "worker died"))]
-    return {"inputs": len(rows), "by_kind": {k: dict(v) for k, v in sorted(by_kind.items())},
-            "escaped": len(escaped), "escaped_examples": escaped[:20],
-            "hangs": sum(r["outcome"] == "hang" for r in rows),
-            "memory_cap_hits": sum(r["outcome"] == "memory cap" for r in rows),
-            "max_seconds": max(r["s"] for r in rows), "max_rss_growth_mb": max(r["rss_growth_mb"] for r in rows)}
+    return {
+        "inputs": len(rows),
+        "by_kind": {k: dict(v) for k, v in sorted(by_kind.items())},
+        "escaped": len(escaped),
+        "escaped_examples": escaped[:20],
+        "hangs": sum(r["outcome"] == "hang" for r in rows),
+        "memory_cap_hits": sum(r["outcome"] == "memory cap" for r in rows),
+        "max_seconds": max(r["s"] for r in rows),
+        "max_rss_growth_mb": max(r["rss_growth_mb"] for r in rows),
+    }
 
 
 def markdown(summary: dict, meta: dict) -> str:
     outcomes = sorted({o for c in summary["by_kind"].values() for o in c})
-    lines = [f"# Save-file fuzzing: {summary['inputs']} mutated files", "",
-             f"Command: `{meta['command']}`", "",
-             f"Machine: {meta['machine']}; load average at start {meta['load_start']}, at end {meta['load_end']}; "
-             f"wall time {meta['wall_s']:.0f} s; time cap {meta['time_cap_s']} s per input, memory cap "
-             f"{meta['mem_cap_mb']} MB over the worker's start-up size.", "",
-             "| mutation | " + " | ".join(outcomes) + " |", "|---|" + "---|" * len(outcomes)]
+    lines = [
+        f"# Save-file fuzzing: {summary['inputs']} mutated files",
+        "",
+        f"Command: `{meta['command']}`",
+        "",
+        f"Machine: {meta['machine']}; load average at start {meta['load_start']}, at end {meta['load_end']}; "
+        f"wall time {meta['wall_s']:.0f} s; time cap {meta['time_cap_s']} s per input, memory cap "
+        f"{meta['mem_cap_mb']} MB over the worker's start-up size.",
+        "",
+        "| mutation | " + " | ".join(outcomes) + " |",
+        "|---|" + "---|" * len(outcomes),
+    ]
     for kind, counts in summary["by_kind"].items():
         lines.append(f"| {kind} | " + " | ".join(str(counts.get(o, 0)) for o in outcomes) + " |")
-    lines += ["", f"- exceptions outside SparsifxError (or worker deaths): **{summary['escaped']}**",
-              f"- hangs (over the time cap): **{summary['hangs']}**; memory-cap hits: "
-              f"**{summary['memory_cap_hits']}**",
-              f"- slowest input {summary['max_seconds']:.3f} s; largest growth of the worker's peak RSS "
-              f"{summary['max_rss_growth_mb']:.1f} MB", ""]
+    lines += [
+        "",
+        f"- exceptions outside SparsifxError (or worker deaths): **{summary['escaped']}**",
+        f"- hangs (over the time cap): **{summary['hangs']}**; memory-cap hits: **{summary['memory_cap_hits']}**",
+        f"- slowest input {summary['max_seconds']:.3f} s; largest growth of the worker's peak RSS "
+        f"{summary['max_rss_growth_mb']:.1f} MB",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -139,10 +185,15 @@ def main() -> None:
     load_start, t0 = harness.load_average(), time.time()
     rows = run(args.n, args.seed, args.time_cap, args.mem_cap_mb)
     summary = summarise(rows)
-    meta = {"command": "python benchmarks/save_file_fuzz.py " + " ".join(sys.argv[1:]),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-            "load_start": load_start, "load_end": harness.load_average(),
-            "wall_s": time.time() - t0, "time_cap_s": args.time_cap, "mem_cap_mb": args.mem_cap_mb}
+    meta = {
+        "command": "python benchmarks/save_file_fuzz.py " + " ".join(sys.argv[1:]),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "load_start": load_start,
+        "load_end": harness.load_average(),
+        "wall_s": time.time() - t0,
+        "time_cap_s": args.time_cap,
+        "mem_cap_mb": args.mem_cap_mb,
+    }
     harness.write_results(args.out, {"meta": meta, "summary": summary}, markdown(summary, meta))
     print(markdown(summary, meta))
 

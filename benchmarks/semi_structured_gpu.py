@@ -6,6 +6,7 @@ Needs a CUDA device with sparse tensor cores (Ampere or newer). For each Linear 
 2:4 mask with the ``nm`` pass's ``nm_mask``, checks the sparse result against the dense masked one, and times
 dense ``F.linear`` and the semi-structured layer as medians of interleaved runs (CUDA events, synchronised).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,13 @@ if __package__ in (None, ""):  # run as `python benchmarks/<script>.py`: import 
 from benchmarks import harness  # noqa: E402
 
 SHAPES = [  # (batch tokens, in_features, out_features)
-    (64, 4096, 4096), (2048, 4096, 4096), (8192, 4096, 4096), (2048, 4096, 11008), (2048, 11008, 4096),
-    (8192, 8192, 8192)]
+    (64, 4096, 4096),
+    (2048, 4096, 4096),
+    (8192, 4096, 4096),
+    (2048, 4096, 11008),
+    (2048, 11008, 4096),
+    (8192, 8192, 8192),
+]
 
 
 def time_gpu(fns: dict, reps: int) -> dict[str, float]:
@@ -41,7 +47,9 @@ def main(argv=None):
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA device")
     from torch.sparse import to_sparse_semi_structured
+
     from sparsifx.passes.nm import is_nm, nm_mask
+
     meta = harness.machine(clock="cuda")
     rows = []
     for dtype in (torch.float16, torch.bfloat16):
@@ -54,17 +62,38 @@ def main(argv=None):
             with torch.inference_mode():
                 torch.testing.assert_close(F.linear(x, ws), F.linear(x, w), rtol=2e-2, atol=2e-1)
                 t = time_gpu({"dense": lambda: F.linear(x, w), "2:4": lambda: F.linear(x, ws)}, args.reps)
-            rows.append(dict(dtype=str(dtype).replace("torch.", ""), tokens=tokens, in_features=k, out_features=n,
-                             dense_ms=round(t["dense"], 4), semi_ms=round(t["2:4"], 4),
-                             speedup=round(t["dense"] / t["2:4"], 3)))
+            rows.append(
+                dict(
+                    dtype=str(dtype).replace("torch.", ""),
+                    tokens=tokens,
+                    in_features=k,
+                    out_features=n,
+                    dense_ms=round(t["dense"], 4),
+                    semi_ms=round(t["2:4"], 4),
+                    speedup=round(t["dense"] / t["2:4"], 3),
+                )
+            )
             print(rows[-1], flush=True)
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "reps": args.reps, "rows": rows,
-           "meta": harness.finish(meta)}
-    lines = [f"# 2:4 semi-structured vs dense Linear on {res['device']} (torch {res['torch']})", "",
-             f"Median ms of {args.reps} interleaved runs (CUDA events). {harness.load_line(meta)}", "",
-             "| dtype | tokens | in | out | dense ms | 2:4 ms | speedup |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['dtype']} | {r['tokens']} | {r['in_features']} | {r['out_features']} | {r['dense_ms']} | "
-              f"{r['semi_ms']} | {r['speedup']} |" for r in rows]
+    res = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "reps": args.reps,
+        "rows": rows,
+        "meta": harness.finish(meta),
+    }
+    lines = [
+        f"# 2:4 semi-structured vs dense Linear on {res['device']} (torch {res['torch']})",
+        "",
+        f"Median ms of {args.reps} interleaved runs (CUDA events). {harness.load_line(meta)}",
+        "",
+        "| dtype | tokens | in | out | dense ms | 2:4 ms | speedup |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['dtype']} | {r['tokens']} | {r['in_features']} | {r['out_features']} | {r['dense_ms']} | "
+        f"{r['semi_ms']} | {r['speedup']} |"
+        for r in rows
+    ]
     harness.write_results(Path(args.out), res, "\n".join(lines) + "\n")
     print("\n".join(lines))
 

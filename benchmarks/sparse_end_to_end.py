@@ -18,10 +18,10 @@ torch. ``--reload`` adds the deployable-artefact check: the lowered resnet50 (90
 ``sparsifx.save`` and its sparse ONNX file (``sparse_weights`` bitmask) are loaded in a fresh process and timed
 there beside onnxruntime dense.
 """
+
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import subprocess
 import sys
@@ -62,9 +62,11 @@ class EncoderMLP(nn.Module):
         return x
 
 
-MODELS = {"resnet50": (torchvision.models.resnet50, (3, 224, 224)),
-          "mobilenet_v2": (torchvision.models.mobilenet_v2, (3, 224, 224)),
-          "encoder_mlp": (EncoderMLP, (16, 768))}
+MODELS = {
+    "resnet50": (torchvision.models.resnet50, (3, 224, 224)),
+    "mobilenet_v2": (torchvision.models.mobilenet_v2, (3, 224, 224)),
+    "encoder_mlp": (EncoderMLP, (16, 768)),
+}
 
 
 def pruned_model(name: str, sparsity: float) -> nn.Module:
@@ -76,8 +78,10 @@ def pruned_model(name: str, sparsity: float) -> nn.Module:
             m.running_mean.normal_(0, 0.1)
             m.running_var.uniform_(0.5, 2.0)
     x = torch.randn(1, *shape)
-    stages = [{"pass": "magnitude", "sparsity": sparsity, "distribution": "uniform", "dense_first_layer": True},
-              {"pass": "fold_bn"}]
+    stages = [
+        {"pass": "magnitude", "sparsity": sparsity, "distribution": "uniform", "dense_first_layer": True},
+        {"pass": "fold_bn"},
+    ]
     masked = sparsifx.sparsify(model, {"stages": stages}, example_inputs=(x,)).eval()
     bake_masks(masked)
     return masked
@@ -88,8 +92,13 @@ class DeepSparse:
 
     def __init__(self):
         python = ensure_deepsparse()
-        self.proc = subprocess.Popen([str(python), str(ROOT / "benchmarks" / "deepsparse_worker.py")],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.proc = subprocess.Popen(
+            [str(python), str(ROOT / "benchmarks" / "deepsparse_worker.py")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
 
     def ask(self, line: str) -> dict:
         self.proc.stdin.write(line + "\n")
@@ -126,8 +135,16 @@ def ensure_deepsparse() -> Path:
 
 def export(model: nn.Module, x: torch.Tensor, path: Path) -> None:
     """ONNX opset 17 (DeepSparse 1.8 takes opset <= 19), dynamic batch."""
-    torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17, input_names=["x"], output_names=["y"],
-                      dynamic_axes={"x": {0: "batch"}})
+    torch.onnx.export(
+        model,
+        (x,),
+        str(path),
+        dynamo=False,
+        opset_version=17,
+        input_names=["x"],
+        output_names=["y"],
+        dynamic_axes={"x": {0: "batch"}},
+    )
 
 
 def run_cell(name, sparsity, dense, path, threads, batch, reps, ds, tmp) -> dict:
@@ -153,14 +170,21 @@ def run_cell(name, sparsity, dense, path, threads, batch, reps, ds, tmp) -> dict
     with torch.inference_mode():
         ms = harness.medians_ms(harness.interleaved_samples(fns, reps, warmup_rounds=1)["wall"])
     summary = lowered.meta.get("lower_summary", {})
-    row = {"model": name, "sparsity": sparsity, "threads": threads, "batch": batch,
-           **{k: round(v, 3) for k, v in ms.items()},
-           "lowered_x_ort": round(ms["ort_dense"] / ms["lowered"], 3),
-           "deepsparse_x_ort": round(ms["ort_dense"] / ms["deepsparse"], 3) if "deepsparse" in ms else None,
-           "lowered_x_deepsparse": round(ms["deepsparse"] / ms["lowered"], 3) if "deepsparse" in ms else None,
-           "lowered_matches_masked": True, "lower_s": round(lower_s, 1),
-           "backends": summary.get("backends"), "flop_speedup": summary.get("flop_speedup"),
-           "layer_sum_predicted_speedup": summary.get("predicted_speedup")}
+    row = {
+        "model": name,
+        "sparsity": sparsity,
+        "threads": threads,
+        "batch": batch,
+        **{k: round(v, 3) for k, v in ms.items()},
+        "lowered_x_ort": round(ms["ort_dense"] / ms["lowered"], 3),
+        "deepsparse_x_ort": round(ms["ort_dense"] / ms["deepsparse"], 3) if "deepsparse" in ms else None,
+        "lowered_x_deepsparse": round(ms["deepsparse"] / ms["lowered"], 3) if "deepsparse" in ms else None,
+        "lowered_matches_masked": True,
+        "lower_s": round(lower_s, 1),
+        "backends": summary.get("backends"),
+        "flop_speedup": summary.get("flop_speedup"),
+        "layer_sum_predicted_speedup": summary.get("predicted_speedup"),
+    }
     print(json.dumps(row), flush=True)
     return row
 
@@ -169,7 +193,9 @@ def reload_check(tmp: Path, reps: int) -> dict:
     """resnet50 90%, batch 1, one thread: the lowered model saved and the sparse ONNX file, timed in a fresh
     process beside onnxruntime dense, against the same ratio measured in this process."""
     import onnx
+
     from sparsifx.backends.sparse_onnx import to_sparse_initializers
+
     torch.set_num_threads(1)
     dense = pruned_model("resnet50", 0.9)
     x = torch.randn(1, 3, 224, 224)
@@ -179,12 +205,26 @@ def reload_check(tmp: Path, reps: int) -> dict:
     lowered = sparsifx.sparsify(dense, {"stages": [{"pass": "lower"}]}, example_inputs=(x,)).eval()
     sparsifx.save(lowered, saved)
     here = _reload_times(lowered, None, dense_path, x, reps)
-    cmd = [sys.executable, __file__, "--reload-worker", str(saved), str(sparse_path), str(dense_path),
-           "--reps", str(reps)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--reload-worker",
+        str(saved),
+        str(sparse_path),
+        str(dense_path),
+        "--reps",
+        str(reps),
+    ]
     fresh = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
-    return {"this_process": here, "fresh_process": fresh,
-            "sizes": {"dense_onnx": dense_path.stat().st_size, "sparse_onnx": sparse_path.stat().st_size,
-                      "saved_lowered": saved.stat().st_size}}
+    return {
+        "this_process": here,
+        "fresh_process": fresh,
+        "sizes": {
+            "dense_onnx": dense_path.stat().st_size,
+            "sparse_onnx": sparse_path.stat().st_size,
+            "saved_lowered": saved.stat().st_size,
+        },
+    }
 
 
 def _reload_times(lowered, from_onnx, dense_path, x, reps) -> dict:
@@ -195,12 +235,15 @@ def _reload_times(lowered, from_onnx, dense_path, x, reps) -> dict:
         fns["load_onnx"] = lambda: from_onnx(x)
     with torch.inference_mode():
         ms = harness.medians_ms(harness.interleaved_samples(fns, reps, warmup_rounds=1)["wall"])
-    return {**{k: round(v, 3) for k, v in ms.items()},
-            **{f"{k}_x_ort": round(ms["ort_dense"] / v, 3) for k, v in ms.items() if k != "ort_dense"}}
+    return {
+        **{k: round(v, 3) for k, v in ms.items()},
+        **{f"{k}_x_ort": round(ms["ort_dense"] / v, 3) for k, v in ms.items() if k != "ort_dense"},
+    }
 
 
 def reload_worker(saved: str, sparse_onnx: str, dense_onnx: str, reps: int) -> None:
     from sparsifx.backends import load_onnx
+
     torch.set_num_threads(1)
     x = torch.randn(1, 3, 224, 224)
     lowered = sparsifx.load(saved).eval()
@@ -212,24 +255,40 @@ def reload_worker(saved: str, sparse_onnx: str, dense_onnx: str, reps: int) -> N
 
 def markdown(res: dict) -> str:
     meta = res["meta"]
-    lines = ["# Sparse end to end: sparsifx lowered vs onnxruntime dense vs DeepSparse", "",
-             harness.load_line(meta), "",
-             "Median wall-clock ms of interleaved rounds; ratios are onnxruntime dense time over each engine's. "
-             "Random-init weights, magnitude pruning at the same sparsity per layer, first layer dense, BatchNorm "
-             "folded. `lowered x DS` > 1: sparsifx faster than DeepSparse.", "",
-             "| model | sparsity | threads | batch | torch dense | onnxruntime dense | sparsifx lowered | DeepSparse 1.8 |"
-             " lowered x ort | DS x ort | lowered x DS |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Sparse end to end: sparsifx lowered vs onnxruntime dense vs DeepSparse",
+        "",
+        harness.load_line(meta),
+        "",
+        "Median wall-clock ms of interleaved rounds; ratios are onnxruntime dense time over each engine's. "
+        "Random-init weights, magnitude pruning at the same sparsity per layer, first layer dense, BatchNorm "
+        "folded. `lowered x DS` > 1: sparsifx faster than DeepSparse.",
+        "",
+        "| model | sparsity | threads | batch | torch dense | onnxruntime dense | sparsifx lowered | DeepSparse 1.8 |"
+        " lowered x ort | DS x ort | lowered x DS |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in res["cells"]:
-        lines.append(f"| {r['model']} | {r['sparsity']} | {r['threads']} | {r['batch']} | {r['torch_dense']} | "
-                     f"{r['ort_dense']} | {r['lowered']} | {r.get('deepsparse', '-')} | {r['lowered_x_ort']} | "
-                     f"{r.get('deepsparse_x_ort') or '-'} | {r.get('lowered_x_deepsparse') or '-'} |")
-    lines += ["", "Layer choices of `lower` per cell are in the JSON (`backends`), with the executed-MAC ratio "
-              "(`flop_speedup`) and the layer-sum prediction."]
+        lines.append(
+            f"| {r['model']} | {r['sparsity']} | {r['threads']} | {r['batch']} | {r['torch_dense']} | "
+            f"{r['ort_dense']} | {r['lowered']} | {r.get('deepsparse', '-')} | {r['lowered_x_ort']} | "
+            f"{r.get('deepsparse_x_ort') or '-'} | {r.get('lowered_x_deepsparse') or '-'} |"
+        )
+    lines += [
+        "",
+        "Layer choices of `lower` per cell are in the JSON (`backends`), with the executed-MAC ratio "
+        "(`flop_speedup`) and the layer-sum prediction.",
+    ]
     if res.get("reload"):
         rl = res["reload"]
-        lines += ["", "## Deployable artefacts reloaded in a fresh process (resnet50 90%, batch 1, 1 thread)", "",
-                  f"- this process: {rl['this_process']}", f"- fresh process: {rl['fresh_process']}",
-                  f"- sizes (bytes): {rl['sizes']}"]
+        lines += [
+            "",
+            "## Deployable artefacts reloaded in a fresh process (resnet50 90%, batch 1, 1 thread)",
+            "",
+            f"- this process: {rl['this_process']}",
+            f"- fresh process: {rl['fresh_process']}",
+            f"- sizes (bytes): {rl['sizes']}",
+        ]
     return "\n".join(lines) + "\n"
 
 

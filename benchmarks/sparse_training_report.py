@@ -1,4 +1,5 @@
 """Markdown table (mean ± std over seeds) and accuracy-vs-density plot for ``sparse_training.py`` rows."""
+
 from __future__ import annotations
 
 import statistics
@@ -27,14 +28,19 @@ def group_rows(rows: Iterable[Mapping]) -> dict[tuple, list[Mapping]]:
 
 
 def mean_accuracy(rows: Iterable[Mapping], model: str, method: str, sparsity: float) -> float | None:
-    vals = [r["accuracy"] for r in rows if r["model"] == model and r["method"] == method
-            and abs(r["sparsity"] - sparsity) < 1e-9]
+    vals = [
+        r["accuracy"]
+        for r in rows
+        if r["model"] == model and r["method"] == method and abs(r["sparsity"] - sparsity) < 1e-9
+    ]
     return statistics.fmean(vals) if vals else None
 
 
 def markdown_table(rows: Sequence[Mapping], header_lines: Sequence[str]) -> str:
     lines = list(header_lines) + [""]
-    lines.append("| model | method | sparsity | seeds | accuracy (%) | flops_ratio | saved_bytes_ratio | step_time_ratio |")
+    lines.append(
+        "| model | method | sparsity | seeds | accuracy (%) | flops_ratio | saved_bytes_ratio | step_time_ratio |"
+    )
     lines.append("|---|---|---|---|---|---|---|---|")
     for (model, method, sparsity), group in group_rows(rows).items():
         cells = [_fmt([r["accuracy"] for r in group], 100.0, 2)]
@@ -46,6 +52,7 @@ def markdown_table(rows: Sequence[Mapping], header_lines: Sequence[str]) -> str:
 def plot_accuracy(rows: Sequence[Mapping], path: Path) -> None:
     """One panel per model: mean accuracy (± std) against density, one line per method, dense as a line."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
@@ -90,9 +97,18 @@ def _ci(entry: Mapping, key: str) -> str:
     return f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}]"
 
 
-def targets_markdown(rows: Sequence[Mapping], tuning: Sequence[Mapping], intervals: Sequence[Mapping],
-                     checks: Sequence[tuple[str, str, str]], settings, missing: Sequence[str], wall_s: float,
-                     partial: bool, methods_mod, note: str = "") -> str:
+def targets_markdown(
+    rows: Sequence[Mapping],
+    tuning: Sequence[Mapping],
+    intervals: Sequence[Mapping],
+    checks: Sequence[tuple[str, str, str]],
+    settings,
+    missing: Sequence[str],
+    wall_s: float,
+    partial: bool,
+    methods_mod,
+    note: str = "",
+) -> str:
     """The issue-15 table: grouped by model and whole-model trained density, paired intervals, both FLOP columns."""
     s = settings
     lines = ["# Sparse training accuracy targets, audited protocol (issue 15)", ""]
@@ -124,9 +140,11 @@ def targets_markdown(rows: Sequence[Mapping], tuning: Sequence[Mapping], interva
         " 3·F, plus CTRE's statistics).",
         f"Mask-update schedule: period P = total/8 = {sched.update_period} steps (set/sparse_momentum/ctre per P,"
         f" RigL every {sched.delta_t} steps until 0.75 T, GMP every {sched.delta_t} steps from P to 0.75 T).",
-        "Method settings: " + "; ".join(f"`{m}`: {methods_mod.describe(m, sched)}" for m in s.methods
-                                        if m not in missing),
-        f"Wall time: {wall_s / 60:.1f} min." + (f" {note}" if note else "") + (f" Not run (pass missing): {', '.join(missing)}." if missing else ""),
+        "Method settings: "
+        + "; ".join(f"`{m}`: {methods_mod.describe(m, sched)}" for m in s.methods if m not in missing),
+        f"Wall time: {wall_s / 60:.1f} min."
+        + (f" {note}" if note else "")
+        + (f" Not run (pass missing): {', '.join(missing)}." if missing else ""),
         "",
     ]
     groups = group_rows(rows)
@@ -134,37 +152,59 @@ def targets_markdown(rows: Sequence[Mapping], tuning: Sequence[Mapping], interva
     tune = defaultdict(dict)
     for t in tuning:
         tune[(t["model"], t["method"], t["sparsity"])][t["lr"]] = t["val_accuracy"]
-    lines.append("| model | density trained | method | nominal sparsity | lr (val acc of variants) | seeds |"
-                 " test acc (%) | method−dense, pt [95% CI] | method−static, pt [95% CI] | FLOPs theoretical |"
-                 " FLOPs executed |")
+    lines.append(
+        "| model | density trained | method | nominal sparsity | lr (val acc of variants) | seeds |"
+        " test acc (%) | method−dense, pt [95% CI] | method−static, pt [95% CI] | FLOPs theoretical |"
+        " FLOPs executed |"
+    )
     lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
-    keys = sorted(groups, key=lambda k: (list(dict.fromkeys(r["model"] for r in rows)).index(k[0]),
-                                         -round(statistics.fmean(r["density"] for r in groups[k]), 2), k[2]))
+    keys = sorted(
+        groups,
+        key=lambda k: (
+            list(dict.fromkeys(r["model"] for r in rows)).index(k[0]),
+            -round(statistics.fmean(r["density"] for r in groups[k]), 2),
+            k[2],
+        ),
+    )
     for key in keys:
         g = groups[key]
         model, method, sp = key
         dens = statistics.fmean(r["density"] for r in g)
         variants = ", ".join(f"{lr:g}: {100 * a:.1f}" for lr, a in sorted(tune[key].items()))
         e = ivals.get(key, {})
-        lines.append(f"| {model} | {dens:.3f} | {method} | {sp:.2f} | {g[0]['lr']:g} ({variants}) | {len(g)} | "
-                     f"{_fmt([r['test_accuracy'] for r in g], 100.0, 2)} | {_ci(e, 'vs_dense')} |"
-                     f" {_ci(e, 'vs_static')} | {_fmt([r['flops_ratio'] for r in g])} |"
-                     f" {_fmt([r['executed_flops_ratio'] for r in g])} |")
-    lines += ["", "## Targets (judged by the paired 95% intervals)", "", "| target | result | numbers |",
-              "|---|---|---|"]
+        lines.append(
+            f"| {model} | {dens:.3f} | {method} | {sp:.2f} | {g[0]['lr']:g} ({variants}) | {len(g)} | "
+            f"{_fmt([r['test_accuracy'] for r in g], 100.0, 2)} | {_ci(e, 'vs_dense')} |"
+            f" {_ci(e, 'vs_static')} | {_fmt([r['flops_ratio'] for r in g])} |"
+            f" {_fmt([r['executed_flops_ratio'] for r in g])} |"
+        )
+    lines += [
+        "",
+        "## Targets (judged by the paired 95% intervals)",
+        "",
+        "| target | result | numbers |",
+        "|---|---|---|",
+    ]
     lines += [f"| {n} | {v} | {num} |" for n, v, num in checks]
-    gaps = [(e["model"], e["sparsity"], e["vs_dense"]) for e in intervals if e["method"] == "static" and "vs_dense" in e]
+    gaps = [
+        (e["model"], e["sparsity"], e["vs_dense"]) for e in intervals if e["method"] == "static" and "vs_dense" in e
+    ]
     if gaps:
         lines += ["", "## Where the methods separate (static − dense)", ""]
-        lines += [f"- {m} @ {sp:.0%}: static−dense {d[0]:+.2f} pt [{d[1]:+.2f}, {d[2]:+.2f}]"
-                  + (" — gap ≥ 1 pt" if d[0] <= -1.0 else " — gap < 1 pt") for m, sp, d in gaps]
-        lines += ["", "Why the methods separate where they do: the number of weights left decides it. "
-                  + "; ".join(f"{m} at {sp:.0%} keeps about {n:,.0f} weights"
-                              for (m, sp), n in _kept_weights(rows).items())
-                  + ". With few weights a fixed random (ERK) mask leaves many hidden units with almost no useful"
-                  " inputs, so where the connections sit (which the dynamic methods choose and static cannot) and"
-                  " how long the model trains dense first (GMP) decide accuracy; with many weights a random mask"
-                  " already has the capacity this 5,000-image task needs and the methods come closer together."]
+        lines += [
+            f"- {m} @ {sp:.0%}: static−dense {d[0]:+.2f} pt [{d[1]:+.2f}, {d[2]:+.2f}]"
+            + (" — gap ≥ 1 pt" if d[0] <= -1.0 else " — gap < 1 pt")
+            for m, sp, d in gaps
+        ]
+        lines += [
+            "",
+            "Why the methods separate where they do: the number of weights left decides it. "
+            + "; ".join(f"{m} at {sp:.0%} keeps about {n:,.0f} weights" for (m, sp), n in _kept_weights(rows).items())
+            + ". With few weights a fixed random (ERK) mask leaves many hidden units with almost no useful"
+            " inputs, so where the connections sit (which the dynamic methods choose and static cannot) and"
+            " how long the model trains dense first (GMP) decide accuracy; with many weights a random mask"
+            " already has the capacity this 5,000-image task needs and the methods come closer together.",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -16,6 +16,7 @@ own subprocess. Each (model, tool) runs in a forked subprocess with a time limit
 hang or memory blow-up is recorded as that model's failure with its cause. Results are written after
 every model (JSON + a markdown table with the same basename); ``--resume`` skips finished models.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,6 +38,7 @@ from benchmarks import harness  # noqa: E402
 
 def all_models() -> list[str]:
     import torchvision
+
     return list(torchvision.models.list_models(module=torchvision.models))
 
 
@@ -46,6 +48,7 @@ HEAVY_PARAMS = 100_000_000
 def num_params(name: str) -> int:
     """Parameter count from torchvision's weight metadata (no model is built); 0 when unknown."""
     import torchvision
+
     try:
         return max(w.meta.get("num_params", 0) for w in torchvision.models.get_model_weights(name))
     except (ValueError, KeyError):
@@ -66,11 +69,14 @@ def _rss_mb(pid: int) -> float:
 def _child(conn, name: str, tool: str, ratio: float, round_to: int, mode: str, latency: bool) -> None:
     import logging
     import warnings
+
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
     import torch
+
     torch.set_num_threads(2)
     from benchmarks import prune_sweep_worker as w
+
     kwargs = {"measure": latency} if tool == "sparsifx" else {}
     conn.send(w.TOOLS[tool](name, ratio=ratio, round_to=round_to, mode=mode, **kwargs))
     conn.close()
@@ -83,6 +89,7 @@ def preload(tools: list[str]) -> None:
 
     import sparsifx  # noqa: F401
     from benchmarks import prune_sweep_worker  # noqa: F401
+
     if "torch-pruning" in tools:
         import torch_pruning  # noqa: F401
 
@@ -92,8 +99,9 @@ def run_isolated(name: str, tool: str, args: argparse.Namespace) -> dict:
     ctx = multiprocessing.get_context("fork")
     recv, send = ctx.Pipe(duplex=False)
     t0 = time.perf_counter()
-    proc = ctx.Process(target=_child, args=(send, name, tool, args.ratio, args.round_to, args.mode,
-                                                        not args.no_latency))
+    proc = ctx.Process(
+        target=_child, args=(send, name, tool, args.ratio, args.round_to, args.mode, not args.no_latency)
+    )
     proc.start()
     send.close()
     peak, killed, result = 0.0, None, None
@@ -121,8 +129,15 @@ def run_isolated(name: str, tool: str, args: argparse.Namespace) -> dict:
         result.update(wall_s=wall, watched_peak_rss_mb=round(peak))
         return result
     cause = killed or f"crash: the subprocess exited with code {proc.exitcode} without a result"
-    return {"model": name, "tool": tool, "ok": False, "error": cause, "stats": {}, "wall_s": wall,
-            "watched_peak_rss_mb": round(peak)}
+    return {
+        "model": name,
+        "tool": tool,
+        "ok": False,
+        "error": cause,
+        "stats": {},
+        "wall_s": wall,
+        "watched_peak_rss_mb": round(peak),
+    }
 
 
 # ------------------------------------------------------------------ summary and table
@@ -132,27 +147,41 @@ def _median(values: list[float]) -> float | None:
 
 def summary(records: dict[str, dict]) -> dict:
     sfx = [r["sparsifx"] for r in records.values() if "sparsifx" in r]
-    out = {"models": len(records), "sparsifx_ok": sum(r["ok"] for r in sfx),
-           "sparsifx_failures": {r["model"]: r["error"] for r in sfx if not r["ok"]},
-           "sparsifx_latency_errors": {r["model"]: r["error"] for r in sfx if r["ok"] and r["error"]},
-           "sparsifx_max_time_s": max((r["stats"]["time_s"] for r in sfx if "time_s" in r["stats"]), default=None)}
+    out = {
+        "models": len(records),
+        "sparsifx_ok": sum(r["ok"] for r in sfx),
+        "sparsifx_failures": {r["model"]: r["error"] for r in sfx if not r["ok"]},
+        "sparsifx_latency_errors": {r["model"]: r["error"] for r in sfx if r["ok"] and r["error"]},
+        "sparsifx_max_time_s": max((r["stats"]["time_s"] for r in sfx if "time_s" in r["stats"]), default=None),
+    }
     for key in ("eager_latency_over_macs", "ort_latency_over_macs", "macs_ratio", "params_ratio"):
         out[f"median_{key}"] = _median([r["stats"][key] for r in sfx if key in r["stats"]])
     ort = [r["stats"]["ort_latency_over_macs"] for r in sfx if "ort_latency_over_macs" in r["stats"]]
     out["ort_latency_over_macs_at_most_1_1"] = f"{sum(v <= 1.1 for v in ort)}/{len(ort)}"
-    out["physical_ratio"] = {r["model"]: round(r["stats"]["physical_ratio"], 3)
-                             for r in sfx if "physical_ratio" in r["stats"]}
+    out["physical_ratio"] = {
+        r["model"]: round(r["stats"]["physical_ratio"], 3) for r in sfx if "physical_ratio" in r["stats"]
+    }
     tps = [r for r in records.values() if "torch-pruning" in r]
     if tps:
         ok = [r for r in tps if r["torch-pruning"]["ok"]]
-        ratios = [r["sparsifx"]["stats"]["time_s"] / r["torch-pruning"]["stats"]["time_s"]
-                  for r in ok if r.get("sparsifx", {}).get("ok")]
-        out.update({"torch_pruning_ok": len(ok), "torch_pruning_runs": len(tps),
-                    "torch_pruning_failures": {r["torch-pruning"]["model"]: r["torch-pruning"]["error"]
-                                               for r in tps if not r["torch-pruning"]["ok"]},
-                    "median_time_ratio_sparsifx_over_tp": _median(ratios),
-                    "torch_pruning_max_time_s": max((r["torch-pruning"]["stats"]["time_s"] for r in ok),
-                                                    default=None)})
+        ratios = [
+            r["sparsifx"]["stats"]["time_s"] / r["torch-pruning"]["stats"]["time_s"]
+            for r in ok
+            if r.get("sparsifx", {}).get("ok")
+        ]
+        out.update(
+            {
+                "torch_pruning_ok": len(ok),
+                "torch_pruning_runs": len(tps),
+                "torch_pruning_failures": {
+                    r["torch-pruning"]["model"]: r["torch-pruning"]["error"]
+                    for r in tps
+                    if not r["torch-pruning"]["ok"]
+                },
+                "median_time_ratio_sparsifx_over_tp": _median(ratios),
+                "torch_pruning_max_time_s": max((r["torch-pruning"]["stats"]["time_s"] for r in ok), default=None),
+            }
+        )
     return out
 
 
@@ -162,46 +191,78 @@ def _fmt(v, spec: str = ".2f") -> str:
 
 def markdown(records: dict[str, dict], meta: dict) -> str:
     s = meta["summary"]
-    lines = [f"# torchvision channel-pruning sweep (ratio {meta['ratio']}, round_to {meta.get('round_to', 1)}; "
-             "input side per model in the table)", "",
-             f"sparsifx: {s['sparsifx_ok']}/{s['models']} models pruned, shrunk, verified and exported; "
-             f"max pruning time {_fmt(s['sparsifx_max_time_s'])} s; median latency/MACs ratio eager "
-             f"{_fmt(s['median_eager_latency_over_macs'])} (2 threads, wall clock), onnxruntime "
-             f"{_fmt(s['median_ort_latency_over_macs'])} (1 thread, CPU clock; "
-             f"{s.get('ort_latency_over_macs_at_most_1_1', '?')} models at most 1.1).",
-             *([harness.load_line(meta)] if "load_before" in meta else [])]
+    lines = [
+        f"# torchvision channel-pruning sweep (ratio {meta['ratio']}, round_to {meta.get('round_to', 1)}; "
+        "input side per model in the table)",
+        "",
+        f"sparsifx: {s['sparsifx_ok']}/{s['models']} models pruned, shrunk, verified and exported; "
+        f"max pruning time {_fmt(s['sparsifx_max_time_s'])} s; median latency/MACs ratio eager "
+        f"{_fmt(s['median_eager_latency_over_macs'])} (2 threads, wall clock), onnxruntime "
+        f"{_fmt(s['median_ort_latency_over_macs'])} (1 thread, CPU clock; "
+        f"{s.get('ort_latency_over_macs_at_most_1_1', '?')} models at most 1.1).",
+        *([harness.load_line(meta)] if "load_before" in meta else []),
+    ]
     if s.get("not_run"):
         lines.append(f"Not run ({len(s['not_run'])}): " + ", ".join(s["not_run"]))
     if "torch_pruning_ok" in s:
-        lines.append(f"Torch-Pruning 1.6: {s['torch_pruning_ok']}/{s['torch_pruning_runs']}; median time ratio "
-                     f"sparsifx/TP {_fmt(s['median_time_ratio_sparsifx_over_tp'])}; TP max time "
-                     f"{_fmt(s['torch_pruning_max_time_s'])} s.")
+        lines.append(
+            f"Torch-Pruning 1.6: {s['torch_pruning_ok']}/{s['torch_pruning_runs']}; median time ratio "
+            f"sparsifx/TP {_fmt(s['median_time_ratio_sparsifx_over_tp'])}; TP max time "
+            f"{_fmt(s['torch_pruning_max_time_s'])} s."
+        )
     if s["physical_ratio"]:
-        lines.append("Physical limit (shrunk / fresh dense same shapes, eager): " +
-                     ", ".join(f"{k} {v:.3f}" for k, v in s["physical_ratio"].items()))
-    lines += ["", "| model | side | ok | time s | TP time s | params after/before | MACs after/before | "
-              "eager lat ratio | eager lat/MACs | ort lat ratio | ort lat/MACs | physical | peak RSS MB | error |",
-              "|" + "---|" * 14]
+        lines.append(
+            "Physical limit (shrunk / fresh dense same shapes, eager): "
+            + ", ".join(f"{k} {v:.3f}" for k, v in s["physical_ratio"].items())
+        )
+    lines += [
+        "",
+        "| model | side | ok | time s | TP time s | params after/before | MACs after/before | "
+        "eager lat ratio | eager lat/MACs | ort lat ratio | ort lat/MACs | physical | peak RSS MB | error |",
+        "|" + "---|" * 14,
+    ]
     for name, r in records.items():
         x = r.get("sparsifx", {})
         st, tp = x.get("stats", {}), r.get("torch-pruning")
         tp_cell = "" if tp is None else (_fmt(tp["stats"].get("time_s")) if tp["ok"] else "fail")
         err = "; ".join(e for e in (x.get("error"), tp and not tp["ok"] and "TP " + tp["error"]) if e)
-        lines.append("| " + " | ".join([
-            name, str(x.get("side", "")), "yes" if x.get("ok") else "NO", _fmt(st.get("time_s")), tp_cell,
-            _fmt(st.get("params_ratio"), ".3f"), _fmt(st.get("macs_ratio"), ".3f"),
-            _fmt(st.get("eager_latency_ratio"), ".3f"), _fmt(st.get("eager_latency_over_macs")),
-            _fmt(st.get("ort_latency_ratio"), ".3f"), _fmt(st.get("ort_latency_over_macs")),
-            _fmt(st.get("physical_ratio"), ".3f"), _fmt(st.get("rss_peak_prune_mb"), ".0f"),
-            (err or "").replace("|", "/")[:160]]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    name,
+                    str(x.get("side", "")),
+                    "yes" if x.get("ok") else "NO",
+                    _fmt(st.get("time_s")),
+                    tp_cell,
+                    _fmt(st.get("params_ratio"), ".3f"),
+                    _fmt(st.get("macs_ratio"), ".3f"),
+                    _fmt(st.get("eager_latency_ratio"), ".3f"),
+                    _fmt(st.get("eager_latency_over_macs")),
+                    _fmt(st.get("ort_latency_ratio"), ".3f"),
+                    _fmt(st.get("ort_latency_over_macs")),
+                    _fmt(st.get("physical_ratio"), ".3f"),
+                    _fmt(st.get("rss_peak_prune_mb"), ".0f"),
+                    (err or "").replace("|", "/")[:160],
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def write(records: dict[str, dict], out: Path, args: argparse.Namespace) -> dict:
     import torchvision
-    meta = {**harness.machine(threads=2, clock="eager: wall; onnxruntime: cpu, 1 thread"), "ratio": args.ratio,
-            "round_to": args.round_to, "mode": args.mode, "torchvision": torchvision.__version__, "batch": 1,
-            "summary": summary(records)}
+
+    meta = {
+        **harness.machine(threads=2, clock="eager: wall; onnxruntime: cpu, 1 thread"),
+        "ratio": args.ratio,
+        "round_to": args.round_to,
+        "mode": args.mode,
+        "torchvision": torchvision.__version__,
+        "batch": 1,
+        "summary": summary(records),
+    }
     meta["load_before"] = getattr(args, "load_before", meta["load_before"])  # at the start of the sweep
     harness.finish(meta)
     if args.models == "all" or args.merge:
@@ -218,9 +279,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="all", help="'all' or a comma-separated list")
     p.add_argument("--ratio", type=float, default=0.5)
-    p.add_argument("--round-to", type=int, default=16,
-                   help="kept channels per group rounded up to a multiple (both tools): 16 floats fill the SIMD "
-                        "blocks of onnxruntime's NCHWc kernels on AVX-512; narrower convs fall off them")
+    p.add_argument(
+        "--round-to",
+        type=int,
+        default=16,
+        help="kept channels per group rounded up to a multiple (both tools): 16 floats fill the SIMD "
+        "blocks of onnxruntime's NCHWc kernels on AVX-512; narrower convs fall off them",
+    )
     p.add_argument("--out", type=Path, default=HERE / "results" / "torchvision_sweep.json")
     p.add_argument("--compare", choices=["torch-pruning"], default=None)
     p.add_argument("--mode", choices=["full", "ci"], default="full", help="input sizes (ci: small)")
@@ -266,8 +331,11 @@ def main(argv: list[str] | None = None) -> int:
             st = rec.get("stats", {})
             with lock:
                 records.setdefault(name, {})[tool] = rec
-                print(f"[{i + 1}/{len(names)}] {name:24s} {tool:14s} ok={rec['ok']} "
-                      f"time={st.get('time_s', 0):.2f}s wall={rec['wall_s']}s {rec.get('error') or ''}", flush=True)
+                print(
+                    f"[{i + 1}/{len(names)}] {name:24s} {tool:14s} ok={rec['ok']} "
+                    f"time={st.get('time_s', 0):.2f}s wall={rec['wall_s']}s {rec.get('error') or ''}",
+                    flush=True,
+                )
                 write(_ordered(records, names), args.out, args)
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:

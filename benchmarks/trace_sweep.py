@@ -1,7 +1,8 @@
 """Trace sweep: every torchvision classification model through sparsifx.trace and export_onnx.
 
 For each model (random weights, seed 0, BatchNorm statistics calibrated on one random batch and all-zero
-weight matrices re-drawn, see ``calibrated_random_weights``; eval mode): build, ``sparsifx.trace``, compare the GraphModule
+weight matrices re-drawn, see ``calibrated_random_weights``; eval mode): build, ``sparsifx.trace``, compare the
+GraphModule
 with eager (``torch.testing.assert_close``), export with ``sparsifx.export_onnx(verify=True)`` (onnxruntime
 on the example batch and on a batch of another size) and record times, opaque leaves, the exporter
 used, the observed errors and, for any failure, the stage and cause.
@@ -12,6 +13,7 @@ used, the observed errors and, for any failure, the stage and cause.
 Each model runs in its own subprocess (``--one NAME``) with a timeout, so one crash or out-of-memory
 cannot end the sweep. Writes the JSON and a markdown table with the same basename (``.md``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,6 +57,7 @@ CALIBRATION_BATCH = 32
 
 def all_models() -> list[str]:
     import torchvision
+
     return list(torchvision.models.list_models(module=torchvision.models))
 
 
@@ -75,12 +78,21 @@ def _cause(stage: str, exc: BaseException) -> str:
 def sweep_one(name: str, workdir: str | os.PathLike | None = None, batch: int = 1) -> dict:
     """Build, trace, check eager parity and ONNX parity for one torchvision model; returns a record."""
     import torchvision
+
     import sparsifx
 
     size, kwargs, note = SPECIAL.get(name, (DEFAULT_SIZE, {}, ""))
-    rec: dict = {"model": name, "input_shape": [batch, 3, size, size], "kwargs": kwargs, "note": note,
-                 "traced": False, "eager_parity": False, "onnx_ok": False, "error": None,
-                 "calibration_batch": CALIBRATION_BATCH}
+    rec: dict = {
+        "model": name,
+        "input_shape": [batch, 3, size, size],
+        "kwargs": kwargs,
+        "note": note,
+        "traced": False,
+        "eager_parity": False,
+        "onnx_ok": False,
+        "error": None,
+        "calibration_batch": CALIBRATION_BATCH,
+    }
     torch.manual_seed(0)
     try:
         model = calibrated_random_weights(torchvision.models.get_model(name, weights=None, **kwargs), size)
@@ -95,8 +107,12 @@ def sweep_one(name: str, workdir: str | os.PathLike | None = None, batch: int = 
     except Exception as exc:
         rec["error"] = _cause("trace", exc)
         return rec
-    rec.update(traced=True, trace_s=round(time.perf_counter() - t0, 3),
-               opaque_leaves=list(gm.meta.get("opaque_leaves", [])), graph_nodes=len(gm.graph.nodes))
+    rec.update(
+        traced=True,
+        trace_s=round(time.perf_counter() - t0, 3),
+        opaque_leaves=list(gm.meta.get("opaque_leaves", [])),
+        graph_nodes=len(gm.graph.nodes),
+    )
     gm.eval()
     with torch.no_grad():
         t0 = time.perf_counter()
@@ -104,8 +120,7 @@ def sweep_one(name: str, workdir: str | os.PathLike | None = None, batch: int = 
         rec["eager_s"] = round(time.perf_counter() - t0, 3)
         try:
             actual = gm(x)
-            rec["eager_max_abs"] = max(float((a - e).abs().max()) for a, e in
-                                       zip(_leaves(actual), _leaves(expected)))
+            rec["eager_max_abs"] = max(float((a - e).abs().max()) for a, e in zip(_leaves(actual), _leaves(expected)))
             rec["output_max_abs"] = max(float(e.abs().max()) for e in _leaves(expected))
             torch.testing.assert_close(actual, expected)
             rec["eager_parity"] = True
@@ -118,9 +133,14 @@ def sweep_one(name: str, workdir: str | os.PathLike | None = None, batch: int = 
         t0 = time.perf_counter()
         try:
             info = _export_checked(gm, Path(tmp) / f"{name}.onnx", x, rec)
-            rec.update(onnx_ok=True, onnx_exporter=info.exporter, onnx_fallback=info.fallback_reason or None,
-                       onnx_max_abs=info.max_abs, onnx_max_rel=info.max_rel,
-                       onnx_batches=[c.batch for c in info.checks])
+            rec.update(
+                onnx_ok=True,
+                onnx_exporter=info.exporter,
+                onnx_fallback=info.fallback_reason or None,
+                onnx_max_abs=info.max_abs,
+                onnx_max_rel=info.max_rel,
+                onnx_batches=[c.batch for c in info.checks],
+            )
         except Exception as exc:
             rec["error"] = _cause("onnx", exc)
         rec["export_s"] = round(time.perf_counter() - t0, 3)
@@ -130,6 +150,7 @@ def sweep_one(name: str, workdir: str | os.PathLike | None = None, batch: int = 
 def float32_noise(gm: torch.nn.Module, batches: list[tuple]) -> float:
     """Max |fp32 - fp64| of the module's own outputs: the rounding noise any float32 runtime has."""
     import copy
+
     ref = copy.deepcopy(gm).double().eval()
     worst = 0.0
     with torch.no_grad():
@@ -147,6 +168,7 @@ def _export_checked(gm, path: Path, x: torch.Tensor, rec: dict):
     import sparsifx
     from sparsifx.backends import onnx_export
     from sparsifx.errors import BackendError
+
     atol = ONNX_TOL * max(1.0, rec["output_max_abs"])  # error relative to the output's scale
     rec.update(onnx_atol=atol, onnx_tol_basis="output scale")
     try:
@@ -160,8 +182,9 @@ def _export_checked(gm, path: Path, x: torch.Tensor, rec: dict):
         if NOISE_FACTOR * noise <= atol:
             raise
     rec.update(onnx_atol=NOISE_FACTOR * noise, onnx_tol_basis="fp32 noise")
-    return sparsifx.export_onnx(gm, path, (x,), dynamic_batch=True, verify=True, rtol=ONNX_TOL,
-                                atol=NOISE_FACTOR * noise)
+    return sparsifx.export_onnx(
+        gm, path, (x,), dynamic_batch=True, verify=True, rtol=ONNX_TOL, atol=NOISE_FACTOR * noise
+    )
 
 
 def _leaves(out):
@@ -175,60 +198,92 @@ def run_isolated(name: str, timeout: float) -> dict:
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"model": name, "traced": False, "eager_parity": False, "onnx_ok": False,
-                "error": f"timeout: the model took more than {timeout:.0f} s"}
+        return {
+            "model": name,
+            "traced": False,
+            "eager_parity": False,
+            "onnx_ok": False,
+            "error": f"timeout: the model took more than {timeout:.0f} s",
+        }
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_MARK):
-            rec = json.loads(line[len(RESULT_MARK):])
+            rec = json.loads(line[len(RESULT_MARK) :])
             rec["wall_s"] = round(time.perf_counter() - t0, 1)
             return rec
     tail = " | ".join(proc.stderr.strip().splitlines()[-3:])[-400:]
-    return {"model": name, "traced": False, "eager_parity": False, "onnx_ok": False,
-            "error": f"crash: subprocess exited with {proc.returncode}: {tail}"}
+    return {
+        "model": name,
+        "traced": False,
+        "eager_parity": False,
+        "onnx_ok": False,
+        "error": f"crash: subprocess exited with {proc.returncode}: {tail}",
+    }
 
 
 def summary(records: list[dict]) -> dict:
-    return {"models": len(records), "traced": sum(r["traced"] for r in records),
-            "eager_parity": sum(r["eager_parity"] for r in records),
-            "onnx_parity": sum(r["onnx_ok"] for r in records),
-            "failures": {r["model"]: r["error"] for r in records if r.get("error")}}
+    return {
+        "models": len(records),
+        "traced": sum(r["traced"] for r in records),
+        "eager_parity": sum(r["eager_parity"] for r in records),
+        "onnx_parity": sum(r["onnx_ok"] for r in records),
+        "failures": {r["model"]: r["error"] for r in records if r.get("error")},
+    }
 
 
 def markdown(records: list[dict], meta: dict) -> str:
     s = summary(records)
-    lines = [f"# Trace sweep: torchvision {meta['torchvision']}, torch {meta['torch']}", "",
-             f"{s['models']} models: {s['traced']} traced, {s['eager_parity']} match eager, "
-             f"{s['onnx_parity']} match onnxruntime (random weights, eval, batch 1 and 3).", "",
-             "Eager parity: `torch.testing.assert_close(gm(x), model(x))` (float32 defaults). ONNX parity: "
-             f"`|ort - torch| <= {ONNX_TOL} * |torch| + {ONNX_TOL} * max(1, max|torch|)` on the example batch "
-             "and on a batch of 3 (dynamic batch axis). Weights are random (seed 0) with BatchNorm statistics "
-             "calibrated on one random batch and all-zero weight matrices re-drawn (see `calibrated_random_weights`). Where that "
-             "check fails, torch's own float32 noise is measured (max |fp32 - fp64| of the module on the same "
-             f"inputs) and the check is repeated with atol = {NOISE_FACTOR} x noise (basis 'fp32 noise'); "
-             "the first failure is kept in the JSON as `onnx_first_error`.", "",
-             "| model | input | params (M) | traced | opaque leaves | eager max abs | ONNX exporter | ONNX max abs "
-             "| ONNX atol (basis) | trace s | export+verify s | error |",
-             "|---|---|---:|:---:|---|---:|---|---:|---:|---:|---:|---|"]
+    lines = [
+        f"# Trace sweep: torchvision {meta['torchvision']}, torch {meta['torch']}",
+        "",
+        f"{s['models']} models: {s['traced']} traced, {s['eager_parity']} match eager, "
+        f"{s['onnx_parity']} match onnxruntime (random weights, eval, batch 1 and 3).",
+        "",
+        "Eager parity: `torch.testing.assert_close(gm(x), model(x))` (float32 defaults). ONNX parity: "
+        f"`|ort - torch| <= {ONNX_TOL} * |torch| + {ONNX_TOL} * max(1, max|torch|)` on the example batch "
+        "and on a batch of 3 (dynamic batch axis). Weights are random (seed 0) with BatchNorm statistics "
+        "calibrated on one random batch and all-zero weight matrices re-drawn (see "
+        "`calibrated_random_weights`). Where that "
+        "check fails, torch's own float32 noise is measured (max |fp32 - fp64| of the module on the same "
+        f"inputs) and the check is repeated with atol = {NOISE_FACTOR} x noise (basis 'fp32 noise'); "
+        "the first failure is kept in the JSON as `onnx_first_error`.",
+        "",
+        "| model | input | params (M) | traced | opaque leaves | eager max abs | ONNX exporter | ONNX max abs "
+        "| ONNX atol (basis) | trace s | export+verify s | error |",
+        "|---|---|---:|:---:|---|---:|---|---:|---:|---:|---:|---|",
+    ]
     for r in records:
+
         def num(key, fmt="{:.2e}"):
             return fmt.format(r[key]) if r.get(key) is not None else "-"
+
         leaves = ", ".join(r.get("opaque_leaves") or []) or "-"
         side = r.get("input_shape", ["?"] * 4)[-1]
         params = f"{r['params'] / 1e6:.1f}" if r.get("params") else "-"
-        lines.append(f"| {r['model']} | {side} | {params} | {'yes' if r['traced'] else 'no'} | {leaves} | "
-                     f"{num('eager_max_abs')} | {r.get('onnx_exporter') or '-'} | {num('onnx_max_abs')} | "
-                     f"{num('onnx_atol')} ({r.get('onnx_tol_basis', '-')}) | {num('trace_s', '{:.2f}')} | "
-                     f"{num('export_s', '{:.1f}')} | "
-                     f"{(r.get('error') or '').replace('|', '/')} |")
+        lines.append(
+            f"| {r['model']} | {side} | {params} | {'yes' if r['traced'] else 'no'} | {leaves} | "
+            f"{num('eager_max_abs')} | {r.get('onnx_exporter') or '-'} | {num('onnx_max_abs')} | "
+            f"{num('onnx_atol')} ({r.get('onnx_tol_basis', '-')}) | {num('trace_s', '{:.2f}')} | "
+            f"{num('export_s', '{:.1f}')} | "
+            f"{(r.get('error') or '').replace('|', '/')} |"
+        )
     other = [r["model"] for r in records if r.get("calibration_batch", CALIBRATION_BATCH) != CALIBRATION_BATCH]
     if other:
-        lines += ["", f"BatchNorm statistics calibrated on 4 instead of {CALIBRATION_BATCH} samples (first pass of the "
-                  f"sweep, before the calibration batch was raised): {', '.join(other)}."]
-    chaotic = [f"{r['model']} (noise {r['fp32_noise']:.2g}, output max {r['output_max_abs']:.2g})" for r in records
-               if r.get("fp32_noise") is not None and r["fp32_noise"] > 0.1 * max(1.0, r["output_max_abs"])]
+        lines += [
+            "",
+            f"BatchNorm statistics calibrated on 4 instead of {CALIBRATION_BATCH} samples (first pass of the "
+            f"sweep, before the calibration batch was raised): {', '.join(other)}.",
+        ]
+    chaotic = [
+        f"{r['model']} (noise {r['fp32_noise']:.2g}, output max {r['output_max_abs']:.2g})"
+        for r in records
+        if r.get("fp32_noise") is not None and r["fp32_noise"] > 0.1 * max(1.0, r["output_max_abs"])
+    ]
     if chaotic:
-        lines += ["", "Ill-conditioned at random weights (torch's own fp32-vs-fp64 difference exceeds 10% of the "
-                  "output scale), so ONNX parity there holds only within that noise: " + "; ".join(chaotic) + "."]
+        lines += [
+            "",
+            "Ill-conditioned at random weights (torch's own fp32-vs-fp64 difference exceeds 10% of the "
+            "output scale), so ONNX parity there holds only within that noise: " + "; ".join(chaotic) + ".",
+        ]
     fallbacks = [r for r in records if r.get("onnx_fallback")]
     if fallbacks:
         lines += ["", "Exporter fallbacks (the TorchScript exporter failed, the dynamo exporter was used):", ""]
@@ -238,9 +293,9 @@ def markdown(records: list[dict], meta: dict) -> str:
 
 def write(records: list[dict], out: Path) -> None:
     import torchvision
+
     meta = {"torch": torch.__version__, "torchvision": torchvision.__version__}
-    harness.write_results(out, {"meta": meta, "summary": summary(records), "results": records},
-                          markdown(records, meta))
+    harness.write_results(out, {"meta": meta, "summary": summary(records), "results": records}, markdown(records, meta))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -275,8 +330,9 @@ def main(argv: list[str] | None = None) -> int:
         status = "ok" if rec["onnx_ok"] else f"FAIL {rec['error']}"
         print(f"[{i + 1}/{len(names)}] {name}: {status} ({rec.get('wall_s', '-')} s)", flush=True)
     s = summary(records)
-    print(f"{s['models']} models: {s['traced']} traced, {s['eager_parity']} eager parity, "
-          f"{s['onnx_parity']} ONNX parity")
+    print(
+        f"{s['models']} models: {s['traced']} traced, {s['eager_parity']} eager parity, {s['onnx_parity']} ONNX parity"
+    )
     return 0 if s["onnx_parity"] == s["models"] else 1
 
 

@@ -7,6 +7,7 @@ Every model has 2 layers (Swin: 2 stages of 2), hidden size 64, 4 heads (Llama/M
 vocabulary 1000. ``block_prefixes`` finds the transformer blocks (the encoder/decoder layer lists) that the params
 ratio "over blocks" counts.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ class TPAttention:
     ``examples/LLMs``): the attention module class name (matched as a suffix of the class name), its q/k/v
     projections (one fused name for GPT-2's ``c_attn``), the attribute that holds the number of heads (or a config
     key), and the attributes to rewrite after pruning."""
+
     cls: str
     qkv: tuple[str, ...]
     heads: str  # attribute on the attention module, or "config.<key>"
@@ -64,6 +66,7 @@ def pixel_inputs() -> dict:
 
 def _tf():
     import transformers
+
     return transformers
 
 
@@ -81,8 +84,18 @@ def roberta() -> nn.Module:
 
 
 def gpt2() -> nn.Module:
-    return _tf().GPT2LMHeadModel(_tf().GPT2Config(n_layer=LAYERS, n_embd=HIDDEN, n_head=HEADS, n_inner=FFN,
-                                                  vocab_size=VOCAB, n_positions=64, bos_token_id=0, eos_token_id=0))
+    return _tf().GPT2LMHeadModel(
+        _tf().GPT2Config(
+            n_layer=LAYERS,
+            n_embd=HIDDEN,
+            n_head=HEADS,
+            n_inner=FFN,
+            vocab_size=VOCAB,
+            n_positions=64,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+    )
 
 
 def llama() -> nn.Module:
@@ -94,45 +107,116 @@ def mistral() -> nn.Module:
 
 
 def vit() -> nn.Module:
-    return _tf().ViTForImageClassification(_tf().ViTConfig(**ENC, image_size=IMAGE, patch_size=8,
-                                                           num_labels=NUM_LABELS))
+    return _tf().ViTForImageClassification(
+        _tf().ViTConfig(**ENC, image_size=IMAGE, patch_size=8, num_labels=NUM_LABELS)
+    )
 
 
 def swin() -> nn.Module:
-    return _tf().SwinForImageClassification(_tf().SwinConfig(
-        image_size=IMAGE, patch_size=2, embed_dim=HIDDEN, depths=[LAYERS, LAYERS], num_heads=[HEADS, 2 * HEADS],
-        window_size=4, num_labels=NUM_LABELS))
+    return _tf().SwinForImageClassification(
+        _tf().SwinConfig(
+            image_size=IMAGE,
+            patch_size=2,
+            embed_dim=HIDDEN,
+            depths=[LAYERS, LAYERS],
+            num_heads=[HEADS, 2 * HEADS],
+            window_size=4,
+            num_labels=NUM_LABELS,
+        )
+    )
 
 
 def t5() -> nn.Module:
-    return _tf().T5ForConditionalGeneration(_tf().T5Config(
-        vocab_size=VOCAB, d_model=HIDDEN, d_kv=HIDDEN // HEADS, d_ff=FFN, num_heads=HEADS, num_layers=LAYERS,
-        num_decoder_layers=LAYERS, decoder_start_token_id=0))
+    return _tf().T5ForConditionalGeneration(
+        _tf().T5Config(
+            vocab_size=VOCAB,
+            d_model=HIDDEN,
+            d_kv=HIDDEN // HEADS,
+            d_ff=FFN,
+            num_heads=HEADS,
+            num_layers=LAYERS,
+            num_decoder_layers=LAYERS,
+            decoder_start_token_id=0,
+        )
+    )
 
 
-_BERT_TP = TPAttention("SelfAttention", ("query", "key", "value"), "num_attention_heads",
-                       head_dim_attrs=("attention_head_size",), all_head_attrs=("all_head_size",))
+_BERT_TP = TPAttention(
+    "SelfAttention",
+    ("query", "key", "value"),
+    "num_attention_heads",
+    head_dim_attrs=("attention_head_size",),
+    all_head_attrs=("all_head_size",),
+)
 _QKV_PROJ = ("q_proj", "k_proj", "v_proj")
-SPECS: dict[str, HFSpec] = {s.name: s for s in (
-    HFSpec("bert", bert, text_inputs, _BERT_TP),
-    HFSpec("roberta", roberta, text_inputs, _BERT_TP, head="classifier.out_proj"),
-    HFSpec("gpt2", gpt2, text_inputs, TPAttention("GPT2Attention", ("c_attn",), "num_heads", head_dim_attrs=(
-        "head_dim",), all_head_attrs=("embed_dim",), split_attr="split_size"), head="lm_head"),
-    HFSpec("llama", llama, text_inputs, TPAttention("LlamaAttention", _QKV_PROJ, "config.num_attention_heads",
-                                                    "config.num_key_value_heads"), head="lm_head"),
-    HFSpec("mistral", mistral, text_inputs, TPAttention("MistralAttention", _QKV_PROJ, "config.num_attention_heads",
-                                                        "config.num_key_value_heads"), head="lm_head"),
-    HFSpec("vit", vit, pixel_inputs, TPAttention("ViTAttention", _QKV_PROJ, "num_attention_heads",
-                                                 head_dim_attrs=("head_dim",)), side=IMAGE),
-    HFSpec("swin", swin, pixel_inputs, TPAttention("SwinAttention", _QKV_PROJ, "num_attention_heads",
-                                                   head_dim_attrs=("head_dim",)), side=IMAGE),
-    HFSpec("t5", t5, t5_inputs, TPAttention("T5Attention", ("q", "k", "v"), "n_heads", head_dim_attrs=(
-        "key_value_proj_dim",), all_head_attrs=("inner_dim",)), head="lm_head"),
-)}
+SPECS: dict[str, HFSpec] = {
+    s.name: s
+    for s in (
+        HFSpec("bert", bert, text_inputs, _BERT_TP),
+        HFSpec("roberta", roberta, text_inputs, _BERT_TP, head="classifier.out_proj"),
+        HFSpec(
+            "gpt2",
+            gpt2,
+            text_inputs,
+            TPAttention(
+                "GPT2Attention",
+                ("c_attn",),
+                "num_heads",
+                head_dim_attrs=("head_dim",),
+                all_head_attrs=("embed_dim",),
+                split_attr="split_size",
+            ),
+            head="lm_head",
+        ),
+        HFSpec(
+            "llama",
+            llama,
+            text_inputs,
+            TPAttention("LlamaAttention", _QKV_PROJ, "config.num_attention_heads", "config.num_key_value_heads"),
+            head="lm_head",
+        ),
+        HFSpec(
+            "mistral",
+            mistral,
+            text_inputs,
+            TPAttention("MistralAttention", _QKV_PROJ, "config.num_attention_heads", "config.num_key_value_heads"),
+            head="lm_head",
+        ),
+        HFSpec(
+            "vit",
+            vit,
+            pixel_inputs,
+            TPAttention("ViTAttention", _QKV_PROJ, "num_attention_heads", head_dim_attrs=("head_dim",)),
+            side=IMAGE,
+        ),
+        HFSpec(
+            "swin",
+            swin,
+            pixel_inputs,
+            TPAttention("SwinAttention", _QKV_PROJ, "num_attention_heads", head_dim_attrs=("head_dim",)),
+            side=IMAGE,
+        ),
+        HFSpec(
+            "t5",
+            t5,
+            t5_inputs,
+            TPAttention(
+                "T5Attention",
+                ("q", "k", "v"),
+                "n_heads",
+                head_dim_attrs=("key_value_proj_dim",),
+                all_head_attrs=("inner_dim",),
+            ),
+            head="lm_head",
+        ),
+    )
+}
 HF_MODELS = tuple(SPECS)
-CONFIGS = (f"{LAYERS} layers (Swin: 2 stages of {LAYERS}), hidden {HIDDEN}, {HEADS} heads (Llama/Mistral: 2 key/value "
-           f"heads), FFN {FFN}, vocab {VOCAB}; text: batch 1 x seq {SEQ} token ids + attention mask (T5: + decoder ids"
-           f" of {SEQ}); vision: 1 x 3 x {IMAGE} x {IMAGE} (ViT patch 8, Swin patch 2, window 4); {NUM_LABELS} labels")
+CONFIGS = (
+    f"{LAYERS} layers (Swin: 2 stages of {LAYERS}), hidden {HIDDEN}, {HEADS} heads (Llama/Mistral: 2 key/value "
+    f"heads), FFN {FFN}, vocab {VOCAB}; text: batch 1 x seq {SEQ} token ids + attention mask (T5: + decoder ids"
+    f" of {SEQ}); vision: 1 x 3 x {IMAGE} x {IMAGE} (ViT patch 8, Swin patch 2, window 4); {NUM_LABELS} labels"
+)
 
 
 def build(name: str) -> tuple[nn.Module, dict]:
@@ -145,6 +229,7 @@ def build(name: str) -> tuple[nn.Module, dict]:
 def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Every ``nn.Linear`` and transformers ``Conv1D`` (GPT-2's transposed linear) by path."""
     from transformers.pytorch_utils import Conv1D
+
     return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
 
 

@@ -1,7 +1,9 @@
 """Write, register and use a pass from a recipe: every ReLU becomes a LeakyReLU."""
+
 import torch
 import torch.nn.functional as F
 import torchvision
+
 import sparsifx
 from sparsifx import PassBase, PassResult, validate
 
@@ -9,14 +11,19 @@ from sparsifx import PassBase, PassResult, validate
 @sparsifx.register_pass("leaky_relu")
 class LeakyReLUPass(PassBase):
     """relu(x) -> leaky_relu(x, negative_slope). Parameter: negative_slope in [0, 1]."""
+
     in_place = True  # call() rewrites gm and returns it (False: a functional pass returning a new module)
 
     def __init__(self, *, negative_slope: float = 0.01):
         self.slope = validate.number("negative_slope", negative_slope, 0.0, 1.0)
 
     def call(self, gm):
-        relus = [n for n in gm.graph.nodes if n.target in (F.relu, torch.relu) or
-                 (n.op == "call_module" and isinstance(gm.get_submodule(n.target), torch.nn.ReLU))]
+        relus = [
+            n
+            for n in gm.graph.nodes
+            if n.target in (F.relu, torch.relu)
+            or (n.op == "call_module" and isinstance(gm.get_submodule(n.target), torch.nn.ReLU))
+        ]
         for node in relus:
             with gm.graph.inserting_after(node):
                 leaky = gm.graph.call_function(F.leaky_relu, (node.args[0], self.slope))

@@ -3,6 +3,7 @@
 Each section is one function ``section(cfg) -> None`` registered in ``SECTIONS``; ``--only NAME`` runs
 one. A new section (channel pruning, sparse backends, ...) adds a function and one ``SECTIONS`` entry.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -96,6 +97,7 @@ def _median_ms(fns: dict[str, Callable[[], object]], rounds: int = 15) -> dict[s
 
 def _ort_runner(path: Path, x: torch.Tensor, threads: int = 2) -> Callable[[], object]:
     import onnxruntime as ort
+
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
     # no spin-waiting after a run: idle pool threads would steal the cores from whatever runs next
@@ -111,8 +113,9 @@ def section_channels(cfg: DemoConfig) -> None:
     heading("channel pruning: channel_prune 50% + shrink + fold_bn, compact ONNX")
     model, x = resnet18(cfg), example_input(cfg)
     dense = sparsifx.trace(model, (x,))
-    recipe = sparsifx.Recipe.from_dict({"stages": [{"pass": "channel_prune", "ratio": 0.5, "importance": "l1"},
-                                                   {"pass": "shrink"}]})
+    recipe = sparsifx.Recipe.from_dict(
+        {"stages": [{"pass": "channel_prune", "ratio": 0.5, "importance": "l1"}, {"pass": "shrink"}]}
+    )
     start = time.perf_counter()
     shrunk = sparsifx.sparsify(model, recipe, example_inputs=(x,), verify=True)  # verify: shrunk == masked
     print(f"  channel_prune + shrink: {time.perf_counter() - start:.1f} s (shrink verified against the masked model)")
@@ -127,13 +130,22 @@ def section_channels(cfg: DemoConfig) -> None:
     print(f"  saved {path} (plain data + tensors, torch.load(weights_only=True)); reloaded outputs identical")
     torch.set_num_threads(2)
     with torch.no_grad():
-        lat = _median_ms({"eager dense": lambda: dense(x), "eager pruned": lambda: shrunk(x),
-                          "ort dense": _ort_runner(deploy["dense"], x), "ort pruned": _ort_runner(deploy["pruned"], x)})
+        lat = _median_ms(
+            {
+                "eager dense": lambda: dense(x),
+                "eager pruned": lambda: shrunk(x),
+                "ort dense": _ort_runner(deploy["dense"], x),
+                "ort pruned": _ort_runner(deploy["pruned"], x),
+            }
+        )
     before, after = sparsifx.report(dense, (x,)), sparsifx.report(shrunk, (x,))
     heading(f"resnet18 before / after (input {cfg.input_size} px, batch 1, 2 threads, medians of interleaved runs)")
-    rows = [("params", before.total_params, after.total_params), ("MACs", before.total_macs, after.total_macs),
-            ("eager latency ms", lat["eager dense"], lat["eager pruned"]),
-            ("onnxruntime latency ms", lat["ort dense"], lat["ort pruned"])]
+    rows = [
+        ("params", before.total_params, after.total_params),
+        ("MACs", before.total_macs, after.total_macs),
+        ("eager latency ms", lat["eager dense"], lat["eager pruned"]),
+        ("onnxruntime latency ms", lat["ort dense"], lat["ort pruned"]),
+    ]
     print(f"  {'':24s}{'before':>14s}{'after':>14s}{'after/before':>14s}")
     for label, b, a in rows:
         fmt = "{:>14,.0f}" if isinstance(b, int) else "{:>14.2f}"

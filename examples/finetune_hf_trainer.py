@@ -9,6 +9,7 @@ Trainer's ``AcceleratedOptimizer``; every ``optimizer.step()`` then keeps the ma
 steps, drops and regrows weights. The data is generated: label = whether token 1 occurs in the sequence.
 Needs ``pip install sparsifx[hf] accelerate``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,8 +62,16 @@ class WithLoss(nn.Module):
 
 def tiny_bert() -> nn.Module:
     from transformers import BertConfig, BertForSequenceClassification
-    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=SEQ, num_labels=2)
+
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=SEQ,
+        num_labels=2,
+    )
     return BertForSequenceClassification(config).eval()
 
 
@@ -78,22 +87,42 @@ def main(argv: list[str] | None = None) -> int:
     data = Tokens(BATCH * 16)
     example = data.ids[:BATCH]  # trace_hf specialises the graph to this shape: batches must match it
     gm = trace_hf(tiny_bert(), {"input_ids": example})
-    recipe = {"stages": [{"pass": "rigl", "sparsity": args.sparsity, "delta_t": max(1, args.steps // 4),
-                          "types": ["Linear"], "ignore": ["classifier"]}]}
+    recipe = {
+        "stages": [
+            {
+                "pass": "rigl",
+                "sparsity": args.sparsity,
+                "delta_t": max(1, args.steps // 4),
+                "types": ["Linear"],
+                "ignore": ["classifier"],
+            }
+        ]
+    }
     gm = sparsifx.sparsify(gm, recipe, example_inputs=(example,))
     model = WithLoss(gm).train()
 
     with tempfile.TemporaryDirectory() as tmp:
-        training = TrainingArguments(output_dir=tmp, max_steps=args.steps, per_device_train_batch_size=BATCH,
-                                     dataloader_drop_last=True, learning_rate=2e-3, use_cpu=True, report_to="none",
-                                     save_strategy="no", logging_strategy="no", disable_tqdm=not sys.stderr.isatty())
+        training = TrainingArguments(
+            output_dir=tmp,
+            max_steps=args.steps,
+            per_device_train_batch_size=BATCH,
+            dataloader_drop_last=True,
+            learning_rate=2e-3,
+            use_cpu=True,
+            report_to="none",
+            save_strategy="no",
+            logging_strategy="no",
+            disable_tqdm=not sys.stderr.isatty(),
+        )
         trainer = Trainer(model=model, args=training, train_dataset=data, callbacks=[SparsifxCallback()])
         result = trainer.train()
 
     summary = sparsifx.passes.training.controller(gm).summary()
     density = sum(summary["density"].values()) / len(summary["density"])
-    print(f"trained {summary['step']} steps, loss {result.training_loss:.3f}; RigL updates {summary['updates']}, "
-          f"mean density {density:.3f} over {len(summary['density'])} layers")
+    print(
+        f"trained {summary['step']} steps, loss {result.training_loss:.3f}; RigL updates {summary['updates']}, "
+        f"mean density {density:.3f} over {len(summary['density'])} layers"
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     path = sparsifx.export_onnx(gm.eval(), args.out / "bert_rigl.onnx", (example,), dynamic_batch=False)
     print(f"wrote {path} (onnxruntime matches torch)")

@@ -8,12 +8,14 @@ forward and backward inside the closure; the callback runs the closure before th
 RigL's regrowth sees this step's gradients, as in a plain loop. The data is generated: 8x8 images whose label
 is the quadrant holding a bright spot. Needs ``pip install sparsifx[lightning]``.
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
 
+import lightning as L
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -21,8 +23,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import sparsifx
 from sparsifx.integrations.lightning import SparsifxCallback
-
-import lightning as L
 
 
 def spots(n: int, seed: int = 0) -> TensorDataset:
@@ -32,14 +32,24 @@ def spots(n: int, seed: int = 0) -> TensorDataset:
     label = torch.randint(0, 4, (n,), generator=gen)
     for i, q in enumerate(label.tolist()):
         r, c = 4 * (q // 2) + 1, 4 * (q % 2) + 1
-        x[i, 0, r:r + 2, c:c + 2] += 1.0
+        x[i, 0, r : r + 2, c : c + 2] += 1.0
     return TensorDataset(x, label)
 
 
 def cnn() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(32 * 16, 64), nn.ReLU(), nn.Linear(64, 4))
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(32 * 16, 64),
+        nn.ReLU(),
+        nn.Linear(64, 4),
+    )
 
 
 class Classifier(L.LightningModule):
@@ -72,15 +82,23 @@ def main(argv: list[str] | None = None) -> int:
     recipe = {"stages": [{"pass": "rigl", "sparsity": args.sparsity, "delta_t": max(1, args.steps // 4)}]}
     net = sparsifx.sparsify(cnn(), recipe, example_inputs=(x,))
     loader = DataLoader(spots(32 * 16), batch_size=32, shuffle=True)
-    trainer = L.Trainer(max_steps=args.steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_model_summary=False, enable_progress_bar=sys.stderr.isatty(),
-                        callbacks=[SparsifxCallback()])
+    trainer = L.Trainer(
+        max_steps=args.steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=sys.stderr.isatty(),
+        callbacks=[SparsifxCallback()],
+    )
     trainer.fit(Classifier(net), loader)
 
     summary = sparsifx.passes.training.controller(net).summary()
     density = sum(summary["density"].values()) / len(summary["density"])
-    print(f"trained {summary['step']} steps, loss {float(trainer.callback_metrics['loss']):.3f}; "
-          f"RigL updates {summary['updates']}, mean density {density:.3f} over {len(summary['density'])} layers")
+    print(
+        f"trained {summary['step']} steps, loss {float(trainer.callback_metrics['loss']):.3f}; "
+        f"RigL updates {summary['updates']}, mean density {density:.3f} over {len(summary['density'])} layers"
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     path = sparsifx.export_onnx(net.eval(), args.out / "cnn_rigl.onnx", (x,))
     print(f"wrote {path} (onnxruntime matches torch)")

@@ -10,6 +10,7 @@ prunes an output); everything inside is pruned, checked exact (``verify=True``: 
 BatchNorm statistics are re-randomised, and exported to a verified ONNX file. The heads stay Python: exporting
 the whole detector (data-dependent post-processing) is left to torchvision's own ONNX path.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,7 +37,8 @@ def randomise_batchnorm(module: torch.nn.Module, seed: int = 0) -> None:
 def prune_detector(size: int = 320, ratio: float = 0.5, onnx_path: Path | None = None) -> dict:
     torch.manual_seed(0)
     detector = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
-        weights=None, weights_backbone=None, num_classes=5).eval()
+        weights=None, weights_backbone=None, num_classes=5
+    ).eval()
     randomise_batchnorm(detector.backbone)
     x = torch.rand(1, 3, size, size)
     dense_features = detector.backbone(x)
@@ -49,13 +51,18 @@ def prune_detector(size: int = 320, ratio: float = 0.5, onnx_path: Path | None =
     if onnx_path is not None:
         Path(onnx_path).parent.mkdir(parents=True, exist_ok=True)
         from sparsifx.backends.onnx_export import export_onnx
+
         export_onnx(pruned, onnx_path, (x,))
     detector.backbone = pruned
     with torch.no_grad():
         detections = detector([torch.rand(3, size, size)])
-    return {"backbone_params_before": before, "backbone_params_after": after, "ratio": after / before,
-            "feature_maps": {k: tuple(v.shape) for k, v in pruned_features.items()},
-            "detections": {k: tuple(v.shape) for k, v in detections[0].items()}}
+    return {
+        "backbone_params_before": before,
+        "backbone_params_after": after,
+        "ratio": after / before,
+        "feature_maps": {k: tuple(v.shape) for k, v in pruned_features.items()},
+        "detections": {k: tuple(v.shape) for k, v in detections[0].items()},
+    }
 
 
 def main() -> None:
@@ -65,8 +72,10 @@ def main() -> None:
     ap.add_argument("--onnx", type=Path, default=None)
     args = ap.parse_args()
     result = prune_detector(args.size, args.ratio, args.onnx)
-    print(f"backbone+FPN parameters {result['backbone_params_before']:,} -> {result['backbone_params_after']:,} "
-          f"({result['ratio']:.3f}); FPN outputs {result['feature_maps']}; detections {result['detections']}")
+    print(
+        f"backbone+FPN parameters {result['backbone_params_before']:,} -> {result['backbone_params_after']:,} "
+        f"({result['ratio']:.3f}); FPN outputs {result['feature_maps']}; detections {result['detections']}"
+    )
 
 
 if __name__ == "__main__":

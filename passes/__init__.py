@@ -5,6 +5,7 @@ below this package, so a new pass only needs its file and its ``@register_pass``
 ``sparsifx.registry.PASSES`` calls it the first time the pass table is looked up or listed; ``import sparsifx``
 imports no pass module.
 """
+
 from __future__ import annotations
 
 from sparsifx.autoload import import_submodules

@@ -1,5 +1,6 @@
 """Pass ``all_relu``: the All-ReLU activation of Truly Sparse Neural Networks at Scale
 (docs/algorithms.md#all-relu)."""
+
 from __future__ import annotations
 
 import logging
@@ -55,8 +56,9 @@ def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def _free_name(gm: fx.GraphModule, base: str) -> str:
-    names = {n for n, _ in gm.named_modules()} | {n for n, _ in gm.named_parameters()} | {
-        n for n, _ in gm.named_buffers()}
+    names = (
+        {n for n, _ in gm.named_modules()} | {n for n, _ in gm.named_parameters()} | {n for n, _ in gm.named_buffers()}
+    )
     name, i = base, 0
     while name in names or hasattr(gm, name):
         i += 1
@@ -86,8 +88,9 @@ class AllReLUPass(PassBase):
             self.slopes = None
         else:
             if not isinstance(slopes, (list, tuple)) or not slopes:
-                raise RecipeError("must be a non-empty list of numbers", "slopes", validate.shown(slopes),
-                                  "e.g. [-0.6, 0.6, -0.6]")
+                raise RecipeError(
+                    "must be a non-empty list of numbers", "slopes", validate.shown(slopes), "e.g. [-0.6, 0.6, -0.6]"
+                )
             self.slopes = tuple(validate.number(f"slopes[{i}]", s) for i, s in enumerate(slopes))
 
     def slopes_for(self, count: int) -> list[float]:
@@ -95,8 +98,11 @@ class AllReLUPass(PassBase):
         if self.slopes is None:
             return [-self.slope if i % 2 == 0 else self.slope for i in range(count)]
         if len(self.slopes) != count:
-            raise RecipeError(f"the model has {count} ReLU activations, slopes gives {len(self.slopes)}", "slopes",
-                              allowed=f"a list of {count} numbers")
+            raise RecipeError(
+                f"the model has {count} ReLU activations, slopes gives {len(self.slopes)}",
+                "slopes",
+                allowed=f"a list of {count} numbers",
+            )
         return list(self.slopes)
 
     def call(self, gm: fx.GraphModule) -> PassResult:

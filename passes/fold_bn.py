@@ -1,4 +1,5 @@
 """Pass ``fold_bn``: fold an eval-mode BatchNorm into the Conv/Linear that feeds it (deployment)."""
+
 from __future__ import annotations
 
 import copy
@@ -10,16 +11,20 @@ import torch.fx as fx
 import torch.nn as nn
 
 from sparsifx.masking import is_masked
+from sparsifx.meta_keys import TENSOR_META
 from sparsifx.pass_base import PassBase, PassResult
 from sparsifx.registry import Registry, register_pass, type_registry_lookup
-from sparsifx.meta_keys import TENSOR_META
 
 log = logging.getLogger(__name__)
 
 # producer class -> BatchNorm class it may be folded with (masked layers are subclasses and match too)
 FOLDABLE: Registry[tuple[type, ...]] = Registry("foldable producer")
-for _producer, _bn in ((nn.Conv1d, nn.BatchNorm1d), (nn.Conv2d, nn.BatchNorm2d), (nn.Conv3d, nn.BatchNorm3d),
-                       (nn.Linear, nn.BatchNorm1d)):
+for _producer, _bn in (
+    (nn.Conv1d, nn.BatchNorm1d),
+    (nn.Conv2d, nn.BatchNorm2d),
+    (nn.Conv3d, nn.BatchNorm3d),
+    (nn.Linear, nn.BatchNorm1d),
+):
     FOLDABLE.register(_producer, (_bn,))
 
 
@@ -133,8 +138,9 @@ class FoldBatchNorm(PassBase):
             gm.graph.erase_node(pair.bn)
             if not any(n.op == "call_module" and n.target == bn_name for n in gm.graph.nodes):
                 gm.delete_submodule(bn_name)
-            log.debug("fold_bn: folded %s into %s%s", bn_name, pair.producer.target,
-                      " (masked)" if is_masked(folded) else "")
+            log.debug(
+                "fold_bn: folded %s into %s%s", bn_name, pair.producer.target, " (masked)" if is_masked(folded) else ""
+            )
         if pairs:
             gm.recompile()
         return PassResult(gm, bool(pairs))

@@ -2,13 +2,15 @@
 them.
 
 Rewrites ``act(conv(x) + r)`` -> ``conv(x, r)`` with the module's ``residual`` and ``activation`` set, and
-``act(conv(x))`` -> ``conv(x)`` with ``activation`` set, for ``DirectSparseConv2d`` modules whose output has no other user,
+``act(conv(x))`` -> ``conv(x)`` with ``activation`` set, for ``DirectSparseConv2d`` modules whose output has no other
+user,
 so that the output is written once instead of read and written again by each elementwise op. Then a direct
 convolution whose only user is a stride-1 "same" direct convolution writes its output zero-padded
 (``out_pad``), and the consumer (``in_padded``) reads it as its grid: the padding copy is gone. A residual is fused
 only when shape propagation recorded both operands with the same shape (no broadcasting). A module called from two
 places is left alone. Run by ``lower`` (``fuse: true``) or as its own stage after it.
 """
+
 from __future__ import annotations
 
 import operator
@@ -18,15 +20,26 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sparsifx.meta_keys import TENSOR_META
 from sparsifx.pass_base import PassBase, PassResult
 from sparsifx.registry import register_pass
 
-ADDS = {("call_function", operator.add), ("call_function", operator.iadd), ("call_function", torch.add),
-        ("call_method", "add"), ("call_method", "add_")}
+ADDS = {
+    ("call_function", operator.add),
+    ("call_function", operator.iadd),
+    ("call_function", torch.add),
+    ("call_method", "add"),
+    ("call_method", "add_"),
+}
 # (op, target) -> the fused activation it is; modules by class
-ACTIVATION_CALLS = {("call_function", torch.relu): "relu", ("call_function", F.relu): "relu",
-                    ("call_function", torch.relu_): "relu", ("call_method", "relu"): "relu",
-                    ("call_method", "relu_"): "relu", ("call_function", F.relu6): "relu6"}
+ACTIVATION_CALLS = {
+    ("call_function", torch.relu): "relu",
+    ("call_function", F.relu): "relu",
+    ("call_function", torch.relu_): "relu",
+    ("call_method", "relu"): "relu",
+    ("call_method", "relu_"): "relu",
+    ("call_function", F.relu6): "relu6",
+}
 ACTIVATION_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
 
 
@@ -46,7 +59,7 @@ def _other_addend(node: fx.Node, conv: fx.Node) -> fx.Node | None:
     other = b if a is conv else a if b is conv else None
     if not isinstance(other, fx.Node) or other is conv:
         return None
-    shape = [n.meta.get("tensor_meta") for n in (conv, other)]
+    shape = [n.meta.get(TENSOR_META) for n in (conv, other)]
     if any(m is None or not hasattr(m, "shape") for m in shape) or shape[0].shape != shape[1].shape:
         return None
     if shape[1].dtype != torch.float32:
@@ -79,12 +92,14 @@ def fusable_activations(gm: fx.GraphModule) -> dict[str, str]:
 class FuseEpilogues(PassBase):
     """``act(conv(x) + r)`` -> ``conv(x, r)`` (fused) on lowered ``DirectSparseConv2d`` layers; a layer that
     feeds only a stride-1 "same" direct convolution writes its output padded for it."""
+
     in_place = True
     preserves_semantics = True
     invalidates_analyses = ()
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         from sparsifx.backends.sparse_conv import DirectSparseConv2d
+
         calls: dict[str, int] = {}
         for node in gm.graph.nodes:
             if node.op == "call_module":
@@ -109,14 +124,19 @@ class FuseEpilogues(PassBase):
         """A direct convolution whose only user is a stride-1 "same" direct convolution writes its output
         already padded for it (one memory pass less: the consumer reads it as its grid)."""
         from sparsifx.backends.sparse_conv import DirectSparseConv2d, is_same_stride1
+
         user = _only_user(node) if node.op == "call_module" and calls.get(node.target) == 1 else None
         if user is None or user.op != "call_module" or calls.get(user.target) != 1 or user.args[0] is not node:
             return False
         producer, consumer = gm.get_submodule(node.target), gm.get_submodule(user.target)
         if not (isinstance(producer, DirectSparseConv2d) and isinstance(consumer, DirectSparseConv2d)):
             return False
-        if any(producer.out_pad) or consumer.in_padded or not any(consumer.padding) or not is_same_stride1(
-                consumer.kernel_size, consumer.stride, consumer.padding, consumer.dilation):
+        if (
+            any(producer.out_pad)
+            or consumer.in_padded
+            or not any(consumer.padding)
+            or not is_same_stride1(consumer.kernel_size, consumer.stride, consumer.padding, consumer.dilation)
+        ):
             return False
         producer.out_pad, consumer.in_padded = tuple(consumer.padding), True
         for m in (producer, consumer):

@@ -1,4 +1,5 @@
 """Pass ``lower``: run each sparse Linear / Conv2d with the fastest execution this machine measured."""
+
 from __future__ import annotations
 
 import copy
@@ -14,12 +15,11 @@ import torch.nn as nn
 from sparsifx import validate
 from sparsifx.errors import PreconditionError, RecipeError
 from sparsifx.masking import effective_weight
+from sparsifx.meta_keys import EXAMPLE_INPUTS, LOWER_SUMMARY, REPORT_EXTRA, REPORT_NOTES
+from sparsifx.module_utils import eval_mode, set_submodule
 from sparsifx.pass_base import PassBase, PassResult
 from sparsifx.registry import register_pass
-from sparsifx.module_utils import set_submodule
 from sparsifx.selection import LayerSelection
-
-from sparsifx.meta_keys import EXAMPLE_INPUTS, LOWER_SUMMARY, REPORT_EXTRA, REPORT_NOTES
 
 from .fuse_epilogues import fusable_activations
 from .lower_stats import executed_macs, model_summary
@@ -28,13 +28,23 @@ log = logging.getLogger(__name__)
 BACKEND_CHOICES = ("auto", "dense", "csr", "csr_tiled", "dense_ort", "direct")
 CONV_TIMING_REPS = 7
 
+
 def _dense_copy(module: nn.Module, weight: torch.Tensor) -> nn.Module:
     """A plain ``nn.Linear`` / ``nn.Conv2d`` computing with ``weight`` (the mask baked in)."""
     if isinstance(module, nn.Linear):
         new = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
     else:
-        new = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
-                        module.dilation, module.groups, module.bias is not None, module.padding_mode)
+        new = nn.Conv2d(
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,
+            module.stride,
+            module.padding,
+            module.dilation,
+            module.groups,
+            module.bias is not None,
+            module.padding_mode,
+        )
     new = new.to(device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         new.weight.copy_(weight)
@@ -55,23 +65,38 @@ class Lower(PassBase):
     ``fuse_epilogues`` afterwards: residual adds and ReLUs folded into the sparse convolutions; default on).
     Convolutions are planned by measurement: torch's dense convolution and the direct sparse convolution
     (``backends/cpp_kernel.py``) are timed on the layer's recorded input shape, each with the ReLU / ReLU6 that
-    follows it (fused by the direct kernel), and the faster one is kept (``min_speedup`` applies to predictions). Each layer reports ``flop_speedup`` (dense over executed multiply-adds, the theoretical
+    follows it (fused by the direct kernel), and the faster one is kept (``min_speedup`` applies to predictions). Each
+    layer reports ``flop_speedup`` (dense over executed multiply-adds, the theoretical
     figure) beside ``measured_speedup``; ``report_extra["lower"]`` sums them for the model. Dense choices bake the
     mask into a plain layer.
     """
+
     in_place = True
     preserves_semantics = True
-    uses_analyses = ("shapes",)   # input shapes of conv layers (provided from the example inputs when given)
+    uses_analyses = ("shapes",)  # input shapes of conv layers (provided from the example inputs when given)
     layer_params = ("backend",)
 
-    def __init__(self, *, backend: str = "auto", kernels: list | None = None, batch_size: int | None = None,
-                 min_speedup: float = 1.1, cache_dir: str | None = None, recalibrate: bool = False,
-                 measure: bool = False, fuse: bool = True, selection: LayerSelection | None = None):
+    def __init__(
+        self,
+        *,
+        backend: str = "auto",
+        kernels: list | None = None,
+        batch_size: int | None = None,
+        min_speedup: float = 1.1,
+        cache_dir: str | None = None,
+        recalibrate: bool = False,
+        measure: bool = False,
+        fuse: bool = True,
+        selection: LayerSelection | None = None,
+    ):
         from sparsifx.backends.sparse_kernels import SPARSE_KERNELS
+
         self.backend = validate.choice("backend", backend, BACKEND_CHOICES)
         names = SPARSE_KERNELS.names()
-        self.kernels = tuple(validate.choice("kernels", k, names) for k in validate.string_list(
-            "kernels", kernels if kernels is not None else names))
+        self.kernels = tuple(
+            validate.choice("kernels", k, names)
+            for k in validate.string_list("kernels", kernels if kernels is not None else names)
+        )
         self.batch_size = None if batch_size is None else validate.integer("batch_size", batch_size, 1)
         self.min_speedup = validate.number("min_speedup", min_speedup, 0, lo_open=True)
         self.cache_dir = None if cache_dir is None else validate.string_list("cache_dir", cache_dir)[0]
@@ -85,15 +110,22 @@ class Lower(PassBase):
     def calibration(self):
         if self._calibration is None:
             from sparsifx.backends.cost_model import load_or_calibrate
+
             self._calibration = load_or_calibrate(self.kernels, self.cache_dir, self.recalibrate)
         return self._calibration
 
     def _usable(self, conv: bool) -> list[str]:
         from sparsifx.backends.sparse_kernels import SPARSE_KERNELS
+
         cal = self.calibration()
         names = dict.fromkeys(("dense",) + self.kernels)  # torch dense is always the reference candidate
-        return [k for k in names if k in cal.linear and SPARSE_KERNELS.get(k).available()
-                and (not conv or SPARSE_KERNELS.get(k).supports_conv)]
+        return [
+            k
+            for k in names
+            if k in cal.linear
+            and SPARSE_KERNELS.get(k).available()
+            and (not conv or SPARSE_KERNELS.get(k).supports_conv)
+        ]
 
     def _best(self, cost: dict[str, float]) -> str:
         """The cheapest kernel among torch dense and those predicted ``min_speedup`` times faster than it."""
@@ -119,12 +151,14 @@ class Lower(PassBase):
                 plan.append((bound, k))
         return tuple(plan), speedups[0]
 
-    def plan_conv(self, name: str, conv: nn.Conv2d, weight: torch.Tensor, in_shape: tuple[int, ...],
-                  activation: str | None = None) -> tuple[nn.Module, dict]:
+    def plan_conv(
+        self, name: str, conv: nn.Conv2d, weight: torch.Tensor, in_shape: tuple[int, ...], activation: str | None = None
+    ) -> tuple[nn.Module, dict]:
         """The faster of torch's dense convolution and the direct sparse one, timed on ``in_shape``; with the
         ``activation`` that follows the layer (and that the direct kernel fuses) counted on both sides."""
         from sparsifx.backends.cost_model import median_ms
         from sparsifx.backends.sparse_conv import ACTIVATIONS, DirectSparseConv2d, direct_supported
+
         dense = _dense_copy(conv, weight).eval()
         lo, hi = ACTIVATIONS[activation]
         candidates = {"dense": (dense, (lambda m, x: m(x).clamp_(lo, hi)) if activation else (lambda m, x: m(x)))}
@@ -137,23 +171,32 @@ class Lower(PassBase):
         new = candidates[best][0]
         if best == "direct":
             new.activation = None  # fuse_epilogues sets it where the graph allows
-        info = {"dense_ms": round(ms["dense"], 4), "lowered_ms": round(ms[best], 4),
-                "measured_speedup": round(ms["dense"] / ms[best], 2)}
+        info = {
+            "dense_ms": round(ms["dense"], 4),
+            "lowered_ms": round(ms[best], 4),
+            "measured_speedup": round(ms["dense"] / ms[best], 2),
+        }
         return new.train(conv.training), {"backend": best, **info}
 
     def _conv_kernels(self) -> tuple[str, ...]:
         from sparsifx.backends import cpp_kernel
+
         return ("direct",) if cpp_kernel.available() else ()
 
     # ---- the rewrite -------------------------------------------------------------------------------------
     def _input_shapes(self, gm: fx.GraphModule) -> dict[str, tuple[int, ...]]:
         nodes = [n for n in gm.graph.nodes if n.op == "call_module"]  # shapes: the declared 'shapes' analysis
-        return {n.target: tuple(n.args[0].meta["tensor_meta"].shape) for n in nodes
-                if n.args and isinstance(n.args[0], fx.Node) and "tensor_meta" in n.args[0].meta}
+        return {
+            n.target: tuple(n.args[0].meta["tensor_meta"].shape)
+            for n in nodes
+            if n.args and isinstance(n.args[0], fx.Node) and "tensor_meta" in n.args[0].meta
+        }
 
-    def _lower_one(self, name: str, module: nn.Module, backend: str, shape,
-                   activation: str | None = None) -> tuple[nn.Module, dict]:
-        from sparsifx.backends.sparse_modules import SparseConv2d, SparseLinear
+    def _lower_one(
+        self, name: str, module: nn.Module, backend: str, shape, activation: str | None = None
+    ) -> tuple[nn.Module, dict]:
+        from sparsifx.backends.sparse_modules import SparseLinear
+
         weight = effective_weight(module).detach()
         nnz, density = int(weight.count_nonzero()), float(weight.count_nonzero()) / weight.numel()
         info = {"density": round(density, 4)}
@@ -162,10 +205,14 @@ class Lower(PassBase):
             if backend == "auto":
                 plan, speedup = self.plan_linear(*weight.shape, nnz)
                 info["predicted_speedup"] = round(speedup, 2)
-            new = _dense_copy(module, weight) if all(k == "dense" for _, k in plan) else \
-                SparseLinear(weight, module.bias, plan)
-            info["backend"] = " | ".join(f"{'<=' + str(b) if b else 'else'}:{k}" if len(plan) > 1 else k
-                                         for b, k in plan)
+            new = (
+                _dense_copy(module, weight)
+                if all(k == "dense" for _, k in plan)
+                else SparseLinear(weight, module.bias, plan)
+            )
+            info["backend"] = " | ".join(
+                f"{'<=' + str(b) if b else 'else'}:{k}" if len(plan) > 1 else k for b, k in plan
+            )
         else:
             new, conv_info = self._lower_conv(name, module, weight, backend, shape, activation)
             info.update(conv_info)
@@ -176,14 +223,18 @@ class Lower(PassBase):
             info["flop_speedup"] = round(info["dense_macs"] / max(1, info["executed_macs"]), 2)
         return new, info
 
-    def _lower_conv(self, name: str, module: nn.Conv2d, weight: torch.Tensor, backend: str, shape,
-                    activation: str | None = None) -> tuple[nn.Module, dict]:
+    def _lower_conv(
+        self, name: str, module: nn.Conv2d, weight: torch.Tensor, backend: str, shape, activation: str | None = None
+    ) -> tuple[nn.Module, dict]:
         from sparsifx.backends.sparse_conv import DirectSparseConv2d
         from sparsifx.backends.sparse_modules import SparseConv2d
+
         if backend == "auto":
             if shape is None:
-                raise PreconditionError(f"lower needs the input shape of conv layer '{name}': pass "
-                                        "example_inputs (or run the 'shapes' analysis) first")
+                raise PreconditionError(
+                    f"lower needs the input shape of conv layer '{name}': pass "
+                    "example_inputs (or run the 'shapes' analysis) first"
+                )
             return self.plan_conv(name, module, weight, shape, activation)
         if backend == "dense":
             return _dense_copy(module, weight), {"backend": backend}
@@ -207,6 +258,7 @@ class Lower(PassBase):
         """``nn.MaxPool2d`` -> ``FastMaxPool2d`` (torch's NCHW pooling is slow on one thread), where supported."""
         from sparsifx.backends import cpp_kernel
         from sparsifx.backends.fast_pool import FastMaxPool2d, supported
+
         if not cpp_kernel.available():
             return None
         names = [name for name, m in gm.named_modules() if supported(m)]
@@ -231,23 +283,22 @@ class Lower(PassBase):
     def _measure_model(twin: fx.GraphModule, gm: fx.GraphModule) -> dict:
         """The whole model timed against its dense twin on the example inputs (interleaved medians)."""
         from sparsifx.backends.cost_model import median_ms
+
         inputs = gm.meta.get(EXAMPLE_INPUTS)
         if inputs is None:
             return {"measured_speedup": None, "measured_note": "no example inputs to time the model on"}
         inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-        flags = [m.training for m in gm.modules()]
-        gm.eval()
-        try:
-            with torch.inference_mode():
-                ms = median_ms({"dense": lambda: twin(*inputs), "lowered": lambda: gm(*inputs)}, reps=CONV_TIMING_REPS)
-        finally:
-            for m, flag in zip(gm.modules(), flags):
-                m.training = flag
-        return {"model_dense_ms": round(ms["dense"], 3), "model_lowered_ms": round(ms["lowered"], 3),
-                "measured_speedup": round(ms["dense"] / ms["lowered"], 2)}
+        with eval_mode(gm), torch.inference_mode():
+            ms = median_ms({"dense": lambda: twin(*inputs), "lowered": lambda: gm(*inputs)}, reps=CONV_TIMING_REPS)
+        return {
+            "model_dense_ms": round(ms["dense"], 3),
+            "model_lowered_ms": round(ms["lowered"], 3),
+            "measured_speedup": round(ms["dense"] / ms["lowered"], 2),
+        }
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         from sparsifx.masking import is_masked
+
         targets = []
         for name, module in self.selection.layers(gm):
             if not isinstance(module, (nn.Linear, nn.Conv2d)):
@@ -280,6 +331,7 @@ class Lower(PassBase):
             gm.recompile()
         if modified and self.fuse:
             from .fuse_epilogues import FuseEpilogues
+
             FuseEpilogues()(gm)
             report_notes = self._lower_pools(gm)
             if report_notes:

@@ -1,4 +1,5 @@
 """What ``lower`` reports: multiply-adds each lowered layer executes beside its dense count, and model totals."""
+
 from __future__ import annotations
 
 import math
@@ -13,12 +14,14 @@ def _conv_out(module: nn.Conv2d, h: int, w: int) -> tuple[int, int]:
 
 
 def executed_macs(old: nn.Module, new: nn.Module, weight: torch.Tensor, shape: tuple[int, ...]) -> dict[str, int]:
-    """``{"dense_macs": ..., "executed_macs": ...}`` multiply-adds of one call on an input of ``shape``: the dense layer's and
+    """``{"dense_macs": ..., "executed_macs": ...}`` multiply-adds of one call on an input of ``shape``: the dense
+    layer's and
     what ``new`` runs (a sparse kernel: its non-zeros, the direct convolution including the padding columns of its
     grid that it computes and drops; a dense choice: the dense count)."""
     from sparsifx.backends.sparse_conv import DirectSparseConv2d, geometry
     from sparsifx.backends.sparse_kernels import SPARSE_KERNELS
     from sparsifx.backends.sparse_modules import SparseConv2d, SparseLinear
+
     nnz = int(weight.count_nonzero())
     if isinstance(old, nn.Linear):
         rows = math.prod(shape[:-1])
@@ -51,6 +54,10 @@ def model_summary(layers: dict[str, dict]) -> dict:
     if timed:
         dense_ms = sum(t["dense_ms"] for t in timed)
         chosen_ms = sum(t["lowered_ms"] for t in timed)
-        out.update(timed_layers=len(timed), layers_dense_ms=round(dense_ms, 3), layers_lowered_ms=round(chosen_ms, 3),
-                   predicted_speedup=round(dense_ms / max(chosen_ms, 1e-9), 2))
+        out.update(
+            timed_layers=len(timed),
+            layers_dense_ms=round(dense_ms, 3),
+            layers_lowered_ms=round(chosen_ms, 3),
+            predicted_speedup=round(dense_ms / max(chosen_ms, 1e-9), 2),
+        )
     return out

@@ -1,4 +1,5 @@
 """Pass ``magnitude``: unstructured per-layer magnitude masks (one-shot pruning or a sparse init)."""
+
 from __future__ import annotations
 
 import logging
@@ -54,9 +55,16 @@ class MagnitudePruning(PassBase):
     layer_params = ("sparsity",)
     in_place = True
 
-    def __init__(self, *, sparsity: float = 0.5, distribution: str = "uniform", erk_power_scale: float = 1.0,
-                 dense_first_layer: bool = False, dense_last_layer: bool = False,
-                 selection: LayerSelection | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        sparsity: float = 0.5,
+        distribution: str = "uniform",
+        erk_power_scale: float = 1.0,
+        dense_first_layer: bool = False,
+        dense_last_layer: bool = False,
+        selection: LayerSelection | None = None,
+    ) -> None:
         self.sparsity = validate.number("sparsity", sparsity, 0.0, 1.0, hi_open=True)
         self.distribution = validate.choice("distribution", distribution, KINDS)
         self.erk_power_scale = validate.number("erk_power_scale", erk_power_scale, 0.0, None)
@@ -71,13 +79,20 @@ class MagnitudePruning(PassBase):
             return {}
         shapes = {name: tuple(m.weight.shape) for name, m in layers}
         custom = self.selection.sparsity_overrides(layers)
-        dense = [n for n in (layers[0][0] if self.dense_first_layer else None,
-                             layers[-1][0] if self.dense_last_layer else None) if n and n not in custom]
+        dense = [
+            n
+            for n in (
+                layers[0][0] if self.dense_first_layer else None,
+                layers[-1][0] if self.dense_last_layer else None,
+            )
+            if n and n not in custom
+        ]
         if len(custom) == len(layers):
             return custom
         kind = self.distribution if self.sparsity > 0 else "uniform"  # same result, no ε solve at S = 0
-        return layer_sparsities(shapes, self.sparsity, kind, dense_layers=dense, custom=custom,
-                                erk_power_scale=self.erk_power_scale)
+        return layer_sparsities(
+            shapes, self.sparsity, kind, dense_layers=dense, custom=custom, erk_power_scale=self.erk_power_scale
+        )
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         modified = False

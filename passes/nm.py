@@ -1,4 +1,5 @@
 """Pass ``nm``: N:M semi-structured masks (2:4 by default) chosen by weight magnitude."""
+
 from __future__ import annotations
 
 import logging
@@ -10,10 +11,10 @@ import torch.nn as nn
 from sparsifx import validate
 from sparsifx.errors import PassError
 from sparsifx.masking import effective_weight, get_mask, set_mask
+from sparsifx.meta_keys import REPORT_EXTRA
 from sparsifx.pass_base import PassBase, PassResult
 from sparsifx.registry import register_pass
 from sparsifx.selection import LayerSelection
-from sparsifx.meta_keys import REPORT_EXTRA
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +46,13 @@ class NMSparsity(PassBase):
     Layers whose input dimension is not a multiple of ``m`` are left dense, logged, and listed in
     ``gm.meta["report_extra"][layer]["nm"]``.
     """
+
     in_place = True
     layer_params = ("n", "m")
 
-    def __init__(self, *, n: int = 2, m: int = 4, semi_structured: bool = False,
-                 selection: LayerSelection | None = None):
+    def __init__(
+        self, *, n: int = 2, m: int = 4, semi_structured: bool = False, selection: LayerSelection | None = None
+    ):
         self.m = validate.integer("m", m, 2)
         self.n = validate.integer("n", n, 1, self.m - 1)
         self.semi_structured = validate.boolean("semi_structured", semi_structured)
@@ -76,6 +79,7 @@ class NMSparsity(PassBase):
             report.setdefault(name, {})["nm"] = f"{n}:{m}"
         if self.semi_structured:
             from sparsifx.backends.semi_structured import lower_semi_structured
+
             modified |= lower_semi_structured(gm, self.selection)
         if modified:
             gm.recompile()

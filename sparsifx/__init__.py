@@ -4,18 +4,28 @@ Public names are loaded lazily so that ``import sparsifx`` stays light (ONNX and
 imported on first use). The core imports no pass module: the built-in passes register through
 ``sparsifx.passes.register_builtins()``, which the pass registry calls on first use.
 """
+
 from __future__ import annotations
 
 import importlib
 
-from .errors import (BackendError, PassError, PostconditionError, PreconditionError, RecipeError, SparsifxError,
-                     TraceError, UnsupportedOpError, VerificationError)
+from .api import sparsify
+from .errors import (
+    BackendError,
+    PassError,
+    PostconditionError,
+    PreconditionError,
+    RecipeError,
+    SparsifxError,
+    TraceError,
+    UnsupportedOpError,
+    VerificationError,
+)
 from .pass_base import PassBase, PassCrash, PassDefinitionError, PassResult
 from .pass_manager import PassManager
 from .recipe import Recipe
 from .registry import register_pass
 from .tracing import trace
-from .api import sparsify
 
 __version__ = "0.1.0"
 
@@ -32,6 +42,7 @@ _LAZY = {
 def __getattr__(name: str):
     if name == "passes":  # the built-in passes, loaded on first use (the pass registry's entry point)
         from .registry import PASSES
+
         PASSES.names()
         return importlib.import_module("sparsifx.passes")
     if name in _LAZY:
@@ -41,7 +52,28 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'sparsifx' has no attribute '{name}'")
 
 
-__all__ = ["sparsify", "trace", "Recipe", "PassBase", "PassResult", "PassManager", "register_pass", "report",
-           "export_onnx", "save", "load", "attach", "SparsifxError", "TraceError", "RecipeError", "PassError",
-           "BackendError", "PreconditionError", "PostconditionError", "UnsupportedOpError", "VerificationError",
-           "PassCrash", "PassDefinitionError"]
+__all__ = [
+    "sparsify",
+    "trace",
+    "Recipe",
+    "PassBase",
+    "PassResult",
+    "PassManager",
+    "register_pass",
+    "report",
+    "export_onnx",
+    "save",
+    "load",
+    "attach",
+    "SparsifxError",
+    "TraceError",
+    "RecipeError",
+    "PassError",
+    "BackendError",
+    "PreconditionError",
+    "PostconditionError",
+    "UnsupportedOpError",
+    "VerificationError",
+    "PassCrash",
+    "PassDefinitionError",
+]

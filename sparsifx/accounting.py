@@ -24,6 +24,7 @@ reuse makes them differ from the nominal ``1 - sparsity``).
 
 For a benchmark row use ``training_cost(model, dense_model, inputs, loss_fn)`` → ``TrainingCost``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ import torch.nn as nn
 from .analysis.costs import layer_macs_rule as macs_rule  # the one op cost table (sparsifx.analysis.costs)
 from .masking import is_masked
 from .meta_keys import SPARSE_CONTROLLER
-from .module_utils import preserve_training_flags
+from .module_utils import eval_mode
 
 LossFn = Callable[[Any], torch.Tensor]
 
@@ -87,6 +88,7 @@ def saved_tensor_bytes(model: nn.Module, inputs: Sequence[Any], loss_fn: LossFn 
 @dataclass(frozen=True)
 class LayerFlops:
     """Dense forward FLOPs of one layer (``2·MACs`` per call, summed over calls) and the three densities."""
+
     name: str
     forward_flops: float
     d_forward: float = 1.0
@@ -120,11 +122,13 @@ def layer_flops(model: nn.Module, inputs: Sequence[Any], dense_grad_every: int |
     for name, module in model.named_modules():
         rule = macs_rule(module) if name else None
         if rule is not None:
-            handles.append(module.register_forward_hook(
-                lambda m, i, o, name=name, rule=rule: macs.__setitem__(name, macs.get(name, 0.0) + rule(m, o))))
+            handles.append(
+                module.register_forward_hook(
+                    lambda m, i, o, name=name, rule=rule: macs.__setitem__(name, macs.get(name, 0.0) + rule(m, o))
+                )
+            )
     try:
-        with torch.no_grad(), preserve_training_flags(model):
-            model.eval()
+        with torch.no_grad(), eval_mode(model):
             model(*inputs)
     finally:
         for h in handles:
@@ -163,10 +167,13 @@ def training_flops(model: nn.Module, inputs: Sequence[Any], dense_grad_every: in
     method = _controller_method(model)
     if dense_grad_every is None and method is not None and method.split("/")[0] in SNAPSHOT_INEXACT:
         from .errors import PreconditionError
-        raise PreconditionError(f"training_flops: a one-step snapshot miscounts {method} (dense weight gradients, "
-                                "changing density or extra statistics over the run); use the controller's "
-                                "training_flops() (sparsifx.controller(model).training_flops()), or pass "
-                                "dense_grad_every explicitly (1 = dense weight gradient every step)")
+
+        raise PreconditionError(
+            f"training_flops: a one-step snapshot miscounts {method} (dense weight gradients, "
+            "changing density or extra statistics over the run); use the controller's "
+            "training_flops() (sparsifx.controller(model).training_flops()), or pass "
+            "dense_grad_every explicitly (1 = dense weight gradient every step)"
+        )
     layers = layer_flops(model, inputs, dense_grad_every)
     return TrainingFlops(sum(lf.training for lf in layers), sum(lf.dense_training for lf in layers), tuple(layers))
 
@@ -174,6 +181,7 @@ def training_flops(model: nn.Module, inputs: Sequence[Any], dense_grad_every: in
 @dataclass(frozen=True)
 class TrainingCost:
     """What one benchmark row needs: FLOP and saved-memory ratios against the dense model."""
+
     flops: float
     dense_flops: float
     saved_bytes: int
@@ -188,12 +196,21 @@ class TrainingCost:
         return self.saved_bytes / self.dense_saved_bytes if self.dense_saved_bytes else float("nan")
 
 
-def training_cost(model: nn.Module, dense_model: nn.Module, inputs: Sequence[Any], loss_fn: LossFn | None = None,
-                  dense_grad_every: int | None = None) -> TrainingCost:
+def training_cost(
+    model: nn.Module,
+    dense_model: nn.Module,
+    inputs: Sequence[Any],
+    loss_fn: LossFn | None = None,
+    dense_grad_every: int | None = None,
+) -> TrainingCost:
     """``TrainingCost`` of ``model`` against ``dense_model`` (the same network without sparsification)."""
     flops = training_flops(model, inputs, dense_grad_every)
-    return TrainingCost(flops.training, flops.dense_training, saved_tensor_bytes(model, inputs, loss_fn),
-                        saved_tensor_bytes(dense_model, inputs, loss_fn))
+    return TrainingCost(
+        flops.training,
+        flops.dense_training,
+        saved_tensor_bytes(model, inputs, loss_fn),
+        saved_tensor_bytes(dense_model, inputs, loss_fn),
+    )
 
 
 class MeasuredFlops:
@@ -229,6 +246,7 @@ class MeasuredFlops:
             for i, v in enumerate(dens):
                 acc[i] += v
             acc[3] += 1
+
         return hook
 
     @staticmethod
@@ -248,10 +266,13 @@ class MeasuredFlops:
 
     def summary(self) -> dict[str, float]:
         nan = float("nan")
-        return {"training_flops": self.theoretical, "executed_training_flops": self.executed,
-                "dense_training_flops": self.dense,
-                "flops_ratio": self.theoretical / self.dense if self.dense else nan,
-                "executed_flops_ratio": self.executed / self.dense if self.dense else nan}
+        return {
+            "training_flops": self.theoretical,
+            "executed_training_flops": self.executed,
+            "dense_training_flops": self.dense,
+            "flops_ratio": self.theoretical / self.dense if self.dense else nan,
+            "executed_flops_ratio": self.executed / self.dense if self.dense else nan,
+        }
 
     def remove(self) -> None:
         for h in self._handles:

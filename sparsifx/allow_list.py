@@ -11,6 +11,7 @@ up in the generated ``forward`` source (placeholders, module paths, keyword name
 - ``getattr`` nodes: public data attributes only (``x.shape``, ``x.dtype``, a named-tuple field), never a
   method, a private name or an autograd object.
 """
+
 from __future__ import annotations
 
 import functools
@@ -23,30 +24,127 @@ import torch
 import torch.nn as nn
 from torch.fx.node import _get_qualified_name
 
-_TORCH_OP_NAMESPACES = ("torch", "torch.nn.functional", "torch.functional", "torch.linalg", "torch.special",
-                        "torch.fft")
-_TORCH_EXTRA = ("_assert", "arange", "zeros", "ones", "full", "empty", "eye", "linspace", "tensor", "rand",
-                "randn", "randint", "finfo", "iinfo", "scalar_tensor", "zeros_like", "ones_like", "full_like",
-                "empty_like")
+_TORCH_OP_NAMESPACES = (
+    "torch",
+    "torch.nn.functional",
+    "torch.functional",
+    "torch.linalg",
+    "torch.special",
+    "torch.fft",
+)
+_TORCH_EXTRA = (
+    "_assert",
+    "arange",
+    "zeros",
+    "ones",
+    "full",
+    "empty",
+    "eye",
+    "linspace",
+    "tensor",
+    "rand",
+    "randn",
+    "randint",
+    "finfo",
+    "iinfo",
+    "scalar_tensor",
+    "zeros_like",
+    "ones_like",
+    "full_like",
+    "empty_like",
+)
 _NN_FUNCTIONAL_EXTRA = ("scaled_dot_product_attention",)
 # Tensor operators that take a callable argument: refused even though they are tensor operators.
 _TAKES_CALLABLE = frozenset({"torch.nn.functional.triplet_margin_with_distance_loss"})
-_OPERATOR = ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "neg", "pos", "abs", "invert",
-             "and_", "or_", "xor", "lshift", "rshift", "eq", "ne", "lt", "le", "gt", "ge", "not_", "truth",
-             "getitem", "setitem", "iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "imatmul",
-             "iand", "ior", "ixor", "ilshift", "irshift", "concat", "contains", "index", "is_", "is_not")
-_MATH = ("sqrt", "ceil", "floor", "trunc", "log", "log2", "log10", "exp", "pow", "prod", "isqrt", "gcd", "lcm",
-         "fabs", "sin", "cos", "tan", "atan", "tanh", "erf", "isinf", "isnan", "isfinite", "copysign")
-_BUILTINS = ("getattr", "len", "int", "float", "bool", "abs", "round", "sum", "tuple", "list", "range",
-             "slice")
+_OPERATOR = (
+    "add",
+    "sub",
+    "mul",
+    "truediv",
+    "floordiv",
+    "mod",
+    "pow",
+    "matmul",
+    "neg",
+    "pos",
+    "abs",
+    "invert",
+    "and_",
+    "or_",
+    "xor",
+    "lshift",
+    "rshift",
+    "eq",
+    "ne",
+    "lt",
+    "le",
+    "gt",
+    "ge",
+    "not_",
+    "truth",
+    "getitem",
+    "setitem",
+    "iadd",
+    "isub",
+    "imul",
+    "itruediv",
+    "ifloordiv",
+    "imod",
+    "ipow",
+    "imatmul",
+    "iand",
+    "ior",
+    "ixor",
+    "ilshift",
+    "irshift",
+    "concat",
+    "contains",
+    "index",
+    "is_",
+    "is_not",
+)
+_MATH = (
+    "sqrt",
+    "ceil",
+    "floor",
+    "trunc",
+    "log",
+    "log2",
+    "log10",
+    "exp",
+    "pow",
+    "prod",
+    "isqrt",
+    "gcd",
+    "lcm",
+    "fabs",
+    "sin",
+    "cos",
+    "tan",
+    "atan",
+    "tanh",
+    "erf",
+    "isinf",
+    "isnan",
+    "isfinite",
+    "copysign",
+)
+_BUILTINS = ("getattr", "len", "int", "float", "bool", "abs", "round", "sum", "tuple", "list", "range", "slice")
 # min/max run a ``key=`` callable: allowed only without keyword arguments (checked per node).
 _BUILTINS_NO_KWARGS = ("min", "max")
 _TORCHVISION_FUNCTIONS = {
-    "torchvision.models.swin_transformer": ("_patch_merging_pad", "_get_relative_position_bias",
-                                            "shifted_window_attention"),
-    "torchvision.models.video.swin_transformer": ("_get_window_and_shift_size", "_get_relative_position_bias",
-                                                  "_compute_pad_size_3d", "_compute_attention_mask_3d",
-                                                  "shifted_window_attention_3d"),
+    "torchvision.models.swin_transformer": (
+        "_patch_merging_pad",
+        "_get_relative_position_bias",
+        "shifted_window_attention",
+    ),
+    "torchvision.models.video.swin_transformer": (
+        "_get_window_and_shift_size",
+        "_get_relative_position_bias",
+        "_compute_pad_size_3d",
+        "_compute_attention_mask_3d",
+        "shifted_window_attention_3d",
+    ),
     "torchvision.models.googlenet": ("GoogLeNetOutputs",),  # named-tuple outputs (training graphs)
     "torchvision.models.inception": ("InceptionOutputs",),
     "torchvision.models.video.mvit": ("_unsqueeze", "_squeeze", "_add_rel_pos", "_add_shortcut"),
@@ -69,6 +167,7 @@ def _collect() -> dict[str, Callable]:
     import builtins
 
     from torch.overrides import get_overridable_functions
+
     table: dict[str, Callable] = {}
 
     def add(fn: Any) -> None:
@@ -123,25 +222,100 @@ def allowed_function(name: Any) -> Callable | None:
 
 
 # ---------------------------------------------------------------- Tensor methods and attributes
-_DUNDER_METHODS = frozenset(f"__{n}__" for n in (
-    "getitem", "add", "radd", "iadd", "sub", "rsub", "isub", "mul", "rmul", "imul", "truediv", "rtruediv",
-    "floordiv", "rfloordiv", "matmul", "rmatmul", "pow", "rpow", "neg", "pos", "abs", "invert", "and", "or",
-    "xor", "mod", "lshift", "rshift", "eq", "ne", "lt", "le", "gt", "ge", "len", "bool", "float", "int"))
-_DENIED_METHODS = frozenset({"register_hook", "register_post_accumulate_grad_hook", "backward", "apply_",
-                             "map_", "map2_", "share_memory_", "pin_memory", "tolist", "numpy", "storage",
-                             "untyped_storage", "data_ptr", "set_", "resize_", "as_subclass", "module_load",
-                             "new_tensor", "__reduce_ex__"})
+_DUNDER_METHODS = frozenset(
+    f"__{n}__"
+    for n in (
+        "getitem",
+        "add",
+        "radd",
+        "iadd",
+        "sub",
+        "rsub",
+        "isub",
+        "mul",
+        "rmul",
+        "imul",
+        "truediv",
+        "rtruediv",
+        "floordiv",
+        "rfloordiv",
+        "matmul",
+        "rmatmul",
+        "pow",
+        "rpow",
+        "neg",
+        "pos",
+        "abs",
+        "invert",
+        "and",
+        "or",
+        "xor",
+        "mod",
+        "lshift",
+        "rshift",
+        "eq",
+        "ne",
+        "lt",
+        "le",
+        "gt",
+        "ge",
+        "len",
+        "bool",
+        "float",
+        "int",
+    )
+)
+_DENIED_METHODS = frozenset(
+    {
+        "register_hook",
+        "register_post_accumulate_grad_hook",
+        "backward",
+        "apply_",
+        "map_",
+        "map2_",
+        "share_memory_",
+        "pin_memory",
+        "tolist",
+        "numpy",
+        "storage",
+        "untyped_storage",
+        "data_ptr",
+        "set_",
+        "resize_",
+        "as_subclass",
+        "module_load",
+        "new_tensor",
+        "__reduce_ex__",
+    }
+)
 
 
 def allowed_method(name: Any) -> bool:
     """A ``call_method`` target: a public ``torch.Tensor`` method (or an operator dunder)."""
-    return (isinstance(name, str) and callable(getattr(torch.Tensor, name, None)) and name not in _DENIED_METHODS
-            and (not name.startswith("_") or name in _DUNDER_METHODS))
+    return (
+        isinstance(name, str)
+        and callable(getattr(torch.Tensor, name, None))
+        and name not in _DENIED_METHODS
+        and (not name.startswith("_") or name in _DUNDER_METHODS)
+    )
 
 
 # Attributes of values a graph can hold whose result is code-capable: refused as ``getattr`` targets.
-_OBJECT_TYPES = (torch.Tensor, tuple, list, dict, int, float, complex, str, bool, torch.Size, torch.dtype,
-                 torch.device, object)
+_OBJECT_TYPES = (
+    torch.Tensor,
+    tuple,
+    list,
+    dict,
+    int,
+    float,
+    complex,
+    str,
+    bool,
+    torch.Size,
+    torch.dtype,
+    torch.device,
+    object,
+)
 _DENIED_ATTRIBUTES = frozenset({"grad_fn", "_base", "data_ptr", "untyped_storage"})
 
 
@@ -184,8 +358,12 @@ for _name in ("MaskedLinear", "MaskedConv1d", "MaskedConv2d", "MaskedConv3d"):
 for _name in ("SparseLinear", "SparseConv2d1x1"):
     MODULE_CLASSES[f"sparsifx.sparse_linear.{_name}"] = ("sparsifx.sparse_linear", _name)
 # lowered layers (``lower``): their index buffers are validated before a kernel reads them
-for _module, _name in (("sparse_modules", "SparseLinear"), ("sparse_modules", "SparseConv2d"),
-                       ("sparse_conv", "DirectSparseConv2d"), ("fast_pool", "FastMaxPool2d")):
+for _module, _name in (
+    ("sparse_modules", "SparseLinear"),
+    ("sparse_modules", "SparseConv2d"),
+    ("sparse_conv", "DirectSparseConv2d"),
+    ("fast_pool", "FastMaxPool2d"),
+):
     MODULE_CLASSES[f"sparsifx.backends.{_module}.{_name}"] = (f"sparsifx.backends.{_module}", _name)
 
 
@@ -197,12 +375,17 @@ def class_name(cls: type) -> str:
 def _torch_nn_classes() -> dict[str, type]:
     """Public layer classes defined in ``torch.nn.modules.*`` (incl. ones not re-exported, e.g. MHA's out_proj)."""
     import types
+
     table = {}
     for sub in vars(nn.modules).values():
         if isinstance(sub, types.ModuleType) and sub.__name__.startswith("torch.nn.modules."):
             for c in vars(sub).values():
-                if (isinstance(c, type) and issubclass(c, nn.Module) and c.__module__ == sub.__name__
-                        and not c.__name__.startswith("_")):
+                if (
+                    isinstance(c, type)
+                    and issubclass(c, nn.Module)
+                    and c.__module__ == sub.__name__
+                    and not c.__name__.startswith("_")
+                ):
                     table[class_name(c)] = c
     return table
 
@@ -214,6 +397,7 @@ def allowed_module_class(name: Any) -> type | None:
     entry = MODULE_CLASSES.get(name)
     if isinstance(entry, tuple):
         import importlib
+
         try:
             entry = getattr(importlib.import_module(entry[0]), entry[1])  # constant names from this file
         except (ImportError, AttributeError):

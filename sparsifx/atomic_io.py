@@ -6,6 +6,7 @@ file system); ``check_fn(tmp)``, if given, verifies it; the file is fsynced and 
 ``KeyboardInterrupt`` included, the temporary file is removed, ``path`` is left as it was and the exception
 propagates. A directory that is missing, not a directory or not writable raises ``ArtefactError``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,8 +41,9 @@ def _mode(path: Path) -> int:
     return 0o666 & ~umask
 
 
-def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], object],
-                 check_fn: Callable[[Path], object] | None = None) -> Path:
+def atomic_write(
+    path: str | os.PathLike, write_fn: Callable[[Path], object], check_fn: Callable[[Path], object] | None = None
+) -> Path:
     """Write ``path`` through a verified temporary file (see the module docstring); returns ``path``."""
     path = Path(path)
     directory = path.parent

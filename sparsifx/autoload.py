@@ -1,4 +1,5 @@
 """Import every submodule of a package so that their registry decorators run."""
+
 from __future__ import annotations
 
 import importlib

@@ -5,6 +5,7 @@ source of the CLI (``torchvision:resnet50``) that is pruned to ``sparsity`` (mag
 BatchNorm folded and lowered. onnxruntime runs the same file (a model is exported first). Each (threads, batch)
 cell times both engines interleaved and reports medians; the outputs are compared once per cell.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,6 +33,7 @@ class BenchRow:
 
 def ort_session(path: str | os.PathLike, threads: int):
     import onnxruntime as ort
+
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
@@ -51,24 +53,50 @@ def prepare_file(target: str, sparsity: float | None, input_shape, folder: Path)
 
 def export_pruned(source: str, sparsity: float, input_shape, folder: Path) -> tuple[Path, tuple[int, ...]]:
     import sparsifx
+
     from .cli import build
     from .masking import bake_masks
+
     built = build(source, input_shape)
     model, example = built.model, built.inputs
-    pruned = sparsifx.sparsify(model, {"stages": [
-        {"pass": "magnitude", "sparsity": sparsity, "distribution": "uniform", "dense_first_layer": True},
-        {"pass": "fold_bn"}]}, example_inputs=example).eval()
+    pruned = sparsifx.sparsify(
+        model,
+        {
+            "stages": [
+                {"pass": "magnitude", "sparsity": sparsity, "distribution": "uniform", "dense_first_layer": True},
+                {"pass": "fold_bn"},
+            ]
+        },
+        example_inputs=example,
+    ).eval()
     bake_masks(pruned)
     path = folder / "model.onnx"
-    torch.onnx.export(pruned, example, str(path), dynamo=False, opset_version=17, input_names=["x"],
-                      output_names=["y"], dynamic_axes={"x": {0: "batch"}})
+    torch.onnx.export(
+        pruned,
+        example,
+        str(path),
+        dynamo=False,
+        opset_version=17,
+        input_names=["x"],
+        output_names=["y"],
+        dynamic_axes={"x": {0: "batch"}},
+    )
     return path, tuple(example[0].shape)
 
 
-def bench(target: str, *, batches=(1,), threads=(1,), reps: int = 20, sparsity: float | None = None,
-          input_shape: tuple[int, ...] | None = None, progress: Callable[[str], None] | None = None) -> list[BenchRow]:
+def bench(
+    target: str,
+    *,
+    batches=(1,),
+    threads=(1,),
+    reps: int = 20,
+    sparsity: float | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> list[BenchRow]:
     from sparsifx.backends import load_onnx
     from sparsifx.backends.cost_model import median_ms
+
     rows = []
     before = torch.get_num_threads()
     with tempfile.TemporaryDirectory(prefix="sparsifx-bench-") as tmp:
@@ -84,11 +112,19 @@ def bench(target: str, *, batches=(1,), threads=(1,), reps: int = 20, sparsity: 
                     xn = x.numpy()
                     with torch.inference_mode():
                         diff = float((gm(x) - torch.from_numpy(sess.run(None, {name: xn})[0])).abs().max())
-                        ms = median_ms({"sparsifx": lambda: gm(x), "ort": lambda: sess.run(None, {name: xn})},
-                                       reps=reps)
-                    row = BenchRow(t, b, round(ms["sparsifx"], 3), round(ms["ort"], 3),
-                                   round(ms["ort"] / ms["sparsifx"], 2), round(1e3 * b / ms["sparsifx"], 1),
-                                   round(1e3 * b / ms["ort"], 1), diff)
+                        ms = median_ms(
+                            {"sparsifx": lambda: gm(x), "ort": lambda: sess.run(None, {name: xn})}, reps=reps
+                        )
+                    row = BenchRow(
+                        t,
+                        b,
+                        round(ms["sparsifx"], 3),
+                        round(ms["ort"], 3),
+                        round(ms["ort"] / ms["sparsifx"], 2),
+                        round(1e3 * b / ms["sparsifx"], 1),
+                        round(1e3 * b / ms["ort"], 1),
+                        diff,
+                    )
                     rows.append(row)
                     if progress:
                         progress(format_row(row))
@@ -99,6 +135,7 @@ def bench(target: str, *, batches=(1,), threads=(1,), reps: int = 20, sparsity: 
 
 def _input(gm, batch: int, shape) -> torch.Tensor:
     from .meta_keys import EXAMPLE_INPUTS
+
     example = gm.meta.get(EXAMPLE_INPUTS)
     if example:
         return torch.randn(batch, *example[0].shape[1:])
@@ -111,8 +148,10 @@ HEADER = "threads  batch  sparsifx ms  onnxruntime ms  speedup  sparsifx/s  onnx
 
 
 def format_row(r: BenchRow) -> str:
-    return (f"{r.threads:7d}  {r.batch:5d}  {r.sparsifx_ms:11.3f}  {r.onnxruntime_ms:14.3f}  {r.speedup:6.2f}x  "
-            f"{r.sparsifx_per_s:10.1f}  {r.onnxruntime_per_s:13.1f}  {r.max_abs_diff:.2e}")
+    return (
+        f"{r.threads:7d}  {r.batch:5d}  {r.sparsifx_ms:11.3f}  {r.onnxruntime_ms:14.3f}  {r.speedup:6.2f}x  "
+        f"{r.sparsifx_per_s:10.1f}  {r.onnxruntime_per_s:13.1f}  {r.max_abs_diff:.2e}"
+    )
 
 
 def as_dicts(rows: list[BenchRow]) -> list[dict]:

@@ -24,6 +24,7 @@ a module saved by ``sparsifx.save`` (a plain ``torch.save``'d module only with `
 arbitrary code from the file). Errors are one line on stderr and a non-zero exit code. Progress bars for the
 long steps go to stderr when it is a terminal (``SPARSIFX_PROGRESS=0`` turns them off).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,7 +39,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import CliError, SparsifxError
-from .progress import enabled as progress_enabled, progress
+from .progress import enabled as progress_enabled
+from .progress import progress
 from .registry import Registry
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,7 @@ MAX_CONFIG_BYTES = 1 << 20
 @dataclass
 class Built:
     """What a ``--model`` source gives: the module, its example inputs, and options for ``export_onnx``."""
+
     model: Any
     inputs: tuple
     onnx_kwargs: dict = field(default_factory=dict)
@@ -62,12 +65,14 @@ class Built:
 
 def _image_inputs(shape: tuple[int, ...] | None, default: tuple[int, ...] = DEFAULT_IMAGE_SHAPE) -> tuple:
     import torch
+
     return (torch.randn(*(shape or default)),)
 
 
 def _missing(extra: str, package: str, exc: ImportError) -> CliError:
-    return CliError(f"--model {extra}:... needs {package}, which is not installed ({exc}); "
-                    f"pip install sparsifx[{extra}]")
+    return CliError(
+        f"--model {extra}:... needs {package}, which is not installed ({exc}); pip install sparsifx[{extra}]"
+    )
 
 
 def _unknown(kind: str, name: str, names: Sequence[str]) -> CliError:
@@ -125,21 +130,25 @@ def _hf_model(spec: str, shape: tuple[int, ...] | None = None) -> Built:
     model = _hf_class(transformers, config)(config).eval()
     inputs = _hf_inputs(model, config, shape)
     from .hf_tracing import trace_hf
+
     gm = trace_hf(model, inputs)
     # the traced graph is specialised to the example's shapes: export it at that batch size only
     return Built(gm, tuple(inputs.values()), {"dynamic_batch": False})
 
 
 def _hf_config(spec: str):
-    from transformers import AutoConfig, CONFIG_MAPPING
+    from transformers import CONFIG_MAPPING, AutoConfig
+
     path = Path(spec)
     if path.is_dir():
         path = path / "config.json"
     if path.is_file():
         return _hf_config_file(path, CONFIG_MAPPING, AutoConfig)
     if spec.endswith(".json") or "/" in spec or "\\" in spec:
-        raise CliError(f"hf: no config file at '{spec}' (hf: takes a local config.json, a directory holding one, "
-                       "or a model type such as bert; nothing is downloaded)")
+        raise CliError(
+            f"hf: no config file at '{spec}' (hf: takes a local config.json, a directory holding one, "
+            "or a model type such as bert; nothing is downloaded)"
+        )
     names = sorted(CONFIG_MAPPING.keys())
     if spec not in CONFIG_MAPPING:
         raise _unknown("transformers model type", spec, names)
@@ -182,6 +191,7 @@ def _hf_class(transformers, config):
 
 def _hf_inputs(model, config, shape: tuple[int, ...] | None) -> dict:
     import torch
+
     params = _inspect.signature(model.forward).parameters
     gen = torch.Generator().manual_seed(0)
     if "pixel_values" in params and "input_ids" not in params:
@@ -204,8 +214,9 @@ def build(spec: str, input_shape: tuple[int, ...] | None = None) -> Built:
     """The module and example inputs of ``--model spec`` (``input_shape`` None: the source's default)."""
     source, sep, rest = spec.partition(":")
     if not sep or source not in MODEL_SOURCES:
-        raise CliError(f"--model must be <source>:<name> with source in {', '.join(MODEL_SOURCES.names())}; "
-                       f"got '{spec}'")
+        raise CliError(
+            f"--model must be <source>:<name> with source in {', '.join(MODEL_SOURCES.names())}; got '{spec}'"
+        )
     return MODEL_SOURCES.get(source)(rest, input_shape)
 
 
@@ -235,22 +246,34 @@ def make_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = sub.add_parser("run", help="apply a recipe to a model and print the report")
     run.add_argument("recipe", help="recipe YAML file")
-    run.add_argument("--model", required=True,
-                     help="torchvision:<name>, timm:<name>, hf:<model type or config.json/dir>, "
-                          "or python:<module>:<callable> (random weights)")
-    run.add_argument("--input-shape", type=parse_shape,
-                     help="e.g. 1,3,224,224 (default: 1,3,224,224; timm: the model's input size; hf text: 1,16)")
+    run.add_argument(
+        "--model",
+        required=True,
+        help="torchvision:<name>, timm:<name>, hf:<model type or config.json/dir>, "
+        "or python:<module>:<callable> (random weights)",
+    )
+    run.add_argument(
+        "--input-shape",
+        type=parse_shape,
+        help="e.g. 1,3,224,224 (default: 1,3,224,224; timm: the model's input size; hf text: 1,16)",
+    )
     run.add_argument("--onnx", type=Path, help="write a verified ONNX file here")
     run.add_argument("--save", type=Path, help="save the sparsified module here (sparsifx.save)")
-    run.add_argument("--plot", type=Path, help="write a figure of per-layer params/density/MACs before and after "
-                                               "(.png, .svg, .pdf; needs matplotlib)")
+    run.add_argument(
+        "--plot",
+        type=Path,
+        help="write a figure of per-layer params/density/MACs before and after (.png, .svg, .pdf; needs matplotlib)",
+    )
     run.add_argument("--verify", action="store_true", help="check semantics-preserving passes numerically")
     run.add_argument("--json", action="store_true", help="print the report as JSON")
     inspect = sub.add_parser("inspect", help="print parameters and non-zeros of an .onnx file or a saved module")
     inspect.add_argument("file", type=Path)
     inspect.add_argument("--input-shape", type=parse_shape, help="example input shape for FLOPs of a module")
-    inspect.add_argument("--unsafe-pickle", action="store_true",
-                         help="allow loading a torch.save'd module (runs code from the file; only for trusted files)")
+    inspect.add_argument(
+        "--unsafe-pickle",
+        action="store_true",
+        help="allow loading a torch.save'd module (runs code from the file; only for trusted files)",
+    )
     inspect.add_argument("--plot", type=Path, help="write a figure of the module's per-layer params/density/MACs")
     inspect.add_argument("--json", action="store_true", help="print as JSON")
     bench = sub.add_parser("bench", help="latency/throughput of the sparse runtime beside onnxruntime dense")
@@ -271,6 +294,7 @@ def _check_plot_path(path: Path | None) -> None:
     if not path.parent.is_dir():
         raise CliError(f"--plot: directory {path.parent} does not exist")
     from .plot import PlotError, check_target
+
     try:
         check_target(path)
     except PlotError as exc:
@@ -302,7 +326,7 @@ class _Steps:
 def cmd_run(args) -> int:
     from .api import sparsify
     from .recipe import Recipe
-    from .report import report
+    from .reporting import report
 
     recipe_path = Path(args.recipe)
     if not recipe_path.is_file():
@@ -317,8 +341,13 @@ def cmd_run(args) -> int:
         built = build(args.model, args.input_shape)
         before = report(built.model, built.inputs) if args.plot else None
         steps.next("sparsify")
-        gm = sparsify(built.model, recipe, example_inputs=built.inputs, verify=args.verify,
-                      progress=len(recipe.stages) > 1 and progress_enabled())
+        gm = sparsify(
+            built.model,
+            recipe,
+            example_inputs=built.inputs,
+            verify=args.verify,
+            progress=len(recipe.stages) > 1 and progress_enabled(),
+        )
         steps.next("report")
         rep = report(gm, built.inputs)
         steps.say(json.dumps(rep.to_dict(), indent=1) if args.json else str(rep))
@@ -334,9 +363,13 @@ def _write_outputs(args, gm, built: Built, rep, before, steps: _Steps, title: st
     if args.onnx:
         steps.next("onnx")
         from .backends import onnx_export
+
         info = onnx_export.export_onnx(gm, args.onnx, built.inputs, **built.onnx_kwargs)
-        steps.say(f"wrote {args.onnx} ({info.file_bytes / 1e6:.2f} MB, {info.exporter} exporter; "
-                  f"onnxruntime matches torch, max abs error {info.max_abs:.2e})", out)
+        steps.say(
+            f"wrote {args.onnx} ({info.file_bytes / 1e6:.2f} MB, {info.exporter} exporter; "
+            f"onnxruntime matches torch, max abs error {info.max_abs:.2e})",
+            out,
+        )
     if args.save:
         steps.next("save")
         _serialization().save(gm, args.save)
@@ -351,7 +384,9 @@ def _serialization():
     try:
         return importlib.import_module("sparsifx.serialization")
     except ImportError as exc:
-        raise CliError(f"saving and loading modules needs sparsifx.serialization, which is not available: {exc}")
+        raise CliError(
+            f"saving and loading modules needs sparsifx.serialization, which is not available: {exc}"
+        ) from exc
 
 
 def cmd_inspect(args) -> int:
@@ -359,17 +394,22 @@ def cmd_inspect(args) -> int:
     if not path.is_file():
         raise CliError(f"no such file: {path}")
     if args.plot and path.suffix == ".onnx":
-        raise CliError("--plot draws the report of a saved module; an .onnx file has no layers to report "
-                       "(inspect the module before export, or run 'sparsifx run ... --plot')")
+        raise CliError(
+            "--plot draws the report of a saved module; an .onnx file has no layers to report "
+            "(inspect the module before export, or run 'sparsifx run ... --plot')"
+        )
     _check_plot_path(args.plot)
     if path.suffix == ".onnx":
         from .backends.onnx_export import inspect_onnx
+
         data = inspect_onnx(path)
         print(json.dumps(data, indent=1) if args.json else _format_onnx(data))
         return 0
     module = _load_module(path, args.unsafe_pickle)
     import torch
-    from .report import report
+
+    from .reporting import report
+
     inputs = (torch.randn(*args.input_shape),) if args.input_shape else None
     rep = report(module, inputs)
     rejected = next((n for n in rep.notes if n.startswith("no MACs/FLOPs:")), None)
@@ -384,6 +424,7 @@ def cmd_inspect(args) -> int:
 
 def _load_module(path: Path, unsafe_pickle: bool):
     import torch
+
     try:
         return _serialization().load(path)
     except CliError:
@@ -391,8 +432,10 @@ def _load_module(path: Path, unsafe_pickle: bool):
     except Exception as exc:  # not a sparsifx file: the loader refuses it with its own error
         if not unsafe_pickle:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-            raise CliError(f"{path} is not a module saved by sparsifx.save ({first}); for a torch.save'd module "
-                           "you trust, pass --unsafe-pickle") from exc
+            raise CliError(
+                f"{path} is not a module saved by sparsifx.save ({first}); for a torch.save'd module "
+                "you trust, pass --unsafe-pickle"
+            ) from exc
     try:
         module = torch.load(path, weights_only=False, map_location="cpu")
     except Exception as exc:  # unpickling raises many types
@@ -403,8 +446,17 @@ def _load_module(path: Path, unsafe_pickle: bool):
 
 
 def _format_onnx(data: dict) -> str:
-    rows = [(i["name"], "x".join(map(str, i["shape"])) or "scalar", i["kind"], f"{i['params']:,}",
-             f"{i['nonzeros']:,}", f"{i['sparsity']:.1%}") for i in data["initializers"]]
+    rows = [
+        (
+            i["name"],
+            "x".join(map(str, i["shape"])) or "scalar",
+            i["kind"],
+            f"{i['params']:,}",
+            f"{i['nonzeros']:,}",
+            f"{i['sparsity']:.1%}",
+        )
+        for i in data["initializers"]
+    ]
     head = ("initializer", "shape", "kind", "params", "nonzeros", "sparsity")
     t = data["total"]
     total = ("total", "", "", f"{t['params']:,}", f"{t['nonzeros']:,}", f"{t['sparsity']:.1%}")
@@ -412,22 +464,38 @@ def _format_onnx(data: dict) -> str:
 
     def fmt(r):
         return "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+
     rule = "-" * len(fmt(head))
-    return "\n".join([f"{data['file']}: opset {data['opset']}, {data['nodes']} nodes, "
-                      f"{data['file_bytes'] / 1e6:.2f} MB on disk", fmt(head), rule, *map(fmt, rows), rule,
-                      fmt(total)])
+    return "\n".join(
+        [
+            f"{data['file']}: opset {data['opset']}, {data['nodes']} nodes, {data['file_bytes'] / 1e6:.2f} MB on disk",
+            fmt(head),
+            rule,
+            *map(fmt, rows),
+            rule,
+            fmt(total),
+        ]
+    )
 
 
 def cmd_bench(args) -> int:
     from .bench import HEADER, as_dicts, bench
+
     if args.sparsity is not None and not 0 <= args.sparsity < 1:
         raise CliError("--sparsity must be in [0, 1)")
     if args.reps < 1:
         raise CliError("--reps must be at least 1")
     if not args.json:
         print(HEADER)
-    rows = bench(args.target, batches=args.batch, threads=args.threads, reps=args.reps, sparsity=args.sparsity,
-                 input_shape=args.input_shape, progress=None if args.json else print)
+    rows = bench(
+        args.target,
+        batches=args.batch,
+        threads=args.threads,
+        reps=args.reps,
+        sparsity=args.sparsity,
+        input_shape=args.input_shape,
+        progress=None if args.json else print,
+    )
     if args.json:
         print(json.dumps(as_dicts(rows), indent=1))
     return 0
@@ -440,8 +508,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser()
     try:
         args = parser.parse_args(argv)
-        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                            format="sparsifx: %(levelname)s: %(message)s")
+        logging.basicConfig(
+            level=logging.INFO if args.verbose else logging.WARNING, format="sparsifx: %(levelname)s: %(message)s"
+        )
         return COMMANDS[args.command](args)
     except SparsifxError as exc:
         print(f"sparsifx: error: {_one_line(exc)[:500]}", file=sys.stderr)

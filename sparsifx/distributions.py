@@ -6,6 +6,7 @@ Follows docs/algorithms.md#layer-sparsity-distributions (rigl ``sparse_utils.get
 whose density would exceed 1 are made dense and ε is solved again. Layers in ``custom`` keep their
 value and are left out of the budget.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,9 +23,14 @@ def _raw_score(shape: Sequence[int], kind: str, power: float) -> float:
     return (sum(dims) / math.prod(dims)) ** power
 
 
-def layer_sparsities(shapes: Mapping[str, Sequence[int]], sparsity: float, kind: str = "erk",
-                     dense_layers: Sequence[str] = (), custom: Mapping[str, float] | None = None,
-                     erk_power_scale: float = 1.0) -> dict[str, float]:
+def layer_sparsities(
+    shapes: Mapping[str, Sequence[int]],
+    sparsity: float,
+    kind: str = "erk",
+    dense_layers: Sequence[str] = (),
+    custom: Mapping[str, float] | None = None,
+    erk_power_scale: float = 1.0,
+) -> dict[str, float]:
     """Sparsity per layer (name -> s_l) for a global target ``sparsity`` over ``shapes`` (weight shapes)."""
     validate.number("sparsity", sparsity, 0.0, 1.0, hi_open=True)
     validate.choice("distribution", kind, KINDS)
@@ -50,8 +56,12 @@ def layer_sparsities(shapes: Mapping[str, Sequence[int]], sparsity: float, kind:
                 rhs += numel[n] - zeros
                 divisor += score[n] * numel[n]
         if divisor == 0:
-            raise RecipeError("every layer was forced dense; no layer can absorb the sparsity budget",
-                              "sparsity", sparsity, "a lower sparsity or fewer dense layers")
+            raise RecipeError(
+                "every layer was forced dense; no layer can absorb the sparsity budget",
+                "sparsity",
+                sparsity,
+                "a lower sparsity or fewer dense layers",
+            )
         eps = rhs / divisor
         candidates = [n for n in free if n not in dense]
         top = max(score[n] for n in candidates)

@@ -1,4 +1,5 @@
 """Typed errors: every failure sparsifx reports to a user is a ``SparsifxError``."""
+
 from __future__ import annotations
 
 import copy
@@ -39,8 +40,11 @@ class RecipeError(SparsifxError):
 
     def at(self, prefix: str) -> "RecipeError":
         """The same error with ``prefix`` prepended to its key path."""
-        path = prefix if not self.path else (
-            f"{prefix}{self.path}" if self.path.startswith("[") else f"{prefix}.{self.path}")
+        path = (
+            prefix
+            if not self.path
+            else (f"{prefix}{self.path}" if self.path.startswith("[") else f"{prefix}.{self.path}")
+        )
         err = copy.copy(self)  # keeps the subclass (e.g. SelectionError)
         err.path = path
         err.args = (err._compose(),)

@@ -5,6 +5,7 @@ generated ``forward`` source, every function/class against the allow-lists) whil
 plain ``fx.Graph`` nodes; only then does ``fx.GraphModule`` generate and compile source. Any failure is a
 ``SerializationError`` naming the node, module or key.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -19,8 +20,9 @@ from .errors import SerializationError, SparsifxError
 _NODE_OPS = frozenset({"placeholder", "output", "call_module", "get_attr", "call_function", "call_method"})
 _INIT_KEYS = frozenset(nn.Module().__dict__)
 _DTYPES = {str(t).removeprefix("torch."): t for t in vars(torch).values() if isinstance(t, torch.dtype)}
-_MEMORY_FORMATS = {n: getattr(torch, n) for n in ("contiguous_format", "channels_last", "channels_last_3d",
-                                                  "preserve_format")}
+_MEMORY_FORMATS = {
+    n: getattr(torch, n) for n in ("contiguous_format", "channels_last", "channels_last_3d", "preserve_format")
+}
 _LAYOUTS = {n: getattr(torch, n) for n in ("strided", "sparse_coo")}
 _PAYLOAD_KEYS = {"graph": list, "modules": dict, "attrs": dict, "meta": dict, "tensors": dict}
 _MODULE_KEYS = {"attrs": dict, "params": dict, "buffers": dict, "non_persistent": list, "children": dict}
@@ -48,16 +50,20 @@ def resolve_function(name: Any, where: str = "") -> Callable:
     """The function ``name`` denotes, if the allow-list names it (no import or lookup of the name itself)."""
     fn = allow_list.allowed_function(name)
     if fn is None:
-        raise SerializationError(f"{where}function {_short(name)} is not in the allow-list of graph targets; "
-                                 "register it with sparsifx.serialization.register_function")
+        raise SerializationError(
+            f"{where}function {_short(name)} is not in the allow-list of graph targets; "
+            "register it with sparsifx.serialization.register_function"
+        )
     return fn
 
 
 def resolve_module_class(name: Any, where: str = "") -> type:
     cls = allow_list.allowed_module_class(name)
     if cls is None:
-        raise SerializationError(f"{where}module class {_short(name)} is not in the allow-list; register it "
-                                 "with sparsifx.serialization.register_module_class")
+        raise SerializationError(
+            f"{where}module class {_short(name)} is not in the allow-list; register it "
+            "with sparsifx.serialization.register_module_class"
+        )
     return cls
 
 
@@ -111,7 +117,7 @@ def _slice(d: _Decoder, v: Any, where: str, depth: int) -> slice:
 
 def _ints(d: _Decoder, v: Any, where: str, depth: int) -> torch.Size:
     items = d.items(v, where, depth)
-    if not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2 ** 62 for x in items):
+    if not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**62 for x in items):
         raise SerializationError(f"{where}a size holds non-negative integers")
     return torch.Size(items)
 
@@ -287,8 +293,14 @@ def _target_output(target: Any, root: dict, where: str) -> str:
     return _name(target, lambda t: t == "output", "output target", where)
 
 
-_TARGET_CHECKS = {"call_function": _target_function, "call_method": _target_method, "call_module": _target_owned,
-                  "get_attr": _target_owned, "placeholder": _target_placeholder, "output": _target_output}
+_TARGET_CHECKS = {
+    "call_function": _target_function,
+    "call_method": _target_method,
+    "call_module": _target_owned,
+    "get_attr": _target_owned,
+    "placeholder": _target_placeholder,
+    "output": _target_output,
+}
 
 
 def _check_call(name: str, op: str, target: Any, args: tuple, kwargs: dict) -> None:
@@ -297,7 +309,8 @@ def _check_call(name: str, op: str, target: Any, args: tuple, kwargs: dict) -> N
         return
     if target is getattr:
         if len(args) not in (2, 3) or not allow_list.allowed_attribute(args[1]) or kwargs:
-            raise SerializationError(f"node '{name}': getattr of a private, callable or computed attribute "
-                                     "is not allowed")
+            raise SerializationError(
+                f"node '{name}': getattr of a private, callable or computed attribute is not allowed"
+            )
     elif allow_list.function_name(target) in allow_list.NO_KWARGS_FUNCTIONS and kwargs:
         raise SerializationError(f"node '{name}': {target.__name__} with keyword arguments is not allowed")

@@ -8,6 +8,7 @@ single tensor input and a single output and reads only that module's tensors (a 
 weight twice, or a subclass with its own ``forward`` signature, stays inlined and is listed). The rest stays
 ATen (``aten.view``, ``aten.scaled_dot_product_attention``...), which channel rules do not know.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -30,17 +31,22 @@ def export_graph(call: HFCall, tensors: tuple, leaf_paths: set[str], leaf_types:
         ep = torch.export.export(call, tensors, strict=False)
     except Exception as exc:  # export raises many types (UserError, GuardOnDataDependentSymNode, TypeError...)
         first = (str(exc).strip().splitlines() or [""])[0]
-        raise TraceError(f"cannot trace {type(call.model).__name__} with trace_hf(method='export'): torch.export "
-                         f"failed ({type(exc).__name__}: {first}). Try: pass every input the forward needs as a "
-                         "tensor in example_inputs and options as plain values, or method='fx'.") from exc
+        raise TraceError(
+            f"cannot trace {type(call.model).__name__} with trace_hf(method='export'): torch.export "
+            f"failed ({type(exc).__name__}: {first}). Try: pass every input the forward needs as a "
+            "tensor in example_inputs and options as plain values, or method='fx'."
+        ) from exc
     src = ep.module()
     graph = _rebuild(src, call.names, ep.call_spec.out_spec)
     types = tuple(LEAF_TYPES) + tuple(leaf_types)
     inlined = _fold_leaves(graph, call.model, lambda path, m: path in leaf_paths or _is_leaf(m, types))
     for node in graph.nodes:
         node.meta.pop(VAL, None)  # fake tensors: not copyable; shapes are recorded afterwards
-    constants = {n.target: _attr(src, n.target) for n in graph.nodes
-                 if n.op == "get_attr" and _attr(call.model, n.target, None) is None}
+    constants = {
+        n.target: _attr(src, n.target)
+        for n in graph.nodes
+        if n.op == "get_attr" and _attr(call.model, n.target, None) is None
+    }
     return Captured(graph, [], constants, inlined)
 
 
@@ -119,8 +125,11 @@ def _fold(graph: fx.Graph, model: nn.Module, path: str, nodes: list[fx.Node]) ->
     stack = out.meta.get(NN_MODULE_STACK, {})
     keys = list(stack)
     depth = next(i for i, k in enumerate(keys) if stack[k][0] == path) + 1
-    call.meta = {NN_MODULE_STACK: {k: stack[k] for k in keys[:depth]}, STACK_TRACE: out.meta.get(STACK_TRACE),
-                 VAL: out.meta.get(VAL)}
+    call.meta = {
+        NN_MODULE_STACK: {k: stack[k] for k in keys[:depth]},
+        STACK_TRACE: out.meta.get(STACK_TRACE),
+        VAL: out.meta.get(VAL),
+    }
     out.replace_all_uses_with(call, delete_user_cb=lambda user: user not in inside)
     for node in reversed(nodes):
         graph.erase_node(node)

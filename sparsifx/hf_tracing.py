@@ -17,6 +17,7 @@ returns ``model(**inputs, return_dict=False, use_cache=False)``: a tuple, logits
 the example inputs' shapes and traced in eval mode (attention dropout is recorded off; ``nn.Dropout``
 modules stay modules and follow ``train()``).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -32,6 +33,7 @@ from torch.fx.node import map_aggregate
 
 from .errors import TraceError
 from .masking import register_hf_types
+from .meta_keys import NN_MODULE_STACK
 from .module_classes import record_module_classes
 from .module_utils import clone_module, eval_mode
 from .tracing import MAX_OPAQUE_RETRIES, SparsifxTracer, record_shapes
@@ -47,6 +49,7 @@ PREFIX = "model."  # the model's path inside the wrapper that is traced
 class Captured:
     """What a capture method hands back: the graph over the model's paths, the submodules kept opaque, tensors
     the graph reads that the model does not hold (lifted constants), and leaf calls left inlined."""
+
     graph: fx.Graph
     opaque: list[str] = field(default_factory=list)
     constants: dict[str, Any] = field(default_factory=dict)
@@ -65,8 +68,15 @@ class HFCall(nn.Module):
         return out.to_tuple() if hasattr(out, "to_tuple") else out
 
 
-def trace_hf(model: nn.Module, example_inputs: Mapping[str, Any], *, leaf_modules: Iterable[str | type] = (),
-             method: str = "fx", verify: bool = True, copy_model: bool = True) -> fx.GraphModule:
+def trace_hf(
+    model: nn.Module,
+    example_inputs: Mapping[str, Any],
+    *,
+    leaf_modules: Iterable[str | type] = (),
+    method: str = "fx",
+    verify: bool = True,
+    copy_model: bool = True,
+) -> fx.GraphModule:
     """Trace a transformers model (module doc).
 
     ``example_inputs`` maps forward argument names to tensors (the graph's inputs) or plain values (fixed,
@@ -79,12 +89,16 @@ def trace_hf(model: nn.Module, example_inputs: Mapping[str, Any], *, leaf_module
     if method not in METHODS:
         raise TraceError(f"trace_hf({name}): method must be one of {', '.join(METHODS)}, got {method!r}")
     if not isinstance(example_inputs, Mapping) or not example_inputs:
-        raise TraceError(f"trace_hf({name}): example_inputs must be a non-empty dict of forward arguments "
-                         f"(e.g. {{'input_ids': ids, 'attention_mask': mask}}), got {type(example_inputs).__name__}")
+        raise TraceError(
+            f"trace_hf({name}): example_inputs must be a non-empty dict of forward arguments "
+            f"(e.g. {{'input_ids': ids, 'attention_mask': mask}}), got {type(example_inputs).__name__}"
+        )
     names = [k for k, v in example_inputs.items() if isinstance(v, torch.Tensor)]
     if not names or not all(k.isidentifier() for k in names):
-        raise TraceError(f"trace_hf({name}): example_inputs needs tensors keyed by forward argument names, "
-                         f"got keys {list(example_inputs)}")
+        raise TraceError(
+            f"trace_hf({name}): example_inputs needs tensors keyed by forward argument names, "
+            f"got keys {list(example_inputs)}"
+        )
     hf_types = register_hf_types()
     leaf_types = tuple(hf_types) + tuple(m for m in leaf_modules if isinstance(m, type))
     leaf_paths = {m for m in leaf_modules if isinstance(m, str)}
@@ -97,14 +111,24 @@ def trace_hf(model: nn.Module, example_inputs: Mapping[str, Any], *, leaf_module
             cap = _trace_fx(call, tensors, leaf_paths, leaf_types)
         else:
             from .hf_export import export_graph
+
             cap = export_graph(call, tensors, leaf_paths, leaf_types)
     gm = fx.GraphModule(_targets(cap.graph, model, cap.constants), cap.graph, name)
-    gm.meta.update(opaque_leaves=cap.opaque, inlined_leaves=cap.inlined, leaf_types=leaf_types,
-                   hf_input_names=names, hf_trace_method=method)
+    gm.meta.update(
+        opaque_leaves=cap.opaque,
+        inlined_leaves=cap.inlined,
+        leaf_types=leaf_types,
+        hf_input_names=names,
+        hf_trace_method=method,
+    )
     record_module_classes(model, gm)
     if cap.opaque or cap.inlined:
-        log.warning("trace_hf(%s): layers not visible as call_module: opaque %s, inlined %s", name,
-                    cap.opaque[:8], cap.inlined[:8])
+        log.warning(
+            "trace_hf(%s): layers not visible as call_module: opaque %s, inlined %s",
+            name,
+            cap.opaque[:8],
+            cap.inlined[:8],
+        )
     if verify:
         _verify(gm, call, tensors)
     record_shapes(gm, tensors)
@@ -123,12 +147,14 @@ def _constants(model: nn.Module, given: dict[str, Any]) -> dict[str, Any]:
 class ValueProxy(fx.Proxy):
     """A proxy with the example's value in ``value``: metadata reads and Python control flow on shapes see it;
     control flow on a tensor's values raises (the branch would be baked into the graph)."""
+
     value: Any = None
 
     def _concrete(self, what: str) -> Any:
         if isinstance(self.value, torch.Tensor):
-            raise fx.proxy.TraceError(f"{what} of tensor '{self.node.name}' depends on its values: the branch "
-                                      "it decides cannot be recorded")
+            raise fx.proxy.TraceError(
+                f"{what} of tensor '{self.node.name}' depends on its values: the branch it decides cannot be recorded"
+            )
         return self.value
 
     def __bool__(self) -> bool:
@@ -227,7 +253,8 @@ def _trace_fx(call: HFCall, tensors: tuple, leaf_paths: set[str], leaf_types: tu
                     f"cannot trace {type(call.model).__name__} with trace_hf: {type(exc).__name__}: {exc}. Try: "
                     "pass every input the forward needs as a tensor in example_inputs (input_ids, attention_mask, "
                     "decoder_input_ids, pixel_values...) and options as plain values, list the module that fails "
-                    "in leaf_modules, or method='export'.") from exc
+                    "in leaf_modules, or method='export'."
+                ) from exc
             log.info("trace_hf: submodule %s is not traceable (%s); keeping it as an opaque leaf", culprit, exc)
             opaque.append(culprit)
     else:
@@ -262,15 +289,14 @@ def _name_inputs(graph: fx.Graph, names: list[str]) -> None:
 # ------------------------------------------------------------------------------------------ shared helpers
 def strip(path: str) -> str:
     """A path inside the traced wrapper as a path of the model (``model.bert.pooler`` -> ``bert.pooler``)."""
-    return path[len(PREFIX):] if path.startswith(PREFIX) else path
+    return path[len(PREFIX) :] if path.startswith(PREFIX) else path
 
 
 def strip_stack(node: fx.Node) -> None:
     """``nn_module_stack`` with the wrapper's entries dropped and paths relative to the model."""
-    stack = node.meta.get("nn_module_stack")
+    stack = node.meta.get(NN_MODULE_STACK)
     if stack:
-        node.meta["nn_module_stack"] = {strip(k): (strip(p), t) for k, (p, t) in stack.items()
-                                        if p not in ("", "model")}
+        node.meta[NN_MODULE_STACK] = {strip(k): (strip(p), t) for k, (p, t) in stack.items() if p not in ("", "model")}
 
 
 def _attr(root: Any, target: str) -> Any:
@@ -307,6 +333,8 @@ def _verify(gm: fx.GraphModule, call: HFCall, tensors: tuple) -> None:
         torch.testing.assert_close(got, expected)
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [""])[0]
-        raise TraceError(f"trace_hf({name}): the traced graph does not reproduce the model's outputs on the "
-                         f"example inputs ({type(exc).__name__}: {first}). Try verify=False to inspect it, the "
-                         "other method, or list the module that differs in leaf_modules.") from exc
+        raise TraceError(
+            f"trace_hf({name}): the traced graph does not reproduce the model's outputs on the "
+            f"example inputs ({type(exc).__name__}: {first}). Try verify=False to inspect it, the "
+            "other method, or list the module that differs in leaf_modules."
+        ) from exc

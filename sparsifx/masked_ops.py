@@ -12,6 +12,7 @@ in backward:
 Under autocast the forward computes in the autocast dtype; backward casts the saved tensors to the
 gradient's dtype and returns gradients in each input's own dtype (as autocast's cast ops would).
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -52,16 +53,27 @@ class MaskedConvFn(torch.autograd.Function):
     """``convolution(x, weight * mask, bias, stride, padding, dilation, groups)`` (numeric padding only)."""
 
     @staticmethod
-    def forward(ctx, x, weight, mask, bias, stride: Sequence[int], padding: Sequence[int],
-                dilation: Sequence[int], groups: int, dense_grad: bool):
+    def forward(
+        ctx,
+        x,
+        weight,
+        mask,
+        bias,
+        stride: Sequence[int],
+        padding: Sequence[int],
+        dilation: Sequence[int],
+        groups: int,
+        dense_grad: bool,
+    ):
         ctx.save_for_backward(x, weight, mask)
         ctx.conf = (list(stride), list(padding), list(dilation), groups)
         ctx.dense_grad = dense_grad
         ctx.bias_sizes = None if bias is None else list(bias.shape)
         ctx.bias_dtype = None if bias is None else bias.dtype
         n = weight.dim() - 2
-        return torch.convolution(x, weight * mask, bias, list(stride), list(padding), list(dilation),
-                                 False, [0] * n, groups)
+        return torch.convolution(
+            x, weight * mask, bias, list(stride), list(padding), list(dilation), False, [0] * n, groups
+        )
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -71,8 +83,18 @@ class MaskedConvFn(torch.autograd.Function):
         n = weight.dim() - 2
         w_eff = (weight * mask).to(grad_out.dtype)
         grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad_out, x.to(grad_out.dtype), w_eff, ctx.bias_sizes, stride, padding, dilation, False, [0] * n,
-            groups, [need_x, need_w, need_b and ctx.bias_sizes is not None])
+            grad_out,
+            x.to(grad_out.dtype),
+            w_eff,
+            ctx.bias_sizes,
+            stride,
+            padding,
+            dilation,
+            False,
+            [0] * n,
+            groups,
+            [need_x, need_w, need_b and ctx.bias_sizes is not None],
+        )
         if grad_x is not None:
             grad_x = grad_x.to(x.dtype)
         if grad_b is not None:
@@ -90,5 +112,9 @@ def use_recompute(x: object, weight: torch.Tensor) -> bool:
         return False
     if not (weight.requires_grad or x.requires_grad):
         return False
-    return not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
-                or torch.onnx.is_in_onnx_export())
+    return not (
+        torch.jit.is_tracing()
+        or torch.jit.is_scripting()
+        or torch.compiler.is_compiling()
+        or torch.onnx.is_in_onnx_export()
+    )

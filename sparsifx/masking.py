@@ -9,6 +9,7 @@ In eager training the layers run through ``sparsifx.masked_ops`` (``W*M`` recomp
 so autograd keeps no dense-size product per layer); under no_grad / inference_mode and while
 tracing or exporting (jit trace, torch.compile/export, ONNX) they compute ``F.linear/conv(x, W*M)``.
 """
+
 from __future__ import annotations
 
 import sys
@@ -26,6 +27,7 @@ from .tracing import register_leaf_type
 
 class MaskedMixin:
     """Shared behaviour of masked layers: a ``mask`` buffer shaped like ``weight``."""
+
     mask: torch.Tensor
     dense_grad: bool = False
 
@@ -60,8 +62,17 @@ class _MaskedConvMixin(MaskedMixin):
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=mode)
             padding = (0,) * (self.weight.dim() - 2)
-        return MaskedConvFn.apply(x, self.weight, self.mask, self.bias, self.stride, padding, self.dilation,
-                                  self.groups, bool(self.dense_grad))
+        return MaskedConvFn.apply(
+            x,
+            self.weight,
+            self.mask,
+            self.bias,
+            self.stride,
+            padding,
+            self.dilation,
+            self.groups,
+            bool(self.dense_grad),
+        )
 
 
 @register_leaf_type
@@ -81,7 +92,10 @@ class MaskedConv3d(_MaskedConvMixin, nn.Conv3d):
 
 # dense class -> masked class; the one table to extend for a new layer type
 MASKED_TYPES: dict[type, type] = {
-    nn.Linear: MaskedLinear, nn.Conv1d: MaskedConv1d, nn.Conv2d: MaskedConv2d, nn.Conv3d: MaskedConv3d,
+    nn.Linear: MaskedLinear,
+    nn.Conv1d: MaskedConv1d,
+    nn.Conv2d: MaskedConv2d,
+    nn.Conv3d: MaskedConv3d,
 }
 DENSE_TYPES: dict[type, type] = {v: k for k, v in MASKED_TYPES.items()}
 
@@ -141,22 +155,23 @@ def effective_weight(module: nn.Module) -> torch.Tensor:
     return module.effective_weight() if is_masked(module) else module.weight
 
 
-
-
 def set_mask(root: nn.Module, name: str, mask: torch.Tensor) -> nn.Module:
     """Install ``mask`` on layer ``name`` of ``root`` (swapping in its masked class); returns the layer."""
     module = root.get_submodule(name)
     if not is_masked(module):
         masked_cls = masked_type(type(module))
         if masked_cls is None:
-            raise PassError(f"layer '{name}' of type {type(module).__name__} cannot be masked; "
-                            f"maskable types: {', '.join(t.__name__ for t in MASKED_TYPES)}")
+            raise PassError(
+                f"layer '{name}' of type {type(module).__name__} cannot be masked; "
+                f"maskable types: {', '.join(t.__name__ for t in MASKED_TYPES)}"
+            )
         module = swap_class(module, masked_cls)
         module.register_buffer("mask", torch.ones_like(module.weight, dtype=module.weight.dtype))
         set_submodule(root, name, module)
     if tuple(mask.shape) != tuple(module.weight.shape):
-        raise PassError(f"mask shape {tuple(mask.shape)} does not match weight {tuple(module.weight.shape)} "
-                        f"of layer '{name}'")
+        raise PassError(
+            f"mask shape {tuple(mask.shape)} does not match weight {tuple(module.weight.shape)} of layer '{name}'"
+        )
     module.mask.copy_(mask.to(module.mask.dtype))
     return module
 

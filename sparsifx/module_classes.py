@@ -11,6 +11,7 @@ count the container as a ``Conv2d`` the way ``isinstance`` would. The record is 
 ``sparsifx.save``) and is consulted only for modules that *are* bare containers now: a module a pass has
 replaced since (a ``Masked*`` layer, a shrunk conv) is typed by its own class.
 """
+
 from __future__ import annotations
 
 from typing import Any

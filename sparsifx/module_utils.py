@@ -1,4 +1,5 @@
 """Small helpers for copying modules and replacing them inside a model."""
+
 from __future__ import annotations
 
 import contextlib
@@ -30,8 +31,12 @@ def _plain(module: nn.Module) -> bool:
     pickling, or only through a torch.nn ``__setstate__`` that back-fills attributes of old pickles (convs,
     MultiheadAttention, ...). RNNs rebuild their flat weights there, so they are not plain."""
     cls = type(module)
-    if (getattr(cls, "__deepcopy__", None) is not None or cls.__reduce_ex__ is not nn.Module.__reduce_ex__
-            or cls.__getstate__ is not nn.Module.__getstate__ or isinstance(module, nn.RNNBase)):
+    if (
+        getattr(cls, "__deepcopy__", None) is not None
+        or cls.__reduce_ex__ is not nn.Module.__reduce_ex__
+        or cls.__getstate__ is not nn.Module.__getstate__
+        or isinstance(module, nn.RNNBase)
+    ):
         return False
     owner = next(c for c in cls.__mro__ if "__setstate__" in c.__dict__)
     return owner is nn.Module or owner.__module__.startswith("torch.nn.")

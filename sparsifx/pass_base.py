@@ -6,6 +6,7 @@ created (or registered). Exceptions other than ``SparsifxError`` raised inside `
 become ``PreconditionError`` / ``PostconditionError``; inside ``call`` they become ``PassError`` (the pass
 manager adds the passes that ran before it).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,8 +36,9 @@ class PassCrash(PassError):
 
     def __init__(self, pass_name: str, detail: str, passes_before: list[str] | None = None):
         self.pass_name, self.detail, self.passes_before = pass_name, detail, list(passes_before or [])
-        prior = f" (passes run before it: {', '.join(self.passes_before) or 'none'})" \
-            if passes_before is not None else ""
+        prior = (
+            f" (passes run before it: {', '.join(self.passes_before) or 'none'})" if passes_before is not None else ""
+        )
         super().__init__(f"pass '{pass_name}' failed{prior}: {detail}")
 
 
@@ -47,7 +49,8 @@ def check_pass_class(cls: type) -> None:
         raise PassDefinitionError(
             f"pass class {cls.__module__}.{cls.__qualname__} must state in_place = True (it returns its input "
             "module, modified in place) or in_place = False (functional: a new module when modified)"
-            + (f"; got {value!r}" if value is not None else ""))
+            + (f"; got {value!r}" if value is not None else "")
+        )
 
 
 @contextlib.contextmanager
@@ -63,6 +66,7 @@ def managed_call():
 @dataclass
 class PassResult:
     """What a pass returns: the module and whether anything changed (exactly)."""
+
     gm: fx.GraphModule
     modified: bool
 
@@ -81,7 +85,7 @@ class PassBase:
     """
 
     name: ClassVar[str] = ""
-    in_place: ClassVar[bool]   # no default: every pass states it
+    in_place: ClassVar[bool]  # no default: every pass states it
     preserves_semantics: ClassVar[bool] = False
     requires_analyses: ClassVar[tuple[str, ...]] = ()
     uses_analyses: ClassVar[tuple[str, ...]] = ()
@@ -127,6 +131,7 @@ class PassBase:
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         if isinstance(gm, fx.GraphModule) and not _MANAGED.get():
             from .analysis import provide
+
             provide(gm, (*self.requires_analyses, *self.uses_analyses))
         self._checked(self.requires, gm, PreconditionError, "precondition")
         try:
@@ -155,14 +160,16 @@ class PassBase:
         if not isinstance(params, Mapping):
             raise RecipeError(f"parameters of pass '{cls.name}' must be a mapping", "", validate.shown(params))
         sig = inspect.signature(cls.__init__)
-        accepted = {n: p for n, p in list(sig.parameters.items())[1:]
-                    if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+        accepted = {
+            n: p for n, p in list(sig.parameters.items())[1:] if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+        }
         for key in params:
             if not isinstance(key, str):
                 raise RecipeError(f"parameter names of pass '{cls.name}' must be strings", "", validate.shown(key))
             if key not in accepted:
-                raise RecipeError(f"unknown parameter for pass '{cls.name}'", key,
-                                  allowed=", ".join(accepted) or "no parameters")
+                raise RecipeError(
+                    f"unknown parameter for pass '{cls.name}'", key, allowed=", ".join(accepted) or "no parameters"
+                )
         for key, p in accepted.items():
             if p.default is inspect.Parameter.empty and key not in params:
                 raise RecipeError(f"missing required parameter of pass '{cls.name}'", key)
@@ -173,8 +180,10 @@ class PassBase:
         except Exception as exc:  # the constructor let a bad value through to code that fails on it
             for key, value in params.items():
                 validate.annotated(key, value, accepted[key].annotation)
-            raise RecipeError(f"invalid parameters for pass '{cls.name}': {type(exc).__name__}: {str(exc)[:300]}",
-                              _blame(cls, accepted, params)) from exc
+            raise RecipeError(
+                f"invalid parameters for pass '{cls.name}': {type(exc).__name__}: {str(exc)[:300]}",
+                _blame(cls, accepted, params),
+            ) from exc
         for key, value in params.items():
             validate.annotated(key, value, accepted[key].annotation)
         return built

@@ -1,4 +1,5 @@
 """Runs passes in order, keeps analyses fresh, and verifies semantics-preserving passes."""
+
 from __future__ import annotations
 
 import logging
@@ -10,7 +11,7 @@ import torch.fx as fx
 
 from .analysis import Analysis, example_inputs_of, missing
 from .errors import PassError, RecipeError, VerificationError
-from .module_utils import preserve_training_flags
+from .module_utils import eval_mode
 from .pass_base import ALL_ANALYSES, PassBase, PassCrash, PassResult, managed_call
 from .registry import ANALYSES
 
@@ -30,7 +31,7 @@ class PassRecord:
     name: str
     modified: bool
     verified: bool
-    waived: str | None = None   # why verification was skipped for a semantics-preserving pass
+    waived: str | None = None  # why verification was skipped for a semantics-preserving pass
 
 
 @dataclass
@@ -40,8 +41,7 @@ class ManagerResult(PassResult):
 
 def run_model(gm: torch.nn.Module, inputs: Sequence[Any]) -> Any:
     """Forward in eval mode without grad, restoring every submodule's own training flag."""
-    with preserve_training_flags(gm), torch.no_grad():
-        gm.eval()
+    with eval_mode(gm), torch.no_grad():
         return gm(*inputs)
 
 
@@ -59,9 +59,15 @@ class PassManager:
     ``fixed_point`` repeats the whole list until no pass modifies the module.
     """
 
-    def __init__(self, passes: Iterable[PassBase], example_inputs: Sequence[Any] | None = None,
-                 verify: bool = False, tolerance: Tolerance = Tolerance(), fixed_point: bool = False,
-                 progress: bool = False):
+    def __init__(
+        self,
+        passes: Iterable[PassBase],
+        example_inputs: Sequence[Any] | None = None,
+        verify: bool = False,
+        tolerance: Tolerance = Tolerance(),
+        fixed_point: bool = False,
+        progress: bool = False,
+    ):
         self.passes = list(passes)
         self.example_inputs = tuple(example_inputs) if example_inputs is not None else None
         self.verify, self.tolerance, self.fixed_point, self.progress = verify, tolerance, fixed_point, progress
@@ -96,6 +102,7 @@ class PassManager:
         if not self.progress or len(self.passes) < 2:
             return self.passes
         from tqdm.auto import tqdm
+
         return tqdm(self.passes, desc="sparsifx passes", unit="pass")
 
     def _run_one(self, p: PassBase, gm: fx.GraphModule, history: list[PassRecord]):
@@ -121,8 +128,9 @@ class PassManager:
         history.append(PassRecord(p.label, result.modified, check and result.modified, waived))
         return result.gm, result.modified
 
-    def ensure_analyses(self, gm: fx.GraphModule, names: Iterable[str], optional: Iterable[str] = (),
-                        pass_label: str = "") -> None:
+    def ensure_analyses(
+        self, gm: fx.GraphModule, names: Iterable[str], optional: Iterable[str] = (), pass_label: str = ""
+    ) -> None:
         """Run each analysis of ``names`` (required) and ``optional`` whose result is not valid any more.
 
         Inputs: the manager's ``example_inputs``, else ``gm.meta["example_inputs"]``. Without inputs an analysis

@@ -12,6 +12,7 @@ matplotlib is an optional dependency (``pip install sparsifx[plot]``); without i
 The figure is drawn on a bare ``matplotlib.figure.Figure`` (no pyplot state, no GUI backend) and written
 atomically (``sparsifx.atomic_io.atomic_write``); the format follows the file suffix (png, svg, pdf, ...).
 """
+
 from __future__ import annotations
 
 import os
@@ -49,6 +50,7 @@ def _rows(after: "Report", before: "Report | None", max_layers: int) -> tuple[li
 
     def size(name: str) -> int:
         return max(_get(rep, name, "params") + (_get(rep, name, "macs") or 0) for rep in (after, before) if rep)
+
     keep = set(sorted(names, key=size, reverse=True)[:max_layers])
     return [n for n in names if n in keep], len(names) - len(keep)
 
@@ -69,8 +71,16 @@ def _offsets(x: list[int], i: int, n: int, width: float) -> list[float]:
     return [v + (i - (n - 1) / 2) * width for v in x]
 
 
-def _bars(ax, x, width: float, reports: list[tuple[str, "Report", str]], names: list[str], total: str,
-          filled: str, ylabel: str) -> None:
+def _bars(
+    ax,
+    x,
+    width: float,
+    reports: list[tuple[str, "Report", str]],
+    names: list[str],
+    total: str,
+    filled: str,
+    ylabel: str,
+) -> None:
     """Outline bars of ``total`` filled up to ``filled``, one series per (label, report, colour)."""
     seen: list[float] = []
     for i, (label, rep, colour) in enumerate(reports):
@@ -88,16 +98,33 @@ def _densities(ax, x, width: float, reports: list[tuple[str, "Report", str]], na
     """Each layer's density (non-zeros / parameters) as markers on a right-hand axis; legend above ``ax``."""
     dens = ax.twinx()
     for i, (label, rep, colour) in enumerate(reports):
-        pts = [(p, 1.0 - _get(rep, name, "sparsity")) for p, name in zip(_offsets(x, i, len(reports), width), names)
-               if _get(rep, name, "params")]
+        pts = [
+            (p, 1.0 - _get(rep, name, "sparsity"))
+            for p, name in zip(_offsets(x, i, len(reports), width), names)
+            if _get(rep, name, "params")
+        ]
         if pts:
-            dens.plot(*zip(*pts), linestyle="none", marker="o", markersize=4, markeredgecolor=colour,
-                      markerfacecolor=colour if label == "after" else "white", label=f"density {label}")
+            dens.plot(
+                *zip(*pts),
+                linestyle="none",
+                marker="o",
+                markersize=4,
+                markeredgecolor=colour,
+                markerfacecolor=colour if label == "after" else "white",
+                label=f"density {label}",
+            )
     dens.set_ylim(0, 1.05)
     dens.set_ylabel("density (non-zeros / parameters)")
     bars, more = ax.get_legend_handles_labels(), dens.get_legend_handles_labels()
-    ax.legend(bars[0] + more[0], bars[1] + more[1], fontsize="small", ncol=4, loc="lower left",
-              bbox_to_anchor=(0.0, 1.0), frameon=False)
+    ax.legend(
+        bars[0] + more[0],
+        bars[1] + more[1],
+        fontsize="small",
+        ncol=4,
+        loc="lower left",
+        bbox_to_anchor=(0.0, 1.0),
+        frameon=False,
+    )
 
 
 def draw(after: "Report", before: "Report | None" = None, title: str | None = None, max_layers: int = 60):
@@ -114,8 +141,14 @@ def draw(after: "Report", before: "Report | None" = None, title: str | None = No
     _bars(top, x, width, reports, names, "params", "nonzeros", "parameters (filled: non-zeros)")
     _densities(top, x, width, reports, names)
     if all(rep.total_macs is None for _, rep, _ in reports):
-        bottom.text(0.5, 0.5, "no MACs: the report has no shapes (pass example inputs)", ha="center",
-                    va="center", transform=bottom.transAxes)
+        bottom.text(
+            0.5,
+            0.5,
+            "no MACs: the report has no shapes (pass example inputs)",
+            ha="center",
+            va="center",
+            transform=bottom.transAxes,
+        )
         bottom.set_yticks([])
     else:
         _bars(bottom, x, width, reports, names, "macs", "sparse_macs", "MACs (filled: sparse MACs)")
@@ -140,6 +173,7 @@ def _summary(label: str, rep: "Report") -> str:
 
 def _short(n: int | None) -> str:
     from .reporting import _human
+
     return _human(n)
 
 
@@ -149,13 +183,20 @@ def check_target(path: str | os.PathLike) -> str:
     fmt = Path(path).suffix.lstrip(".").lower()
     supported = require_matplotlib()().canvas.get_supported_filetypes()
     if fmt not in supported:
-        raise PlotError(f"cannot write a figure as '{Path(path).name}': the suffix must be one of "
-                        f"{', '.join('.' + k for k in sorted(supported))}")
+        raise PlotError(
+            f"cannot write a figure as '{Path(path).name}': the suffix must be one of "
+            f"{', '.join('.' + k for k in sorted(supported))}"
+        )
     return fmt
 
 
-def plot_reports(after: "Report", path: str | os.PathLike, before: "Report | None" = None,
-                 title: str | None = None, max_layers: int = 60) -> Path:
+def plot_reports(
+    after: "Report",
+    path: str | os.PathLike,
+    before: "Report | None" = None,
+    title: str | None = None,
+    max_layers: int = 60,
+) -> Path:
     """Draw ``after`` (and ``before``, optional) as described in the module docstring and write ``path``."""
     path = Path(path)
     fmt = check_target(path)
@@ -166,4 +207,5 @@ def plot_reports(after: "Report", path: str | os.PathLike, before: "Report | Non
     def check(tmp: Path) -> None:
         if tmp.stat().st_size == 0:
             raise PlotError(f"matplotlib wrote an empty file for {path}")
+
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt), check)

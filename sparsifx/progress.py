@@ -5,6 +5,7 @@ off everywhere, ``SPARSIFX_PROGRESS=1`` turns it on even when stderr is not a te
 disabled bar: it yields the iterable unchanged and its ``update``/``set_postfix_str`` do nothing, so callers
 never branch on it. Library code never prints; the bar is the one exception the design allows.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,8 +33,21 @@ def enabled() -> bool:
         return False
 
 
-def progress(iterable: Iterable[T] | None = None, desc: str | None = None, total: int | None = None,
-             unit: str = "it", leave: bool = False) -> "tqdm[T]":
+def progress(
+    iterable: Iterable[T] | None = None,
+    desc: str | None = None,
+    total: int | None = None,
+    unit: str = "it",
+    leave: bool = False,
+) -> "tqdm[T]":
     """A tqdm bar over ``iterable`` (or a manual one with ``total``), drawn only when :func:`enabled`."""
-    return tqdm(iterable, desc=desc, total=total, unit=unit, leave=leave, file=sys.stderr,
-                disable=not enabled(), dynamic_ncols=True)
+    return tqdm(
+        iterable,
+        desc=desc,
+        total=total,
+        unit=unit,
+        leave=leave,
+        file=sys.stderr,
+        disable=not enabled(),
+        dynamic_ncols=True,
+    )

@@ -8,6 +8,7 @@ is a ``RecipeError`` whose path points at the offending key, e.g. ``stages[1].sp
 Recipes are untrusted input: YAML and dicts are bounded in size and depth, YAML anchors/aliases are
 refused, and values must be plain data before any stage is built (``sparsifx.recipe_input``).
 """
+
 from __future__ import annotations
 
 import copy
@@ -45,6 +46,7 @@ def _thaw(value: Any) -> Any:
 @dataclass(frozen=True)
 class Stage:
     """One pass application: registered pass name plus its (frozen) parameters."""
+
     pass_name: str
     frozen_params: tuple = ()
 
@@ -74,8 +76,11 @@ class Stage:
         cls = PASSES.get(self.pass_name)
         sel_params, params = split_selection(self.params)
         if "selection" in params:
-            raise RecipeError("give the selection keys directly in the stage", "selection",
-                              allowed="types, ignore, by_type, by_pattern, by_name, allow_empty")
+            raise RecipeError(
+                "give the selection keys directly in the stage",
+                "selection",
+                allowed="types, ignore, by_type, by_pattern, by_name, allow_empty",
+            )
         if sel_params:
             if "selection" not in _init_params(cls):
                 key = next(iter(sel_params))
@@ -88,6 +93,7 @@ class Stage:
 
 def _init_params(cls) -> list[str]:
     import inspect
+
     return list(inspect.signature(cls.__init__).parameters)[1:]
 
 
@@ -98,8 +104,11 @@ def _check_overrides(cls, params: dict[str, Any], selection: LayerSelection) -> 
             for pkey, pvalue in overrides:
                 path = f"{key}.{target}.{pkey}"
                 if pkey not in allowed:
-                    raise RecipeError(f"parameter cannot be set per layer for pass '{cls.name}'", path,
-                                      allowed=", ".join(allowed) or "none")
+                    raise RecipeError(
+                        f"parameter cannot be set per layer for pass '{cls.name}'",
+                        path,
+                        allowed=", ".join(allowed) or "none",
+                    )
                 try:
                     cls.from_params({**params, pkey: pvalue})
                 except RecipeError as exc:
@@ -109,6 +118,7 @@ def _check_overrides(cls, params: dict[str, Any], selection: LayerSelection) -> 
 @dataclass(frozen=True)
 class Recipe:
     """A frozen, validated list of stages."""
+
     stages: tuple[Stage, ...]
     name: str = ""
     description: str = ""
@@ -168,4 +178,3 @@ class Recipe:
 
     def build_passes(self) -> list:
         return [stage.build() for stage in self.stages]
-

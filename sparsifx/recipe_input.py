@@ -14,6 +14,7 @@ Limits (``RecipeLimits``), checked before anything is expanded or built:
 Every refusal is a ``RecipeError`` whose path is ``<yaml>`` for the text, ``<file>`` for the file, or the
 key path of the offending value (``stages[0].by_name``).
 """
+
 from __future__ import annotations
 
 import math
@@ -50,8 +51,9 @@ def read_text(source: str | os.PathLike, limits: RecipeLimits = LIMITS) -> str:
     """The YAML text of ``source``: a path (``os.PathLike``, or a one-line string ending in .yaml/.yml) or text."""
     if isinstance(source, str) and ("\n" in source or not source.endswith((".yaml", ".yml"))):
         if len(source) > limits.max_text_bytes:
-            raise RecipeError(f"recipe text too large: {len(source)} characters, at most {limits.max_text_bytes}",
-                              "<yaml>")
+            raise RecipeError(
+                f"recipe text too large: {len(source)} characters, at most {limits.max_text_bytes}", "<yaml>"
+            )
         return source
     if not isinstance(source, (str, os.PathLike)):
         raise RecipeError("a YAML recipe must be a string or a path", "<yaml>", type(source).__name__)
@@ -61,8 +63,9 @@ def read_text(source: str | os.PathLike, limits: RecipeLimits = LIMITS) -> str:
             raise RecipeError("recipe file not found", "<file>", shown(str(path)))
         size = path.stat().st_size
         if size > limits.max_text_bytes:
-            raise RecipeError(f"recipe file too large: {size} bytes, at most {limits.max_text_bytes}", "<file>",
-                              shown(str(path)))
+            raise RecipeError(
+                f"recipe file too large: {size} bytes, at most {limits.max_text_bytes}", "<file>", shown(str(path))
+            )
         with open(path, "rb") as f:
             data = f.read(limits.max_text_bytes + 1)
     except (OSError, ValueError, TypeError) as exc:
@@ -88,24 +91,32 @@ def check_yaml_events(text: str, limits: RecipeLimits = LIMITS) -> None:
     depth = nodes = 0
     for event in yaml.parse(text, Loader=_YAML_LOADER):
         if isinstance(event, yaml.AliasEvent):
-            raise RecipeError(f"YAML aliases (*{event.anchor}) are not allowed in recipes{_where(event)}", "<yaml>",
-                              allowed="repeat the value instead of an anchor and alias")
+            raise RecipeError(
+                f"YAML aliases (*{event.anchor}) are not allowed in recipes{_where(event)}",
+                "<yaml>",
+                allowed="repeat the value instead of an anchor and alias",
+            )
         if not isinstance(event, yaml.NodeEvent):
             continue
         if event.anchor is not None:
-            raise RecipeError(f"YAML anchors (&{event.anchor}) are not allowed in recipes{_where(event)}", "<yaml>",
-                              allowed="repeat the value instead of an anchor and alias")
+            raise RecipeError(
+                f"YAML anchors (&{event.anchor}) are not allowed in recipes{_where(event)}",
+                "<yaml>",
+                allowed="repeat the value instead of an anchor and alias",
+            )
         nodes += 1
         if nodes > limits.max_nodes:
             raise RecipeError(f"recipe too large: more than {limits.max_nodes} values{_where(event)}", "<yaml>")
         if isinstance(event, yaml.ScalarEvent) and len(event.value) > limits.max_string:
-            raise RecipeError(f"string too long: {len(event.value)} characters, at most {limits.max_string}"
-                              f"{_where(event)}", "<yaml>")
+            raise RecipeError(
+                f"string too long: {len(event.value)} characters, at most {limits.max_string}{_where(event)}", "<yaml>"
+            )
         if isinstance(event, yaml.CollectionStartEvent):
             depth += 1
             if depth > limits.max_depth:
-                raise RecipeError(f"recipe nested too deeply: more than {limits.max_depth} levels{_where(event)}",
-                                  "<yaml>")
+                raise RecipeError(
+                    f"recipe nested too deeply: more than {limits.max_depth} levels{_where(event)}", "<yaml>"
+                )
         elif isinstance(event, yaml.CollectionEndEvent):
             depth -= 1
 
@@ -113,8 +124,7 @@ def check_yaml_events(text: str, limits: RecipeLimits = LIMITS) -> None:
 def load_yaml(text: str, limits: RecipeLimits = LIMITS) -> Any:
     """Parse bounded YAML text to plain data (``check_yaml_events`` first, then the safe loader)."""
     if len(text) > limits.max_text_bytes:
-        raise RecipeError(f"recipe text too large: {len(text)} characters, at most {limits.max_text_bytes}",
-                          "<yaml>")
+        raise RecipeError(f"recipe text too large: {len(text)} characters, at most {limits.max_text_bytes}", "<yaml>")
     try:
         check_yaml_events(text, limits)
         return yaml.load(text, Loader=_YAML_LOADER)
@@ -133,8 +143,9 @@ class _Walk:
 
     def string(self, value: str, path: str, what: str = "string") -> str:
         if len(value) > self.limits.max_string:
-            raise RecipeError(f"{what} too long: {len(value)} characters, at most {self.limits.max_string}", path,
-                              shown(value))
+            raise RecipeError(
+                f"{what} too long: {len(value)} characters, at most {self.limits.max_string}", path, shown(value)
+            )
         self.chars += len(value)
         if self.chars > self.limits.max_total_chars:
             raise RecipeError(f"recipe too large: more than {self.limits.max_total_chars} characters of text", path)
@@ -145,8 +156,12 @@ class _Walk:
         if self.nodes > self.limits.max_nodes:
             raise RecipeError(f"recipe too large: more than {self.limits.max_nodes} values", path)
         kind = type(value)
-        if kind is dict or kind is list or kind is tuple or (
-                kind not in _SCALARS and isinstance(value, (Mapping, list, tuple))):
+        if (
+            kind is dict
+            or kind is list
+            or kind is tuple
+            or (kind not in _SCALARS and isinstance(value, (Mapping, list, tuple)))
+        ):
             return self.container(value, path, depth)
         return self.scalar(value, path)
 
@@ -157,8 +172,9 @@ class _Walk:
             return value
         if isinstance(value, int):
             if value.bit_length() > self.limits.max_int_bits:
-                raise RecipeError("integer out of range", path, shown(value),
-                                  f"an integer of at most {self.limits.max_int_bits} bits")
+                raise RecipeError(
+                    "integer out of range", path, shown(value), f"an integer of at most {self.limits.max_int_bits} bits"
+                )
             return int(value)
         if isinstance(value, float):
             if not math.isfinite(value):
@@ -166,8 +182,12 @@ class _Walk:
             return float(value)
         if isinstance(value, str):
             return self.string(value, path)
-        raise RecipeError(f"unsupported value of type {type(value).__name__}", path, shown(value),
-                          "null, true/false, numbers, strings, lists and mappings")
+        raise RecipeError(
+            f"unsupported value of type {type(value).__name__}",
+            path,
+            shown(value),
+            "null, true/false, numbers, strings, lists and mappings",
+        )
 
     def container(self, value: Mapping | list | tuple, path: str, depth: int) -> dict | list:
         if depth >= self.limits.max_depth:

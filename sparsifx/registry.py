@@ -7,6 +7,7 @@ class's MRO (nearest registered base class wins).
 The built-in passes register themselves through one entry point, ``sparsifx.passes.register_builtins()``, which
 ``PASSES`` calls the first time it is looked up, listed or added to: ``import sparsifx`` imports no pass module.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -41,14 +42,14 @@ class Registry(Generic[T]):
                 raise SparsifxError(f"{self.kind} '{name}' is already registered; pass replace=True to override")
             self._items[name] = item
             return item
+
         return add if obj is None else add(obj)
 
     def get(self, name: str | type) -> T:
         try:
             return self._items[_key(name)]
         except KeyError:
-            raise SparsifxError(f"unknown {self.kind} '{_key(name)}'; registered: {', '.join(self.names())}") \
-                from None
+            raise SparsifxError(f"unknown {self.kind} '{_key(name)}'; registered: {', '.join(self.names())}") from None
 
     def names(self) -> list[str]:
         return sorted(self._items)
@@ -80,8 +81,8 @@ class _PassRegistry(Registry[type]):
 
     def __init__(self, kind: str):
         super().__init__(kind)
-        self._builtins = "pending"   # "pending" -> "loading" -> "loaded"
-        self._overridden: set[str] = set()   # built-in names a user replaced before the built-ins loaded
+        self._builtins = "pending"  # "pending" -> "loading" -> "loaded"
+        self._overridden: set[str] = set()  # built-in names a user replaced before the built-ins loaded
 
     def _load_builtins(self) -> None:
         if self._builtins != "pending":
@@ -96,7 +97,7 @@ class _PassRegistry(Registry[type]):
 
     def register(self, name, obj=None, *, replace=False):
         if self._builtins == "loading" and name in self._overridden:
-            return obj if obj is not None else (lambda item: item)   # the user's replacement stays
+            return obj if obj is not None else (lambda item: item)  # the user's replacement stays
         if replace and self._builtins != "loaded":
             self._overridden.add(name)
         return super().register(name, obj, replace=replace)
@@ -116,18 +117,18 @@ class _PassRegistry(Registry[type]):
 
 PASSES: Registry[type] = _PassRegistry("pass")
 ANALYSES: Registry[Callable] = Registry("analysis")
-# BACKENDS is written (backends/onnx_export.py, backends/sparse_kernels.py) but looked up by nothing in the library:
-# to be removed together with those two registrations (each backend keeps its own table: EXPORTERS, SPARSE_KERNELS).
-BACKENDS: Registry[object] = Registry("backend")
 
 
 def register_pass(name: str, *, replace: bool = False) -> Callable[[type], type]:
     """Class decorator: make a ``PassBase`` subclass usable from recipes as ``{pass: name}``.
 
     The class must state ``in_place`` (``PassDefinitionError`` otherwise)."""
+
     def add(cls: type) -> type:
         from .pass_base import check_pass_class
+
         check_pass_class(cls)
         cls.name = name
         return PASSES.register(name, cls, replace=replace)
+
     return add

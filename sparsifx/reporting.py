@@ -18,6 +18,7 @@ Hook for other passes: put ``gm.meta["report_extra"] = {layer_name: {column: val
 ``gm.meta["report_notes"] = [str, ...]`` on the GraphModule (or pass ``extra=``/``notes=``); the
 columns appear in ``str(report)`` after the standard ones and in ``to_dict()["layers"][i]["extra"]``.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,12 +29,20 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .analysis.costs import COST_RULES, OpRule, param_of as _param_of, rule_for, shape_of
+from .analysis.costs import COST_RULES, OpRule, rule_for, shape_of
+from .analysis.costs import param_of as _param_of
 from .errors import TraceError
 from .masking import effective_weight, is_masked
+from .meta_keys import (
+    NN_MODULE_STACK,
+    OPAQUE_LEAVES,
+    REPORT_EXTRA,
+    REPORT_NOTES,
+    SPARSE_CONTROLLER,
+    STORAGE_NOTES,
+    TENSOR_META,
+)
 from .module_utils import preserve_training_flags
-from .meta_keys import (NN_MODULE_STACK, OPAQUE_LEAVES, REPORT_EXTRA, REPORT_NOTES, SPARSE_CONTROLLER, STORAGE_NOTES,
-                         TENSOR_META)
 from .sparse_linear import is_sparse_storage
 
 # the op cost rules are the analysis layer's (one table for the report and the training accounting)
@@ -44,6 +53,7 @@ MAC_RULES = COST_RULES
 @dataclass
 class LayerReport:
     """One row: a module's own parameters, their non-zeros and the MACs of the ops it ran."""
+
     name: str
     type: str
     params: int = 0
@@ -61,11 +71,18 @@ class LayerReport:
         return None if self.macs is None else 2 * self.macs
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "type": self.type, "params": self.params, "nonzeros": self.nonzeros,
-                "sparsity": self.sparsity, "macs": self.macs, "flops": self.flops,
-                "sparse_macs": self.sparse_macs,
-                "sparse_flops": None if self.sparse_macs is None else 2 * self.sparse_macs,
-                "extra": {k: _plain(v) for k, v in self.extra.items()}}
+        return {
+            "name": self.name,
+            "type": self.type,
+            "params": self.params,
+            "nonzeros": self.nonzeros,
+            "sparsity": self.sparsity,
+            "macs": self.macs,
+            "flops": self.flops,
+            "sparse_macs": self.sparse_macs,
+            "sparse_flops": None if self.sparse_macs is None else 2 * self.sparse_macs,
+            "extra": {k: _plain(v) for k, v in self.extra.items()},
+        }
 
 
 def _plain(value: Any) -> Any:
@@ -83,6 +100,7 @@ def _plain(value: Any) -> Any:
 @dataclass
 class Report:
     """Per-layer rows and totals. ``str()`` is an aligned table, ``to_dict()`` JSON-serialisable data."""
+
     model: str
     layers: list[LayerReport]
     total_params: int
@@ -107,35 +125,66 @@ class Report:
         raise KeyError(name)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "input_shapes": self.input_shapes,
-                "layers": [row.to_dict() for row in self.layers],
-                "totals": {"params": self.total_params, "nonzeros": self.total_nonzeros,
-                           "sparsity": self.sparsity, "macs": self.total_macs, "flops": self.total_flops,
-                           "sparse_macs": self.total_sparse_macs,
-                           "sparse_flops": None if self.total_sparse_macs is None else 2 * self.total_sparse_macs},
-                "notes": list(self.notes)}
+        return {
+            "model": self.model,
+            "input_shapes": self.input_shapes,
+            "layers": [row.to_dict() for row in self.layers],
+            "totals": {
+                "params": self.total_params,
+                "nonzeros": self.total_nonzeros,
+                "sparsity": self.sparsity,
+                "macs": self.total_macs,
+                "flops": self.total_flops,
+                "sparse_macs": self.total_sparse_macs,
+                "sparse_flops": None if self.total_sparse_macs is None else 2 * self.total_sparse_macs,
+            },
+            "notes": list(self.notes),
+        }
 
     def plot(self, path, before: "Report | None" = None, title: str | None = None, max_layers: int = 60):
         """Write per-layer parameters, density and MACs of this report (and of ``before``, the model before the
         recipe) as a figure; see ``sparsifx.plot``. Needs matplotlib (``pip install sparsifx[plot]``)."""
         from .plot import plot_reports
+
         return plot_reports(self, path, before=before, title=title, max_layers=max_layers)
 
     def __str__(self) -> str:
         extra_cols = list(dict.fromkeys(k for row in self.layers for k in row.extra))
         head = ["layer", "type", "params", "nonzeros", "sparsity", "MACs", "FLOPs", "sparse FLOPs", *extra_cols]
-        body = [[r.name, r.type, _human(r.params), _human(r.nonzeros), f"{r.sparsity:.1%}", _human(r.macs),
-                 _human(r.flops), _human(None if r.sparse_macs is None else 2 * r.sparse_macs),
-                 *(_cell(r.extra.get(c)) for c in extra_cols)] for r in self.layers]
+        body = [
+            [
+                r.name,
+                r.type,
+                _human(r.params),
+                _human(r.nonzeros),
+                f"{r.sparsity:.1%}",
+                _human(r.macs),
+                _human(r.flops),
+                _human(None if r.sparse_macs is None else 2 * r.sparse_macs),
+                *(_cell(r.extra.get(c)) for c in extra_cols),
+            ]
+            for r in self.layers
+        ]
         sparse_flops = None if self.total_sparse_macs is None else 2 * self.total_sparse_macs
-        total = ["total", "", _human(self.total_params), _human(self.total_nonzeros), f"{self.sparsity:.1%}",
-                 _human(self.total_macs), _human(self.total_flops), _human(sparse_flops), *([""] * len(extra_cols))]
+        total = [
+            "total",
+            "",
+            _human(self.total_params),
+            _human(self.total_nonzeros),
+            f"{self.sparsity:.1%}",
+            _human(self.total_macs),
+            _human(self.total_flops),
+            _human(sparse_flops),
+            *([""] * len(extra_cols)),
+        ]
         widths = [max(len(str(row[i])) for row in [head, total, *body]) for i in range(len(head))]
         left = {0, 1}
 
         def fmt(row):
-            return "  ".join(str(c).ljust(w) if i in left else str(c).rjust(w)
-                             for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+            return "  ".join(
+                str(c).ljust(w) if i in left else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths))
+            ).rstrip()
+
         rule = "-" * len(fmt(head))
         shapes = f" on input {self.input_shapes}" if self.input_shapes else ""
         lines = [f"sparsifx report: {self.model}{shapes}", fmt(head), rule, *map(fmt, body), rule, fmt(total)]
@@ -171,6 +220,7 @@ def _has_shapes(gm: fx.GraphModule) -> bool:
 def _graph_with_shapes(module: nn.Module, example_inputs, notes: list[str]) -> fx.GraphModule | None:
     from .analysis.shapes import record_shapes
     from .tracing import trace
+
     if example_inputs is None:
         if isinstance(module, fx.GraphModule) and _has_shapes(module):
             return module
@@ -225,8 +275,7 @@ def _count_macs(gm: fx.GraphModule, rows: dict[str, LayerReport], nz, notes: lis
     opaque = set(gm.meta.get(OPAQUE_LEAVES, []))
     for node in gm.graph.nodes:
         rule, module = rule_for(node, gm)
-        owner = node.target if node.op == "call_module" else next(reversed(node.meta.get(NN_MODULE_STACK) or {}),
-                                                                    "")
+        owner = node.target if node.op == "call_module" else next(reversed(node.meta.get(NN_MODULE_STACK) or {}), "")
         if rule is None:
             _note_uncounted(node, module, opaque, gm, notes)
             continue
@@ -251,9 +300,11 @@ def _training_notes(meta: dict) -> list[str]:
         return notes
     f, b = ctrl.training_flops(), ctrl.state_bytes()
     if f.get("steps"):
-        notes.append(f"training ({f['steps']} steps): executed FLOPs {_human(f['executed_training_flops'])} = "
-                     f"{f['executed_flops_ratio']:.3f} of dense; the algorithm's theoretical "
-                     f"{_human(f['training_flops'])} = {f['flops_ratio']:.3f} (masked layers execute dense)")
+        notes.append(
+            f"training ({f['steps']} steps): executed FLOPs {_human(f['executed_training_flops'])} = "
+            f"{f['executed_flops_ratio']:.3f} of dense; the algorithm's theoretical "
+            f"{_human(f['training_flops'])} = {f['flops_ratio']:.3f} (masked layers execute dense)"
+        )
     notes.append("training state: " + ", ".join(f"{k} {_human(v)}B" for k, v in b.items()))
     return notes
 
@@ -269,14 +320,20 @@ def _note_uncounted(node: fx.Node, module, opaque: set[str], gm: fx.GraphModule,
     if node.op == "call_module" and any(True for _ in module.parameters()):
         why = "opaque leaf" if node.target in opaque else f"no MAC rule for {type(module).__name__}"
         notes.append(f"MACs of '{node.target}' not counted ({why})")
-    elif node.op == "call_function" and any(isinstance(_param_of(node, a), torch.Tensor) and _param_of(node, a).dim() > 1
-                                            for a in node.args):
-        notes.append(f"MACs of node '{node.name}' ({getattr(node.target, '__name__', node.target)}) not counted: "
-                     "no MAC rule")
+    elif node.op == "call_function" and any(
+        isinstance(_param_of(node, a), torch.Tensor) and _param_of(node, a).dim() > 1 for a in node.args
+    ):
+        notes.append(
+            f"MACs of node '{node.name}' ({getattr(node.target, '__name__', node.target)}) not counted: no MAC rule"
+        )
 
 
-def report(module: nn.Module, example_inputs: Sequence[Any] | torch.Tensor | None = None,
-           extra: dict[str, dict[str, Any]] | None = None, notes: Sequence[str] = ()) -> Report:
+def report(
+    module: nn.Module,
+    example_inputs: Sequence[Any] | torch.Tensor | None = None,
+    extra: dict[str, dict[str, Any]] | None = None,
+    notes: Sequence[str] = (),
+) -> Report:
     """Per-layer params, non-zeros, sparsity and (with shapes) MACs/FLOPs of ``module``, plus totals.
 
     Every submodule's ``training`` flag is as it was afterwards; anything but a module raises ``TraceError``."""
@@ -311,10 +368,18 @@ def _report(module: nn.Module, example_inputs, extra, notes: Sequence[str]) -> R
         seq = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
         inputs = [list(x.shape) for x in seq if isinstance(x, torch.Tensor)]
     elif gm is not None:
-        inputs = [list(n.meta[TENSOR_META].shape) for n in gm.graph.nodes
-                  if n.op == "placeholder" and hasattr(n.meta.get(TENSOR_META), "shape")]
-    return Report(type(module).__name__, list(rows.values()),
-                  total_params=sum(v[0] for v in unique), total_nonzeros=sum(v[1] for v in unique),
-                  total_macs=sum(r.macs or 0 for r in rows.values()) if has_macs else None,
-                  total_sparse_macs=sum(r.sparse_macs or 0 for r in rows.values()) if has_macs else None,
-                  input_shapes=inputs, notes=all_notes)
+        inputs = [
+            list(n.meta[TENSOR_META].shape)
+            for n in gm.graph.nodes
+            if n.op == "placeholder" and hasattr(n.meta.get(TENSOR_META), "shape")
+        ]
+    return Report(
+        type(module).__name__,
+        list(rows.values()),
+        total_params=sum(v[0] for v in unique),
+        total_nonzeros=sum(v[1] for v in unique),
+        total_macs=sum(r.macs or 0 for r in rows.values()) if has_macs else None,
+        total_sparse_macs=sum(r.sparse_macs or 0 for r in rows.values()) if has_macs else None,
+        input_shapes=inputs,
+        notes=all_notes,
+    )

@@ -31,6 +31,7 @@ spellings ``dense_first`` / ``dense_last`` (the dynamic sparse training passes) 
 ``sparsify_last_layer`` (``swat``, the negation) are still accepted and raise a ``DeprecationWarning`` naming the
 new key (:func:`renamed_exclusion_keys`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,8 +44,8 @@ from typing import Any, Mapping
 import torch
 
 from . import validate
-from .module_classes import type_names
 from .errors import RecipeError
+from .module_classes import type_names
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,10 @@ SELECTION_KEYS = ("types", "ignore", "by_type", "by_pattern", "by_name", "allow_
 DENSE_FIRST, DENSE_LAST = "dense_first_layer", "dense_last_layer"
 # deprecated spelling -> (the key that replaces it, whether its value is negated)
 DEPRECATED_EXCLUSION_KEYS = {
-    "dense_first": (DENSE_FIRST, False), "dense_last": (DENSE_LAST, False),
-    "sparsify_first_layer": (DENSE_FIRST, True), "sparsify_last_layer": (DENSE_LAST, True),
+    "dense_first": (DENSE_FIRST, False),
+    "dense_last": (DENSE_LAST, False),
+    "sparsify_first_layer": (DENSE_FIRST, True),
+    "sparsify_last_layer": (DENSE_LAST, True),
 }
 
 
@@ -66,8 +69,9 @@ def _type_names(key: str, value: Any) -> tuple[str, ...]:
     names = validate.string_list(key, value)
     for i, name in enumerate(names):
         if not name.isidentifier():
-            raise RecipeError("not a module class name", f"{key}[{i}]", validate.shown(name),
-                              "class names such as Conv2d, Linear")
+            raise RecipeError(
+                "not a module class name", f"{key}[{i}]", validate.shown(name), "class names such as Conv2d, Linear"
+            )
     return names
 
 
@@ -76,8 +80,9 @@ def _frozen_overrides(key: str, value: Any) -> tuple[tuple[str, tuple[tuple[str,
     out = []
     for target, params in value.items():
         if not isinstance(target, str):
-            raise RecipeError("keys must be strings", f"{key}", validate.shown(target),
-                              "module type names, patterns or names")
+            raise RecipeError(
+                "keys must be strings", f"{key}", validate.shown(target), "module type names, patterns or names"
+            )
         if key == "by_type" and not target.isidentifier():
             raise RecipeError("not a module class name", f"{key}.{target}", allowed="class names such as Linear")
         validate.mapping(f"{key}.{target}", params)
@@ -97,8 +102,9 @@ class LayerSelection:
     traced_into: bool = field(default=False, compare=False)  # type bare containers by their recorded class
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], default_types: tuple[str, ...] = ("Conv2d", "Linear")
-                  ) -> "LayerSelection":
+    def from_dict(
+        cls, data: Mapping[str, Any], default_types: tuple[str, ...] = ("Conv2d", "Linear")
+    ) -> "LayerSelection":
         return cls(
             types=_type_names("types", data["types"]) if "types" in data else (),
             ignore=validate.string_list("ignore", data["ignore"]) if "ignore" in data else (),
@@ -131,8 +137,11 @@ class LayerSelection:
 
     def type_names(self, root: torch.nn.Module | None, name: str, module: torch.nn.Module) -> tuple[str, ...]:
         """The class names ``module`` matches (its MRO's; a container's recorded ones with ``traced_into``)."""
-        return type_names(root, name, module, self.traced_into) if root is not None else \
-            tuple(c.__name__ for c in type(module).__mro__)
+        return (
+            type_names(root, name, module, self.traced_into)
+            if root is not None
+            else tuple(c.__name__ for c in type(module).__mro__)
+        )
 
     def _type_ok(self, root: torch.nn.Module, name: str, module: torch.nn.Module) -> bool:
         wanted = self.types or self.default_types
@@ -146,8 +155,11 @@ class LayerSelection:
 
         Raises ``SelectionError`` (a warning with ``allow_empty``) when an entry matches nothing (module doc).
         """
-        chosen = [(name, module) for name, module in root.named_modules()
-                  if name and self._type_ok(root, name, module) and not self.is_ignored(name)]
+        chosen = [
+            (name, module)
+            for name, module in root.named_modules()
+            if name and self._type_ok(root, name, module) and not self.is_ignored(name)
+        ]
         if self.types or self.ignore or self.by_type or self.by_pattern or self.by_name:
             for problem in _unmatched(self, root, chosen):
                 if not self.allow_empty:
@@ -155,8 +167,7 @@ class LayerSelection:
                 log.warning("%s (allow_empty: true)", problem)
         return chosen
 
-    def overrides(self, name: str, module: torch.nn.Module, root: torch.nn.Module | None = None
-                  ) -> dict[str, Any]:
+    def overrides(self, name: str, module: torch.nn.Module, root: torch.nn.Module | None = None) -> dict[str, Any]:
         """Merged parameter overrides for one layer, by the documented priority (``root``: the model, so
         that ``by_type`` sees a container's recorded class)."""
         merged: dict[str, Any] = {}
@@ -172,8 +183,9 @@ class LayerSelection:
                 merged.update(params)
         return merged
 
-    def param(self, name: str, module: torch.nn.Module, key: str, default: Any,
-              root: torch.nn.Module | None = None) -> Any:
+    def param(
+        self, name: str, module: torch.nn.Module, key: str, default: Any, root: torch.nn.Module | None = None
+    ) -> Any:
         return self.overrides(name, module, root).get(key, default)
 
     def sparsity_overrides(self, layers) -> dict[str, float]:
@@ -214,33 +226,54 @@ def _unmatched(sel: LayerSelection, root: torch.nn.Module, chosen: list) -> list
     out = []
     for i, type_name in enumerate(sel.types):
         if type_name not in known:
-            out.append(SelectionError("no module class of this name", f"types[{i}]", type_name,
-                                      _nearest(type_name, model_types)))
+            out.append(
+                SelectionError(
+                    "no module class of this name", f"types[{i}]", type_name, _nearest(type_name, model_types)
+                )
+            )
     for i, pattern in enumerate(sel.ignore):
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-            out.append(SelectionError("matches no module of the model", f"ignore[{i}]", pattern,
-                                      _nearest(pattern, names)))
+            out.append(
+                SelectionError("matches no module of the model", f"ignore[{i}]", pattern, _nearest(pattern, names))
+            )
     typed = [n for n, m in modules if sel._type_ok(root, n, m)]
     if not chosen and typed:
-        out.append(SelectionError(f"removes every layer the stage selects ({len(typed)} of types "
-                                  f"{', '.join(sel.types or sel.default_types)})", "ignore", list(sel.ignore)))
+        out.append(
+            SelectionError(
+                f"removes every layer the stage selects ({len(typed)} of types "
+                f"{', '.join(sel.types or sel.default_types)})",
+                "ignore",
+                list(sel.ignore),
+            )
+        )
     elif not chosen and sel.types and set(sel.types) <= known:
         log.warning("types %s match no module of the model: the stage selects nothing", list(sel.types))
     for name, _ in sel.by_name:
         if name not in chosen_names:
-            why = ("names a module the stage does not select (its type is not in types, or it is ignored)"
-                   if name in names else "names no layer of the model")
+            why = (
+                "names a module the stage does not select (its type is not in types, or it is ignored)"
+                if name in names
+                else "names no layer of the model"
+            )
             out.append(SelectionError(why, f"by_name.{name}", allowed=_nearest(name, chosen_names)))
     for pattern, _ in sel.by_pattern:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in chosen_names):
-            out.append(SelectionError("matches no selected layer", f"by_pattern.{pattern}",
-                                      allowed=_nearest(pattern, chosen_names)))
+            out.append(
+                SelectionError(
+                    "matches no selected layer", f"by_pattern.{pattern}", allowed=_nearest(pattern, chosen_names)
+                )
+            )
     for type_name, _ in sel.by_type:
         if type_name not in chosen_types:
             why = "matches no selected layer" if type_name in known else "no module class of this name"
             selected = sorted({sel.type_names(root, n, m)[0] for n, m in chosen})
-            out.append(SelectionError(why, f"by_type.{type_name}",
-                                      allowed="types of the selected layers: " + (", ".join(selected) or "none")))
+            out.append(
+                SelectionError(
+                    why,
+                    f"by_type.{type_name}",
+                    allowed="types of the selected layers: " + (", ".join(selected) or "none"),
+                )
+            )
     return out
 
 
@@ -250,6 +283,7 @@ def renamed_exclusion_keys(pass_name: str, params: Mapping[str, Any]) -> dict[st
     ``DeprecationWarning`` naming its replacement; an old key given together with its new one is a
     ``RecipeError``."""
     import warnings
+
     out = dict(params)
     for old, (new, negate) in DEPRECATED_EXCLUSION_KEYS.items():
         if old not in out:
@@ -257,8 +291,12 @@ def renamed_exclusion_keys(pass_name: str, params: Mapping[str, Any]) -> dict[st
         value = out.pop(old)
         if new in params:
             raise RecipeError(f"give only {new} (the deprecated {old} is given too) to pass '{pass_name}'", old)
-        warnings.warn(f"pass '{pass_name}': '{old}' is deprecated; use '{new}'"
-                      + (f" (the negation: {new} = not {old})" if negate else ""), DeprecationWarning, stacklevel=3)
+        warnings.warn(
+            f"pass '{pass_name}': '{old}' is deprecated; use '{new}'"
+            + (f" (the negation: {new} = not {old})" if negate else ""),
+            DeprecationWarning,
+            stacklevel=3,
+        )
         if negate and value is not None:
             value = not validate.boolean(old, value)
         out[new] = value

@@ -19,6 +19,7 @@ is the untrusted side (:mod:`sparsifx.file_reader`, threat model in ``docs/secur
 checked before the archive is read, every name that becomes source is validated, and any malformed file
 raises :class:`SerializationError`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,8 +33,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from . import allow_list
-from .errors import SerializationError
 from .atomic_io import atomic_write
+from .errors import SerializationError
 from .file_reader import _INIT_KEYS, PayloadReader, _check_call, resolve_function, resolve_module_class
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ _class_name = allow_list.class_name
 @dataclass(frozen=True)
 class LoadLimits:
     """Bounds on what :func:`load` accepts before it builds anything (a file is untrusted input)."""
+
     max_file_bytes: int = 16 << 30
     max_entries: int = 200_000  # archive members (one per tensor storage)
     max_nodes: int = 1_000_000
@@ -72,6 +74,7 @@ def register_function(fn: Callable) -> Callable:
 
 
 # ---------------------------------------------------------------- plain-data encoding
+
 
 def _encode(value: Any, where: str) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
@@ -108,8 +111,11 @@ def _module_record(module: nn.Module, path: str, tensors: dict[str, torch.Tensor
     where = f"module '{path}': "
     cls_name = _class_name(type(module))
     resolve_module_class(cls_name, where)
-    hooks = [k for k in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_state_dict_hooks")
-             if getattr(module, k, None)]
+    hooks = [
+        k
+        for k in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_state_dict_hooks")
+        if getattr(module, k, None)
+    ]
     if hooks:
         raise SerializationError(f"{where}has hooks ({', '.join(hooks)}); hooks cannot be saved as data")
     attrs = {}
@@ -127,10 +133,15 @@ def _module_record(module: nn.Module, path: str, tensors: dict[str, torch.Tensor
             tkey = f"{path}.{key}" if path else key
             tensors[tkey] = tensor.detach()
             table[key] = {"key": tkey, "grad": bool(tensor.requires_grad)} if kind == "p" else tkey
-    return {"class": cls_name, "training": module.training, "attrs": attrs, "params": params,
-            "buffers": buffers, "non_persistent": sorted(module._non_persistent_buffers_set),
-            "children": {k: _module_record(c, f"{path}.{k}", tensors) for k, c in module._modules.items()
-                         if c is not None}}
+    return {
+        "class": cls_name,
+        "training": module.training,
+        "attrs": attrs,
+        "params": params,
+        "buffers": buffers,
+        "non_persistent": sorted(module._non_persistent_buffers_set),
+        "children": {k: _module_record(c, f"{path}.{k}", tensors) for k, c in module._modules.items() if c is not None},
+    }
 
 
 # ---------------------------------------------------------------- graph
@@ -158,10 +169,20 @@ def _encode_graph(gm: fx.GraphModule, tensors: dict) -> tuple[list, dict, dict]:
             value = _fetch_attr(gm, node.target, where)
             key = f"attr:{node.target}"
             tensors[key] = value.detach()
-            attrs[node.target] = {"key": key, "param": isinstance(value, nn.Parameter),
-                                  "grad": bool(value.requires_grad)}
-        nodes.append({"op": node.op, "name": node.name, "target": target,
-                      "args": _encode(node.args, where), "kwargs": _encode(node.kwargs, where)})
+            attrs[node.target] = {
+                "key": key,
+                "param": isinstance(value, nn.Parameter),
+                "grad": bool(value.requires_grad),
+            }
+        nodes.append(
+            {
+                "op": node.op,
+                "name": node.name,
+                "target": target,
+                "args": _encode(node.args, where),
+                "kwargs": _encode(node.kwargs, where),
+            }
+        )
     return nodes, modules, attrs
 
 
@@ -185,11 +206,12 @@ def _check_getattr(name: str, fn: Callable, args: tuple, kwargs: dict) -> None:
 def to_payload(gm: fx.GraphModule) -> dict:
     """The plain-data form of ``gm`` (what :func:`save` writes)."""
     if not isinstance(gm, fx.GraphModule):
-        raise SerializationError(f"save needs a torch.fx.GraphModule (trace the model first), got "
-                                 f"{type(gm).__name__}")
+        raise SerializationError(f"save needs a torch.fx.GraphModule (trace the model first), got {type(gm).__name__}")
     if type(gm.graph._codegen) is not fx.graph.CodeGen:
-        raise SerializationError(f"graph uses {type(gm.graph._codegen).__name__}; only the default codegen "
-                                 "(no pytree inputs/outputs) can be saved")
+        raise SerializationError(
+            f"graph uses {type(gm.graph._codegen).__name__}; only the default codegen "
+            "(no pytree inputs/outputs) can be saved"
+        )
     tensors: dict[str, torch.Tensor] = {}
     nodes, modules, attrs = _encode_graph(gm, tensors)
     meta = {}
@@ -198,8 +220,17 @@ def to_payload(gm: fx.GraphModule) -> dict:
             meta[key] = _encode(value, "")
         except SerializationError:
             log.info("gm.meta[%r] (%s) is not plain data; not saved", key, type(value).__name__)
-    return {"format": FORMAT, "version": VERSION, "class_name": type(gm).__name__, "training": gm.training,
-            "graph": nodes, "modules": modules, "attrs": attrs, "meta": meta, "tensors": tensors}
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "class_name": type(gm).__name__,
+        "training": gm.training,
+        "graph": nodes,
+        "modules": modules,
+        "attrs": attrs,
+        "meta": meta,
+        "tensors": tensors,
+    }
 
 
 def from_payload(payload: Any, limits: LoadLimits = LoadLimits()) -> fx.GraphModule:
@@ -207,8 +238,9 @@ def from_payload(payload: Any, limits: LoadLimits = LoadLimits()) -> fx.GraphMod
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise SerializationError("not a sparsifx GraphModule file")
     if payload.get("version") != VERSION:
-        raise SerializationError(f"unsupported file version {str(payload.get('version'))[:20]!r}; this sparsifx "
-                                 f"reads version {VERSION}")
+        raise SerializationError(
+            f"unsupported file version {str(payload.get('version'))[:20]!r}; this sparsifx reads version {VERSION}"
+        )
     try:
         reader = PayloadReader(payload, limits)
         class_name = payload.get("class_name")
@@ -253,8 +285,10 @@ def load(path: str | os.PathLike, map_location: Any = None, limits: LoadLimits =
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # the weights-only unpickler and the zip reader raise many types
-        raise SerializationError(f"cannot read '{path}' as a weights-only file (no code is unpickled): "
-                                 f"{type(exc).__name__}: {_first_line(exc)}") from exc
+        raise SerializationError(
+            f"cannot read '{path}' as a weights-only file (no code is unpickled): "
+            f"{type(exc).__name__}: {_first_line(exc)}"
+        ) from exc
     return from_payload(payload, limits)
 
 
@@ -269,8 +303,10 @@ def _check_archive(path: str | os.PathLike, limits: LoadLimits) -> None:
     except SerializationError:
         raise
     except Exception as exc:  # zipfile raises many types on a malformed archive (NotImplementedError, ...)
-        raise SerializationError(f"cannot read '{path}' as a sparsifx file (a torch.save zip archive): "
-                                 f"{type(exc).__name__}: {_first_line(exc)}") from exc
+        raise SerializationError(
+            f"cannot read '{path}' as a sparsifx file (a torch.save zip archive): "
+            f"{type(exc).__name__}: {_first_line(exc)}"
+        ) from exc
     if len(entries) > limits.max_entries:
         raise SerializationError(f"'{path}' has {len(entries)} archive entries; the limit is {limits.max_entries}")
     if any(e.compress_type != zipfile.ZIP_STORED for e in entries):

@@ -18,6 +18,7 @@ grower can form the dense gradient ``∂y^T x`` in row blocks of bounded memory 
 Indices come from files too (``sparsifx.load``): they are validated before the first product that uses them
 (``check_topology``) — an out-of-range index is a ``PassError``, never a read outside a buffer.
 """
+
 from __future__ import annotations
 
 import math
@@ -92,15 +93,21 @@ class SparseLinear(nn.Module):
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.values = nn.Parameter(torch.zeros(0, dtype=dtype or torch.float32))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype or torch.float32)) if bias else None
-        for name, size in (("crow", out_features + 1), ("col", 0), ("t_crow", in_features + 1), ("t_col", 0),
-                           ("t_perm", 0)):
+        for name, size in (
+            ("crow", out_features + 1),
+            ("col", 0),
+            ("t_crow", in_features + 1),
+            ("t_col", 0),
+            ("t_perm", 0),
+        ):
             self.register_buffer(name, torch.zeros(size, dtype=INDEX_DTYPE))
         self.probe: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     # --- construction -----------------------------------------------------------------------------------------
     @classmethod
-    def from_dense(cls, linear: nn.Module, keys: torch.Tensor, generator: torch.Generator | None = None
-                   ) -> "SparseLinear":
+    def from_dense(
+        cls, linear: nn.Module, keys: torch.Tensor, generator: torch.Generator | None = None
+    ) -> "SparseLinear":
         """A sparse layer holding ``linear.weight`` (``out × in``, or ``out × in × 1 × 1``) at the row-major linear
         positions ``keys``. A layer built on the ``meta`` device (a width whose dense weight cannot exist) gets
         fresh values instead, drawn from ``generator``: He-uniform over the real fan-in ``f = nnz / out`` (the mean
@@ -159,7 +166,7 @@ class SparseLinear(nn.Module):
             raise PassError(f"SparseLinear {self.shape}: positions must be sorted, unique and in [0, {numel})")
         if values.numel() != keys.numel():
             raise PassError(f"SparseLinear: {values.numel()} values for {keys.numel()} positions")
-        if keys.numel() >= 2 ** 31:
+        if keys.numel() >= 2**31:
             raise PassError(f"SparseLinear: {keys.numel()} non-zeros exceed the int32 index range")
         dev = self.crow.device
         rows, cols = (keys // self.in_features).to(dev), (keys % self.in_features).to(dev)
@@ -191,8 +198,10 @@ class SparseLinear(nn.Module):
             return index
         nnz, out, inp = self.values.numel(), self.out_features, self.in_features
         problems = []
-        for name, offsets, n_idx, bound in (("crow", self.crow, self.col, inp), ("t_crow", self.t_crow, self.t_col,
-                                                                                   out)):
+        for name, offsets, n_idx, bound in (
+            ("crow", self.crow, self.col, inp),
+            ("t_crow", self.t_crow, self.t_col, out),
+        ):
             if offsets.dtype != INDEX_DTYPE or n_idx.dtype != INDEX_DTYPE:
                 problems.append(f"{name} indices must be int32")
             elif offsets.numel() != (out if name == "crow" else inp) + 1 or n_idx.numel() != nnz:
@@ -201,8 +210,9 @@ class SparseLinear(nn.Module):
                 problems.append(f"{name} offsets are not a non-decreasing 0..nnz sequence")
             elif nnz and (int(n_idx.min()) < 0 or int(n_idx.max()) >= bound):
                 problems.append(f"{name} column index out of range")
-        if not problems and (self.t_perm.numel() != nnz or (nnz and (int(self.t_perm.min()) < 0
-                                                                     or int(self.t_perm.max()) >= nnz))):
+        if not problems and (
+            self.t_perm.numel() != nnz or (nnz and (int(self.t_perm.min()) < 0 or int(self.t_perm.max()) >= nnz))
+        ):
             problems.append("t_perm out of range")
         if problems:
             raise PassError(f"SparseLinear {self.shape} has an invalid sparse structure: {'; '.join(problems)}")
@@ -224,8 +234,13 @@ class SparseLinear(nn.Module):
         return w.view(self.out_features, self.in_features)
 
     def _dense_twin(self) -> nn.Module:
-        return nn.Linear(self.in_features, self.out_features, self.bias is not None, device=self.values.device,
-                         dtype=self.values.dtype)
+        return nn.Linear(
+            self.in_features,
+            self.out_features,
+            self.bias is not None,
+            device=self.values.device,
+            dtype=self.values.dtype,
+        )
 
     def to_linear(self) -> nn.Module:
         """The dense layer this one stands for (``nn.Linear``; ``nn.Conv2d`` 1×1), zeros off the pattern."""
@@ -241,19 +256,23 @@ class SparseLinear(nn.Module):
         """``(row0, ∂L/∂W[row0:row1])`` for the dense weight gradient of the probed backward(s), one block of rows at
         a time so that at most ``max_bytes`` of it exist at once."""
         if not self.probe:
-            raise PassError(f"SparseLinear {self.shape}: no dense-gradient probe recorded (dense_grad was off in "
-                            "the backward of this step)")
+            raise PassError(
+                f"SparseLinear {self.shape}: no dense-gradient probe recorded (dense_grad was off in "
+                "the backward of this step)"
+            )
         rows = max(1, max_bytes // (4 * self.in_features))
         for r0 in range(0, self.out_features, rows):
             block = None
             for x2, gy in self.probe:
-                part = gy[:, r0:r0 + rows].float().t() @ x2.float()
+                part = gy[:, r0 : r0 + rows].float().t() @ x2.float()
                 block = part if block is None else block + part
             yield r0, block
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"nnz={self.nnz}, density={self.density():.4f}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"nnz={self.nnz}, density={self.density():.4f}"
+        )
 
 
 @register_leaf_type
@@ -269,25 +288,39 @@ class SparseConv2d1x1(SparseLinear):
         return y.reshape(n, h, w, self.out_features).permute(0, 3, 1, 2)
 
     def _dense_twin(self) -> nn.Module:
-        return nn.Conv2d(self.in_features, self.out_features, 1, bias=self.bias is not None,
-                         device=self.values.device, dtype=self.values.dtype)
+        return nn.Conv2d(
+            self.in_features,
+            self.out_features,
+            1,
+            bias=self.bias is not None,
+            device=self.values.device,
+            dtype=self.values.dtype,
+        )
 
 
 def sparse_type(module: nn.Module) -> type | None:
     """The sparse-storage class for a dense layer (``nn.Linear``; a plain 1×1 ``nn.Conv2d``), else None."""
     if isinstance(module, nn.Linear):
         return SparseLinear
-    if isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.stride == (1, 1) \
-            and module.groups == 1 and module.dilation == (1, 1) and module.padding in ((0, 0), "valid") \
-            and module.padding_mode == "zeros":
+    if (
+        isinstance(module, nn.Conv2d)
+        and module.kernel_size == (1, 1)
+        and module.stride == (1, 1)
+        and module.groups == 1
+        and module.dilation == (1, 1)
+        and module.padding in ((0, 0), "valid")
+        and module.padding_mode == "zeros"
+    ):
         return SparseConv2d1x1
     return None
 
 
-
 def _offsets(index: torch.Tensor, n: int) -> torch.Tensor:
-    counts = torch.bincount(index.long(), minlength=n) if index.numel() else torch.zeros(n, dtype=torch.int64,
-                                                                                          device=index.device)
+    counts = (
+        torch.bincount(index.long(), minlength=n)
+        if index.numel()
+        else torch.zeros(n, dtype=torch.int64, device=index.device)
+    )
     return torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(INDEX_DTYPE)
 
 
@@ -304,6 +337,7 @@ def sparse_layers(root: nn.Module) -> Iterator[tuple[str, SparseLinear]]:
 def densify_sparse_layers(root: nn.Module) -> int:
     """Replace every ``SparseLinear`` of ``root`` by the equivalent ``nn.Linear`` (in place); returns how many."""
     from .module_utils import set_submodule
+
     count = 0
     for name, module in list(sparse_layers(root)):
         set_submodule(root, name, module.to_linear())
@@ -311,12 +345,12 @@ def densify_sparse_layers(root: nn.Module) -> int:
     return count
 
 
-
 def sparse_to_masked(root: nn.Module) -> list[str]:
     """Replace every ``SparseLinear`` by the equivalent ``MaskedLinear`` (dense weight, pattern as mask), in place,
     so that passes written for masked layers (``compact``) see it; returns the names, for ``masked_to_sparse``."""
     from .masking import set_mask
     from .module_utils import set_submodule
+
     names = []
     for name, module in list(sparse_layers(root)):
         dense = module.to_linear()
@@ -333,6 +367,7 @@ def masked_to_sparse(root: nn.Module, names: list[str]) -> None:
     """Inverse of ``sparse_to_masked`` for the layers ``names`` (shapes may have changed meanwhile)."""
     from .masking import bake_masks
     from .module_utils import set_submodule
+
     for name in names:
         module = root.get_submodule(name)
         keys = module.mask.flatten().nonzero().squeeze(1)

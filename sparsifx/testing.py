@@ -16,6 +16,7 @@ Example::
         gm = sparsifx.trace(model, (x,))
         assert_equivalent(model, MyPass()(gm).gm, (x,))
 """
+
 from __future__ import annotations
 
 import zlib
@@ -24,6 +25,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
+from .meta_keys import EXAMPLE_INPUTS, TENSOR_META
 from .module_utils import eval_mode
 
 __all__ = ["assert_equivalent", "eval_mode", "n_params", "prune_and_shrink", "randomize_constants"]
@@ -49,8 +51,13 @@ def _constants(module: nn.Module) -> dict[str, torch.Tensor]:
                     out[dot + key] = t
             continue
         for key, p in m.named_parameters(recurse=False):
-            if (key != "bias" and p.is_floating_point() and p.numel() > 1 and p.numel() == max(p.shape, default=1)
-                    and bool((p == p.reshape(-1)[0]).all())):
+            if (
+                key != "bias"
+                and p.is_floating_point()
+                and p.numel() > 1
+                and p.numel() == max(p.shape, default=1)
+                and bool((p == p.reshape(-1)[0]).all())
+            ):
                 out[dot + key] = p  # a layer scale / gain vector initialised to one value
     return out
 
@@ -60,11 +67,11 @@ def _draw(name: str, t: torch.Tensor, seed: int) -> torch.Tensor:
     u = torch.rand(t.shape, generator=gen, dtype=torch.float64)
     leaf = name.rsplit(".", 1)[-1]
     if leaf == "running_var":
-        values = 0.5 + 1.5 * u                     # U(0.5, 2)
+        values = 0.5 + 1.5 * u  # U(0.5, 2)
     elif leaf in ("running_mean", "bias"):
-        values = u - 0.5                           # U(-0.5, 0.5)
+        values = u - 0.5  # U(-0.5, 0.5)
     else:
-        values = 0.5 + u                           # scales: U(0.5, 1.5)
+        values = 0.5 + u  # scales: U(0.5, 1.5)
     return values.to(dtype=t.dtype, device=t.device)
 
 
@@ -88,8 +95,16 @@ def randomize_constants(*modules: nn.Module, seed: int = 0) -> tuple[nn.Module, 
     return modules
 
 
-def assert_equivalent(model_a: nn.Module, model_b: nn.Module, inputs: Sequence[Any], *, rtol: float = 1e-4,
-                      atol: float = 1e-5, rerandomize: bool = True, seed: int = 0) -> tuple[Any, Any]:
+def assert_equivalent(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    inputs: Sequence[Any],
+    *,
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
+    rerandomize: bool = True,
+    seed: int = 0,
+) -> tuple[Any, Any]:
     """Assert that ``model_a(*inputs)`` and ``model_b(*inputs)`` agree (``torch.testing.assert_close`` on the
     whole output structure), both run in eval mode under ``no_grad`` (their own training flags restored
     afterwards). With ``rerandomize`` (default), first ``randomize_constants(model_a, model_b, seed=seed)``:
@@ -111,8 +126,9 @@ def _shapes(meta):
     return tuple(_shapes(m) for m in meta) if isinstance(meta, (tuple, list)) else None
 
 
-def prune_and_shrink(model: nn.Module, example_inputs: tuple, ratio: float = 0.5, expect_smaller: bool = True,
-                     **channel_prune_params):
+def prune_and_shrink(
+    model: nn.Module, example_inputs: tuple, ratio: float = 0.5, expect_smaller: bool = True, **channel_prune_params
+):
     """Trace, ``channel_prune(ratio, **channel_prune_params)``, ``shrink``, checking on the way: both passes
     report ``modified`` (or, with ``expect_smaller=False``, neither does), the masked model's outputs differ from
     the dense one's, the graph lints, shrunk == masked (``assert_close``, rtol 1e-4, atol 1e-5 x the output
@@ -124,7 +140,7 @@ def prune_and_shrink(model: nn.Module, example_inputs: tuple, ratio: float = 0.5
 
     torch.manual_seed(0)
     gm = trace(model.eval(), example_inputs)
-    gm.meta["example_inputs"] = example_inputs
+    gm.meta[EXAMPLE_INPUTS] = example_inputs
     before = n_params(gm)
     dense = run_model(gm, example_inputs)
     result = ChannelPrune(ratio=ratio, **channel_prune_params)(gm)
@@ -140,7 +156,7 @@ def prune_and_shrink(model: nn.Module, example_inputs: tuple, ratio: float = 0.5
     torch.testing.assert_close(out, masked, rtol=1e-4, atol=1e-5 * scale)
     after = n_params(gm)
     assert (after < before) if expect_smaller else (after == before)
-    updated = {n.name: _shapes(n.meta.get("tensor_meta")) for n in gm.graph.nodes}
+    updated = {n.name: _shapes(n.meta.get(TENSOR_META)) for n in gm.graph.nodes}
     record_shapes(gm, example_inputs)  # shrink updated the shapes from the plan: they match a real run
-    assert updated == {n.name: _shapes(n.meta.get("tensor_meta")) for n in gm.graph.nodes}
+    assert updated == {n.name: _shapes(n.meta.get(TENSOR_META)) for n in gm.graph.nodes}
     return gm, masked, out

@@ -1,5 +1,6 @@
 """``trace``: symbolic tracing with leaf modules, opaque-leaf fallback and shape recording (``record_shapes``:
 the ``shapes`` analysis, ``sparsifx.analysis.shapes``)."""
+
 from __future__ import annotations
 
 import logging
@@ -11,7 +12,8 @@ import torch.fx as fx
 
 from .analysis.shapes import record_shapes  # noqa: F401  (re-exported: the 'shapes' analysis records them)
 from .errors import TraceError
-from .meta_keys import LEAF_TYPES as LEAF_TYPES_KEY, OPAQUE_LEAVES
+from .meta_keys import LEAF_TYPES as LEAF_TYPES_KEY
+from .meta_keys import OPAQUE_LEAVES
 from .module_classes import record_module_classes
 from .module_utils import clone_module
 
@@ -92,23 +94,27 @@ def _inputs_behind(node: fx.Node) -> list[fx.Node]:
 
 def _remedy(tracer: SparsifxTracer) -> str:
     """What to do about a top-level tracing failure, naming the node and the inputs it came from."""
-    generic = ("wrap the construct in a submodule and list it in leaf_modules, or decorate the helper with "
-               "torch.fx.wrap")
+    generic = "wrap the construct in a submodule and list it in leaf_modules, or decorate the helper with torch.fx.wrap"
     if tracer.control_flow_node is None:
-        return f"Failed after node {_last_node(tracer)}. Remedies: pass concrete_args for arguments that " \
-               f"drive control flow, {generic}."
+        return (
+            f"Failed after node {_last_node(tracer)}. Remedies: pass concrete_args for arguments that "
+            f"drive control flow, {generic}."
+        )
     node, what = tracer.control_flow_node
     inputs = _inputs_behind(node)
     names = ", ".join(f"'{p.target}'" for p in inputs) or "no input (a constant or a parameter)"
     example = ", ".join(f"'{p.target}': ..." for p in inputs) or "..."
-    return (f"Node '{node.name}' ({node.format_node()}) {what}; it is computed from input {names}. If that "
-            f"input is an option or a flag, fix it with concrete_args={{{example}}} (sparsify(..., "
-            f"concrete_args=...) or trace(..., concrete_args=...)); if it is data (a tensor's size or "
-            f"values), {generic}.")
+    return (
+        f"Node '{node.name}' ({node.format_node()}) {what}; it is computed from input {names}. If that "
+        f"input is an option or a flag, fix it with concrete_args={{{example}}} (sparsify(..., "
+        f"concrete_args=...) or trace(..., concrete_args=...)); if it is data (a tensor's size or "
+        f"values), {generic}."
+    )
 
 
-def _trace_once(model, leaf_paths, leaf_types, concrete_args) -> tuple[fx.GraphModule | None, Exception | None,
-                                                                        SparsifxTracer]:
+def _trace_once(
+    model, leaf_paths, leaf_types, concrete_args
+) -> tuple[fx.GraphModule | None, Exception | None, SparsifxTracer]:
     tracer = SparsifxTracer(leaf_paths, leaf_types)
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
@@ -118,13 +124,18 @@ def _trace_once(model, leaf_paths, leaf_types, concrete_args) -> tuple[fx.GraphM
     return fx.GraphModule(tracer.root, graph, name), None, tracer
 
 
-def trace(model: torch.nn.Module, example_inputs: Sequence[Any] | None = None,
-          leaf_modules: Iterable[str | type] = (), concrete_args: dict[str, Any] | None = None,
-          copy_model: bool = True) -> fx.GraphModule:
+def trace(
+    model: torch.nn.Module,
+    example_inputs: Sequence[Any] | None = None,
+    leaf_modules: Iterable[str | type] = (),
+    concrete_args: dict[str, Any] | None = None,
+    copy_model: bool = True,
+) -> fx.GraphModule:
     """Trace ``model`` into a ``GraphModule``.
 
     ``leaf_modules`` are module paths or classes kept opaque. ``concrete_args`` fix arguments at trace time
-    (flags that drive control flow); the result no longer takes them (their values are bound in the graph). A submodule that symbolic tracing
+    (flags that drive control flow); the result no longer takes them (their values are bound in the graph). A
+    submodule that symbolic tracing
     cannot handle is retried as an opaque leaf; the paths end up in ``gm.meta["opaque_leaves"]``.
     ``gm.meta["module_classes"]`` records the original class of every kept module path (``module_classes``:
     a module traced into stays only as a bare ``nn.Module`` container).
@@ -144,8 +155,10 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any] | None = None,
             break
         culprit = (tracer.failed_in or [""])[-1]
         if not culprit:
-            raise TraceError(f"cannot trace model {type(model).__name__}: {type(exc).__name__}: {exc} "
-                             f"(at the top-level forward). {_remedy(tracer)}") from exc
+            raise TraceError(
+                f"cannot trace model {type(model).__name__}: {type(exc).__name__}: {exc} "
+                f"(at the top-level forward). {_remedy(tracer)}"
+            ) from exc
         log.info("submodule %s is not traceable (%s); keeping it as an opaque leaf", culprit, exc)
         opaque.append(culprit)
     else:
@@ -193,4 +206,3 @@ def retrace(gm: fx.GraphModule) -> fx.GraphModule:
     new = trace(gm, leaf_modules=leaves, copy_model=False)
     new.meta.update({k: v for k, v in gm.meta.items() if k not in new.meta})
     return new
-

@@ -3,6 +3,7 @@
 Values in error messages go through ``shown``: a value too large to print (a 10**10000 integer, a
 megabyte string, a deep or self-referencing container) is replaced by a bounded summary.
 """
+
 from __future__ import annotations
 
 import math
@@ -51,8 +52,15 @@ def shown(value: Any) -> Any:
     return value if isinstance(value, (list, tuple, dict)) and "..." not in text else Shown(text)
 
 
-def number(name: str, value: Any, lo: float | None = None, hi: float | None = None, *,
-           lo_open: bool = False, hi_open: bool = False) -> float:
+def number(
+    name: str,
+    value: Any,
+    lo: float | None = None,
+    hi: float | None = None,
+    *,
+    lo_open: bool = False,
+    hi_open: bool = False,
+) -> float:
     """A real finite number in [lo, hi] (open ends where asked)."""
     lb = "(" if lo_open else "["
     rb = ")" if hi_open else "]"
@@ -126,8 +134,12 @@ def _sequence(name: str, value: Any) -> None:
 
 def _callable(name: str, value: Any) -> None:
     if not callable(value):
-        raise RecipeError("must be a callable (recipes cannot hold code)", name, shown(value),
-                          "null in a recipe; a function from Python")
+        raise RecipeError(
+            "must be a callable (recipes cannot hold code)",
+            name,
+            shown(value),
+            "null in a recipe; a function from Python",
+        )
 
 
 _BY_ANNOTATION = {

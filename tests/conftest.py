@@ -3,6 +3,7 @@
 Test helpers meant for reuse live in ``sparsifx.testing`` (public: custom-pass authors test the same way); the
 benchmark scripts are a package, ``benchmarks``, that tests import through the ``load_benchmark`` fixture.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -22,8 +23,9 @@ def _benchmarks_package():
     module = sys.modules.get("benchmarks")
     if module is not None and Path(getattr(module, "__file__", "") or "").resolve().parent == BENCHMARKS:
         return module
-    spec = importlib.util.spec_from_file_location("benchmarks", BENCHMARKS / "__init__.py",
-                                                  submodule_search_locations=[str(BENCHMARKS)])
+    spec = importlib.util.spec_from_file_location(
+        "benchmarks", BENCHMARKS / "__init__.py", submodule_search_locations=[str(BENCHMARKS)]
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules["benchmarks"] = module
     spec.loader.exec_module(module)

@@ -1,4 +1,5 @@
 """Accounting: saved-for-backward bytes (dedup, parameters excluded), training FLOPs, SWAT memory targets."""
+
 from __future__ import annotations
 
 import math
@@ -44,8 +45,16 @@ class DoubledWeightLinear(nn.Linear):
 
 
 def mlp_1024():
-    return nn.Sequential(nn.Flatten(), nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
-                         nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(784, 1024),
+        nn.ReLU(),
+        nn.Linear(1024, 1024),
+        nn.ReLU(),
+        nn.Linear(1024, 1024),
+        nn.ReLU(),
+        nn.Linear(1024, 10),
+    )
 
 
 def _ratio(net, x, y, recipe):

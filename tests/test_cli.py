@@ -1,4 +1,5 @@
 """The ``sparsifx`` console script: run, inspect, and one-line errors for bad arguments."""
+
 import json
 import subprocess
 import sys
@@ -29,9 +30,25 @@ def recipe(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def onnx_file(recipe, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli_out") / "r18.onnx"
-    proc = subprocess.run([sys.executable, "-m", "sparsifx.cli", "run", str(recipe), "--model", "torchvision:resnet18",
-                           "--input-shape", "1,3,32,32", "--onnx", str(out), "--verify"],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sparsifx.cli",
+            "run",
+            str(recipe),
+            "--model",
+            "torchvision:resnet18",
+            "--input-shape",
+            "1,3,32,32",
+            "--onnx",
+            str(out),
+            "--verify",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     return out, proc
 
 
@@ -80,6 +97,7 @@ def test_inspect_pickled_module_needs_flag(tmp_path, capsys):
 def test_inspect_saved_module(tmp_path, capsys):
     serialization = pytest.importorskip("sparsifx.serialization")
     import sparsifx
+
     gm = sparsifx.trace(nn.Sequential(nn.Linear(8, 4), nn.ReLU()))
     path = tmp_path / "saved.sfx"
     serialization.save(gm, path)
@@ -123,7 +141,8 @@ def test_bad_recipe_is_one_line(tmp_path, capsys):
 def test_console_script_error_has_no_traceback(tmp_path):
     exe = Path(sys.executable).with_name("sparsifx")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "sparsifx.cli"]
-    proc = subprocess.run(cmd + ["inspect", str(tmp_path / "missing.onnx")], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        cmd + ["inspect", str(tmp_path / "missing.onnx")], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [f"sparsifx: error: no such file: {tmp_path / 'missing.onnx'}"]

@@ -1,5 +1,6 @@
 """CLI model sources ``timm:NAME`` and ``hf:TYPE_OR_CONFIG``: random weights, no network, one-line errors, and a
 clear message when the extra is not installed."""
+
 from __future__ import annotations
 
 import json
@@ -8,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from sparsifx.cli import CliError, HF_TINY, build, main
+from sparsifx.cli import HF_TINY, CliError, build, main
 
 RECIPE = "stages:\n  - pass: magnitude\n    sparsity: 0.5\n"
 
@@ -57,8 +58,13 @@ def no_hub(monkeypatch):
 
     def refuse(*args, **kwargs):
         raise AssertionError(f"from_pretrained called with {args!r}")
-    for cls in (transformers.AutoConfig, transformers.AutoModel, transformers.PreTrainedModel,
-                transformers.PretrainedConfig):
+
+    for cls in (
+        transformers.AutoConfig,
+        transformers.AutoModel,
+        transformers.PreTrainedModel,
+        transformers.PretrainedConfig,
+    ):
         monkeypatch.setattr(cls, "from_pretrained", refuse)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return transformers
@@ -78,9 +84,16 @@ def test_hf_model_type_is_tiny_and_traced(recipe, capsys, no_hub):
 
 
 def test_hf_config_file_and_directory(recipe, tmp_path, capsys, no_hub):
-    config = {"model_type": "bert", "architectures": ["BertForSequenceClassification"], "hidden_size": 32,
-              "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 48, "vocab_size": 50,
-              "num_labels": 3}
+    config = {
+        "model_type": "bert",
+        "architectures": ["BertForSequenceClassification"],
+        "hidden_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 48,
+        "vocab_size": 50,
+        "num_labels": 3,
+    }
     path = tmp_path / "cfg" / "config.json"
     path.parent.mkdir()
     path.write_text(json.dumps(config))
@@ -99,10 +112,13 @@ def test_hf_vision_model_gets_pixel_values(no_hub):
     assert built.inputs[0].is_floating_point()
 
 
-@pytest.mark.parametrize("spec,expected", [
-    ("hf:bertt", "unknown transformers model type 'bertt'"),
-    ("hf:./no/such/config.json", "hf: no config file at './no/such/config.json'"),
-])
+@pytest.mark.parametrize(
+    "spec,expected",
+    [
+        ("hf:bertt", "unknown transformers model type 'bertt'"),
+        ("hf:./no/such/config.json", "hf: no config file at './no/such/config.json'"),
+    ],
+)
 def test_hf_bad_specs(spec, expected, recipe, capsys, no_hub):
     assert expected in _one_line_error(["run", str(recipe), "--model", spec], capsys)
 
@@ -111,11 +127,13 @@ def test_hf_bad_config_and_shape(recipe, tmp_path, capsys, no_hub):
     bad = tmp_path / "config.json"
     bad.write_text(json.dumps({"model_type": "not-a-type"}))
     assert "'model_type' must name a transformers model type" in _one_line_error(
-        ["run", str(recipe), "--model", f"hf:{bad}"], capsys)
+        ["run", str(recipe), "--model", f"hf:{bad}"], capsys
+    )
     bad.write_text("{not json")
     assert "not a readable JSON config" in _one_line_error(["run", str(recipe), "--model", f"hf:{bad}"], capsys)
     assert "batch,sequence" in _one_line_error(
-        ["run", str(recipe), "--model", "hf:bert", "--input-shape", "1,3,8,8"], capsys)
+        ["run", str(recipe), "--model", "hf:bert", "--input-shape", "1,3,8,8"], capsys
+    )
 
 
 # --- extras missing -----------------------------------------------------------------------------------------------
@@ -131,11 +149,13 @@ def test_missing_extra_is_a_clear_error(spec, module, extra, recipe, capsys, mon
 # --- progress bars of the long steps ------------------------------------------------------------------------------
 def test_progress_follows_env_and_terminal(monkeypatch):
     import io
+
     from sparsifx import progress
 
     class Terminal(io.StringIO):
         def isatty(self):
             return True
+
     monkeypatch.delenv("SPARSIFX_PROGRESS", raising=False)
     monkeypatch.setattr(sys, "stderr", io.StringIO())
     assert not progress.enabled()
@@ -154,7 +174,8 @@ def test_progress_follows_env_and_terminal(monkeypatch):
 
 def test_cli_run_progress_only_when_asked(recipe, tmp_path, capsys, monkeypatch):
     (tmp_path / "progress_tiny_model.py").write_text(
-        "import torch.nn as nn\ndef make():\n    return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))\n")
+        "import torch.nn as nn\ndef make():\n    return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     argv = ["run", str(recipe), "--model", "python:progress_tiny_model:make", "--input-shape", "2,8"]
     monkeypatch.delenv("SPARSIFX_PROGRESS", raising=False)

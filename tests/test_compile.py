@@ -12,6 +12,7 @@ enters ``warnings.catch_warnings``, ``csr_tiled`` is a pybind C++ function, not 
 packed CSR buffers; marked xfail). Running the lowered layers eagerly (``torch.compiler.disable`` on their
 ``forward``) and compiling the rest works and matches eager.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -43,9 +44,17 @@ def mlp() -> nn.Module:
 
 def cnn() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                         nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    ).eval()
 
 
 def _assert_compiled_matches(gm: nn.Module, inputs: list[torch.Tensor], backend: str, fullgraph: bool = True):
@@ -119,6 +128,7 @@ def test_training_with_controller_compiles(method, backend):
 
 def _lowered(backend: str) -> tuple[nn.Module, torch.Tensor]:
     from sparsifx.backends.sparse_kernels import SPARSE_KERNELS
+
     if not SPARSE_KERNELS.get(backend).available():
         pytest.skip(f"sparse kernel {backend} is not available here")
     x = torch.randn(4, 16)
@@ -137,8 +147,11 @@ def test_lowered_model_does_not_compile_as_one_graph(kernel, reason):
         torch.compile(gm, backend="aot_eager", fullgraph=True)(x)
 
 
-@pytest.mark.xfail(strict=False, reason="torch 2.14: Dynamo crashes (IndexError in automatic-dynamic stride "
-                                        "handling) resuming after the graph break inside SparseLinear")
+@pytest.mark.xfail(
+    strict=False,
+    reason="torch 2.14: Dynamo crashes (IndexError in automatic-dynamic stride "
+    "handling) resuming after the graph break inside SparseLinear",
+)
 def test_lowered_model_compiles_with_graph_breaks():
     gm, x = _lowered("csr")
     _assert_compiled_matches(gm, [x], "aot_eager", fullgraph=False)
@@ -148,6 +161,7 @@ def test_lowered_model_compiles_with_graph_breaks():
 @pytest.mark.parametrize("backend", ["aot_eager", SLOW_INDUCTOR])
 def test_lowered_model_compiles_around_eager_sparse_layers(kernel, backend):
     from sparsifx.backends.sparse_modules import SparseLinear
+
     gm, x = _lowered(kernel)
     for module in gm.modules():
         if isinstance(module, SparseLinear):

@@ -1,5 +1,6 @@
 """Layer-sparsity distributions against rigl sparse_utils test vectors
 (docs/algorithms.md#layer-sparsity-distributions)."""
+
 from __future__ import annotations
 
 import math
@@ -13,11 +14,14 @@ LENET = {"fc1": (300, 784), "fc2": (100, 300), "fc3": (10, 100)}
 NUMEL = {n: math.prod(s) for n, s in LENET.items()}
 
 
-@pytest.mark.parametrize("target,expected", [
-    (0.90, (0.9204, 0.7698, 0.0)),
-    (0.95, (0.9615, 0.8887, 0.0815)),
-    (0.98, (0.9846, 0.9555, 0.6326)),
-])
+@pytest.mark.parametrize(
+    "target,expected",
+    [
+        (0.90, (0.9204, 0.7698, 0.0)),
+        (0.95, (0.9615, 0.8887, 0.0815)),
+        (0.98, (0.9846, 0.9555, 0.6326)),
+    ],
+)
 def test_erk_lenet_vectors(target, expected):
     got = layer_sparsities(LENET, target, "erk")
     assert tuple(round(got[n], 4) for n in LENET) == expected
@@ -53,11 +57,13 @@ def test_conv_erk_uses_all_dims_and_er_dims_0_1():
 
 def test_power_scale_zero_is_uniform_and_custom_and_dense():
     assert layer_sparsities(LENET, 0.8, "erk", erk_power_scale=0.0) == pytest.approx(
-        layer_sparsities(LENET, 0.8, "uniform"))
+        layer_sparsities(LENET, 0.8, "uniform")
+    )
     got = layer_sparsities(LENET, 0.9, "erk", custom={"fc1": 0.5}, dense_layers=["fc3"])
     assert got["fc1"] == 0.5 and got["fc3"] == 0.0
-    assert got["fc2"] == pytest.approx(1 - (NUMEL["fc2"] - math.floor(0.9 * NUMEL["fc2"])
-                                            - math.floor(0.9 * NUMEL["fc3"])) / NUMEL["fc2"])
+    assert got["fc2"] == pytest.approx(
+        1 - (NUMEL["fc2"] - math.floor(0.9 * NUMEL["fc2"]) - math.floor(0.9 * NUMEL["fc3"])) / NUMEL["fc2"]
+    )
 
 
 def test_errors_and_er_epsilon():

@@ -1,4 +1,5 @@
 """Every typed error lives in sparsifx.errors; the modules that raise them re-export the same classes."""
+
 import sparsifx.cli
 import sparsifx.errors as errors
 import sparsifx.serialization

@@ -1,4 +1,5 @@
 """The custom-pass example runs as a script and its pass is numerically right."""
+
 from __future__ import annotations
 
 import runpy
@@ -54,8 +55,12 @@ def test_custom_pass_semantics_and_recipe_validation():
 
 
 def test_demo_writes_verified_onnx_and_report(tmp_path):
-    proc = subprocess.run([sys.executable, str(EXAMPLES / "demo.py"), "--input-size", "32", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "demo.py"), "--input-size", "32", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     onnx_file = tmp_path / "resnet18_magnitude.onnx"
     assert onnx_file.is_file() and onnx_file.stat().st_size > 1_000_000

@@ -1,4 +1,5 @@
 """trace_hf: tiny transformers models trace with every Linear/Conv1D visible, match the model, and get masked."""
+
 from __future__ import annotations
 
 import subprocess
@@ -19,8 +20,15 @@ from sparsifx.passes.magnitude import MagnitudePruning  # noqa: E402
 V = 100
 TEXT = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64, vocab_size=V)
 DECODER = dict(TEXT, num_key_value_heads=2, max_position_embeddings=32)  # GQA: 2 key/value heads for 4 heads
-VISION = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64, image_size=16,
-              patch_size=8, num_labels=5)
+VISION = dict(
+    num_hidden_layers=2,
+    hidden_size=32,
+    num_attention_heads=4,
+    intermediate_size=64,
+    image_size=16,
+    patch_size=8,
+    num_labels=5,
+)
 
 
 def _ids(seq: int = 8, seed: int = 0) -> torch.Tensor:
@@ -40,20 +48,40 @@ def _pixels() -> dict:
 
 MODELS = {
     "bert": lambda: (transformers.BertForSequenceClassification(transformers.BertConfig(**TEXT)), _text()),
-    "roberta": lambda: (transformers.RobertaForSequenceClassification(
-        transformers.RobertaConfig(**TEXT, max_position_embeddings=32)), _text()),
-    "gpt2": lambda: (transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        n_layer=2, n_embd=32, n_head=4, vocab_size=V, n_positions=32, bos_token_id=0, eos_token_id=0)), _text()),
+    "roberta": lambda: (
+        transformers.RobertaForSequenceClassification(transformers.RobertaConfig(**TEXT, max_position_embeddings=32)),
+        _text(),
+    ),
+    "gpt2": lambda: (
+        transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(
+                n_layer=2, n_embd=32, n_head=4, vocab_size=V, n_positions=32, bos_token_id=0, eos_token_id=0
+            )
+        ),
+        _text(),
+    ),
     "llama": lambda: (transformers.LlamaForCausalLM(transformers.LlamaConfig(**DECODER)), _text()),
-    "mistral": lambda: (transformers.MistralForCausalLM(transformers.MistralConfig(**DECODER, sliding_window=4)),
-                        _text()),
+    "mistral": lambda: (
+        transformers.MistralForCausalLM(transformers.MistralConfig(**DECODER, sliding_window=4)),
+        _text(),
+    ),
     "vit": lambda: (transformers.ViTForImageClassification(transformers.ViTConfig(**VISION)), _pixels()),
-    "swin": lambda: (transformers.SwinForImageClassification(transformers.SwinConfig(
-        image_size=16, patch_size=2, embed_dim=8, depths=[1, 1], num_heads=[2, 2], window_size=4, num_labels=5)),
-        _pixels()),
-    "t5": lambda: (transformers.T5ForConditionalGeneration(transformers.T5Config(
-        vocab_size=V, d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, num_decoder_layers=2)),
-        dict(_text(), decoder_input_ids=_ids(5, seed=2))),
+    "swin": lambda: (
+        transformers.SwinForImageClassification(
+            transformers.SwinConfig(
+                image_size=16, patch_size=2, embed_dim=8, depths=[1, 1], num_heads=[2, 2], window_size=4, num_labels=5
+            )
+        ),
+        _pixels(),
+    ),
+    "t5": lambda: (
+        transformers.T5ForConditionalGeneration(
+            transformers.T5Config(
+                vocab_size=V, d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, num_decoder_layers=2
+            )
+        ),
+        dict(_text(), decoder_input_ids=_ids(5, seed=2)),
+    ),
 }
 
 
@@ -73,8 +101,11 @@ def _layers(module: nn.Module) -> dict[str, nn.Module]:
 
 
 def _visible(gm) -> set[str]:
-    return {n.target for n in gm.graph.nodes
-            if n.op == "call_module" and isinstance(gm.get_submodule(n.target), (nn.Linear, Conv1D))}
+    return {
+        n.target
+        for n in gm.graph.nodes
+        if n.op == "call_module" and isinstance(gm.get_submodule(n.target), (nn.Linear, Conv1D))
+    }
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -211,6 +242,8 @@ def test_errors_name_the_model_and_a_remedy():
 
 
 def test_sparsifx_does_not_import_transformers():
-    code = ("import sys, sparsifx, sparsifx.masking, sparsifx.hf_tracing, sparsifx.passes.magnitude; "
-            "assert 'transformers' not in sys.modules, 'transformers imported'")
+    code = (
+        "import sys, sparsifx, sparsifx.masking, sparsifx.hf_tracing, sparsifx.passes.magnitude; "
+        "assert 'transformers' not in sys.modules, 'transformers imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

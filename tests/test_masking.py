@@ -1,4 +1,5 @@
 """Masked layers: recompute-in-backward training ops match ``F.linear/conv(x, W*M)`` autograd and save less."""
+
 import pytest
 import torch
 import torch.nn as nn
@@ -6,7 +7,7 @@ import torch.nn.functional as F
 import torchvision
 
 from sparsifx.accounting import saved_tensor_bytes
-from sparsifx.masking import bake_masks, effective_weight, masked_layers, set_mask
+from sparsifx.masking import effective_weight, masked_layers, set_mask
 
 
 def _random_mask(weight: torch.Tensor, density: float = 0.4, seed: int = 0) -> torch.Tensor:
@@ -56,8 +57,15 @@ def test_linear_matches_reference(dense_grad, bias, shape):
 
 @pytest.mark.parametrize("dense_grad", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("conf", [dict(stride=2, padding=1), dict(padding=2, dilation=2),
-                                  dict(stride=2, padding=1, groups=2), dict(padding=(1, 0), stride=(1, 2))])
+@pytest.mark.parametrize(
+    "conf",
+    [
+        dict(stride=2, padding=1),
+        dict(padding=2, dilation=2),
+        dict(stride=2, padding=1, groups=2),
+        dict(padding=(1, 0), stride=(1, 2)),
+    ],
+)
 def test_conv2d_matches_reference(dense_grad, bias, conf):
     torch.manual_seed(0)
     _check_against_reference(nn.Conv2d(4, 6, 3, bias=bias, **conf), torch.randn(2, 4, 9, 10), dense_grad)
@@ -135,8 +143,9 @@ def test_no_grad_and_inference_mode_use_plain_path():
     set_mask(root, "0", _random_mask(root[0].weight))
     set_mask(root, "2", _random_mask(root[2].weight))
     x = torch.randn(2, 3, 8, 8)
-    expected = F.linear(F.conv2d(x, effective_weight(root[0]), root[0].bias).flatten(1),
-                        effective_weight(root[2]), root[2].bias)
+    expected = F.linear(
+        F.conv2d(x, effective_weight(root[0]), root[0].bias).flatten(1), effective_weight(root[2]), root[2].bias
+    )
     with torch.no_grad():
         out = root(x)
     assert out.grad_fn is None
@@ -150,6 +159,7 @@ def test_no_grad_and_inference_mode_use_plain_path():
 
 def test_masked_resnet18_exports_to_onnx(tmp_path):
     from sparsifx import export_onnx
+
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10)
     for name, m in list(model.named_modules()):
@@ -179,8 +189,11 @@ def test_autocast_bf16_training_matches_reference_and_keeps_grad_dtypes():
     x = torch.randn(2, 3, 8, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = root(x)
-        ref = F.linear(F.conv2d(x, root[0].weight * root[0].mask, root[0].bias, padding=1).flatten(1),
-                       root[2].weight * root[2].mask, root[2].bias)
+        ref = F.linear(
+            F.conv2d(x, root[0].weight * root[0].mask, root[0].bias, padding=1).flatten(1),
+            root[2].weight * root[2].mask,
+            root[2].bias,
+        )
     assert out.dtype == ref.dtype == torch.bfloat16
     torch.testing.assert_close(out, ref)
     ref_grads = torch.autograd.grad(ref.float().sum(), [root[0].weight, root[2].weight, root[2].bias])

@@ -1,4 +1,5 @@
 """clone_module (the copy ``trace`` makes) and submodule (the fast lookup of the channel passes)."""
+
 import pytest
 import torch
 import torch.nn as nn

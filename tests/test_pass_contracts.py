@@ -1,20 +1,28 @@
 """The pass contract and the manager: exact `modified`, contract violations, verification, fixed point, analyses."""
+
 from __future__ import annotations
 
 import copy
 
 import pytest
 import torch
-import torch.fx as fx
 import torch.nn as nn
 import torchvision
 
 import sparsifx.pass_manager as pm
-from sparsifx import (PassBase, PassError, PassManager, PassResult, PostconditionError, PreconditionError,
-                      VerificationError, sparsify)
+from sparsifx import (
+    PassBase,
+    PassError,
+    PassManager,
+    PassResult,
+    PostconditionError,
+    PreconditionError,
+    VerificationError,
+    sparsify,
+)
+from sparsifx.pass_base import PassCrash, PassDefinitionError
 from sparsifx.passes.fold_bn import FoldBatchNorm
 from sparsifx.passes.magnitude import MagnitudePruning
-from sparsifx.pass_base import PassCrash, PassDefinitionError
 from sparsifx.registry import ANALYSES, register_pass
 from sparsifx.tracing import trace
 
@@ -46,6 +54,7 @@ class Noop(PassBase):
 
 class DropOneRelu(PassBase):
     """relu(x) -> x, one node per call (needs a fixed point to remove them all)."""
+
     in_place = True
     name = "drop_one_relu"
 
@@ -61,6 +70,7 @@ class DropOneRelu(PassBase):
 
 class Breaker(PassBase):
     """Claims to preserve semantics but scales the last layer."""
+
     in_place = True
     name = "breaker"
     preserves_semantics = True
@@ -219,13 +229,23 @@ def test_analyses_rerun_only_after_invalidation(small):
     ANALYSES.register("test_contracts_counter", lambda g, inputs: calls.append(len(g.graph.nodes)), replace=True)
 
     def make(name, modifies, invalidates):
-        attrs = {"name": name, "in_place": True, "requires_analyses": ("test_contracts_counter",),
-                 "invalidates_analyses": invalidates,
-                 "call": lambda self, g: PassResult(g, modifies)}
+        attrs = {
+            "name": name,
+            "in_place": True,
+            "requires_analyses": ("test_contracts_counter",),
+            "invalidates_analyses": invalidates,
+            "call": lambda self, g: PassResult(g, modifies),
+        }
         return type(name, (PassBase,), attrs)()
 
-    passes = [make("a", True, ("test_contracts_counter",)), make("b", False, ("*",)),
-              make("c", True, ("other",)), make("d", False, ()), make("e", True, ("*",)), make("f", False, ())]
+    passes = [
+        make("a", True, ("test_contracts_counter",)),
+        make("b", False, ("*",)),
+        make("c", True, ("other",)),
+        make("d", False, ()),
+        make("e", True, ("*",)),
+        make("f", False, ()),
+    ]
     PassManager(passes, example_inputs=(x,)).run(gm)
     # runs before a; a invalidated it -> runs before b; b unmodified; c invalidates another key; e invalidates all
     assert len(calls) == 3
@@ -252,6 +272,7 @@ def test_shapes_analysis_rerun_after_a_pass_changed_the_graph(small):
 
 def test_in_place_must_be_stated():
     with pytest.raises(PassDefinitionError, match="must state in_place"):
+
         class Silent(PassBase):
             name = "silent"
 
@@ -262,6 +283,7 @@ def test_in_place_must_be_stated():
         type("Built", (PassBase,), {"call": lambda self, gm: PassResult(gm, False)})
 
     with pytest.raises(PassDefinitionError, match="got 1"):
+
         class NotBool(PassBase):
             in_place = 1
 
@@ -317,8 +339,11 @@ def test_crash_in_a_pipeline_names_the_pass_and_the_passes_before_it(small):
         def call(self, gm):
             raise ValueError("boom")
 
-    with pytest.raises(PassError, match=r"pass 'crashes' failed \(passes run before it: noop, fold_bn\): "
-                                        r"ValueError: boom") as info:
+    with pytest.raises(
+        PassError,
+        match=r"pass 'crashes' failed \(passes run before it: noop, fold_bn\): "
+        r"ValueError: boom",
+    ) as info:
         PassManager([Noop(), FoldBatchNorm(), Crashes(), Noop()], example_inputs=(x,)).run(gm)
     assert isinstance(info.value, PassCrash) and info.value.pass_name == "crashes"
     assert info.value.passes_before == ["noop", "fold_bn"] and isinstance(info.value.__cause__, ValueError)
@@ -339,8 +364,11 @@ def test_missing_required_analysis_is_a_precondition_error(small):
 
     for n in gm.graph.nodes:
         n.meta.pop("tensor_meta", None)
-    with pytest.raises(PreconditionError, match=r"'needs_shapes_strict' needs the 'shapes' analysis.*tensor_meta.*"
-                                                r"example_inputs"):
+    with pytest.raises(
+        PreconditionError,
+        match=r"'needs_shapes_strict' needs the 'shapes' analysis.*tensor_meta.*"
+        r"example_inputs",
+    ):
         PassManager([NeedsShapes()]).run(gm)
     gm.meta["example_inputs"] = (x,)  # the inputs sparsify traced with: the manager provides the analysis
     PassManager([NeedsShapes()]).run(gm)
@@ -362,8 +390,8 @@ def test_a_pass_called_directly_gets_its_declared_analyses_from_the_example_inpu
 
     for n in gm.graph.nodes:
         n.meta.pop("tensor_meta", None)
-    UsesShapes()(gm)   # no example inputs: not provided, the pass decides
-    PassManager([UsesShapes()]).run(gm)   # optional: not an error in the manager either
+    UsesShapes()(gm)  # no example inputs: not provided, the pass decides
+    PassManager([UsesShapes()]).run(gm)  # optional: not an error in the manager either
     gm.meta["example_inputs"] = (x,)
     UsesShapes()(gm)
     assert seen == [False, False, True]
@@ -372,14 +400,16 @@ def test_a_pass_called_directly_gets_its_declared_analyses_from_the_example_inpu
 def test_core_imports_no_pass_module_and_builtins_register_on_first_use():
     import subprocess
     import sys
-    code = ("import sys, sparsifx, sparsifx.accounting, sparsifx.reporting\n"
-            "assert not [m for m in sys.modules if m.startswith('sparsifx.passes')], 'passes imported'\n"
-            "from sparsifx.registry import PASSES\n"
-            "assert 'magnitude' in PASSES.names() and PASSES.get('shrink').name == 'shrink'\n"
-            "import torch\n"
-            "gm = sparsifx.sparsify(torch.nn.Sequential(torch.nn.Linear(4, 4)), "
-            "{'stages': [{'pass': 'magnitude', 'sparsity': 0.5}]})\n"
-            "assert callable(sparsifx.report) and sparsifx.report(gm).total_nonzeros == 12\n")
+
+    code = (
+        "import sys, sparsifx, sparsifx.accounting, sparsifx.reporting\n"
+        "assert not [m for m in sys.modules if m.startswith('sparsifx.passes')], 'passes imported'\n"
+        "from sparsifx.registry import PASSES\n"
+        "assert 'magnitude' in PASSES.names() and PASSES.get('shrink').name == 'shrink'\n"
+        "import torch\n"
+        "gm = sparsifx.sparsify(torch.nn.Sequential(torch.nn.Linear(4, 4)), "
+        "{'stages': [{'pass': 'magnitude', 'sparsity': 0.5}]})\n"
+        "assert callable(sparsifx.report) and sparsifx.report(gm).total_nonzeros == 12\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-

@@ -1,5 +1,6 @@
 """``Report.plot`` / ``sparsifx.plot`` and ``sparsifx run/inspect --plot``: a real, non-blank image, written
 atomically; clear errors without matplotlib or for an unusable path."""
+
 from __future__ import annotations
 
 import sys
@@ -19,16 +20,25 @@ mpimg = pytest.importorskip("matplotlib.image")
 
 def _net() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3),
-                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    ).eval()
 
 
 @pytest.fixture(scope="module")
 def reports():
     x = torch.randn(1, 3, 16, 16)
     net = _net()
-    recipe = {"stages": [{"pass": "magnitude", "sparsity": 0.8}, {"pass": "channel_prune", "ratio": 0.5},
-                         {"pass": "shrink"}]}
+    recipe = {
+        "stages": [{"pass": "magnitude", "sparsity": 0.8}, {"pass": "channel_prune", "ratio": 0.5}, {"pass": "shrink"}]
+    }
     gm = sparsifx.sparsify(net, recipe, example_inputs=(x,))
     return sparsifx.report(net, (x,)), sparsifx.report(gm, (x,))
 
@@ -95,11 +105,13 @@ def test_errors(reports, tmp_path, monkeypatch):
 
 def test_failed_draw_leaves_existing_file(reports, tmp_path, monkeypatch):
     from matplotlib.figure import Figure
+
     path = tmp_path / "layers.png"
     path.write_bytes(b"old")
 
     def broken(self, *args, **kwargs):
         raise RuntimeError("disk full")
+
     monkeypatch.setattr(Figure, "savefig", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         plot_reports(reports[1], path)
@@ -109,11 +121,13 @@ def test_failed_draw_leaves_existing_file(reports, tmp_path, monkeypatch):
 # --- the command line ---------------------------------------------------------------------------------------------
 @pytest.fixture()
 def tiny_source(tmp_path, monkeypatch):
-    (tmp_path / "plot_tiny_model.py").write_text(textwrap.dedent("""
+    (tmp_path / "plot_tiny_model.py").write_text(
+        textwrap.dedent("""
         import torch.nn as nn
         def make():
             return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
-    """))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("stages:\n  - pass: magnitude\n    sparsity: 0.6\n")
@@ -122,8 +136,23 @@ def tiny_source(tmp_path, monkeypatch):
 
 def test_cli_run_and_inspect_plot(tiny_source, tmp_path, capsys):
     png, saved = tmp_path / "run.png", tmp_path / "model.pt"
-    assert main(["run", str(tiny_source), "--model", "python:plot_tiny_model:make", "--input-shape", "1,3,8,8",
-                 "--plot", str(png), "--save", str(saved)]) == 0
+    assert (
+        main(
+            [
+                "run",
+                str(tiny_source),
+                "--model",
+                "python:plot_tiny_model:make",
+                "--input-shape",
+                "1,3,8,8",
+                "--plot",
+                str(png),
+                "--save",
+                str(saved),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert f"wrote {png}" in out
     _assert_image(png)
@@ -138,14 +167,42 @@ def test_cli_plot_errors_are_one_line(tiny_source, tmp_path, capsys, monkeypatch
     onnx.write_bytes(b"not really")
     assert main(["inspect", str(onnx), "--plot", str(tmp_path / "x.png")]) == 2
     assert "an .onnx file has no layers" in capsys.readouterr().err
-    assert main(["run", str(tiny_source), "--model", "python:plot_tiny_model:make", "--input-shape", "1,3,8,8",
-                 "--plot", str(tmp_path / "nodir" / "x.png")]) == 2
+    assert (
+        main(
+            [
+                "run",
+                str(tiny_source),
+                "--model",
+                "python:plot_tiny_model:make",
+                "--input-shape",
+                "1,3,8,8",
+                "--plot",
+                str(tmp_path / "nodir" / "x.png"),
+            ]
+        )
+        == 2
+    )
     assert "--plot: directory" in capsys.readouterr().err
-    assert main(["run", str(tiny_source), "--model", "python:plot_tiny_model:make", "--plot",
-                 str(tmp_path / "x.txt")]) == 2  # refused before the model is built
+    assert (
+        main(["run", str(tiny_source), "--model", "python:plot_tiny_model:make", "--plot", str(tmp_path / "x.txt")])
+        == 2
+    )  # refused before the model is built
     assert "suffix must be one of" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
-    assert main(["run", str(tiny_source), "--model", "python:plot_tiny_model:make", "--input-shape", "1,3,8,8",
-                 "--plot", str(tmp_path / "x.png")]) == 2
+    assert (
+        main(
+            [
+                "run",
+                str(tiny_source),
+                "--model",
+                "python:plot_tiny_model:make",
+                "--input-shape",
+                "1,3,8,8",
+                "--plot",
+                str(tmp_path / "x.png"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "pip install sparsifx[plot]" in err

@@ -1,4 +1,5 @@
 """sparsifx.report: params, non-zeros, sparsity, MACs from shapes, table, to_dict, extra columns."""
+
 import json
 
 import pytest
@@ -106,6 +107,7 @@ def test_table_and_dict():
 
 def test_report_callable_after_submodule_import():
     import importlib
+
     module = importlib.import_module("sparsifx.report")
     model = nn.Linear(3, 2)
     assert sparsifx.report(model).total_params == 8  # whichever object sparsifx.report is bound to

@@ -1,4 +1,5 @@
 """save/load: plain-data GraphModule files, loadable with weights_only=True, identical outputs."""
+
 from __future__ import annotations
 
 import operator
@@ -13,6 +14,7 @@ from sparsifx.errors import SparsifxError
 from sparsifx.masking import set_mask
 from sparsifx.registry import PASSES
 from sparsifx.serialization import SerializationError, load, register_function, save, to_payload
+
 
 def _build(name: str, size: int):
     torch.manual_seed(0)
@@ -45,27 +47,29 @@ def _roundtrip(gm, inputs, tmp_path):
     return loaded
 
 
-@pytest.mark.parametrize("name,size", [("resnet18", 32), ("mobilenet_v3_small", 32),
-                                       ("shufflenet_v2_x0_5", 32), ("swin_t", 32)])
+@pytest.mark.parametrize(
+    "name,size", [("resnet18", 32), ("mobilenet_v3_small", 32), ("shufflenet_v2_x0_5", 32), ("swin_t", 32)]
+)
 def test_shrunk_torchvision_roundtrip(name, size, tmp_path):
     gm, inputs = _shrunk(name, size)
     loaded = _roundtrip(gm, inputs, tmp_path)
     # the physical (shrunk) shapes survive
-    assert {k: v.shape for k, v in loaded.state_dict().items()} == \
-        {k: v.shape for k, v in gm.state_dict().items() if k in loaded.state_dict()}
+    assert {k: v.shape for k, v in loaded.state_dict().items()} == {
+        k: v.shape for k, v in gm.state_dict().items() if k in loaded.state_dict()
+    }
     # the original model classes are gone: only torch.nn / torchvision leaves
     assert not any(type(m).__module__.startswith("torchvision.models.resnet") for m in loaded.modules())
 
 
 def test_vit_roundtrip_with_get_attr_parameters(tmp_path):
-    model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
-                                                 hidden_dim=32, mlp_dim=64, num_classes=10).eval()
+    model = torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=10
+    ).eval()
     inputs = (torch.randn(2, 3, 32, 32),)
     gm = sparsifx.trace(model, inputs)
     loaded = _roundtrip(gm, inputs, tmp_path)
     assert isinstance(loaded.get_parameter("class_token"), nn.Parameter)
-    assert isinstance(loaded.get_submodule("encoder.layers.encoder_layer_0.self_attention"),
-                      nn.MultiheadAttention)
+    assert isinstance(loaded.get_submodule("encoder.layers.encoder_layer_0.self_attention"), nn.MultiheadAttention)
 
 
 def test_masked_layers_and_training_flags_roundtrip(tmp_path):
@@ -119,11 +123,21 @@ def test_registered_function_roundtrip(tmp_path):
         assert any(n.target is _custom_op for n in loaded.graph.nodes)
     finally:
         from sparsifx import serialization
+
         serialization._EXTRA_FUNCTIONS.clear()
 
 
-@pytest.mark.parametrize("target", ["os.system", "torch.load", "torch.serialization.load", "builtins.eval",
-                                    "torch.set_default_dtype", "torch.hub.load"])
+@pytest.mark.parametrize(
+    "target",
+    [
+        "os.system",
+        "torch.load",
+        "torch.serialization.load",
+        "builtins.eval",
+        "torch.set_default_dtype",
+        "torch.hub.load",
+    ],
+)
 def test_file_with_non_allow_listed_target_refused(target, tmp_path):
     gm = sparsifx.trace(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
     payload = to_payload(gm)

@@ -1,4 +1,5 @@
 """HeavyOpsOnMeta records exactly the tensor_meta that a real ShapeProp run records."""
+
 import pytest
 import torch
 import torch.fx as fx
@@ -26,9 +27,18 @@ def _both(model: nn.Module, *inputs) -> tuple[dict, dict]:
     return real, _metas(gm)
 
 
-@pytest.mark.parametrize("name,side", [("resnet18", 64), ("mobilenet_v3_small", 64), ("googlenet", 64),
-                                       ("regnet_y_400mf", 64), ("vit_b_32", 64), ("swin_t", 64),
-                                       ("convnext_tiny", 64)])
+@pytest.mark.parametrize(
+    "name,side",
+    [
+        ("resnet18", 64),
+        ("mobilenet_v3_small", 64),
+        ("googlenet", 64),
+        ("regnet_y_400mf", 64),
+        ("vit_b_32", 64),
+        ("swin_t", 64),
+        ("convnext_tiny", 64),
+    ],
+)
 def test_torchvision_metas_equal_real_run(name, side):
     kwargs = {"image_size": side} if name.startswith("vit") else {}
     kwargs.update({"aux_logits": False, "init_weights": False} if name == "googlenet" else {})
@@ -70,6 +80,7 @@ def test_channels_last_input_keeps_channels_last_strides():
 
 def test_heavy_ops_compute_nothing():
     """The fast run really skips the arithmetic: a conv whose real forward raises is never run."""
+
     class Exploding(nn.Conv2d):
         def forward(self, x):
             raise AssertionError("real conv forward was called")
@@ -84,6 +95,7 @@ def test_heavy_ops_compute_nothing():
 def test_falls_back_to_a_real_run_when_the_fast_run_raises(capfd):
     """An op that rejects the zeros a skipped conv passes on: the real run records the shapes, and the
     handled failure prints no traceback."""
+
     class NeedsNonZero(nn.Module):
         def forward(self, x):
             if not bool(x.abs().sum() > 0):

@@ -1,4 +1,5 @@
 """sparsify(): the user's model is never mutated; a bad recipe fails before the model is touched."""
+
 from __future__ import annotations
 
 import copy
@@ -16,6 +17,7 @@ from sparsifx.registry import register_pass
 @register_pass("test_sparsify_scale_all", replace=True)
 class ScaleAll(PassBase):
     """An in-place pass that rewrites every parameter and buffer of the module it is given."""
+
     in_place = True
 
     def __init__(self, *, factor: float = 0.0):
@@ -29,8 +31,11 @@ class ScaleAll(PassBase):
 
 
 def snapshot(model: nn.Module):
-    return ({k: v.clone() for k, v in model.state_dict().items()},
-            {n: type(m) for n, m in model.named_modules()}, model.training)
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        {n: type(m) for n, m in model.named_modules()},
+        model.training,
+    )
 
 
 def assert_untouched(model: nn.Module, snap) -> None:
@@ -43,8 +48,13 @@ def assert_untouched(model: nn.Module, snap) -> None:
     assert model.training == training
 
 
-RECIPE = {"stages": [{"pass": "magnitude", "sparsity": 0.8, "distribution": "erk"}, {"pass": "fold_bn"},
-                     {"pass": "test_sparsify_scale_all", "factor": 0.0}]}
+RECIPE = {
+    "stages": [
+        {"pass": "magnitude", "sparsity": 0.8, "distribution": "erk"},
+        {"pass": "fold_bn"},
+        {"pass": "test_sparsify_scale_all", "factor": 0.0},
+    ]
+}
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
@@ -91,12 +101,14 @@ class Watched(nn.Module):
         return new
 
 
-@pytest.mark.parametrize("recipe,path", [
-    ({"stages": [{"pass": "magnitude", "sparsity": 0.5}, {"pass": "fold_bn"}, {"pass": "nope"}]},
-     "stages[2].pass"),
-    ({"stages": [{"pass": "magnitude", "sparsity": 2.0}]}, "stages[0].sparsity"),
-    ("stages: [{pass: magnitude, sparsity: [}", "<yaml>"),
-])
+@pytest.mark.parametrize(
+    "recipe,path",
+    [
+        ({"stages": [{"pass": "magnitude", "sparsity": 0.5}, {"pass": "fold_bn"}, {"pass": "nope"}]}, "stages[2].pass"),
+        ({"stages": [{"pass": "magnitude", "sparsity": 2.0}]}, "stages[0].sparsity"),
+        ("stages: [{pass: magnitude, sparsity: [}", "<yaml>"),
+    ],
+)
 def test_bad_recipe_raises_before_model_is_touched(recipe, path):
     model = Watched()
     with pytest.raises(RecipeError) as info:

@@ -1,4 +1,5 @@
 """sparsifx.testing: the helpers custom-pass authors use to test their passes as sparsifx tests its own."""
+
 from __future__ import annotations
 
 import copy

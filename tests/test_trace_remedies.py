@@ -1,4 +1,5 @@
 """TraceError names the node that drove control flow and the input behind it; sparsify passes concrete_args on."""
+
 import pytest
 import torch
 import torch.nn as nn
@@ -42,11 +43,13 @@ def test_size_branch_remedy_names_node_and_input():
 def test_sparsify_passes_concrete_args_and_leaf_modules():
     model = _Flagged().eval()
     x = torch.randn(3, 4)
-    gm = sparsifx.sparsify(model, {"stages": [{"pass": "magnitude", "sparsity": 0.5}]}, example_inputs=(x,),
-                           concrete_args={"double": True})
+    gm = sparsifx.sparsify(
+        model, {"stages": [{"pass": "magnitude", "sparsity": 0.5}]}, example_inputs=(x,), concrete_args={"double": True}
+    )
     gm.graph.lint()
     assert any(n.target == "lin" for n in gm.graph.nodes)
     outer = nn.Sequential(_SizeBranch())
-    gm = sparsifx.sparsify(outer, {"stages": [{"pass": "magnitude", "sparsity": 0.5}]}, example_inputs=(x,),
-                           leaf_modules=["0"])
+    gm = sparsifx.sparsify(
+        outer, {"stages": [{"pass": "magnitude", "sparsity": 0.5}]}, example_inputs=(x,), leaf_modules=["0"]
+    )
     assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["0"]

@@ -1,5 +1,6 @@
 """Layers fx traced into (a Conv2d / Linear subclass calling F.conv2d / F.linear) are bare ``nn.Module``
 containers in the graph; ``gm.meta["module_classes"]`` lets the default channel selection type them."""
+
 from __future__ import annotations
 
 import logging
@@ -13,9 +14,8 @@ from sparsifx.module_classes import META_KEY, class_name, is_container
 from sparsifx.passes.magnitude import MagnitudePruning
 from sparsifx.selection import LayerSelection, SelectionError
 from sparsifx.serialization import from_payload, to_payload
-from sparsifx.tracing import retrace, trace
-
 from sparsifx.testing import n_params, prune_and_shrink
+from sparsifx.tracing import retrace, trace
 
 X = (torch.randn(2, 3, 8, 8),)
 
@@ -24,8 +24,9 @@ class StdConv(nn.Conv2d):
     """Like timm's ``StdConv2d``: the weight is standardised per output channel, then ``F.conv2d``."""
 
     def forward(self, x):
-        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True,
-                         momentum=0.0, eps=1e-6).reshape_as(self.weight)
+        w = F.batch_norm(
+            self.weight.reshape(1, self.out_channels, -1), None, None, training=True, momentum=0.0, eps=1e-6
+        ).reshape_as(self.weight)
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 

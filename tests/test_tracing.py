@@ -1,4 +1,5 @@
 """sparsifx.trace: torchvision models, opaque-leaf fallback, TraceError, no mutation, leaf modules."""
+
 import pytest
 import torch
 import torch.fx as fx

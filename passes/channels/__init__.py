@@ -26,6 +26,7 @@ Building blocks (for ``compact`` and tools): ``analyze_channels(gm) -> ChannelAn
 members, barriers); ``ChannelPlan(analysis, pruned_bool_per_unit)``; ``shrink_with_plan(gm, plan)``;
 ``zero_units``; registries ``CHANNEL_RULES`` (op -> rule), ``IMPORTANCE``, ``SLICERS``, ``REWRITES``.
 """
+
 from .coupling import ChannelAnalysis, Group, analyze_channels
 from .importance import IMPORTANCE
 from .prune import ChannelPlan, ChannelPrune, zero_units
@@ -34,6 +35,19 @@ from .rules_base import CHANNEL_RULES, channel_rule
 from .shrink import Shrink, shrink_with_plan
 from .slicers import SLICERS, register_slicer
 
-__all__ = ["CHANNEL_RULES", "ChannelAnalysis", "ChannelPlan", "ChannelPrune", "Group", "IMPORTANCE", "REWRITES",
-           "SLICERS", "Shrink", "analyze_channels", "channel_rule", "register_slicer", "shrink_with_plan",
-           "zero_units"]
+__all__ = [
+    "CHANNEL_RULES",
+    "ChannelAnalysis",
+    "ChannelPlan",
+    "ChannelPrune",
+    "Group",
+    "IMPORTANCE",
+    "REWRITES",
+    "SLICERS",
+    "Shrink",
+    "analyze_channels",
+    "channel_rule",
+    "register_slicer",
+    "shrink_with_plan",
+    "zero_units",
+]

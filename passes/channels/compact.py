@@ -1,4 +1,5 @@
 """Pass ``compact``: physically remove channels whose producing weights are already all zero."""
+
 from __future__ import annotations
 
 import logging
@@ -9,12 +10,12 @@ import torch.fx as fx
 import torch.nn as nn
 
 from sparsifx import validate
-from sparsifx.module_utils import submodule
 from sparsifx.masking import effective_weight, is_masked
+from sparsifx.meta_keys import CHANNEL_REPORT, REPORT_NOTES
+from sparsifx.module_utils import submodule
 from sparsifx.pass_base import PassBase, PassResult
 from sparsifx.registry import register_pass
 from sparsifx.sparse_linear import masked_to_sparse, sparse_to_masked
-from sparsifx.meta_keys import CHANNEL_REPORT, REPORT_NOTES
 
 from .coupling import ChannelAnalysis, analyze_channels
 from .importance import member_tensor
@@ -94,13 +95,15 @@ class Compact(PassBase):
         for group in a.groups:
             if pruned[group.units].any() and not _constraints_hold(a, group.units, pruned):
                 pruned[group.units] = False
-                notes.append(f"group of {group.modules[0]} left whole: its dead channels are unbalanced "
-                             "across conv groups")
+                notes.append(
+                    f"group of {group.modules[0]} left whole: its dead channels are unbalanced across conv groups"
+                )
         candidates = int(pruned.sum())
         modified = shrink_with_plan(gm, ChannelPlan(a, pruned, notes)) if candidates else False
         report = gm.meta.get(CHANNEL_REPORT, {}) if modified else {}
         gm.meta.setdefault(REPORT_NOTES, []).append(
             f"compact: {candidates} all-zero channel units found, {report.get('removed_units', 0)} removed"
-            + "".join(f"; {n}" for n in notes))
+            + "".join(f"; {n}" for n in notes)
+        )
         log.info("compact: %d dead channel units, modified=%s", candidates, modified)
         return PassResult(gm, modified)

@@ -13,12 +13,14 @@ above, ``split``, an opaque leaf's tuple) contributes its labels, which are exac
 non-tensor node (``h.shape[1]``) or a container whose labels could not be resolved is walked through, so
 the tensors it was computed from are fixed too (fail safe).
 """
+
 from __future__ import annotations
 
 from typing import Any, Iterator
 
 import torch
 import torch.fx as fx
+
 from sparsifx.meta_keys import TENSOR_META
 
 from .rules_base import UNKNOWN, RuleContext
@@ -38,8 +40,9 @@ def is_container(meta: Any) -> bool:
 
 def is_container_op(node: fx.Node) -> bool:
     """A Python operator or container class (a namedtuple) that builds a container of tensors."""
-    builds = is_python_op(node) or (node.op == "call_function" and isinstance(node.target, type)
-                                    and issubclass(node.target, (tuple, list, dict)))
+    builds = is_python_op(node) or (
+        node.op == "call_function" and isinstance(node.target, type) and issubclass(node.target, (tuple, list, dict))
+    )
     return builds and is_container(node.meta.get(TENSOR_META))
 
 
@@ -91,9 +94,15 @@ def _matches(value: Any, meta: Any) -> bool:
     if hasattr(meta, "shape"):
         return isinstance(value, torch.Tensor) and value.ndim == len(meta.shape)
     if isinstance(meta, (tuple, list)):
-        return isinstance(value, (tuple, list)) and len(value) == len(meta) and \
-            all(_matches(v, m) for v, m in zip(value, meta))
+        return (
+            isinstance(value, (tuple, list))
+            and len(value) == len(meta)
+            and all(_matches(v, m) for v, m in zip(value, meta))
+        )
     if isinstance(meta, dict):
-        return isinstance(value, dict) and value.keys() == meta.keys() and \
-            all(_matches(value[k], m) for k, m in meta.items())
+        return (
+            isinstance(value, dict)
+            and value.keys() == meta.keys()
+            and all(_matches(value[k], m) for k, m in meta.items())
+        )
     return not isinstance(value, torch.Tensor) and value is not UNKNOWN

@@ -7,6 +7,7 @@ whole) and is listed in ``ChannelAnalysis.barriers``. A *unit* is a set of chann
 connected component of coupled atoms); a *group* is a set of units of coupled producer spaces
 (e.g. every conv feeding one residual stream) that a ratio applies to.
 """
+
 from __future__ import annotations
 
 import builtins
@@ -25,8 +26,7 @@ from sparsifx.errors import PreconditionError
 from sparsifx.meta_keys import CHANNEL_ANALYSIS, EXAMPLE_INPUTS, TENSOR_META
 from sparsifx.module_utils import submodule
 
-from . import rules_attention, rules_elementwise, rules_modules, rules_shape  # noqa: F401  (register rules)
-from . import rules_index, rules_layer_fn, rules_norm_fn  # noqa: F401  (register rules)
+from . import rules_attention, rules_elementwise, rules_index, rules_layer_fn, rules_modules, rules_norm_fn, rules_shape  # noqa: F401  (register rules)  # noqa: F401  (register rules)
 from .containers import PYTHON_MODULES, container_value, is_container_op, protect_outputs
 from .rules_base import UNKNOWN, RuleContext, find_param_dim, find_rule, is_label, owner_type, shape_of
 from .tracker import FIXED, Member, Tracker, connected_components
@@ -40,6 +40,7 @@ _SHAPE_ATTRS = {"shape", "ndim", "dtype", "is_cuda", "device"}
 @dataclass
 class Group:
     """Units pruned under one ratio; ``modules`` are its producer layers."""
+
     index: int
     units: np.ndarray
     modules: tuple[str, ...]
@@ -48,8 +49,8 @@ class Group:
 @dataclass
 class ChannelAnalysis:
     tracker: Tracker
-    unit: np.ndarray          # atom -> unit id
-    prunable: np.ndarray      # unit id -> bool
+    unit: np.ndarray  # atom -> unit id
+    prunable: np.ndarray  # unit id -> bool
     groups: list[Group]
     signature: tuple[str, ...]
 
@@ -91,8 +92,12 @@ def model_inputs(gm: fx.GraphModule, seed: int) -> tuple[tuple, tuple]:
     metas = [n.meta.get(TENSOR_META) for n in holders]
     if any(m is None for m in metas):
         raise PreconditionError("shrink needs input shapes (node.meta['tensor_meta'] on placeholders)")
-    rand = tuple(torch.randn(m.shape, generator=gen, dtype=m.dtype) if m.dtype.is_floating_point
-                 else torch.zeros(m.shape, dtype=m.dtype) for m in metas)
+    rand = tuple(
+        torch.randn(m.shape, generator=gen, dtype=m.dtype)
+        if m.dtype.is_floating_point
+        else torch.zeros(m.shape, dtype=m.dtype)
+        for m in metas
+    )
     return (tuple(example) if example is not None else rand), rand
 
 
@@ -101,22 +106,29 @@ def _optional_unshaped(node: fx.Node, example) -> bool:
     input fills and no shape was recorded for: it carries no channels and the model runs on its default."""
     index = [n for n in node.graph.nodes if n.op == "placeholder"].index(node)
     given = example is not None and index < len(example)
-    return (not given and TENSOR_META not in node.meta and len(node.args) == 1
-            and (node.args[0] is None or isinstance(node.args[0], (bool, int, float, str))))
+    return (
+        not given
+        and TENSOR_META not in node.meta
+        and len(node.args) == 1
+        and (node.args[0] is None or isinstance(node.args[0], (bool, int, float, str)))
+    )
 
 
 def analyze_channels(gm: fx.GraphModule, streams: str = "exact") -> ChannelAnalysis:
     """Propagate channel labels through ``gm`` and compute units and groups; ``streams="approximate"`` lets
     channel-wide normalisations pass channels, recorded as approximations (``streams.py``)."""
     if not any(TENSOR_META in n.meta for n in gm.graph.nodes if n.op == "placeholder"):
-        raise PreconditionError("channel analysis needs shapes: trace with example_inputs or run the 'shapes' "
-                                "analysis (node.meta['tensor_meta'])")
+        raise PreconditionError(
+            "channel analysis needs shapes: trace with example_inputs or run the 'shapes' "
+            "analysis (node.meta['tensor_meta'])"
+        )
     cx = RuleContext(gm, Tracker(streams))
     for node in gm.graph.nodes:
         cx.env[node], rule = _visit(cx, node)
         cx.t.labels[node.name] = cx.env[node]
-        if node.op in ("get_attr", "call_function", "call_method", "call_module") and \
-                is_zero_after(cx.t.zero_nodes, cx, node, rule):
+        if node.op in ("get_attr", "call_function", "call_method", "call_module") and is_zero_after(
+            cx.t.zero_nodes, cx, node, rule
+        ):
             cx.t.zero_nodes.add(node.name)
     _unite_shared_members(gm, cx.t)
     return _finalize(gm, cx.t)
@@ -137,8 +149,11 @@ def _visit(cx: RuleContext, node: fx.Node):
         return container_value(cx, node), None
     rule = find_rule(cx.gm, node)
     if rule is None:
-        cx.t.barrier(node, "no channel rule for this op", [cx.value(a) for a in node.args] +
-                     [cx.value(v) for v in node.kwargs.values()])
+        cx.t.barrier(
+            node,
+            "no channel rule for this op",
+            [cx.value(a) for a in node.args] + [cx.value(v) for v in node.kwargs.values()],
+        )
         return cx.fixed(node), None
     return rule(cx, node), rule
 
@@ -246,8 +261,11 @@ def _keep_unsliced_dims_whole(gm: fx.GraphModule, t: Tracker, first: dict, slice
         value = getattr(*slots[0])
         for dim in range(value.ndim):
             if (id(value), dim) in first and any((id(mod), attr, dim) not in sliced for mod, attr in slots):
-                log.info("tied tensor %s: dim %d kept whole (not every holder slices it with the channels)",
-                         " = ".join(f"{p}.{a}" if p else a for p, a in holders), dim)
+                log.info(
+                    "tied tensor %s: dim %d kept whole (not every holder slices it with the channels)",
+                    " = ".join(f"{p}.{a}" if p else a for p, a in holders),
+                    dim,
+                )
                 t.fix(first[(id(value), dim)])
 
 
@@ -270,10 +288,11 @@ def _finalize(gm: fx.GraphModule, t: Tracker) -> ChannelAnalysis:
     for key in np.unique(label[u].astype(np.int64) * n_spaces + s).tolist():
         lab, ss = divmod(key, n_spaces)
         mods.setdefault(lab, set()).add(t.spaces[ss])
-    out = [Group(i, units, tuple(sorted(mods.get(int(lab), ()))))
-           for i, (lab, units) in enumerate(zip(labs.tolist(), members))]
-    log.info("channel analysis: %d units in %d groups, %d barriers", int(prunable.sum()), len(out),
-             len(t.barriers))
+    out = [
+        Group(i, units, tuple(sorted(mods.get(int(lab), ()))))
+        for i, (lab, units) in enumerate(zip(labs.tolist(), members))
+    ]
+    log.info("channel analysis: %d units in %d groups, %d barriers", int(prunable.sum()), len(out), len(t.barriers))
     return ChannelAnalysis(t, unit, prunable, out, graph_signature(gm))
 
 
@@ -282,8 +301,13 @@ def _has_current_analysis(gm: fx.GraphModule) -> bool:
     return isinstance(found, ChannelAnalysis) and found.signature == graph_signature(gm)
 
 
-@register_analysis("channel_coupling", key=CHANNEL_ANALYSIS, present=_has_current_analysis, needs_inputs=False,
-                   remedy="record shapes first (the 'shapes' analysis: pass example_inputs)")
+@register_analysis(
+    "channel_coupling",
+    key=CHANNEL_ANALYSIS,
+    present=_has_current_analysis,
+    needs_inputs=False,
+    remedy="record shapes first (the 'shapes' analysis: pass example_inputs)",
+)
 def channel_coupling(gm: fx.GraphModule, example_inputs=None) -> None:
     """Analysis ``channel_coupling``: ``gm.meta["channel_analysis"]`` = ``analyze_channels(gm)`` (coupled channel
     units and groups). Needs shapes (``node.meta["tensor_meta"]``): declare ``("shapes", "channel_coupling")``."""

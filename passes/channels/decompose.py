@@ -11,6 +11,7 @@ The head split is written ``unflatten(-1, (h, -1))`` for within-head dims and ``
 whole heads (``heads=True``), so that shrink's inferred ``-1`` is the dim that shrinks; calling again with the
 other choice restyles splits rewritten earlier (tagged ``node.meta["head_split"]``).
 """
+
 from __future__ import annotations
 
 import operator
@@ -19,6 +20,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+
 from sparsifx.meta_keys import TENSOR_META
 
 from .window_attention import decompose_window_attention, has_window_attention
@@ -31,11 +33,20 @@ def _plain(m: nn.MultiheadAttention, node: fx.Node) -> bool:
     extra = list(node.args[3:])
     masks = [kwargs.get("key_padding_mask"), kwargs.get("attn_mask")] + extra[:1] + extra[2:3]
     causal = kwargs.get("is_causal", extra[4] if len(extra) > 4 else False)
-    weights_unused = all(u.op == "call_function" and u.target is operator.getitem and
-                         (u.args[1] == 0 or not u.users) for u in node.users)
-    return (m._qkv_same_embed_dim and m.in_proj_bias is not None and m.bias_k is None and not m.add_zero_attn
-            and m.dropout == 0.0 and all(x is None for x in masks) and not causal and weights_unused
-            and len(node.args) >= 3)
+    weights_unused = all(
+        u.op == "call_function" and u.target is operator.getitem and (u.args[1] == 0 or not u.users) for u in node.users
+    )
+    return (
+        m._qkv_same_embed_dim
+        and m.in_proj_bias is not None
+        and m.bias_k is None
+        and not m.add_zero_attn
+        and m.dropout == 0.0
+        and all(x is None for x in masks)
+        and not causal
+        and weights_unused
+        and len(node.args) >= 3
+    )
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
@@ -54,8 +65,11 @@ def _seq_batch(src: fx.Node, batch_first: bool) -> tuple[int, int]:
 
 def has_attention(gm: fx.GraphModule) -> bool:
     """Whether ``gm`` holds attention that ``decompose_attention`` may rewrite or restyle."""
-    return any(isinstance(m, nn.MultiheadAttention) for m in gm.modules()) or has_window_attention(gm) or \
-        any(HEAD_SPLIT in n.meta for n in gm.graph.nodes)
+    return (
+        any(isinstance(m, nn.MultiheadAttention) for m in gm.modules())
+        or has_window_attention(gm)
+        or any(HEAD_SPLIT in n.meta for n in gm.graph.nodes)
+    )
 
 
 def decompose_attention(gm: fx.GraphModule, heads: bool = False) -> int:
@@ -100,9 +114,12 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, m: nn.MultiheadAttention, whole_
     e, h = m.embed_dim, m.num_heads
     name = node.target
     w, b = m.in_proj_weight.detach(), m.in_proj_bias.detach()
-    parts = {"q_proj": _linear(w[:e], b[:e]), "k_proj": _linear(w[e:2 * e], b[e:2 * e]),
-             "v_proj": _linear(w[2 * e:], b[2 * e:]), "out_proj": _linear(m.out_proj.weight.detach(),
-                                                                             m.out_proj.bias)}
+    parts = {
+        "q_proj": _linear(w[:e], b[:e]),
+        "k_proj": _linear(w[e : 2 * e], b[e : 2 * e]),
+        "v_proj": _linear(w[2 * e :], b[2 * e :]),
+        "out_proj": _linear(m.out_proj.weight.detach(), m.out_proj.bias),
+    }
     batch_first = m.batch_first
     gm.delete_submodule(name)
     for key, lin in parts.items():
@@ -129,8 +146,9 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, m: nn.MultiheadAttention, whole_
             x.meta[HEAD_SPLIT] = True
             heads.append(shaped(g.call_method("transpose", (x, -3, -2)), b, h, n, e // h))
         lq, b = _seq_batch(node.args[0], batch_first)
-        att = shaped(g.call_function(F.scaled_dot_product_attention, tuple(heads), {"scale": (e // h) ** -0.5}),
-                     b, h, lq, e // h)
+        att = shaped(
+            g.call_function(F.scaled_dot_product_attention, tuple(heads), {"scale": (e // h) ** -0.5}), b, h, lq, e // h
+        )
         merged = shaped(g.call_method("transpose", (att, -3, -2)), b, lq, h, e // h)
         merged = shaped(g.call_method("flatten", (merged, -2)), b, lq, e)
         out = shaped(g.call_module(f"{name}.out_proj", (merged,)), b, lq, e)

@@ -18,6 +18,7 @@ are pruned together; the query-to-kv head ratio stays the same.
 exact shrink inside ``channel_prune``; then within-head dims of the kept heads are zeroed at the ratio that brings
 each attention group to about ``1 - ratio`` of its channels (``prune_heads_then_dims``).
 """
+
 from __future__ import annotations
 
 import math
@@ -26,12 +27,13 @@ from typing import Iterator
 
 import torch
 import torch.fx as fx
+
 from sparsifx.meta_keys import CHANNEL_OUTCOME, CHANNEL_PLAN, REPORT_NOTES, TENSOR_META
 
 ATTENTION_MODES = ("head_dims", "heads", "both")
-META_KEY = "channel_head_splits"   # gm.meta during a heads analysis: {reshape node name: dims united in a head}
+META_KEY = "channel_head_splits"  # gm.meta during a heads analysis: {reshape node name: dims united in a head}
 RESHAPE_METHODS = ("view", "reshape", "unflatten")
-_SEARCH_LIMIT = 64                  # nodes visited from a split before giving up
+_SEARCH_LIMIT = 64  # nodes visited from a split before giving up
 
 
 def keep_heads(cx, node: fx.Node, full: torch.Tensor) -> torch.Tensor:
@@ -97,7 +99,7 @@ def _split_inner(node: fx.Node) -> tuple[int, ...] | None:
     if i == len(a):
         return None
     j = len(b) - (len(a) - i - 1)  # factors b[i:j] of a[i]; the dims after them are a's
-    if j - i < 2 or tuple(b[j:]) != tuple(a[i + 1:]) or math.prod(b[i:j]) != a[i]:
+    if j - i < 2 or tuple(b[j:]) != tuple(a[i + 1 :]) or math.prod(b[i:j]) != a[i]:
         return None
     if b[j - 2] <= 1 or b[j - 1] <= 1:
         return None
@@ -111,8 +113,23 @@ def _reaches_attention(gm: fx.GraphModule, node: fx.Node) -> bool:
     from . import rules_shape as rs
     from .containers import is_container_op
     from .rules_base import find_rule
-    through = {rs.reshape, rs.expand, rs.permute, rs.transpose, rs.cat, rs.stack, rs.split, rs.unbind, rs.getitem,
-               re_.unary, re_.unary_module, re_.elementwise, re_.softmax, ra.normalize}
+
+    through = {
+        rs.reshape,
+        rs.expand,
+        rs.permute,
+        rs.transpose,
+        rs.cat,
+        rs.stack,
+        rs.split,
+        rs.unbind,
+        rs.getitem,
+        re_.unary,
+        re_.unary_module,
+        re_.elementwise,
+        re_.softmax,
+        ra.normalize,
+    }
     targets = {ra.sdpa, ra.matmul, ra.einsum}
     frontier, seen = [node], {node}
     while frontier and len(seen) < _SEARCH_LIMIT:
@@ -165,6 +182,7 @@ def prune_heads_then_dims(prune, gm: fx.GraphModule):
     from sparsifx.pass_base import PassResult
 
     from .shrink import shrink_with_plan
+
     keep = 1.0 - prune.ratio
     first = copy.copy(prune)
     first.attention = "heads"
@@ -181,17 +199,21 @@ def prune_heads_then_dims(prune, gm: fx.GraphModule):
     def dims_ratio(group) -> float | None:
         frac = min((kept_heads.get(name, 1.0) for name in group.modules), default=1.0)
         return max(0.0, 1.0 - keep / frac) if frac > keep else None
+
     second = copy.copy(prune)
     second.attention = "head_dims"
     second._stage = _Stage(gm, dims_ratio, lambda ratio: None)
     modified = second.call(gm).modified or modified
     outcome2 = gm.meta[CHANNEL_OUTCOME]
     removed = outcome1.removed + outcome2.removed
-    outcome = dataclasses.replace(outcome1, removed=removed,
-                                  achieved=removed / outcome1.channels if outcome1.channels else 0.0)
+    outcome = dataclasses.replace(
+        outcome1, removed=removed, achieved=removed / outcome1.channels if outcome1.channels else 0.0
+    )
     gm.meta[CHANNEL_OUTCOME] = outcome
     notes = gm.meta.setdefault(REPORT_NOTES, [])
-    notes.append(f"channel_prune attention='both': whole heads removed first ({outcome1.removed} channels), then "
-                 f"{outcome2.removed} within-head channels zeroed")
+    notes.append(
+        f"channel_prune attention='both': whole heads removed first ({outcome1.removed} channels), then "
+        f"{outcome2.removed} within-head channels zeroed"
+    )
     prune._judge(outcome, notes)
     return PassResult(gm, modified)

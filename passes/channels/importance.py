@@ -11,6 +11,7 @@ different scale weigh alike. Criteria:
   ``options.batch`` (default ``gm.meta["example_inputs"]``) with ``options.loss_fn(output)`` (default
   ``0.5 * sum(output**2) / batch``, any callable returning a scalar).
 """
+
 from __future__ import annotations
 
 import math
@@ -21,9 +22,9 @@ import torch
 import torch.fx as fx
 
 from sparsifx.errors import PreconditionError
+from sparsifx.meta_keys import EXAMPLE_INPUTS
 from sparsifx.module_utils import eval_mode, submodule
 from sparsifx.registry import Registry
-from sparsifx.meta_keys import EXAMPLE_INPUTS
 
 from .coupling import ChannelAnalysis
 from .tracker import Member
@@ -48,7 +49,7 @@ def slice_scores(t: torch.Tensor, dim: int, p: int) -> torch.Tensor:
     out = torch.zeros(n, dtype=torch.float32)
     step = max(1, (1 << 20) // max(1, x.shape[1] * x.shape[2]))
     for i in range(0, lead, step):
-        blk = x[i:i + step].float()
+        blk = x[i : i + step].float()
         out += (blk.abs() if p == 1 else blk.square()).sum(dim=(0, 2))
     return out if p == 1 else out.sqrt()
 
@@ -75,8 +76,8 @@ def kernel_sums(w: torch.Tensor, p: int) -> torch.Tensor:
     out = torch.empty(x.shape[:2], dtype=torch.float32)
     step = max(1, (1 << 18) // max(1, x.shape[1] * x.shape[2]))
     for i in range(0, x.shape[0], step):
-        blk = x[i:i + step].float()
-        torch.sum(blk.abs() if p == 1 else blk.square(), dim=2, out=out[i:i + step])
+        blk = x[i : i + step].float()
+        torch.sum(blk.abs() if p == 1 else blk.square(), dim=2, out=out[i : i + step])
     return out
 
 
@@ -94,6 +95,7 @@ def norm_scores(p: int) -> Callable[[Member, torch.Tensor], torch.Tensor]:
             k = kernels[id(t)] = kernel_sums(t.detach(), p)
         s = k.sum(1 - dim)
         return s if p == 1 else s.sqrt()
+
     return score
 
 
@@ -113,6 +115,7 @@ def bn_scale(gm: fx.GraphModule, a: ChannelAnalysis, options: Any = None) -> np.
         owner = submodule(gm, m.owner) if m.owner else gm
         is_bn = isinstance(owner, torch.nn.modules.batchnorm._BatchNorm)
         return t.detach().float().abs() if is_bn and m.tensor == "weight" else None
+
     scores = accumulate(gm, a, gamma)
     fallback = l1(gm, a)
     for g in a.groups:
@@ -136,8 +139,9 @@ def default_loss(output: Any) -> torch.Tensor:
 def taylor(gm: fx.GraphModule, a: ChannelAnalysis, options: Any = None) -> np.ndarray:
     batch = getattr(options, "batch", None) or gm.meta.get(EXAMPLE_INPUTS)
     if batch is None:
-        raise PreconditionError("importance 'taylor' needs a batch: pass batch=(inputs,) to channel_prune or "
-                                "set gm.meta['example_inputs']")
+        raise PreconditionError(
+            "importance 'taylor' needs a batch: pass batch=(inputs,) to channel_prune or set gm.meta['example_inputs']"
+        )
     loss_fn = getattr(options, "loss_fn", None) or default_loss
     batch = (batch,) if isinstance(batch, torch.Tensor) else tuple(batch)
     params = [p for p in gm.parameters()]
@@ -153,6 +157,7 @@ def taylor(gm: fx.GraphModule, a: ChannelAnalysis, options: Any = None) -> np.nd
             def score(m: Member, t: torch.Tensor):
                 g = t.grad if t.grad is not None else torch.zeros_like(t)
                 return slice_scores(t.detach() * g, m.dim, 1)
+
             return accumulate(gm, a, score)
         finally:
             for p, (req, grad) in zip(params, saved):

@@ -4,6 +4,7 @@
 (conv, linear, embedding) that have a ratio > 0, less the channels that reach the model outputs (never pruned by
 contract). Barriers, ``round_to``, balanced grouped convs and the unit kept per group all count against it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from .coupling import ChannelAnalysis
 from .tracker import FIXED, Tracker, connected_components, tensor_leaves
 
 SHORTFALL_TOLERANCE = 0.1  # warn when the achieved channel removal is below requested - this
-TOP_BLOCKERS = 3           # barriers named in the warning, the report note and ChannelShortfallError
+TOP_BLOCKERS = 3  # barriers named in the warning, the report note and ChannelShortfallError
 
 
 class ChannelShortfallError(PassError):
@@ -42,6 +43,7 @@ class PruneOutcome:
     for both); ``other_fixed``: unprunable channels no barrier explains (coupled to a model input, a constant,
     a tensor kept whole); ``streams``: with ``streams="approximate"``, ``StreamsReport.to_dict()`` of the
     normalisations pruned through and the masked model's output deviation (``streams.py``)."""
+
     requested: float
     achieved: float
     channels: int
@@ -55,22 +57,33 @@ class PruneOutcome:
         return self.channels > 0 and self.achieved < self.requested - SHORTFALL_TOLERANCE
 
     def describe(self) -> str:
-        top = "; ".join(f"{b['op']} '{b['nodes'][0]}'" + (f" (+{len(b['nodes']) - 1} more)" if len(b["nodes"]) > 1
-                                                           else "") + f" [{b['reason']}]: {b['channels']} channels"
-                        for b in self.blockers[:TOP_BLOCKERS])
-        return (f"removed {self.achieved:.1%} of {self.channels} prunable-by-request conv/linear output channels, "
-                f"requested {self.requested:.1%}; top barriers: {top or 'none'}"
-                + (f"; {self.other_fixed} channels fixed otherwise (model inputs, constants)" if self.other_fixed
-                   else ""))
+        top = "; ".join(
+            f"{b['op']} '{b['nodes'][0]}'"
+            + (f" (+{len(b['nodes']) - 1} more)" if len(b["nodes"]) > 1 else "")
+            + f" [{b['reason']}]: {b['channels']} channels"
+            for b in self.blockers[:TOP_BLOCKERS]
+        )
+        return (
+            f"removed {self.achieved:.1%} of {self.channels} prunable-by-request conv/linear output channels, "
+            f"requested {self.requested:.1%}; top barriers: {top or 'none'}"
+            + (f"; {self.other_fixed} channels fixed otherwise (model inputs, constants)" if self.other_fixed else "")
+        )
 
     def to_dict(self) -> dict:
-        return {"requested": self.requested, "achieved": self.achieved, "channels": self.channels,
-                "removed": self.removed, "blockers": [dict(b) for b in self.blockers], "other_fixed": self.other_fixed,
-                "streams": self.streams}
+        return {
+            "requested": self.requested,
+            "achieved": self.achieved,
+            "channels": self.channels,
+            "removed": self.removed,
+            "blockers": [dict(b) for b in self.blockers],
+            "other_fixed": self.other_fixed,
+            "streams": self.streams,
+        }
 
 
-def prune_outcome(gm: fx.GraphModule, a: ChannelAnalysis, pruned: np.ndarray,
-                  ratios: dict[str, float]) -> tuple[PruneOutcome, dict[str, int]]:
+def prune_outcome(
+    gm: fx.GraphModule, a: ChannelAnalysis, pruned: np.ndarray, ratios: dict[str, float]
+) -> tuple[PruneOutcome, dict[str, int]]:
     """The ``PruneOutcome`` of ``pruned`` for producer layers requested at ``ratios``, and the channels each
     barrier node holds whole. A barrier holds a channel that is unprunable and coupled to the barrier's inputs
     by the analysis's union edges alone (fixing edges left out, so each barrier's reach stays its own)."""
@@ -98,11 +111,23 @@ def prune_outcome(gm: fx.GraphModule, a: ChannelAnalysis, pruned: np.ndarray,
         mask |= hit
         members.append(b["node"])
         explained |= hit
-    blockers = sorted(({"op": op, "reason": why, "nodes": members, "channels": int(mask.sum())}
-                       for (op, why), (mask, members) in kinds.items() if mask.any()), key=lambda b: -b["channels"])
+    blockers = sorted(
+        (
+            {"op": op, "reason": why, "nodes": members, "channels": int(mask.sum())}
+            for (op, why), (mask, members) in kinds.items()
+            if mask.any()
+        ),
+        key=lambda b: -b["channels"],
+    )
     n = len(atoms)
-    return PruneOutcome(float(want.mean()) if n else 0.0, removed / n if n else 0.0, n, removed, blockers,
-                        int((fixed & ~explained).sum())), held
+    return PruneOutcome(
+        float(want.mean()) if n else 0.0,
+        removed / n if n else 0.0,
+        n,
+        removed,
+        blockers,
+        int((fixed & ~explained).sum()),
+    ), held
 
 
 def _coupling_components(t: Tracker) -> np.ndarray:

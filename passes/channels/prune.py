@@ -1,4 +1,5 @@
 """Pass ``channel_prune``: score coupled channel units, zero the least important ones (a masked model)."""
+
 from __future__ import annotations
 
 import logging
@@ -12,35 +13,46 @@ import torch.fx as fx
 
 from sparsifx import validate
 from sparsifx.errors import RecipeError
-from sparsifx.module_utils import submodule
 from sparsifx.masking import is_masked
+from sparsifx.meta_keys import CHANNEL_BARRIERS, CHANNEL_OUTCOME, CHANNEL_PLAN, REPORT_NOTES
 from sparsifx.module_classes import class_name, is_container
+from sparsifx.module_utils import submodule
 from sparsifx.pass_base import PassBase, PassResult
 from sparsifx.registry import register_pass
 from sparsifx.selection import LayerSelection
-from sparsifx.meta_keys import CHANNEL_BARRIERS, CHANNEL_OUTCOME, CHANNEL_PLAN, REPORT_NOTES
 
 from .coupling import ChannelAnalysis, Group, analyze_channels
 from .decompose import decompose_attention, has_attention
 from .heads import ATTENTION_MODES, head_units, prune_heads_then_dims
 from .importance import IMPORTANCE, member_tensor
 from .outcome import ChannelShortfallError, PruneOutcome, prune_outcome
-from .streams import STREAMS, StreamsReport, begin as begin_streams
+from .streams import STREAMS, StreamsReport
+from .streams import begin as begin_streams
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TYPES = ("Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
-                 "Linear", "Embedding", "Conv1D")  # Conv1D: transformers' (GPT-2) transposed Linear
+DEFAULT_TYPES = (
+    "Conv1d",
+    "Conv2d",
+    "Conv3d",
+    "ConvTranspose1d",
+    "ConvTranspose2d",
+    "ConvTranspose3d",
+    "Linear",
+    "Embedding",
+    "Conv1D",
+)  # Conv1D: transformers' (GPT-2) transposed Linear
 
 
 @dataclass
 class ChannelPlan:
     """What ``shrink`` removes: ``pruned[unit]`` over ``analysis`` of the graph with ``analysis.signature``."""
+
     analysis: ChannelAnalysis
     pruned: np.ndarray
     notes: list[str] = field(default_factory=list)
-    versions: dict = field(default_factory=dict)   # (owner, tensor) -> (id, _version) right after zeroing
-    streams: StreamsReport | None = None          # set when pruned units pass approximated normalisations
+    versions: dict = field(default_factory=dict)  # (owner, tensor) -> (id, _version) right after zeroing
+    streams: StreamsReport | None = None  # set when pruned units pass approximated normalisations
 
     def untouched(self, gm: fx.GraphModule) -> bool:
         """Whether no zeroed tensor was modified in place (e.g. by an optimizer) since ``channel_prune``."""
@@ -91,12 +103,23 @@ class ChannelPrune(PassBase):
     in_place = True
     requires_analyses = ("shapes",)
     layer_params = ("ratio",)
-    _stage = None   # attention="both": one stage's group ratios (heads.py)
+    _stage = None  # attention="both": one stage's group ratios (heads.py)
 
-    def __init__(self, *, ratio: float = 0.5, importance: str = "l1", round_to: int = 1,
-                 conv_groups: str = "keep", seed: int = 0, selection: LayerSelection | None = None,
-                 batch: Sequence[Any] | None = None, loss_fn: Callable[[Any], torch.Tensor] | None = None,
-                 min_achieved_ratio: float | None = None, streams: str = "exact", attention: str = "head_dims"):
+    def __init__(
+        self,
+        *,
+        ratio: float = 0.5,
+        importance: str = "l1",
+        round_to: int = 1,
+        conv_groups: str = "keep",
+        seed: int = 0,
+        selection: LayerSelection | None = None,
+        batch: Sequence[Any] | None = None,
+        loss_fn: Callable[[Any], torch.Tensor] | None = None,
+        min_achieved_ratio: float | None = None,
+        streams: str = "exact",
+        attention: str = "head_dims",
+    ):
         self.ratio = validate.number("ratio", ratio, 0.0, 1.0, hi_open=True)
         self.importance = validate.choice("importance", importance, IMPORTANCE.names())
         self.round_to = validate.integer("round_to", round_to, 1)
@@ -104,13 +127,18 @@ class ChannelPrune(PassBase):
         self.seed = validate.integer("seed", seed)
         self.selection = (selection or LayerSelection()).with_defaults(DEFAULT_TYPES).with_traced_into()
         self.batch, self.loss_fn = batch, loss_fn
-        self.min_achieved_ratio = None if min_achieved_ratio is None else \
-            validate.number("min_achieved_ratio", min_achieved_ratio, 0.0, 1.0)
+        self.min_achieved_ratio = (
+            None if min_achieved_ratio is None else validate.number("min_achieved_ratio", min_achieved_ratio, 0.0, 1.0)
+        )
         self.streams = validate.choice("streams", streams, STREAMS)
         self.attention = validate.choice("attention", attention, ATTENTION_MODES)
         if self.attention == "both" and self.min_achieved_ratio is not None:
-            raise RecipeError("is not supported with attention 'both'", "min_achieved_ratio",
-                              validate.shown(min_achieved_ratio), "null, or attention 'heads' / 'head_dims'")
+            raise RecipeError(
+                "is not supported with attention 'both'",
+                "min_achieved_ratio",
+                validate.shown(min_achieved_ratio),
+                "null, or attention 'heads' / 'head_dims'",
+            )
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         if self.attention == "both" and self._stage is None:
@@ -123,8 +151,11 @@ class ChannelPrune(PassBase):
         pruned = np.zeros(len(analysis.prunable), dtype=bool)
         notes: list[str] = []
         selected = dict(self.selection.layers(gm))
-        ratios = {name: self._layer_ratio(gm, name, selected[name]) for name in analysis.tracker.module_atoms
-                  if name in selected}
+        ratios = {
+            name: self._layer_ratio(gm, name, selected[name])
+            for name in analysis.tracker.module_atoms
+            if name in selected
+        }
         notes.extend(_idle_containers(gm, selected, analysis))
         for group in analysis.groups:
             ratio = self._group_ratio(group, ratios)
@@ -150,30 +181,37 @@ class ChannelPrune(PassBase):
         gm.meta[CHANNEL_OUTCOME] = outcome
         gm.meta.setdefault(REPORT_NOTES, []).append(
             f"channel_prune: pruned {int(pruned.sum())} of {int(analysis.prunable.sum())} channel units in "
-            f"{len(analysis.groups)} groups; {len(analysis.barriers)} barrier ops" + "".join(f"; {n}" for n in notes))
+            f"{len(analysis.groups)} groups; {len(analysis.barriers)} barrier ops" + "".join(f"; {n}" for n in notes)
+        )
         return PassResult(gm, modified)
 
     def _judge(self, outcome: PruneOutcome, notes: list[str]) -> None:
         """Raise ``ChannelShortfallError`` below ``min_achieved_ratio``; warn and note a shortfall."""
         if self.min_achieved_ratio is not None and outcome.channels and outcome.achieved < self.min_achieved_ratio:
-            raise ChannelShortfallError(f"channel_prune {outcome.describe()}: below min_achieved_ratio "
-                                        f"{self.min_achieved_ratio}", outcome)
+            raise ChannelShortfallError(
+                f"channel_prune {outcome.describe()}: below min_achieved_ratio {self.min_achieved_ratio}", outcome
+            )
         if outcome.shortfall:
             log.warning("channel_prune pruned little: %s", outcome.describe())
             notes.append(f"pruned little: {outcome.describe()}")
 
     def _layer_ratio(self, gm: fx.GraphModule, name: str, module: torch.nn.Module) -> float:
-        return validate.number(f"by_name.{name}.ratio",
-                               self.selection.param(name, module, "ratio", self.ratio, root=gm),
-                               0.0, 1.0, hi_open=True)
+        return validate.number(
+            f"by_name.{name}.ratio",
+            self.selection.param(name, module, "ratio", self.ratio, root=gm),
+            0.0,
+            1.0,
+            hi_open=True,
+        )
 
     def _group_ratio(self, group: Group, ratios: dict[str, float]) -> float | None:
         if any(name not in ratios for name in group.modules):
             return None
         return min(ratios[name] for name in group.modules) if group.modules else None
 
-    def _select(self, a: ChannelAnalysis, group: Group, scores: np.ndarray, ratio: float,
-                pruned: np.ndarray, notes: list[str]) -> None:
+    def _select(
+        self, a: ChannelAnalysis, group: Group, scores: np.ndarray, ratio: float, pruned: np.ndarray, notes: list[str]
+    ) -> None:
         units = group.units
         n = len(units)
         keep = n - int(math.floor(ratio * n + 1e-9))
@@ -187,8 +225,10 @@ class ChannelPrune(PassBase):
             if _constraints_hold(a, units, trial):
                 pruned[:] = trial
                 return
-            notes.append(f"group of {group.modules[0]}: whole conv groups cannot be pruned evenly; "
-                         "pruned inside every conv group")
+            notes.append(
+                f"group of {group.modules[0]}: whole conv groups cannot be pruned evenly; "
+                "pruned inside every conv group"
+            )
         trial = pruned.copy()
         trial[_within_blocks(blocks, scores, keep, n)] = True
         if not _constraints_hold(a, units, trial):
@@ -200,12 +240,16 @@ class ChannelPrune(PassBase):
 def _idle_containers(gm: fx.GraphModule, selected: dict, analysis: ChannelAnalysis) -> list[str]:
     """Notes for selected containers of traced-into layers (``sparsifx.module_classes``) that produce no
     channels: no functional layer rule reads their weight, so they are left whole."""
-    idle = [name for name, module in selected.items()
-            if name not in analysis.tracker.module_atoms and is_container(gm, name, module)]
+    idle = [
+        name
+        for name, module in selected.items()
+        if name not in analysis.tracker.module_atoms and is_container(gm, name, module)
+    ]
     if not idle:
         return []
-    log.info("channel_prune: traced-into layers %s produce no channels through a functional layer rule; "
-             "left whole", idle)
+    log.info(
+        "channel_prune: traced-into layers %s produce no channels through a functional layer rule; left whole", idle
+    )
     shown = ", ".join(f"{n} ({class_name(gm, n, selected[n])})" for n in idle[:5])
     more = f" and {len(idle) - 5} more" if len(idle) > 5 else ""
     return [f"traced-into layers left whole (their weights feed no functional layer rule): {shown}{more}"]
@@ -217,7 +261,7 @@ def _within_blocks(blocks: dict[tuple, np.ndarray], scores: np.ndarray, keep: in
     for key_units in blocks.values():
         k = max(1, int(round(keep * len(key_units) / n)))
         order = np.argsort(scores[key_units], kind="stable")
-        chosen.extend(key_units[order[:len(key_units) - k]].tolist())
+        chosen.extend(key_units[order[: len(key_units) - k]].tolist())
     return chosen
 
 

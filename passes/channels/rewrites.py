@@ -4,6 +4,7 @@
 size of the channel dim becomes the kept count), ``split`` (split/chunk become ``torch.split`` with the
 kept count of every piece), ``slice`` (a ``x[..., a:b]`` on the channel dim gets renumbered bounds).
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -45,7 +46,7 @@ def rewrite_split(node: fx.Node, data: dict, kept: Kept) -> bool:
     sizes = data["sizes"]
     keep = kept(vec)
     bounds = np.cumsum([0] + sizes)
-    new = [int(keep[bounds[i]:bounds[i + 1]].sum()) for i in range(len(sizes))]
+    new = [int(keep[bounds[i] : bounds[i + 1]].sum()) for i in range(len(sizes))]
     if new == sizes:
         return False
     src = node.args[0] if node.args else node.kwargs.get("tensor", node.kwargs.get("input"))

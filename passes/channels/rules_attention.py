@@ -2,6 +2,7 @@
 dims flow to the output; ``sdpa`` keeps its default scale when shrunk; with whole heads, ``heads.py``, the head
 dim is a batch dim of the contraction and q/k/v/mask heads are united), ``F.normalize`` (cosine attention),
 ``nn.MultiheadAttention`` and torchvision's fused Swin attention function (both barriers where not decomposed)."""
+
 from __future__ import annotations
 
 import operator
@@ -18,6 +19,7 @@ from .tracker import FIXED, Check
 
 try:
     from torchvision.models import swin_transformer as _swin
+
     _SWIN_FUSED = (_swin.shifted_window_attention,)
     _SWIN_BIAS = tuple(getattr(_swin, n) for n in ("_get_relative_position_bias",) if hasattr(_swin, n))
 except ImportError:  # pragma: no cover
@@ -41,8 +43,10 @@ def contract(cx: RuleContext, node: fx.Node, srcs, subs: list[str], rhs: str) ->
             vecs[letter] = vec
     for letter in list(vecs):
         holders = [(lab, shp, sub, src) for lab, shp, sub, src in zip(labs, shapes, subs, srcs) if letter in sub]
-        blocked = any(shp[sub.index(letter)] > 1 and (varying_dim(lab) is None or sub[varying_dim(lab)] != letter)
-                      for lab, shp, sub, _ in holders)
+        blocked = any(
+            shp[sub.index(letter)] > 1 and (varying_dim(lab) is None or sub[varying_dim(lab)] != letter)
+            for lab, shp, sub, _ in holders
+        )
         if blocked or (letter not in rhs and len(holders) < 2):
             cx.t.fix(vecs.pop(letter))
         elif letter not in rhs:
@@ -77,8 +81,8 @@ def matmul(cx: RuleContext, node: fx.Node):
         return cx.fixed(node)
     nb = max(len(sa), len(sb)) - 2
     batch = "abcdefgh"[:nb]
-    sub_a = batch[nb - (len(sa) - 2):] + "ij"
-    sub_b = batch[nb - (len(sb) - 2):] + "jk"
+    sub_a = batch[nb - (len(sa) - 2) :] + "ij"
+    sub_b = batch[nb - (len(sb) - 2) :] + "jk"
     return contract(cx, node, [a, b], [sub_a, sub_b], batch + "ik")
 
 
@@ -88,8 +92,7 @@ def sdpa(cx: RuleContext, node: fx.Node):
     explicit ``scale`` (timm's ``Attention``) the default ``1/sqrt(q.size(-1))`` would change when shrinking:
     shrink passes the original one (``sdpa_scale``). ``attn_mask`` is added to the scores, whose heads and tokens
     are not channels here: its channels (T5's per-head position bias, an ``Embedding`` of ``n_heads``) are fixed."""
-    srcs = [node.args[i] if i < len(node.args) else node.kwargs.get(n)
-            for i, n in enumerate(("query", "key", "value"))]
+    srcs = [node.args[i] if i < len(node.args) else node.kwargs.get(n) for i, n in enumerate(("query", "key", "value"))]
     labs = [cx.value(s) for s in srcs]
     mask = cx.inp(node, 3, "attn_mask")
     if any(shape_of(s) is None or len(shape_of(s)) != 4 for s in srcs):
@@ -164,8 +167,11 @@ def normalize(cx: RuleContext, node: fx.Node):
 @channel_rule(nn.MultiheadAttention)
 def multihead_attention(cx: RuleContext, node: fx.Node):
     """Declared barrier: ``nn.MultiheadAttention`` keeps ``embed_dim`` and its heads whole."""
-    cx.t.barrier(node, "nn.MultiheadAttention: embed_dim and heads kept whole",
-                 [cx.value(a) for a in node.args] + [cx.value(v) for v in node.kwargs.values()])
+    cx.t.barrier(
+        node,
+        "nn.MultiheadAttention: embed_dim and heads kept whole",
+        [cx.value(a) for a in node.args] + [cx.value(v) for v in node.kwargs.values()],
+    )
     return cx.fixed(node)
 
 
@@ -173,6 +179,9 @@ def multihead_attention(cx: RuleContext, node: fx.Node):
 def swin_attention(cx: RuleContext, node: fx.Node):
     """Declared barrier: torchvision's fused shifted-window attention takes qkv/proj weights as tensors (calls
     that ``window_attention.py`` cannot rewrite)."""
-    cx.t.barrier(node, "torchvision fused window attention: heads and embedding kept whole",
-                 [cx.value(a) for a in node.args] + [cx.value(v) for v in node.kwargs.values()])
+    cx.t.barrier(
+        node,
+        "torchvision fused window attention: heads and embedding kept whole",
+        [cx.value(a) for a in node.args] + [cx.value(v) for v in node.kwargs.values()],
+    )
     return cx.fixed(node)

@@ -8,6 +8,7 @@ A rule maps the labels of a node's inputs to the labels of its output and record
 ``PARAM_DIMS`` says which dim of a module's parameter carries its channels when the graph reads it as a
 tensor (``get_attr``): ``param_channel_dim(0, "weight", nn.Conv2d)`` (default: the last dim larger than 1).
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -16,9 +17,9 @@ import torch
 import torch.fx as fx
 from torch.fx.node import _get_qualified_name
 
+from sparsifx.meta_keys import NN_MODULE_STACK, TENSOR_META
 from sparsifx.module_utils import submodule
 from sparsifx.registry import Registry, type_key, type_registry_lookup
-from sparsifx.meta_keys import NN_MODULE_STACK, TENSOR_META
 
 from .tracker import FIXED, Tracker
 
@@ -34,7 +35,7 @@ def fn_key(fn: Any) -> str:
         return f"fn:{mod}.{getattr(fn, '__qualname__', getattr(fn, '__name__', repr(fn)))}"
 
 
-MODULE_PREFIX = "module:"   # type keys: "module:" + sparsifx.registry.type_key(cls)
+MODULE_PREFIX = "module:"  # type keys: "module:" + sparsifx.registry.type_key(cls)
 
 
 def rule_key(obj: Any) -> str:
@@ -47,10 +48,12 @@ def rule_key(obj: Any) -> str:
 
 def channel_rule(*targets: Any) -> Callable[[Callable], Callable]:
     """Register ``rule(cx, node) -> labels`` for every target (function, module class or key)."""
+
     def add(rule: Callable) -> Callable:
         for t in targets:
             CHANNEL_RULES.register(rule_key(t), rule)
         return rule
+
     return add
 
 

@@ -6,6 +6,7 @@ Padding modules (``nn.ConstantPad2d``, ``nn.ZeroPad2d``, ``nn.ReflectionPad2d``,
 ``x``'s labels in row-major order first); channels that cannot line up are a barrier. ``index_select`` on a
 non-channel dim keeps the channels; on the channel dim it is a barrier (shrink cannot renumber the index).
 """
+
 from __future__ import annotations
 
 import torch
@@ -51,8 +52,16 @@ def expand_as(cx: RuleContext, node: fx.Node):
     return merge(cx, [(cx.value(x), shape_of(x)), (cx.value(other), shape_of(other))], out_shape(node))
 
 
-@channel_rule(torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like, torch.rand_like,
-              torch.randn_like, "method:new_zeros", "method:new_ones")
+@channel_rule(
+    torch.zeros_like,
+    torch.ones_like,
+    torch.full_like,
+    torch.empty_like,
+    torch.rand_like,
+    torch.randn_like,
+    "method:new_zeros",
+    "method:new_ones",
+)
 def like(cx: RuleContext, node: fx.Node):
     """``torch.ones_like(x)``: a new tensor shaped like ``x``, so sliced with its channels; ``x.new_zeros(size)``
     has a constant size of its own (kept whole, ``x`` unconstrained)."""
@@ -70,8 +79,12 @@ def index_select(cx: RuleContext, node: fx.Node):
     return lab
 
 
-PAD_MODULES = (nn.modules.padding._ConstantPadNd, nn.modules.padding._ReflectionPadNd,
-               nn.modules.padding._ReplicationPadNd, nn.modules.padding._CircularPadNd)
+PAD_MODULES = (
+    nn.modules.padding._ConstantPadNd,
+    nn.modules.padding._ReflectionPadNd,
+    nn.modules.padding._ReplicationPadNd,
+    nn.modules.padding._CircularPadNd,
+)
 
 
 @channel_rule(*PAD_MODULES)

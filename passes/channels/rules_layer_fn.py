@@ -11,6 +11,7 @@ channels and get their ``groups`` argument renumbered by shrink; other grouped c
 evenly per group and keep their input channels whole. ``F.linear`` (timm's ``Linear`` subclasses trace into
 it) is a conv with groups 1 whose input channels are the last dim.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,6 +19,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+
 from sparsifx.meta_keys import NN_MODULE_STACK
 
 from .rewrites import REWRITES
@@ -33,8 +35,9 @@ LAYER_FNS = (*CONV_FNS, F.linear)
 STANDARDIZED = "standardised weight: its statistics span the input channels, so they are kept whole"
 COMPUTED = "weight computed from a parameter by ops that do not keep its input channels: they are kept whole"
 SHARED = "weight parameter also read by other ops: its input channels are kept whole"
-WS_CONV_MODULES = tuple(f"module:timm.layers.std_conv.{n}" for n in
-                        ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame"))
+WS_CONV_MODULES = tuple(
+    f"module:timm.layers.std_conv.{n}" for n in ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame")
+)
 
 param_channel_dim(0, "weight", nn.Conv1d, nn.Conv2d, nn.Conv3d)  # a conv kernel read as a tensor: its rows
 
@@ -186,8 +189,11 @@ def standardized_conv(cx: RuleContext, node: fx.Node):
         if g > 1:
             cx.t.constraints.append(Constraint(out, g, node.name))
         regroup = 1 < g and cin == cout  # the conv slicer would regroup the input channels with the rows
-        cx.t.barrier(node, STANDARDIZED + (" (grouped, in == out: output channels too)" if regroup else ""),
-                     [vec, out] if regroup else vec)
+        cx.t.barrier(
+            node,
+            STANDARDIZED + (" (grouped, in == out: output channels too)" if regroup else ""),
+            [vec, out] if regroup else vec,
+        )
     producer_out(cx, node, out)
     add_member(cx, node, "gain", 0, out, "out")
     return cx.t.place(out, 1, len(out_shape(node)))

@@ -2,6 +2,7 @@
 depthwise and grouped convs keep the group structure; norms are per channel (BatchNorm) or fix the
 channels they normalize over (LayerNorm, RMSNorm, GroupNorm; LayerNorm and RMSNorm pass them, recorded as
 approximations, under ``streams="approximate"``: ``streams.py``)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -110,8 +111,15 @@ def hf_conv1d(cx: RuleContext, node: fx.Node):
     return cx.t.place(out, -1, nd)
 
 
-@channel_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d,
-              nn.InstanceNorm2d, nn.InstanceNorm3d)
+@channel_rule(
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+)
 def batch_norm(cx: RuleContext, node: fx.Node):
     """Per-channel normalization on dim 1: affine params are zeroed/sliced, running stats sliced."""
     m = cx.module(node)
@@ -190,8 +198,13 @@ def norm_fn(cx: RuleContext, node: fx.Node, kind: str, affine: tuple[str, ...]):
             pl = cx.value(a) if a is not None else None
             if pl is None:
                 continue
-            if isinstance(a, fx.Node) and is_label(pl) and pl.ndim == k and shape_of(a)[wd] == vec.numel() \
-                    and varying_dim(pl) in (wd, None):
+            if (
+                isinstance(a, fx.Node)
+                and is_label(pl)
+                and pl.ndim == k
+                and shape_of(a)[wd] == vec.numel()
+                and varying_dim(pl) in (wd, None)
+            ):
                 cx.t.union(vec, cx.t.along(pl, wd, vec.numel()))
             else:
                 cx.t.barrier(node, f"its '{key}' is not a tensor the analysis can slice", [vec, pl])

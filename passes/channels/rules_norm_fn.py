@@ -3,6 +3,7 @@
 statistics and affine tensors are coupled to it. Such a tensor read from a module (``get_attr``) is then
 sliced with the channels like the module's own (running stats ``aux``: sliced only; affine ``out``: zeroed
 and sliced); one the analysis cannot slice (a model input, a computed constant) keeps the channels whole."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -62,9 +63,11 @@ def prelu_fn(cx: RuleContext, node: fx.Node):
 def _zero_batch_norm(zero: set[str], cx: RuleContext, node: fx.Node) -> bool:
     """Zero at pruned channels when the (zeroed) affine weight is, or when batch statistics of a zero input are
     used; the bias, if any, must be zero too (running statistics are never zeroed)."""
+
     def is_zero(i: int, key: str) -> bool:
         a = arg_node(node, i, key)
         return isinstance(a, fx.Node) and a.name in zero
+
     bias_ok = arg_node(node, 4, "bias") is None or is_zero(4, "bias")
     batch_stats = node.target is F.instance_norm or bool(arg_node(node, 5, "training"))
     return bias_ok and (is_zero(3, "weight") or (batch_stats and is_zero(0, "input")))

@@ -2,21 +2,24 @@
 factor: channel shuffle, head split), permute/transpose move the channel dim, cat offsets, split/chunk
 index maps, getitem slices, reductions and spatial pooling. Ops whose constants depend on channel
 counts record a ``Rewrite`` for the shrink pass."""
+
 from __future__ import annotations
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+
 from sparsifx.meta_keys import TENSOR_META
 
 from . import rules_elementwise
 from .heads import keep_heads
-from .rules_base import RuleContext, UNKNOWN, channel_rule, find_rule, is_label, out_shape, shape_of
+from .rules_base import UNKNOWN, RuleContext, channel_rule, find_rule, is_label, out_shape, shape_of
 from .tracker import FIXED
 
 try:
     from torchvision.models.swin_transformer import _patch_merging_pad
+
     _PATCH_MERGING = (_patch_merging_pad,)
 except ImportError:  # pragma: no cover
     _PATCH_MERGING = ()
@@ -70,9 +73,21 @@ def record_sizes(cx: RuleContext, node: fx.Node, out: torch.Tensor, lab: torch.T
     return True
 
 
-@channel_rule("method:view", "method:reshape", torch.reshape, torch.flatten, "method:flatten", nn.Flatten,
-              nn.Unflatten, torch.squeeze, "method:squeeze", torch.unsqueeze, "method:unsqueeze",
-              "method:unflatten", torch.unflatten)
+@channel_rule(
+    "method:view",
+    "method:reshape",
+    torch.reshape,
+    torch.flatten,
+    "method:flatten",
+    nn.Flatten,
+    nn.Unflatten,
+    torch.squeeze,
+    "method:squeeze",
+    torch.unsqueeze,
+    "method:unsqueeze",
+    "method:unflatten",
+    torch.unflatten,
+)
 def reshape(cx: RuleContext, node: fx.Node):
     """``x.view(sizes)``: labels follow the row-major element order; a split channel keeps its inner factor."""
     lab, shape = cx.inp(node, 0, "input"), out_shape(node)
@@ -99,8 +114,7 @@ def permute(cx: RuleContext, node: fx.Node):
     return lab.permute(*[int(d) for d in dims])
 
 
-@channel_rule(torch.transpose, "method:transpose", torch.swapaxes, "method:swapaxes", torch.swapdims,
-              "method:swapdims")
+@channel_rule(torch.transpose, "method:transpose", torch.swapaxes, "method:swapaxes", torch.swapdims, "method:swapdims")
 def transpose(cx: RuleContext, node: fx.Node):
     return cx.inp(node, 0, "input").transpose(int(cx.inp(node, 1, "dim0")), int(cx.inp(node, 2, "dim1")))
 
@@ -257,16 +271,18 @@ NORMS = (torch.norm, torch.linalg.norm, torch.linalg.vector_norm)
 @channel_rule(*REDUCTIONS, *(f"method:{m}" for m in ("mean", "sum", "amax", "amin", "std", "var")))
 def reduce(cx: RuleContext, node: fx.Node):
     """Reduction over ``dim``: channels varying along a reduced dim are fixed (the result would change)."""
-    return reduce_labels(cx, node, cx.inp(node, 0, "input"), cx.inp(node, 1, "dim"),
-                         bool(cx.inp(node, 2, "keepdim", False)))
+    return reduce_labels(
+        cx, node, cx.inp(node, 0, "input"), cx.inp(node, 1, "dim"), bool(cx.inp(node, 2, "keepdim", False))
+    )
 
 
 @channel_rule(*NORMS, "method:norm")
 def norm(cx: RuleContext, node: fx.Node):
     """``x.norm(p, dim, keepdim)`` (timm's GlobalResponseNorm: ``x.norm(p=2, dim=(1, 2), keepdim=True)``): a
     reduction over ``dim``; ``torch.linalg.norm``'s ``ord`` / ``dim`` and ``torch.norm``'s ``p`` share positions."""
-    return reduce_labels(cx, node, cx.inp(node, 0, "input"), cx.inp(node, 2, "dim"),
-                         bool(cx.inp(node, 3, "keepdim", False)))
+    return reduce_labels(
+        cx, node, cx.inp(node, 0, "input"), cx.inp(node, 2, "dim"), bool(cx.inp(node, 3, "keepdim", False))
+    )
 
 
 def reduce_labels(cx: RuleContext, node: fx.Node, lab: torch.Tensor, dims, keep: bool):
@@ -284,8 +300,7 @@ def reduce_labels(cx: RuleContext, node: fx.Node, lab: torch.Tensor, dims, keep:
             return torch.full((1,) * lab.ndim, FIXED, dtype=torch.long)
         cx.t.barrier(node, "reduces across channels", lab)
         return cx.fixed(node)
-    index = tuple(slice(0, 1) if (d in dims and keep) else (0 if d in dims else slice(None))
-                  for d in range(lab.ndim))
+    index = tuple(slice(0, 1) if (d in dims and keep) else (0 if d in dims else slice(None)) for d in range(lab.ndim))
     return lab[index]
 
 
@@ -306,20 +321,49 @@ def statistic(cx: RuleContext, node: fx.Node, dim: int, size: int) -> bool:
                 continue
             seen.add(user)
             shape = out_shape(user)
-            if find_rule(cx.gm, user) not in (rules_elementwise.unary, rules_elementwise.elementwise) or \
-                    shape is None or len(shape) != nd or shape[dim] not in (1, size):
+            if (
+                find_rule(cx.gm, user) not in (rules_elementwise.unary, rules_elementwise.elementwise)
+                or shape is None
+                or len(shape) != nd
+                or shape[dim] not in (1, size)
+            ):
                 return False
             if shape[dim] == 1:
                 stack.append(user)
     return bool(seen)
 
 
-POOLS = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
-         F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.max_pool1d,
-         F.max_pool2d, F.max_pool3d, F.interpolate, F.upsample)
-POOL_MODULES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-                nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-                nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Upsample)
+POOLS = (
+    F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d,
+    F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d,
+    F.adaptive_max_pool3d,
+    F.avg_pool1d,
+    F.avg_pool2d,
+    F.avg_pool3d,
+    F.max_pool1d,
+    F.max_pool2d,
+    F.max_pool3d,
+    F.interpolate,
+    F.upsample,
+)
+POOL_MODULES = (
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.Upsample,
+)
 
 
 @channel_rule(*POOLS, *POOL_MODULES)

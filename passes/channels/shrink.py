@@ -7,6 +7,7 @@ dropped; a non-zero constant -> folded into the consumer's bias when that is exa
 Shapes in ``node.meta["tensor_meta"]`` are then updated from the plan (parameter reads from the sliced
 tensors), without running the model.
 """
+
 from __future__ import annotations
 
 import logging
@@ -19,10 +20,10 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from sparsifx.module_utils import eval_mode, submodule
 from sparsifx.errors import PassError, PreconditionError
 from sparsifx.masking import effective_weight
 from sparsifx.meta_keys import CHANNEL_PLAN, CHANNEL_REPORT, REPORT_NOTES, TENSOR_META
+from sparsifx.module_utils import eval_mode, submodule
 from sparsifx.pass_base import PassBase, PassResult
 from sparsifx.pass_manager import run_model
 from sparsifx.registry import register_pass
@@ -62,7 +63,8 @@ class Shrink(PassBase):
             raise PreconditionError(
                 f"pass 'shrink' needs gm.meta['{CHANNEL_PLAN}'] (the ChannelPlan that 'channel_prune' records), and "
                 "this module has none: run 'channel_prune' before 'shrink' (in one recipe or PassManager), or use "
-                "'compact' to remove channels that are already all zero")
+                "'compact' to remove channels that are already all zero"
+            )
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         plan = gm.meta[CHANNEL_PLAN]
@@ -148,8 +150,12 @@ def _decide(gm: fx.GraphModule, plan: ChannelPlan, pruned: np.ndarray, stats, no
             pos = int(idx[j])
             unit = a.unit[int(c.atoms[pos])]
             value = float(f1[j])
-            if c.kind == "fold" and bool(const[j]) and _foldable(module) and \
-                    folds[c.module].get(pos, (value,))[0] == value:
+            if (
+                c.kind == "fold"
+                and bool(const[j])
+                and _foldable(module)
+                and folds[c.module].get(pos, (value,))[0] == value
+            ):
                 folds[c.module][pos] = (value, unit)
                 continue
             if pruned[unit]:
@@ -182,13 +188,13 @@ def _apply_folds(gm: fx.GraphModule, folds, pruned: np.ndarray) -> int:
     return count
 
 
-def shrink_with_plan(gm: fx.GraphModule, plan: ChannelPlan, seed: int = 0,
-                     inputs: Sequence[Any] | None = None) -> bool:
+def shrink_with_plan(gm: fx.GraphModule, plan: ChannelPlan, seed: int = 0, inputs: Sequence[Any] | None = None) -> bool:
     """Cut every member tensor of ``gm`` to the units ``plan`` keeps; True if anything was cut."""
     a = plan.analysis
     if graph_signature(gm) != a.signature:
-        raise PreconditionError("the channel plan is stale: the graph changed after channel_prune; run "
-                                "shrink right after channel_prune")
+        raise PreconditionError(
+            "the channel plan is stale: the graph changed after channel_prune; run shrink right after channel_prune"
+        )
     pruned = plan.pruned.copy()
     if not pruned.any():
         return False
@@ -212,7 +218,8 @@ def shrink_with_plan(gm: fx.GraphModule, plan: ChannelPlan, seed: int = 0,
     removed = int(pruned.sum())
     gm.meta.setdefault(REPORT_NOTES, []).append(
         f"shrink: removed {removed} channel units, folded {n_folded} constant channels into biases"
-        + "".join(f"; {n}" for n in sorted(set(notes))))
+        + "".join(f"; {n}" for n in sorted(set(notes)))
+    )
     gm.meta[CHANNEL_REPORT] = {"removed_units": removed, "folded": n_folded, "kept_for_exactness": notes}
     if streams is not None:
         streams.after_shrink(gm, masked)
@@ -220,7 +227,8 @@ def shrink_with_plan(gm: fx.GraphModule, plan: ChannelPlan, seed: int = 0,
         gm.meta[REPORT_NOTES].append(
             f"shrink: approximate streams: output deviation {streams.deviation:.3g} from the original, "
             f"{streams.deviation_approximation:.3g} from the masked model (relative L2, {streams.inputs_kind}); "
-            "exactness check skipped; fine-tune afterwards")
+            "exactness check skipped; fine-tune afterwards"
+        )
     log.info("shrink: removed %d units (%d folded, %d kept for exactness)", removed, n_folded, len(notes))
     return bool(cuts)
 
@@ -278,8 +286,9 @@ def _cuts(gm: fx.GraphModule, a, pruned: np.ndarray, ties) -> dict[int, tuple[nn
     for (owner, tensor, dim), keep in by_key.items():
         if not keep.all():
             module = submodule(gm, owner)
-            cuts.setdefault(id(module), (module, {}))[1][(tensor, dim)] = torch.as_tensor(np.nonzero(keep)[0],
-                                                                                           dtype=torch.long)
+            cuts.setdefault(id(module), (module, {}))[1][(tensor, dim)] = torch.as_tensor(
+                np.nonzero(keep)[0], dtype=torch.long
+            )
     return cuts
 
 
@@ -299,7 +308,8 @@ def _check_ties(gm: fx.GraphModule, keeps: dict, ties: list[list[tuple[str, str]
                     raise PassError(
                         f"shrink would untie '{first}' and '{other}' (one tensor): the channel plan keeps "
                         f"different indices of its dim {dim} ({int(kept[0].sum())} vs {int(k.sum())} of "
-                        f"{len(k)}); nothing was changed. Run channel_prune on the model as it is tied now")
+                        f"{len(k)}); nothing was changed. Run channel_prune on the model as it is tied now"
+                    )
 
 
 def _retie(gm: fx.GraphModule, ties: list[list[tuple[str, str]]]) -> None:

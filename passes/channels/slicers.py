@@ -2,6 +2,7 @@
 ``cuts[(tensor_name, dim)]`` of each tensor and updates the layer's size attributes (and groups).
 Masked layers (``sparsifx.masking``) slice their ``mask`` with their ``weight``. A type without a
 slicer gets ``slice_generic`` (tensors only)."""
+
 from __future__ import annotations
 
 from typing import Callable
@@ -19,8 +20,9 @@ Cuts = dict[tuple[str, int], torch.Tensor]
 def register_slicer(*types: type) -> Callable[[Callable], Callable]:
     def add(fn: Callable) -> Callable:
         for t in types:
-            SLICERS.register(t, fn)   # keyed by sparsifx.registry.type_key
+            SLICERS.register(t, fn)  # keyed by sparsifx.registry.type_key
         return fn
+
     return add
 
 
@@ -43,8 +45,12 @@ def cut(module: nn.Module, name: str, dim: int, index: torch.Tensor) -> None:
 
 def slice_generic(module: nn.Module, cuts: Cuts) -> None:
     out_dim = 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0
-    if ("weight", out_dim) in cuts and getattr(module, "bias", None) is not None and ("bias", 0) not in cuts \
-            and isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+    if (
+        ("weight", out_dim) in cuts
+        and getattr(module, "bias", None) is not None
+        and ("bias", 0) not in cuts
+        and isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))
+    ):
         cuts = {**cuts, ("bias", 0): cuts[("weight", out_dim)]}  # a bias created by constant folding
     for (name, dim), index in sorted(cuts.items(), key=lambda kv: kv[0][1]):  # rows first: less to gather
         cut(module, name, dim, index)
@@ -84,7 +90,7 @@ def _regroup_identity(m: nn.Module, out_idx: torch.Tensor) -> None:
     cols = [(out_idx[block == b] - b * size) for b in kept_blocks.tolist()]
     if len({len(c) for c in cols}) != 1:
         raise ValueError(f"grouped conv needs equal kept channels per group, got {sorted({len(c) for c in cols})}")
-    local = torch.stack(cols)[torch.searchsorted(kept_blocks, block)]        # (kept out, kept per group)
+    local = torch.stack(cols)[torch.searchsorted(kept_blocks, block)]  # (kept out, kept per group)
     m.groups = len(kept_blocks)
     w = m.weight.detach().index_select(0, out_idx)
     index = local.reshape(local.shape + (1,) * (w.ndim - 2)).expand(-1, -1, *w.shape[2:])

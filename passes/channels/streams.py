@@ -17,6 +17,7 @@ logged and recorded in the history). Instead the deviation is measured on the ex
 draw): ``StreamsReport`` in ``gm.meta["channel_outcome"].streams`` after ``channel_prune`` and in
 ``gm.meta["channel_report"]["streams"]`` after ``shrink``, each time with a warning to fine-tune.
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,8 +27,8 @@ from typing import Any
 import numpy as np
 import torch.fx as fx
 
-from sparsifx.pass_manager import run_model
 from sparsifx.meta_keys import EXAMPLE_INPUTS
+from sparsifx.pass_manager import run_model
 
 from . import rules_modules as rm
 from .coupling import ChannelAnalysis, model_inputs
@@ -38,8 +39,10 @@ from .zeros import ZERO_RULES
 log = logging.getLogger(__name__)
 
 STREAMS = ("exact", "approximate")
-WAIVED = ("skipped: approximate streams (normalisation statistics span pruned channels, so the shrunk model "
-          "differs from the masked one); see the measured deviation")
+WAIVED = (
+    "skipped: approximate streams (normalisation statistics span pruned channels, so the shrunk model "
+    "differs from the masked one); see the measured deviation"
+)
 
 
 @dataclass
@@ -51,6 +54,7 @@ class StreamsReport:
     original (after ``channel_prune``); ``deviation``: shrunk vs original and ``deviation_approximation``: shrunk
     vs masked, the approximation alone (after ``shrink``); ``exactness_check``: what became of the shrunk ==
     masked check."""
+
     approximations: list[dict]
     units: int
     inputs_kind: str
@@ -62,17 +66,25 @@ class StreamsReport:
     reference: Any = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
-        return {"streams": "approximate", "approximations": [dict(a) for a in self.approximations],
-                "units": self.units, "inputs": self.inputs_kind, "deviation_masked": self.deviation_masked,
-                "deviation": self.deviation, "deviation_approximation": self.deviation_approximation,
-                "exactness_check": self.exactness_check}
+        return {
+            "streams": "approximate",
+            "approximations": [dict(a) for a in self.approximations],
+            "units": self.units,
+            "inputs": self.inputs_kind,
+            "deviation_masked": self.deviation_masked,
+            "deviation": self.deviation,
+            "deviation_approximation": self.deviation_approximation,
+            "exactness_check": self.exactness_check,
+        }
 
     def after_prune(self, gm: fx.GraphModule, notes: list[str]) -> None:
         """Measure the masked model against the original; note and warn."""
         self.deviation_masked = relative_deviation(run_model(gm, self.inputs), self.reference)
-        text = (f"approximate streams: {self.units} channel units pruned through {len(self.approximations)} "
-                f"normalisations; masked output deviation {self.deviation_masked:.3g} (relative L2, "
-                f"{self.inputs_kind})")
+        text = (
+            f"approximate streams: {self.units} channel units pruned through {len(self.approximations)} "
+            f"normalisations; masked output deviation {self.deviation_masked:.3g} (relative L2, "
+            f"{self.inputs_kind})"
+        )
         notes.append(text)
         log.warning("channel_prune %s; fine-tune the pruned model afterwards", text)
 
@@ -81,10 +93,16 @@ class StreamsReport:
         shrunk = run_model(gm, self.inputs)
         self.deviation = relative_deviation(shrunk, self.reference)
         self.deviation_approximation = relative_deviation(shrunk, masked)
-        log.warning("shrink: approximate streams (%d channel units through %d normalisations): output deviation "
-                    "%.3g from the original, %.3g from the masked model (relative L2, %s); the exactness check was "
-                    "skipped; fine-tune the pruned model afterwards", self.units, len(self.approximations),
-                    self.deviation, self.deviation_approximation, self.inputs_kind)
+        log.warning(
+            "shrink: approximate streams (%d channel units through %d normalisations): output deviation "
+            "%.3g from the original, %.3g from the masked model (relative L2, %s); the exactness check was "
+            "skipped; fine-tune the pruned model afterwards",
+            self.units,
+            len(self.approximations),
+            self.deviation,
+            self.deviation_approximation,
+            self.inputs_kind,
+        )
 
 
 def approximated_units(a: ChannelAnalysis) -> list[tuple[dict, np.ndarray]]:
@@ -133,10 +151,15 @@ def _approximated(cx: RuleContext, node: fx.Node) -> bool:
 def _zero_norm_fn(affine: tuple[str, ...]):
     """An approximated ``F.layer_norm``/``F.rms_norm`` is zero at pruned channels when its (zeroed) weight and
     bias (if any) are."""
+
     def zero_after(zero: set[str], cx: RuleContext, node: fx.Node) -> bool:
         args = [node.args[i] if i < len(node.args) else node.kwargs.get(k) for i, k in enumerate(affine, start=2)]
-        return _approximated(cx, node) and args[0] is not None and \
-            all(x is None or (isinstance(x, fx.Node) and x.name in zero) for x in args)
+        return (
+            _approximated(cx, node)
+            and args[0] is not None
+            and all(x is None or (isinstance(x, fx.Node) and x.name in zero) for x in args)
+        )
+
     return zero_after
 
 

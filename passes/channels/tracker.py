@@ -10,6 +10,7 @@ Atoms are created by producers (one per output channel of a conv/linear, shared 
 module) or passively for parameters read with ``get_attr``. Coupling is recorded as union edges; units
 (channels pruned as one) are the connected components, computed once at the end.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ class Member:
     ``role``: ``out`` (zeroed by channel_prune, sliced by shrink), ``aux`` (sliced only: running stats),
     ``in`` (a consumer's input dim: sliced only; the pruned input must be zero or a foldable constant).
     """
+
     owner: str
     tensor: str
     dim: int
@@ -40,6 +42,7 @@ class Member:
 class Constraint:
     """``atoms`` split into ``blocks`` equal contiguous blocks must keep the same count per block; with
     ``droppable``, a block may also lose all its atoms (its conv then has fewer groups)."""
+
     atoms: torch.Tensor
     blocks: int
     node: str
@@ -49,6 +52,7 @@ class Constraint:
 @dataclass
 class Check:
     """Pruned positions of input node ``src`` of ``node`` along ``dim``: ``fold`` into ``module`` or ``zero``."""
+
     node: str
     src: str
     dim: int
@@ -60,6 +64,7 @@ class Check:
 @dataclass
 class Rewrite:
     """A graph node whose constant arguments depend on channel counts (``kind`` keys REWRITES)."""
+
     node: str
     kind: str
     data: dict = field(default_factory=dict)
@@ -69,7 +74,7 @@ class Tracker:
     """Collects atoms, union edges, members, constraints, checks, rewrites and barriers."""
 
     def __init__(self, streams: str = "exact"):
-        self.streams = streams               # "approximate": channel-wide normalisations pass channels (streams.py)
+        self.streams = streams  # "approximate": channel-wide normalisations pass channels (streams.py)
         self.approximations: list[dict] = []  # {"node", "op", "reason", "atoms"} of each such normalisation
         self.n_atoms = 1
         self._space_chunks: list[torch.Tensor] = [torch.full((1,), -1, dtype=torch.long)]
@@ -81,9 +86,9 @@ class Tracker:
         self.rewrites: dict[str, Rewrite] = {}
         self.barriers: list[dict[str, str]] = []
         self.module_atoms: dict[str, torch.Tensor] = {}
-        self.zero_nodes: set[str] = set()   # outputs exactly zero at pruned positions (see zeros.py)
-        self.labels: dict[str, Any] = {}     # node name -> its (normalized) labels, for shape updates
-        self.whole_reads: set[str] = set()   # get_attr nodes whose every reader slices each dim it uses
+        self.zero_nodes: set[str] = set()  # outputs exactly zero at pruned positions (see zeros.py)
+        self.labels: dict[str, Any] = {}  # node name -> its (normalized) labels, for shape updates
+        self.whole_reads: set[str] = set()  # get_attr nodes whose every reader slices each dim it uses
         self.fn_producers: dict[str, str] = {}  # producer module -> the weight of its functional layer
 
     # ---- atoms and edges -------------------------------------------------------------------------
@@ -139,8 +144,9 @@ class Tracker:
             self.barrier(node, f"{reason} (pruning is not exact)", labels)
             return False
         atoms = torch.cat([t.reshape(-1) for t in tensor_leaves(labels)] + [torch.zeros(0, dtype=torch.long)])
-        self.approximations.append({"node": node.name, "op": _describe(node), "reason": reason,
-                                    "atoms": torch.unique(atoms[atoms != FIXED])})
+        self.approximations.append(
+            {"node": node.name, "op": _describe(node), "reason": reason, "atoms": torch.unique(atoms[atoms != FIXED])}
+        )
         return True
 
     # ---- label helpers ---------------------------------------------------------------------------

@@ -14,6 +14,7 @@ Within-head dims and whole heads then prune through the ordinary rules (``heads.
 the batch (``-1``), so shrink rewrites the head count or head dim; the spatial size is the traced one.
 Calls whose operands are not plain parameter reads stay a declared barrier (``rules_attention.swin_attention``).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -25,10 +26,12 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
 from sparsifx.meta_keys import TENSOR_META
 
 try:
     from torchvision.models import swin_transformer as _swin
+
     _FUSED = _swin.shifted_window_attention
     _BIAS = getattr(_swin, "_get_relative_position_bias", None)
 except ImportError:  # pragma: no cover
@@ -71,12 +74,16 @@ def _bound(node: fx.Node) -> dict | None:
     reads = [a["qkv_weight"], a["proj_weight"]] + [a[k] for k in ("qkv_bias", "proj_bias") if a[k] is not None]
     if meta is None or len(meta.shape) != 4 or not all(isinstance(r, fx.Node) and r.op == "get_attr" for r in reads):
         return None
-    if not isinstance(a["num_heads"], int) or any(not isinstance(v, (list, tuple)) or len(v) != 2 or
-                                                  not all(isinstance(i, int) for i in v)
-                                                  for v in (a["window_size"], a["shift_size"])):
+    if not isinstance(a["num_heads"], int) or any(
+        not isinstance(v, (list, tuple)) or len(v) != 2 or not all(isinstance(i, int) for i in v)
+        for v in (a["window_size"], a["shift_size"])
+    ):
         return None
-    if not all(isinstance(a[k], (int, float)) for k in ("attention_dropout", "dropout")) or \
-            not isinstance(a["training"], bool) or meta.shape[3] % a["num_heads"]:
+    if (
+        not all(isinstance(a[k], (int, float)) for k in ("attention_dropout", "dropout"))
+        or not isinstance(a["training"], bool)
+        or meta.shape[3] % a["num_heads"]
+    ):
         return None
     return a
 
@@ -127,8 +134,12 @@ def _linear(gm: fx.GraphModule, weight: fx.Node, bias: fx.Node | None, zero_key_
     """An ``nn.Linear`` at the weight's owner path sharing its parameters; returns the path."""
     owner, _, attr = weight.target.rpartition(".")
     holder = gm.get_submodule(owner)
-    if isinstance(holder, nn.Linear) and attr == "weight" and not zero_key_bias and \
-            (bias.target if bias is not None else None) == (f"{owner}.bias" if holder.bias is not None else None):
+    if (
+        isinstance(holder, nn.Linear)
+        and attr == "weight"
+        and not zero_key_bias
+        and (bias.target if bias is not None else None) == (f"{owner}.bias" if holder.bias is not None else None)
+    ):
         return owner
     w = _fetch(gm, weight.target)
     b = _fetch(gm, bias.target) if bias is not None else None
@@ -137,10 +148,16 @@ def _linear(gm: fx.GraphModule, weight: fx.Node, bias: fx.Node | None, zero_key_
     if b is not None:
         if zero_key_bias:  # V2: the function zeroes the key third of the bias on every call
             b = b.detach().clone()
-            b[b.numel() // 3: 2 * b.numel() // 3] = 0
+            b[b.numel() // 3 : 2 * b.numel() // 3] = 0
         lin.bias = b if isinstance(b, nn.Parameter) else nn.Parameter(b.detach())
-    exclusive = attr == "weight" and set(holder._parameters) <= {"weight", "bias"} and not holder._modules and \
-        not holder._buffers and (bias is None or bias.target == f"{owner}.bias") and type(holder) is nn.Module
+    exclusive = (
+        attr == "weight"
+        and set(holder._parameters) <= {"weight", "bias"}
+        and not holder._modules
+        and not holder._buffers
+        and (bias is None or bias.target == f"{owner}.bias")
+        and type(holder) is nn.Module
+    )
     path = owner if exclusive and owner else _free_name(gm, f"{owner.replace('.', '_') or 'root'}_linear")
     if path == owner:
         parent, _, child = owner.rpartition(".")
@@ -166,7 +183,7 @@ def _shift_mask(pad_h: int, pad_w: int, ws: list[int], shift: list[int], dtype) 
     count = 0
     for h in h_slices:
         for w in w_slices:
-            mask[h[0]:h[1], w[0]:w[1]] = count
+            mask[h[0] : h[1], w[0] : w[1]] = count
             count += 1
     n_windows = (pad_h // ws[0]) * (pad_w // ws[1])
     mask = mask.view(pad_h // ws[0], ws[0], pad_w // ws[1], ws[1]).permute(0, 2, 1, 3)
@@ -179,8 +196,14 @@ def _shift_mask(pad_h: int, pad_w: int, ws: list[int], shift: list[int], dtype) 
 def _bias_node(gm: fx.GraphModule, bias: fx.Node) -> None:
     """``_get_relative_position_bias(table, index, ws)`` as graph ops (V1: the bias itself; V2: inside
     ``16 * sigmoid(.)`` of the ``cpb_mlp`` output)."""
-    if not (bias.op == "call_function" and bias.target is _BIAS and _BIAS is not None and len(bias.args) == 3
-            and all(isinstance(a, fx.Node) for a in bias.args[:2]) and isinstance(bias.args[2], (list, tuple))):
+    if not (
+        bias.op == "call_function"
+        and bias.target is _BIAS
+        and _BIAS is not None
+        and len(bias.args) == 3
+        and all(isinstance(a, fx.Node) for a in bias.args[:2])
+        and isinstance(bias.args[2], (list, tuple))
+    ):
         return
     table, index, ws = bias.args
     n_tokens = ws[0] * ws[1]
@@ -216,12 +239,13 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, a: dict) -> None:
     t = e.method("permute", t, 2, 0, 3, 1, 4)
     q, k, v = (e.fn(operator.getitem, t, i) for i in range(3))
     if v2:
-        attn = e.fn(operator.matmul, e.fn(F.normalize, q, dim=-1),
-                    e.method("transpose", e.fn(F.normalize, k, dim=-1), -2, -1))
+        attn = e.fn(
+            operator.matmul, e.fn(F.normalize, q, dim=-1), e.method("transpose", e.fn(F.normalize, k, dim=-1), -2, -1)
+        )
         scale = e.method("exp", e.fn(torch.clamp, a["logit_scale"], max=math.log(100.0)))
         attn = e.fn(operator.mul, attn, scale)
     else:
-        attn = e.method("matmul", e.fn(operator.mul, q, d ** -0.5), e.method("transpose", k, -2, -1))
+        attn = e.method("matmul", e.fn(operator.mul, q, d**-0.5), e.method("transpose", k, -2, -1))
     attn = e.fn(operator.add, attn, bias)
     if sum(shift) > 0:
         owner = a["qkv_weight"].target.rpartition(".")[0].rpartition(".")[0]
@@ -243,7 +267,8 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, a: dict) -> None:
     if sum(shift) > 0:
         x = e.fn(torch.roll, x, shifts=(shift[0], shift[1]), dims=(1, 2))
     if pad_r or pad_b:
-        x = e.method("contiguous", e.fn(operator.getitem, x, (slice(None), slice(None, height), slice(None, width),
-                                                                slice(None))))
+        x = e.method(
+            "contiguous", e.fn(operator.getitem, x, (slice(None), slice(None, height), slice(None, width), slice(None)))
+        )
     node.replace_all_uses_with(x)
     gm.graph.erase_node(node)

@@ -6,6 +6,7 @@ them; ``mul`` keeps them if any coupled factor is zero, ``add`` if every term is
 (``sigmoid``, ``x + 3``, LayerNorm, unknown ops) is not provably zero, so ``shrink`` probes it.
 ``shrink`` only trusts this when every zeroed member really is zero.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -23,22 +24,65 @@ from . import rules_shape as rs
 from .rules_base import RuleContext, is_label
 from .rules_shape import varying_dim
 
-ZERO_PRESERVING = {"relu", "relu_", "relu6", "gelu", "silu", "hardswish", "leaky_relu", "elu", "tanh", "dropout",
-                   "dropout1d", "dropout2d", "alpha_dropout", "stochastic_depth", "contiguous", "clone", "float",
-                   "half", "double", "to", "type_as", "detach", "neg", "abs", "square", "sqrt", "erf", "hardtanh",
-                   "mish"}
-ZERO_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.Tanh, nn.Dropout,
-                nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity, nn.Mish, nn.Hardtanh,
-                nn.PReLU)
-ADDS = {operator.add, operator.sub, operator.iadd, operator.isub, torch.add, torch.sub, "add", "sub", "add_",
-        "sub_"}
+ZERO_PRESERVING = {
+    "relu",
+    "relu_",
+    "relu6",
+    "gelu",
+    "silu",
+    "hardswish",
+    "leaky_relu",
+    "elu",
+    "tanh",
+    "dropout",
+    "dropout1d",
+    "dropout2d",
+    "alpha_dropout",
+    "stochastic_depth",
+    "contiguous",
+    "clone",
+    "float",
+    "half",
+    "double",
+    "to",
+    "type_as",
+    "detach",
+    "neg",
+    "abs",
+    "square",
+    "sqrt",
+    "erf",
+    "hardtanh",
+    "mish",
+}
+ZERO_MODULES = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.GELU,
+    nn.SiLU,
+    nn.Hardswish,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.Tanh,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.Identity,
+    nn.Mish,
+    nn.Hardtanh,
+    nn.PReLU,
+)
+ADDS = {operator.add, operator.sub, operator.iadd, operator.isub, torch.add, torch.sub, "add", "sub", "add_", "sub_"}
 MULS = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
 DIVS = {operator.truediv, operator.itruediv, torch.div, "div", "div_"}
 
 
 def _tensor_args(cx: RuleContext, node: fx.Node) -> list[fx.Node]:
-    return [a for a in list(node.args) + list(node.kwargs.values())
-            if isinstance(a, fx.Node) and is_label(cx.env.get(a))]
+    return [
+        a for a in list(node.args) + list(node.kwargs.values()) if isinstance(a, fx.Node) and is_label(cx.env.get(a))
+    ]
 
 
 def _all(zero: set[str], nodes) -> bool:
@@ -83,14 +127,36 @@ def _batch_norm(zero, cx, node) -> bool:
 
 
 ZERO_RULES: dict[Callable, Callable[[set, RuleContext, fx.Node], bool]] = {
-    rm.conv: lambda z, cx, n: True, rm.linear: lambda z, cx, n: True, rm.embedding: lambda z, cx, n: True,
-    rm.conv_transpose: lambda z, cx, n: True, rm.batch_norm: _batch_norm,
-    re_.unary: _unary, re_.unary_module: _unary_module, re_.elementwise: _elementwise,
-    ra.einsum: _contraction, ra.matmul: _contraction,
+    rm.conv: lambda z, cx, n: True,
+    rm.linear: lambda z, cx, n: True,
+    rm.embedding: lambda z, cx, n: True,
+    rm.conv_transpose: lambda z, cx, n: True,
+    rm.batch_norm: _batch_norm,
+    re_.unary: _unary,
+    re_.unary_module: _unary_module,
+    re_.elementwise: _elementwise,
+    ra.einsum: _contraction,
+    ra.matmul: _contraction,
     ra.sdpa: lambda z, cx, n: len(n.args) > 2 and isinstance(n.args[2], fx.Node) and n.args[2].name in z,
-    **{r: (lambda z, cx, n: _all(z, _tensor_args(cx, n))) for r in (
-        rs.reshape, rs.expand, rs.permute, rs.transpose, rs.cat, rs.stack, rs.split, rs.unbind, rs.getitem, rs.reduce,
-        rs.norm, rs.pool, rs.roll, rs.patch_merging_pad)},
+    **{
+        r: (lambda z, cx, n: _all(z, _tensor_args(cx, n)))
+        for r in (
+            rs.reshape,
+            rs.expand,
+            rs.permute,
+            rs.transpose,
+            rs.cat,
+            rs.stack,
+            rs.split,
+            rs.unbind,
+            rs.getitem,
+            rs.reduce,
+            rs.norm,
+            rs.pool,
+            rs.roll,
+            rs.patch_merging_pad,
+        )
+    },
 }
 
 
@@ -98,9 +164,11 @@ def _pad(zero: set[str], cx: RuleContext, node: fx.Node) -> bool:
     """``F.pad(x, p, mode, value)``: zero channels stay zero when padded with 0 (or by reflection/replication/
     circular copies of themselves); ``value=1.0`` puts non-zeros at the pruned channels."""
     mode, value = cx.inp(node, 2, "mode", "constant"), cx.inp(node, 3, "value", None)
-    return mode in ("constant", "reflect", "replicate", "circular") and \
-        (mode != "constant" or value is None or (isinstance(value, numbers.Number) and value == 0)) and \
-        _first(zero, cx, node)
+    return (
+        mode in ("constant", "reflect", "replicate", "circular")
+        and (mode != "constant" or value is None or (isinstance(value, numbers.Number) and value == 0))
+        and _first(zero, cx, node)
+    )
 
 
 ZERO_RULES[rs.pad] = _pad

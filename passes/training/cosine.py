@@ -8,6 +8,7 @@ CTRE is defined for MLPs; this is its natural extension). The post-activation is
 layer's single user when it is a registered activation, softmax when the layer feeds the graph output (as
 CTRE's output layer), else the raw output. Under DDP the sums are all-reduced before ``S`` is formed.
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,8 +22,16 @@ from sparsifx.registry import Registry
 from .distributed import all_reduce_sum
 
 ACTIVATIONS: Registry = Registry("activation")
-for _name, _fn in (("relu", F.relu), ("sigmoid", torch.sigmoid), ("tanh", torch.tanh), ("gelu", F.gelu),
-                   ("silu", F.silu), ("elu", F.elu), ("leaky_relu", F.leaky_relu), ("relu6", F.relu6)):
+for _name, _fn in (
+    ("relu", F.relu),
+    ("sigmoid", torch.sigmoid),
+    ("tanh", torch.tanh),
+    ("gelu", F.gelu),
+    ("silu", F.silu),
+    ("elu", F.elu),
+    ("leaky_relu", F.leaky_relu),
+    ("relu6", F.relu6),
+):
     ACTIVATIONS.register(_name, _fn)
 
 
@@ -56,8 +65,9 @@ def _columns(module: nn.Module, x: torch.Tensor, y: torch.Tensor, name: str) -> 
     if isinstance(module, nn.Conv2d) and module.groups == 1 and isinstance(module.padding, tuple):
         cols = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
         return cols.transpose(1, 2).reshape(-1, cols.shape[1]), y.flatten(2).transpose(1, 2).reshape(-1, y.shape[1])
-    raise UnsupportedOpError("CTRE's cosine growth supports Linear and Conv2d (groups=1, explicit padding)",
-                             module=name)
+    raise UnsupportedOpError(
+        "CTRE's cosine growth supports Linear and Conv2d (groups=1, explicit padding)", module=name
+    )
 
 
 class CosineStats:
@@ -77,8 +87,9 @@ class CosineStats:
             if not self.enabled(module):
                 return
             with torch.no_grad():
-                a_in, a_out = _columns(module, inputs[0].detach().float(), self.act[name](output.detach().float()),
-                                       name)
+                a_in, a_out = _columns(
+                    module, inputs[0].detach().float(), self.act[name](output.detach().float()), name
+                )
                 g = a_out.t() @ a_in
                 if self.charge is not None:
                     self.charge(2.0 * a_in.shape[0] * a_in.shape[1] * a_out.shape[1])
@@ -88,6 +99,7 @@ class CosineStats:
                         acc.add_(new)
                 else:
                     self.sums[name] = [g, q_in, q_out]
+
         return hook
 
     def install(self) -> "CosineStats":

@@ -1,5 +1,6 @@
 """CTRE — Cosine similarity-based and Random Topology Exploration (Atashgahi et al., 2022),
 docs/algorithms.md#ctre."""
+
 from __future__ import annotations
 
 import logging
@@ -9,8 +10,8 @@ import torch
 
 from sparsifx import validate
 from sparsifx.errors import PreconditionError, UnsupportedOpError
-from sparsifx.registry import register_pass
 from sparsifx.module_utils import eval_mode
+from sparsifx.registry import register_pass
 from sparsifx.selection import LayerSelection
 
 from .cosine import CosineStats
@@ -45,13 +46,23 @@ class CTRE(DSTPass):
     default_mask = MaskConfig(distribution="er_epsilon", epsilon=13.0, init="bernoulli")
     default_types = ("Linear", "Conv2d")
 
-    def __init__(self, *, mask: MaskConfig | None = None, selection: LayerSelection | None = None,
-                 zeta: float = 0.2, variant: str = "sim", early_stop_epoch: int = 40, activations: str = "train",
-                 grow_init: str = "kaiming_uniform"):
+    def __init__(
+        self,
+        *,
+        mask: MaskConfig | None = None,
+        selection: LayerSelection | None = None,
+        zeta: float = 0.2,
+        variant: str = "sim",
+        early_stop_epoch: int = 40,
+        activations: str = "train",
+        grow_init: str = "kaiming_uniform",
+    ):
         super().__init__(mask=mask, selection=selection)
-        self.require_masked_storage("its growth score is the cosine similarity of every missing connection, a "
-                                    "dense in x out statistic per layer", "use storage: masked, or set (random "
-                                    "growth) with storage: sparse")
+        self.require_masked_storage(
+            "its growth score is the cosine similarity of every missing connection, a "
+            "dense in x out statistic per layer",
+            "use storage: masked, or set (random growth) with storage: sparse",
+        )
         self.zeta = validate.number("zeta", zeta, 0.0, 1.0)
         self.variant = validate.choice("variant", variant, VARIANTS)
         self.early_stop_epoch = validate.integer("early_stop_epoch", early_stop_epoch, 1)
@@ -63,8 +74,11 @@ class CTRE(DSTPass):
         for name, module in targets:
             conv_ok = isinstance(module, torch.nn.Conv2d) and module.groups == 1 and isinstance(module.padding, tuple)
             if not (isinstance(module, torch.nn.Linear) or conv_ok):
-                raise UnsupportedOpError("CTRE's cosine growth supports Linear and Conv2d (groups=1, explicit "
-                                         "padding); leave this layer out with `ignore`", module=name)
+                raise UnsupportedOpError(
+                    "CTRE's cosine growth supports Linear and Conv2d (groups=1, explicit "
+                    "padding); leave this layer out with `ignore`",
+                    module=name,
+                )
         return targets
 
     def check_attach(self, ctrl) -> None:
@@ -127,6 +141,7 @@ class CTRE(DSTPass):
                 if self.variant == "sim":
                     collided = grown & module.mask.bool()
                     others = ~keep & ~grown
-                    grown = (grown & ~collided) | random_among(others, int(collided.sum()),
-                                                               ctrl.generator("grow", name))
+                    grown = (grown & ~collided) | random_among(
+                        others, int(collided.sum()), ctrl.generator("grow", name)
+                    )
             ctrl.replace_mask(name, keep | grown, init=init, kind="ctre")

@@ -6,6 +6,7 @@ choices use generators seeded from (seed, step, layer) so all ranks draw the sam
 guarantee every update ends with ``sync_layers``: rank 0 broadcasts each updated layer's mask and weight
 (optimizer slots were changed at the same positions on every rank).
 """
+
 from __future__ import annotations
 
 import torch

@@ -10,6 +10,7 @@ Each entry is ``fn(weight, mask, amount, generator) -> keep`` (bool, ``keep ⊆ 
   ``pos_thr = v[int(min(len−1, n_neg + ζ·(len−n_neg)))]``;
   keep ``w > pos_thr or w < neg_thr`` (ζ of the negatives and of the positives nearest zero go).
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,8 +24,7 @@ NOISE_STD = 1e-5
 
 
 @DROP.register("magnitude")
-def magnitude_keep(weight: torch.Tensor, mask: torch.Tensor, amount: int, generator: torch.Generator
-                   ) -> torch.Tensor:
+def magnitude_keep(weight: torch.Tensor, mask: torch.Tensor, amount: int, generator: torch.Generator) -> torch.Tensor:
     active = mask.bool()
     n_keep = int(active.sum()) - int(amount)
     score = weight.detach().abs().float().cpu() + noise(weight.shape, NOISE_STD, generator)

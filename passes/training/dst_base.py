@@ -9,6 +9,7 @@ runs (``sparsifx.attach(model, optimizer, steps_per_epoch=...)``). Subclasses im
 instead of the optimizer step, RigL), ``after_step`` (GMP) and ``on_epoch_end`` (SET, CTRE, sparse
 momentum). Layers whose target sparsity is 0 stay dense and are not part of the controller.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,11 +25,11 @@ from sparsifx import validate
 from sparsifx.distributions import er_epsilon_density, layer_sparsities
 from sparsifx.errors import PassError, PreconditionError, RecipeError
 from sparsifx.masking import MASKED_TYPES, is_masked, set_mask
+from sparsifx.meta_keys import SPARSE_CONTROLLER, STORAGE_NOTES
 from sparsifx.module_utils import set_submodule
-from sparsifx.sparse_linear import is_sparse_storage, sparse_type
 from sparsifx.pass_base import PassBase, PassResult
 from sparsifx.selection import LayerSelection, renamed_exclusion_keys
-from sparsifx.meta_keys import SPARSE_CONTROLLER, STORAGE_NOTES
+from sparsifx.sparse_linear import is_sparse_storage, sparse_type
 
 from .mask_ops import DENSE_DRAW_LIMIT, bernoulli_mask, keys_of, random_keys, random_mask, seeded_generator
 from .neuron_pruning import NeuronPruning
@@ -49,9 +50,11 @@ class MaskConfig:
     ``erk_power_scale``; ``dense_first_layer``/``dense_last_layer`` keep the first/last selected layer dense
     (None: dense first layer iff uniform, as RigL; the deprecated recipe keys ``dense_first``/``dense_last``
     still work, see ``sparsifx.selection``); ``init`` exact (k random positions) | bernoulli | ones; ``seed``;
-    ``storage`` masked (dense weight × mask, the default) | sparse (Linear and 1×1 Conv2d layers become ``SparseLinear``/``SparseConv2d1x1``: values
+    ``storage`` masked (dense weight × mask, the default) | sparse (Linear and 1×1 Conv2d layers become
+    ``SparseLinear``/``SparseConv2d1x1``: values
     and indices only, compute and optimizer state proportional to nnz; other layers stay masked).
     """
+
     sparsity: float = 0.9
     distribution: str = "erk"
     epsilon: float = 13.0
@@ -62,8 +65,17 @@ class MaskConfig:
     seed: int = 0
     storage: str = "masked"
 
-    FIELDS: ClassVar[tuple[str, ...]] = ("sparsity", "distribution", "epsilon", "erk_power_scale",
-                                         "dense_first_layer", "dense_last_layer", "init", "seed", "storage")
+    FIELDS: ClassVar[tuple[str, ...]] = (
+        "sparsity",
+        "distribution",
+        "epsilon",
+        "erk_power_scale",
+        "dense_first_layer",
+        "dense_last_layer",
+        "init",
+        "seed",
+        "storage",
+    )
 
     def replace(self, params: dict[str, Any]) -> "MaskConfig":
         checked = dict(params)
@@ -94,8 +106,14 @@ class MaskConfig:
         if self.distribution == "er_epsilon":
             out = {n: 1.0 - er_epsilon_density(s, self.epsilon) for n, s in shapes.items()}
             return {**out, **{n: 0.0 for n in dense}, **custom}
-        return layer_sparsities(shapes, self.sparsity, self.distribution, dense_layers=dense, custom=custom,
-                                erk_power_scale=self.erk_power_scale)
+        return layer_sparsities(
+            shapes,
+            self.sparsity,
+            self.distribution,
+            dense_layers=dense,
+            custom=custom,
+            erk_power_scale=self.erk_power_scale,
+        )
 
     def draw(self, shape: tuple, sparsity: float, generator: torch.Generator) -> torch.Tensor:
         numel = 1
@@ -154,8 +172,11 @@ class DSTPass(PassBase):
 
     # --- mask installation -------------------------------------------------------------------------------------
     def _targets(self, gm: fx.GraphModule) -> list[tuple[str, torch.nn.Module]]:
-        return [(n, m) for n, m in self.selection.layers(gm)
-                if is_masked(m) or type(m) in MASKED_TYPES or is_sparse_storage(m)]
+        return [
+            (n, m)
+            for n, m in self.selection.layers(gm)
+            if is_masked(m) or type(m) in MASKED_TYPES or is_sparse_storage(m)
+        ]
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         from .dst_controller import SparseController
@@ -187,23 +208,29 @@ class DSTPass(PassBase):
             layer.dense_grad = False
             names.append(n)
         if kept_masked:
-            gm.meta[STORAGE_NOTES] = {n: "masked: sparse storage covers Linear and plain 1x1 Conv2d layers only"
-                                        for n in kept_masked}
-            log.warning("pass '%s': storage sparse covers Linear and 1x1 Conv2d layers; %d layers stay masked "
-                        "(dense compute): %s",
-                        self.label, len(kept_masked), kept_masked)
+            gm.meta[STORAGE_NOTES] = {
+                n: "masked: sparse storage covers Linear and plain 1x1 Conv2d layers only" for n in kept_masked
+            }
+            log.warning(
+                "pass '%s': storage sparse covers Linear and 1x1 Conv2d layers; %d layers stay masked "
+                "(dense compute): %s",
+                self.label,
+                len(kept_masked),
+                kept_masked,
+            )
         if not names:
             log.warning("pass '%s' selected no layer to sparsify", self.label)
             return PassResult(gm, False)
         on_meta = sorted({n.rpartition(".")[0] or n for n, p in gm.named_parameters() if p.is_meta})
         if on_meta:
-            raise PassError(f"pass '{self.label}': layers {on_meta} are on the meta device and were not converted "
-                            "to sparse storage (only sparse-storage Linear/1x1 Conv2d layers can start from the "
-                            "meta device); build them on a real device, or select them with storage: sparse and "
-                            "a sparsity above 0")
+            raise PassError(
+                f"pass '{self.label}': layers {on_meta} are on the meta device and were not converted "
+                "to sparse storage (only sparse-storage Linear/1x1 Conv2d layers can start from the "
+                "meta device); build them on a real device, or select them with storage: sparse and "
+                "a sparsity above 0"
+            )
         gm.meta[SPARSE_CONTROLLER] = SparseController(gm, self, names, target_sparsity=sparsities)
-        log.info("pass '%s' masked %d layers: %s", self.label, len(names),
-                 {n: round(sparsities[n], 4) for n in names})
+        log.info("pass '%s' masked %d layers: %s", self.label, len(names), {n: round(sparsities[n], 4) for n in names})
         return PassResult(gm, True)
 
     def initial_mask(self, shape: tuple, sparsity: float, generator: torch.Generator) -> torch.Tensor:
@@ -253,6 +280,8 @@ def resolve_end_step(ctrl, end_step: int | None, end_fraction: float, who: str) 
     if end_step is not None:
         return end_step
     if ctrl.total_steps is None:
-        raise PreconditionError(f"{who} needs its end step: give end_step in the recipe or "
-                                "attach(..., steps_per_epoch=N, epochs=E) so end_fraction can be applied")
+        raise PreconditionError(
+            f"{who} needs its end step: give end_step in the recipe or "
+            "attach(..., steps_per_epoch=N, epochs=E) so end_fraction can be applied"
+        )
     return int(end_fraction * ctrl.total_steps)

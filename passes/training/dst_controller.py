@@ -13,6 +13,7 @@ skip parameters whose ``grad`` is None), and the gradients are restored afterwar
 ``e`` ends after step ``e·steps_per_epoch``; none after the last epoch) run, and ``dense_grad`` is set
 on the masked layers for the next step's forward.
 """
+
 from __future__ import annotations
 
 import logging
@@ -22,9 +23,8 @@ import torch
 import torch.nn as nn
 
 from sparsifx.errors import PreconditionError, SparsifxError
-
-from sparsifx.sparse_linear import SPARSE_INDEX_BUFFERS, is_sparse_storage
 from sparsifx.meta_keys import SPARSE_CONTROLLER
+from sparsifx.sparse_linear import SPARSE_INDEX_BUFFERS, is_sparse_storage
 
 from .distributed import sync_layers
 from .flops import FlopCounter, macs_rule
@@ -87,8 +87,13 @@ class SparseController:
         return seeded_generator(self.method.mask.seed, self.step, *map(str, salt))
 
     # --- attaching --------------------------------------------------------------------------------------------
-    def attach(self, optimizer: torch.optim.Optimizer, steps_per_epoch: int | None = None,
-               epochs: int | None = None, data: Iterable | None = None) -> "SparseController":
+    def attach(
+        self,
+        optimizer: torch.optim.Optimizer,
+        steps_per_epoch: int | None = None,
+        epochs: int | None = None,
+        data: Iterable | None = None,
+    ) -> "SparseController":
         """Hook ``optimizer`` (its ``step()`` now drives the mask updates); returns ``self``."""
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise PreconditionError(f"attach needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -96,14 +101,18 @@ class SparseController:
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise PreconditionError(f"attach: {key} must be a positive integer, got {value!r}")
         if isinstance(optimizer, torch.optim.LBFGS):
-            raise PreconditionError("LBFGS evaluates its closure several times per step; the sparse controller's "
-                                    "updates need one forward/backward per step: use another optimizer")
+            raise PreconditionError(
+                "LBFGS evaluates its closure several times per step; the sparse controller's "
+                "updates need one forward/backward per step: use another optimizer"
+            )
         self.detach()
         self.optimizer, self.steps_per_epoch, self.epochs, self.data = optimizer, steps_per_epoch, epochs, data
         self.method.check_attach(self)
-        self._handles = [optimizer.register_step_pre_hook(closure_first),  # before our own pre-hook
-                         optimizer.register_step_pre_hook(self._pre_hook),
-                         optimizer.register_step_post_hook(self._post_hook)]
+        self._handles = [
+            optimizer.register_step_pre_hook(closure_first),  # before our own pre-hook
+            optimizer.register_step_pre_hook(self._pre_hook),
+            optimizer.register_step_post_hook(self._post_hook),
+        ]
         for name, module in self.gm.named_modules():
             if name and macs_rule(module) is not None:
                 self._module_handles.append(module.register_forward_hook(self._flop_hook(name)))
@@ -134,6 +143,7 @@ class SparseController:
         def hook(module, inputs, output):
             if self.flops.extra_mode or (module.training and torch.is_grad_enabled()):
                 self.flops.record(name, float(rule(module, output)), self.density(name) if masked else 1.0)
+
         return hook
 
     # --- the optimizer hooks ----------------------------------------------------------------------------------
@@ -194,8 +204,9 @@ class SparseController:
                 module.weight.mul_(module.mask)
 
     @torch.no_grad()
-    def replace_mask(self, name: str, new_mask: torch.Tensor, init=None, reset_slots: bool = True,
-                     kind: str = "update") -> dict[str, int]:
+    def replace_mask(
+        self, name: str, new_mask: torch.Tensor, init=None, reset_slots: bool = True, kind: str = "update"
+    ) -> dict[str, int]:
         """Install ``new_mask`` on ``name``: dropped weights -> 0, grown weights -> ``init(weight, grown, generator)``
         (left at 0 when None), optimizer slots of grown positions -> 0 when ``reset_slots``. The history
         record's ``step`` counts the optimizer steps completed when the mask changed."""
@@ -206,18 +217,27 @@ class SparseController:
         module.weight.mul_(new.to(module.weight.dtype))
         if init is not None and grown.any():
             w = module.weight
-            module.weight[grown] = init(tuple(w.shape), int(grown.sum()), w.dtype, w.device, self.generator("init", name))
+            module.weight[grown] = init(
+                tuple(w.shape), int(grown.sum()), w.dtype, w.device, self.generator("init", name)
+            )
         if reset_slots:
             zero_slots(self.optimizer, module.weight, grown)
         module.mask.copy_(new.to(module.mask.dtype))
-        record = {"step": self.step, "layer": name, "kind": kind, "dropped": int((old & ~new).sum()),
-                  "grown": int(grown.sum()), "nnz": int(new.sum())}
+        record = {
+            "step": self.step,
+            "layer": name,
+            "kind": kind,
+            "dropped": int((old & ~new).sum()),
+            "grown": int(grown.sum()),
+            "nnz": int(new.sum()),
+        }
         self.history.append(record)
         return record
 
     @torch.no_grad()
-    def replace_topology(self, name: str, keep: torch.Tensor, grown: torch.Tensor, init=None, revive: bool = True,
-                         kind: str = "update") -> dict[str, int]:
+    def replace_topology(
+        self, name: str, keep: torch.Tensor, grown: torch.Tensor, init=None, revive: bool = True, kind: str = "update"
+    ) -> dict[str, int]:
         """Sparse-storage twin of ``replace_mask``: keep the non-zeros where ``keep`` (bool over the current nnz)
         and add the linear positions ``grown`` (none of them kept). With ``revive`` a grown position that was a
         non-zero before this update keeps its value and optimizer slots (RigL: a just-dropped weight may return);
@@ -238,8 +258,9 @@ class SparseController:
         new_values[was] = values[source[was]]
         fresh = ~was
         if init is not None and bool(fresh.any()):
-            new_values[fresh] = init(module.shape, int(fresh.sum()), values.dtype, values.device,
-                                     self.generator("init", name))
+            new_values[fresh] = init(
+                module.shape, int(fresh.sum()), values.dtype, values.device, self.generator("init", name)
+            )
         remap_slots(self.optimizer, module.values, source)
         grad = module.values.grad
         if grad is not None:  # the gradient follows too (a hidden RigL step restores it afterwards)
@@ -249,8 +270,14 @@ class SparseController:
         module.set_topology(new_keys, new_values)
         swap_param(self.optimizer, old_param, module.values)
         module.values.grad = grad
-        record = {"step": self.step, "layer": name, "kind": kind, "dropped": old_keys.numel() - int(was.sum()),
-                  "grown": int(fresh.sum()), "nnz": new_keys.numel()}
+        record = {
+            "step": self.step,
+            "layer": name,
+            "kind": kind,
+            "dropped": old_keys.numel() - int(was.sum()),
+            "grown": int(fresh.sum()),
+            "nnz": new_keys.numel(),
+        }
         self.history.append(record)
         return record
 
@@ -276,12 +303,19 @@ class SparseController:
         """Bytes the training state occupies now: parameters, their gradients, the optimizer's state for them, and
         the topology (masks of masked layers, index buffers of sparse-storage layers)."""
         params = list(dict.fromkeys(self.gm.parameters()))
-        out = {"parameters": sum(_nbytes(p) for p in params),
-               "gradients": sum(_nbytes(p.grad) for p in params if p.grad is not None),
-               "optimizer_state": 0, "topology": 0}
+        out = {
+            "parameters": sum(_nbytes(p) for p in params),
+            "gradients": sum(_nbytes(p.grad) for p in params if p.grad is not None),
+            "optimizer_state": 0,
+            "topology": 0,
+        }
         if self.optimizer is not None:
-            out["optimizer_state"] = sum(_nbytes(v) for p in params for v in self.optimizer.state.get(p, {}).values()
-                                         if isinstance(v, torch.Tensor))
+            out["optimizer_state"] = sum(
+                _nbytes(v)
+                for p in params
+                for v in self.optimizer.state.get(p, {}).values()
+                if isinstance(v, torch.Tensor)
+            )
         for module in self.layers.values():
             kept = SPARSE_INDEX_BUFFERS if is_sparse_storage(module) else ("mask",)
             out["topology"] += sum(_nbytes(getattr(module, k)) for k in kept)
@@ -289,14 +323,22 @@ class SparseController:
         return out
 
     def summary(self) -> dict[str, Any]:
-        return {"method": self.method.label, "step": self.step, "density": {n: self.density(n) for n in self.names},
-                "updates": len({(h["step"], h["kind"]) for h in self.history}), **self.training_flops(),
-                "state_bytes": self.state_bytes()}
+        return {
+            "method": self.method.label,
+            "step": self.step,
+            "density": {n: self.density(n) for n in self.names},
+            "updates": len({(h["step"], h["kind"]) for h in self.history}),
+            **self.training_flops(),
+            "state_bytes": self.state_bytes(),
+        }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "state": {k: v for k, v in self.state.items() if not k.startswith("_")},
-                "history": list(self.history),
-                "flops": {k: getattr(self.flops, k) for k in ("sparse", "dense", "executed", "extra", "steps")}}
+        return {
+            "step": self.step,
+            "state": {k: v for k, v in self.state.items() if not k.startswith("_")},
+            "history": list(self.history),
+            "flops": {k: getattr(self.flops, k) for k in ("sparse", "dense", "executed", "extra", "steps")},
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
@@ -319,6 +361,7 @@ def closure_first(optimizer, args, kwargs):
 
     def evaluated():
         return loss
+
     if "closure" in kwargs:
         return args, {**kwargs, "closure": evaluated}
     return (args[0], evaluated, *args[2:]), kwargs
@@ -345,20 +388,31 @@ def controller(model: nn.Module) -> SparseController:
     meta = getattr(_unwrap(model), "meta", None)
     ctrl = meta.get(SPARSE_CONTROLLER) if isinstance(meta, dict) else None
     if ctrl is None:
-        raise SparsifxError("model has no sparse controller: sparsify it with a sparse training pass "
-                            "(static, set, rigl, sparse_momentum, ctre, gmp, swat) first")
+        raise SparsifxError(
+            "model has no sparse controller: sparsify it with a sparse training pass "
+            "(static, set, rigl, sparse_momentum, ctre, gmp, swat) first"
+        )
     return ctrl
 
 
-def attach(model: nn.Module, optimizer: torch.optim.Optimizer, steps_per_epoch: int | None = None,
-           epochs: int | None = None, data: Iterable | None = None) -> SparseController:
+def attach(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    steps_per_epoch: int | None = None,
+    epochs: int | None = None,
+    data: Iterable | None = None,
+) -> SparseController:
     """Hook ``optimizer`` so that ``optimizer.step()`` also runs ``model``'s mask updates."""
     ctrl = controller(model)
     if isinstance(model, nn.parallel.DistributedDataParallel) and ctrl.method.neuron_pruning is not None:
-        raise PreconditionError("neuron_pruning shrinks layers while training, which DistributedDataParallel cannot "
-                                "follow; train without DDP or drop neuron_pruning from the recipe")
+        raise PreconditionError(
+            "neuron_pruning shrinks layers while training, which DistributedDataParallel cannot "
+            "follow; train without DDP or drop neuron_pruning from the recipe"
+        )
     if isinstance(model, nn.parallel.DistributedDataParallel) and ctrl.sparse_names() and ctrl.method.changes_nnz:
-        raise PreconditionError(f"{ctrl.method.label} with storage: sparse changes the number of non-zeros, so the "
-                                "values Parameters change size, which DistributedDataParallel cannot follow; use "
-                                "storage: masked under DDP, or a constant-nnz method (static, set, rigl)")
+        raise PreconditionError(
+            f"{ctrl.method.label} with storage: sparse changes the number of non-zeros, so the "
+            "values Parameters change size, which DistributedDataParallel cannot follow; use "
+            "storage: masked under DDP, or a constant-nnz method (static, set, rigl)"
+        )
     return ctrl.attach(optimizer, steps_per_epoch=steps_per_epoch, epochs=epochs, data=data)

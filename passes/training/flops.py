@@ -13,6 +13,7 @@ That is the algorithm's (theoretical) figure. Beside it ``executed`` counts what
 multiplies by its dense ``W ⊙ M`` (``3·F`` whatever its density); a sparse-storage layer does ``3·d·F`` (forward,
 input gradient, sampled weight gradient) plus ``F`` for the blocked dense gradient on RigL update steps.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ def macs_rule(module: nn.Module):
 @dataclass
 class FlopCounter:
     """Accumulates sparse and dense-equivalent training FLOPs; ``pending`` holds this step's dense MACs."""
+
     sparse: float = 0.0
     dense: float = 0.0
     executed: float = 0.0
@@ -64,7 +66,12 @@ class FlopCounter:
     def summary(self) -> dict[str, float]:
         total = self.sparse + self.extra
         executed = self.executed + self.extra
-        return {"training_flops": total, "dense_training_flops": self.dense, "extra_forward_flops": self.extra,
-                "flops_ratio": total / self.dense if self.dense else float("nan"),
-                "executed_training_flops": executed,
-                "executed_flops_ratio": executed / self.dense if self.dense else float("nan"), "steps": self.steps}
+        return {
+            "training_flops": total,
+            "dense_training_flops": self.dense,
+            "extra_forward_flops": self.extra,
+            "flops_ratio": total / self.dense if self.dense else float("nan"),
+            "executed_training_flops": executed,
+            "executed_flops_ratio": executed / self.dense if self.dense else float("nan"),
+            "steps": self.steps,
+        }

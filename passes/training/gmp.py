@@ -1,4 +1,5 @@
 """GMP — gradual magnitude pruning (Zhu & Gupta 2017), docs/algorithms.md#gmp."""
+
 from __future__ import annotations
 
 import math
@@ -8,12 +9,12 @@ import torch
 from sparsifx import validate
 from sparsifx.registry import register_pass
 from sparsifx.selection import LayerSelection
+from sparsifx.sparse_linear import is_sparse_storage
 
 from .dst_base import DSTPass, MaskConfig, resolve_end_step
 from .mask_ops import topk_mask
 from .schedules import UpdateSchedule, gmp_sparsity
 from .sparse_updates import magnitude_prune
-from sparsifx.sparse_linear import is_sparse_storage
 
 
 @register_pass("gmp")
@@ -31,9 +32,18 @@ class GMP(DSTPass):
     default_mask = MaskConfig(distribution="uniform", dense_first_layer=False, init="ones")
     changes_nnz = True
 
-    def __init__(self, *, mask: MaskConfig | None = None, selection: LayerSelection | None = None,
-                 initial_sparsity: float = 0.0, begin_step: int = 0, end_step: int | None = None,
-                 end_fraction: float = 0.75, frequency: int = 100, power: int = 3):
+    def __init__(
+        self,
+        *,
+        mask: MaskConfig | None = None,
+        selection: LayerSelection | None = None,
+        initial_sparsity: float = 0.0,
+        begin_step: int = 0,
+        end_step: int | None = None,
+        end_fraction: float = 0.75,
+        frequency: int = 100,
+        power: int = 3,
+    ):
         super().__init__(mask=mask, selection=selection)
         self.initial_sparsity = validate.number("initial_sparsity", initial_sparsity, 0.0, 1.0, hi_open=True)
         self.begin_step = validate.integer("begin_step", begin_step, 0)
@@ -46,8 +56,9 @@ class GMP(DSTPass):
         return torch.ones(shape, dtype=torch.bool)
 
     def schedule(self, ctrl) -> UpdateSchedule:
-        return UpdateSchedule(self.frequency, self.begin_step,
-                              resolve_end_step(ctrl, self.end_step, self.end_fraction, "gmp"))
+        return UpdateSchedule(
+            self.frequency, self.begin_step, resolve_end_step(ctrl, self.end_step, self.end_fraction, "gmp")
+        )
 
     def check_attach(self, ctrl) -> None:
         self.schedule(ctrl)

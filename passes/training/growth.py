@@ -5,10 +5,12 @@
 (sparse momentum), ``random`` i.i.d. uniform scores from the controller's seeded generator (SET, CTRE's
 random part), ``cosine`` CTRE's activation cosine similarity (``ctrl.state["cosine"][name]``).
 
-``GROW_INIT[name](shape, n, dtype, device, generator) -> values`` for ``n`` grown positions of a weight of ``shape``: ``zeros`` (RigL, sparse momentum,
+``GROW_INIT[name](shape, n, dtype, device, generator) -> values`` for ``n`` grown positions of a weight of ``shape``:
+``zeros`` (RigL, sparse momentum,
 SET Keras), ``normal`` N(0,1)/10 (SET numpy tutorial), ``kaiming_uniform`` U(±sqrt(6/fan_in)) (CTRE's
 ``random_uniform``; fan_in = in_features·kernel in the PyTorch layout).
 """
+
 from __future__ import annotations
 
 import math
@@ -27,8 +29,10 @@ GROW_INIT: Registry = Registry("new-weight initialisation")
 @GROWTH.register("gradient")
 def gradient_score(ctrl, name: str, module) -> torch.Tensor:
     if module.weight.grad is None:
-        raise PassError(f"gradient growth on layer '{name}' needs the dense weight gradient of this step, but "
-                        "weight.grad is None (was loss.backward() called before optimizer.step()?)")
+        raise PassError(
+            f"gradient growth on layer '{name}' needs the dense weight gradient of this step, but "
+            "weight.grad is None (was loss.backward() called before optimizer.step()?)"
+        )
     return module.weight.grad.detach().abs()
 
 

@@ -3,6 +3,7 @@
 Every function is deterministic given its ``torch.Generator`` so that all ranks of a distributed
 run reach the same decision from the same inputs (see ``distributed.py``).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -12,8 +13,19 @@ import torch
 from sparsifx.errors import PassError
 
 # optimizer state keys that hold per-weight slots ("momentum") for the optimizers torch ships
-SLOT_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "square_avg", "acc_delta", "sum",
-             "ax", "mu_product", "prev", "exp_inf")
+SLOT_KEYS = (
+    "momentum_buffer",
+    "exp_avg",
+    "exp_avg_sq",
+    "max_exp_avg_sq",
+    "square_avg",
+    "acc_delta",
+    "sum",
+    "ax",
+    "mu_product",
+    "prev",
+    "exp_inf",
+)
 
 
 def seeded_generator(*parts) -> torch.Generator:
@@ -39,7 +51,7 @@ def random_mask(shape, k: int, generator: torch.Generator) -> torch.Tensor:
     for s in shape:
         n *= int(s)
     out = torch.zeros(n, dtype=torch.bool)
-    out[torch.randperm(n, generator=generator)[:max(0, min(int(k), n))]] = True
+    out[torch.randperm(n, generator=generator)[: max(0, min(int(k), n))]] = True
     return out.view(*shape)
 
 
@@ -80,9 +92,11 @@ def momentum_of(optimizer: torch.optim.Optimizer | None, param: torch.Tensor) ->
         return state["momentum_buffer"]
     if isinstance(state.get("exp_avg"), torch.Tensor) and isinstance(state.get("exp_avg_sq"), torch.Tensor):
         return state["exp_avg"] / (state["exp_avg_sq"].sqrt() + 1e-8)
-    raise PassError("sparse_momentum needs an optimizer with momentum (SGD momentum>0 or Adam-style exp_avg) that "
-                    "has taken at least one step; found state keys "
-                    f"{sorted(state)} for a weight of shape {tuple(param.shape)}")
+    raise PassError(
+        "sparse_momentum needs an optimizer with momentum (SGD momentum>0 or Adam-style exp_avg) that "
+        "has taken at least one step; found state keys "
+        f"{sorted(state)} for a weight of shape {tuple(param.shape)}"
+    )
 
 
 # --- index-based sampling for sparse storage (no tensor of the dense weight's size) -----------------------------

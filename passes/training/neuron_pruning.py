@@ -13,6 +13,7 @@ layers are scored before any is cut, so a layer's scores never see the cut of th
 slots and gradients follow the kept entries. The reference only zeroes the incoming weights (and momenta) of such
 neurons; removing them also drops their outgoing weights, which equals that model with the outgoing columns zeroed.
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,10 +35,32 @@ from .mask_ops import remap_slots, swap_param
 log = logging.getLogger(__name__)
 
 # single-input elementwise ops a hidden layer's output may pass through on its way to the next Linear
-ELEMENTWISE_MODULES: tuple[type, ...] = (nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh,
-                                         nn.Sigmoid, nn.Dropout, nn.Identity)  # nn.LeakyReLU covers AllReLU
-ELEMENTWISE_FUNCTIONS: tuple[Callable, ...] = (F.relu, torch.relu, F.relu_, torch.relu_, F.leaky_relu, F.relu6,
-                                               F.elu, F.gelu, F.silu, torch.tanh, torch.sigmoid, F.dropout)
+ELEMENTWISE_MODULES: tuple[type, ...] = (
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.ReLU6,
+    nn.ELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Dropout,
+    nn.Identity,
+)  # nn.LeakyReLU covers AllReLU
+ELEMENTWISE_FUNCTIONS: tuple[Callable, ...] = (
+    F.relu,
+    torch.relu,
+    F.relu_,
+    torch.relu_,
+    F.leaky_relu,
+    F.relu6,
+    F.elu,
+    F.gelu,
+    F.silu,
+    torch.tanh,
+    torch.sigmoid,
+    F.dropout,
+)
 ELEMENTWISE_METHODS: tuple[str, ...] = ("relu", "relu_", "tanh", "sigmoid")
 STALE_META = ("tensor_meta", "val")
 OUTPUT_LAYER = "the model's output layer"
@@ -47,6 +70,7 @@ OUTPUT_LAYER = "the model's output layer"
 class NeuronPruning:
     """When to prune: ``every_epochs`` (int >= 1, default 10), ``percentile`` q (0 < q < 100, default 20),
     ``after`` (int >= 0, default 200), ``until`` (int >= after, or None: no end)."""
+
     every_epochs: int = 10
     percentile: float = 20.0
     after: int = 200
@@ -66,8 +90,9 @@ class NeuronPruning:
         if "every_epochs" in data:
             out["every_epochs"] = validate.integer(f"{path}.every_epochs", data["every_epochs"], 1)
         if "percentile" in data:
-            out["percentile"] = validate.number(f"{path}.percentile", data["percentile"], 0.0, 100.0,
-                                                lo_open=True, hi_open=True)
+            out["percentile"] = validate.number(
+                f"{path}.percentile", data["percentile"], 0.0, 100.0, lo_open=True, hi_open=True
+            )
         if "after" in data:
             out["after"] = validate.integer(f"{path}.after", data["after"], 0)
         after = out.get("after", cls.after)
@@ -79,8 +104,11 @@ class NeuronPruning:
         return asdict(self)
 
     def due(self, epoch: int) -> bool:
-        return (epoch > self.after and (epoch - self.after) % self.every_epochs == 0
-                and (self.until is None or epoch <= self.until))
+        return (
+            epoch > self.after
+            and (epoch - self.after) % self.every_epochs == 0
+            and (self.until is None or epoch <= self.until)
+        )
 
 
 # --- which layers are hidden ----------------------------------------------------------------------------------
@@ -129,8 +157,11 @@ def _consumer(gm: fx.GraphModule, name: str) -> tuple[str | None, list[fx.Node],
             why = _single_use(gm, user.target)
             return (None, [], why) if why else (user.target, chain, "")
         if not _elementwise(gm, user):
-            return None, [], f"output reaches '{user.name}' ({user.op} {user.target}), not a Linear through " \
-                             "elementwise activations"
+            return (
+                None,
+                [],
+                f"output reaches '{user.name}' ({user.op} {user.target}), not a Linear through elementwise activations",
+            )
         chain.append(user)
 
 
@@ -225,8 +256,9 @@ def _shrink_sparse(optimizer, module, rows: torch.Tensor | None, cols: torch.Ten
 
 
 @torch.no_grad()
-def shrink_linear(optimizer, module: nn.Module, rows: torch.Tensor | None = None,
-                  cols: torch.Tensor | None = None) -> None:
+def shrink_linear(
+    optimizer, module: nn.Module, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None
+) -> None:
     """Keep output neurons ``rows`` and inputs ``cols`` (bool masks; None: all) of a Linear, MaskedLinear or
     SparseLinear, in place; ``optimizer``'s slots and the gradients follow."""
     if is_sparse_storage(module):
@@ -246,8 +278,9 @@ def prune_neurons(ctrl, percentile: float) -> list[dict[str, Any]]:
     returns the history records added."""
     pairs, skipped = hidden_layers(ctrl)
     for name, why in skipped.items():
-        log.log(logging.DEBUG if why == OUTPUT_LAYER else logging.INFO, "neuron pruning skips layer '%s': %s",
-                name, why)
+        log.log(
+            logging.DEBUG if why == OUTPUT_LAYER else logging.INFO, "neuron pruning skips layer '%s': %s", name, why
+        )
     plans = {name: kept_neurons(importance(ctrl.gm.get_submodule(name)), percentile) for name in pairs}
     rows = {name: keep for name, (keep, _) in plans.items()}
     cols = {pairs[name][0]: keep for name, keep in rows.items()}
@@ -258,8 +291,17 @@ def prune_neurons(ctrl, percentile: float) -> list[dict[str, Any]]:
         for node in pairs[name][1]:
             for key in STALE_META:
                 node.meta.pop(key, None)
-        records.append({"step": ctrl.step, "layer": name, "kind": "neuron_pruning", "removed": int((~keep).sum()),
-                        "out_features": int(keep.sum()), "threshold": t, "nnz": ctrl.nnz()[name]})
+        records.append(
+            {
+                "step": ctrl.step,
+                "layer": name,
+                "kind": "neuron_pruning",
+                "removed": int((~keep).sum()),
+                "out_features": int(keep.sum()),
+                "threshold": t,
+                "nnz": ctrl.nnz()[name],
+            }
+        )
     ctrl.history.extend(records)
     log.info("neuron pruning at step %d: %s", ctrl.step, {r["layer"]: r["removed"] for r in records})
     return records

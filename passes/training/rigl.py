@@ -1,4 +1,5 @@
 """RigL — Rigging the Lottery (Evci et al., ICML 2020), docs/algorithms.md#rigl."""
+
 from __future__ import annotations
 
 import math
@@ -6,13 +7,13 @@ import math
 from sparsifx import validate
 from sparsifx.registry import register_pass
 from sparsifx.selection import LayerSelection
+from sparsifx.sparse_linear import is_sparse_storage
 
 from .drop import DROP
 from .dst_base import DSTPass, MaskConfig, resolve_end_step
 from .growth import GROW_INIT, GROWTH, grow_top
 from .schedules import DROP_FRACTION_SCHEDULES, UpdateSchedule
 from .sparse_updates import rigl_update
-from sparsifx.sparse_linear import is_sparse_storage
 
 
 @register_pass("rigl")
@@ -31,9 +32,19 @@ class RigL(DSTPass):
 
     default_mask = MaskConfig(distribution="erk", dense_first_layer=None)
 
-    def __init__(self, *, mask: MaskConfig | None = None, selection: LayerSelection | None = None,
-                 delta_t: int = 100, drop_fraction: float = 0.3, anneal: str = "cosine", begin_step: int = 0,
-                 end_step: int | None = None, end_fraction: float = 0.75, grow_init: str = "zeros"):
+    def __init__(
+        self,
+        *,
+        mask: MaskConfig | None = None,
+        selection: LayerSelection | None = None,
+        delta_t: int = 100,
+        drop_fraction: float = 0.3,
+        anneal: str = "cosine",
+        begin_step: int = 0,
+        end_step: int | None = None,
+        end_fraction: float = 0.75,
+        grow_init: str = "zeros",
+    ):
         super().__init__(mask=mask, selection=selection)
         self.delta_t = validate.integer("delta_t", delta_t, 1)
         self.drop_fraction = validate.number("drop_fraction", drop_fraction, 0.0, 1.0)
@@ -44,8 +55,9 @@ class RigL(DSTPass):
         self.grow_init = validate.choice("grow_init", grow_init, GROW_INIT.names())
 
     def schedule(self, ctrl) -> UpdateSchedule:
-        return UpdateSchedule(self.delta_t, self.begin_step,
-                              resolve_end_step(ctrl, self.end_step, self.end_fraction, "rigl"))
+        return UpdateSchedule(
+            self.delta_t, self.begin_step, resolve_end_step(ctrl, self.end_step, self.end_fraction, "rigl")
+        )
 
     def check_attach(self, ctrl) -> None:
         self.schedule(ctrl)

@@ -8,6 +8,7 @@ docs/algorithms.md#rigl, docs/algorithms.md#gmp).
   ``p = clip((t−t0)/(t_end−t0), 0, 1)``.
 * ``UpdateSchedule`` — which steps update the mask: ``t0 ≤ t ≤ T_end`` and ``(t − t0) % ΔT == 0``.
 """
+
 from __future__ import annotations
 
 import math
@@ -43,6 +44,7 @@ def gmp_sparsity(t: int, final: float, initial: float = 0.0, t0: int = 0, t_end:
 @dataclass(frozen=True)
 class UpdateSchedule:
     """Mask updates at steps ``t0, t0+ΔT, … ≤ t_end`` (``t`` counts optimizer steps from 0)."""
+
     delta_t: int
     t0: int
     t_end: int

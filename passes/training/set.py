@@ -1,13 +1,14 @@
 """SET — Sparse Evolutionary Training (Mocanu et al., Nat. Commun. 2018), docs/algorithms.md#set."""
+
 from __future__ import annotations
 
 import torch
 
 from sparsifx import validate
 from sparsifx.masking import MASKED_TYPES, is_masked
-from sparsifx.sparse_linear import is_sparse_storage
 from sparsifx.registry import register_pass
 from sparsifx.selection import LayerSelection
+from sparsifx.sparse_linear import is_sparse_storage
 
 from .drop import DROP
 from .dst_base import DSTPass, MaskConfig
@@ -31,8 +32,15 @@ class SET(DSTPass):
 
     default_mask = MaskConfig(distribution="er_epsilon", epsilon=13.0, init="bernoulli")
 
-    def __init__(self, *, mask: MaskConfig | None = None, selection: LayerSelection | None = None,
-                 zeta: float = 0.3, grow_init: str = "zeros", evolve_last: bool = False):
+    def __init__(
+        self,
+        *,
+        mask: MaskConfig | None = None,
+        selection: LayerSelection | None = None,
+        zeta: float = 0.3,
+        grow_init: str = "zeros",
+        evolve_last: bool = False,
+    ):
         super().__init__(mask=mask, selection=selection)
         self.zeta = validate.number("zeta", zeta, 0.0, 1.0)
         self.grow_init = validate.choice("grow_init", grow_init, GROW_INIT.names())
@@ -42,8 +50,11 @@ class SET(DSTPass):
         """Controlled layers that evolve: all but the model's output layer unless ``evolve_last``."""
         if self.evolve_last:
             return list(ctrl.names)
-        layers = [n for n, m in ctrl.gm.named_modules()
-                  if n and (is_masked(m) or type(m) in MASKED_TYPES or is_sparse_storage(m))]
+        layers = [
+            n
+            for n, m in ctrl.gm.named_modules()
+            if n and (is_masked(m) or type(m) in MASKED_TYPES or is_sparse_storage(m))
+        ]
         return [n for n in ctrl.names if n != layers[-1]]
 
     @torch.no_grad()

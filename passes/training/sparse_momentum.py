@@ -1,5 +1,6 @@
 """Sparse momentum (Dettmers & Zettlemoyer 2019, "Sparse Networks from Scratch"),
 docs/algorithms.md#sparse-momentum."""
+
 from __future__ import annotations
 
 import math
@@ -53,20 +54,30 @@ class SparseMomentum(DSTPass):
 
     default_mask = MaskConfig(sparsity=0.95, distribution="uniform", dense_first_layer=False, init="bernoulli")
 
-    def __init__(self, *, mask: MaskConfig | None = None, selection: LayerSelection | None = None,
-                 prune_rate: float = 0.5, eta_min: float = 0.005, decay: str = "cosine"):
+    def __init__(
+        self,
+        *,
+        mask: MaskConfig | None = None,
+        selection: LayerSelection | None = None,
+        prune_rate: float = 0.5,
+        eta_min: float = 0.005,
+        decay: str = "cosine",
+    ):
         super().__init__(mask=mask, selection=selection)
-        self.require_masked_storage("it grows where the dense momentum of missing weights is largest, and sparse "
-                                    "storage keeps momentum at the non-zeros only", "use storage: masked, or rigl "
-                                    "(bounded dense gradient on update steps) with storage: sparse")
+        self.require_masked_storage(
+            "it grows where the dense momentum of missing weights is largest, and sparse "
+            "storage keeps momentum at the non-zeros only",
+            "use storage: masked, or rigl (bounded dense gradient on update steps) with storage: sparse",
+        )
         self.prune_rate = validate.number("prune_rate", prune_rate, 0.0, 1.0)
         self.eta_min = validate.number("eta_min", eta_min, 0.0, 1.0)
         self.decay = validate.choice("decay", decay, ("cosine", "constant"))
 
     def check_attach(self, ctrl) -> None:
         if ctrl.total_steps is None and self.decay == "cosine":
-            raise PreconditionError("sparse_momentum's cosine prune rate needs attach(..., steps_per_epoch=N, "
-                                    "epochs=E) (T_max = N·E)")
+            raise PreconditionError(
+                "sparse_momentum's cosine prune rate needs attach(..., steps_per_epoch=N, epochs=E) (T_max = N·E)"
+            )
         ctrl.state.setdefault("baseline_nonzero", sum(ctrl.nnz().values()))
         ctrl.state.setdefault("adjusted_growth", 0.0)
         ctrl.state.setdefault("adjustments", [])
@@ -82,7 +93,7 @@ class SparseMomentum(DSTPass):
     def layer_prune_rates(self, ctrl, rate: float, share: dict[str, float]) -> dict[str, float]:
         """``adjust_prune_rate``: a layer < 20% sparse whose momentum share exceeds 1/L prunes at most its sparsity."""
         out = {}
-        for name, module in ctrl.layers.items():
+        for name in ctrl.layers:
             sparsity = 1.0 - ctrl.density(name)
             out[name] = min(sparsity, rate) if sparsity < 0.2 and share[name] > 1.0 / len(share) else rate
         return out
@@ -115,6 +126,9 @@ class SparseMomentum(DSTPass):
             ctrl.replace_mask(name, kept[name] | grown, init=None, reset_slots=False, kind="sparse_momentum")
         nnz_new = sum(ctrl.nnz().values())
         state["adjustments"].append(state["baseline_nonzero"] - nnz_new)
-        state["adjusted_growth"] = (0.25 * state["adjusted_growth"] + 0.75 * (state["baseline_nonzero"] - nnz_new)
-                                    + sum(state["adjustments"]) / len(state["adjustments"]))
+        state["adjusted_growth"] = (
+            0.25 * state["adjusted_growth"]
+            + 0.75 * (state["baseline_nonzero"] - nnz_new)
+            + sum(state["adjustments"]) / len(state["adjustments"])
+        )
         state.setdefault("prune_rate", []).append((ctrl.step, self.prune_rate_at(ctrl, ctrl.step)))

@@ -5,6 +5,7 @@ Each function decides on the layer's ``values`` and sorted linear positions only
 the random choices are drawn exactly as the masked storage draws them (same positions from the same seed, so both
 storages train identically); beyond it they are drawn by index sampling from the same distribution.
 """
+
 from __future__ import annotations
 
 import math

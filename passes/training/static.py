@@ -1,4 +1,5 @@
 """Static sparse training: a fixed random mask (the baseline the DST methods are compared with)."""
+
 from __future__ import annotations
 
 from sparsifx.registry import register_pass

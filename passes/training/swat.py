@@ -32,6 +32,7 @@ exact per-step Top-K; the reference counts epochs), ``exact`` (index-based Top-K
 ``lean_maxpool`` (replace every ReLU / MaxPool2d: both are numerically identical, so all of them are
 replaced rather than only SWAT neighbours). Biases and BatchNorm are never sparsified.
 """
+
 from __future__ import annotations
 
 import logging
@@ -44,11 +45,11 @@ import torch.nn.functional as F
 from sparsifx import validate
 from sparsifx.distributions import layer_sparsities
 from sparsifx.errors import PreconditionError, RecipeError, UnsupportedOpError
+from sparsifx.meta_keys import SPARSE_CONTROLLER, SWAT_STATE
 from sparsifx.module_utils import set_submodule, swap_class
 from sparsifx.pass_base import PassBase, PassResult
 from sparsifx.registry import register_pass
 from sparsifx.selection import LayerSelection, renamed_exclusion_keys
-from sparsifx.meta_keys import SPARSE_CONTROLLER, SWAT_STATE
 
 from .swat_control import SWATController
 from .swat_layers import SWAT_TYPES, LeanMaxPool2d, LeanReLU, SWATLayerConfig, is_swat
@@ -58,7 +59,6 @@ log = logging.getLogger(__name__)
 VARIANTS = ("unstructured", "erk", "momentum", "structured")
 RELU_FUNCTIONS = {F.relu: False, torch.relu: False, torch.relu_: True, F.relu_: True}
 RELU_METHODS = {"relu": False, "relu_": True}
-
 
 
 def _free_name(gm: nn.Module, stem: str) -> str:
@@ -75,23 +75,45 @@ class SWAT(PassBase):
     in_place = True
     layer_params = ("sparsity",)
 
-    def __init__(self, *, sparsity: float = 0.9, variant: str = "unstructured", topk_period: int = 10,
-                 warmup_steps: int = 0, exact: bool = False, dense_first_layer: bool | None = None,
-                 dense_last_layer: bool | None = None, lean_relu: bool = True, lean_maxpool: bool = True,
-                 storage: str = "masked", selection: LayerSelection | None = None,
-                 sparsify_first_layer: bool | None = None, sparsify_last_layer: bool | None = None):
+    def __init__(
+        self,
+        *,
+        sparsity: float = 0.9,
+        variant: str = "unstructured",
+        topk_period: int = 10,
+        warmup_steps: int = 0,
+        exact: bool = False,
+        dense_first_layer: bool | None = None,
+        dense_last_layer: bool | None = None,
+        lean_relu: bool = True,
+        lean_maxpool: bool = True,
+        storage: str = "masked",
+        selection: LayerSelection | None = None,
+        sparsify_first_layer: bool | None = None,
+        sparsify_last_layer: bool | None = None,
+    ):
         if validate.choice("storage", storage, ("masked", "sparse")) == "sparse":
-            raise RecipeError("swat cannot use storage: sparse: it re-selects the top-k of the dense weight every "
-                              "topk_period steps, so the dense weight must exist; use storage: masked, or a DST "
-                              "method (static, set, rigl, gmp) with storage: sparse", "storage")
+            raise RecipeError(
+                "swat cannot use storage: sparse: it re-selects the top-k of the dense weight every "
+                "topk_period steps, so the dense weight must exist; use storage: masked, or a DST "
+                "method (static, set, rigl, gmp) with storage: sparse",
+                "storage",
+            )
         self.sparsity = validate.number("sparsity", sparsity, 0.0, 1.0, hi_open=True)
         self.variant = validate.choice("variant", variant, VARIANTS)
         self.topk_period = validate.integer("topk_period", topk_period, 1)
         self.warmup_steps = validate.integer("warmup_steps", warmup_steps, 0)
         self.exact = validate.boolean("exact", exact)
-        given = {k: v for k, v in (("dense_first_layer", dense_first_layer), ("dense_last_layer", dense_last_layer),
-                                   ("sparsify_first_layer", sparsify_first_layer),
-                                   ("sparsify_last_layer", sparsify_last_layer)) if v is not None}
+        given = {
+            k: v
+            for k, v in (
+                ("dense_first_layer", dense_first_layer),
+                ("dense_last_layer", dense_last_layer),
+                ("sparsify_first_layer", sparsify_first_layer),
+                ("sparsify_last_layer", sparsify_last_layer),
+            )
+            if v is not None
+        }
         given = renamed_exclusion_keys("swat", given)  # None: the default, True first / False last
         self.dense_first_layer = validate.boolean("dense_first_layer", given.get("dense_first_layer", True))
         self.dense_last_layer = validate.boolean("dense_last_layer", given.get("dense_last_layer", False))
@@ -122,21 +144,32 @@ class SWAT(PassBase):
             if is_swat(module):
                 raise PreconditionError(f"layer '{name}' is already a SWAT layer; run swat once")
             if type(module) not in SWAT_TYPES:
-                raise UnsupportedOpError(f"swat supports {', '.join(t.__name__ for t in SWAT_TYPES)} (exact types; "
-                                         f"a masked layer must be baked first)", module=name)
+                raise UnsupportedOpError(
+                    f"swat supports {', '.join(t.__name__ for t in SWAT_TYPES)} (exact types; "
+                    f"a masked layer must be baked first)",
+                    module=name,
+                )
         return {n: chosen[n] for n in names}
 
     def layer_sparsity(self, targets: dict[str, nn.Module]) -> dict[str, float]:
-        custom = {n: self.selection.overrides(n, m)["sparsity"] for n, m in targets.items()
-                  if "sparsity" in self.selection.overrides(n, m)}
+        custom = {
+            n: self.selection.overrides(n, m)["sparsity"]
+            for n, m in targets.items()
+            if "sparsity" in self.selection.overrides(n, m)
+        }
         if self.variant == "erk":
             shapes = {n: tuple(m.weight.shape) for n, m in targets.items()}
             return layer_sparsities(shapes, self.sparsity, "erk", custom=custom)
         return {n: float(custom.get(n, self.sparsity)) for n in targets}
 
     def layer_config(self, module: nn.Module) -> SWATLayerConfig:
-        return SWATLayerConfig(structured=self.variant == "structured", exact=self.exact, period=self.topk_period,
-                               warmup_steps=self.warmup_steps, every_call=isinstance(module, nn.Linear))
+        return SWATLayerConfig(
+            structured=self.variant == "structured",
+            exact=self.exact,
+            period=self.topk_period,
+            warmup_steps=self.warmup_steps,
+            every_call=isinstance(module, nn.Linear),
+        )
 
     # -- the rewrite -----------------------------------------------------------------------------------------
     def call(self, gm: fx.GraphModule) -> PassResult:
@@ -153,8 +186,12 @@ class SWAT(PassBase):
         if self.lean_maxpool:
             modified |= self._lean_maxpools(gm)
         if targets:
-            gm.meta[SWAT_STATE] = {"sparsity": self.sparsity, "variant": self.variant, "layers": dict(sparsity),
-                               "skipped": dict(self.skipped)}
+            gm.meta[SWAT_STATE] = {
+                "sparsity": self.sparsity,
+                "variant": self.variant,
+                "layers": dict(sparsity),
+                "skipped": dict(self.skipped),
+            }
             gm.meta[SPARSE_CONTROLLER] = SWATController(gm, list(targets), self.variant, self.sparsity)
         if modified:
             gm.recompile()
@@ -171,8 +208,11 @@ class SWAT(PassBase):
                 changed = True
                 continue
             if node.op == "call_function" and node.target in RELU_FUNCTIONS:
-                inplace = RELU_FUNCTIONS[node.target] or bool(node.kwargs.get("inplace", False)) or (
-                    len(node.args) > 1 and bool(node.args[1]))
+                inplace = (
+                    RELU_FUNCTIONS[node.target]
+                    or bool(node.kwargs.get("inplace", False))
+                    or (len(node.args) > 1 and bool(node.args[1]))
+                )
             elif node.op == "call_method" and node.target in RELU_METHODS:
                 inplace = RELU_METHODS[node.target]
             else:

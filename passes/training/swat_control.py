@@ -12,6 +12,7 @@ evenly over the other layers (≤1000 rounds); ``s_l = 1 − n_l/N_l``. As in th
 momentum gets more non-zeros, not scaled by layer size. The new sparsity takes effect at each layer's
 next threshold recompute (every call for Linear, every ``topk_period`` steps for convs).
 """
+
 from __future__ import annotations
 
 import math
@@ -28,8 +29,7 @@ MAX_ROUNDS = 1000
 DENSE_CAP = 0.99
 
 
-def momentum_allocation(mean_momentum: Mapping[str, float], numel: Mapping[str, int],
-                        density: float) -> dict[str, int]:
+def momentum_allocation(mean_momentum: Mapping[str, float], numel: Mapping[str, int], density: float) -> dict[str, int]:
     """Non-zero count per layer, SWAT-M style (see the module docstring)."""
     total_m = sum(mean_momentum.values())
     budget = density * sum(numel.values())
@@ -70,14 +70,21 @@ class SWATController:
     def layers(self) -> dict[str, nn.Module]:
         return {n: self.gm.get_submodule(n) for n in self.names}
 
-    def attach(self, optimizer: torch.optim.Optimizer, steps_per_epoch: int | None = None,
-               epochs: int | None = None, data: Iterable | None = None) -> "SWATController":
+    def attach(
+        self,
+        optimizer: torch.optim.Optimizer,
+        steps_per_epoch: int | None = None,
+        epochs: int | None = None,
+        data: Iterable | None = None,
+    ) -> "SWATController":
         """Hook ``optimizer``: every ``optimizer.step()`` then also runs ``self.after_step()``."""
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise PreconditionError(f"attach needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if self.variant == "momentum" and not all(g.get("momentum", 0) or "betas" in g for g in optimizer.param_groups):
-            raise PreconditionError("SWAT-M (variant 'momentum') allocates sparsity from the optimizer's momentum: "
-                                    "use SGD with momentum > 0 or an Adam-style optimizer")
+            raise PreconditionError(
+                "SWAT-M (variant 'momentum') allocates sparsity from the optimizer's momentum: "
+                "use SGD with momentum > 0 or an Adam-style optimizer"
+            )
         self.detach()
         self.optimizer = optimizer
         self._handles = [optimizer.register_step_post_hook(lambda opt, args, kwargs: self.after_step())]
@@ -97,8 +104,10 @@ class SWATController:
     def reallocate(self) -> dict[str, float]:
         """SWAT-M: new per-layer sparsities from the optimizer's momentum (needs ``attach`` first)."""
         if self.optimizer is None:
-            raise PreconditionError("SWAT-M re-allocates from the optimizer's momentum: call "
-                                    "swat_controller(model).attach(optimizer) before training")
+            raise PreconditionError(
+                "SWAT-M re-allocates from the optimizer's momentum: call "
+                "swat_controller(model).attach(optimizer) before training"
+            )
         layers = self.layers
         mean_m, numel = {}, {}
         for name, layer in layers.items():
@@ -123,13 +132,19 @@ class SWATController:
         layers = self.layers
         total = sum(m.weight.numel() for m in layers.values())
         kept = sum((1 - m.sparsity) * m.weight.numel() for m in layers.values())
-        return {"method": f"swat/{self.variant}", "step": self.step,
-                "sparsity": {n: m.sparsity for n, m in layers.items()},
-                "global_density": kept / total if total else 1.0}
+        return {
+            "method": f"swat/{self.variant}",
+            "step": self.step,
+            "sparsity": {n: m.sparsity for n, m in layers.items()},
+            "global_density": kept / total if total else 1.0,
+        }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "history": list(self.history),
-                "sparsity": {n: m.sparsity for n, m in self.layers.items()}}
+        return {
+            "step": self.step,
+            "history": list(self.history),
+            "sparsity": {n: m.sparsity for n, m in self.layers.items()},
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.step = int(state["step"])

@@ -9,6 +9,7 @@ the mask instead of baking ``W ⊙ M``. ``LeanReLU``/``LeanMaxPool2d`` go back t
 Note: the final mask is exact Top-K of the current weights, which can differ slightly from the
 stale-threshold mask of the last training step.
 """
+
 from __future__ import annotations
 
 import torch
@@ -17,15 +18,14 @@ import torch.nn as nn
 
 from sparsifx import validate
 from sparsifx.masking import set_mask
+from sparsifx.meta_keys import SPARSE_CONTROLLER, SWAT_STATE
 from sparsifx.module_utils import set_submodule, swap_class
 from sparsifx.pass_base import PassBase, PassResult
 from sparsifx.registry import register_pass
-from sparsifx.meta_keys import SPARSE_CONTROLLER, SWAT_STATE
 
 from . import topk
 from .swat_control import SWATController
 from .swat_layers import SWAT_DENSE_TYPES, LeanMaxPool2d, LeanReLU, swat_layers
-
 
 
 @torch.no_grad()

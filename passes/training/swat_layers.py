@@ -10,6 +10,7 @@ and keeps the dense ``weight``/``bias`` parameters the optimizer updates. Its st
   Departure: the reference counts the batch index *within the epoch*; we count training calls since
   the pass ran (no epoch notion in a layer); with ``period`` dividing the epoch length they agree.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,21 +24,21 @@ from sparsifx.tracing import register_leaf_type
 
 from . import topk
 from .kernels import ops_for
-from .swat_ops import (ConvOp, LeanMaxPoolFunction, LeanReLUFunction, LinearOp, SWATFunction, WeightMask,
-                       pack_bits)
+from .swat_ops import ConvOp, LeanMaxPoolFunction, LeanReLUFunction, LinearOp, SWATFunction, WeightMask, pack_bits
 
 
 @dataclass(frozen=True)
 class SWATLayerConfig:
-    structured: bool = False   # kernel-level (out, in) L1 selection of weights, recomputed every step
-    exact: bool = False        # index-based Top-K (exactly k) on recompute steps instead of thresholds
-    period: int = 1            # threshold recompute period in training steps
-    warmup_steps: int = 0      # steps with exact per-step Top-K before reuse starts
-    every_call: bool = False   # Linear: recompute both thresholds on every call (reference custom_linear.py)
+    structured: bool = False  # kernel-level (out, in) L1 selection of weights, recomputed every step
+    exact: bool = False  # index-based Top-K (exactly k) on recompute steps instead of thresholds
+    period: int = 1  # threshold recompute period in training steps
+    warmup_steps: int = 0  # steps with exact per-step Top-K before reuse starts
+    every_call: bool = False  # Linear: recompute both thresholds on every call (reference custom_linear.py)
 
 
 class SWATMixin:
     """Top-K weights in forward and input grad, Top-K activations for the weight grad."""
+
     swat: SWATLayerConfig
     sparsity: float
 
@@ -95,6 +96,7 @@ class SWATMixin:
                 self.thr_a.fill_(thr)
                 return mask
             return ops_for(x).abs_ge(x, max(float(self.thr_a), tiny))
+
         return select
 
     # -- forward ---------------------------------------------------------------------------------------------
@@ -156,8 +158,12 @@ class SWATConv3d(_SWATConv, nn.Conv3d):
 
 
 # dense class -> SWAT class: the one table to extend for a new layer type
-SWAT_TYPES: dict[type, type] = {nn.Linear: SWATLinear, nn.Conv1d: SWATConv1d, nn.Conv2d: SWATConv2d,
-                                nn.Conv3d: SWATConv3d}
+SWAT_TYPES: dict[type, type] = {
+    nn.Linear: SWATLinear,
+    nn.Conv1d: SWATConv1d,
+    nn.Conv2d: SWATConv2d,
+    nn.Conv3d: SWATConv3d,
+}
 SWAT_DENSE_TYPES: dict[type, type] = {v: k for k, v in SWAT_TYPES.items()}
 
 
@@ -198,11 +204,24 @@ class LeanMaxPool2d(nn.MaxPool2d):
 
         def pair(v):
             return [v, v] if isinstance(v, int) else list(v)
+
         stride = pair(self.stride if self.stride is not None else self.kernel_size)
-        return LeanMaxPoolFunction.apply(x, pair(self.kernel_size), stride, pair(self.padding),
-                                         pair(self.dilation), self.ceil_mode)
+        return LeanMaxPoolFunction.apply(
+            x, pair(self.kernel_size), stride, pair(self.padding), pair(self.dilation), self.ceil_mode
+        )
 
 
-
-__all__ = ["SWATLayerConfig", "SWATLinear", "SWATConv1d", "SWATConv2d", "SWATConv3d", "SWAT_TYPES", "is_swat",
-           "swat_layers", "lean_relu", "LeanReLU", "LeanMaxPool2d", "swap_class"]
+__all__ = [
+    "SWATLayerConfig",
+    "SWATLinear",
+    "SWATConv1d",
+    "SWATConv2d",
+    "SWATConv3d",
+    "SWAT_TYPES",
+    "is_swat",
+    "swat_layers",
+    "lean_relu",
+    "LeanReLU",
+    "LeanMaxPool2d",
+    "swap_class",
+]

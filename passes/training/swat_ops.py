@@ -9,6 +9,7 @@
 * ``LeanMaxPoolFunction``: max-pool that saves int32 indices only (``F.max_pool2d`` saves the dense
   input and int64 indices).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .kernels import NumpyOps, TorchOps, ops_for
+
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """Pack a bool tensor into uint8 (bit i of byte j = element 8j+i of the flattened mask)."""
@@ -64,7 +66,9 @@ def weight_from_kernels(weight: torch.Tensor, kernels: torch.Tensor) -> torch.Te
 
 
 WEIGHT_DECODERS: dict[str, Callable] = {
-    "threshold": weight_from_threshold, "bits": weight_from_bits, "kernel": weight_from_kernels,
+    "threshold": weight_from_threshold,
+    "bits": weight_from_bits,
+    "kernel": weight_from_kernels,
 }
 
 
@@ -72,6 +76,7 @@ WEIGHT_DECODERS: dict[str, Callable] = {
 class WeightMask:
     """How the forward weight was sparsified: ``kind`` in ``WEIGHT_DECODERS`` and its data (a float
     threshold, packed bits, or a per-kernel bool mask)."""
+
     kind: str
     data: Any
 
@@ -102,16 +107,28 @@ class ConvOp:
 
     def forward(self, x, w, b):
         zeros = [0] * len(self.stride)
-        return torch.ops.aten.convolution(x, w, b, list(self.stride), list(self.padding), list(self.dilation),
-                                          False, zeros, self.groups)
+        return torch.ops.aten.convolution(
+            x, w, b, list(self.stride), list(self.padding), list(self.dilation), False, zeros, self.groups
+        )
 
     def backward(self, gy, x_s, x_shape, w_s, needs):
         if x_s is None:  # only the input grad is needed: a zero-stride stand-in gives the shape
             x_s = gy.new_zeros(()).expand(x_shape)
         zeros = [0] * len(self.stride)
         bias_sizes = [w_s.shape[0]] if needs[2] else None
-        return torch.ops.aten.convolution_backward(gy, x_s, w_s, bias_sizes, list(self.stride), list(self.padding),
-                                                   list(self.dilation), False, zeros, self.groups, list(needs))
+        return torch.ops.aten.convolution_backward(
+            gy,
+            x_s,
+            w_s,
+            bias_sizes,
+            list(self.stride),
+            list(self.padding),
+            list(self.dilation),
+            False,
+            zeros,
+            self.groups,
+            list(needs),
+        )
 
 
 class SWATFunction(torch.autograd.Function):
@@ -139,7 +156,7 @@ class SWATFunction(torch.autograd.Function):
         saved = ctx.saved_tensors
         weight, wdata = saved[0], (saved[1] if ctx.n_w == 2 else ctx.wdata)
         w_s = WEIGHT_DECODERS[ctx.kind](weight, wdata)
-        act = saved[ctx.n_w:]
+        act = saved[ctx.n_w :]
         x_s = decompress(act[0], act[1], ctx.x_shape) if act else None
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
         gx, gw, gb = ctx.op.backward(gy.contiguous(), x_s, ctx.x_shape, w_s, needs)
@@ -176,7 +193,7 @@ class LeanMaxPoolFunction(torch.autograd.Function):
         y, idx = torch.ops.aten.max_pool2d_with_indices(x, kernel, stride, padding, dilation, ceil_mode)
         ctx.args = (kernel, stride, padding, dilation, ceil_mode)
         ctx.x_shape = x.shape
-        ctx.save_for_backward(idx.to(torch.int32) if x.shape[-1] * x.shape[-2] < 2 ** 31 else idx)
+        ctx.save_for_backward(idx.to(torch.int32) if x.shape[-1] * x.shape[-2] < 2**31 else idx)
         return y
 
     @staticmethod

@@ -10,6 +10,7 @@ Thresholds are Python floats (no tensor to keep alive). The selection itself run
 exact kernel for the tensor (``kernels.ops_for``: NumPy partition on CPU, a sample-bracketed
 ``torch.kthvalue`` elsewhere).
 """
+
 from __future__ import annotations
 
 import math

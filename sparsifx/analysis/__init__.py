@@ -16,6 +16,7 @@ result is still valid; one it cannot provide, e.g. ``shapes`` without example in
 inputs come from the manager or ``gm.meta["example_inputs"]``. A pass called directly (``pass_(gm)``) runs the
 declared analyses whose results are missing when ``gm.meta["example_inputs"]`` is there.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from ..registry import ANALYSES
 class Analysis:
     """A registered analysis: ``run(gm, example_inputs)`` writes ``key``; ``present(gm)`` says whether ``gm``
     already has the result (used when it cannot be run); ``remedy`` says how a user provides it."""
+
     name: str
     run: Callable[[fx.GraphModule, Sequence[Any] | None], None]
     key: str
@@ -43,12 +45,21 @@ class Analysis:
         self.run(gm, example_inputs)
 
 
-def register_analysis(name: str, *, key: str, present: Callable[[fx.GraphModule], bool], needs_inputs: bool = True,
-                      remedy: str = "", replace: bool = False) -> Callable[[Callable], Callable]:
+def register_analysis(
+    name: str,
+    *,
+    key: str,
+    present: Callable[[fx.GraphModule], bool],
+    needs_inputs: bool = True,
+    remedy: str = "",
+    replace: bool = False,
+) -> Callable[[Callable], Callable]:
     """Decorator: register ``fn(gm, example_inputs)`` as analysis ``name`` (returns ``fn`` unchanged)."""
+
     def add(fn: Callable) -> Callable:
         ANALYSES.register(name, Analysis(name, fn, key, present, needs_inputs, remedy), replace=replace)
         return fn
+
     return add
 
 
@@ -65,8 +76,9 @@ def missing(pass_label: str, name: str, analysis: Any = None) -> PreconditionErr
     key = getattr(analysis, "key", None)
     where = f" (meta key '{key}')" if key else ""
     remedy = getattr(analysis, "remedy", "") or "run it before the pass"
-    return PreconditionError(f"pass '{pass_label}' needs the '{name}' analysis{where}, which cannot be run without "
-                             f"example inputs: {remedy}")
+    return PreconditionError(
+        f"pass '{pass_label}' needs the '{name}' analysis{where}, which cannot be run without example inputs: {remedy}"
+    )
 
 
 def provide(gm: fx.GraphModule, names: Sequence[str], example_inputs: Sequence[Any] | None = None) -> list[str]:
@@ -80,7 +92,7 @@ def provide(gm: fx.GraphModule, names: Sequence[str], example_inputs: Sequence[A
         if not isinstance(analysis, Analysis) or analysis.present(gm):
             continue
         if analysis.needs_inputs and inputs is None:
-            continue   # the pass's own precondition decides
+            continue  # the pass's own precondition decides
         analysis(gm, inputs)
         ran.append(name)
     return ran

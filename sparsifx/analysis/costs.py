@@ -13,6 +13,7 @@ these rules. Keys (``sparsifx.registry``):
 
 Ops without a rule count 0 MACs (elementwise, pooling, reshapes). FLOPs = 2 x MACs.
 """
+
 from __future__ import annotations
 
 import math
@@ -69,8 +70,13 @@ def _affine_elementwise(m, args, kwargs, out):
     return _numel(out), None
 
 
-for _norm in (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm,
-              getattr(nn, "RMSNorm", None)):
+for _norm in (
+    nn.modules.batchnorm._NormBase,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+    getattr(nn, "RMSNorm", None),
+):
     if _norm is not None:
         COST_RULES.register(_norm, _affine_elementwise)
 
@@ -86,7 +92,7 @@ for _lookup in (nn.Embedding, nn.EmbeddingBag):
 
 @COST_RULES.register(nn.MultiheadAttention)
 def _mha_module(m, args, kwargs, out):
-    shapes = list(args) + [kwargs.get(k) for k in ("query", "key", "value")[len(args):]]
+    shapes = list(args) + [kwargs.get(k) for k in ("query", "key", "value")[len(args) :]]
     q, k, v = shapes[:3]
     e = m.embed_dim
     nq, nk = _numel(q) // q[-1], _numel(k) // k[-1]
@@ -187,6 +193,7 @@ def module_rule(module: nn.Module) -> ModuleRule | None:
 def _module_node_rule(rule: ModuleRule) -> OpRule:
     def node_rule(node, m, shape):
         return rule(m, [shape(a) for a in node.args], {k: shape(v) for k, v in node.kwargs.items()}, shape(node))
+
     return node_rule
 
 
@@ -207,7 +214,8 @@ def rule_for(node: fx.Node, root: nn.Module) -> tuple[OpRule | None, nn.Module |
 
 def _trained_layer(module: nn.Module) -> bool:
     return isinstance(module, TRAINED_LAYER_TYPES) or any(
-        type_key(c) in SPARSE_LINEAR_KEYS for c in type(module).__mro__)
+        type_key(c) in SPARSE_LINEAR_KEYS for c in type(module).__mro__
+    )
 
 
 def layer_macs_rule(module: nn.Module) -> Callable[[nn.Module, torch.Tensor], int] | None:
@@ -224,11 +232,17 @@ def _has_macs(gm: fx.GraphModule) -> bool:
     return any(MACS in n.meta for n in gm.graph.nodes)
 
 
-@register_analysis("macs", key=MACS, present=_has_macs, needs_inputs=False,
-                   remedy="record shapes first (the 'shapes' analysis: pass example_inputs)")
+@register_analysis(
+    "macs",
+    key=MACS,
+    present=_has_macs,
+    needs_inputs=False,
+    remedy="record shapes first (the 'shapes' analysis: pass example_inputs)",
+)
 def macs(gm: fx.GraphModule, example_inputs=None) -> None:
     """``node.meta["macs"] = (MACs, density source)`` for every node with a cost rule whose shapes are known."""
     from .shapes import record_shapes, shapes_present
+
     if example_inputs is not None and not shapes_present(gm):
         record_shapes(gm, example_inputs)
     for node in gm.graph.nodes:

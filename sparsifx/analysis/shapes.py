@@ -11,6 +11,7 @@ therefore not the model's, but nothing recorded depends on them (``tests/test_sh
 the records against a real run on torchvision models). A functional op without a meta kernel runs for
 real; ``record_shapes`` reruns everything for real if an op rejects the zeros.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,7 +29,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import ExampleInputError, PreconditionError
 from ..meta_keys import NN_MODULE_STACK, TENSOR_META
-from ..module_utils import preserve_training_flags
+from ..module_utils import eval_mode
 from . import register_analysis
 
 log = logging.getLogger(__name__)
@@ -48,13 +49,15 @@ def _conv_shape(m: nn.Module, x: torch.Tensor) -> tuple[int, ...]:
     _accepts(m, x, range(nd + 1, nd + 3), m.in_channels)
     spatial = x.shape[-nd:]
     if m.padding == "same":
-        return (*x.shape[:-nd - 1], m.out_channels, *spatial)
+        return (*x.shape[: -nd - 1], m.out_channels, *spatial)
     pad = (0,) * nd if m.padding == "valid" else m.padding
-    out = [(n + 2 * p - d * (k - 1) - 1) // s + 1
-           for n, p, d, k, s in zip(spatial, pad, m.dilation, m.kernel_size, m.stride)]
+    out = [
+        (n + 2 * p - d * (k - 1) - 1) // s + 1
+        for n, p, d, k, s in zip(spatial, pad, m.dilation, m.kernel_size, m.stride)
+    ]
     if min(out) < 1:
         raise RuntimeError(f"{type(m).__name__}: input {tuple(x.shape)} is smaller than its kernel")
-    return (*x.shape[:-nd - 1], m.out_channels, *out)
+    return (*x.shape[: -nd - 1], m.out_channels, *out)
 
 
 def _linear_shape(m: nn.Module, x: torch.Tensor) -> tuple[int, ...]:
@@ -64,21 +67,40 @@ def _linear_shape(m: nn.Module, x: torch.Tensor) -> tuple[int, ...]:
 
 # module type (exact: a subclass may override forward) -> output shape from the module and its input
 HEAVY_MODULES: dict[type, Callable[[nn.Module, torch.Tensor], tuple[int, ...]]] = {
-    nn.Conv1d: _conv_shape, nn.Conv2d: _conv_shape, nn.Conv3d: _conv_shape, nn.Linear: _linear_shape}
+    nn.Conv1d: _conv_shape,
+    nn.Conv2d: _conv_shape,
+    nn.Conv3d: _conv_shape,
+    nn.Linear: _linear_shape,
+}
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 def _zeros(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     """Zeros with the memory format a CPU/CUDA conv or linear gives for input ``like``."""
     fmt = _CHANNELS_LAST.get(len(shape))
-    keep = fmt is not None and like.dim() == len(shape) and like.is_contiguous(memory_format=fmt) \
+    keep = (
+        fmt is not None
+        and like.dim() == len(shape)
+        and like.is_contiguous(memory_format=fmt)
         and not like.is_contiguous()
+    )
     out = torch.zeros(shape, dtype=like.dtype, device=like.device)
     return out.contiguous(memory_format=fmt) if keep else out
 
 
-HEAVY_FUNCTIONS: set[Any] = {F.linear, F.conv1d, F.conv2d, F.conv3d, torch.matmul, operator.matmul, torch.bmm,
-                             torch.mm, torch.addmm, torch.baddbmm, torch.einsum}
+HEAVY_FUNCTIONS: set[Any] = {
+    F.linear,
+    F.conv1d,
+    F.conv2d,
+    F.conv3d,
+    torch.matmul,
+    operator.matmul,
+    torch.bmm,
+    torch.mm,
+    torch.addmm,
+    torch.baddbmm,
+    torch.einsum,
+}
 
 
 def _to_meta(x: Any) -> Any:
@@ -97,6 +119,7 @@ def _zeros_like_meta(out: Any, device: torch.device) -> Any:
         if not isinstance(t, torch.Tensor):
             return t
         return torch.zeros_like(t, device=device)  # preserve_format: the meta strides carry over
+
     return tree_map(zeros, out)
 
 
@@ -131,6 +154,7 @@ class HeavyOpsOnMeta(ShapeProp):
 
 class _RemembersFailure:
     """Interpreter mixin: ``failed_node`` is the node whose execution raised (``None`` while none has)."""
+
     failed_node: fx.Node | None = None
 
     def run_node(self, n: fx.Node) -> Any:
@@ -157,16 +181,18 @@ def record_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
     rejects raise ``ExampleInputError`` naming their shapes and the node and module that rejected them.
     Every submodule's ``training`` flag is as it was afterwards (frozen BatchNorms stay frozen)."""
     fast, real = _FastShapes(gm), _RealShapes(gm)
-    with preserve_training_flags(gm), torch.no_grad():
-        gm.eval()
+    with eval_mode(gm), torch.no_grad():
         try:
             # ShapeProp prints the traceback of a failing node before it raises: the failure is reported below
             with contextlib.redirect_stderr(io.StringIO()):
                 fast.propagate(*example_inputs)
             return
         except Exception as exc:  # noqa: BLE001 - retried for real below, and logged
-            log.info("shape propagation with heavy ops on meta failed (%s: %s); running the model for real",
-                     type(exc).__name__, exc)
+            log.info(
+                "shape propagation with heavy ops on meta failed (%s: %s); running the model for real",
+                type(exc).__name__,
+                exc,
+            )
         try:
             with contextlib.redirect_stderr(io.StringIO()):
                 real.propagate(*example_inputs)
@@ -175,13 +201,14 @@ def record_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
 
 
 def _describe_inputs(inputs: Sequence[Any]) -> str:
-    parts = [f"{tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}" if isinstance(x, torch.Tensor)
-             else type(x).__name__ for x in inputs]
+    parts = [
+        f"{tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}" if isinstance(x, torch.Tensor) else type(x).__name__
+        for x in inputs
+    ]
     return "[" + ", ".join(parts) + "]"
 
 
-def _rejection(gm: fx.GraphModule, inputs: Sequence[Any], node: fx.Node | None,
-               exc: Exception) -> ExampleInputError:
+def _rejection(gm: fx.GraphModule, inputs: Sequence[Any], node: fx.Node | None, exc: Exception) -> ExampleInputError:
     """Which node and module rejected the example inputs, and torch's own reason (not ShapeProp's wrapper)."""
     cause = exc.__cause__ if exc.__cause__ is not None and "ShapeProp error" in str(exc) else exc
     text = str(cause).strip()
@@ -199,7 +226,10 @@ def _rejection(gm: fx.GraphModule, inputs: Sequence[Any], node: fx.Node | None,
     return ExampleInputError(
         f"the example inputs {shapes} are rejected by {where}: {reason}. Pass inputs of the shapes and dtypes "
         "the model's forward accepts (as in model(*example_inputs)).",
-        shapes, node.name if node is not None else None, module)
+        shapes,
+        node.name if node is not None else None,
+        module,
+    )
 
 
 def _target_name(node: fx.Node) -> str:
@@ -211,13 +241,19 @@ def shapes_present(gm: fx.GraphModule) -> bool:
     out = [n for n in gm.graph.nodes if n.op == "output"]
     if not out or TENSOR_META not in out[0].meta:
         return False
-    return not any(n.op == "call_module" and n.args and isinstance(n.args[0], fx.Node)
-                   and TENSOR_META not in n.args[0].meta for n in gm.graph.nodes)
+    return not any(
+        n.op == "call_module" and n.args and isinstance(n.args[0], fx.Node) and TENSOR_META not in n.args[0].meta
+        for n in gm.graph.nodes
+    )
 
 
-@register_analysis("shapes", key=TENSOR_META, present=shapes_present,
-                   remedy="pass example_inputs (sparsify(..., example_inputs=...), PassManager(..., example_inputs="
-                          "...)) or trace with them")
+@register_analysis(
+    "shapes",
+    key=TENSOR_META,
+    present=shapes_present,
+    remedy="pass example_inputs (sparsify(..., example_inputs=...), PassManager(..., example_inputs="
+    "...)) or trace with them",
+)
 def shapes(gm: fx.GraphModule, example_inputs: Sequence[Any] | None) -> None:
     """Record ``node.meta["tensor_meta"]`` on every node by running ``example_inputs`` once."""
     if example_inputs is None:

@@ -18,6 +18,7 @@ step it replaces) must see this step's gradients, so the controller's ``attach``
 runs the closure first and hands the optimizer a closure returning that loss (plain loops with a closure get the
 same). Optimizers that evaluate the closure several times (``LBFGS``) are refused.
 """
+
 from __future__ import annotations
 
 import logging
@@ -43,16 +44,19 @@ class MissingExtraError(SparsifxError, ImportError):
 def require(module: str, extra: str):
     """``importlib.import_module(module)``, or :class:`MissingExtraError` naming the pip extra."""
     import importlib
+
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise MissingExtraError(f"this integration needs {module}, which is not installed ({exc}); "
-                                f"pip install sparsifx[{extra}]") from exc
+        raise MissingExtraError(
+            f"this integration needs {module}, which is not installed ({exc}); pip install sparsifx[{extra}]"
+        ) from exc
 
 
 def find_controller(model: nn.Module) -> Any:
     """The sparse controller of ``model`` or of its one sparsified submodule."""
     from sparsifx.passes.training.dst_controller import controller
+
     if not isinstance(model, nn.Module):
         raise PreconditionError(f"SparsifxCallback needs the trained torch.nn.Module, got {type(model).__name__}")
     found = {}
@@ -64,8 +68,9 @@ def find_controller(model: nn.Module) -> Any:
         controller(model)  # raises the standard "no sparse controller" error
     if len(found) > 1:
         names = ", ".join(name for name, _ in found.values())
-        raise PreconditionError(f"several sparsified submodules ({names}): pass the one to train as "
-                                "SparsifxCallback(module=...)")
+        raise PreconditionError(
+            f"several sparsified submodules ({names}): pass the one to train as SparsifxCallback(module=...)"
+        )
     return controller(next(iter(found.values()))[1])
 
 
@@ -83,28 +88,37 @@ def torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
             break
         seen = inner
     if found is None:
-        raise PreconditionError(f"SparsifxCallback: {type(optimizer).__name__} is not (and does not wrap) a "
-                                "torch.optim.Optimizer, whose step hooks the sparse controller needs")
+        raise PreconditionError(
+            f"SparsifxCallback: {type(optimizer).__name__} is not (and does not wrap) a "
+            "torch.optim.Optimizer, whose step hooks the sparse controller needs"
+        )
     return found
 
 
 @dataclass
 class Attachment:
     """A controller attached by a callback (the controller runs ``optimizer.step(closure)``'s closure first)."""
+
     controller: Any
     optimizer: torch.optim.Optimizer
     steps_per_epoch: int | None
     epochs: int | None
 
 
-def attach_controller(model: nn.Module, optimizer: Any, steps_per_epoch: int | None = None,
-                      epochs: int | None = None) -> Attachment:
+def attach_controller(
+    model: nn.Module, optimizer: Any, steps_per_epoch: int | None = None, epochs: int | None = None
+) -> Attachment:
     """Attach ``model``'s sparse controller to the torch optimizer inside ``optimizer`` (see the module docstring)."""
     ctrl = find_controller(model)
     opt = torch_optimizer(optimizer)
     ctrl.attach(opt, steps_per_epoch=steps_per_epoch, epochs=epochs)
-    log.info("sparsifx: %s attached to %s (steps_per_epoch=%s, epochs=%s)", type(ctrl).__name__,
-             type(opt).__name__, steps_per_epoch, epochs)
+    log.info(
+        "sparsifx: %s attached to %s (steps_per_epoch=%s, epochs=%s)",
+        type(ctrl).__name__,
+        type(opt).__name__,
+        steps_per_epoch,
+        epochs,
+    )
     return Attachment(ctrl, opt, steps_per_epoch, epochs)
 
 
@@ -115,8 +129,9 @@ def epochs_for(total_steps: float | int | None, steps_per_epoch: int | None) -> 
     return max(1, math.ceil(total_steps / steps_per_epoch))
 
 
-def plan(steps_per_epoch: int | None, epochs: int | None, loader_steps: int | None,
-         total_steps: float | int | None) -> tuple[int | None, int | None]:
+def plan(
+    steps_per_epoch: int | None, epochs: int | None, loader_steps: int | None, total_steps: float | int | None
+) -> tuple[int | None, int | None]:
     """``(steps_per_epoch, epochs)`` for ``attach``: the user's values where given, else the trainer's. When
     training stops inside the first epoch (``max_steps`` below one epoch) the controller is told one epoch of
     ``max_steps`` steps, so that schedules (RigL's ``end_fraction``, GMP) span the steps that really run; past

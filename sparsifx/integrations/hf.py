@@ -12,6 +12,7 @@ optimizer steps per epoch (``ceil(len(train_dataloader) / gradient_accumulation_
 either to the constructor to override it. ``module`` names the sparsified submodule when the
 trained model holds several.
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,19 +28,22 @@ log = logging.getLogger(__name__)
 class SparsifxCallback(transformers.TrainerCallback):
     """Attaches the sparse controller to ``Trainer``'s optimizer when training begins (see the module docstring)."""
 
-    def __init__(self, module: nn.Module | None = None, steps_per_epoch: int | None = None,
-                 epochs: int | None = None):
+    def __init__(self, module: nn.Module | None = None, steps_per_epoch: int | None = None, epochs: int | None = None):
         self.module = module
         self.steps_per_epoch = positive_int("steps_per_epoch", steps_per_epoch)
         self.epochs = positive_int("epochs", epochs)
         self.attachment: Attachment | None = None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
-        steps, epochs = plan(self.steps_per_epoch, self.epochs,
-                             _steps_per_epoch(train_dataloader, args.gradient_accumulation_steps), state.max_steps)
-        self.attachment = attach_controller(self.module if self.module is not None else model, optimizer,
-                                            steps_per_epoch=steps, epochs=epochs)
-
+        steps, epochs = plan(
+            self.steps_per_epoch,
+            self.epochs,
+            _steps_per_epoch(train_dataloader, args.gradient_accumulation_steps),
+            state.max_steps,
+        )
+        self.attachment = attach_controller(
+            self.module if self.module is not None else model, optimizer, steps_per_epoch=steps, epochs=epochs
+        )
 
 
 def _steps_per_epoch(dataloader, accumulation: int) -> int | None:

@@ -17,6 +17,7 @@ accumulate_grad_batches)`` and ``epochs`` covers ``trainer.estimated_stepping_ba
 (``sparsifx.integrations.plan``: below one epoch, one epoch of that many steps); pass either to the constructor
 to override it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,8 +35,9 @@ except MissingExtraError:  # the standalone package, if that is what is installe
     try:
         _pl = require("pytorch_lightning", "lightning")
     except MissingExtraError:
-        raise MissingExtraError("sparsifx.integrations.lightning needs Lightning, which is not installed; "
-                                "pip install sparsifx[lightning]") from None
+        raise MissingExtraError(
+            "sparsifx.integrations.lightning needs Lightning, which is not installed; pip install sparsifx[lightning]"
+        ) from None
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +45,13 @@ log = logging.getLogger(__name__)
 class SparsifxCallback(_pl.Callback):
     """Attaches the sparse controller to the Lightning optimizer when training starts (see the module docstring)."""
 
-    def __init__(self, module: nn.Module | None = None, steps_per_epoch: int | None = None,
-                 epochs: int | None = None, optimizer_index: int | None = None):
+    def __init__(
+        self,
+        module: nn.Module | None = None,
+        steps_per_epoch: int | None = None,
+        epochs: int | None = None,
+        optimizer_index: int | None = None,
+    ):
         super().__init__()
         self.module = module
         self.steps_per_epoch = positive_int("steps_per_epoch", steps_per_epoch)
@@ -55,17 +62,20 @@ class SparsifxCallback(_pl.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         optimizers = list(trainer.optimizers)
         if self.optimizer_index is None and len(optimizers) != 1:
-            raise PreconditionError(f"SparsifxCallback: the LightningModule has {len(optimizers)} optimizers; pass "
-                                    "optimizer_index= to pick the one that steps the sparsified layers")
+            raise PreconditionError(
+                f"SparsifxCallback: the LightningModule has {len(optimizers)} optimizers; pass "
+                "optimizer_index= to pick the one that steps the sparsified layers"
+            )
         try:
             optimizer = optimizers[self.optimizer_index or 0]
         except IndexError:
-            raise PreconditionError(f"SparsifxCallback: optimizer_index {self.optimizer_index} out of range "
-                                    f"({len(optimizers)} optimizers)") from None
+            raise PreconditionError(
+                f"SparsifxCallback: optimizer_index {self.optimizer_index} out of range ({len(optimizers)} optimizers)"
+            ) from None
         steps, epochs = plan(self.steps_per_epoch, self.epochs, _steps_per_epoch(trainer), _total_steps(trainer))
-        self.attachment = attach_controller(self.module if self.module is not None else pl_module, optimizer,
-                                            steps_per_epoch=steps, epochs=epochs)
-
+        self.attachment = attach_controller(
+            self.module if self.module is not None else pl_module, optimizer, steps_per_epoch=steps, epochs=epochs
+        )
 
 
 def _steps_per_epoch(trainer) -> int | None:

@@ -1,4 +1,5 @@
 """The direct sparse convolution (``backends/cpp_kernel.py``) against ``F.conv2d``, per kernel shape class."""
+
 import pytest
 import torch
 import torch.nn as nn
@@ -62,11 +63,11 @@ def test_fused_residual_and_relu(name):
         ref = conv(x)
         r = torch.randn_like(ref)
         torch.testing.assert_close(DirectSparseConv2d(conv, conv.weight, activation="relu")(x), ref.relu(), **TOL)
-        torch.testing.assert_close(DirectSparseConv2d(conv, conv.weight, activation="relu6")(x),
-                                   ref.clamp(0, 6), **TOL)
+        torch.testing.assert_close(DirectSparseConv2d(conv, conv.weight, activation="relu6")(x), ref.clamp(0, 6), **TOL)
         torch.testing.assert_close(DirectSparseConv2d(conv, conv.weight, residual=True)(x, r), ref + r, **TOL)
-        torch.testing.assert_close(DirectSparseConv2d(conv, conv.weight, activation="relu", residual=True)(x, r),
-                                   (ref + r).relu(), **TOL)
+        torch.testing.assert_close(
+            DirectSparseConv2d(conv, conv.weight, activation="relu", residual=True)(x, r), (ref + r).relu(), **TOL
+        )
 
 
 def test_empty_rows_no_bias_and_all_zero_weight():
@@ -98,7 +99,6 @@ def test_new_input_sizes_and_state_dict_round_trip():
 def test_corrupt_buffers_are_refused_before_the_kernel_reads_them(breakage):
     conv = sparse_conv(8, 8, 3, 1, 1, 1, 2)
     layer = DirectSparseConv2d(conv, conv.weight)
-    state = {k: v.clone() for k, v in layer.state_dict().items()}
     with torch.no_grad():
         if breakage == "chan":
             layer.chan[-1] = 1_000_000
@@ -141,8 +141,16 @@ def test_string_padding_is_not_direct():
         geometry(2, 2, (5, 5), (1, 1), (0, 0), (1, 1))
 
 
-@pytest.mark.parametrize("shape,k,s,p", [((2, 3, 9, 11), 3, 2, 1), ((1, 4, 8, 8), 2, 2, 0), ((1, 2, 7, 7), 3, 1, 1),
-                                         ((1, 2, 10, 9), 3, 3, 0), ((1, 2, 7, 7), 5, 2, 2)])
+@pytest.mark.parametrize(
+    "shape,k,s,p",
+    [
+        ((2, 3, 9, 11), 3, 2, 1),
+        ((1, 4, 8, 8), 2, 2, 0),
+        ((1, 2, 7, 7), 3, 1, 1),
+        ((1, 2, 10, 9), 3, 3, 0),
+        ((1, 2, 7, 7), 5, 2, 2),
+    ],
+)
 def test_fast_maxpool_matches_torch(shape, k, s, p):
     x = torch.randn(shape)
     with torch.inference_mode():

@@ -1,4 +1,5 @@
 """export_onnx: torchvision export + onnxruntime parity, masked layers, dynamic batch, mismatch -> BackendError."""
+
 import os
 import sys
 
@@ -14,7 +15,6 @@ import sparsifx
 from sparsifx import BackendError
 from sparsifx.backends import onnx_export
 from sparsifx.masking import set_mask
-from sparsifx.registry import BACKENDS
 
 
 def _ort(path, x):
@@ -45,7 +45,6 @@ def test_resnet18_export_verifies_and_runs_any_batch(resnet_gm, tmp_path):
     with torch.no_grad():
         expected = resnet_gm.eval()(x5).numpy()
     np.testing.assert_allclose(_ort(path, x5), expected, rtol=1e-4, atol=1e-4)
-    assert BACKENDS.get("onnx") is sparsifx.export_onnx
 
 
 def test_static_batch_export(resnet_gm, tmp_path):
@@ -85,6 +84,7 @@ def test_masked_model_exports_effective_weights(tmp_path):
 def test_mismatch_raises_backend_error_with_observed_error(resnet_gm, tmp_path, monkeypatch):
     def perturbed_exporter(module, inputs, path, dynamic_batch, opset, n_out):
         import copy
+
         wrong = copy.deepcopy(module)
         with torch.no_grad():
             wrong.fc.bias.add_(0.5)
@@ -144,14 +144,26 @@ def test_sparse_weights_missing_helper_raises(tmp_path, monkeypatch):
 def test_options_and_result_are_frozen_and_keywords_build_the_options(tmp_path, monkeypatch):
     """``export_onnx``'s keywords become one ExportOptions; the result is a frozen value; no module state."""
     import dataclasses
+
     seen = []
     real = onnx_export.export_with_options
     monkeypatch.setattr(onnx_export, "export_with_options", lambda *a: seen.append(a[3]) or real(*a))
     x = torch.randn(2, 4)
-    info = onnx_export.export_onnx(nn.Linear(4, 2), tmp_path / "a.onnx", x, dynamic_batch=False, opset=17,
-                                   rtol=1e-3, atol=1e-5, exporter="torchscript")
-    assert seen == [onnx_export.ExportOptions(exporter="torchscript", opset=17, dynamic_batch=False,
-                                              parity=onnx_export.ParityCheck(rtol=1e-3, atol=1e-5))]
+    info = onnx_export.export_onnx(
+        nn.Linear(4, 2),
+        tmp_path / "a.onnx",
+        x,
+        dynamic_batch=False,
+        opset=17,
+        rtol=1e-3,
+        atol=1e-5,
+        exporter="torchscript",
+    )
+    assert seen == [
+        onnx_export.ExportOptions(
+            exporter="torchscript", opset=17, dynamic_batch=False, parity=onnx_export.ParityCheck(rtol=1e-3, atol=1e-5)
+        )
+    ]
     assert info.exporter == "torchscript" and info.opset == 17 and info.fallback_reason == ""
     with pytest.raises(dataclasses.FrozenInstanceError):
         info.exporter = "dynamo"

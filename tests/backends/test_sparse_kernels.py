@@ -1,4 +1,5 @@
 """Sparse kernels, lowered modules and the cost model: numerics against dense torch, dispatch, errors."""
+
 import copy
 
 import pytest
@@ -6,10 +7,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sparsifx.errors import BackendError
 from sparsifx.backends import cost_model, cpp_build, cpp_kernel
 from sparsifx.backends.sparse_kernels import SPARSE_KERNELS, get_kernel
 from sparsifx.backends.sparse_modules import SparseConv2d, SparseLinear
+from sparsifx.errors import BackendError
 
 KERNELS = [k for k in SPARSE_KERNELS.names() if SPARSE_KERNELS.get(k).available()]
 TOL = dict(rtol=1e-4, atol=1e-4)
@@ -91,9 +92,17 @@ def test_dense_ort_session_not_pickled():
         torch.testing.assert_close(clone(x), F.linear(x, w), **TOL)
 
 
-@pytest.mark.parametrize("cfg", [dict(kernel_size=3, padding=1), dict(kernel_size=3, stride=2, padding=1),
-                                 dict(kernel_size=1), dict(kernel_size=1, stride=2), dict(kernel_size=3, dilation=2),
-                                 dict(kernel_size=(1, 5), padding=(0, 2), bias=False)])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(kernel_size=3, padding=1),
+        dict(kernel_size=3, stride=2, padding=1),
+        dict(kernel_size=1),
+        dict(kernel_size=1, stride=2),
+        dict(kernel_size=3, dilation=2),
+        dict(kernel_size=(1, 5), padding=(0, 2), bias=False),
+    ],
+)
 @pytest.mark.parametrize("name", ["csr_tiled", "csr"])
 def test_sparse_conv2d_matches(cfg, name):
     conv = nn.Conv2d(8, 12, **cfg)
@@ -114,11 +123,12 @@ def test_sparse_conv2d_rejects_groups():
 def test_interp_and_crossover():
     pts = [(100, 1.0), (10000, 10.0)]
     assert cost_model._interp(pts, 50) == 1.0
-    assert cost_model._interp(pts, 1000) == pytest.approx(10 ** 0.5)
+    assert cost_model._interp(pts, 1000) == pytest.approx(10**0.5)
     assert cost_model._interp(pts, 20000) == pytest.approx(20.0)
     # dense: 10 ms for any 100x100 layer; sparse: 1 ms per 1000 non-zeros -> crossover at density 1.0 capped
-    cal = cost_model.Calibration("k", 1, {"dense": {1: [(1e4, 10.0), (1e6, 1000.0)]},
-                                          "csr_tiled": {1: [(1e3, 1.0), (1e5, 100.0)]}})
+    cal = cost_model.Calibration(
+        "k", 1, {"dense": {1: [(1e4, 10.0), (1e6, 1000.0)]}, "csr_tiled": {1: [(1e3, 1.0), (1e5, 100.0)]}}
+    )
     assert cal.crossover("csr_tiled", 100, 1) == pytest.approx(1.0, abs=1e-6)
     assert cal.crossover("csr_tiled", 1000, 1) == pytest.approx(1.0, abs=1e-6)
     cal.linear["csr_tiled"][1] = [(1e3, 5.0), (1e5, 500.0)]  # 5x the cost per non-zero: crossover at 20%
@@ -137,6 +147,7 @@ def test_small_real_calibration(tmp_path):
 
 def test_sparse_conv2d_chunked_unfold(monkeypatch):
     from sparsifx.backends import sparse_modules
+
     monkeypatch.setattr(sparse_modules, "UNFOLD_BYTES", 1)  # one sample per im2col block
     conv = nn.Conv2d(4, 6, 3, padding=1)
     with torch.no_grad():
@@ -149,10 +160,14 @@ def test_sparse_conv2d_chunked_unfold(monkeypatch):
 
 def test_sparse_linear_fast_path_runs_the_planned_kernel_per_row_count(monkeypatch):
     from sparsifx.backends import sparse_modules
+
     ran = []
     for name in ("csr_tiled", "csr", "dense"):
-        monkeypatch.setitem(sparse_modules.BINDERS, name,
-                            lambda m, n: (lambda x, n=n: ran.append(n) or torch.zeros(x.shape[0], m.out_features)))
+        monkeypatch.setitem(
+            sparse_modules.BINDERS,
+            name,
+            lambda m, n: lambda x, n=n: ran.append(n) or torch.zeros(x.shape[0], m.out_features),
+        )
     layer = SparseLinear(sparse_weight(8, 16, 0.3), None, [(2, "csr_tiled"), (16, "csr"), (None, "dense")])
     with torch.no_grad():
         for rows in (1, 2, 3, 16, 17, 300):

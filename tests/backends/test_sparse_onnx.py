@@ -1,4 +1,5 @@
 """Sparse ONNX initializers: files shrink with density, onnxruntime loads them and matches torch."""
+
 import io
 
 import numpy as np
@@ -15,8 +16,9 @@ from sparsifx.errors import BackendError
 
 def export(model, x) -> bytes:
     f = io.BytesIO()
-    torch.onnx.export(model, (x,), f, dynamo=False, opset_version=17, input_names=["x"],
-                      dynamic_axes={"x": {0: "batch"}})
+    torch.onnx.export(
+        model, (x,), f, dynamo=False, opset_version=17, input_names=["x"], dynamic_axes={"x": {0: "batch"}}
+    )
     return f.getvalue()
 
 
@@ -86,12 +88,17 @@ def test_unknown_format():
 
 
 def test_bitmask_decode_matches_numpy():
-    from onnx import helper, numpy_helper, TensorProto
-    w = (np.random.default_rng(0).standard_normal((37, 53)) * (np.random.default_rng(1).random((37, 53)) < 0.2))
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).standard_normal((37, 53)) * (np.random.default_rng(1).random((37, 53)) < 0.2)
     w = w.astype(np.float32)
-    graph = helper.make_graph([helper.make_node("Identity", ["W"], ["y"])], "g", [],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(w.shape))],
-                              [numpy_helper.from_array(w, "W")])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["W"], ["y"])],
+        "g",
+        [],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(w.shape))],
+        [numpy_helper.from_array(w, "W")],
+    )
     proto = to_sparse_initializers(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     np.testing.assert_array_equal(sess.run(None, {})[0], w)
@@ -101,11 +108,14 @@ def test_bitmask_decode_matches_numpy():
 def test_export_onnx_sparse_weights(tmp_path):
     """``sparsifx.export_onnx(..., sparse_weights=True)`` stores bitmask initializers and still verifies."""
     import sparsifx
+
     torch.manual_seed(0)
     x = torch.randn(2, 3, 32, 32)
-    gm = sparsifx.sparsify(torchvision.models.resnet18(num_classes=10).eval(),
-                           {"stages": [{"pass": "magnitude", "sparsity": 0.9, "distribution": "erk"}]},
-                           example_inputs=(x,))
+    gm = sparsifx.sparsify(
+        torchvision.models.resnet18(num_classes=10).eval(),
+        {"stages": [{"pass": "magnitude", "sparsity": 0.9, "distribution": "erk"}]},
+        example_inputs=(x,),
+    )
     dense = sparsifx.export_onnx(gm, tmp_path / "dense.onnx", (x,)).path
     sparse = sparsifx.export_onnx(gm, tmp_path / "sparse.onnx", (x,), sparse_weights=True).path
     assert sparse.stat().st_size < 0.2 * dense.stat().st_size

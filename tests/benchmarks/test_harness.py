@@ -1,4 +1,5 @@
 """benchmarks/harness.py: interleaved timing on fake clocks, onnxruntime sessions, result files."""
+
 from __future__ import annotations
 
 import json
@@ -15,6 +16,7 @@ def _fake(state: dict, key: str, refill: float = 10.0, repeat: float = 1.0):
     def fn():
         state["now"] += repeat if state["last"] == key else refill
         state["last"] = key
+
     return fn
 
 
@@ -25,8 +27,7 @@ def test_interleaved_timing_drops_the_cache_refill_call(harness):
     fns = {"dense": _fake(state, "dense"), "shrunk": _fake(state, "shrunk")}
     steady = harness.interleaved_ms(fns, budget_s=0.0, min_rounds=6, clock=lambda: state["now"], block=3)
     assert steady == {"dense": 1000.0, "shrunk": 1000.0}
-    single = harness.interleaved_ms(fns, budget_s=0.0, min_rounds=6, max_rounds=6, clock=lambda: state["now"],
-                                    block=1)
+    single = harness.interleaved_ms(fns, budget_s=0.0, min_rounds=6, max_rounds=6, clock=lambda: state["now"], block=1)
     assert max(single.values()) == 10000.0
 
 
@@ -37,8 +38,10 @@ def test_interleaved_samples_warmup_calls_hooks_and_several_clocks(harness):
 
     def fake_clock():
         return state["now"]
-    samples = harness.interleaved_samples(fns, 5, warmup_rounds=2, calls=3, before_round=rounds.append,
-                                          clocks=(fake_clock, "wall"))
+
+    samples = harness.interleaved_samples(
+        fns, 5, warmup_rounds=2, calls=3, before_round=rounds.append, clocks=(fake_clock, "wall")
+    )
     assert rounds == list(range(7)) and set(samples) == {"fake_clock", "wall"}
     per_call = samples["fake_clock"]
     assert {k: len(v) for k, v in per_call.items()} == {"a": 5, "b": 5}  # warm-up rounds dropped
@@ -53,7 +56,7 @@ def test_interleaved_order_is_shuffled_and_seeded(harness):
     fns = {k: (lambda k=k: seen.append(k)) for k in "abcd"}
     harness.interleaved_samples(fns, 6, clocks=("wall",))
     first = list(seen)
-    orders = {tuple(first[i:i + 4]) for i in range(0, 24, 4)}
+    orders = {tuple(first[i : i + 4]) for i in range(0, 24, 4)}
     assert len(orders) > 1 and all(sorted(o) == list("abcd") for o in orders)
     seen.clear()
     harness.interleaved_samples(fns, 6, clocks=("cpu",))
@@ -70,6 +73,7 @@ def test_ort_session_from_path_and_bytes(harness, tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
     import torch
+
     model = torch.nn.Linear(4, 3).eval()
     x = torch.randn(2, 4)
     path = tmp_path / "m.onnx"

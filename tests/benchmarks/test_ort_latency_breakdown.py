@@ -1,4 +1,5 @@
 """The kernel bookkeeping of benchmarks/ort_latency_breakdown.py on hand-made profiler events."""
+
 import pytest
 
 
@@ -8,9 +9,16 @@ def breakdown(load_benchmark):
 
 
 def _event(op, inputs, output, sizes=(100, 50, 10)):
-    return {"args": {"op_name": op, "input_type_shape": [{"float": s} for s in inputs],
-                     "output_type_shape": [{"float": output}], "activation_size": str(sizes[0]),
-                     "output_size": str(sizes[1]), "parameter_size": str(sizes[2])}}
+    return {
+        "args": {
+            "op_name": op,
+            "input_type_shape": [{"float": s} for s in inputs],
+            "output_type_shape": [{"float": output}],
+            "activation_size": str(sizes[0]),
+            "output_size": str(sizes[1]),
+            "parameter_size": str(sizes[2]),
+        }
+    }
 
 
 def test_kernel_facts_sort_gemm_from_per_channel_work(breakdown):
@@ -27,10 +35,14 @@ def test_kernel_facts_sort_gemm_from_per_channel_work(breakdown):
 
 def test_summarize_bounds(breakdown):
     # dense: a gemm kernel (4 ms) and a per-channel kernel (1 ms); pruned: MACs 4x and 2x smaller
-    dense = [{"kind": "gemm", "macs": 400, "bytes": 40, "ms": 4.0},
-             {"kind": "per-channel", "macs": 100, "bytes": 100, "ms": 1.0}]
-    shrunk = [{"kind": "gemm", "macs": 100, "bytes": 20, "ms": 1.5},
-              {"kind": "per-channel", "macs": 50, "bytes": 50, "ms": 0.5}]
+    dense = [
+        {"kind": "gemm", "macs": 400, "bytes": 40, "ms": 4.0},
+        {"kind": "per-channel", "macs": 100, "bytes": 100, "ms": 1.0},
+    ]
+    shrunk = [
+        {"kind": "gemm", "macs": 100, "bytes": 20, "ms": 1.5},
+        {"kind": "per-channel", "macs": 50, "bytes": 50, "ms": 0.5},
+    ]
     row = breakdown.summarize("m", 224, 0.3, {"dense": 5.5, "shrunk": 2.2}, {"dense": dense, "shrunk": shrunk})
     assert row["latency_over_macs"] == pytest.approx(0.4 / 0.3)
     assert row["kernel_ratio"] == pytest.approx(2.0 / 5.0)

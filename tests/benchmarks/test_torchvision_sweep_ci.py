@@ -6,21 +6,35 @@ shrunk, checked shrunk == masked (``assert_close``), its params/MACs must drop, 
 (residual add, cat, grouped/depthwise conv, SE gating, channel shuffle, flatten->Linear, LayerNorm2d/
 permute, attention heads, Swin windows). All 14 run in the default (CI) test run, about 30 s in all.
 """
+
 from __future__ import annotations
 
 import pytest
 
-
-CI_MODELS = ["resnet18", "resnext50_32x4d", "densenet121", "googlenet", "inception_v3", "mobilenet_v2",
-             "mobilenet_v3_small", "efficientnet_b0", "shufflenet_v2_x0_5", "regnet_y_400mf", "convnext_tiny", "vgg11",
-             "vit_b_16", "swin_t"]
+CI_MODELS = [
+    "resnet18",
+    "resnext50_32x4d",
+    "densenet121",
+    "googlenet",
+    "inception_v3",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "efficientnet_b0",
+    "shufflenet_v2_x0_5",
+    "regnet_y_400mf",
+    "convnext_tiny",
+    "vgg11",
+    "vit_b_16",
+    "swin_t",
+]
 # Swin's shifted-window attention is decomposed (passes/channels/window_attention.py), so it prunes like the rest
 MAX_MACS_RATIO: dict[str, float] = {}
 
 
 def _check(worker, name: str, tmp_path) -> None:
-    rec = worker.sweep_sparsifx(name, ratio=0.5, mode="ci", onnx=True, measure=False,
-                                   workdir=str(tmp_path), repeat=False)
+    rec = worker.sweep_sparsifx(
+        name, ratio=0.5, mode="ci", onnx=True, measure=False, workdir=str(tmp_path), repeat=False
+    )
     assert rec["ok"], f"{name}: {rec['error']}"
     assert rec["error"] is None
     st = rec["stats"]
@@ -39,9 +53,21 @@ def test_sweep_ci(load_benchmark, name, tmp_path):
 def test_sweep_summary_and_table_from_records(load_benchmark):
     """The driver's summary/markdown on two synthetic records (ratios, coverage, failures named)."""
     sweep = load_benchmark("torchvision_sweep")
-    ok = {"model": "a", "tool": "sparsifx", "side": 64, "ok": True, "error": None,
-          "stats": {"time_s": 1.0, "macs_ratio": 0.25, "params_ratio": 0.25, "eager_latency_over_macs": 1.2,
-                    "ort_latency_over_macs": 1.05, "physical_ratio": 1.01}}
+    ok = {
+        "model": "a",
+        "tool": "sparsifx",
+        "side": 64,
+        "ok": True,
+        "error": None,
+        "stats": {
+            "time_s": 1.0,
+            "macs_ratio": 0.25,
+            "params_ratio": 0.25,
+            "eager_latency_over_macs": 1.2,
+            "ort_latency_over_macs": 1.05,
+            "physical_ratio": 1.01,
+        },
+    }
     bad = {"model": "b", "tool": "sparsifx", "side": 64, "ok": False, "error": "prune+shrink: X: y", "stats": {}}
     tp_ok = {"model": "a", "tool": "torch-pruning", "ok": True, "error": None, "stats": {"time_s": 4.0}}
     tp_bad = {"model": "b", "tool": "torch-pruning", "ok": False, "error": "memory: killed", "stats": {}}
@@ -53,4 +79,3 @@ def test_sweep_summary_and_table_from_records(load_benchmark):
     assert s["ort_latency_over_macs_at_most_1_1"] == "1/1"
     table = sweep.markdown(records, {"ratio": 0.5, "mode": "ci", "summary": s})
     assert "| b | 64 | NO |" in table and "TP memory: killed" in table
-

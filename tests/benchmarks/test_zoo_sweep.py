@@ -2,6 +2,7 @@
 
 timm is an optional extra (``pip install -e .[timm]``): the module is skipped without it.
 """
+
 from __future__ import annotations
 
 import re
@@ -37,6 +38,7 @@ def test_barely_pruned_model_is_named_with_its_top_barrier(z, tmp_path):
 
 def test_randomise_redraws_layer_scales_and_norms(z):
     import torch
+
     model, _, done = z.build("timm", "test_convnext", 64, 10)
     gammas = [p for n, p in model.named_parameters() if n.endswith("gamma")]
     assert gammas and done["constant_vectors"] >= len(gammas)
@@ -55,14 +57,41 @@ def test_torch_pruning_side_on_the_same_model(z):
 
 def test_summary_and_table_name_barriers_and_failures(z):
     outcome = {"requested": 0.5, "achieved": 0.1, "channels": 100, "removed": 10, "blockers": [], "other_fixed": 0}
-    good = {"model": "a", "tool": "sparsifx", "side": 128, "ok": True, "error": None,
-            "stats": {"params_ratio": 0.3, "time_s": 1.0, "shrunk_vs_masked_max_abs": 1e-7, "onnx_max_abs": 1e-6,
-                      "outcome": {**outcome, "achieved": 0.5}, "top_barrier": "no barrier", "params_before": 1e6}}
-    poor = {**good, "model": "b", "stats": {**good["stats"], "params_ratio": 0.9, "outcome": outcome,
-                                          "top_barrier": "LayerNorm 'norm': 80 ch, spans channels"}}
+    good = {
+        "model": "a",
+        "tool": "sparsifx",
+        "side": 128,
+        "ok": True,
+        "error": None,
+        "stats": {
+            "params_ratio": 0.3,
+            "time_s": 1.0,
+            "shrunk_vs_masked_max_abs": 1e-7,
+            "onnx_max_abs": 1e-6,
+            "outcome": {**outcome, "achieved": 0.5},
+            "top_barrier": "no barrier",
+            "params_before": 1e6,
+        },
+    }
+    poor = {
+        **good,
+        "model": "b",
+        "stats": {
+            **good["stats"],
+            "params_ratio": 0.9,
+            "outcome": outcome,
+            "top_barrier": "LayerNorm 'norm': 80 ch, spans channels",
+        },
+    }
     bad = {"model": "c", "tool": "sparsifx", "side": 128, "ok": False, "error": "build: TypeError: x", "stats": {}}
-    tp = {"model": "a", "tool": "torch-pruning", "side": 128, "ok": True, "error": None,
-          "stats": {"params_ratio": 0.2, "time_s": 0.5}}
+    tp = {
+        "model": "a",
+        "tool": "torch-pruning",
+        "side": 128,
+        "ok": True,
+        "error": None,
+        "stats": {"params_ratio": 0.2, "time_s": 0.5},
+    }
     records = {"a": {"sparsifx": good, "torch-pruning": tp}, "b": {"sparsifx": poor}, "c": {"sparsifx": bad}}
     s = z.summary(records)
     assert s["really_pruned"] == "1/2" and s["above_0_8"] == {"b": "LayerNorm 'norm': 80 ch, spans channels"}
@@ -113,7 +142,8 @@ def test_hf_sweep_prunes_tiny_bert_exactly_and_reports_it(z, tmp_path):
     assert a["reach_target"] == a["onnx_parity"] == "1/1" and a["reach_target_models"] == ["bert"]
     assert a["deviations"]["bert"]["shrunk_vs_masked"] == st["approx_deviation_approximation"]
     assert s["attention_heads"]["exact_shrunk_eq_masked"] == "1/1" and s["attention_heads"]["heads_kept"] == {
-        "bert": "4/8"}
+        "bert": "4/8"
+    }
     meta = {"ratio": 0.5, "round_to": 1, "summary": s, "machine": {"cpus": 2, "loadavg_at_write": [1.0, 1.0, 1.0]}}
     table = z.hf_markdown(records, meta)
     assert "| bert | 16 | 14/14 | 14/14 |" in table and "not implemented" not in table and "Machine load" in table

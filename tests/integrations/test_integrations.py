@@ -4,6 +4,7 @@ The framework tests train a RigL MLP under the framework and under a plain loop 
 same batches, and require identical masks and weights (RigL regrows from the gradients of the step it replaces,
 so a controller that ran before Lightning's closure, or on accelerate's wrapper, would differ).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -27,10 +28,12 @@ STEPS, BATCH, LR = 6, 16, 0.1
 
 def _net() -> nn.Module:
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
-                        nn.Linear(32, 4))
-    return sparsifx.sparsify(net, {"stages": [{"pass": "rigl", "sparsity": 0.7, "delta_t": 2}]},
-                             example_inputs=(torch.randn(2, 8),))
+    net = nn.Sequential(
+        nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)
+    )
+    return sparsifx.sparsify(
+        net, {"stages": [{"pass": "rigl", "sparsity": 0.7, "delta_t": 2}]}, example_inputs=(torch.randn(2, 8),)
+    )
 
 
 def _batches(n: int = STEPS) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -72,11 +75,13 @@ def test_closure_step_matches_plain_loop():
     opt = torch.optim.SGD(net.parameters(), lr=LR)
     attach_controller(nn.ModuleDict({"wrapped": net}), opt, steps_per_epoch=STEPS, epochs=1)
     for x, y in batches:
+
         def closure():
             opt.zero_grad()
             loss = F.cross_entropy(net(x), y)
             loss.backward()
             return loss
+
         assert isinstance(opt.step(closure), torch.Tensor)
     reference = _plain_loop(batches)
     _assert_same_training(net, reference)
@@ -113,16 +118,18 @@ def test_find_controller_and_refusals():
 
 
 def test_plan_steps_and_epochs():
-    assert plan(None, None, 10, 25) == (10, 3)      # the last epoch partial
-    assert plan(None, None, 10, 4) == (4, 1)        # max_steps inside the first epoch: the schedule spans 4 steps
+    assert plan(None, None, 10, 25) == (10, 3)  # the last epoch partial
+    assert plan(None, None, 10, 4) == (4, 1)  # max_steps inside the first epoch: the schedule spans 4 steps
     assert plan(None, None, None, 4) == (None, None)
     assert plan(None, None, 10, float("inf")) == (10, None)
     assert plan(5, None, 10, 20) == (5, 4) and plan(None, 7, 10, 20) == (10, 7)
 
 
 def test_missing_framework_is_a_clear_error(monkeypatch):
-    for name, module in (("transformers", "sparsifx.integrations.hf"),
-                         ("lightning", "sparsifx.integrations.lightning")):
+    for name, module in (
+        ("transformers", "sparsifx.integrations.hf"),
+        ("lightning", "sparsifx.integrations.lightning"),
+    ):
         monkeypatch.setitem(sys.modules, name, None)  # makes `import name` raise ImportError
         if name == "lightning":
             monkeypatch.setitem(sys.modules, "lightning.pytorch", None)
@@ -161,6 +168,7 @@ def test_hf_trainer_matches_plain_loop(tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
     from transformers import Trainer, TrainingArguments
+
     from sparsifx.integrations.hf import SparsifxCallback
 
     x, y = _batches(1)[0]
@@ -169,11 +177,25 @@ def test_hf_trainer_matches_plain_loop(tmp_path):
     net = _net()
     opt = torch.optim.SGD(net.parameters(), lr=LR)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=STEPS, per_device_train_batch_size=BATCH,
-                             max_grad_norm=0.0, use_cpu=True, report_to="none", save_strategy="no",
-                             logging_strategy="no", disable_tqdm=True, dataloader_drop_last=True)
-    trainer = Trainer(model=_WithLoss(net), args=args, train_dataset=_Same(x, y, BATCH * (STEPS + 2)),
-                      optimizers=(opt, sched), callbacks=[SparsifxCallback()])
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=STEPS,
+        per_device_train_batch_size=BATCH,
+        max_grad_norm=0.0,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        dataloader_drop_last=True,
+    )
+    trainer = Trainer(
+        model=_WithLoss(net),
+        args=args,
+        train_dataset=_Same(x, y, BATCH * (STEPS + 2)),
+        optimizers=(opt, sched),
+        callbacks=[SparsifxCallback()],
+    )
     trainer.train()
     callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, SparsifxCallback))
     assert type(callback.attachment.optimizer) is torch.optim.SGD  # the optimizer inside AcceleratedOptimizer
@@ -202,22 +224,36 @@ def test_lightning_matches_plain_loop():
     loader = torch.utils.data.DataLoader(data, batch_size=BATCH, shuffle=False)  # the same batches, in order
     net = _net()
     callback = SparsifxCallback()
-    trainer = L.Trainer(max_steps=STEPS, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
+    trainer = L.Trainer(
+        max_steps=STEPS,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+    )
     trainer.fit(Module(net), loader)
     assert (callback.attachment.steps_per_epoch, callback.attachment.epochs) == (STEPS, 1)
     _assert_same_training(net, _plain_loop(batches[:STEPS]))
 
 
 # --- the examples -------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("script,needs", [("finetune_hf_trainer.py", ("transformers", "accelerate")),
-                                          ("finetune_lightning.py", ("lightning",))])
+@pytest.mark.parametrize(
+    "script,needs",
+    [("finetune_hf_trainer.py", ("transformers", "accelerate")), ("finetune_lightning.py", ("lightning",))],
+)
 def test_example_trains_and_exports(script, needs, tmp_path):
     for module in needs:
         pytest.importorskip(module)
     env = {**os.environ, "SPARSIFX_PROGRESS": "0"}
-    proc = subprocess.run([sys.executable, str(EXAMPLES / script), "--steps", "4", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), "--steps", "4", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "trained 4 steps" in proc.stdout and "RigL updates" in proc.stdout
     onnx_files = list(tmp_path.glob("*.onnx"))

@@ -1,5 +1,6 @@
 """All-ReLU (docs/algorithms.md#all-relu): f(z) = z for z >= 0 else a_l·z, a_l alternating in sign over hidden
 layers."""
+
 from __future__ import annotations
 
 import pytest
@@ -82,17 +83,23 @@ def test_functional_and_shared_relus_get_one_module_each():
 
     def f(z, a):
         return torch.where(z >= 0, z, a * z)
+
     expected = net.d(f(f(f(net.c(f(net.b(f(net.a(x), -0.5)), 0.25)), -0.75), 1.0), 2.0))
     torch.testing.assert_close(gm(x), expected)
 
 
 def test_recipe_stage_before_sparse_training():
     net = mlp((64, 48, 48, 10))
-    gm = sparsifx.sparsify(net, {"stages": [{"pass": "all_relu", "slope": 0.6},
-                                            {"pass": "set", "storage": "sparse", "epsilon": 5}]})
+    gm = sparsifx.sparsify(
+        net, {"stages": [{"pass": "all_relu", "slope": 0.6}, {"pass": "set", "storage": "sparse", "epsilon": 5}]}
+    )
     gm.graph.lint()
     assert [type(gm.get_submodule(n)).__name__ for n in ("0", "1", "2", "3")] == [
-        "SparseLinear", "AllReLU", "SparseLinear", "AllReLU"]
+        "SparseLinear",
+        "AllReLU",
+        "SparseLinear",
+        "AllReLU",
+    ]
     assert isinstance(gm.get_submodule("0"), SparseLinear)
     assert [gm.get_submodule(n).slope for n in ("1", "3")] == [-0.6, 0.6]
     assert gm(torch.randn(3, 64)).shape == (3, 10)
@@ -112,12 +119,19 @@ def test_no_relu_is_not_modified():
     assert not AllReLUPass()(gm).modified
 
 
-@pytest.mark.parametrize("params, path", [
-    ({"slope": 0}, "stages[0].slope"), ({"slope": -0.6}, "stages[0].slope"), ({"slope": "0.6"}, "stages[0].slope"),
-    ({"slope": float("nan")}, "stages[0].slope"), ({"slopes": []}, "stages[0].slopes"),
-    ({"slopes": [0.6, "x"]}, "stages[0].slopes[1]"), ({"slopes": 0.6}, "stages[0].slopes"),
-    ({"slop": 0.6}, "stages[0].slop"),
-])
+@pytest.mark.parametrize(
+    "params, path",
+    [
+        ({"slope": 0}, "stages[0].slope"),
+        ({"slope": -0.6}, "stages[0].slope"),
+        ({"slope": "0.6"}, "stages[0].slope"),
+        ({"slope": float("nan")}, "stages[0].slope"),
+        ({"slopes": []}, "stages[0].slopes"),
+        ({"slopes": [0.6, "x"]}, "stages[0].slopes[1]"),
+        ({"slopes": 0.6}, "stages[0].slopes"),
+        ({"slop": 0.6}, "stages[0].slop"),
+    ],
+)
 def test_bad_parameters_raise_recipe_errors_at_their_key(params, path):
     with pytest.raises(RecipeError) as info:
         sparsifx.Recipe.from_dict({"stages": [{"pass": "all_relu", **params}]})

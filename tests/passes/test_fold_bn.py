@@ -1,4 +1,5 @@
 """fold_bn: Conv/Linear + BatchNorm folding (graph change, exactness, guards, real models)."""
+
 from __future__ import annotations
 
 import pytest
@@ -29,8 +30,11 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def bn_nodes(gm: fx.GraphModule) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes if n.op == "call_module"
-            and isinstance(gm.get_submodule(n.target), nn.modules.batchnorm._BatchNorm)]
+    return [
+        n
+        for n in gm.graph.nodes
+        if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.modules.batchnorm._BatchNorm)
+    ]
 
 
 def eval_out(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

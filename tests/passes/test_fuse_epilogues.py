@@ -1,4 +1,5 @@
 """``fuse_epilogues`` and ``lower``'s whole-network path: fused residual/ReLU/ReLU6, padded hand-offs, exactness."""
+
 import pytest
 import torch
 import torch.nn as nn
@@ -30,8 +31,9 @@ class Block(nn.Module):
 
 
 def _prune(model, x, sparsity=0.7):
-    return sparsifx.sparsify(model, {"stages": [{"pass": "magnitude", "sparsity": sparsity}]},
-                             example_inputs=(x,)).eval()
+    return sparsifx.sparsify(
+        model, {"stages": [{"pass": "magnitude", "sparsity": sparsity}]}, example_inputs=(x,)
+    ).eval()
 
 
 def test_fused_block_is_exact_and_fused():
@@ -66,9 +68,11 @@ def test_no_fusion_without_fuse_or_when_the_output_has_two_users():
     assert lowered.a.activation is None and not lowered.a.residual
     with torch.inference_mode():
         torch.testing.assert_close(lowered(x), masked(x), **TOL)
-    plain = sparsifx.sparsify(_prune(Block().eval(), torch.randn(1, 16, 6, 6)),
-                              {"stages": [{"pass": "lower", "backend": "direct", "fuse": False}]},
-                              example_inputs=(torch.randn(1, 16, 6, 6),))
+    plain = sparsifx.sparsify(
+        _prune(Block().eval(), torch.randn(1, 16, 6, 6)),
+        {"stages": [{"pass": "lower", "backend": "direct", "fuse": False}]},
+        example_inputs=(torch.randn(1, 16, 6, 6),),
+    )
     assert plain.a.activation is None and not plain.b.in_padded
 
 
@@ -77,9 +81,16 @@ def test_lower_resnet18_measures_layers_and_stays_exact():
     model = torchvision.models.resnet18().eval()
     randomize_constants(model)  # constants hide pruning errors
     x = torch.randn(1, 3, 64, 64)
-    masked = sparsifx.sparsify(model, {"stages": [
-        {"pass": "magnitude", "sparsity": 0.9, "distribution": "uniform", "dense_first_layer": True},
-        {"pass": "fold_bn"}]}, example_inputs=(x,)).eval()
+    masked = sparsifx.sparsify(
+        model,
+        {
+            "stages": [
+                {"pass": "magnitude", "sparsity": 0.9, "distribution": "uniform", "dense_first_layer": True},
+                {"pass": "fold_bn"},
+            ]
+        },
+        example_inputs=(x,),
+    ).eval()
     lowered = sparsifx.sparsify(masked, {"stages": [{"pass": "lower", "measure": True}]}, example_inputs=(x,))
     summary = lowered.meta["lower_summary"]
     assert summary["layers"] == 20 and summary["flop_speedup"] > 1

@@ -1,4 +1,5 @@
 """Pass ``lower``: lowered == masked for Linear and Conv2d, plans, forced backends, report, modified."""
+
 import pytest
 import torch
 import torch.nn as nn
@@ -64,8 +65,9 @@ def test_forced_backend_by_name(cache, backend):
     x = torch.randn(5, 64)
     with torch.no_grad():
         ref = gm(x)
-    recipe = Recipe.from_dict({"stages": [{"pass": "lower", "cache_dir": cache,
-                                           "by_name": {"2": {"backend": backend}}}]})
+    recipe = Recipe.from_dict(
+        {"stages": [{"pass": "lower", "cache_dir": cache, "by_name": {"2": {"backend": backend}}}]}
+    )
     out = PassManager.from_recipe(recipe, example_inputs=(x,), verify=True).run(gm).gm
     layer = out.get_submodule("2")
     if backend == "dense":
@@ -141,8 +143,7 @@ def test_sparsify_one_liner(cache):
     x = torch.randn(4, 64)
     model = mlp()
     gm0 = mask_all(sparsifx.trace(model), 0.95)
-    out = sparsifx.sparsify(gm0, {"stages": [{"pass": "lower", "cache_dir": cache}]}, example_inputs=(x,),
-                            verify=True)
+    out = sparsifx.sparsify(gm0, {"stages": [{"pass": "lower", "cache_dir": cache}]}, example_inputs=(x,), verify=True)
     with torch.no_grad():
         torch.testing.assert_close(out(x), gm0(x), **TOL)
     assert isinstance(gm0.get_submodule("0"), MaskedLinear)  # the input model is not mutated
@@ -157,8 +158,9 @@ def test_kernel_subset(cache, monkeypatch):
     # deterministic costs (a loaded machine makes a 3-rep calibration noisy): csr_tiled would be the
     # cheapest, but it is outside the subset; csr beats dense by more than min_speedup
     costs = {"csr_tiled": 0.1, "csr": 0.5, "dense": 1.0}
-    monkeypatch.setattr(type(lower.calibration()), "linear_ms",
-                        lambda self, kernel, out_f, in_f, nnz, batch: costs.get(kernel, 2.0))
+    monkeypatch.setattr(
+        type(lower.calibration()), "linear_ms", lambda self, kernel, out_f, in_f, nnz, batch: costs.get(kernel, 2.0)
+    )
     lower(gm)  # any sparse choice must be csr
     kernels = {k for m in gm.modules() if isinstance(m, SparseLinear) for _, k in m.plan}
     assert kernels <= {"csr", "dense"} and "csr" in kernels

@@ -1,4 +1,5 @@
 """magnitude: exact per-layer zero counts, distributions, selection overrides, exact `modified`."""
+
 from __future__ import annotations
 
 import math
@@ -106,9 +107,16 @@ def test_distribution_counts_match_layer_sparsities(net_gm, kind):
 
 def test_selection_priority_and_ignore(net_gm):
     gm, _ = net_gm
-    stage = Stage.from_dict({"pass": "magnitude", "sparsity": 0.1, "by_type": {"Linear": {"sparsity": 0.2}},
-                             "by_pattern": {"fc*": {"sparsity": 0.3}, "fc2*": {"sparsity": 0.35}},
-                             "by_name": {"fc2": {"sparsity": 0.4}}, "ignore": ["head*"]})
+    stage = Stage.from_dict(
+        {
+            "pass": "magnitude",
+            "sparsity": 0.1,
+            "by_type": {"Linear": {"sparsity": 0.2}},
+            "by_pattern": {"fc*": {"sparsity": 0.3}, "fc2*": {"sparsity": 0.35}},
+            "by_name": {"fc2": {"sparsity": 0.4}},
+            "ignore": ["head*"],
+        }
+    )
     assert stage.build()(gm).modified
     want = {"conv": 0.1, "fc1": 0.3, "fc2": 0.4}
     for name, s in want.items():
@@ -118,9 +126,13 @@ def test_selection_priority_and_ignore(net_gm):
 
 def test_override_wins_over_erk_and_types_filter(net_gm):
     gm, _ = net_gm
-    p = MagnitudePruning(sparsity=0.5, distribution="erk",
-                         selection=Stage.from_dict({"pass": "magnitude", "types": ["Linear"],
-                                                    "by_name": {"head": {"sparsity": 0.0}}}).build().selection)
+    p = MagnitudePruning(
+        sparsity=0.5,
+        distribution="erk",
+        selection=Stage.from_dict({"pass": "magnitude", "types": ["Linear"], "by_name": {"head": {"sparsity": 0.0}}})
+        .build()
+        .selection,
+    )
     assert p.call(gm).modified
     assert not is_masked(gm.conv) and not is_masked(gm.head)
     shapes = {n: tuple(gm.get_submodule(n).weight.shape) for n in ("fc1", "fc2")}
@@ -137,10 +149,16 @@ def test_dense_first_and_last_layer(net_gm):
     assert zeros(gm.fc1) == round(0.5 * gm.fc1.weight.numel())
 
 
-@pytest.mark.parametrize("params,path", [
-    ({"sparsity": 1.0}, "sparsity"), ({"sparsity": "0.5"}, "sparsity"), ({"distribution": "gauss"}, "distribution"),
-    ({"erk_power_scale": -1}, "erk_power_scale"), ({"dense_first_layer": 1}, "dense_first_layer"),
-])
+@pytest.mark.parametrize(
+    "params,path",
+    [
+        ({"sparsity": 1.0}, "sparsity"),
+        ({"sparsity": "0.5"}, "sparsity"),
+        ({"distribution": "gauss"}, "distribution"),
+        ({"erk_power_scale": -1}, "erk_power_scale"),
+        ({"dense_first_layer": 1}, "dense_first_layer"),
+    ],
+)
 def test_bad_params(params, path):
     with pytest.raises(RecipeError) as info:
         MagnitudePruning.from_params(params)
@@ -175,6 +193,7 @@ def test_mobilenet_v2_depthwise_uniform():
 
 def test_uniform_recipe_file_on_resnet18():
     from pathlib import Path
+
     recipe = Path(__file__).parents[2] / "examples" / "recipes" / "uniform_magnitude.yaml"
     gm = sparsify(torchvision.models.resnet18(weights=None), recipe)
     want = {"conv1": None, "fc": 0.3, "layer1.0.conv1": 0.5, "layer4.1.conv2": 0.7, "layer4.0.downsample.0": 0.5}

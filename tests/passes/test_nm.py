@@ -1,11 +1,12 @@
 """Pass ``nm``: exactly N non-zeros per M along the input dimension, by magnitude; GPU lowering."""
+
 import pytest
 import torch
 import torch.nn as nn
 import torchvision
 
 import sparsifx
-from sparsifx.errors import BackendError, RecipeError
+from sparsifx.errors import RecipeError
 from sparsifx.masking import effective_weight, get_mask, is_masked
 from sparsifx.passes.nm import NMSparsity, is_nm, nm_mask
 
@@ -65,6 +66,7 @@ def test_semi_structured_needs_cuda():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_semi_structured_on_gpu():
     from sparsifx.backends.semi_structured import SemiStructuredLinear
+
     model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 128)).half().cuda().eval()
     x = torch.randn(64, 256, device="cuda", dtype=torch.half)
     masked = sparsifx.sparsify(model, {"stages": [{"pass": "nm"}]})

@@ -3,6 +3,7 @@
 ``ROUTES`` maps a route name to ``builder(payload, canary) -> payload | bytes``. Shell code uses no dots, since
 fx splits module paths on dots before pasting them. Used by tests/security and benchmarks/save_file_fuzz.py.
 """
+
 from __future__ import annotations
 
 import copy
@@ -54,8 +55,13 @@ def _ref(name: str) -> dict:
 
 
 def _call(name: str, target: str, *args: Any, op: str = "call_function", **kwargs: Any) -> dict:
-    return {"op": op, "name": name, "target": target, "args": {"$": "tuple", "v": list(args)},
-            "kwargs": {"$": "dict", "v": [[k, v] for k, v in kwargs.items()]}}
+    return {
+        "op": op,
+        "name": name,
+        "target": target,
+        "args": {"$": "tuple", "v": list(args)},
+        "kwargs": {"$": "dict", "v": [[k, v] for k, v in kwargs.items()]},
+    }
 
 
 def _insert_before_output(p: dict, *records: dict, result: str) -> dict:
@@ -97,16 +103,23 @@ def kwargs_key(p, canary):  # pasted as `softmax(<key> = -1)`
 def operator_attrgetter_chain(p, canary):  # x.__class__.__deepcopy__.__globals__['__builtins__']['exec'](...)
     code = f"import os; os.system('touch {canary}')"
     return _insert_before_output(
-        p, _call("ag", "operator.attrgetter", "__class__.__deepcopy__.__globals__"),
+        p,
+        _call("ag", "operator.attrgetter", "__class__.__deepcopy__.__globals__"),
         _call("glb", "operator.call", _ref("ag"), _ref("x")),
         _call("bi", "operator.getitem", _ref("glb"), "__builtins__"),
         _call("ex", "operator.getitem", _ref("bi"), "exec"),
-        _call("run", "operator.call", _ref("ex"), code), result="add")
+        _call("run", "operator.call", _ref("ex"), code),
+        result="add",
+    )
 
 
 def operator_methodcaller(p, canary):
-    return _insert_before_output(p, _call("mc", "operator.methodcaller", "__reduce_ex__", 2),
-                                 _call("red", "operator.call", _ref("mc"), _ref("x")), result="add")
+    return _insert_before_output(
+        p,
+        _call("mc", "operator.methodcaller", "__reduce_ex__", 2),
+        _call("red", "operator.call", _ref("mc"), _ref("x")),
+        result="add",
+    )
 
 
 def builtins_getattr_dunder(p, canary):
@@ -129,6 +142,7 @@ def _function(target):
     def build(p, canary):
         _node(p, "relu")["target"] = target
         return p
+
     build.__name__ = f"function_{target}"
     return build
 
@@ -137,6 +151,7 @@ def _method(target):
     def build(p, canary):
         _node(p, "softmax")["target"] = target
         return p
+
     build.__name__ = f"method_{target}"
     return build
 
@@ -163,7 +178,8 @@ def module_attr_bookkeeping(p, canary):
 
 def child_key(p, canary):
     p["modules"]["lin"]["children"][f'a"); {_shell(canary)}; ("'.replace(".", "")] = copy.deepcopy(
-        p["modules"]["lin"] | {"children": {}})
+        p["modules"]["lin"] | {"children": {}}
+    )
     return p
 
 
@@ -194,7 +210,9 @@ def pickle_reduce(p, canary) -> bytes:  # a classic pickle payload inside a torc
     class Evil:
         def __reduce__(self):
             import os
+
             return os.system, (f"touch {canary}",)
+
     buf = io.BytesIO()
     torch.save({"format": "sparsifx.graphmodule", "evil": Evil()}, buf, pickle_protocol=2)
     return buf.getvalue()
@@ -204,7 +222,9 @@ def legacy_pickle(p, canary) -> bytes:
     class Evil:
         def __reduce__(self):
             import os
+
             return os.system, (f"touch {canary}",)
+
     return pickle.dumps(Evil())
 
 
@@ -246,20 +266,59 @@ def getattr_path_dunder(p, canary):
     return p
 
 
-ROUTES: dict[str, Callable[[dict, str], Any]] = {f.__name__: f for f in (
-    placeholder_target, call_module_target, get_attr_target, kwargs_key, operator_attrgetter_chain,
-    operator_methodcaller, builtins_getattr_dunder, builtins_getattr_method, builtins_getattr_grad_fn,
-    max_with_key, module_class, module_attr_shadows_method, module_attr_dunder, module_attr_bookkeeping,
-    child_key, parameter_key, node_name, class_name, output_target, pickle_reduce, legacy_pickle, zip_bomb,
-    nesting_bomb, sharing_bomb, unknown_tag, getattr_path_dunder,
-    _function("builtins.eval"), _function("os.system"), _function("torch.load"), _function("importlib.import_module"),
-    _function("torch.Tensor.register_hook"), _function("torch.nn.functional.triplet_margin_with_distance_loss"),
-    _function("operator.call"), _function("torch.hub.load"), _function("torch._dynamo.optimize"),
-    _method("__call__"), _method("__reduce_ex__"), _method("register_hook"), _method("apply_"))}
+ROUTES: dict[str, Callable[[dict, str], Any]] = {
+    f.__name__: f
+    for f in (
+        placeholder_target,
+        call_module_target,
+        get_attr_target,
+        kwargs_key,
+        operator_attrgetter_chain,
+        operator_methodcaller,
+        builtins_getattr_dunder,
+        builtins_getattr_method,
+        builtins_getattr_grad_fn,
+        max_with_key,
+        module_class,
+        module_attr_shadows_method,
+        module_attr_dunder,
+        module_attr_bookkeeping,
+        child_key,
+        parameter_key,
+        node_name,
+        class_name,
+        output_target,
+        pickle_reduce,
+        legacy_pickle,
+        zip_bomb,
+        nesting_bomb,
+        sharing_bomb,
+        unknown_tag,
+        getattr_path_dunder,
+        _function("builtins.eval"),
+        _function("os.system"),
+        _function("torch.load"),
+        _function("importlib.import_module"),
+        _function("torch.Tensor.register_hook"),
+        _function("torch.nn.functional.triplet_margin_with_distance_loss"),
+        _function("operator.call"),
+        _function("torch.hub.load"),
+        _function("torch._dynamo.optimize"),
+        _method("__call__"),
+        _method("__reduce_ex__"),
+        _method("register_hook"),
+        _method("apply_"),
+    )
+}
 
 # The four routes the issue reports as running code on the unhardened loader, plus the load-time one.
-REPORTED_ROUTES = ("placeholder_target", "call_module_target", "get_attr_target", "kwargs_key",
-                   "operator_attrgetter_chain")
+REPORTED_ROUTES = (
+    "placeholder_target",
+    "call_module_target",
+    "get_attr_target",
+    "kwargs_key",
+    "operator_attrgetter_chain",
+)
 
 
 def _bytes(payload: dict) -> bytes:

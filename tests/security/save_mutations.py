@@ -3,6 +3,7 @@
 ``mutate(kind, good_bytes, payload, rng) -> bytes``; every kind is deterministic given ``rng``. Used by
 tests/security/test_save_file_fuzz.py (hypothesis) and benchmarks/save_file_fuzz.py (thousands of files).
 """
+
 from __future__ import annotations
 
 import copy
@@ -51,7 +52,7 @@ def _flip(data: bytes, payload: dict, rng: random.Random) -> bytes:
 
 
 def _truncate(data: bytes, payload: dict, rng: random.Random) -> bytes:
-    return data[:rng.randrange(len(data))]
+    return data[: rng.randrange(len(data))]
 
 
 def _splice_pickle(data: bytes, payload: dict, rng: random.Random) -> bytes:
@@ -64,19 +65,29 @@ def _splice_pickle(data: bytes, payload: dict, rng: random.Random) -> bytes:
             if info.filename.endswith("data.pkl"):
                 at = rng.randrange(len(raw))
                 junk = bytes(rng.randrange(256) for _ in range(rng.randint(1, 16)))
-                raw = raw[:at] + junk + raw[at + (len(junk) if rng.random() < 0.5 else 0):]
+                raw = raw[:at] + junk + raw[at + (len(junk) if rng.random() < 0.5 else 0) :]
             dst.writestr(info, raw)
     return buf.getvalue()
 
 
 _JUNK: list[Callable[[random.Random], Any]] = [
-    lambda r: None, lambda r: r.choice([True, False]), lambda r: r.randint(-2 ** 70, 2 ** 70),
-    lambda r: r.choice([float("nan"), float("inf"), -0.0, 1e308]), lambda r: "", lambda r: "x" * r.randint(1, 300),
-    lambda r: r.choice(["__class__", "a.b", "0", "self", "x\"y", "é", "lin.__dict__", "output", "*args"]),
-    lambda r: [], lambda r: {}, lambda r: [r.randint(0, 3)] * r.randint(1, 5),
-    lambda r: {"$": r.choice(["node", "tuple", "dict", "slice", "size", "dtype", "device", "bogus"]),
-               "v": r.choice([None, "x", 3, [], [1, 2, 3], [[1, 2]]])},
-    lambda r: torch.zeros(r.randint(0, 3)), lambda r: {1: 2}, lambda r: (1, 2),
+    lambda r: None,
+    lambda r: r.choice([True, False]),
+    lambda r: r.randint(-(2**70), 2**70),
+    lambda r: r.choice([float("nan"), float("inf"), -0.0, 1e308]),
+    lambda r: "",
+    lambda r: "x" * r.randint(1, 300),
+    lambda r: r.choice(["__class__", "a.b", "0", "self", 'x"y', "é", "lin.__dict__", "output", "*args"]),
+    lambda r: [],
+    lambda r: {},
+    lambda r: [r.randint(0, 3)] * r.randint(1, 5),
+    lambda r: {
+        "$": r.choice(["node", "tuple", "dict", "slice", "size", "dtype", "device", "bogus"]),
+        "v": r.choice([None, "x", 3, [], [1, 2, 3], [[1, 2]]]),
+    },
+    lambda r: torch.zeros(r.randint(0, 3)),
+    lambda r: {1: 2},
+    lambda r: (1, 2),
 ]
 
 
@@ -113,7 +124,11 @@ def _structural(data: bytes, payload: dict, rng: random.Random) -> bytes:
 
 
 MUTATIONS: dict[str, Callable[[bytes, dict, random.Random], bytes]] = {
-    "byte_flip": _flip, "truncate": _truncate, "pickle_splice": _splice_pickle, "structural": _structural}
+    "byte_flip": _flip,
+    "truncate": _truncate,
+    "pickle_splice": _splice_pickle,
+    "structural": _structural,
+}
 
 
 def mutate(kind: str, data: bytes, payload: dict, rng: random.Random) -> bytes:

@@ -1,4 +1,5 @@
 """Artefacts appear whole or not at all: atomic_write, export_onnx over an existing file, the calibration cache."""
+
 import json
 import logging
 import os
@@ -84,6 +85,7 @@ def good_file(tmp_path):
 def _perturbed(module, inputs, path, dynamic_batch, opset, n_out):
     """Exports a model whose outputs differ from the module's: onnxruntime verification fails."""
     import copy
+
     wrong = copy.deepcopy(module)
     with torch.no_grad():
         wrong.bias.add_(1.0)
@@ -104,12 +106,15 @@ class Raises(nn.Module):
         raise RuntimeError("forward fails")
 
 
-@pytest.mark.parametrize("exporter, model, error", [
-    ("perturbed", nn.Linear(4, 3), BackendError),  # onnxruntime does not match torch
-    ("garbage", nn.Linear(4, 3), BackendError),  # onnx.checker rejects the file
-    ("interrupted", nn.Linear(4, 3), KeyboardInterrupt),  # Ctrl-C in the middle of the write
-    ("auto", Raises(), BackendError),  # the model itself fails
-])
+@pytest.mark.parametrize(
+    "exporter, model, error",
+    [
+        ("perturbed", nn.Linear(4, 3), BackendError),  # onnxruntime does not match torch
+        ("garbage", nn.Linear(4, 3), BackendError),  # onnx.checker rejects the file
+        ("interrupted", nn.Linear(4, 3), KeyboardInterrupt),  # Ctrl-C in the middle of the write
+        ("auto", Raises(), BackendError),  # the model itself fails
+    ],
+)
 def test_failed_export_leaves_the_good_file_untouched(good_file, monkeypatch, exporter, model, error):
     path, good = good_file
     for name, fn in (("perturbed", _perturbed), ("interrupted", _interrupted), ("garbage", _garbage)):
@@ -152,8 +157,9 @@ def fake_calibrate(monkeypatch):
     def calibrate(kernels, **kwargs):
         calls.append(kernels)
         table = {b: [(1.0, 0.01 * b), (1e6, 1.0 * b)] for b in (1, 32)}
-        return cost_model.Calibration(cost_model.machine_key(kernels), torch.get_num_threads(),
-                                      {k: table for k in kernels}, 1e-6, 1e-6, 0.01)
+        return cost_model.Calibration(
+            cost_model.machine_key(kernels), torch.get_num_threads(), {k: table for k in kernels}, 1e-6, 1e-6, 0.01
+        )
 
     monkeypatch.setattr(cost_model, "calibrate", calibrate)
     return calls
@@ -190,8 +196,14 @@ def _wrong_shape(key):
     return [
         [],
         {"key": key},
-        {"key": key, "threads": 1, "linear": {"dense": {"1": "abc"}}, "unfold_ms_per_elem": 0,
-         "conv_dense_ms_per_mac": 0, "conv_dense_overhead_ms": 0},
+        {
+            "key": key,
+            "threads": 1,
+            "linear": {"dense": {"1": "abc"}},
+            "unfold_ms_per_elem": 0,
+            "conv_dense_ms_per_mac": 0,
+            "conv_dense_overhead_ms": 0,
+        },
     ]
 
 

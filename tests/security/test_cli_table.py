@@ -1,4 +1,5 @@
 """Every bad ``sparsifx`` invocation: a non-zero exit and exactly one line on stderr, never a traceback."""
+
 from __future__ import annotations
 
 import os
@@ -17,15 +18,23 @@ sys.path.insert(0, os.path.dirname(__file__))
 from crafted_files import crafted_file  # noqa: E402
 
 RECIPE = "stages:\n  - pass: magnitude\n    sparsity: 0.7\n"
-BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
-    f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi")) + "stages: *i\n"
+BOMB = (
+    "a: &a [x, x, x, x, x, x, x, x, x]\n"
+    + "".join(f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+    + "stages: *i\n"
+)
 
 
 def _files(d):
-    files = {"recipe": RECIPE, "bomb": BOMB, "list_recipe": "- pass: magnitude\n", "bad_sparsity":
-             "stages:\n  - pass: magnitude\n    sparsity: 1.5\n", "unknown_pass": "stages:\n  - pass: nope\n",
-             "huge_number": "stages:\n  - pass: magnitude\n    sparsity: " + "9" * 5000 + "\n",
-             "typo_name": "stages:\n  - pass: magnitude\n    sparsity: 0.5\n    by_name: {nothere: {}}\n"}
+    files = {
+        "recipe": RECIPE,
+        "bomb": BOMB,
+        "list_recipe": "- pass: magnitude\n",
+        "bad_sparsity": "stages:\n  - pass: magnitude\n    sparsity: 1.5\n",
+        "unknown_pass": "stages:\n  - pass: nope\n",
+        "huge_number": "stages:\n  - pass: magnitude\n    sparsity: " + "9" * 5000 + "\n",
+        "typo_name": "stages:\n  - pass: magnitude\n    sparsity: 0.5\n    by_name: {nothere: {}}\n",
+    }
     for name, text in files.items():
         (d / f"{name}.yaml").write_text(text)
     (d / "binary.yaml").write_bytes(bytes(range(256)) * 4)
@@ -39,8 +48,13 @@ def _files(d):
     for key, value in (("location", "../../../../etc/passwd"), ("offset", "0"), ("length", "16")):
         entry = init.external_data.add()
         entry.key, entry.value = key, value
-    graph = helper.make_graph([helper.make_node("Identity", ["w"], ["y"])], "g", [],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], [init])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["w"], ["y"])],
+        "g",
+        [],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+        [init],
+    )
     onnx.save(helper.make_model(graph), str(d / "traversal.onnx"))
     crafted_file("placeholder_target", d / "evil.sfx", str(d / "canary"))
     save(sparsifx.trace(torch.nn.Sequential(torch.nn.Linear(8, 4))), d / "good.sfx")
@@ -50,8 +64,14 @@ def _files(d):
 
 TINY = ["--model", "python:cli_models:tiny", "--input-shape", "1,3,8,8"]
 BAD = [
-    [], ["frobnicate"], ["run"], ["run", "{d}/recipe.yaml"], ["run", "{d}/recipe.yaml", "--model"],
-    ["run", "{d}/missing.yaml", *TINY], ["run", "{d}/adir", *TINY], ["run", "{d}/recipe.yaml", "--model", "tiny"],
+    [],
+    ["frobnicate"],
+    ["run"],
+    ["run", "{d}/recipe.yaml"],
+    ["run", "{d}/recipe.yaml", "--model"],
+    ["run", "{d}/missing.yaml", *TINY],
+    ["run", "{d}/adir", *TINY],
+    ["run", "{d}/recipe.yaml", "--model", "tiny"],
     ["run", "{d}/recipe.yaml", "--model", "torchvision:not_a_model"],
     ["run", "{d}/recipe.yaml", "--model", "python:no_such_module:f"],
     ["run", "{d}/recipe.yaml", "--model", "python:cli_models:raises"],
@@ -63,13 +83,24 @@ BAD = [
     ["run", "{d}/recipe.yaml", *TINY, "--bogus"],
     ["run", "{d}/recipe.yaml", *TINY, "--onnx", "{d}/missing_dir/m.onnx"],
     ["run", "{d}/recipe.yaml", *TINY, "--save", "{d}/missing_dir/m.sfx"],
-    ["run", "{d}/bomb.yaml", *TINY], ["run", "{d}/list_recipe.yaml", *TINY], ["run", "{d}/binary.yaml", *TINY],
-    ["run", "{d}/bad_sparsity.yaml", *TINY], ["run", "{d}/unknown_pass.yaml", *TINY],
-    ["run", "{d}/huge_number.yaml", *TINY], ["run", "{d}/typo_name.yaml", *TINY],
-    ["inspect"], ["inspect", "{d}/missing.onnx"], ["inspect", "{d}/adir"], ["inspect", "{d}/garbage.onnx"],
-    ["inspect", "{d}/traversal.onnx"], ["inspect", "{d}/garbage.sfx"], ["inspect", "{d}/empty.sfx"],
-    ["inspect", "{d}/evil.sfx", "--input-shape", "2,4"], ["inspect", "{d}/good.sfx", "--input-shape", "2,9"],
-    ["inspect", "{d}/pickled.pt"], ["inspect", "{d}/pickled_dict.pt", "--unsafe-pickle"],
+    ["run", "{d}/bomb.yaml", *TINY],
+    ["run", "{d}/list_recipe.yaml", *TINY],
+    ["run", "{d}/binary.yaml", *TINY],
+    ["run", "{d}/bad_sparsity.yaml", *TINY],
+    ["run", "{d}/unknown_pass.yaml", *TINY],
+    ["run", "{d}/huge_number.yaml", *TINY],
+    ["run", "{d}/typo_name.yaml", *TINY],
+    ["inspect"],
+    ["inspect", "{d}/missing.onnx"],
+    ["inspect", "{d}/adir"],
+    ["inspect", "{d}/garbage.onnx"],
+    ["inspect", "{d}/traversal.onnx"],
+    ["inspect", "{d}/garbage.sfx"],
+    ["inspect", "{d}/empty.sfx"],
+    ["inspect", "{d}/evil.sfx", "--input-shape", "2,4"],
+    ["inspect", "{d}/good.sfx", "--input-shape", "2,9"],
+    ["inspect", "{d}/pickled.pt"],
+    ["inspect", "{d}/pickled_dict.pt", "--unsafe-pickle"],
 ]
 
 

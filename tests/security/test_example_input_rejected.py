@@ -1,6 +1,7 @@
 """Example inputs the model rejects raise ``ExampleInputError`` (a ``TraceError``) naming the inputs' shapes and
 the node and module that rejected them, before any pass runs; the fast shape path (heavy ops on meta) does
 not record shapes for inputs the real layers would refuse."""
+
 from __future__ import annotations
 
 import pytest
@@ -34,16 +35,25 @@ class Net(nn.Module):
 def no_pass_runs(monkeypatch):
     def refuse(self, gm):
         raise AssertionError("a pass ran on inputs the model rejects")
+
     monkeypatch.setattr(PassManager, "run", refuse)
 
 
-@pytest.mark.parametrize("x,shape,where,module,node", [
-    (torch.randn(2, 4, 8, 8), "(2, 4, 8, 8) float32", "module 'conv1' (Conv2d", "conv1", "conv1"),   # channels
-    (torch.randn(2, 3, 8, 8).double(), "(2, 3, 8, 8) float64", "module 'conv1' (Conv2d", "conv1", "conv1"),
-    (torch.randn(2, 3, 2, 2), "(2, 3, 2, 2) float32", "module 'conv1' (Conv2d", "conv1", "conv1"),  # too small
-    (torch.randn(2, 3, 9, 9), "(2, 3, 9, 9) float32", "node 'view' (call_method view) in module 'block'",
-     "block", "view"),
-])
+@pytest.mark.parametrize(
+    "x,shape,where,module,node",
+    [
+        (torch.randn(2, 4, 8, 8), "(2, 4, 8, 8) float32", "module 'conv1' (Conv2d", "conv1", "conv1"),  # channels
+        (torch.randn(2, 3, 8, 8).double(), "(2, 3, 8, 8) float64", "module 'conv1' (Conv2d", "conv1", "conv1"),
+        (torch.randn(2, 3, 2, 2), "(2, 3, 2, 2) float32", "module 'conv1' (Conv2d", "conv1", "conv1"),  # too small
+        (
+            torch.randn(2, 3, 9, 9),
+            "(2, 3, 9, 9) float32",
+            "node 'view' (call_method view) in module 'block'",
+            "block",
+            "view",
+        ),
+    ],
+)
 def test_rejected_example_input_names_shape_and_module(no_pass_runs, x, shape, where, module, node):
     model = Net().train()
     state = {k: v.clone() for k, v in model.state_dict().items()}

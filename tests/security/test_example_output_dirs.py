@@ -1,4 +1,5 @@
 """The examples create the folder they write ONNX into (``export_onnx`` writes only into existing folders)."""
+
 from __future__ import annotations
 
 import runpy
@@ -26,6 +27,18 @@ def test_demo_export_creates_its_output_folder(tmp_path, capsys):
 
 def test_train_sparse_creates_its_output_folder(tmp_path):
     pytest.importorskip("sklearn")
-    out = load_example("train_sparse")["main"](["--method", "static", "--data", "digits", "--epochs", "1",
-                                             "--batch-size", "64", "--out", str(tmp_path / "new" / "l.onnx")])
+    out = load_example("train_sparse")["main"](
+        [
+            "--method",
+            "static",
+            "--data",
+            "digits",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "64",
+            "--out",
+            str(tmp_path / "new" / "l.onnx"),
+        ]
+    )
     assert (tmp_path / "new" / "l.onnx").is_file() and Path(out["path"]) == tmp_path / "new" / "l.onnx"

@@ -1,5 +1,6 @@
 """Recipes are untrusted input (issue #11): YAML alias bombs, size and depth caps, malformed values and selections
 that match nothing all end in a typed error with the key path, quickly and in bounded memory."""
+
 from __future__ import annotations
 
 import logging
@@ -61,12 +62,15 @@ def test_billion_laughs_refused_fast_and_bounded(tmp_path):
     refuse_bounded(str(file), match="anchor")
 
 
-@pytest.mark.parametrize("text,match", [
-    ("stages: [{pass: magnitude, sparsity: *nope}]", "alias"),           # alias without anchor
-    ("a: &x 0.5\nstages: [{pass: magnitude}]\n", "anchor"),              # an anchor alone
-    ("stages: &s [{pass: magnitude}]\n", "anchor"),
-    ("stages: [{pass: magnitude, <<: *base}]\n", "alias"),               # merge key through an alias
-])
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("stages: [{pass: magnitude, sparsity: *nope}]", "alias"),  # alias without anchor
+        ("a: &x 0.5\nstages: [{pass: magnitude}]\n", "anchor"),  # an anchor alone
+        ("stages: &s [{pass: magnitude}]\n", "anchor"),
+        ("stages: [{pass: magnitude, <<: *base}]\n", "alias"),  # merge key through an alias
+    ],
+)
 def test_anchors_and_aliases_refused(text, match):
     assert refuse_bounded(text, match=match).path == "<yaml>"
 
@@ -81,30 +85,36 @@ def test_text_and_file_size_capped(tmp_path):
     refuse_bounded(file, "<file>", match="too large")
 
 
-@pytest.mark.parametrize("text,match", [
-    ("stages: " + "[" * 200 + "]" * 200, "nested too deeply"),
-    ("stages:\n" + "".join(f"{'  ' * i}- \n" for i in range(60)), "nested too deeply"),
-    ("stages: [" + ", ".join(["1"] * (LIMITS.max_nodes + 5)) + "]", "too large"),
-    ("stages: [{pass: magnitude, distribution: " + "e" * (LIMITS.max_string + 1) + "}]", "too long"),
-])
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("stages: " + "[" * 200 + "]" * 200, "nested too deeply"),
+        ("stages:\n" + "".join(f"{'  ' * i}- \n" for i in range(60)), "nested too deeply"),
+        ("stages: [" + ", ".join(["1"] * (LIMITS.max_nodes + 5)) + "]", "too large"),
+        ("stages: [{pass: magnitude, distribution: " + "e" * (LIMITS.max_string + 1) + "}]", "too long"),
+    ],
+)
 def test_yaml_depth_nodes_and_string_caps(text, match):
     assert refuse_bounded(text, match=match).path == "<yaml>"
 
 
-@pytest.mark.parametrize("text,path", [
-    ("stages: [{pass: static, seed: 0x" + "f" * 2000 + "}]", "stages[0].seed"),     # huge integer
-    ("stages: [{pass: magnitude, sparsity: .inf}]", "stages[0].sparsity"),
-    ("stages: [{pass: magnitude, sparsity: .nan}]", "stages[0].sparsity"),
-    ("stages: [{pass: magnitude, sparsity: 2024-01-01}]", "stages[0].sparsity"),    # a date
-    ("stages: [{pass: magnitude, sparsity: !!binary aGVsbG8=}]", "stages[0].sparsity"),
-    ("stages: [{pass: magnitude, 1: 2}]", "stages[0]"),                              # non-string key
-    ("stages: [{pass: static, seed: " + "9" * 5000 + "}]", "<yaml>"),                # beyond int() digit limit
-    ("stages: [{pass: magnitude, sparsity: !!python/object/apply:os.system [echo]}]", "<yaml>"),
-    ("stages: [{pass: magnitude, ? [1, 2] : 3}]", "<yaml>"),                          # unhashable key
-    ("stages: [{pass: magnitude, sparsity: !!timestamp r}]", "<yaml>"),       # AttributeError in PyYAML (fuzzing)
-    ("stages: [{pass: magnitude, sparsity: !!float x}]", "<yaml>"),
-    ("\x00", "<yaml>"),
-])
+@pytest.mark.parametrize(
+    "text,path",
+    [
+        ("stages: [{pass: static, seed: 0x" + "f" * 2000 + "}]", "stages[0].seed"),  # huge integer
+        ("stages: [{pass: magnitude, sparsity: .inf}]", "stages[0].sparsity"),
+        ("stages: [{pass: magnitude, sparsity: .nan}]", "stages[0].sparsity"),
+        ("stages: [{pass: magnitude, sparsity: 2024-01-01}]", "stages[0].sparsity"),  # a date
+        ("stages: [{pass: magnitude, sparsity: !!binary aGVsbG8=}]", "stages[0].sparsity"),
+        ("stages: [{pass: magnitude, 1: 2}]", "stages[0]"),  # non-string key
+        ("stages: [{pass: static, seed: " + "9" * 5000 + "}]", "<yaml>"),  # beyond int() digit limit
+        ("stages: [{pass: magnitude, sparsity: !!python/object/apply:os.system [echo]}]", "<yaml>"),
+        ("stages: [{pass: magnitude, ? [1, 2] : 3}]", "<yaml>"),  # unhashable key
+        ("stages: [{pass: magnitude, sparsity: !!timestamp r}]", "<yaml>"),  # AttributeError in PyYAML (fuzzing)
+        ("stages: [{pass: magnitude, sparsity: !!float x}]", "<yaml>"),
+        ("\x00", "<yaml>"),
+    ],
+)
 def test_yaml_malformed_values(text, path):
     assert refuse_bounded(text, path).path == path
 
@@ -136,15 +146,22 @@ def shared_bomb():
     return {"stages": [{**MAG, "ignore": value}]}
 
 
-@pytest.mark.parametrize("make,path,match", [
-    (lambda: {"stages": [{**MAG, "sparsity": deep(100_000)}]}, "stages[0].sparsity" + "[0]" * 29, "nested too deeply"),
-    (cyclic_dict, "stages[0].by_name.fc", "recursive"),
-    (cyclic_list, "stages[1]", "recursive"),
-    (shared_bomb, "stages[0].ignore", "too large"),
-    (lambda: {"stages": [MAG] * (LIMITS.max_nodes + 1)}, "stages", "too large"),
-    (lambda: {"stages": [MAG], "description": "x" * (LIMITS.max_string + 1)}, "description", "too long"),
-    (lambda: {"stages": [{**MAG, "ignore": ["x" * 8000] * 200}]}, "stages[0].ignore", "characters of text"),
-])
+@pytest.mark.parametrize(
+    "make,path,match",
+    [
+        (
+            lambda: {"stages": [{**MAG, "sparsity": deep(100_000)}]},
+            "stages[0].sparsity" + "[0]" * 29,
+            "nested too deeply",
+        ),
+        (cyclic_dict, "stages[0].by_name.fc", "recursive"),
+        (cyclic_list, "stages[1]", "recursive"),
+        (shared_bomb, "stages[0].ignore", "too large"),
+        (lambda: {"stages": [MAG] * (LIMITS.max_nodes + 1)}, "stages", "too large"),
+        (lambda: {"stages": [MAG], "description": "x" * (LIMITS.max_string + 1)}, "description", "too long"),
+        (lambda: {"stages": [{**MAG, "ignore": ["x" * 8000] * 200}]}, "stages[0].ignore", "characters of text"),
+    ],
+)
 def test_dict_caps(make, path, match):
     err = refuse_bounded(make(), None, match=match)
     assert err.path.startswith(path), err.path
@@ -155,34 +172,34 @@ class Odd:
 
 
 MALFORMED = [  # (stage or recipe, key path): each class of malformed value
-    ({"stages": [{**MAG, "sparsity": 10**10000}]}, "stages[0].sparsity"),                  # huge integers
+    ({"stages": [{**MAG, "sparsity": 10**10000}]}, "stages[0].sparsity"),  # huge integers
     ({"stages": [{"pass": "static", "seed": 2**64}]}, "stages[0].seed"),
-    ({"stages": [{"pass": "nm", "m": -10**400}]}, "stages[0].m"),
+    ({"stages": [{"pass": "nm", "m": -(10**400)}]}, "stages[0].m"),
     ({"name": 10**5000, "stages": [MAG]}, "name"),
-    ({"stages": [{**MAG, "sparsity": float("inf")}]}, "stages[0].sparsity"),               # non-finite floats
+    ({"stages": [{**MAG, "sparsity": float("inf")}]}, "stages[0].sparsity"),  # non-finite floats
     ({"stages": [{**MAG, "sparsity": float("nan")}]}, "stages[0].sparsity"),
     ({"stages": [{"pass": "lower", "min_speedup": float("-inf")}]}, "stages[0].min_speedup"),
-    ({"stages": [{**MAG, 1: 2}]}, "stages[0]"),                                            # non-string keys
+    ({"stages": [{**MAG, 1: 2}]}, "stages[0]"),  # non-string keys
     ({"stages": [{**MAG, (1, 2): 2}]}, "stages[0]"),
     ({"stages": [{**MAG, "by_name": {"fc": {1: 0.5}}}]}, "stages[0].by_name.fc"),
     ({("stages",): [MAG]}, ""),
-    ({"stages": [{**MAG, "sparsity": [0.5]}]}, "stages[0].sparsity"),                      # container for scalar
+    ({"stages": [{**MAG, "sparsity": [0.5]}]}, "stages[0].sparsity"),  # container for scalar
     ({"stages": [{**MAG, "distribution": {"erk": 1}}]}, "stages[0].distribution"),
     ({"stages": [{"pass": "lower", "cache_dir": []}]}, "stages[0].cache_dir"),
     ({"stages": [{"pass": "lower", "cache_dir": {}}]}, "stages[0].cache_dir"),
-    ({"stages": [{"pass": "static", "seed": True}]}, "stages[0].seed"),                    # bools for ints
+    ({"stages": [{"pass": "static", "seed": True}]}, "stages[0].seed"),  # bools for ints
     ({"stages": [{"pass": "nm", "m": False}]}, "stages[0].m"),
     ({"stages": [{"pass": "rigl", "delta_t": True}]}, "stages[0].delta_t"),
-    ({"stages": [{"pass": "shrink", "seed": "abc"}]}, "stages[0].seed"),                   # constructor unchecked
+    ({"stages": [{"pass": "shrink", "seed": "abc"}]}, "stages[0].seed"),  # constructor unchecked
     ({"stages": [{"pass": "shrink", "seed": 1.5}]}, "stages[0].seed"),
     ({"stages": [{"pass": "channel_prune", "loss_fn": "abc"}]}, "stages[0].loss_fn"),
     ({"stages": [{**MAG, "selection": {"types": ["Linear"]}}]}, "stages[0].selection"),
-    ({"stages": [{**MAG, "distribution": "e" * 10**6}]}, "stages[0].distribution"),         # absurd strings
+    ({"stages": [{**MAG, "distribution": "e" * 10**6}]}, "stages[0].distribution"),  # absurd strings
     ({"stages": [{**MAG, "by_name": {"x" * 10**5: {"sparsity": 0.1}}}]}, "stages[0].by_name"),
-    ({"stages": [{**MAG, "sparsity": b"0.5"}]}, "stages[0].sparsity"),                     # not plain data
+    ({"stages": [{**MAG, "sparsity": b"0.5"}]}, "stages[0].sparsity"),  # not plain data
     ({"stages": [{**MAG, "ignore": {"fc"}}]}, "stages[0].ignore"),
     ({"stages": [{**MAG, "sparsity": Odd()}]}, "stages[0].sparsity"),
-    ({"stages": [{**MAG, "types": ["Conv 2d"]}]}, "stages[0].types[0]"),                   # not a class name
+    ({"stages": [{**MAG, "types": ["Conv 2d"]}]}, "stages[0].types[0]"),  # not a class name
     ({"stages": [{**MAG, "by_type": {"*": {"sparsity": 0.1}}}]}, "stages[0].by_type.*"),
     ({"stages": [{**MAG, "allow_empty": "yes"}]}, "stages[0].allow_empty"),
     ({"stages": [{"pass": "fold_bn", "allow_empty": True}]}, "stages[0].allow_empty"),
@@ -198,8 +215,12 @@ def test_malformed_value_is_recipe_error_at_key_path(data, path):
 
 
 def test_from_params_direct_gets_the_same_checks():
-    for params, path in [({"sparsity": 10**10000}, "sparsity"), ({"sparsity": float("nan")}, "sparsity"),
-                         ({1: 2}, ""), ({"erk_power_scale": 2**2000}, "erk_power_scale")]:
+    for params, path in [
+        ({"sparsity": 10**10000}, "sparsity"),
+        ({"sparsity": float("nan")}, "sparsity"),
+        ({1: 2}, ""),
+        ({"erk_power_scale": 2**2000}, "erk_power_scale"),
+    ]:
         with pytest.raises(RecipeError) as info:
             MagnitudePruning.from_params(params)
         assert info.value.path == path and len(str(info.value)) < 1000
@@ -224,9 +245,8 @@ def test_load_of_other_objects():
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 from test_recipe import Net  # noqa: E402  (the recipe tests' model: conv, fc_a, fc_b, out)
 
-
 EMPTY = [  # (selection keys, error path, a word the message carries)
-    ({"by_name": {"fc_bb": {"sparsity": 0.2}}}, "by_name.fc_bb", "fc_b"),           # typo: nearest names
+    ({"by_name": {"fc_bb": {"sparsity": 0.2}}}, "by_name.fc_bb", "fc_b"),  # typo: nearest names
     ({"ignore": ["*"]}, "ignore", "every layer"),
     ({"ignore": ["fc_c"]}, "ignore[0]", "fc_b"),
     ({"types": ["Conv2dd"]}, "types[0]", "Conv2d"),
@@ -273,6 +293,18 @@ def test_known_types_absent_from_the_model_only_warn(caplog):
 
 
 def test_matching_selections_still_work():
-    gm = sparsify(Net(), {"stages": [{**MAG, "ignore": ["conv"], "by_name": {"fc_b": {"sparsity": 0.25}},
-                                      "by_pattern": {"fc_*": {"sparsity": 0.5}}, "by_type": {"Linear": {}}}]})
+    gm = sparsify(
+        Net(),
+        {
+            "stages": [
+                {
+                    **MAG,
+                    "ignore": ["conv"],
+                    "by_name": {"fc_b": {"sparsity": 0.25}},
+                    "by_pattern": {"fc_*": {"sparsity": 0.5}},
+                    "by_type": {"Linear": {}},
+                }
+            ]
+        },
+    )
     assert not is_masked(gm.conv) and int((gm.fc_b.mask == 0).sum()) == 400

@@ -1,4 +1,5 @@
 """Property-based fuzzing of save files: only SparsifxError escapes ``load`` and the report of what it loads."""
+
 from __future__ import annotations
 
 import functools
@@ -23,9 +24,13 @@ def _good():
     return good_file()
 
 
-@settings(max_examples=120, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(kind=st.sampled_from(sorted(MUTATIONS)), seed=st.integers(0, 2 ** 32 - 1))
+@settings(
+    max_examples=120,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(kind=st.sampled_from(sorted(MUTATIONS)), seed=st.integers(0, 2**32 - 1))
 def test_mutated_save_file_only_raises_sparsifx_error(kind, seed, tmp_path):
     data, payload = _good()
     path = tmp_path / "fuzz.sfx"

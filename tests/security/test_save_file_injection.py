@@ -1,4 +1,5 @@
 """Every crafted save file is refused with SerializationError before anything of it runs (canary stays absent)."""
+
 from __future__ import annotations
 
 import os
@@ -46,6 +47,7 @@ def test_reported_routes_are_covered():
 def test_good_file_still_loads_and_runs(tmp_path):
     import sparsifx
     from sparsifx.serialization import save
+
     model = Probe().eval()
     gm = sparsifx.trace(model)
     save(gm, tmp_path / "good.sfx")
@@ -66,6 +68,7 @@ def test_missing_truncated_and_empty_files(tmp_path):
     with pytest.raises(SerializationError):
         load(tmp_path / "empty.sfx")
     import io
+
     buf = io.BytesIO()
     torch.save(base_payload(), buf)
     raw = buf.getvalue()
@@ -88,21 +91,24 @@ def test_limits_are_enforced_before_building(tmp_path):
         load(tmp_path / "f.sfx", limits=LoadLimits(max_file_bytes=100))
 
 
-@pytest.mark.parametrize("mutate", [
-    lambda p: p.pop("graph"),
-    lambda p: p.update(graph={"a": 1}),
-    lambda p: p["graph"].append("node"),
-    lambda p: p["graph"].insert(0, p["graph"][-1]),  # output first
-    lambda p: p["graph"][1].update(args=[1, 2]),
-    lambda p: p["graph"][1].update(name=7),
-    lambda p: p["graph"][1]["args"]["v"].append({"$": "node", "v": "nowhere"}),
-    lambda p: p["modules"]["lin"].update(params={"weight": {"key": 5}}),
-    lambda p: p["modules"]["lin"].update(attrs=[]),
-    lambda p: p["tensors"].clear(),
-    lambda p: p.update(meta={"k": {"$": "size", "v": [-1]}}),
-    lambda p: p.update(version=2),
-    lambda p: p.update(class_name=None),
-])
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda p: p.pop("graph"),
+        lambda p: p.update(graph={"a": 1}),
+        lambda p: p["graph"].append("node"),
+        lambda p: p["graph"].insert(0, p["graph"][-1]),  # output first
+        lambda p: p["graph"][1].update(args=[1, 2]),
+        lambda p: p["graph"][1].update(name=7),
+        lambda p: p["graph"][1]["args"]["v"].append({"$": "node", "v": "nowhere"}),
+        lambda p: p["modules"]["lin"].update(params={"weight": {"key": 5}}),
+        lambda p: p["modules"]["lin"].update(attrs=[]),
+        lambda p: p["tensors"].clear(),
+        lambda p: p.update(meta={"k": {"$": "size", "v": [-1]}}),
+        lambda p: p.update(version=2),
+        lambda p: p.update(class_name=None),
+    ],
+)
 def test_structural_mutations_are_typed(mutate):
     payload = base_payload()
     mutate(payload)
@@ -114,6 +120,7 @@ def test_structural_mutations_are_typed(mutate):
 def test_unsupported_zip_version_is_typed(tmp_path):
     """Found by benchmarks/save_file_fuzz.py: zipfile raised NotImplementedError ('zip file version 6.4')."""
     import io
+
     buf = io.BytesIO()
     torch.save(base_payload(), buf)
     raw = bytearray(buf.getvalue())

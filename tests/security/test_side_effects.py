@@ -1,5 +1,6 @@
 """No side effects on the caller's model: export_onnx and report leave every submodule's training flag as it was
 (a fine-tuning model with frozen BatchNorms stays frozen); bad arguments raise typed errors."""
+
 import pytest
 import torch
 import torch.nn as nn

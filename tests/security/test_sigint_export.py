@@ -1,4 +1,5 @@
 """A real SIGINT at a random moment of export_onnx leaves the old file or a complete verified new one."""
+
 from __future__ import annotations
 
 import random
@@ -67,11 +68,11 @@ def test_an_interrupt_wrapped_by_an_exporter_is_not_swallowed_by_the_fallback(tm
 
     calls = []
     assert onnx_export.AUTO_ORDER[0] == "torchscript"
-    monkeypatch.setattr(onnx_export.EXPORTERS, "get", lambda name: interrupted if name == "torchscript"
-                        else calls.append(name))
+    monkeypatch.setattr(
+        onnx_export.EXPORTERS, "get", lambda name: interrupted if name == "torchscript" else calls.append(name)
+    )
     old = b"previous"
     (tmp_path / "m.onnx").write_bytes(old)
     with pytest.raises(KeyboardInterrupt):
-        onnx_export.export_onnx(torch.nn.Linear(4, 3), tmp_path / "m.onnx", (torch.ones(2, 4),),
-                                exporter="auto")
+        onnx_export.export_onnx(torch.nn.Linear(4, 3), tmp_path / "m.onnx", (torch.ones(2, 4),), exporter="auto")
     assert calls == [] and (tmp_path / "m.onnx").read_bytes() == old

@@ -1,6 +1,7 @@
 """``sparsify`` keeps every submodule's own ``training`` flag: the user's model is left as it was, and the
 returned module has, under each name it shares with the user's model, the flag the user set (a fine-tuning
 model in ``train()`` with frozen BatchNorms comes back with those BatchNorms still frozen)."""
+
 from __future__ import annotations
 
 import logging
@@ -19,8 +20,7 @@ X = torch.randn(4, 3, 10, 10)
 FROZEN = ("bn1", "bn3")
 RECIPES = {
     "channel_prune+shrink": {"stages": [{"pass": "channel_prune", "ratio": 0.5}, {"pass": "shrink"}]},
-    "taylor+shrink": {"stages": [{"pass": "channel_prune", "ratio": 0.5, "importance": "taylor"},
-                                 {"pass": "shrink"}]},
+    "taylor+shrink": {"stages": [{"pass": "channel_prune", "ratio": 0.5, "importance": "taylor"}, {"pass": "shrink"}]},
     "magnitude": {"stages": [{"pass": "magnitude", "sparsity": 0.5}]},
 }
 
@@ -81,8 +81,10 @@ def test_sparsify_keeps_every_training_flag(recipe, verify, safety_net, caplog):
     assert set(FROZEN) | {"", "bn2", "conv1", "head"} <= set(shared)
     assert {n: after[n] for n in shared} == {n: before[n] for n in shared}
 
-    stats = {name: (gm.get_submodule(name).running_mean.clone(), gm.get_submodule(name).running_var.clone())
-             for name in ("bn1", "bn2", "bn3")}
+    stats = {
+        name: (gm.get_submodule(name).running_mean.clone(), gm.get_submodule(name).running_var.clone())
+        for name in ("bn1", "bn2", "bn3")
+    }
     with torch.no_grad():
         gm(X)  # a training-mode forward: frozen BatchNorms use and keep their running statistics
     for name in FROZEN:
@@ -102,6 +104,7 @@ def test_record_shapes_and_run_model_keep_each_flag():
 
 class TrainAll(PassBase):
     """A careless custom pass: ``gm.train()`` resets every submodule to train mode."""
+
     in_place = True
 
     def call(self, gm):

@@ -2,6 +2,7 @@
 [norm -> q/k/v -> sdpa -> o -> add -> norm -> MLP -> add] x 2 -> norm -> head) is one group pruned through
 LayerNorm / RMSNorm / F.layer_norm / an HF-style traced-into RMSNorm, recorded as approximations, with the output
 deviation measured and the shrink verification explicitly waived; ``exact`` keeps it whole (barriers)."""
+
 from __future__ import annotations
 
 import logging
@@ -167,8 +168,11 @@ def test_other_channel_reductions_stay_barriers():
 
 def test_manager_waives_verification_explicitly():
     gm, ids = _traced(HFRMSNorm)
-    history = PassManager([ChannelPrune(ratio=0.5, streams="approximate"), Shrink()], example_inputs=(ids,),
-                          verify=True).run(gm).history
+    history = (
+        PassManager([ChannelPrune(ratio=0.5, streams="approximate"), Shrink()], example_inputs=(ids,), verify=True)
+        .run(gm)
+        .history
+    )
     assert history[1].name == "shrink" and not history[1].verified and history[1].waived.startswith("skipped")
     gm, ids = _traced(HFRMSNorm)
     history = PassManager([ChannelPrune(ratio=0.5), Shrink()], example_inputs=(ids,), verify=True).run(gm).history
@@ -187,10 +191,19 @@ def test_hf_llama_stream():
     """HF Llama (GQA, traced-into LlamaRMSNorm: ``.pow(2).mean(-1, keepdim=True)``, ``rsqrt``, ``weight *``)."""
     transformers = pytest.importorskip("transformers")
     from sparsifx.hf_tracing import trace_hf
+
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, num_hidden_layers=1,
-        vocab_size=VOCAB, max_position_embeddings=16))
+    model = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            hidden_size=32,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            vocab_size=VOCAB,
+            max_position_embeddings=16,
+        )
+    )
     ids = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(0))
     gm = trace_hf(model.eval(), {"input_ids": ids})
     gm.meta["example_inputs"] = (ids,)
@@ -199,11 +212,14 @@ def test_hf_llama_stream():
     assert ops == {"method .mean()"}
     Shrink()(gm)
     gm.graph.lint()
-    sizes = [gm.get_submodule("model.embed_tokens").weight.shape[1], gm.get_submodule("model.norm").weight.shape[0],
-             gm.get_submodule("model.layers.0.self_attn.q_proj").weight.shape[1],
-             gm.get_submodule("model.layers.0.self_attn.o_proj").weight.shape[0],
-             gm.get_submodule("model.layers.0.mlp.down_proj").weight.shape[0],
-             gm.get_submodule("lm_head").weight.shape[1]]
+    sizes = [
+        gm.get_submodule("model.embed_tokens").weight.shape[1],
+        gm.get_submodule("model.norm").weight.shape[0],
+        gm.get_submodule("model.layers.0.self_attn.q_proj").weight.shape[1],
+        gm.get_submodule("model.layers.0.self_attn.o_proj").weight.shape[0],
+        gm.get_submodule("model.layers.0.mlp.down_proj").weight.shape[0],
+        gm.get_submodule("lm_head").weight.shape[1],
+    ]
     assert sizes == [16] * 6
     assert gm(ids)[0].shape == (1, 6, VOCAB)
     assert gm.meta["channel_report"]["streams"]["deviation"] > 0

@@ -2,8 +2,8 @@
 ``nn.MultiheadAttention``, torchvision Swin window attention V1/V2, a tiny HF Llama) prune exactly (shrunk ==
 masked with randomised norms), head counts shrink; ``both`` prunes heads then within-head dims; bad values are
 ``RecipeError``s."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 import pytest
 import torch
@@ -15,9 +15,8 @@ from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformerB
 from sparsifx.errors import RecipeError
 from sparsifx.passes.channels import ChannelPrune
 from sparsifx.passes.channels.heads import find_head_splits
-from sparsifx.tracing import trace
-
 from sparsifx.testing import prune_and_shrink
+from sparsifx.tracing import trace
 
 
 def _randomise_norms(model: nn.Module) -> nn.Module:
@@ -119,8 +118,9 @@ def test_both_prunes_heads_then_dims():
 def _swin(v2=False):
     extra = dict(block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2) if v2 else {}
     torch.manual_seed(0)
-    return tvm.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4],
-                               num_classes=10, **extra)
+    return tvm.SwinTransformer(
+        patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4], num_classes=10, **extra
+    )
 
 
 def _image():
@@ -169,10 +169,19 @@ def test_hf_llama_gqa_whole_heads():
     transformers = pytest.importorskip("transformers")
     from sparsifx.hf_tracing import trace_hf
     from sparsifx.passes.channels import Shrink
+
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, num_hidden_layers=1,
-        vocab_size=50, max_position_embeddings=16)).eval()
+    model = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            hidden_size=32,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            vocab_size=50,
+            max_position_embeddings=16,
+        )
+    ).eval()
     inputs = {"input_ids": torch.randint(3, 50, (1, 6), generator=torch.Generator().manual_seed(0))}
     gm = trace_hf(_randomise_norms(model), inputs)
     ChannelPrune(ratio=0.5, attention="heads")(gm)
@@ -183,8 +192,9 @@ def test_hf_llama_gqa_whole_heads():
     assert [gm.get_submodule(attn + p).out_features for p in ("q_proj", "k_proj", "v_proj")] == [16, 8, 8]
 
 
-@pytest.mark.parametrize("kwargs", [{"attention": "whole"}, {"attention": 2},
-                                    {"attention": "both", "min_achieved_ratio": 0.3}])
+@pytest.mark.parametrize(
+    "kwargs", [{"attention": "whole"}, {"attention": 2}, {"attention": "both", "min_achieved_ratio": 0.3}]
+)
 def test_bad_attention_parameter_is_a_recipe_error(kwargs):
     with pytest.raises(RecipeError):
         ChannelPrune(ratio=0.5, **kwargs)

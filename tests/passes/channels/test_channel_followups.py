@@ -2,20 +2,19 @@
 ``F.linear`` prunes like ``nn.Linear``, ``unbind`` keeps the channels of a timm attention's q/k/v, optional
 non-tensor placeholders (``attn_mask=None``) do not block shrink, and a parameter cut along two dims gets its
 recorded shape from the sliced tensor."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.fx as fx
+import torch.nn as nn
 import torch.nn.functional as F
 
-from sparsifx.testing import n_params, prune_and_shrink, randomize_constants
-
 from sparsifx.pass_manager import run_model  # noqa: E402
-from sparsifx.selection import LayerSelection  # noqa: E402
 from sparsifx.passes.channels import ChannelPrune, Shrink  # noqa: E402
+from sparsifx.selection import LayerSelection  # noqa: E402
+from sparsifx.testing import n_params, prune_and_shrink, randomize_constants
 from sparsifx.tracing import record_shapes  # noqa: E402
 
 EVERY_LAYER = LayerSelection(types=("Module",))  # traced-into layers are plain nn.Module holders in the graph
@@ -107,7 +106,7 @@ class Attention(nn.Module):
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        kw = {"scale": self.head_dim ** -0.5} if self.explicit else {}
+        kw = {"scale": self.head_dim**-0.5} if self.explicit else {}
         x = F.scaled_dot_product_attention(q, k, v, **kw)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
@@ -126,7 +125,7 @@ def test_attention_without_an_explicit_scale_keeps_its_default_scale_when_shrunk
     torch.manual_seed(0)
     gm, _, _ = prune_and_shrink(Attention(explicit_scale=False), TOK)
     sdpa = next(n for n in gm.graph.nodes if n.target is F.scaled_dot_product_attention)
-    assert gm.qkv.out_features == 24 and sdpa.kwargs["scale"] == pytest.approx(8 ** -0.5)
+    assert gm.qkv.out_features == 24 and sdpa.kwargs["scale"] == pytest.approx(8**-0.5)
 
 
 def test_timm_attention_prunes_exactly():

@@ -1,4 +1,5 @@
 """``channel_prune``: parameters, importance criteria, selection, masked-model invariants."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -66,6 +67,7 @@ def test_taylor_uses_given_batch_and_loss():
     def loss(out):
         calls.append(out.shape)
         return out[:, 0].sum()
+
     ChannelPrune(ratio=0.3, importance="taylor", batch=(torch.randn(4, 3, 32, 32),), loss_fn=loss)(gm)
     assert calls == [torch.Size([4, 10])]
     assert all(p.grad is None for p in gm.parameters())
@@ -81,8 +83,18 @@ def test_round_to_and_at_least_one_kept():
 
 
 def test_ignore_and_per_layer_ratio_via_recipe():
-    recipe = Recipe.from_dict({"stages": [{"pass": "channel_prune", "ratio": 0.5, "ignore": ["layer1.*"],
-                                           "by_name": {"layer2.0.conv1": {"ratio": 0.25}}}]})
+    recipe = Recipe.from_dict(
+        {
+            "stages": [
+                {
+                    "pass": "channel_prune",
+                    "ratio": 0.5,
+                    "ignore": ["layer1.*"],
+                    "by_name": {"layer2.0.conv1": {"ratio": 0.25}},
+                }
+            ]
+        }
+    )
     gm = small_resnet()
     PassManager.from_recipe(recipe, example_inputs=X).run(gm)
     assert gm.get_submodule("layer1.0.conv1").weight.flatten(1).abs().sum(1).ne(0).all()
@@ -115,6 +127,7 @@ def test_norm_scores_equal_the_per_slice_norms(p, shape):
     """The one-read kernel sums give each output and input channel the same p-norm as reducing its slice."""
     from sparsifx.passes.channels.importance import norm_scores
     from sparsifx.passes.channels.tracker import Member
+
     w = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     score = norm_scores(p)
     for dim in (0, 1):

@@ -1,6 +1,6 @@
 """One tiny model per channel rule: prune 50%, shrink, shrunk == masked, layers really smaller."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 import pytest
 import torch
@@ -10,16 +10,16 @@ import torch.nn.functional as F
 from sparsifx.errors import RecipeError
 from sparsifx.pass_manager import run_model
 from sparsifx.passes.channels import CHANNEL_RULES, ChannelPrune, Shrink, analyze_channels
-from sparsifx.tracing import trace
-
 from sparsifx.testing import prune_and_shrink
+from sparsifx.tracing import trace
 
 X = (torch.randn(2, 3, 8, 8),)
 
 
 def block(cin: int, cout: int, k: int = 3, groups: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups, bias=False),
-                         nn.BatchNorm2d(cout), nn.ReLU())
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout), nn.ReLU()
+    )
 
 
 def randomize_bn(model: nn.Module) -> nn.Module:
@@ -128,17 +128,21 @@ class Attention(nn.Module):
     def __init__(self, dim: int = 16, heads: int = 4):
         super().__init__()
         self.heads, self.head_dim = heads, dim // heads
-        self.embed, self.qkv, self.proj, self.fc = nn.Linear(3, dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), \
-            nn.Linear(dim, 5)
+        self.embed, self.qkv, self.proj, self.fc = (
+            nn.Linear(3, dim),
+            nn.Linear(dim, 3 * dim),
+            nn.Linear(dim, dim),
+            nn.Linear(dim, 5),
+        )
 
     def forward(self, x):
-        t = self.embed(x.flatten(2).transpose(1, 2))           # (B, L, dim)
+        t = self.embed(x.flatten(2).transpose(1, 2))  # (B, L, dim)
         b, n, d = t.shape
         q, k, v = self.qkv(t).chunk(3, dim=-1)
         q = q.reshape(b, n, self.heads, self.head_dim).transpose(1, 2)
         k = k.reshape(b, n, self.heads, self.head_dim).transpose(1, 2)
         v = v.reshape(b, n, self.heads, self.head_dim).transpose(1, 2)
-        att = (q @ k.transpose(-2, -1) * self.head_dim ** -0.5).softmax(-1)
+        att = (q @ k.transpose(-2, -1) * self.head_dim**-0.5).softmax(-1)
         o = torch.einsum("bhij,bhjd->bhid", att, v).transpose(1, 2).reshape(b, n, d)
         return self.fc(self.proj(o).mean(1))
 
@@ -148,8 +152,11 @@ class ConstantChannel(nn.Module):
 
     def __init__(self, k: int = 1):
         super().__init__()
-        self.conv, self.bn, self.out = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.Conv2d(16, 4, k,
-                                                                                                    padding=k // 2)
+        self.conv, self.bn, self.out = (
+            nn.Conv2d(3, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.Conv2d(16, 4, k, padding=k // 2),
+        )
 
     def forward(self, x):
         return self.out(torch.sigmoid(self.bn(self.conv(x))))
@@ -182,8 +189,13 @@ def test_conv_groups_prune_drops_the_least_important_groups():
     model = randomize_bn(Grouped(4))
     reference = torch.cat([model.grouped[0].weight[0:4], model.grouped[0].weight[12:16]]).clone()
     with torch.no_grad():  # channels 4..11 (conv groups 1 and 2) are the weakest in every layer
-        for t in (model.stem[0].weight, model.stem[1].weight, model.grouped[0].weight, model.grouped[1].weight,
-                  model.dw.weight):
+        for t in (
+            model.stem[0].weight,
+            model.stem[1].weight,
+            model.grouped[0].weight,
+            model.grouped[1].weight,
+            model.dw.weight,
+        ):
             t[4:12].mul_(1e-3)
         model.head.fc.weight[:, 4:12].mul_(1e-3)
     gm, _, _ = prune_and_shrink(model, X, conv_groups="prune")
@@ -242,8 +254,12 @@ class MHA(nn.Module):
     def __init__(self, batch_first: bool = True):
         super().__init__()
         self.batch_first = batch_first
-        self.embed, self.att, self.mlp, self.fc = nn.Linear(3, 16), nn.MultiheadAttention(
-            16, 4, batch_first=batch_first), nn.Linear(16, 32), nn.Linear(32, 5)
+        self.embed, self.att, self.mlp, self.fc = (
+            nn.Linear(3, 16),
+            nn.MultiheadAttention(16, 4, batch_first=batch_first),
+            nn.Linear(16, 32),
+            nn.Linear(32, 5),
+        )
 
     def forward(self, x):
         t = self.embed(x.flatten(2).transpose(1, 2))
@@ -273,6 +289,7 @@ def test_multihead_attention_with_mask_is_a_declared_barrier():
             t = self.embed(x.flatten(2).transpose(1, 2))
             a, _ = self.att(t, t, t, attn_mask=self.mask, need_weights=False)
             return self.fc(F.gelu(self.mlp(a)).mean(1))
+
     gm, _, _ = prune_and_shrink(Masked(), X)
     assert any("MultiheadAttention" in b["reason"] for b in gm.meta["channel_barriers"])
     assert gm.mlp.out_features == 16
@@ -303,6 +320,7 @@ def test_unknown_op_is_a_barrier():
 
         def forward(self, x):
             return self.b(torch.cumsum(self.a(x), dim=1))
+
     gm = trace(Odd(), X)
     analysis = analyze_channels(gm)
     assert [b["op"] for b in analysis.barriers] == ["function cumsum"]
@@ -310,6 +328,11 @@ def test_unknown_op_is_a_barrier():
 
 
 def test_rules_are_registered_per_op():
-    for key in ("fn:torch.cat", "method:view", "module:torch.nn.modules.conv.Conv2d",
-                "module:torch.nn.modules.batchnorm.BatchNorm2d", "fn:_operator.add"):
+    for key in (
+        "fn:torch.cat",
+        "method:view",
+        "module:torch.nn.modules.conv.Conv2d",
+        "module:torch.nn.modules.batchnorm.BatchNorm2d",
+        "fn:_operator.add",
+    ):
         assert key in CHANNEL_RULES

@@ -1,4 +1,5 @@
 """compact: channels whose producing weights are all zero are removed exactly."""
+
 from __future__ import annotations
 
 import pytest
@@ -48,7 +49,7 @@ def test_positive_constant_into_padded_conv_is_kept_and_reported():
     with torch.no_grad():
         gm.get_submodule("layer1.0.conv1").weight[[1, 2]] = 0
         bn = gm.get_submodule("layer1.0.bn1")
-        bn.bias[1] = 0.7   # relu(0.7) = 0.7 feeds a padded 3x3 conv: folding is not exact -> kept
+        bn.bias[1] = 0.7  # relu(0.7) = 0.7 feeds a padded 3x3 conv: folding is not exact -> kept
         bn.bias[2] = -0.5  # relu(-0.5) = 0 -> removed
     ref = run_model(gm, (x,))
     assert _compact(gm).modified
@@ -141,8 +142,9 @@ def test_compact_in_a_recipe_and_bad_params():
     with torch.no_grad():
         gm.get_submodule("layer3.0.conv1").weight[:8] = 0
         gm.get_submodule("layer3.0.bn1").bias[:8] = -1
-    result = sparsifx.PassManager.from_recipe(sparsifx.Recipe.from_dict({"stages": [{"pass": "compact"}]}),
-                                              example_inputs=(x,), verify=True).run(gm)
+    result = sparsifx.PassManager.from_recipe(
+        sparsifx.Recipe.from_dict({"stages": [{"pass": "compact"}]}), example_inputs=(x,), verify=True
+    ).run(gm)
     assert result.modified and gm.get_submodule("layer3.0.conv1").out_channels == 248
     with pytest.raises(RecipeError, match="atol"):
         PASSES.get("compact").from_params({"atol": -1.0})

@@ -1,8 +1,8 @@
 """Channel rules for functional ops (what tracing into timm-style layers gives): one tiny model per rule,
 prune 50% + shrink, shrunk == masked (norm statistics randomised first), layers really smaller, lint; ops
 that cannot be pruned exactly are barriers that say why."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 import pytest
 import torch
@@ -11,9 +11,8 @@ import torch.nn.functional as F
 
 from sparsifx.passes.channels import analyze_channels
 from sparsifx.selection import LayerSelection
-from sparsifx.tracing import trace
-
 from sparsifx.testing import prune_and_shrink
+from sparsifx.tracing import trace
 
 X = (torch.randn(2, 3, 8, 8),)
 EVERY_LAYER = LayerSelection(types=("Module",))  # traced-into layers are plain nn.Module holders in the graph
@@ -45,6 +44,7 @@ def tensor_shapes(gm) -> dict[str, tuple]:
 
 # ---- norms ---------------------------------------------------------------------------------------------
 
+
 class BNAct(nn.BatchNorm2d):
     """Like timm's ``BatchNormAct2d``: an ``nn.BatchNorm2d`` subclass whose forward is functional."""
 
@@ -53,8 +53,9 @@ class BNAct(nn.BatchNorm2d):
         self.act = act
 
     def forward(self, x):
-        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
-                         self.momentum, self.eps)
+        x = F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, self.training, self.momentum, self.eps
+        )
         return self.act(x)
 
 
@@ -78,8 +79,12 @@ def test_batch_norm_subclass_with_functional_forward_is_pruned_like_the_module()
     analysis = analyze_channels(gm)
     assert analysis.barriers == []
     roles = {(m.owner, m.tensor): m.role for m in analysis.members if m.owner == "n1"}
-    assert roles == {("n1", "weight"): "out", ("n1", "bias"): "out", ("n1", "running_mean"): "aux",
-                     ("n1", "running_var"): "aux"}
+    assert roles == {
+        ("n1", "weight"): "out",
+        ("n1", "bias"): "out",
+        ("n1", "running_mean"): "aux",
+        ("n1", "running_var"): "aux",
+    }
     gm, _, _ = prune_and_shrink(model, X)
     shapes = tensor_shapes(gm)
     assert shapes["c1.weight"][0] == shapes["n1.running_var"][0] == shapes["n2.weight"][0] == 8
@@ -123,8 +128,10 @@ def test_batch_norm_statistics_the_analysis_cannot_slice_are_a_barrier():
     gm = trace(StatsFromInput().eval(), (X[0], torch.zeros(16)))
     analysis = analyze_channels(gm)
     reasons = {b["reason"] for b in analysis.barriers}
-    assert reasons == {"its per-channel 'running_mean' is not a tensor the analysis can slice",
-                       "its per-channel 'running_var' is not a tensor the analysis can slice"}
+    assert reasons == {
+        "its per-channel 'running_mean' is not a tensor the analysis can slice",
+        "its per-channel 'running_var' is not a tensor the analysis can slice",
+    }
     assert not analysis.prunable[analysis.unit[analysis.tracker.module_atoms["c1"].numpy()]].any()
 
 
@@ -150,12 +157,16 @@ def test_layer_norm_fn_prunes_channels_it_does_not_normalize():
     assert barriers(gm) == [] and tensor_shapes(gm)["c2.weight"] == (4, 8, 1)
 
 
-@pytest.mark.parametrize("model, reason", [
-    (LayerNormFn(over_channels=True), "function layer_norm: layer_norm statistics span these channels"),
-    (None, "function group_norm: GroupNorm statistics span the channels of a group"),
-])
+@pytest.mark.parametrize(
+    "model, reason",
+    [
+        (LayerNormFn(over_channels=True), "function layer_norm: layer_norm statistics span these channels"),
+        (None, "function group_norm: GroupNorm statistics span the channels of a group"),
+    ],
+)
 def test_norms_over_channels_are_barriers_with_their_cause(model, reason):
     if model is None:
+
         class GroupNormFn(nn.Module):
             def __init__(self):
                 super().__init__()
@@ -163,6 +174,7 @@ def test_norms_over_channels_are_barriers_with_their_cause(model, reason):
 
             def forward(self, x):
                 return self.c2(F.group_norm(self.c1(x), 4, self.w))
+
         model = GroupNormFn()
     x = (torch.randn(2, 3, 10),)
     gm, _, _ = prune_and_shrink(model, x, expect_smaller=False)
@@ -172,15 +184,33 @@ def test_norms_over_channels_are_barriers_with_their_cause(model, reason):
 # ---- activations ---------------------------------------------------------------------------------------
 
 ACTIVATIONS = {
-    "relu_inplace": lambda h: F.relu(h, inplace=True), "relu_": F.relu_, "relu6_inplace": lambda h: F.relu6(h, True),
-    "leaky_relu_": lambda h: F.leaky_relu_(h, 0.1), "elu_": F.elu_, "hardtanh_": F.hardtanh_, "selu": F.selu,
-    "celu": F.celu, "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"), "silu_inplace": lambda h: F.silu(h, True),
-    "hardswish_inplace": lambda h: F.hardswish(h, True), "hardsigmoid": F.hardsigmoid, "mish": F.mish,
-    "softsign": F.softsign, "logsigmoid": F.logsigmoid, "threshold": lambda h: F.threshold(h, 0.1, 0.0),
-    "softshrink": F.softshrink, "tanh_": torch.tanh_, "sigmoid_": torch.sigmoid_, "clamp_min": lambda h:
-    torch.clamp_min(h, 0.0), "clip": lambda h: torch.clip(h, -1, 1), "method_relu": lambda h: h.relu(),
-    "method_sigmoid": lambda h: h.sigmoid(), "method_relu_": lambda h: h.relu_(), "method_tanh_": lambda h:
-    h.tanh_(), "method_clamp_min": lambda h: h.clamp_min(0.1), "swish_inplace": lambda h: h.mul_(h.sigmoid()),
+    "relu_inplace": lambda h: F.relu(h, inplace=True),
+    "relu_": F.relu_,
+    "relu6_inplace": lambda h: F.relu6(h, True),
+    "leaky_relu_": lambda h: F.leaky_relu_(h, 0.1),
+    "elu_": F.elu_,
+    "hardtanh_": F.hardtanh_,
+    "selu": F.selu,
+    "celu": F.celu,
+    "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"),
+    "silu_inplace": lambda h: F.silu(h, True),
+    "hardswish_inplace": lambda h: F.hardswish(h, True),
+    "hardsigmoid": F.hardsigmoid,
+    "mish": F.mish,
+    "softsign": F.softsign,
+    "logsigmoid": F.logsigmoid,
+    "threshold": lambda h: F.threshold(h, 0.1, 0.0),
+    "softshrink": F.softshrink,
+    "tanh_": torch.tanh_,
+    "sigmoid_": torch.sigmoid_,
+    "clamp_min": lambda h: torch.clamp_min(h, 0.0),
+    "clip": lambda h: torch.clip(h, -1, 1),
+    "method_relu": lambda h: h.relu(),
+    "method_sigmoid": lambda h: h.sigmoid(),
+    "method_relu_": lambda h: h.relu_(),
+    "method_tanh_": lambda h: h.tanh_(),
+    "method_clamp_min": lambda h: h.clamp_min(0.1),
+    "swish_inplace": lambda h: h.mul_(h.sigmoid()),
     "hard_sigmoid_timm": lambda h: F.relu6(h + 3.0) / 6.0,
 }
 
@@ -203,12 +233,17 @@ def test_functional_activations_keep_the_channels(name):
 
 # ---- ops shaped like another tensor, index selection ----------------------------------------------------
 
+
 class ShapedLike(nn.Module):
     def __init__(self, mode: str):
         super().__init__()
         self.mode = mode
-        self.c1, self.c2, self.se, self.c3 = (nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 1),
-                                              nn.Conv2d(16, 16, 1), nn.Conv2d(16, 4, 1))
+        self.c1, self.c2, self.se, self.c3 = (
+            nn.Conv2d(3, 16, 3, padding=1),
+            nn.Conv2d(16, 16, 1),
+            nn.Conv2d(16, 16, 1),
+            nn.Conv2d(16, 4, 1),
+        )
 
     def forward(self, x):
         h = F.relu(self.c1(x))
@@ -231,8 +266,7 @@ def test_ops_shaped_like_another_tensor_follow_its_channels(mode):
 
 def test_reshape_as_that_scrambles_the_channels_is_a_barrier():
     gm, _, _ = prune_and_shrink(ShapedLike("scrambled"), X, expect_smaller=False)  # the target's shape too
-    assert barriers(gm) == ["method .reshape_as(): reshaped to a tensor whose channels do not line up with the "
-                            "input's"]
+    assert barriers(gm) == ["method .reshape_as(): reshaped to a tensor whose channels do not line up with the input's"]
     assert gm.c1.out_channels == gm.c2.out_channels == gm.c3.in_channels == 16
 
 
@@ -267,17 +301,21 @@ def test_index_selection_on_other_dims_keeps_the_channels(mode):
     assert barriers(gm) == [] and gm.c2.in_channels == 8
 
 
-@pytest.mark.parametrize("mode, op", [("channel_index_select", "method .index_select()"),
-                                      ("channel_tensor_index", "function getitem")])
+@pytest.mark.parametrize(
+    "mode, op", [("channel_index_select", "method .index_select()"), ("channel_tensor_index", "function getitem")]
+)
 def test_index_selection_of_channels_is_a_barrier(mode, op):
     gm = trace(Indexed(mode).eval(), X)
     analysis = analyze_channels(gm)
     assert [(b["op"], b["reason"].split(" (")[0]) for b in analysis.barriers] in (
-        [(op, "selects channels by index")], [(op, "picks channels by index")])
+        [(op, "selects channels by index")],
+        [(op, "picks channels by index")],
+    )
     assert not analysis.prunable[analysis.unit[analysis.tracker.module_atoms["c1"].numpy()]].any()
 
 
 # ---- functional convs, weight standardisation ----------------------------------------------------------
+
 
 class StdConv(nn.Conv2d):
     """timm's ``StdConv2d`` / ``ScaledStdConv2d`` (with ``gain``): the weight is standardised per output channel."""
@@ -288,9 +326,15 @@ class StdConv(nn.Conv2d):
         self.scale = (cin // groups * k * k) ** -0.5
 
     def forward(self, x):
-        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
-                         weight=None if self.gain is None else (self.gain * self.scale).view(-1),
-                         training=True, momentum=0.0, eps=1e-6).reshape_as(self.weight)
+        w = F.batch_norm(
+            self.weight.reshape(1, self.out_channels, -1),
+            None,
+            None,
+            weight=None if self.gain is None else (self.gain * self.scale).view(-1),
+            training=True,
+            momentum=0.0,
+            eps=1e-6,
+        ).reshape_as(self.weight)
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
@@ -311,15 +355,17 @@ class StdConvNet(nn.Module):
 def test_weight_standardisation_prunes_rows_and_keeps_input_channels(scaled):
     model = randomize(StdConvNet(scaled))
     gm, _, _ = prune_and_shrink(model, X, selection=EVERY_LAYER)
-    assert barriers(gm) == ["function conv2d: standardised weight: its statistics span the input channels, so "
-                            "they are kept whole"]
+    assert barriers(gm) == [
+        "function conv2d: standardised weight: its statistics span the input channels, so they are kept whole"
+    ]
     shapes = tensor_shapes(gm)
     assert shapes["ws.weight"] == (8, 16, 3, 3) and shapes["head.weight"] == (4, 8, 1, 1)  # rows only
     assert shapes["c1.weight"][0] == shapes["dw.weight"][0] == 16  # held by ws's input channels
     if scaled:
         assert shapes["ws.gain"] == (8, 1, 1, 1)
-    reshape = next(n for n in gm.graph.nodes if n.op == "call_method" and n.target == "reshape"
-                   and n.args[0].target == "ws.weight")
+    reshape = next(
+        n for n in gm.graph.nodes if n.op == "call_method" and n.target == "reshape" and n.args[0].target == "ws.weight"
+    )
     assert reshape.args[2] == 8  # the baked out_channels constant was rewritten
 
 
@@ -327,11 +373,15 @@ def test_depthwise_standardised_conv_follows_its_input_channels():
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
-            self.c1, self.dw, self.head = nn.Conv2d(3, 16, 3, padding=1), StdConv(16, 16, 3, 16, True), \
-                nn.Conv2d(16, 4, 1)
+            self.c1, self.dw, self.head = (
+                nn.Conv2d(3, 16, 3, padding=1),
+                StdConv(16, 16, 3, 16, True),
+                nn.Conv2d(16, 4, 1),
+            )
 
         def forward(self, x):
             return self.head(F.relu(self.dw(F.relu(self.c1(x)))))
+
     gm, _, _ = prune_and_shrink(randomize(Net()), X, selection=EVERY_LAYER)
     assert barriers(gm) == [] and tensor_shapes(gm)["dw.weight"] == (8, 1, 3, 3)
     conv = next(n for n in gm.graph.nodes if n.op == "call_function" and n.target is F.conv2d)
@@ -386,6 +436,7 @@ def test_functional_conv_with_parameter_weight_slices_both_dims():
         def forward(self, x):
             h = F.relu(self.f(F.relu(self.c1(x))))
             return self.head(F.relu(self.s(F.relu(self.dw(h)))))
+
     gm, _, _ = prune_and_shrink(Net(), X, selection=EVERY_LAYER)
     assert barriers(gm) == []
     shapes = tensor_shapes(gm)
@@ -408,13 +459,16 @@ def test_weight_also_read_by_other_ops_keeps_its_input_channels():
 
         def forward(self, x):
             return self.head(F.relu(self.p(F.relu(self.c1(x)))))
+
     gm, _, _ = prune_and_shrink(Net(), X, selection=EVERY_LAYER)
-    assert barriers(gm) == ["function conv2d: weight parameter also read by other ops: its input channels are kept "
-                            "whole"]
+    assert barriers(gm) == [
+        "function conv2d: weight parameter also read by other ops: its input channels are kept whole"
+    ]
     assert tensor_shapes(gm)["p.weight"] == (8, 16, 3, 3) and gm.c1.out_channels == 16  # rows only
 
 
 # ---- timm itself (optional) ------------------------------------------------------------------------------
+
 
 def test_timm_layers_batch_norm_act_and_standardised_convs():
     layers = pytest.importorskip("timm.layers")
@@ -430,11 +484,13 @@ def test_timm_layers_batch_norm_act_and_standardised_convs():
         def forward(self, x):
             h = F.relu(self.ws(self.n1(self.c1(x))))
             return self.head(F.relu(self.same(h)))
+
     gm, _, _ = prune_and_shrink(randomize(Net()), X, selection=EVERY_LAYER)
     assert gm.meta["opaque_leaves"] == ["same"]
     assert sorted(barriers(gm)) == [
         "function conv2d: standardised weight: its statistics span the input channels, so they are kept whole",
-        "module same: standardised weight: its statistics span the input channels, so they are kept whole"]
+        "module same: standardised weight: its statistics span the input channels, so they are kept whole",
+    ]
     shapes = tensor_shapes(gm)
     assert shapes["ws.weight"] == (16, 16, 3, 3) and shapes["same.weight"] == (8, 16, 3, 3)
     assert shapes["n1.running_mean"] == (16,) and gm.same.out_channels == 8

@@ -1,5 +1,6 @@
 """Outputs are sacred: every tensor that reaches the graph output keeps all its channels, whatever container
 carries it (tuple concatenation, slicing, dicts, lists, namedtuples, nesting), while the inside is pruned."""
+
 from __future__ import annotations
 
 import collections
@@ -34,8 +35,13 @@ class Classifier(nn.Module):
     def __init__(self, idiom: str):
         super().__init__()
         self.idiom = idiom
-        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                                  nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+        )
         self.enc = Untraceable()
         self.fc1 = nn.Linear(8, 16)
         self.fc2 = nn.Linear(16, 2)
@@ -47,12 +53,12 @@ class Classifier(nn.Module):
                 nn.init.uniform_(m.bias, -0.2, 0.2)
 
     def forward(self, x):
-        outputs = self.enc(self.body(x))                       # (features, pooled, maxed): a graph node
+        outputs = self.enc(self.body(x))  # (features, pooled, maxed): a graph node
         hidden = self.fc1(outputs[1])
         logits = self.fc2(torch.relu(hidden))
-        parts = torch.chunk(logits, 2, dim=1)                  # a tuple node made by an op with a rule
+        parts = torch.chunk(logits, 2, dim=1)  # a tuple node made by an op with a rule
         return {
-            "tuple_concat": lambda: (logits,) + outputs[1:],   # HF return_dict=False
+            "tuple_concat": lambda: (logits,) + outputs[1:],  # HF return_dict=False
             "tuple_concat_items": lambda: (parts[0],) + parts[1:],
             "tuple_slice": lambda: ((logits,) + outputs[1:])[:2],
             "dict": lambda: {"logits": logits, "hidden": hidden},
@@ -97,8 +103,20 @@ def prune_shrink(idiom: str):
     return gm, dense, out
 
 
-@pytest.mark.parametrize("idiom", ["tuple_concat", "tuple_concat_items", "tuple_slice", "dict", "list",
-                                   "namedtuple", "nested", "repacked", "size_out"])
+@pytest.mark.parametrize(
+    "idiom",
+    [
+        "tuple_concat",
+        "tuple_concat_items",
+        "tuple_slice",
+        "dict",
+        "list",
+        "namedtuple",
+        "nested",
+        "repacked",
+        "size_out",
+    ],
+)
 def test_outputs_in_containers_keep_all_channels(idiom):
     gm, _, _ = prune_shrink(idiom)
     hidden_returned = idiom in ("dict", "list", "namedtuple", "nested", "size_out")
@@ -123,6 +141,7 @@ def test_plain_return_still_protected_and_pruned():
 
 def test_tuple_concat_keeps_channels_linked_for_later_consumers():
     """A re-packed tuple read again inside the model: its items keep their producers' channels."""
+
     class Repack(nn.Module):
         def __init__(self):
             super().__init__()
@@ -146,6 +165,7 @@ def test_tuple_concat_keeps_channels_linked_for_later_consumers():
 
 def test_container_op_it_cannot_follow_is_a_barrier():
     """``(logits,) * n`` with ``n`` unknown to the analysis: the operands stay whole (fail safe)."""
+
     class Repeat(nn.Module):
         def __init__(self):
             super().__init__()

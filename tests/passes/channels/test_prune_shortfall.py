@@ -1,4 +1,5 @@
 """``channel_prune`` says when little was pruned: achieved vs requested, barriers ranked, typed error on demand."""
+
 from __future__ import annotations
 
 import logging
@@ -53,8 +54,9 @@ def test_barrier_shortfall_warns_names_the_barrier_and_reaches_the_report(caplog
     # a1 + a2 + head = 136 channels requested (fc's 10 classes are a model output: not counted); 4 of head's removed
     assert (outcome.channels, outcome.removed, outcome.requested) == (136, 4, 0.5)
     assert outcome.achieved == pytest.approx(4 / 136) and outcome.shortfall
-    assert outcome.blockers == [{"op": "mystery", "reason": "no channel rule for this op", "nodes": ["mystery"],
-                                 "channels": 128}]
+    assert outcome.blockers == [
+        {"op": "mystery", "reason": "no channel rule for this op", "nodes": ["mystery"], "channels": 128}
+    ]
     assert gm.meta["channel_barriers"][0]["channels"] == 128
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "mystery" in warnings[0].getMessage() and "128 channels" in warnings[0].getMessage()
@@ -87,8 +89,7 @@ def test_min_achieved_ratio_from_a_recipe_and_its_validation():
 def test_channels_not_requested_do_not_count():
     """Ignoring the layers behind the barrier leaves head's 8 channels as the request: no shortfall."""
     gm = blocked()
-    ChannelPrune(ratio=0.5, min_achieved_ratio=0.45,
-                 selection=LayerSelection(ignore=("a1", "a2")))(gm)
+    ChannelPrune(ratio=0.5, min_achieved_ratio=0.45, selection=LayerSelection(ignore=("a1", "a2")))(gm)
     outcome = gm.meta["channel_outcome"]
     assert (outcome.channels, outcome.removed, outcome.shortfall) == (8, 4, False)
     assert outcome.blockers == []  # mystery holds a1/a2 whole, but they were not asked for

@@ -1,21 +1,20 @@
 """``shrink``: torchvision models at small sizes shrink exactly (shrunk == masked), plus pass contracts."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn as nn
 import torchvision.models as tvm
-from torchvision.models.swin_transformer import SwinTransformerBlockV2, PatchMergingV2
+from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformerBlockV2
 
 from sparsifx.api import sparsify
 from sparsifx.errors import PreconditionError
 from sparsifx.masking import set_mask
 from sparsifx.pass_manager import run_model
 from sparsifx.passes.channels import ChannelPrune, Shrink
-from sparsifx.tracing import trace
-
 from sparsifx.testing import n_params, prune_and_shrink
+from sparsifx.tracing import trace
 
 
 def image(size: int) -> tuple[torch.Tensor]:
@@ -24,14 +23,16 @@ def image(size: int) -> tuple[torch.Tensor]:
 
 
 def _vit_tiny():
-    model = tvm.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
-                                  num_classes=10)
+    model = tvm.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=10
+    )
     nn.init.normal_(model.heads.head.weight)  # torchvision zero-initializes the head
     return model
 
 
 def _convnext_small_config():
     from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
     return ConvNeXt([CNBlockConfig(16, 32, 2), CNBlockConfig(32, None, 2)], num_classes=10)
 
 
@@ -44,10 +45,23 @@ SMALL = {
     "convnext": (_convnext_small_config, 32),
     "vit_tiny": (_vit_tiny, 32),
     "swin_tiny": (lambda: tvm.SwinTransformer([4, 4], 16, [2, 2], [2, 4], [4, 4], num_classes=10), 32),
-    "swin_v2_tiny": (lambda: tvm.SwinTransformer([4, 4], 16, [2, 2], [2, 4], [4, 4], num_classes=10,
-                                                 block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2), 32),
-    "maxvit_tiny": (lambda: tvm.MaxVit((32, 32), 16, 2, [16, 32], [1, 1], head_dim=8, stochastic_depth_prob=0.0,
-                                       num_classes=10), 32),
+    "swin_v2_tiny": (
+        lambda: tvm.SwinTransformer(
+            [4, 4],
+            16,
+            [2, 2],
+            [2, 4],
+            [4, 4],
+            num_classes=10,
+            block=SwinTransformerBlockV2,
+            downsample_layer=PatchMergingV2,
+        ),
+        32,
+    ),
+    "maxvit_tiny": (
+        lambda: tvm.MaxVit((32, 32), 16, 2, [16, 32], [1, 1], head_dim=8, stochastic_depth_prob=0.0, num_classes=10),
+        32,
+    ),
 }
 
 
@@ -103,16 +117,29 @@ def test_stale_plan_is_refused():
 
 def test_recipe_with_verification():
     x = image(32)
-    gm = sparsify(tvm.mobilenet_v2(num_classes=10), {"stages": [{"pass": "channel_prune", "ratio": 0.5},
-                                                                 {"pass": "shrink"}]}, example_inputs=x, verify=True)
+    gm = sparsify(
+        tvm.mobilenet_v2(num_classes=10),
+        {"stages": [{"pass": "channel_prune", "ratio": 0.5}, {"pass": "shrink"}]},
+        example_inputs=x,
+        verify=True,
+    )
     assert [(h.name, h.modified, h.verified) for h in gm.meta["history"]] == [
-        ("channel_prune", True, False), ("shrink", True, True)]
+        ("channel_prune", True, False),
+        ("shrink", True, True),
+    ]
     assert n_params(gm) < n_params(tvm.mobilenet_v2(num_classes=10)) * 0.5
 
 
 def test_masked_layers_slice_their_masks():
-    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 8, 3), nn.ReLU(),
-                          nn.Flatten(), nn.Linear(8 * 4 * 4, 5)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 8, 3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 5),
+    ).eval()
     x = (torch.randn(2, 3, 8, 8),)
     gm = trace(model, x)
     set_mask(gm, "3", (torch.rand(8, 16, 3, 3) > 0.3).float())
@@ -125,9 +152,19 @@ def test_masked_layers_slice_their_masks():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,size", [("resnext50_32x4d", 64), ("densenet121", 64), ("googlenet", 64),
-                                       ("inception_v3", 96), ("swin_t", 112), ("vit_b_16", 224),
-                                       ("maxvit_t", 224), ("shufflenet_v2_x1_0", 64)])
+@pytest.mark.parametrize(
+    "name,size",
+    [
+        ("resnext50_32x4d", 64),
+        ("densenet121", 64),
+        ("googlenet", 64),
+        ("inception_v3", 96),
+        ("swin_t", 112),
+        ("vit_b_16", 224),
+        ("maxvit_t", 224),
+        ("shufflenet_v2_x1_0", 64),
+    ],
+)
 def test_full_size_torchvision_models(name, size):
     model = tvm.get_model(name)
     for m in model.modules():  # some heads are zero-initialized: the output would not depend on the pruning
@@ -135,4 +172,5 @@ def test_full_size_torchvision_models(name, size):
             nn.init.normal_(m.weight, std=0.05)
     gm, masked, out = prune_and_shrink(model, image(size))  # asserts shrunk == masked, fewer params, lint
     assert out.shape == masked.shape and sum(p.numel() for p in gm.parameters()) < sum(
-        p.numel() for p in model.parameters())
+        p.numel() for p in model.parameters()
+    )

@@ -2,20 +2,19 @@
 channel group, cut once and still share one Parameter afterwards (shrunk == masked, fewer unique parameters);
 a dim that one holder does not slice stays whole; a plan that would cut a tie two ways raises ``PassError``
 and changes nothing."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sparsifx.testing import n_params, prune_and_shrink
-
 from sparsifx import sparsify  # noqa: E402
 from sparsifx.errors import PassError  # noqa: E402
 from sparsifx.pass_manager import run_model  # noqa: E402
 from sparsifx.passes.channels import ChannelPrune, Shrink  # noqa: E402
+from sparsifx.testing import n_params, prune_and_shrink
 from sparsifx.tracing import trace  # noqa: E402
 
 X = (torch.randn(3, 4),)
@@ -128,7 +127,9 @@ def test_sparsify_with_tied_weights_verifies_and_counts_unique_parameters():
     gm = sparsify(model, recipe, example_inputs=TOKENS, verify=True)
     assert gm.lm_head.weight is gm.embed.weight
     assert [(h.name, h.modified, h.verified) for h in gm.meta["history"]] == [
-        ("channel_prune", True, False), ("shrink", True, True)]
+        ("channel_prune", True, False),
+        ("shrink", True, True),
+    ]
     assert n_params(gm) < n_params(model)
     assert model.lm_head.weight is model.embed.weight and model.embed.embedding_dim == 8  # the user's model
 
@@ -153,6 +154,7 @@ def test_a_parameter_also_read_by_get_attr_keeps_the_dims_the_read_does_not_labe
 
 def test_a_parameter_also_read_by_f_linear_is_cut_with_both_readers():
     """``F.linear`` now has a rule: the tied ``a.weight`` read by ``a`` and by ``F.linear`` is cut once, exactly."""
+
     class FnProj(Proj):
         def forward(self, x):
             return F.linear(x, self.weight)

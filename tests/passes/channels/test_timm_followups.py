@@ -2,17 +2,16 @@
 ``x.reshape(x.shape[:-1] + (-1,))``) shrinks instead of failing, vector norms (convnextv2's GlobalResponseNorm
 ``x.norm(p=2, dim=(1, 2), keepdim=True)``) carry the channels they do not reduce, and a shrunk model whose class
 token is a parameter view (cait, pit) still counts FLOPs under ``no_grad``."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from sparsifx.testing import n_params, prune_and_shrink
-
 from sparsifx.passes.channels import ChannelPrune  # noqa: E402
+from sparsifx.testing import n_params, prune_and_shrink
 from sparsifx.tracing import trace  # noqa: E402
 
 TOK = (torch.randn(2, 5, 16),)
@@ -117,6 +116,7 @@ def test_norm_over_spatial_dims_keeps_the_channels_and_shrinks_exactly(kind, kee
 @pytest.mark.parametrize("kind", sorted(NORMS))
 def test_norm_across_channels_is_a_barrier(kind):
     """``h / ||h||`` over the channel dim: removing a channel changes every norm, so ``a`` is kept whole."""
+
     class Net(SpatialNorm):
         def forward(self, x):
             h = torch.relu(self.a(x))

@@ -5,6 +5,7 @@ per-method results to OUT.json.
 Each rank draws different data, and DDP runs with ``broadcast_buffers=False`` so that the masks (buffers)
 are *not* synchronised by DDP itself: equality must come from sparsifx's own decisions and broadcasts.
 """
+
 from __future__ import annotations
 
 import json
@@ -60,6 +61,7 @@ def masks_equal(ctrl) -> bool:
 
 def train_one(method: str, params: dict, rank: int) -> dict:
     import sparsifx
+
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
     gm = sparsifx.sparsify(net, {"stages": [{"pass": method.split("@")[0], **params}]})
@@ -77,9 +79,13 @@ def train_one(method: str, params: dict, rank: int) -> dict:
         opt.step()
         losses.append(loss.item())
         checks.append(masks_equal(ctrl))
-    return {"losses": losses, "equal": checks, "updates": len({(h["step"], h["kind"]) for h in ctrl.history}),
-            "changed": sum(h["grown"] + h["dropped"] for h in ctrl.history),
-            "weights_moved": all(not torch.equal(w0[n], weight_of(m)) for n, m in ctrl.layers.items())}
+    return {
+        "losses": losses,
+        "equal": checks,
+        "updates": len({(h["step"], h["kind"]) for h in ctrl.history}),
+        "changed": sum(h["grown"] + h["dropped"] for h in ctrl.history),
+        "weights_moved": all(not torch.equal(w0[n], weight_of(m)) for n, m in ctrl.layers.items()),
+    }
 
 
 def run(rank: int, world: int, port: int, out: str) -> None:
@@ -97,4 +103,5 @@ def run(rank: int, world: int, port: int, out: str) -> None:
 
 if __name__ == "__main__":
     import sparsifx  # noqa: F401  (imported once here; the forked ranks inherit it, no per-rank start-up)
+
     mp.start_processes(run, args=(2, free_port(), sys.argv[1]), nprocs=2, join=True, start_method="fork")

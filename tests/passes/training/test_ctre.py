@@ -1,4 +1,5 @@
 """CTRE (docs/algorithms.md#ctre): cosine scores, CTE/CTRE_sim/CTRE_seq growth, no dense gradient needed."""
+
 from __future__ import annotations
 
 import math
@@ -112,7 +113,7 @@ def test_train_mode_accumulates_from_training_forwards_and_skips_until_scores_ex
 
 def test_data_mode_runs_an_extra_pass_and_charges_its_forward_flops():
     gm, opt, data = setup(activations="data")
-    loader = [(data[0][i:i + 16], data[1][i:i + 16]) for i in range(0, 64, 16)]
+    loader = [(data[0][i : i + 16], data[1][i : i + 16]) for i in range(0, 64, 16)]
     with pytest.raises(sparsifx.PreconditionError):
         sparsifx.attach(gm, opt, steps_per_epoch=2, epochs=3)
     ctrl = sparsifx.attach(gm, opt, steps_per_epoch=2, epochs=3, data=loader)
@@ -138,8 +139,14 @@ def test_seq_switches_to_random_growth_after_no_improvement(monkeypatch):
 
 def test_ctre_on_a_small_cnn_and_unsupported_layers():
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
-                        nn.Flatten(), nn.Linear(16 * 4 * 4, 10))
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16 * 4 * 4, 10),
+    )
     gm = sparsifx.sparsify(net, {"stages": [{"pass": "ctre", "distribution": "erk", "sparsity": 0.7}]})
     ctrl = sparsifx.passes.training.controller(gm)
     opt = torch.optim.SGD(gm.parameters(), lr=0.05, momentum=0.9)
@@ -152,8 +159,10 @@ def test_ctre_on_a_small_cnn_and_unsupported_layers():
         assert s.shape == ctrl.layers[name].weight.shape and 0 <= float(s.min()) and float(s.max()) <= 1
     conv1d = nn.Sequential(nn.Conv1d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6, 2))
     with pytest.raises(sparsifx.UnsupportedOpError, match="'0'"):
-        sparsifx.sparsify(conv1d, {"stages": [{"pass": "ctre", "types": ["Conv1d", "Linear"], "sparsity": 0.5,
-                                               "distribution": "uniform"}]})
+        sparsifx.sparsify(
+            conv1d,
+            {"stages": [{"pass": "ctre", "types": ["Conv1d", "Linear"], "sparsity": 0.5, "distribution": "uniform"}]},
+        )
 
 
 def test_activation_statistics_are_charged_as_dense_products():

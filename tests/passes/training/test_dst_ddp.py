@@ -1,4 +1,5 @@
 """Under DistributedDataParallel (2 gloo processes on CPU) every rank holds identical masks after every update."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,17 @@ def test_masks_identical_across_ranks_and_training_continues(tmp_path):
     proc = subprocess.run([sys.executable, str(WORKER), str(out)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())
-    assert set(results) == {"rigl", "set", "sparse_momentum", "ctre", "gmp", "static", "rigl@sparse", "set@sparse",
-                            "static@sparse"}
+    assert set(results) == {
+        "rigl",
+        "set",
+        "sparse_momentum",
+        "ctre",
+        "gmp",
+        "static",
+        "rigl@sparse",
+        "set@sparse",
+        "static@sparse",
+    }
     for method, r in results.items():
         assert all(r["equal"]), f"{method}: masks/weights differ across ranks at steps {r['equal']}"
         assert all(math.isfinite(v) for v in r["losses"]), method

@@ -1,4 +1,5 @@
 """A DST-trained model bakes and exports like any other: ONNX checked and verified with onnxruntime."""
+
 from __future__ import annotations
 
 import copy

@@ -1,4 +1,5 @@
 """GMP (docs/algorithms.md#gmp): cubic schedule values, pruning every Δt, pruned weights stay pruned."""
+
 from __future__ import annotations
 
 import pytest
@@ -17,7 +18,7 @@ def lenet() -> nn.Module:
 
 def test_cubic_schedule_values():
     assert gmp_sparsity(0, 0.9, 0.0, 0, 100) == 0.0
-    assert gmp_sparsity(25, 0.9, 0.0, 0, 100) == pytest.approx(0.9 - 0.9 * 0.75 ** 3)  # 0.5203125
+    assert gmp_sparsity(25, 0.9, 0.0, 0, 100) == pytest.approx(0.9 - 0.9 * 0.75**3)  # 0.5203125
     assert gmp_sparsity(50, 0.9, 0.0, 0, 100) == pytest.approx(0.7875)
     assert gmp_sparsity(100, 0.9, 0.0, 0, 100) == pytest.approx(0.9)
     assert gmp_sparsity(500, 0.9, 0.0, 0, 100) == pytest.approx(0.9)
@@ -26,8 +27,9 @@ def test_cubic_schedule_values():
 
 
 def test_prunes_every_delta_t_to_the_schedule_and_pruned_stay_pruned():
-    gm = sparsifx.sparsify(lenet(), {"stages": [{"pass": "gmp", "sparsity": 0.9, "begin_step": 2, "end_step": 12,
-                                                 "frequency": 4}]})
+    gm = sparsifx.sparsify(
+        lenet(), {"stages": [{"pass": "gmp", "sparsity": 0.9, "begin_step": 2, "end_step": 12, "frequency": 4}]}
+    )
     ctrl = sparsifx.passes.training.controller(gm)
     assert all(ctrl.density(n) == 1.0 for n in ctrl.names)  # starts dense
     opt = torch.optim.SGD(gm.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
@@ -36,7 +38,6 @@ def test_prunes_every_delta_t_to_the_schedule_and_pruned_stay_pruned():
     changed = []
     for t in range(16):
         old = ctrl.masks()
-        weights = {n: m.weight.detach().clone() for n, m in ctrl.layers.items()}
         opt.zero_grad()
         F.cross_entropy(gm(data[0]), data[1]).backward()
         opt.step()

@@ -1,6 +1,7 @@
 """Hidden-neuron importance pruning (docs/algorithms.md#neuron-importance-pruning): I_j = Σ_i |W_ji|, neurons
 with I <= percentile(I, q) are removed physically from their layer (rows) and the next (columns); optimizer
 state follows."""
+
 from __future__ import annotations
 
 import copy
@@ -15,8 +16,13 @@ import sparsifx
 from sparsifx.errors import RecipeError
 from sparsifx.masking import set_mask
 from sparsifx.passes.all_relu import AllReLU
-from sparsifx.passes.training.neuron_pruning import (NeuronPruning, hidden_layers, importance, kept_neurons,
-                                                     prune_neurons)
+from sparsifx.passes.training.neuron_pruning import (
+    NeuronPruning,
+    hidden_layers,
+    importance,
+    kept_neurons,
+    prune_neurons,
+)
 from sparsifx.sparse_linear import SparseLinear, is_sparse_storage
 
 PRUNE = {"every_epochs": 2, "percentile": 20, "after": 1}
@@ -24,16 +30,27 @@ PRUNE = {"every_epochs": 2, "percentile": 20, "after": 1}
 
 def mlp() -> nn.Sequential:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Dropout(0.1),
-                         nn.Linear(16, 3))
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Dropout(0.1), nn.Linear(16, 3))
 
 
 def setup(storage: str, optimizer: str = "sgd", **stage):
-    stages = [{"pass": "all_relu"}, {"pass": "set", "distribution": "uniform", "sparsity": 0.5,
-                                     "dense_first_layer": False, "storage": storage, **stage}]
+    stages = [
+        {"pass": "all_relu"},
+        {
+            "pass": "set",
+            "distribution": "uniform",
+            "sparsity": 0.5,
+            "dense_first_layer": False,
+            "storage": storage,
+            **stage,
+        },
+    ]
     gm = sparsifx.sparsify(mlp(), {"stages": stages})
-    opt = (torch.optim.SGD(gm.parameters(), lr=0.05, momentum=0.9) if optimizer == "sgd"
-           else torch.optim.Adam(gm.parameters(), lr=0.01))
+    opt = (
+        torch.optim.SGD(gm.parameters(), lr=0.05, momentum=0.9)
+        if optimizer == "sgd"
+        else torch.optim.Adam(gm.parameters(), lr=0.01)
+    )
     torch.manual_seed(1)
     return gm, opt, (torch.randn(32, 8), torch.randint(0, 3, (32,)))
 
@@ -110,17 +127,21 @@ def test_schedule_and_its_validation():
     assert built.set_neuron_pruning(None).neuron_pruning is None
 
 
-@pytest.mark.parametrize("value, path", [
-    (5, "stages[0].neuron_pruning"), ({"every": 1}, "stages[0].neuron_pruning.every"),
-    ({"every_epochs": 0}, "stages[0].neuron_pruning.every_epochs"),
-    ({"every_epochs": 1.5}, "stages[0].neuron_pruning.every_epochs"),
-    ({"percentile": 100}, "stages[0].neuron_pruning.percentile"),
-    ({"percentile": 0}, "stages[0].neuron_pruning.percentile"),
-    ({"percentile": "20"}, "stages[0].neuron_pruning.percentile"),
-    ({"after": -1}, "stages[0].neuron_pruning.after"),
-    ({"after": 10, "until": 5}, "stages[0].neuron_pruning.until"),
-    ({"until": True}, "stages[0].neuron_pruning.until"),
-])
+@pytest.mark.parametrize(
+    "value, path",
+    [
+        (5, "stages[0].neuron_pruning"),
+        ({"every": 1}, "stages[0].neuron_pruning.every"),
+        ({"every_epochs": 0}, "stages[0].neuron_pruning.every_epochs"),
+        ({"every_epochs": 1.5}, "stages[0].neuron_pruning.every_epochs"),
+        ({"percentile": 100}, "stages[0].neuron_pruning.percentile"),
+        ({"percentile": 0}, "stages[0].neuron_pruning.percentile"),
+        ({"percentile": "20"}, "stages[0].neuron_pruning.percentile"),
+        ({"after": -1}, "stages[0].neuron_pruning.after"),
+        ({"after": 10, "until": 5}, "stages[0].neuron_pruning.until"),
+        ({"until": True}, "stages[0].neuron_pruning.until"),
+    ],
+)
 def test_bad_schedules_raise_recipe_errors_at_their_key(value, path):
     with pytest.raises(RecipeError) as info:
         sparsifx.Recipe.from_dict({"stages": [{"pass": "set", "neuron_pruning": value}]})
@@ -151,11 +172,16 @@ def test_shrunk_model_equals_the_zeroed_one_and_training_goes_on(storage, optimi
     records = prune_neurons(ctrl, 20)
 
     assert [(r["layer"], r["removed"], r["out_features"], r["kind"]) for r in records] == [
-        (n, int(removed[n].sum()), int(kept[n].sum()), "neuron_pruning") for n in ("0", "2")]
+        (n, int(removed[n].sum()), int(kept[n].sum()), "neuron_pruning") for n in ("0", "2")
+    ]
     assert all(r["removed"] >= 3 for r in records)  # ≈ 20 % of 16
     l0, l2, l5 = (gm.get_submodule(n) for n in ("0", "2", "5"))
     assert (l0.out_features, l2.in_features, l2.out_features, l5.in_features) == (
-        int(kept["0"].sum()), int(kept["0"].sum()), int(kept["2"].sum()), int(kept["2"].sum()))
+        int(kept["0"].sum()),
+        int(kept["0"].sum()),
+        int(kept["2"].sum()),
+        int(kept["2"].sum()),
+    )
     assert l0.bias.shape == (l0.out_features,)
     torch.testing.assert_close(dense_weight(l0), old_w["0"][kept["0"]])
     torch.testing.assert_close(dense_weight(l2), old_w["2"][kept["2"]][:, kept["0"]])
@@ -166,8 +192,7 @@ def test_shrunk_model_equals_the_zeroed_one_and_training_goes_on(storage, optimi
         key, slot = old_slot[n]
         slot = slot[rows] if cols is None else slot[rows][:, cols]
         got = opt.state[p][key]
-        torch.testing.assert_close(got, slot[module.rows(), module.col.long()] if is_sparse_storage(module)
-                                   else slot)
+        torch.testing.assert_close(got, slot[module.rows(), module.col.long()] if is_sparse_storage(module) else slot)
     gm.eval()
     x = torch.randn(10, 8)
     torch.testing.assert_close(gm(x), reference(x))
@@ -212,8 +237,9 @@ def test_layers_whose_output_is_not_a_chain_to_a_linear_are_skipped(caplog):
             return self.c(self.b(h) + h)  # b's output meets a's: neither can shrink alone
 
     torch.manual_seed(0)
-    gm = sparsifx.sparsify(Skip(), {"stages": [{"pass": "set", "distribution": "uniform", "sparsity": 0.5,
-                                                "dense_first_layer": False}]})
+    gm = sparsifx.sparsify(
+        Skip(), {"stages": [{"pass": "set", "distribution": "uniform", "sparsity": 0.5, "dense_first_layer": False}]}
+    )
     ctrl = sparsifx.attach(gm, torch.optim.SGD(gm.parameters(), lr=0.1))
     pairs, skipped = hidden_layers(ctrl)
     assert pairs == {}

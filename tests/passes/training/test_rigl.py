@@ -1,4 +1,5 @@
 """RigL (docs/algorithms.md#rigl): schedule, exact nnz, zero-init of new connections, skipped steps, top-|g| growth."""
+
 from __future__ import annotations
 
 import math

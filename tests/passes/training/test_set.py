@@ -1,4 +1,5 @@
 """SET (docs/algorithms.md#set): ζ removal around zero by sign, random regrowth into empty positions, no gradients."""
+
 from __future__ import annotations
 
 import pytest
@@ -72,8 +73,9 @@ def test_evolution_removes_exactly_the_values_between_thresholds_and_regrows_int
 
 
 def test_output_layer_not_evolved_by_default_and_schedule_per_epoch():
-    gm = sparsifx.sparsify(mlp(), {"stages": [{"pass": "set", "distribution": "uniform", "sparsity": 0.8,
-                                               "dense_first_layer": False}]})
+    gm = sparsifx.sparsify(
+        mlp(), {"stages": [{"pass": "set", "distribution": "uniform", "sparsity": 0.8, "dense_first_layer": False}]}
+    )
     ctrl = sparsifx.passes.training.controller(gm)
     assert ctrl.names == ["0", "2", "4"]
     opt = torch.optim.SGD(gm.parameters(), lr=0.05, momentum=0.9)
@@ -88,8 +90,15 @@ def test_output_layer_not_evolved_by_default_and_schedule_per_epoch():
 
 def test_set_on_a_small_cnn_with_zero_init():
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
-                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+    net = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
+    )
     gm = sparsifx.sparsify(net, {"stages": [{"pass": "set", "distribution": "erk", "sparsity": 0.7}]})
     gm.graph.lint()
     ctrl = sparsifx.passes.training.controller(gm)

@@ -1,5 +1,6 @@
 """Sparse momentum (docs/algorithms.md#sparse-momentum): prune smallest |W|, grow top |momentum|, redistribution,
 cosine rate."""
+
 from __future__ import annotations
 
 import math

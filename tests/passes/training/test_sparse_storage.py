@@ -1,5 +1,6 @@
 """``storage: sparse``: SparseLinear equals the masked dense reference, topology updates keep nnz and move the
 optimizer state, and training with sparse storage follows training with masks step for step."""
+
 from __future__ import annotations
 
 import pytest
@@ -12,7 +13,6 @@ import sparsifx
 from sparsifx.errors import PassError, PreconditionError, RecipeError
 from sparsifx.passes.training import mask_ops, sparse_updates
 from sparsifx.sparse_linear import SparseLinear
-
 
 
 def _layer(out_f: int, in_f: int, density: float, dtype=torch.float32, seed: int = 0):
@@ -30,9 +30,18 @@ def _layer(out_f: int, in_f: int, density: float, dtype=torch.float32, seed: int
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape,density,batch", [
-    ((1, 1), 1.0, 1), ((7, 13), 0.5, 33), ((64, 300), 0.9, 512), ((300, 64), 0.99, 1), ((256, 512), 0.999, 100),
-    ((128, 128), 0.5, 512), ((33, 1000), 0.95, 7)])
+@pytest.mark.parametrize(
+    "shape,density,batch",
+    [
+        ((1, 1), 1.0, 1),
+        ((7, 13), 0.5, 33),
+        ((64, 300), 0.9, 512),
+        ((300, 64), 0.99, 1),
+        ((256, 512), 0.999, 100),
+        ((128, 128), 0.5, 512),
+        ((33, 1000), 0.95, 7),
+    ],
+)
 def test_forward_and_gradients_equal_the_masked_dense_reference(shape, density, batch, dtype):
     out_f, in_f = shape
     lin, sparse, mask = _layer(out_f, in_f, 1.0 - density if density < 1 else 1.0, dtype)
@@ -45,7 +54,7 @@ def test_forward_and_gradients_equal_the_masked_dense_reference(shape, density, 
     y.backward(g.to(dtype))
     y_ref.backward(g)
     # fp32: reductions over up to 512 rows in another order; bf16: values and products rounded to 8 bits
-    tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2 * max(1.0, in_f ** 0.5)}
+    tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2 * max(1.0, in_f**0.5)}
     assert y.dtype == dtype and sparse.values.grad.dtype == dtype
     torch.testing.assert_close(y.float(), y_ref, **tol)
     torch.testing.assert_close(x.grad.float(), x_ref.grad.float(), **tol)
@@ -77,8 +86,11 @@ def _train(storage: str, method: str, steps: int = 20, optimizer: str = "sgd", *
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 5))
     model = sparsifx.sparsify(net, {"stages": [{"pass": method, "storage": storage, "seed": 3, **params}]})
-    opt = (torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4) if optimizer == "sgd"
-           else torch.optim.Adam(model.parameters(), lr=1e-2))
+    opt = (
+        torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+        if optimizer == "sgd"
+        else torch.optim.Adam(model.parameters(), lr=1e-2)
+    )
     ctrl = sparsifx.attach(model, opt, steps_per_epoch=5, epochs=4)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(100, 20, generator=g), torch.randint(0, 5, (100,), generator=g)
@@ -93,8 +105,10 @@ def _train(storage: str, method: str, steps: int = 20, optimizer: str = "sgd", *
     return losses, ctrl, model
 
 
-@pytest.mark.parametrize("method,params", [("static", {}), ("set", {}), ("set", {"grow_init": "normal"}),
-                                           ("gmp", {"sparsity": 0.8, "frequency": 2})])
+@pytest.mark.parametrize(
+    "method,params",
+    [("static", {}), ("set", {}), ("set", {"grow_init": "normal"}), ("gmp", {"sparsity": 0.8, "frequency": 2})],
+)
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_sparse_storage_trains_like_masked_storage_from_the_same_seed(method, params, optimizer):
     masked, ctrl_m, _ = _train("masked", method, optimizer=optimizer, **params)
@@ -104,8 +118,9 @@ def test_sparse_storage_trains_like_masked_storage_from_the_same_seed(method, pa
     assert all(isinstance(m, SparseLinear) for m in ctrl_s.layers.values())
     tol = 1e-6 if optimizer == "sgd" else 1e-4  # Adam divides by sqrt(v): tiny v amplify rounding
     for name, layer in ctrl_s.layers.items():
-        torch.testing.assert_close(layer.to_dense_weight(), ctrl_m.layers[name].effective_weight().detach(),
-                                   rtol=1e-5, atol=tol)
+        torch.testing.assert_close(
+            layer.to_dense_weight(), ctrl_m.layers[name].effective_weight().detach(), rtol=1e-5, atol=tol
+        )
     if method != "static":
         assert ctrl_s.history, "no topology update ran"
 
@@ -124,12 +139,27 @@ def test_nnz_is_constant_across_topology_updates(method, params):
 def test_rigl_sparse_grows_where_the_dense_gradient_is_largest_in_bounded_blocks():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(30, 40))
-    model = sparsifx.sparsify(net, {"stages": [{"pass": "rigl", "storage": "sparse", "sparsity": 0.9,
-                                                "distribution": "uniform", "dense_first_layer": False, "delta_t": 1,
-                                                "drop_fraction": 0.5, "anneal": "constant", "end_step": 5}]})
+    model = sparsifx.sparsify(
+        net,
+        {
+            "stages": [
+                {
+                    "pass": "rigl",
+                    "storage": "sparse",
+                    "sparsity": 0.9,
+                    "distribution": "uniform",
+                    "dense_first_layer": False,
+                    "delta_t": 1,
+                    "drop_fraction": 0.5,
+                    "anneal": "constant",
+                    "end_step": 5,
+                }
+            ]
+        },
+    )
     layer = model.get_submodule("0")
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    ctrl = sparsifx.attach(model, opt)
+    sparsifx.attach(model, opt)
     x = torch.randn(16, 30)
     w_before, keys_before = layer.to_dense_weight().clone(), layer.keys().clone()
     out = model(x)
@@ -153,8 +183,9 @@ def test_rigl_sparse_grows_where_the_dense_gradient_is_largest_in_bounded_blocks
 def test_optimizer_slots_follow_the_weights_through_a_set_update():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 3))
-    model = sparsifx.sparsify(net, {"stages": [{"pass": "set", "storage": "sparse", "evolve_last": True,
-                                                "epsilon": 2}]})
+    model = sparsifx.sparsify(
+        net, {"stages": [{"pass": "set", "storage": "sparse", "evolve_last": True, "epsilon": 2}]}
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     ctrl = sparsifx.attach(model, opt, steps_per_epoch=2, epochs=3)
     layer = model.get_submodule("0")
@@ -194,11 +225,12 @@ def test_random_keys_are_unique_sorted_and_avoid_the_excluded():
 
 def test_large_layers_draw_and_evolve_by_index_sampling(monkeypatch):
     from sparsifx.passes.training import dst_base
+
     monkeypatch.setattr(dst_base, "DENSE_DRAW_LIMIT", 100)
     monkeypatch.setattr(sparse_updates, "DENSE_DRAW_LIMIT", 100)
     monkeypatch.setattr(mask_ops, "random_mask", lambda *a, **k: pytest.fail("dense mask drawn"))
     losses, ctrl, _ = _train("sparse", "set", steps=12)
-    assert all(l == l for l in losses) and any(h["kind"] == "set" for h in ctrl.history)
+    assert all(loss == loss for loss in losses) and any(h["kind"] == "set" for h in ctrl.history)
     density = {n: ctrl.density(n) for n in ctrl.names}
     assert all(0 < d < 1 for d in density.values())
 
@@ -217,8 +249,20 @@ def test_executed_flops_are_dense_for_masked_and_proportional_to_nnz_for_sparse(
 def test_save_load_export_and_compact_work_on_a_sparse_storage_model(tmp_path):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 5))
-    model = sparsifx.sparsify(net, {"stages": [{"pass": "static", "storage": "sparse", "sparsity": 0.97,
-                                                "distribution": "uniform", "dense_first_layer": False}]})
+    model = sparsifx.sparsify(
+        net,
+        {
+            "stages": [
+                {
+                    "pass": "static",
+                    "storage": "sparse",
+                    "sparsity": 0.97,
+                    "distribution": "uniform",
+                    "dense_first_layer": False,
+                }
+            ]
+        },
+    )
     x = torch.randn(4, 20)
     ref = model(x)
     sparsifx.save(model, tmp_path / "m.sfx")
@@ -258,8 +302,15 @@ def test_conv_layers_stay_masked_with_a_note():
 
 def _conv_net():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 32, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                         nn.Flatten(), nn.Linear(32, 4))
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 4),
+    )
 
 
 def test_a_1x1_conv_trains_in_sparse_storage_like_its_masked_twin(tmp_path):
@@ -278,6 +329,7 @@ def test_a_1x1_conv_trains_in_sparse_storage_like_its_masked_twin(tmp_path):
             losses[storage].append(loss.item())
         models[storage] = model
     from sparsifx.sparse_linear import SparseConv2d1x1
+
     assert isinstance(models["sparse"].get_submodule("2"), SparseConv2d1x1)
     torch.testing.assert_close(torch.tensor(losses["sparse"]), torch.tensor(losses["masked"]))
     x = torch.randn(2, 3, 10, 10)
@@ -309,8 +361,20 @@ def test_layers_built_on_the_meta_device_start_in_sparse_storage_without_a_dense
     with torch.device("meta"):
         body = [nn.Linear(50, 3000), nn.ReLU(), nn.Linear(3000, 3000), nn.ReLU()]
     net = nn.Sequential(*body, nn.Linear(3000, 2))
-    model = sparsifx.sparsify(net, {"stages": [{"pass": "set", "storage": "sparse", "distribution": "er_epsilon",
-                                                "epsilon": 5, "dense_last_layer": True}]})
+    model = sparsifx.sparsify(
+        net,
+        {
+            "stages": [
+                {
+                    "pass": "set",
+                    "storage": "sparse",
+                    "distribution": "er_epsilon",
+                    "epsilon": 5,
+                    "dense_last_layer": True,
+                }
+            ]
+        },
+    )
     hidden = model.get_submodule("2")
     assert isinstance(hidden, SparseLinear) and not hidden.values.is_meta
     assert hidden.nnz == pytest.approx(5 * 6000, rel=0.05)
@@ -324,9 +388,10 @@ def test_layers_built_on_the_meta_device_start_in_sparse_storage_without_a_dense
 
 def test_a_plain_loop_with_a_closure_gives_rigl_this_steps_gradients():
     torch.manual_seed(0)
-    model = sparsifx.sparsify(nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 3)),
-                              {"stages": [{"pass": "rigl", "sparsity": 0.8, "delta_t": 1, "end_step": 3,
-                                           "storage": "sparse"}]})
+    model = sparsifx.sparsify(
+        nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 3)),
+        {"stages": [{"pass": "rigl", "sparsity": 0.8, "delta_t": 1, "end_step": 3, "storage": "sparse"}]},
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ctrl = sparsifx.attach(model, opt)
     x, y = torch.randn(8, 10), torch.randint(0, 3, (8,))

@@ -1,4 +1,5 @@
 """Static sparse training: fixed masks from the distributions, on toys and a torchvision model."""
+
 from __future__ import annotations
 
 import pytest
@@ -28,8 +29,10 @@ def test_erk_vector_on_lenet_300_100_and_exact_counts():
 
 
 def test_mask_stays_fixed_and_masked_weights_stay_zero_under_adamw():
-    gm = sparsifx.sparsify(lenet(64), {"stages": [{"pass": "static", "sparsity": 0.8, "distribution": "uniform",
-                                                   "dense_first_layer": False}]})
+    gm = sparsifx.sparsify(
+        lenet(64),
+        {"stages": [{"pass": "static", "sparsity": 0.8, "distribution": "uniform", "dense_first_layer": False}]},
+    )
     ctrl = sparsifx.passes.training.controller(gm)
     opt = torch.optim.AdamW(gm.parameters(), lr=1e-2, weight_decay=0.1)
     ctrl.attach(opt, steps_per_epoch=2, epochs=3)
@@ -70,13 +73,26 @@ def test_static_on_resnet18_outputs_match_masked_reference():
 
 def test_modified_is_exact_and_per_layer_override():
     from sparsifx.passes.training.static import Static
+
     gm = sparsifx.trace(lenet(64))
     assert Static.from_params({"sparsity": 0.5})(gm).modified
     empty = sparsifx.sparsify(lenet(64), {"stages": [{"pass": "static", "types": ["Conv2d"]}]})
     assert empty.meta["history"][0].modified is False
     assert "sparse_controller" not in empty.meta
-    gm = sparsifx.sparsify(lenet(64), {"stages": [{"pass": "static", "sparsity": 0.5, "distribution": "uniform",
-                                                   "dense_first_layer": False, "by_name": {"2": {"sparsity": 0.95}}}]})
+    gm = sparsifx.sparsify(
+        lenet(64),
+        {
+            "stages": [
+                {
+                    "pass": "static",
+                    "sparsity": 0.5,
+                    "distribution": "uniform",
+                    "dense_first_layer": False,
+                    "by_name": {"2": {"sparsity": 0.95}},
+                }
+            ]
+        },
+    )
     ctrl = sparsifx.passes.training.controller(gm)
     assert ctrl.density("0") == pytest.approx(0.5, abs=1e-3)
     assert ctrl.density("2") == pytest.approx(0.05, abs=1e-3)

@@ -1,4 +1,5 @@
 """SWAT (docs/algorithms.md#swat): Top-K forward/backward semantics, compressed saves, variants, pass, finalize."""
+
 from __future__ import annotations
 
 import math
@@ -15,8 +16,15 @@ from sparsifx.passes.training import kernels, topk
 from sparsifx.passes.training.swat import SWAT, swat_controller
 from sparsifx.passes.training.swat_control import momentum_allocation
 from sparsifx.passes.training.swat_finalize import SWATFinalize
-from sparsifx.passes.training.swat_layers import (SWATLayerConfig, LeanMaxPool2d, LeanReLU, SWATConv2d, SWATLinear,
-                                                  swap_class, swat_layers)
+from sparsifx.passes.training.swat_layers import (
+    LeanMaxPool2d,
+    LeanReLU,
+    SWATConv2d,
+    SWATLayerConfig,
+    SWATLinear,
+    swap_class,
+    swat_layers,
+)
 from sparsifx.tracing import trace
 
 
@@ -124,9 +132,9 @@ def test_conv_forward_and_grads_match_topk_reference(backend):
     torch.testing.assert_close(y, F.conv2d(x_ref, w_ref, padding=1))
     gy = torch.randn_like(y)
     y.backward(gy)
-    gx_ref, = torch.autograd.grad(F.conv2d(x_ref, w_ref, padding=1), x_ref, gy)
+    (gx_ref,) = torch.autograd.grad(F.conv2d(x_ref, w_ref, padding=1), x_ref, gy)
     x_s = topk_thr(x.detach(), s).requires_grad_()
-    gw_ref, = torch.autograd.grad(F.conv2d(x_s, w_ref, padding=1), w_ref, gy)
+    (gw_ref,) = torch.autograd.grad(F.conv2d(x_s, w_ref, padding=1), w_ref, gy)
     torch.testing.assert_close(x.grad, gx_ref)
     torch.testing.assert_close(layer.weight.grad, gw_ref)
 
@@ -147,13 +155,14 @@ def test_period_reuses_stored_threshold_on_non_recompute_steps(backend):
     layer(x).sum().backward()  # step 0: recompute
     thr0 = float(layer.thr_w)
     assert int((layer.weight.abs() >= thr0).sum()) == math.ceil(0.1 * layer.weight.numel())
-    for step in (1, 2):
+    for _ in (1, 2):
         with torch.no_grad():
             layer.weight.add_(0.3 * torch.randn_like(layer.weight))  # an optimizer step
         y = layer(x)
         assert float(layer.thr_w) == thr0
-        torch.testing.assert_close(y, F.conv2d(x, layer.weight.detach() * (layer.weight.detach().abs() >= thr0),
-                                               layer.bias.detach()))
+        torch.testing.assert_close(
+            y, F.conv2d(x, layer.weight.detach() * (layer.weight.detach().abs() >= thr0), layer.bias.detach())
+        )
     with torch.no_grad():
         layer.weight.mul_(3.0)
     layer(x)  # step 3: recompute
@@ -187,7 +196,7 @@ def test_structured_kernel_count_and_zero_kernels(backend):
     assert (layer.weight.grad[~kernel_nnz] != 0).any()
 
 
-# --- 7. the pass -------------------------------------------------------------------------------------------------------
+# --- 7. the pass ------------------------------------------------------------------------------------------------------
 def test_pass_on_resnet18_leaves_bn_bias_first_layer():
     net = torchvision.models.resnet18(num_classes=10)
     gm = trace(net)
@@ -270,8 +279,16 @@ def test_lean_relu_saves_one_bit_per_element():
     torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], g * (x > 0))
 
 
-@pytest.mark.parametrize("cfg", [(3, 2, 1, 1, False), (2, 2, 0, 1, False), (3, 1, 1, 2, True),
-                                 ((3, 2), (2, 1), (1, 0), 1, True), (5, 3, 2, 1, True)])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        (3, 2, 1, 1, False),
+        (2, 2, 0, 1, False),
+        (3, 1, 1, 2, True),
+        ((3, 2), (2, 1), (1, 0), 1, True),
+        (5, 3, 2, 1, True),
+    ],
+)
 def test_lean_maxpool_exact_and_small(cfg):
     k, s, p, d, ceil = cfg
     x = torch.randn(2, 3, 13, 11, requires_grad=True)
@@ -284,7 +301,7 @@ def test_lean_maxpool_exact_and_small(cfg):
     assert torch.equal(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, x, g)[0])
 
 
-# --- 8. SWAT-M ---------------------------------------------------------------------------------------------------------
+# --- 8. SWAT-M --------------------------------------------------------------------------------------------------------
 def test_momentum_allocation_budget_and_order():
     numel = {"a": 10000, "b": 40000, "c": 1000}
     alloc = momentum_allocation({"a": 0.3, "b": 0.1, "c": 0.05}, numel, 0.1)
@@ -317,7 +334,7 @@ def test_swat_m_controller_reallocates_after_each_step():
         swat_controller(gm).attach(torch.optim.SGD(gm.parameters(), lr=0.05))
 
 
-# --- finalize and kernels ------------------------------------------------------------------------------------------------
+# --- finalize and kernels ---------------------------------------------------------------------------------------------
 def test_finalize_gives_plain_hard_pruned_layers_that_export(tmp_path):
     torch.manual_seed(7)
     net = torchvision.models.resnet18(num_classes=10)
@@ -334,6 +351,7 @@ def test_finalize_gives_plain_hard_pruned_layers_that_export(tmp_path):
     assert int((gm.fc.weight != 0).sum()) == math.ceil(0.1 * gm.fc.weight.numel())
     assert SWATFinalize()(gm).modified is False
     from sparsifx.backends.onnx_export import export_onnx
+
     export_onnx(gm.eval(), tmp_path / "swat.onnx", (x,), dynamic_batch=False)
 
 
@@ -370,6 +388,7 @@ def test_docstring_usage_snippet_runs():
     import textwrap
 
     import sparsifx.passes.training.swat as swat_module
+
     doc = swat_module.__doc__
     block = doc.split("Usage (``net``, a batch ``x, y``)::\n\n", 1)[1].split("\n\n", 1)[0]
     torch.manual_seed(9)
@@ -400,6 +419,7 @@ def test_layers_not_called_by_the_graph_are_skipped_and_listed():
 def test_threshold_weight_is_exactly_the_abs_ge_mask(dtype):
     """The fused hardshrink form of ``W * (|W| >= thr)`` keeps the same entries, ties at thr included."""
     from sparsifx.passes.training.swat_ops import weight_from_threshold
+
     g = torch.Generator().manual_seed(0)
     w = (torch.randn(120, 80, generator=g) * 3).round(decimals=1).to(dtype)  # many exact ties
     for thr in [0.1, 1.0, 1.7, float(w.abs().max()), float(w.abs()[w != 0].min()), 0.0, -1.0]:

@@ -1,4 +1,5 @@
 """The analysis layer: one shapes implementation, one table of op cost rules, named analyses, meta keys."""
+
 from __future__ import annotations
 
 import torch
@@ -23,9 +24,10 @@ class Net(nn.Module):
 
 def test_old_import_paths_are_the_one_implementation():
     import sparsifx.passes.analysis.shapes as old_pass
-    import sparsifx.shape_prop as old_core
     import sparsifx.reporting as reporting
+    import sparsifx.shape_prop as old_core
     import sparsifx.tracing as tracing
+
     assert tracing.record_shapes is shapes.record_shapes is old_pass.record_shapes
     assert old_core.HeavyOpsOnMeta is shapes.HeavyOpsOnMeta
     assert reporting.MAC_RULES is costs.COST_RULES
@@ -41,6 +43,7 @@ def test_report_and_training_accounting_count_with_the_same_rules():
     assert per_layer["fc"] == 2 * rep.layer("fc").macs
     assert rep.layer("up").macs == 2 * 8 * 8 * 8 * 4 * 4  # transposed conv: input elements x out/groups x k
     from sparsifx.passes.training.flops import macs_rule
+
     assert macs_rule(nn.ConvTranspose2d(2, 2, 2)) is None and macs_rule(nn.ReLU()) is None
     assert macs_rule(nn.Linear(3, 4))(nn.Linear(3, 4), torch.zeros(2, 4)) == 2 * 4 * 3
 
@@ -55,6 +58,7 @@ def test_named_analyses_write_their_meta_keys():
     conv = next(n for n in gm.graph.nodes if n.target == "conv")
     assert conv.meta[meta_keys.MACS][0] == 8 * 8 * 8 * 3 * 9
     from sparsifx.passes.channels import coupling  # registers the channel_coupling analysis
+
     assert ANALYSES.get("channel_coupling").run is coupling.channel_coupling
     ANALYSES.get("channel_coupling")(gm, None)
     assert ANALYSES.get("channel_coupling").present(gm)

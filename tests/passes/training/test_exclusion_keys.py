@@ -1,4 +1,5 @@
 """First/last-layer exclusion: one spelling (dense_first_layer / dense_last_layer); old spellings warn, same result."""
+
 from __future__ import annotations
 
 import warnings
@@ -48,8 +49,9 @@ def test_dst_old_dense_first_last_warn_and_match_the_new_keys(method, first, las
 @pytest.mark.parametrize("sparsify_first, sparsify_last", [(True, True), (False, False), (True, False)])
 def test_swat_old_sparsify_first_last_warn_and_match_the_negated_new_keys(sparsify_first, sparsify_last):
     gm = sparsifx.trace(mlp())
-    new = _no_deprecation(lambda: SWAT(dense_first_layer=not sparsify_first,
-                                       dense_last_layer=not sparsify_last).targets(gm))
+    new = _no_deprecation(
+        lambda: SWAT(dense_first_layer=not sparsify_first, dense_last_layer=not sparsify_last).targets(gm)
+    )
     with pytest.warns(DeprecationWarning) as record:
         old = SWAT(sparsify_first_layer=sparsify_first, sparsify_last_layer=sparsify_last).targets(gm)
     text = " ".join(str(w.message) for w in record)
@@ -58,9 +60,19 @@ def test_swat_old_sparsify_first_last_warn_and_match_the_negated_new_keys(sparsi
     assert list(old) == list(new)
     assert ("0" in new) == sparsify_first and ("4" in new) == sparsify_last
     with pytest.warns(DeprecationWarning) as record:
-        via_recipe = sparsifx.sparsify(mlp(), {"stages": [{"pass": "swat", "sparsity": 0.5,
-                                                           "sparsify_first_layer": sparsify_first,
-                                                           "sparsify_last_layer": sparsify_last}]})
+        via_recipe = sparsifx.sparsify(
+            mlp(),
+            {
+                "stages": [
+                    {
+                        "pass": "swat",
+                        "sparsity": 0.5,
+                        "sparsify_first_layer": sparsify_first,
+                        "sparsify_last_layer": sparsify_last,
+                    }
+                ]
+            },
+        )
     assert len({str(w.message) for w in record}) == 2  # one message per old key (the recipe may build the pass twice)
     swat_layers = {n for n, m in via_recipe.named_modules() if type(m).__name__.startswith("SWAT")}
     assert swat_layers == set(new)
@@ -81,8 +93,12 @@ def test_old_and_new_key_together_is_an_error():
 
 
 def test_renamed_exclusion_keys_maps_every_old_spelling():
-    assert set(DEPRECATED_EXCLUSION_KEYS) == {"dense_first", "dense_last", "sparsify_first_layer",
-                                              "sparsify_last_layer"}
+    assert set(DEPRECATED_EXCLUSION_KEYS) == {
+        "dense_first",
+        "dense_last",
+        "sparsify_first_layer",
+        "sparsify_last_layer",
+    }
     with pytest.warns(DeprecationWarning):
         out = renamed_exclusion_keys("p", {"dense_first": None, "sparsify_last_layer": True, "seed": 1})
     assert out == {"dense_first_layer": None, "dense_last_layer": False, "seed": 1}
