@@ -21,7 +21,10 @@ from sparsifx.errors import BackendError
 
 log = logging.getLogger(__name__)
 
-CFLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=fast"]
+# -fopenmp: at::parallel_for is an OpenMP region in torch's CPU builds; compiled without it the region runs on
+# one thread whatever torch.set_num_threads says
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
+LDFLAGS = ["-fopenmp"]
 
 
 def cache_dir() -> Path:
@@ -53,7 +56,8 @@ class CppExtension:
     def build_name(self) -> str:
         import torch
 
-        key = "\n".join([self.source, " ".join(CFLAGS), cpu_signature(), torch.__version__, platform.python_version()])
+        key = "\n".join([self.source, " ".join(CFLAGS + LDFLAGS), cpu_signature(), torch.__version__,
+                         platform.python_version()])
         return f"{self.prefix}_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
     def available(self) -> bool:
@@ -84,6 +88,7 @@ class CppExtension:
                     cpp_sources=[self.source],
                     functions=self.functions,
                     extra_cflags=CFLAGS,
+                    extra_ldflags=LDFLAGS,
                     build_directory=str(build),
                     verbose=False,
                 )

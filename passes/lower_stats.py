@@ -7,6 +7,8 @@ import math
 import torch
 import torch.nn as nn
 
+ROW_MIN = 48  # backends/cpp_kernel.py `segments`: output rows this wide are computed without padding columns
+
 
 def _conv_out(module: nn.Conv2d, h: int, w: int) -> tuple[int, int]:
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = module.kernel_size, module.stride, module.padding, module.dilation
@@ -15,9 +17,9 @@ def _conv_out(module: nn.Conv2d, h: int, w: int) -> tuple[int, int]:
 
 def executed_macs(old: nn.Module, new: nn.Module, weight: torch.Tensor, shape: tuple[int, ...]) -> dict[str, int]:
     """``{"dense_macs": ..., "executed_macs": ...}`` multiply-adds of one call on an input of ``shape``: the dense
-    layer's and
-    what ``new`` runs (a sparse kernel: its non-zeros, the direct convolution including the padding columns of its
-    grid that it computes and drops; a dense choice: the dense count)."""
+    layer's and what ``new`` runs (a sparse kernel: its non-zeros; the direct convolution: its non-zeros times the
+    grid columns it computes, which include the padding columns of rows narrower than ``ROW_MIN``; a dense choice:
+    the dense count)."""
     from sparsifx.backends.sparse_conv import DirectSparseConv2d, geometry
     from sparsifx.backends.sparse_kernels import SPARSE_KERNELS
     from sparsifx.backends.sparse_modules import SparseConv2d, SparseLinear
@@ -33,7 +35,8 @@ def executed_macs(old: nn.Module, new: nn.Module, weight: torch.Tensor, shape: t
     dense = weight.numel() * n * ho * wo
     if isinstance(new, DirectSparseConv2d):
         g = geometry(h, w, new.kernel_size, new.stride, new.padding, new.dilation)
-        return {"dense_macs": dense, "executed_macs": nnz * n * g.ho * g.wq}
+        columns = g.wo if g.wo >= ROW_MIN or g.wq == g.wo else g.wq  # narrow rows compute their padding columns
+        return {"dense_macs": dense, "executed_macs": nnz * n * g.ho * columns}
     if isinstance(new, SparseConv2d) and SPARSE_KERNELS.get(new.kernel).sparse:
         return {"dense_macs": dense, "executed_macs": nnz * n * ho * wo}
     return {"dense_macs": dense, "executed_macs": dense}
