@@ -56,8 +56,9 @@ class CppExtension:
     def build_name(self) -> str:
         import torch
 
-        key = "\n".join([self.source, " ".join(CFLAGS + LDFLAGS), cpu_signature(), torch.__version__,
-                         platform.python_version()])
+        key = "\n".join(
+            [self.source, " ".join(CFLAGS + LDFLAGS), cpu_signature(), torch.__version__, platform.python_version()]
+        )
         return f"{self.prefix}_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
     def available(self) -> bool:

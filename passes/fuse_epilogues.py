@@ -1,5 +1,5 @@
 """Pass ``fuse_epilogues``: fold a residual add and a ReLU / ReLU6 into the lowered sparse convolution that feeds
-them.
+them (an ``OrtConv2d``, a dense layer onnxruntime runs, takes the activation only).
 
 Rewrites ``act(conv(x) + r)`` -> ``conv(x, r)`` with the module's ``residual`` and ``activation`` set, and
 ``act(conv(x))`` -> ``conv(x)`` with ``activation`` set, for ``DirectSparseConv2d`` modules whose output has no other
@@ -98,6 +98,7 @@ class FuseEpilogues(PassBase):
     invalidates_analyses = ()
 
     def call(self, gm: fx.GraphModule) -> PassResult:
+        from sparsifx.backends.ort_conv import OrtConv2d
         from sparsifx.backends.sparse_conv import DirectSparseConv2d
 
         calls: dict[str, int] = {}
@@ -109,7 +110,11 @@ class FuseEpilogues(PassBase):
             if node.op != "call_module" or calls.get(node.target) != 1 or len(node.args) != 1 or node.kwargs:
                 continue
             module = gm.get_submodule(node.target)
-            if not isinstance(module, DirectSparseConv2d) or module.activation or module.residual:
+            if (
+                not isinstance(module, (DirectSparseConv2d, OrtConv2d))
+                or module.activation
+                or getattr(module, "residual", False)
+            ):
                 continue
             modified |= self._fuse(gm, node, module)
         for node in list(gm.graph.nodes):
@@ -147,7 +152,8 @@ class FuseEpilogues(PassBase):
     def _fuse(gm: fx.GraphModule, node: fx.Node, module) -> bool:
         user = _only_user(node)
         fused = False
-        other = _other_addend(user, node) if user is not None else None
+        fuses_residual = hasattr(module, "residual")  # the direct kernel adds one; onnxruntime's Conv does not here
+        other = _other_addend(user, node) if user is not None and fuses_residual else None
         if other is not None:
             user.prepend(node)  # the addend is defined before the add, so the conv may move there
             node.args = (node.args[0], other)

@@ -26,6 +26,18 @@ from .lower_stats import executed_macs, model_summary
 
 log = logging.getLogger(__name__)
 BACKEND_CHOICES = ("auto", "dense", "csr", "csr_tiled", "dense_ort", "direct")
+
+
+def _forced_conv(backend: str, conv: nn.Conv2d, weight: torch.Tensor) -> nn.Module:
+    """The lowered module of a convolution whose backend the recipe names (other kernels: im2col form)."""
+    from sparsifx.backends.ort_conv import OrtConv2d
+    from sparsifx.backends.sparse_conv import DirectSparseConv2d
+    from sparsifx.backends.sparse_modules import SparseConv2d
+
+    table = {"dense": _dense_copy, "direct": DirectSparseConv2d, "dense_ort": OrtConv2d}
+    return table[backend](conv, weight) if backend in table else SparseConv2d(conv, weight, backend)
+
+
 CONV_TIMING_REPS = 7
 
 
@@ -157,6 +169,8 @@ class Lower(PassBase):
         """The faster of torch's dense convolution and the direct sparse one, timed on ``in_shape``; with the
         ``activation`` that follows the layer (and that the direct kernel fuses) counted on both sides."""
         from sparsifx.backends.cost_model import median_ms
+        from sparsifx.backends.ort_conv import OrtConv2d
+        from sparsifx.backends.ort_conv import supported as ort_supported
         from sparsifx.backends.sparse_conv import ACTIVATIONS, DirectSparseConv2d, direct_supported
 
         dense = _dense_copy(conv, weight).eval()
@@ -164,12 +178,14 @@ class Lower(PassBase):
         candidates = {"dense": (dense, (lambda m, x: m(x).clamp_(lo, hi)) if activation else (lambda m, x: m(x)))}
         if direct_supported(conv) and "direct" in self._conv_kernels():
             candidates["direct"] = (DirectSparseConv2d(conv, weight, activation=activation), lambda m, x: m(x))
+        if "dense_ort" in self.kernels and ort_supported(conv):
+            candidates["dense_ort"] = (OrtConv2d(conv, weight, activation=activation), lambda m, x: m(x))
         x = torch.randn(in_shape)
         with torch.inference_mode():
             ms = median_ms({k: (lambda m=m, f=f: f(m, x)) for k, (m, f) in candidates.items()}, reps=CONV_TIMING_REPS)
         best = min(ms, key=ms.__getitem__)  # measured, not predicted: the faster one, no margin
         new = candidates[best][0]
-        if best == "direct":
+        if best != "dense":
             new.activation = None  # fuse_epilogues sets it where the graph allows
         info = {
             "dense_ms": round(ms["dense"], 4),
@@ -210,6 +226,9 @@ class Lower(PassBase):
                 if all(k == "dense" for _, k in plan)
                 else SparseLinear(weight, module.bias, plan)
             )
+            if backend == "auto" and shape is not None and isinstance(new, SparseLinear):
+                new, plan, checked = self._check_linear_plan(module, weight, new, plan, shape)
+                info.update(checked)
             info["backend"] = " | ".join(
                 f"{'<=' + str(b) if b else 'else'}:{k}" if len(plan) > 1 else k for b, k in plan
             )
@@ -223,12 +242,27 @@ class Lower(PassBase):
             info["flop_speedup"] = round(info["dense_macs"] / max(1, info["executed_macs"]), 2)
         return new, info
 
+    def _check_linear_plan(self, module, weight, new, plan, shape):
+        """The cost model's sparse choice timed against torch dense on the layer's recorded input (the batch the
+        example inputs have); the prediction is kept only if it holds there."""
+        from sparsifx.backends.cost_model import median_ms
+
+        dense = _dense_copy(module, weight).eval()
+        x = torch.randn(shape)
+        with torch.inference_mode():
+            ms = median_ms({"dense": lambda: dense(x), "sparse": lambda: new(x)}, reps=CONV_TIMING_REPS)
+        info = {
+            "dense_ms": round(ms["dense"], 4),
+            "lowered_ms": round(min(ms.values()), 4),
+            "measured_speedup": round(ms["dense"] / min(ms.values()), 2),
+        }
+        if ms["dense"] <= ms["sparse"]:
+            return dense.train(module.training), ((None, "dense"),), info
+        return new, plan, info
+
     def _lower_conv(
         self, name: str, module: nn.Conv2d, weight: torch.Tensor, backend: str, shape, activation: str | None = None
     ) -> tuple[nn.Module, dict]:
-        from sparsifx.backends.sparse_conv import DirectSparseConv2d
-        from sparsifx.backends.sparse_modules import SparseConv2d
-
         if backend == "auto":
             if shape is None:
                 raise PreconditionError(
@@ -236,10 +270,7 @@ class Lower(PassBase):
                     "example_inputs (or run the 'shapes' analysis) first"
                 )
             return self.plan_conv(name, module, weight, shape, activation)
-        if backend == "dense":
-            return _dense_copy(module, weight), {"backend": backend}
-        new = DirectSparseConv2d(module, weight) if backend == "direct" else SparseConv2d(module, weight, backend)
-        return new, {"backend": backend}
+        return _forced_conv(backend, module, weight), {"backend": backend}
 
     @staticmethod
     def _measure(old: nn.Module, new: nn.Module, shape) -> float:
@@ -309,7 +340,8 @@ class Lower(PassBase):
             except RecipeError as exc:
                 raise exc.at(f"by_name.{name}") from None
             sparse = bool((effective_weight(module) == 0).any())
-            if is_masked(module) or sparse or backend != "auto":
+            # dense convolutions too: onnxruntime's kernel may beat torch's (a stem with three input channels)
+            if is_masked(module) or sparse or backend != "auto" or isinstance(module, nn.Conv2d):
                 targets.append((name, module, backend))
         if not targets:
             return PassResult(gm, False)

@@ -363,6 +363,7 @@ for _module, _name in (
     ("sparse_modules", "SparseConv2d"),
     ("sparse_conv", "DirectSparseConv2d"),
     ("fast_pool", "FastMaxPool2d"),
+    ("ort_conv", "OrtConv2d"),
 ):
     MODULE_CLASSES[f"sparsifx.backends.{_module}.{_name}"] = (f"sparsifx.backends.{_module}", _name)
 

@@ -155,3 +155,21 @@ def test_fast_maxpool_matches_torch(shape, k, s, p):
     x = torch.randn(shape)
     with torch.inference_mode():
         torch.testing.assert_close(FastMaxPool2d(nn.MaxPool2d(k, s, p))(x), F.max_pool2d(x, k, s, p))
+
+
+@pytest.mark.parametrize("activation", [None, "relu", "relu6"])
+def test_ort_conv_matches_conv2d_and_reloads(activation, tmp_path):
+    import sparsifx
+    from sparsifx.backends.ort_conv import OrtConv2d
+
+    conv = sparse_conv(16, 16, 3, 2, 1, 1, 16)  # depthwise, strided
+    layer = OrtConv2d(conv, conv.weight, activation=activation)
+    x = torch.randn(2, 16, 9, 11)
+    with torch.inference_mode():
+        ref = conv(x)
+        ref = ref.relu() if activation == "relu" else ref.clamp(0, 6) if activation == "relu6" else ref
+        torch.testing.assert_close(layer(x), ref, **TOL)
+    gm = sparsifx.trace(nn.Sequential(layer), (x,))  # OrtConv2d is a tracing leaf
+    sparsifx.save(gm, tmp_path / "m.sfx")
+    with torch.inference_mode():
+        torch.testing.assert_close(sparsifx.load(tmp_path / "m.sfx")(x), ref, **TOL)
