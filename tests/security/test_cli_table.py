@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
 import onnx
 import pytest
 import torch
+from crafted_files import crafted_file
 from onnx import TensorProto, helper
 
 import sparsifx
 from sparsifx.cli import main
 from sparsifx.serialization import save
-
-sys.path.insert(0, os.path.dirname(__file__))
-from crafted_files import crafted_file  # noqa: E402
 
 RECIPE = "stages:\n  - pass: magnitude\n    sparsity: 0.7\n"
 BOMB = (

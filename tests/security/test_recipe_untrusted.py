@@ -4,9 +4,7 @@ that match nothing all end in a typed error with the key path, quickly and in bo
 from __future__ import annotations
 
 import logging
-import os
 import resource
-import sys
 import time
 import tracemalloc
 
@@ -242,7 +240,6 @@ def test_load_of_other_objects():
 
 
 # --- selections that match nothing ----------------------------------------------------------------------------------
-sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 from test_recipe import Net  # noqa: E402  (the recipe tests' model: conv, fc_a, fc_b, out)
 
 EMPTY = [  # (selection keys, error path, a word the message carries)

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import functools
-import os
 import random
-import sys
 
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from save_mutations import MUTATIONS, FuzzNet, good_file, mutate
 
 from sparsifx.errors import SparsifxError
 from sparsifx.reporting import report
 from sparsifx.serialization import load
-
-sys.path.insert(0, os.path.dirname(__file__))
-from save_mutations import MUTATIONS, FuzzNet, good_file, mutate  # noqa: E402
 
 
 @functools.lru_cache(maxsize=1)

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import torch
+from crafted_files import REPORTED_ROUTES, ROUTES, Probe, base_payload, crafted_file
 
 from sparsifx import cli
 from sparsifx.errors import SparsifxError
 from sparsifx.serialization import LoadLimits, SerializationError, from_payload, load
-
-sys.path.insert(0, os.path.dirname(__file__))
-from crafted_files import REPORTED_ROUTES, ROUTES, Probe, base_payload, crafted_file  # noqa: E402
 
 
 @pytest.mark.parametrize("route", sorted(ROUTES))
