@@ -1,6 +1,7 @@
 """Write, register and use a pass from a recipe: every ReLU becomes a LeakyReLU."""
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
@@ -18,12 +19,8 @@ class LeakyReLUPass(PassBase):
         self.slope = validate.number("negative_slope", negative_slope, 0.0, 1.0)
 
     def call(self, gm):
-        relus = [
-            n
-            for n in gm.graph.nodes
-            if n.target in (F.relu, torch.relu)
-            or (n.op == "call_module" and isinstance(gm.get_submodule(n.target), torch.nn.ReLU))
-        ]
+        mods = dict(gm.named_modules())
+        relus = [n for n in gm.graph.nodes if n.target in (F.relu, torch.relu) or type(mods.get(n.target)) is nn.ReLU]
         for node in relus:
             with gm.graph.inserting_after(node):
                 leaky = gm.graph.call_function(F.leaky_relu, (node.args[0], self.slope))
@@ -33,11 +30,7 @@ class LeakyReLUPass(PassBase):
         return PassResult(gm, modified=bool(relus))
 
 
-RECIPE = """
-stages:
-  - {pass: leaky_relu, negative_slope: 0.1}
-  - {pass: magnitude, sparsity: 0.5}
-"""
+RECIPE = "stages: [{pass: leaky_relu, negative_slope: 0.1}, {pass: magnitude, sparsity: 0.5}]"
 
 if __name__ == "__main__":
     torch.manual_seed(0)
