@@ -14,6 +14,8 @@ import torch.nn as nn
 from sparsifx.errors import BackendError
 from sparsifx.tracing import register_leaf_type
 
+from .ort_runtime import cpu_session
+
 # fused activation -> (ONNX op, attributes)
 ORT_ACTIVATIONS = {None: None, "relu": ("Relu", {}), "relu6": ("Clip", {"min": 0.0, "max": 6.0})}
 
@@ -73,7 +75,6 @@ class OrtConv2d(nn.Module):
         return sess
 
     def _build(self):
-        import onnxruntime as ort
         from onnx import TensorProto, helper, numpy_helper
 
         inits = [numpy_helper.from_array(self.weight.numpy(), "W")]
@@ -114,11 +115,7 @@ class OrtConv2d(nn.Module):
             inits,
         )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = torch.get_num_threads()
-        opts.inter_op_num_threads = 1
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return cpu_session(model.SerializeToString())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.requires_grad and torch.is_grad_enabled():

@@ -24,6 +24,7 @@ from sparsifx.errors import BackendError
 from sparsifx.registry import Registry
 
 from . import cpp_kernel
+from .ort_runtime import cpu_session
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,6 @@ class OrtDenseKernel:
 
     def session(self, weight: torch.Tensor, bias: torch.Tensor | None):
         """An onnxruntime session computing ``x @ weight.T + bias`` with the weights as initializers."""
-        import onnxruntime as ort
         from onnx import TensorProto, helper, numpy_helper
 
         out_f, in_f = weight.shape
@@ -168,11 +168,7 @@ class OrtDenseKernel:
             inits,
         )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = torch.get_num_threads()
-        opts.inter_op_num_threads = 1
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return cpu_session(model.SerializeToString())
 
     def linear(self, x, packed, bias, session=None):
         sess = session or self.session(packed["weight"], bias)

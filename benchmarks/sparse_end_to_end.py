@@ -39,6 +39,7 @@ import torchvision
 
 import sparsifx
 from benchmarks import harness
+from sparsifx.backends.ort_runtime import export_dense_onnx
 from sparsifx.masking import bake_masks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,17 +135,7 @@ def ensure_deepsparse() -> Path:
 
 
 def export(model: nn.Module, x: torch.Tensor, path: Path) -> None:
-    """ONNX opset 17 (DeepSparse 1.8 takes opset <= 19), dynamic batch."""
-    torch.onnx.export(
-        model,
-        (x,),
-        str(path),
-        dynamo=False,
-        opset_version=17,
-        input_names=["x"],
-        output_names=["y"],
-        dynamic_axes={"x": {0: "batch"}},
-    )
+    export_dense_onnx(model, (x,), path)
 
 
 def run_cell(name, sparsity, dense, path, threads, batch, reps, ds, tmp) -> dict:

@@ -8,7 +8,6 @@ cell times both engines interleaved and reports medians; the outputs are compare
 
 from __future__ import annotations
 
-import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,16 +30,6 @@ class BenchRow:
     max_abs_diff: float
 
 
-def ort_session(path: str | os.PathLike, threads: int):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(os.fspath(path), opts, providers=["CPUExecutionProvider"])
-
-
 def prepare_file(target: str, sparsity: float | None, input_shape, folder: Path) -> tuple[Path, tuple[int, ...] | None]:
     if target.endswith(".onnx") and Path(target).is_file():
         return Path(target), input_shape
@@ -53,6 +42,7 @@ def prepare_file(target: str, sparsity: float | None, input_shape, folder: Path)
 
 def export_pruned(source: str, sparsity: float, input_shape, folder: Path) -> tuple[Path, tuple[int, ...]]:
     import sparsifx
+    from sparsifx.backends.ort_runtime import export_dense_onnx
 
     from .cli import build
     from .masking import bake_masks
@@ -71,16 +61,7 @@ def export_pruned(source: str, sparsity: float, input_shape, folder: Path) -> tu
     ).eval()
     bake_masks(pruned)
     path = folder / "model.onnx"
-    torch.onnx.export(
-        pruned,
-        example,
-        str(path),
-        dynamo=False,
-        opset_version=17,
-        input_names=["x"],
-        output_names=["y"],
-        dynamic_axes={"x": {0: "batch"}},
-    )
+    export_dense_onnx(pruned, example, path)
     return path, tuple(example[0].shape)
 
 
@@ -96,6 +77,7 @@ def bench(
 ) -> list[BenchRow]:
     from sparsifx.backends import load_onnx
     from sparsifx.backends.cost_model import median_ms
+    from sparsifx.backends.ort_runtime import cpu_session
 
     rows = []
     before = torch.get_num_threads()
@@ -107,7 +89,7 @@ def bench(
                 for b in batches:
                     gm = load_onnx(path, batch_size=b)
                     x = _input(gm, b, shape)
-                    sess = ort_session(path, t)
+                    sess = cpu_session(path, t)
                     name = sess.get_inputs()[0].name
                     xn = x.numpy()
                     with torch.inference_mode():

@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 import sparsifx
 from sparsifx.backends import cpp_kernel, load_onnx
 from sparsifx.backends.onnx_import import ImportLimits, OnnxImportError
+from sparsifx.backends.ort_runtime import export_dense_onnx
 from sparsifx.backends.sparse_conv import DirectSparseConv2d
 from sparsifx.backends.sparse_onnx import to_sparse_initializers
 from sparsifx.masking import bake_masks
@@ -32,16 +33,7 @@ def resnet_file(tmp_path_factory):
     ).eval()
     bake_masks(pruned)
     path = tmp_path_factory.mktemp("onnx") / "r18.onnx"
-    torch.onnx.export(
-        pruned,
-        (x,),
-        str(path),
-        dynamo=False,
-        opset_version=17,
-        input_names=["x"],
-        output_names=["y"],
-        dynamic_axes={"x": {0: "batch"}},
-    )
+    export_dense_onnx(pruned, (x,), path)
     return path
 
 
