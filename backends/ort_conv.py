@@ -15,6 +15,7 @@ from sparsifx.errors import BackendError
 from sparsifx.tracing import register_leaf_type
 
 from .ort_runtime import cpu_session
+from .transient import TransientState
 
 # fused activation -> (ONNX op, attributes)
 ORT_ACTIVATIONS = {None: None, "relu": ("Relu", {}), "relu6": ("Clip", {"min": 0.0, "max": 6.0})}
@@ -25,7 +26,7 @@ def supported(conv: nn.Conv2d) -> bool:
 
 
 @register_leaf_type
-class OrtConv2d(nn.Module):
+class OrtConv2d(TransientState, nn.Module):
     """``act(conv2d(x, W, b))`` in an onnxruntime session (float32 NCHW)."""
 
     TRANSIENT_ATTRS = ("_session",)
@@ -53,20 +54,7 @@ class OrtConv2d(nn.Module):
             raise BackendError(f"OrtConv2d: bias must be float32 of shape ({shape[0]},)")
         if self.activation not in ORT_ACTIVATIONS:
             raise BackendError("OrtConv2d: unknown fused activation")
-        self.__dict__.pop("_session", None)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self.__dict__.pop("_session", None)
-        return super()._load_from_state_dict(*args, **kwargs)
-
-    def _apply(self, fn, recurse=True):
-        self.__dict__.pop("_session", None)
-        return super()._apply(fn, recurse)
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state.pop("_session", None)
-        return state
+        self.drop_transient()
 
     def session(self):
         sess = self.__dict__.get("_session")

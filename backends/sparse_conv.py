@@ -18,6 +18,7 @@ from sparsifx.errors import BackendError
 from sparsifx.tracing import register_leaf_type
 
 from . import cpp_kernel
+from .transient import TransientState
 
 INT32_MAX = 2**31 - 1
 INF = float("inf")
@@ -64,6 +65,17 @@ def is_same_stride1(kernel_size, stride, padding, dilation) -> bool:
     return tuple(stride) == (1, 1) and all(2 * p == d * (k - 1) for k, p, d in zip(kernel_size, padding, dilation))
 
 
+def conv_output_size(h: int, w: int, kernel_size, stride, padding, dilation) -> tuple[int, int]:
+    """Output height and width of a convolution on an ``h x w`` input (floor mode, as ``F.conv2d``)."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+
+def rowptr_is_valid(rowptr: torch.Tensor, nnz: int) -> bool:
+    """CSR row pointers rise from 0 to ``nnz`` and never fall."""
+    return int(rowptr[0]) == 0 and int(rowptr[-1]) == nnz and not bool((rowptr[1:] < rowptr[:-1]).any())
+
+
 def geometry(h: int, w: int, kernel_size, stride, padding, dilation, prepadded: bool = False) -> Geometry:
     """Where each tap reads for an ``h x w`` input; ``prepadded``: the input is already stored padded (as
     ``padded_size``) by the layer before, and is the grid itself."""
@@ -72,8 +84,7 @@ def geometry(h: int, w: int, kernel_size, stride, padding, dilation, prepadded: 
         taps = torch.tensor([a * dh * w + b * dw for a in range(kh) for b in range(kw)], dtype=torch.int64)
         ho, wo = h - 2 * ph - 1, w - 2 * pw
         return Geometry(ho, wo, h, w, (0, 0), torch.zeros(kh * kw, dtype=torch.int64), taps, True)
-    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    ho, wo = conv_output_size(h, w, kernel_size, stride, padding, dilation)
     if ho < 1 or wo < 1:
         raise BackendError(f"convolution input {h}x{w} is smaller than its kernel")
     taps = [(a * dh, b * dw) for a in range(kh) for b in range(kw)]
@@ -126,7 +137,7 @@ def check_packed(rowptr, chan, tap, val, bias, out_c: int, in_c: int, groups: in
     nnz = val.numel()
     if rowptr.numel() != out_c + 1 or chan.numel() != nnz or tap.numel() != nnz:
         fail(f"sizes: rowptr {rowptr.numel()} (want {out_c + 1}), chan {chan.numel()}, tap {tap.numel()}, val {nnz}")
-    if int(rowptr[0]) != 0 or int(rowptr[-1]) != nnz or bool((rowptr[1:] < rowptr[:-1]).any()):
+    if not rowptr_is_valid(rowptr, nnz):
         fail("rowptr must rise from 0 to the number of non-zeros")
     if nnz and (int(tap.min()) < 0 or int(tap.max()) >= taps):
         fail(f"tap index outside [0, {taps})")
@@ -141,7 +152,7 @@ def check_packed(rowptr, chan, tap, val, bias, out_c: int, in_c: int, groups: in
 
 
 @register_leaf_type
-class DirectSparseConv2d(nn.Module):
+class DirectSparseConv2d(TransientState, nn.Module):
     """``conv2d(x, W) (+ residual) (-> relu)`` with ``W`` sparse, as one C++ call (no im2col).
 
     The index buffers are validated (``check``) before the kernel first reads them: when the layer is built,
@@ -192,7 +203,7 @@ class DirectSparseConv2d(nn.Module):
     def _after_load(self) -> None:
         """Called by ``sparsifx.load`` on a module it rebuilt from a file: its attributes and buffers must
         describe a valid layer (the kernel also bounds every read by the input it is given)."""
-        self.__dict__.pop("_cache", None)
+        self.drop_transient()
 
         def pair(name, lo):
             v = getattr(self, name, None)
@@ -211,10 +222,6 @@ class DirectSparseConv2d(nn.Module):
         if self.activation not in ACTIVATIONS or type(self.residual) is not bool or type(self.in_padded) is not bool:
             raise BackendError(f"{type(self).__name__}: invalid activation / residual / in_padded attribute")
         self.check()
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self.__dict__.pop("_cache", None)  # re-checked and re-planned on the next call
-        return super()._load_from_state_dict(*args, **kwargs)
 
     def _plan(self, h: int, w: int):
         """``(geometry args, phases, offsets)`` for an ``h x w`` input (cached per size; the buffers are checked
@@ -254,15 +261,6 @@ class DirectSparseConv2d(nn.Module):
             raise BackendError("DirectSparseConv2d: pass a residual exactly when the layer was built with one")
         lo, hi = ACTIVATIONS[self.activation]
         return cpp_kernel.load().conv(x, self.rowptr, off, self.val, self.bias, residual, lo, hi, geom, phases)
-
-    def _apply(self, fn, recurse=True):
-        self.__dict__.pop("_cache", None)
-        return super()._apply(fn, recurse)
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state.pop("_cache", None)
-        return state
 
     def extra_repr(self) -> str:
         fused = (

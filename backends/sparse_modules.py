@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from sparsifx.errors import BackendError
 from sparsifx.tracing import register_leaf_type
 
+from .sparse_conv import conv_output_size, rowptr_is_valid
 from .sparse_kernels import SPARSE_KERNELS, get_kernel
+from .transient import TransientState
 
 Plan = tuple[tuple[int | None, str], ...]
 UNFOLD_BYTES = 4 << 20  # im2col block per kernel call in SparseConv2d
@@ -35,7 +37,7 @@ def _check_plan(plan: Sequence[tuple[int | None, str]]) -> Plan:
     return plan
 
 
-class _PackedMixin:
+class _PackedMixin(TransientState):
     """Buffers ``<kernel>__<key>`` per kernel; onnxruntime sessions and bound kernels are cached, never saved.
 
     The buffers are validated (``check``) before a kernel first reads them: when the layer is built, loaded from
@@ -52,16 +54,6 @@ class _PackedMixin:
     def _packed(self, name: str) -> dict[str, torch.Tensor]:
         buffers = self._buffers
         return {key: buffers[buf] for key, buf in self._keys[name]}
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        for key in self.TRANSIENT_ATTRS:
-            state.pop(key, None)
-        return state
-
-    def _apply(self, fn, recurse=True):
-        self.__dict__.pop("_fast", None)  # closures over the old buffers
-        return super()._apply(fn, recurse)
 
     def _sessions_cache(self) -> dict:
         return self.__dict__.setdefault("_sessions", {})
@@ -84,12 +76,8 @@ class _PackedMixin:
 
     def _after_load(self) -> None:
         """Called by ``sparsifx.load`` on a module it rebuilt from a file."""
-        self.__dict__["_checked"] = False
+        self.drop_transient()
         self._checked_buffers()
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self.__dict__["_checked"] = False  # re-checked before the next call
-        return super()._load_from_state_dict(*args, **kwargs)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.requires_grad and torch.is_grad_enabled():
@@ -222,8 +210,7 @@ class SparseConv2d(_PackedMixin, nn.Module):
         return self.kernel_size == (1, 1) and self.padding == (0, 0)
 
     def out_size(self, h: int, w: int) -> tuple[int, int]:
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
-        return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        return conv_output_size(h, w, self.kernel_size, self.stride, self.padding, self.dilation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
@@ -282,7 +269,7 @@ def check_packed(packed: dict[str, torch.Tensor], rows: int, cols: int, who: str
     nnz = val.numel()
     if rowptr.numel() != rows + 1 or col.numel() != nnz:
         fail(f"sizes: rowptr {rowptr.numel()} (want {rows + 1}), col {col.numel()}, val {nnz}")
-    if int(rowptr[0]) != 0 or int(rowptr[-1]) != nnz or bool((rowptr[1:] < rowptr[:-1]).any()):
+    if not rowptr_is_valid(rowptr, nnz):
         fail("rowptr must rise from 0 to the number of non-zeros")
     c = col.to(torch.int32) & 0xFFFF if col.dtype == torch.int16 else col.long()
     if nnz and (int(c.min()) < 0 or int(c.max()) >= cols):

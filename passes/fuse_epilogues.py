@@ -72,16 +72,22 @@ def _only_user(node: fx.Node) -> fx.Node | None:
     return users[0] if len(users) == 1 else None
 
 
-def fusable_activations(gm: fx.GraphModule) -> dict[str, str]:
-    """``{module target: activation}`` for modules called once whose only user is a ReLU / ReLU6 (what the
-    direct convolution would fuse if the module were lowered to it)."""
+def _single_calls(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    """``{module target: its node}`` for the modules the graph calls exactly once (fusing into a module called
+    from two places would change the other call)."""
     calls: dict[str, list[fx.Node]] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
             calls.setdefault(node.target, []).append(node)
+    return {target: nodes[0] for target, nodes in calls.items() if len(nodes) == 1}
+
+
+def fusable_activations(gm: fx.GraphModule) -> dict[str, str]:
+    """``{module target: activation}`` for modules called once whose only user is a ReLU / ReLU6 (what the
+    direct convolution would fuse if the module were lowered to it)."""
     out = {}
-    for target, nodes in calls.items():
-        user = _only_user(nodes[0]) if len(nodes) == 1 else None
+    for target, node in _single_calls(gm).items():
+        user = _only_user(node)
         activation = _activation(gm, user) if user is not None else None
         if activation is not None:
             out[target] = activation
@@ -101,13 +107,10 @@ class FuseEpilogues(PassBase):
         from sparsifx.backends.ort_conv import OrtConv2d
         from sparsifx.backends.sparse_conv import DirectSparseConv2d
 
-        calls: dict[str, int] = {}
-        for node in gm.graph.nodes:
-            if node.op == "call_module":
-                calls[node.target] = calls.get(node.target, 0) + 1
+        single = _single_calls(gm)
         modified = False
         for node in list(gm.graph.nodes):
-            if node.op != "call_module" or calls.get(node.target) != 1 or len(node.args) != 1 or node.kwargs:
+            if node.op != "call_module" or node.target not in single or len(node.args) != 1 or node.kwargs:
                 continue
             module = gm.get_submodule(node.target)
             if (
@@ -118,20 +121,20 @@ class FuseEpilogues(PassBase):
                 continue
             modified |= self._fuse(gm, node, module)
         for node in list(gm.graph.nodes):
-            modified |= self._pad_for_next(gm, node, calls)
+            modified |= self._pad_for_next(gm, node, single)
         if modified:
             gm.graph.lint()
             gm.recompile()
         return PassResult(gm, modified)
 
     @staticmethod
-    def _pad_for_next(gm: fx.GraphModule, node: fx.Node, calls: dict[str, int]) -> bool:
+    def _pad_for_next(gm: fx.GraphModule, node: fx.Node, single: dict[str, fx.Node]) -> bool:
         """A direct convolution whose only user is a stride-1 "same" direct convolution writes its output
         already padded for it (one memory pass less: the consumer reads it as its grid)."""
         from sparsifx.backends.sparse_conv import DirectSparseConv2d, is_same_stride1
 
-        user = _only_user(node) if node.op == "call_module" and calls.get(node.target) == 1 else None
-        if user is None or user.op != "call_module" or calls.get(user.target) != 1 or user.args[0] is not node:
+        user = _only_user(node) if node.op == "call_module" and node.target in single else None
+        if user is None or user.op != "call_module" or user.target not in single or user.args[0] is not node:
             return False
         producer, consumer = gm.get_submodule(node.target), gm.get_submodule(user.target)
         if not (isinstance(producer, DirectSparseConv2d) and isinstance(consumer, DirectSparseConv2d)):
@@ -145,7 +148,7 @@ class FuseEpilogues(PassBase):
             return False
         producer.out_pad, consumer.in_padded = tuple(consumer.padding), True
         for m in (producer, consumer):
-            m.__dict__.pop("_cache", None)  # re-planned with the new layout
+            m.drop_transient()  # re-planned with the new layout
         return True
 
     @staticmethod

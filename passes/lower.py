@@ -5,8 +5,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import statistics
-import time
 
 import torch
 import torch.fx as fx
@@ -274,15 +272,12 @@ class Lower(PassBase):
 
     @staticmethod
     def _measure(old: nn.Module, new: nn.Module, shape) -> float:
+        from sparsifx.backends.cost_model import median_ms
+
         x = torch.randn(shape)
-        times: dict[str, list[float]] = {"old": [], "new": []}
         with torch.inference_mode():
-            for _ in range(7):
-                for key, mod in (("old", old), ("new", new)):
-                    t0 = time.perf_counter()
-                    mod(x)
-                    times[key].append(time.perf_counter() - t0)
-        return statistics.median(times["old"]) / statistics.median(times["new"])
+            ms = median_ms({"old": lambda: old(x), "new": lambda: new(x)}, reps=CONV_TIMING_REPS)
+        return ms["old"] / ms["new"]
 
     @staticmethod
     def _lower_pools(gm: fx.GraphModule) -> str | None:

@@ -10,17 +10,12 @@ import torch.nn as nn
 ROW_MIN = 48  # backends/cpp_kernel.py `segments`: output rows this wide are computed without padding columns
 
 
-def _conv_out(module: nn.Conv2d, h: int, w: int) -> tuple[int, int]:
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = module.kernel_size, module.stride, module.padding, module.dilation
-    return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-
-
 def executed_macs(old: nn.Module, new: nn.Module, weight: torch.Tensor, shape: tuple[int, ...]) -> dict[str, int]:
     """``{"dense_macs": ..., "executed_macs": ...}`` multiply-adds of one call on an input of ``shape``: the dense
     layer's and what ``new`` runs (a sparse kernel: its non-zeros; the direct convolution: its non-zeros times the
     grid columns it computes, which include the padding columns of rows narrower than ``ROW_MIN``; a dense choice:
     the dense count)."""
-    from sparsifx.backends.sparse_conv import DirectSparseConv2d, geometry
+    from sparsifx.backends.sparse_conv import DirectSparseConv2d, conv_output_size, geometry
     from sparsifx.backends.sparse_kernels import SPARSE_KERNELS
     from sparsifx.backends.sparse_modules import SparseConv2d, SparseLinear
 
@@ -31,7 +26,7 @@ def executed_macs(old: nn.Module, new: nn.Module, weight: torch.Tensor, shape: t
         sparse = isinstance(new, SparseLinear) and SPARSE_KERNELS.get(new.kernel_for(rows)).sparse
         return {"dense_macs": dense, "executed_macs": nnz * rows if sparse else dense}
     n, _, h, w = shape
-    ho, wo = _conv_out(old, h, w)
+    ho, wo = conv_output_size(h, w, old.kernel_size, old.stride, old.padding, old.dilation)
     dense = weight.numel() * n * ho * wo
     if isinstance(new, DirectSparseConv2d):
         g = geometry(h, w, new.kernel_size, new.stride, new.padding, new.dilation)
