@@ -198,6 +198,16 @@ def _clip(b: _Builder, node, where: str):
     return b.graph.call_function(torch.clamp, (b.value(node.input[0], where),), {"min": lo, "max": hi})
 
 
+def _reduce_mean(b: _Builder, node, where: str):
+    axes = _attr(node, "axes")
+    if len(node.input) > 1 and node.input[1]:  # opset 18+: axes are an input
+        axes = [int(a) for a in np.asarray(b.const(node.input[1], where)).reshape(-1)]
+    if axes is None:
+        raise OnnxImportError(f"{where}: ReduceMean over all axes is not supported; name the axes")
+    keep = bool(_attr(node, "keepdims", 1))
+    return b.graph.call_function(torch.mean, (b.value(node.input[0], where),), {"dim": tuple(axes), "keepdim": keep})
+
+
 # ONNX op type -> builder(builder, node, where) -> fx node of the node's (single) output
 ONNX_OPS: dict[str, Callable] = {
     "Conv": _conv,
@@ -216,6 +226,7 @@ ONNX_OPS: dict[str, Callable] = {
     "Sub": _call(operator.sub),
     "Mul": _call(operator.mul),
     "Div": _call(operator.truediv),
+    "ReduceMean": _reduce_mean,
     "GlobalAveragePool": _module_op(lambda n: nn.AdaptiveAvgPool2d(1)),
     "Flatten": _call(torch.flatten, 1, start_dim=lambda n: _attr(n, "axis", 1)),
     "Reshape": _call(onnx_reshape, 2),

@@ -172,6 +172,7 @@ def run_cell(name, sparsity, dense, path, threads, batch, reps, ds, tmp) -> dict
         "lowered_x_deepsparse": round(ms["deepsparse"] / ms["lowered"], 3) if "deepsparse" in ms else None,
         "lowered_matches_masked": True,
         "lower_s": round(lower_s, 1),
+        "kept": summary.get("whole_model", {}).get("kept", "lowered"),
         "backends": summary.get("backends"),
         "flop_speedup": summary.get("flop_speedup"),
         "layer_sum_predicted_speedup": summary.get("predicted_speedup"),
@@ -244,6 +245,13 @@ def reload_worker(saved: str, sparse_onnx: str, dense_onnx: str, reps: int) -> N
     print(json.dumps(_reload_times(lowered, from_onnx, dense_onnx, x, reps)))
 
 
+FLOOR = 0.95
+
+
+def _cell(r: dict) -> str:
+    return f"{r['model']} {r['sparsity']:.0%} b{r['batch']} t{r['threads']}"
+
+
 def markdown(res: dict) -> str:
     meta = res["meta"]
     lines = [
@@ -256,15 +264,24 @@ def markdown(res: dict) -> str:
         "folded. `lowered x DS` > 1: sparsifx faster than DeepSparse.",
         "",
         "| model | sparsity | threads | batch | torch dense | onnxruntime dense | sparsifx lowered | DeepSparse 1.8 |"
-        " lowered x ort | DS x ort | lowered x DS |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        " lowered x ort | DS x ort | lowered x DS | lower kept |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["cells"]:
         lines.append(
             f"| {r['model']} | {r['sparsity']} | {r['threads']} | {r['batch']} | {r['torch_dense']} | "
             f"{r['ort_dense']} | {r['lowered']} | {r.get('deepsparse', '-')} | {r['lowered_x_ort']} | "
-            f"{r.get('deepsparse_x_ort') or '-'} | {r.get('lowered_x_deepsparse') or '-'} |"
+            f"{r.get('deepsparse_x_ort') or '-'} | {r.get('lowered_x_deepsparse') or '-'} | {r.get('kept', '-')} |"
         )
+    under = [r for r in res["cells"] if r["lowered_x_ort"] < FLOOR]
+    whole = [r for r in res["cells"] if r.get("kept") == "onnxruntime"]
+    lines += [
+        "",
+        f"Cells where the lowered model is more than 5% slower than onnxruntime dense (ratio < {FLOOR}): "
+        f"{len(under)} of {len(res['cells'])}" + "".join(f"; {_cell(r)} ({r['lowered_x_ort']})" for r in under) + ".",
+        f"Cells where `lower` measured the whole dense model in onnxruntime faster than its lowered form and kept "
+        f"that (`lower kept` = onnxruntime): {len(whole)}" + "".join(f"; {_cell(r)}" for r in whole) + ".",
+    ]
     lines += [
         "",
         "Layer choices of `lower` per cell are in the JSON (`backends`), with the executed-MAC ratio "

@@ -72,7 +72,9 @@ class Lower(PassBase):
     batch range), ``min_speedup`` (another kernel must be predicted this much faster than torch dense; 1.1),
     ``cache_dir`` (calibration cache), ``recalibrate``, ``measure`` (time each lowered Linear on its example
     input shape and the whole model before and after, and report the measured speedups), ``fuse`` (run
-    ``fuse_epilogues`` afterwards: residual adds and ReLUs folded into the sparse convolutions; default on).
+    ``fuse_epilogues`` afterwards: residual adds and ReLUs folded into the sparse convolutions; default on),
+    ``whole_model`` (default on, where every layer's backend is ``auto``: time the lowered model against the whole
+    dense model run by onnxruntime on the example inputs and keep the faster, ``passes/lower_whole_model.py``).
     Convolutions are planned by measurement: torch's dense convolution and the direct sparse convolution
     (``backends/cpp_kernel.py``) are timed on the layer's recorded input shape, each with the ReLU / ReLU6 that
     follows it (fused by the direct kernel), and the faster one is kept (``min_speedup`` applies to predictions). Each
@@ -97,6 +99,7 @@ class Lower(PassBase):
         recalibrate: bool = False,
         measure: bool = False,
         fuse: bool = True,
+        whole_model: bool = True,
         selection: LayerSelection | None = None,
     ):
         from sparsifx.backends.sparse_kernels import SPARSE_KERNELS
@@ -113,6 +116,7 @@ class Lower(PassBase):
         self.recalibrate = validate.boolean("recalibrate", recalibrate)
         self.measure = validate.boolean("measure", measure)
         self.fuse = validate.boolean("fuse", fuse)
+        self.whole_model = validate.boolean("whole_model", whole_model)
         self.selection = (selection or LayerSelection()).with_defaults(("Conv2d", "Linear"))
         self._calibration = None
 
@@ -322,6 +326,20 @@ class Lower(PassBase):
             "measured_speedup": round(ms["dense"] / ms["lowered"], 2),
         }
 
+    @staticmethod
+    def _keep_faster(gm: fx.GraphModule, twin: fx.GraphModule) -> dict:
+        from .lower_whole_model import keep_faster
+
+        inputs = gm.meta.get(EXAMPLE_INPUTS)
+        inputs = None if inputs is None else tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+        outcome = keep_faster(gm, twin, inputs, CONV_TIMING_REPS)
+        if outcome["kept"] == "onnxruntime":
+            gm.meta.setdefault(REPORT_NOTES, []).append(
+                f"lower: the whole dense model in onnxruntime ({outcome['onnxruntime_ms']} ms) was faster than the "
+                f"lowered model ({outcome['lowered_ms']} ms) on the example inputs; onnxruntime runs it"
+            )
+        return outcome
+
     def call(self, gm: fx.GraphModule) -> PassResult:
         from sparsifx.masking import is_masked
 
@@ -343,7 +361,8 @@ class Lower(PassBase):
         shapes = self._input_shapes(gm)
         activations = fusable_activations(gm) if self.fuse else {}
         report = gm.meta.setdefault(REPORT_EXTRA, {})
-        twin = self._dense_twin(gm, targets) if self.measure else None
+        compare_whole = self.whole_model and all(backend == "auto" for _, _, backend in targets)
+        twin = self._dense_twin(gm, targets) if self.measure or compare_whole else None
         modified = False
         for name, module, backend in targets:
             new, info = self._lower_one(name, module, backend, shapes.get(name), activations.get(name))
@@ -365,6 +384,8 @@ class Lower(PassBase):
                 gm.meta.setdefault(REPORT_NOTES, []).append(report_notes)
         lowered = {name: report[name] for name, _, _ in targets}
         summary = model_summary(lowered)
+        if compare_whole and modified:
+            summary["whole_model"] = self._keep_faster(gm, twin)
         if twin is not None and modified:
             summary.update(self._measure_model(twin, gm))
         gm.meta[LOWER_SUMMARY] = summary

@@ -364,6 +364,7 @@ for _module, _name in (
     ("sparse_conv", "DirectSparseConv2d"),
     ("fast_pool", "FastMaxPool2d"),
     ("ort_conv", "OrtConv2d"),
+    ("ort_graph", "OrtGraph"),
 ):
     MODULE_CLASSES[f"sparsifx.backends.{_module}.{_name}"] = (f"sparsifx.backends.{_module}", _name)
 

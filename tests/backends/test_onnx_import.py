@@ -122,3 +122,16 @@ def test_linear_gelu_layernorm_stack(tmp_path):
     gm = load_onnx(tmp_path / "mlp.onnx", batch_size=2)
     with torch.inference_mode():
         torch.testing.assert_close(gm(x), model(x), **TOL)
+
+
+@pytest.mark.parametrize("opset", [17, 18])  # axes: an attribute up to opset 17, an input from 18
+def test_reduce_mean(tmp_path, opset):
+    class MeanPool(nn.Module):
+        def forward(self, x):
+            return x.mean((2, 3)) + x.mean((1, 2, 3), keepdim=True).flatten(1)
+
+    x = torch.randn(2, 3, 4, 4)
+    path = tmp_path / "mean.onnx"
+    torch.onnx.export(MeanPool(), (x,), str(path), dynamo=False, opset_version=opset, input_names=["x"])
+    gm = load_onnx(path, lower=False)
+    torch.testing.assert_close(gm(x), MeanPool()(x), **TOL)
