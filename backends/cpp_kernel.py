@@ -1,6 +1,6 @@
 """The C++ CPU kernels of the sparse runtime (one extension, built on first use by ``backends/cpp_build.py``).
 
-``conv(x, rowptr, off, val, bias, residual, lo, hi, geom, phases)``: direct sparse convolution, unstructured-sparse
+``conv(x, blockptr, off, val, bias, residual, lo, hi, geom, phases)``: direct sparse convolution, unstructured-sparse
 weights times dense NCHW activations, no im2col. Every non-zero weight ``W[r, c, a, b]`` becomes one *offset* into
 a prepared input grid, so a convolution of any kernel size, stride, padding, dilation and grouping is the same loop
 (Park et al. 2017, "direct sparse convolution"; the vectorisation over the spatial axis follows Elsen et al. 2020,
@@ -16,6 +16,11 @@ itself (no copy). Columns are processed in tiles of 64 held in vector registers 
 partial tile in 1-8 vectors with masked loads; each non-zero costs one broadcast and one FMA per 8 columns. The
 epilogue adds bias and residual and clamps to ``[lo, hi]`` (ReLU: ``[0, inf]``, ReLU6: ``[0, 6]``) before the
 single store.
+
+Channel blocks: where a tile's reads over all input channels would not stay in the L1 cache, the non-zeros are
+stored block-major (``blockptr`` ``[blocks, R + 1]``: input-channel block, then row) and a tile runs block by block
+over all its rows, partial sums kept in a small scratch buffer: each block's slice of the grid is read from L1 by
+every row, and the weights still stream once, in order (``sparse_conv.channel_blocks`` picks the blocks).
 
 ``spmm(rowptr, col, val, X, bias)``: ``Y[n] = W @ X[n] (+ bias)`` for CSR ``W`` (``col`` uint16 stored as int16,
 or int32) and ``X`` ``[N, K, M]``, on the same column tiles (non-zero ``k`` reads row ``col[k]`` of ``X``); one
@@ -146,20 +151,30 @@ struct Dest {
   int64_t yoff, roff;
 };
 
+// the non-zeros of row r in input-channel block b: [ptr[b * stride + r], ptr[b * stride + r + 1]) (one block:
+// plain CSR row pointers); partial sums wait in `scratch` ([rows, 64]) between blocks
+struct Rows {
+  const int64_t* __restrict ptr;
+  int64_t stride, nb;
+  float* scratch;
+};
+
 template <int NV, int U, bool MASKED, typename Idx>
-static inline void tile(const int64_t* __restrict rowptr, const Idx off, const float* __restrict val,
+static inline void tile(const Rows rows, const Idx off, const float* __restrict val,
                         const float* __restrict G, int64_t c0, int last, int64_t r0, int64_t r1, float* Y,
                         const Epilogue& e, const Dest d) {
   const float* Gc = G + c0;
   const int w = 8 * (NV - 1) + (MASKED ? last : 8);
   const int64_t plane = e.ho * e.wo;
   const v8 lo = v8{} + e.lo, hi = v8{} + e.hi;
+  for (int64_t blk = 0; blk < rows.nb; ++blk) {
   for (int64_t r = r0; r < r1; ++r) {
     v8 acc[U][NV];
+    float* sc = rows.scratch + (r - r0) * 64;
     for (int u = 0; u < U; ++u)
-      for (int q = 0; q < NV; ++q) acc[u][q] = v8{};
-    int64_t k = rowptr[r];
-    const int64_t end = rowptr[r + 1];
+      for (int q = 0; q < NV; ++q) acc[u][q] = (u == 0 && blk > 0) ? ld8(sc + 8 * q) : v8{};
+    int64_t k = rows.ptr[blk * rows.stride + r];
+    const int64_t end = rows.ptr[blk * rows.stride + r + 1];
     for (; k + U <= end; k += U)
       for (int u = 0; u < U; ++u) {
         const v8 v = v8{} + val[k + u];
@@ -175,6 +190,10 @@ static inline void tile(const int64_t* __restrict rowptr, const Idx off, const f
     }
     for (int u = 1; u < U; ++u)
       for (int q = 0; q < NV; ++q) acc[0][q] += acc[u][q];
+    if (blk + 1 < rows.nb) {
+      for (int q = 0; q < NV; ++q) st8(sc + 8 * q, acc[0][q]);
+      continue;
+    }
     const v8 b = v8{} + (e.bias ? e.bias[r] : 0.f);
     if (d.direct) {  // bias, residual and clamp on the registers, one store
       float* y = Y + r * e.oplane + d.yoff;
@@ -193,11 +212,12 @@ static inline void tile(const int64_t* __restrict rowptr, const Idx off, const f
       store_row(out, w, c0, r, Y, e);
     }
   }
+  }
 }
 
 // the last columns (fewer than 64): ceil(left / 8) vectors, the last one masked when left is not a multiple of 8
 template <int NV, int U, typename Idx>
-static inline void tail(const int64_t* rowptr, const Idx off, const float* val, const float* G, int64_t c,
+static inline void tail(const Rows rowptr, const Idx off, const float* val, const float* G, int64_t c,
                         int last, int64_t r0, int64_t r1, float* Y, const Epilogue& e, const Dest d) {
   if (last == 8) tile<NV, U, false>(rowptr, off, val, G, c, 8, r0, r1, Y, e, d);
   else tile<NV, U, true>(rowptr, off, val, G, c, last, r0, r1, Y, e, d);
@@ -205,7 +225,7 @@ static inline void tail(const int64_t* rowptr, const Idx off, const float* val, 
 
 // grid columns [c0, c0 + width), width <= 64, landing at `d`
 template <typename Idx>
-static void run_columns(const int64_t* rowptr, const Idx off, const float* val, const float* G, int64_t c,
+static void run_columns(const Rows rowptr, const Idx off, const float* val, const float* G, int64_t c,
                         int64_t width, int64_t r0, int64_t r1, float* Y, const Epilogue& e, const Dest d) {
   if (width == 64) { tile<8, 1, false>(rowptr, off, val, G, c, 8, r0, r1, Y, e, d); return; }
   const int nv = (int)((width + 7) / 8), last = (int)(width - 8 * (nv - 1));
@@ -303,7 +323,9 @@ torch::Tensor conv(torch::Tensor x, torch::Tensor rowptr, torch::Tensor off, tor
   const bool padded_out = oph > 0 || opw > 0;
   const int64_t oh_all = padded_out ? ho + 2 * oph + 1 : ho, ow_all = padded_out ? wo + 2 * opw : wo;
   x = x.contiguous();
-  const int64_t N = x.size(0), R = rowptr.size(0) - 1;
+  TORCH_CHECK(rowptr.dim() == 2 && rowptr.size(0) >= 1 && rowptr.size(1) >= 2 && rowptr.is_contiguous(),
+              "rowptr must be [channel blocks, R + 1]");
+  const int64_t N = x.size(0), nb = rowptr.size(0), R = rowptr.size(1) - 1;
   torch::Tensor G = direct ? x : make_grid(x, phases, sh, sw, ph, pw, hq, wq);
   const int64_t gstride = G.numel() / std::max<int64_t>(1, N);
   auto Y = torch::empty({N, R, oh_all, ow_all}, x.options());
@@ -327,9 +349,15 @@ torch::Tensor conv(torch::Tensor x, torch::Tensor rowptr, torch::Tensor off, tor
   const int64_t nnz = val.numel();
   // rows per work item: about 32k multiply-adds per item, at least 4 rows
   const int64_t per_row = std::max<int64_t>(1, nnz / std::max<int64_t>(1, R)) * std::min<int64_t>(M, 64);
-  const int64_t rb = std::min<int64_t>(R, std::max<int64_t>(4, 32768 / per_row));
+  int64_t rb = std::min<int64_t>(R, std::max<int64_t>(4, 32768 / per_row));
+  if (nb > 1) {  // channel blocks: all rows of a tile in one work item, unless threads would idle
+    const int64_t items = std::max<int64_t>(1, (2 * at::get_num_threads() + N * ntiles - 1) / (N * ntiles));
+    rb = (R + items - 1) / items;
+  }
   const int64_t nrb = (R + rb - 1) / rb;
   const int64_t* rpp = rowptr.data_ptr<int64_t>();
+  // the blocks are checked to be one non-decreasing run from 0 to nnz where they are built (sparse_conv._plan)
+  TORCH_CHECK(rpp[0] == 0 && rpp[nb * (R + 1) - 1] == nnz, "sparse convolution: row pointers do not span the weight");
   const int32_t* op = off.data_ptr<int32_t>();
   const float* vp = val.data_ptr<float>();
   const float* gp = G.data_ptr<float>();
@@ -350,13 +378,15 @@ torch::Tensor conv(torch::Tensor x, torch::Tensor rowptr, torch::Tensor off, tor
     });
   }
   at::parallel_for(0, N * ntiles * nrb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(nb > 1 ? rb * 64 : 0);
     for (int64_t it = begin; it < end; ++it) {
       const int64_t b = it % nrb, t = (it / nrb) % ntiles, n = it / (nrb * ntiles);
       const int64_t r0 = b * rb, r1 = std::min<int64_t>(R, r0 + rb);
       Epilogue e{bp, rp ? rp + n * R * ho * wo : nullptr, clamp, (float)lo, (float)hi, wq, wo, ho,
                  ow_all, oplane, oph * ow_all + opw};
       const Segment& sg = segs[t];
-      run_columns(rpp, Offsets{op}, vp, gp + n * gstride, sg.c0, sg.width, r0, r1, yp + n * R * oplane, e, sg.d);
+      run_columns(Rows{rpp, R + 1, nb, scratch.data()}, Offsets{op}, vp, gp + n * gstride, sg.c0, sg.width, r0, r1,
+                  yp + n * R * oplane, e, sg.d);
     }
   });
   return Y;
@@ -412,7 +442,8 @@ static void spmm_impl(const torch::Tensor& rowptr, const I* col, const torch::Te
       const int64_t c0 = t * TILE, w = std::min<int64_t>(TILE, M - c0);
       const int64_t r0 = b * rb, r1 = std::min<int64_t>(R, r0 + rb);
       Epilogue e{bias, nullptr, false, 0.f, 0.f, M, M, 1, M, M, 0};
-      run_columns(rp, Columns<I>{col, M}, vp, xp + n * K * M, c0, w, r0, r1, yp + n * R * M, e, Dest{true, c0, c0});
+      run_columns(Rows{rp, R + 1, 1, nullptr}, Columns<I>{col, M}, vp, xp + n * K * M, c0, w, r0, r1, yp + n * R * M,
+                  e, Dest{true, c0, c0});
     }
   });
 }

@@ -2,8 +2,9 @@
 
 The weight is stored once as CSR over output channels with, per non-zero, its absolute input channel and its tap
 (``a * kw + b``); the per-non-zero offsets into the input grid depend on the input's height and width and are
-computed on first use of each input size (cached per size, never saved). An optional fused epilogue adds a residual
-(``forward(x, residual)``) and applies an activation (``ACTIVATIONS``: ReLU, ReLU6, as clamps), as
+computed on first use of each input size (cached per size, never saved), in channel blocks where a tile's reads
+would overflow the L1 cache (``channel_blocks``; the non-zeros then stored block-major). An optional fused epilogue
+adds a residual (``forward(x, residual)``) and applies an activation (``ACTIVATIONS``: ReLU, ReLU6, as clamps), as
 ``fuse_epilogues`` sets up. Inference only; a tracing leaf.
 """
 
@@ -24,6 +25,36 @@ INT32_MAX = 2**31 - 1
 INF = float("inf")
 # fused activation -> the clamp bounds the kernel applies
 ACTIVATIONS: dict[str | None, tuple[float, float]] = {None: (-INF, INF), "relu": (0.0, INF), "relu6": (0.0, 6.0)}
+# grid bytes one input-channel block may read per 64-column tile (every row of the tile reads that block from L1);
+# chosen on resnet50 at 90% on this project's 2-core EPYC (32 KB L1): 32-64 KB all gave 1.11-1.14x, 16 KB lost on
+# 1x1 layers (benchmarks/results/sparse_end_to_end.md)
+CHANNEL_BLOCK_BYTES = 48 << 10
+
+
+def channel_blocks(in_channels: int, groups: int, n_phases: int, max_shift: int, columns: int) -> int:
+    """Input channels per block for a convolution whose taps read up to ``max_shift`` grid columns past a tile of
+    ``min(64, columns)``, in ``n_phases`` stride phases per channel (grouped convolutions: one block)."""
+    if groups != 1:
+        return in_channels
+    per_channel = n_phases * (min(64, columns) + max_shift) * 4
+    return max(1, CHANNEL_BLOCK_BYTES // per_channel)
+
+
+def block_major(rowptr: torch.Tensor, chan: torch.Tensor, off: torch.Tensor, val: torch.Tensor, per_block: int):
+    """``(pointers [blocks, R + 1], off, val)``: the non-zeros ordered by input-channel block, then row (one block:
+    the CSR arrays as they are)."""
+    rows = rowptr.numel() - 1
+    n_blocks = (int(chan.max()) + per_block) // per_block if chan.numel() else 1  # blocks up to the last channel
+    if n_blocks == 1:
+        return rowptr.view(1, -1), off, val
+    row = torch.repeat_interleave(torch.arange(rows), rowptr[1:] - rowptr[:-1])
+    key = (chan.long() // per_block) * rows + row
+    order = torch.argsort(key, stable=True)  # within a (block, row): the CSR order
+    counts = torch.bincount(key, minlength=n_blocks * rows).cumsum(0).view(n_blocks, rows)
+    ptr = torch.zeros(n_blocks, rows + 1, dtype=torch.int64)
+    ptr[:, 1:] = counts
+    ptr[1:, 0] = counts[:-1, -1]
+    return ptr, off[order].contiguous(), val[order].contiguous()
 
 
 @dataclass(frozen=True)
@@ -224,8 +255,8 @@ class DirectSparseConv2d(TransientState, nn.Module):
         self.check()
 
     def _plan(self, h: int, w: int):
-        """``(geometry args, phases, offsets)`` for an ``h x w`` input (cached per size; the buffers are checked
-        before the first plan)."""
+        """``(geometry args, phases, block pointers, offsets, values)`` for an ``h x w`` input (cached per size; the
+        buffers are checked before the first plan)."""
         cache = self.__dict__.get("_cache")
         if cache is None:
             self.check()
@@ -242,10 +273,16 @@ class DirectSparseConv2d(TransientState, nn.Module):
             if off.numel() and int(off.min()) < 0:
                 raise BackendError(f"{type(self).__name__}: negative grid offsets (invalid geometry)")
             max_off = int(off.max()) if off.numel() else 0
+            per_block = channel_blocks(self.in_channels, self.groups, n_phases, int(g.tap_shift.max()), g.ho * g.wq)
+            ptr, off, val = block_major(self.rowptr, self.chan, off.to(torch.int32).contiguous(), self.val, per_block)
+            if not rowptr_is_valid(ptr.reshape(-1), self.nnz):
+                raise BackendError(f"{type(self).__name__}: invalid channel-block pointers")
             plan = cache[(h, w)] = (
                 g.args(self.stride, self.padding, self.out_pad) + [max_off],
                 list(g.phases),
-                off.to(torch.int32).contiguous(),
+                ptr,
+                off,
+                val,
             )
         return plan
 
@@ -256,11 +293,11 @@ class DirectSparseConv2d(TransientState, nn.Module):
             )
         if x.dtype != torch.float32 or x.dim() != 4:
             raise BackendError(f"DirectSparseConv2d computes on float32 NCHW input; got {x.dtype} {tuple(x.shape)}")
-        geom, phases, off = self._plan(x.shape[2], x.shape[3])
+        geom, phases, ptr, off, val = self._plan(x.shape[2], x.shape[3])
         if (residual is not None) != self.residual:
             raise BackendError("DirectSparseConv2d: pass a residual exactly when the layer was built with one")
         lo, hi = ACTIVATIONS[self.activation]
-        return cpp_kernel.load().conv(x, self.rowptr, off, self.val, self.bias, residual, lo, hi, geom, phases)
+        return cpp_kernel.load().conv(x, ptr, off, val, self.bias, residual, lo, hi, geom, phases)
 
     def extra_repr(self) -> str:
         fused = (

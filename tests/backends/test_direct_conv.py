@@ -6,8 +6,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sparsifx.backends import cpp_kernel
+from sparsifx.backends import sparse_conv as sparse_conv_module
 from sparsifx.backends.fast_pool import FastMaxPool2d
-from sparsifx.backends.sparse_conv import DirectSparseConv2d, direct_supported, geometry
+from sparsifx.backends.sparse_conv import DirectSparseConv2d, block_major, direct_supported, geometry
 from sparsifx.errors import BackendError
 
 pytestmark = pytest.mark.skipif(not cpp_kernel.available(), reason="needs a C++ compiler")
@@ -44,7 +45,10 @@ def sparse_conv(cin, cout, k, s, p, d, g, density=0.3, bias=True):
 
 @pytest.mark.parametrize("name", sorted(SHAPES))
 @pytest.mark.parametrize("batch", [1, 3])
-def test_direct_conv_matches_conv2d(name, batch):
+@pytest.mark.parametrize("block_bytes", [None, 64, 2048])  # default; one channel per block; a few channels per block
+def test_direct_conv_matches_conv2d(name, batch, block_bytes, monkeypatch):
+    if block_bytes is not None:
+        monkeypatch.setattr(sparse_conv_module, "CHANNEL_BLOCK_BYTES", block_bytes)
     cin, cout, k, s, p, d, g, h, w = SHAPES[name]
     torch.manual_seed(hash(name) % 1000)
     conv = sparse_conv(cin, cout, k, s, p, d, g)
@@ -52,6 +56,22 @@ def test_direct_conv_matches_conv2d(name, batch):
     layer = DirectSparseConv2d(conv, conv.weight)
     with torch.inference_mode():
         torch.testing.assert_close(layer(x), conv(x), **TOL)
+
+
+@pytest.mark.parametrize("per_block", [1, 3, 16])
+def test_block_major_order_keeps_each_rows_non_zeros(per_block):
+    conv = sparse_conv(16, 8, 3, 1, 1, 1, 1, density=0.4)
+    layer = DirectSparseConv2d(conv, conv.weight)
+    off = torch.arange(layer.nnz, dtype=torch.int32)  # stands for each non-zero's own index
+    ptr, order, val = block_major(layer.rowptr, layer.chan, off, layer.val, per_block)
+    assert ptr.shape == (-(-16 // per_block), 9) and int(ptr[0, 0]) == 0 and int(ptr[-1, -1]) == layer.nnz
+    assert bool((ptr.reshape(-1)[1:] >= ptr.reshape(-1)[:-1]).all())
+    for b in range(ptr.shape[0]):
+        for r in range(8):
+            ks = order[ptr[b, r] : ptr[b, r + 1]].long()
+            assert bool((layer.chan[ks] // per_block == b).all())
+            assert bool(((ks >= layer.rowptr[r]) & (ks < layer.rowptr[r + 1])).all())
+            torch.testing.assert_close(val[ptr[b, r] : ptr[b, r + 1]], layer.val[ks])
 
 
 @pytest.mark.parametrize("name", ["1x1", "3x3", "3x3_stride2_odd", "grouped"])
