@@ -33,6 +33,8 @@ SHAPES = {
     "depthwise": (16, 16, 3, 1, 1, 1, 16, 9, 11),
     "depthwise_stride2": (16, 32, 3, 2, 1, 1, 16, 10, 9),
     "wide_row_tiles": (32, 16, 3, 1, 1, 1, 1, 30, 40),  # full 64-column tiles and a masked tail
+    "3x3_stride2_wide": (8, 8, 3, 2, 1, 1, 1, 7, 45),  # stride-2 grid rows long enough for the vector copy
+    "1x1_stride2_wide": (8, 8, 1, 2, 0, 1, 1, 6, 50),
 }
 
 
