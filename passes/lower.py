@@ -74,7 +74,8 @@ class Lower(PassBase):
     input shape and the whole model before and after, and report the measured speedups), ``fuse`` (run
     ``fuse_epilogues`` afterwards: residual adds and ReLUs folded into the sparse convolutions; default on),
     ``whole_model`` (default on, where every layer's backend is ``auto``: time the lowered model against the whole
-    dense model run by onnxruntime on the example inputs and keep the faster, ``passes/lower_whole_model.py``).
+    dense model run by onnxruntime on the example inputs and keep the lowered one only if ``min_speedup`` times
+    faster, ``passes/lower_whole_model.py``).
     Convolutions are planned by measurement: torch's dense convolution and the direct sparse convolution
     (``backends/cpp_kernel.py``) are timed on the layer's recorded input shape, each with the ReLU / ReLU6 that
     follows it (fused by the direct kernel), and the faster one is kept (``min_speedup`` applies to predictions). Each
@@ -326,13 +327,12 @@ class Lower(PassBase):
             "measured_speedup": round(ms["dense"] / ms["lowered"], 2),
         }
 
-    @staticmethod
-    def _keep_faster(gm: fx.GraphModule, twin: fx.GraphModule) -> dict:
+    def _keep_faster(self, gm: fx.GraphModule, twin: fx.GraphModule) -> dict:
         from .lower_whole_model import keep_faster
 
         inputs = gm.meta.get(EXAMPLE_INPUTS)
         inputs = None if inputs is None else tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-        outcome = keep_faster(gm, twin, inputs, CONV_TIMING_REPS)
+        outcome = keep_faster(gm, twin, inputs, CONV_TIMING_REPS, self.min_speedup)
         if outcome["kept"] == "onnxruntime":
             gm.meta.setdefault(REPORT_NOTES, []).append(
                 f"lower: the whole dense model in onnxruntime ({outcome['onnxruntime_ms']} ms) was faster than the "

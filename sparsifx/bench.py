@@ -28,6 +28,7 @@ class BenchRow:
     sparsifx_per_s: float
     onnxruntime_per_s: float
     max_abs_diff: float
+    runs_on: str  # "sparse kernels", or "onnxruntime" where lower measured the whole dense model faster
 
 
 def prepare_file(target: str, sparsity: float | None, input_shape, folder: Path) -> tuple[Path, tuple[int, ...] | None]:
@@ -106,6 +107,7 @@ def bench(
                         round(1e3 * b / ms["sparsifx"], 1),
                         round(1e3 * b / ms["ort"], 1),
                         diff,
+                        _runs_on(gm),
                     )
                     rows.append(row)
                     if progress:
@@ -113,6 +115,13 @@ def bench(
         finally:
             torch.set_num_threads(before)
     return rows
+
+
+def _runs_on(gm) -> str:
+    from .meta_keys import LOWER_SUMMARY
+
+    kept = gm.meta.get(LOWER_SUMMARY, {}).get("whole_model", {}).get("kept")
+    return "onnxruntime" if kept == "onnxruntime" else "sparse kernels"
 
 
 def _input(gm, batch: int, shape) -> torch.Tensor:
@@ -126,13 +135,13 @@ def _input(gm, batch: int, shape) -> torch.Tensor:
     return torch.randn(batch, *shape[1:])
 
 
-HEADER = "threads  batch  sparsifx ms  onnxruntime ms  speedup  sparsifx/s  onnxruntime/s  max |diff|"
+HEADER = "threads  batch  sparsifx ms  onnxruntime ms  speedup  sparsifx/s  onnxruntime/s  max |diff|  runs on"
 
 
 def format_row(r: BenchRow) -> str:
     return (
         f"{r.threads:7d}  {r.batch:5d}  {r.sparsifx_ms:11.3f}  {r.onnxruntime_ms:14.3f}  {r.speedup:6.2f}x  "
-        f"{r.sparsifx_per_s:10.1f}  {r.onnxruntime_per_s:13.1f}  {r.max_abs_diff:.2e}"
+        f"{r.sparsifx_per_s:10.1f}  {r.onnxruntime_per_s:13.1f}  {r.max_abs_diff:10.2e}  {r.runs_on}"
     )
 
 
