@@ -138,6 +138,18 @@ def export(model: nn.Module, x: torch.Tensor, path: Path) -> None:
     export_dense_onnx(model, (x,), path)
 
 
+ROUND_BUDGET_S = 4.0  # fast models get more rounds: this VM's speed drifts, and a median of 7 short rounds drifts too
+
+
+def rounds_for(fns: dict, reps: int) -> int:
+    """At least ``reps`` rounds, more for fast models: as many as fit ``ROUND_BUDGET_S`` (at most 101)."""
+    t0 = time.perf_counter()
+    for fn in fns.values():
+        fn()
+    per_round = time.perf_counter() - t0
+    return max(reps, min(101, int(ROUND_BUDGET_S / max(per_round, 1e-6))))
+
+
 def run_cell(name, sparsity, dense, path, threads, batch, reps, ds, tmp) -> dict:
     torch.set_num_threads(threads)
     shape = MODELS[name][1]
@@ -159,7 +171,8 @@ def run_cell(name, sparsity, dense, path, threads, batch, reps, ds, tmp) -> dict
         torch.testing.assert_close(torch.from_numpy(np.load(tmp / "y.npy")), ref, **TOL)
         fns["deepsparse"] = lambda: ds.ask("run")
     with torch.inference_mode():
-        ms = harness.medians_ms(harness.interleaved_samples(fns, reps, warmup_rounds=1)["wall"])
+        rounds = rounds_for(fns, reps)
+        ms = harness.medians_ms(harness.interleaved_samples(fns, rounds, warmup_rounds=1)["wall"])
     summary = lowered.meta.get("lower_summary", {})
     row = {
         "model": name,
@@ -171,6 +184,7 @@ def run_cell(name, sparsity, dense, path, threads, batch, reps, ds, tmp) -> dict
         "deepsparse_x_ort": round(ms["ort_dense"] / ms["deepsparse"], 3) if "deepsparse" in ms else None,
         "lowered_x_deepsparse": round(ms["deepsparse"] / ms["lowered"], 3) if "deepsparse" in ms else None,
         "lowered_matches_masked": True,
+        "rounds": rounds,
         "lower_s": round(lower_s, 1),
         "kept": summary.get("whole_model", {}).get("kept", "lowered"),
         "backends": summary.get("backends"),
@@ -259,7 +273,8 @@ def markdown(res: dict) -> str:
         "",
         harness.load_line(meta),
         "",
-        "Median wall-clock ms of interleaved rounds; ratios are onnxruntime dense time over each engine's. "
+        "Median wall-clock ms of interleaved rounds (at least `--reps`, more for fast models: as many as fit "
+        "4 s, `rounds` in the JSON); ratios are onnxruntime dense time over each engine's. "
         "Random-init weights, magnitude pruning at the same sparsity per layer, first layer dense, BatchNorm "
         "folded. `lowered x DS` > 1: sparsifx faster than DeepSparse.",
         "",
