@@ -116,6 +116,7 @@ def _names(example_inputs: Sequence[Any], n_out: int) -> tuple[list[str], list[s
 
 @EXPORTERS.register("torchscript")
 def _export_torchscript(module, inputs, path, dynamic_batch, opset, n_out):
+    """``path``: a file path, or a binary file object (``OrtGraph`` exports into memory)."""
     in_names, out_names = _names(inputs, n_out)
     axes = {n: {0: "batch"} for n in in_names + out_names} if dynamic_batch else None
     with warnings.catch_warnings():
@@ -123,7 +124,7 @@ def _export_torchscript(module, inputs, path, dynamic_batch, opset, n_out):
         torch.onnx.export(
             module,
             tuple(inputs),
-            str(path),
+            path if hasattr(path, "write") else str(path),
             dynamo=False,
             input_names=in_names,
             output_names=out_names,

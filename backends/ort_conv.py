@@ -14,8 +14,7 @@ import torch.nn as nn
 from sparsifx.errors import BackendError
 from sparsifx.tracing import register_leaf_type
 
-from .ort_runtime import cpu_session
-from .transient import TransientState
+from .ort_runtime import OrtSessionModule
 
 # fused activation -> (ONNX op, attributes)
 ORT_ACTIVATIONS = {None: None, "relu": ("Relu", {}), "relu6": ("Clip", {"min": 0.0, "max": 6.0})}
@@ -26,10 +25,8 @@ def supported(conv: nn.Conv2d) -> bool:
 
 
 @register_leaf_type
-class OrtConv2d(TransientState, nn.Module):
+class OrtConv2d(OrtSessionModule, nn.Module):
     """``act(conv2d(x, W, b))`` in an onnxruntime session (float32 NCHW)."""
-
-    TRANSIENT_ATTRS = ("_session",)
 
     def __init__(self, conv: nn.Conv2d, weight: torch.Tensor, *, activation: str | None = None):
         super().__init__()
@@ -56,13 +53,8 @@ class OrtConv2d(TransientState, nn.Module):
             raise BackendError("OrtConv2d: unknown fused activation")
         self.drop_transient()
 
-    def session(self):
-        sess = self.__dict__.get("_session")
-        if sess is None:
-            sess = self.__dict__["_session"] = self._build()
-        return sess
-
-    def _build(self):
+    def onnx_bytes(self) -> bytes:
+        """A one-node graph (Conv, then Relu / Clip when fused) with the weights as initializers."""
         from onnx import TensorProto, helper, numpy_helper
 
         inits = [numpy_helper.from_array(self.weight.numpy(), "W")]
@@ -103,11 +95,10 @@ class OrtConv2d(TransientState, nn.Module):
             inits,
         )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-        return cpu_session(model.SerializeToString())
+        return model.SerializeToString()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.requires_grad and torch.is_grad_enabled():
-            raise BackendError("OrtConv2d is inference-only; run it under torch.no_grad() or torch.inference_mode()")
+        self.check_inference(x)
         if x.dtype != torch.float32 or x.dim() != 4:
             raise BackendError(f"OrtConv2d computes on float32 NCHW input; got {x.dtype} {tuple(x.shape)}")
         return torch.from_numpy(self.session().run(None, {"x": x.detach().contiguous().numpy()})[0])

@@ -20,39 +20,28 @@ import torch.nn as nn
 from sparsifx.errors import BackendError
 from sparsifx.tracing import register_leaf_type
 
-from .ort_runtime import cpu_session
-from .transient import TransientState
+from .ort_runtime import OrtSessionModule
 
 MAX_MODEL_BYTES = 2 << 30  # protobuf's own limit
 OPSET = 17
 
 
 def export_bytes(module: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> tuple[bytes, int]:
-    """``(ONNX model, number of outputs)`` of ``module`` on ``example_inputs``: opset 17, every input and output
-    with a dynamic first (batch) dimension."""
+    """``(ONNX model, number of outputs)`` of ``module`` on ``example_inputs``: the torchscript exporter of
+    ``export_onnx`` at opset 17, every input and output with a dynamic first (batch) dimension."""
+    from .onnx_export import EXPORTERS
+
     with torch.inference_mode():
         outputs = module(*example_inputs)
     n_out = 1 if isinstance(outputs, torch.Tensor) else len(outputs)
-    ins, outs = [f"in{i}" for i in range(len(example_inputs))], [f"out{i}" for i in range(n_out)]
     buffer = io.BytesIO()
-    torch.onnx.export(
-        module,
-        tuple(example_inputs),
-        buffer,
-        dynamo=False,
-        opset_version=OPSET,
-        input_names=ins,
-        output_names=outs,
-        dynamic_axes={name: {0: "batch"} for name in ins + outs},
-    )
+    EXPORTERS.get("torchscript")(module, tuple(example_inputs), buffer, True, OPSET, n_out)
     return buffer.getvalue(), n_out
 
 
 @register_leaf_type
-class OrtGraph(TransientState, nn.Module):
+class OrtGraph(OrtSessionModule, nn.Module):
     """``outputs = onnxruntime(model)(*inputs)``: float32 tensors in, a tensor (one output) or a tuple out."""
-
-    TRANSIENT_ATTRS = ("_session",)
 
     def __init__(self, onnx_model: bytes, n_inputs: int, n_outputs: int):
         super().__init__()
@@ -74,7 +63,7 @@ class OrtGraph(TransientState, nn.Module):
         if self.model.dtype != torch.uint8 or self.model.dim() != 1 or self.model.numel() > MAX_MODEL_BYTES:
             raise BackendError(f"OrtGraph: the model must be a 1-D uint8 buffer of at most {MAX_MODEL_BYTES} bytes")
         try:
-            proto = onnx.load_from_string(self.model.numpy().tobytes())
+            proto = onnx.load_from_string(self.onnx_bytes())
             onnx.checker.check_model(proto)
         except Exception as exc:  # protobuf and checker errors of many types
             raise BackendError(f"OrtGraph: not a valid ONNX model: {type(exc).__name__}: {exc}") from None
@@ -91,15 +80,11 @@ class OrtGraph(TransientState, nn.Module):
         self.drop_transient()
         self._validate()
 
-    def session(self):
-        sess = self.__dict__.get("_session")
-        if sess is None:
-            sess = self.__dict__["_session"] = cpu_session(self.model.numpy().tobytes())
-        return sess
+    def onnx_bytes(self) -> bytes:
+        return self.model.numpy().tobytes()
 
     def forward(self, *inputs: torch.Tensor):
-        if torch.is_grad_enabled() and any(x.requires_grad for x in inputs):
-            raise BackendError("OrtGraph is inference-only; run it under torch.no_grad() or torch.inference_mode()")
+        self.check_inference(*inputs)
         if len(inputs) != self.n_inputs or any(x.dtype != torch.float32 for x in inputs):
             raise BackendError(f"OrtGraph takes {self.n_inputs} float32 tensors; got {[x.dtype for x in inputs]}")
         sess = self.session()

@@ -3,6 +3,7 @@
 ``cpu_session`` is the one place that sets up a CPU session: ``threads`` intra-op threads (default: torch's count),
 one inter-op thread, no spin-waiting (idle pool threads would steal the cores from whatever runs next).
 ``export_dense_onnx`` writes a model as the file onnxruntime dense, DeepSparse and ``load_onnx`` all read.
+``OrtSessionModule`` is the mixin of the layers onnxruntime runs (``OrtConv2d``, ``OrtGraph``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,10 @@ from __future__ import annotations
 import os
 
 import torch
+
+from sparsifx.errors import BackendError
+
+from .transient import TransientState
 
 
 def cpu_session(model: bytes | str | os.PathLike, threads: int | None = None):
@@ -37,3 +42,25 @@ def export_dense_onnx(model: torch.nn.Module, example: tuple, path: str | os.Pat
         output_names=["y"],
         dynamic_axes={"x": {0: "batch"}},
     )
+
+
+class OrtSessionModule(TransientState):
+    """Mixin of a module run by one onnxruntime CPU session: built on first use from ``onnx_bytes()``, never saved
+    (``TransientState``), inference only."""
+
+    TRANSIENT_ATTRS = ("_session",)
+
+    def onnx_bytes(self) -> bytes:
+        raise NotImplementedError
+
+    def session(self):
+        sess = self.__dict__.get("_session")
+        if sess is None:
+            sess = self.__dict__["_session"] = cpu_session(self.onnx_bytes())
+        return sess
+
+    def check_inference(self, *inputs: torch.Tensor) -> None:
+        if torch.is_grad_enabled() and any(x.requires_grad for x in inputs):
+            raise BackendError(
+                f"{type(self).__name__} is inference-only; run it under torch.no_grad() or torch.inference_mode()"
+            )

@@ -47,8 +47,7 @@ def block_major(rowptr: torch.Tensor, chan: torch.Tensor, off: torch.Tensor, val
     n_blocks = (int(chan.max()) + per_block) // per_block if chan.numel() else 1  # blocks up to the last channel
     if n_blocks == 1:
         return rowptr.view(1, -1), off, val
-    row = torch.repeat_interleave(torch.arange(rows), rowptr[1:] - rowptr[:-1])
-    key = (chan.long() // per_block) * rows + row
+    key = (chan.long() // per_block) * rows + row_of_each_nonzero(rowptr)
     order = torch.argsort(key, stable=True)  # within a (block, row): the CSR order
     counts = torch.bincount(key, minlength=n_blocks * rows).cumsum(0).view(n_blocks, rows)
     ptr = torch.zeros(n_blocks, rows + 1, dtype=torch.int64)
@@ -100,6 +99,11 @@ def conv_output_size(h: int, w: int, kernel_size, stride, padding, dilation) -> 
     """Output height and width of a convolution on an ``h x w`` input (floor mode, as ``F.conv2d``)."""
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
     return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+
+def row_of_each_nonzero(rowptr: torch.Tensor) -> torch.Tensor:
+    """The CSR row of every non-zero (``rowptr`` checked by ``rowptr_is_valid`` first)."""
+    return torch.repeat_interleave(torch.arange(rowptr.numel() - 1), rowptr[1:] - rowptr[:-1])
 
 
 def rowptr_is_valid(rowptr: torch.Tensor, nnz: int) -> bool:
@@ -173,8 +177,7 @@ def check_packed(rowptr, chan, tap, val, bias, out_c: int, in_c: int, groups: in
     if nnz and (int(tap.min()) < 0 or int(tap.max()) >= taps):
         fail(f"tap index outside [0, {taps})")
     if nnz:
-        rows = torch.repeat_interleave(torch.arange(out_c), rowptr[1:] - rowptr[:-1])
-        lo = (rows // (out_c // groups)) * (in_c // groups)
+        lo = (row_of_each_nonzero(rowptr) // (out_c // groups)) * (in_c // groups)
         c = chan.long()
         if bool(((c < lo) | (c >= lo + in_c // groups)).any()):
             fail("input channel outside the row's group")

@@ -39,6 +39,12 @@ def _forced_conv(backend: str, conv: nn.Conv2d, weight: torch.Tensor) -> nn.Modu
 CONV_TIMING_REPS = 7
 
 
+def _example_inputs(gm: fx.GraphModule) -> tuple | None:
+    """The inputs ``gm`` was traced with, as a tuple (None when there are none)."""
+    inputs = gm.meta.get(EXAMPLE_INPUTS)
+    return None if inputs is None else tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+
+
 def _dense_copy(module: nn.Module, weight: torch.Tensor) -> nn.Module:
     """A plain ``nn.Linear`` / ``nn.Conv2d`` computing with ``weight`` (the mask baked in)."""
     if isinstance(module, nn.Linear):
@@ -315,10 +321,9 @@ class Lower(PassBase):
         """The whole model timed against its dense twin on the example inputs (interleaved medians)."""
         from sparsifx.backends.cost_model import median_ms
 
-        inputs = gm.meta.get(EXAMPLE_INPUTS)
+        inputs = _example_inputs(gm)
         if inputs is None:
             return {"measured_speedup": None, "measured_note": "no example inputs to time the model on"}
-        inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
         with eval_mode(gm), torch.inference_mode():
             ms = median_ms({"dense": lambda: twin(*inputs), "lowered": lambda: gm(*inputs)}, reps=CONV_TIMING_REPS)
         return {
@@ -330,9 +335,7 @@ class Lower(PassBase):
     def _keep_faster(self, gm: fx.GraphModule, twin: fx.GraphModule) -> dict:
         from .lower_whole_model import keep_faster
 
-        inputs = gm.meta.get(EXAMPLE_INPUTS)
-        inputs = None if inputs is None else tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-        outcome = keep_faster(gm, twin, inputs, CONV_TIMING_REPS, self.min_speedup)
+        outcome = keep_faster(gm, twin, _example_inputs(gm), CONV_TIMING_REPS, self.min_speedup)
         if outcome["kept"] == "onnxruntime":
             gm.meta.setdefault(REPORT_NOTES, []).append(
                 f"lower: the whole dense model in onnxruntime ({outcome['onnxruntime_ms']} ms) was faster than the "
