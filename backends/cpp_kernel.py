@@ -249,13 +249,14 @@ struct Segment {
 
 // how a convolution's grid columns are cut: contiguous outputs in 64-column tiles; rows of at least ROW_MIN
 // outputs one row at a time (only valid columns computed, stored from the registers); narrower rows in 64-column
-// tiles across rows (stored through store_row, the padding columns computed and dropped)
+// tiles across rows (stored through store_row, the grid's padding columns computed and dropped): a 7-wide row cut
+// alone would pay each non-zero's loads for one masked vector
 static std::vector<Segment> segments(int64_t ho, int64_t wo, int64_t wq, int64_t ostride, int64_t ooff) {
   const int64_t ROW_MIN = 48;
   std::vector<Segment> out;
   if (wq == wo && ostride == wo && ooff == 0) {
     for (int64_t c = 0; c < ho * wo; c += 64) out.push_back({c, std::min<int64_t>(64, ho * wo - c), {true, c, c}});
-  } else if (wo >= ROW_MIN || wq == wo) {
+  } else if (wo >= ROW_MIN) {
     for (int64_t i = 0; i < ho; ++i)
       for (int64_t j = 0; j < wo; j += 64)
         out.push_back({i * wq + j, std::min<int64_t>(64, wo - j), {true, ooff + i * ostride + j, i * wo + j}});

@@ -26,9 +26,10 @@ INF = float("inf")
 # fused activation -> the clamp bounds the kernel applies
 ACTIVATIONS: dict[str | None, tuple[float, float]] = {None: (-INF, INF), "relu": (0.0, INF), "relu6": (0.0, 6.0)}
 # grid bytes one input-channel block may read per 64-column tile (every row of the tile reads that block from L1);
-# chosen on resnet50 at 90% on this project's 2-core EPYC (32 KB L1): 32-64 KB all gave 1.11-1.14x, 16 KB lost on
-# 1x1 layers (benchmarks/results/sparse_end_to_end.md)
-CHANNEL_BLOCK_BYTES = 48 << 10
+# chosen on resnet50 at 90% on this project's 2-core EPYC (Zen 3, 32 KB L1), whole model against onnxruntime in one
+# interleaved run: 24 KB gave 3.06x at batch 1 (one and two threads) and 1.47x at batch 16, 48 KB 2.83x and 1.36x,
+# 16 KB and 64 KB less; mobilenet_v2 (1x1 layers) within noise of all sizes
+CHANNEL_BLOCK_BYTES = 24 << 10
 
 
 def channel_blocks(in_channels: int, groups: int, n_phases: int, max_shift: int, columns: int) -> int:
