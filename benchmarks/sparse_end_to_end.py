@@ -186,13 +186,23 @@ def run_cell(name, sparsity, dense, path, threads, batch, reps, ds, tmp) -> dict
         "lowered_matches_masked": True,
         "rounds": rounds,
         "lower_s": round(lower_s, 1),
-        "kept": summary.get("whole_model", {}).get("kept", "lowered"),
+        "kept": kept_label(summary),
+        "micro_batch": summary.get("micro_batch"),
         "backends": summary.get("backends"),
         "flop_speedup": summary.get("flop_speedup"),
         "layer_sum_predicted_speedup": summary.get("predicted_speedup"),
     }
     print(json.dumps(row), flush=True)
     return row
+
+
+def kept_label(summary: dict) -> str:
+    """What ``lower`` kept: onnxruntime on the whole dense graph, or the sparse kernels (run N samples at a time
+    where its micro-batch step chose that)."""
+    if summary.get("whole_model", {}).get("kept") == "onnxruntime":
+        return "onnxruntime"
+    chunks = summary.get("micro_batch") or {}
+    return f"lowered, {chunks['size']} at a time" if chunks.get("kept") == "chunks" else "lowered"
 
 
 def reload_check(tmp: Path, reps: int) -> dict:
@@ -290,12 +300,17 @@ def markdown(res: dict) -> str:
         )
     under = [r for r in res["cells"] if r["lowered_x_ort"] < FLOOR]
     whole = [r for r in res["cells"] if r.get("kept") == "onnxruntime"]
+    chunked = [r for r in res["cells"] if "at a time" in str(r.get("kept"))]
     lines += [
         "",
         f"Cells where the lowered model is more than 5% slower than onnxruntime dense (ratio < {FLOOR}): "
         f"{len(under)} of {len(res['cells'])}" + "".join(f"; {_cell(r)} ({r['lowered_x_ort']})" for r in under) + ".",
         f"Cells where `lower` measured the whole dense model in onnxruntime faster than its lowered form and kept "
         f"that (`lower kept` = onnxruntime): {len(whole)}" + "".join(f"; {_cell(r)}" for r in whole) + ".",
+        f"Cells where `lower`'s micro-batch step ran the batch one sample at a time (`lower kept` = lowered, 1 at a "
+        f"time; `micro_batch` in the JSON has both times): {len(chunked)}"
+        + "".join(f"; {_cell(r)}" for r in chunked)
+        + ".",
     ]
     lines += [
         "",

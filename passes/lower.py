@@ -81,7 +81,10 @@ class Lower(PassBase):
     ``fuse_epilogues`` afterwards: residual adds and ReLUs folded into the sparse convolutions; default on),
     ``whole_model`` (default on, where every layer's backend is ``auto``: time the lowered model against the whole
     dense model run by onnxruntime on the example inputs and keep the lowered one only if ``min_speedup`` times
-    faster, ``passes/lower_whole_model.py``).
+    faster, ``passes/lower_whole_model.py``), ``micro_batch`` (``auto``, the default where every layer's backend is
+    ``auto`` and the example batch is larger than 1: also plan a copy of the model for one sample and keep it, run
+    sample by sample, where that is measured faster and its outputs match; a number: always run in chunks of that
+    size; ``false``: off; ``passes/lower_micro_batch.py``).
     Convolutions are planned by measurement: torch's dense convolution and the direct sparse convolution
     (``backends/cpp_kernel.py``) are timed on the layer's recorded input shape, each with the ReLU / ReLU6 that
     follows it (fused by the direct kernel), and the faster one is kept (``min_speedup`` applies to predictions). Each
@@ -107,6 +110,7 @@ class Lower(PassBase):
         measure: bool = False,
         fuse: bool = True,
         whole_model: bool = True,
+        micro_batch: str | int | bool = "auto",
         selection: LayerSelection | None = None,
     ):
         from sparsifx.backends.sparse_kernels import SPARSE_KERNELS
@@ -124,6 +128,12 @@ class Lower(PassBase):
         self.measure = validate.boolean("measure", measure)
         self.fuse = validate.boolean("fuse", fuse)
         self.whole_model = validate.boolean("whole_model", whole_model)
+        if micro_batch is False or micro_batch is None:
+            self.micro_batch = None
+        elif micro_batch == "auto":
+            self.micro_batch = "auto"
+        else:
+            self.micro_batch = validate.integer("micro_batch", micro_batch, 1)
         self.selection = (selection or LayerSelection()).with_defaults(("Conv2d", "Linear"))
         self._calibration = None
 
@@ -343,7 +353,8 @@ class Lower(PassBase):
             )
         return outcome
 
-    def call(self, gm: fx.GraphModule) -> PassResult:
+    def _targets(self, gm: fx.GraphModule) -> list[tuple[str, nn.Module, str]]:
+        """``(name, module, backend)`` of every Linear / Conv2d to lower (sparse, masked, forced or a conv)."""
         from sparsifx.masking import is_masked
 
         targets = []
@@ -359,18 +370,19 @@ class Lower(PassBase):
             # dense convolutions too: onnxruntime's kernel may beat torch's (a stem with three input channels)
             if is_masked(module) or sparse or backend != "auto" or isinstance(module, nn.Conv2d):
                 targets.append((name, module, backend))
-        if not targets:
-            return PassResult(gm, False)
+        return targets
+
+    def _lower_graph(self, gm: fx.GraphModule, targets) -> tuple[dict[str, dict], bool, str | None]:
+        """Lower every target of ``gm`` in place, then fuse epilogues and pools: ``(info per layer, modified,
+        note)``."""
+        from sparsifx.masking import is_masked
+
         shapes = self._input_shapes(gm)
         activations = fusable_activations(gm) if self.fuse else {}
-        report = gm.meta.setdefault(REPORT_EXTRA, {})
-        compare_whole = self.whole_model and all(backend == "auto" for _, _, backend in targets)
-        twin = self._dense_twin(gm, targets) if self.measure or compare_whole else None
-        modified = False
+        infos, modified, note = {}, False, None
         for name, module, backend in targets:
-            new, info = self._lower_one(name, module, backend, shapes.get(name), activations.get(name))
-            report.setdefault(name, {}).update(info)
-            log.info("lower %s: %s", name, info)
+            new, infos[name] = self._lower_one(name, module, backend, shapes.get(name), activations.get(name))
+            log.info("lower %s: %s", name, infos[name])
             if type(new) is type(module) and not is_masked(module):
                 continue  # a plain layer that stays dense: nothing to rewrite
             new.train(module.training)
@@ -382,11 +394,64 @@ class Lower(PassBase):
             from .fuse_epilogues import FuseEpilogues
 
             FuseEpilogues()(gm)
-            report_notes = self._lower_pools(gm)
-            if report_notes:
-                gm.meta.setdefault(REPORT_NOTES, []).append(report_notes)
-        lowered = {name: report[name] for name, _, _ in targets}
-        summary = model_summary(lowered)
+            note = self._lower_pools(gm)
+        return infos, modified, note
+
+    def _chunk_copy(self, gm: fx.GraphModule, all_auto: bool) -> tuple[fx.GraphModule | None, int, str | None]:
+        """``(copy of gm to plan at the chunk size, size, None)``, or ``(None, size, why not)``."""
+        from .lower_micro_batch import AUTO_CHUNK, chunk_copy, skip_reason
+
+        size = AUTO_CHUNK if self.micro_batch == "auto" else self.micro_batch
+        if self.micro_batch is None or (self.micro_batch == "auto" and not all_auto):
+            return None, size, None
+        inputs = _example_inputs(gm)
+        reason = skip_reason(gm, inputs, size)
+        if reason is not None:
+            if self.micro_batch != "auto":
+                raise PreconditionError(f"lower: micro_batch {size}: {reason}")
+            return None, size, reason
+        return chunk_copy(gm, inputs, size), size, None
+
+    def _keep_chunks(self, gm: fx.GraphModule, body: fx.GraphModule, size: int) -> dict:
+        from .lower_micro_batch import keep_faster
+
+        force = self.micro_batch != "auto"
+        outcome = keep_faster(gm, body, size, _example_inputs(gm), CONV_TIMING_REPS, force)
+        if force and outcome["kept"] != "chunks":
+            raise PreconditionError(f"lower: micro_batch {size}: {outcome['skipped']}")
+        return outcome
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        targets = self._targets(gm)
+        if not targets:
+            return PassResult(gm, False)
+        report = gm.meta.setdefault(REPORT_EXTRA, {})
+        all_auto = all(backend == "auto" for _, _, backend in targets)
+        compare_whole = self.whole_model and all_auto
+        twin = self._dense_twin(gm, targets) if self.measure or compare_whole else None
+        body, size, chunk_skip = self._chunk_copy(gm, all_auto)  # copied before gm is lowered
+        infos, modified, note = self._lower_graph(gm, targets)
+        chunks = None
+        if body is not None and modified:
+            body_infos, _, _ = self._lower_graph(body, self._targets(body))
+            chunks = self._keep_chunks(gm, body, size)
+            if chunks["kept"] == "chunks":  # the report describes what runs: the layers planned for one chunk
+                infos = body_infos
+                gm.meta.setdefault(REPORT_NOTES, []).append(
+                    f"lower: the model runs {size} sample(s) at a time (planned at that batch): "
+                    f"{chunks['chunks_ms']} ms against {chunks['whole_batch_ms']} ms for the whole batch at once"
+                    if "chunks_ms" in chunks
+                    else f"lower: the model runs {size} sample(s) at a time (micro_batch: {size})"
+                )
+        elif chunk_skip is not None:
+            chunks = {"kept": "whole batch", "size": size, "skipped": chunk_skip}
+        for name, info in infos.items():
+            report.setdefault(name, {}).update(info)
+        if note:
+            gm.meta.setdefault(REPORT_NOTES, []).append(note)
+        summary = model_summary(infos)
+        if chunks is not None:
+            summary["micro_batch"] = chunks
         if compare_whole and modified:
             summary["whole_model"] = self._keep_faster(gm, twin)
         if twin is not None and modified:

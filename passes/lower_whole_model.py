@@ -25,6 +25,16 @@ def _as_tuple(out):
     return (out,) if isinstance(out, torch.Tensor) else tuple(out)
 
 
+def flat_io_reason(gm: fx.GraphModule) -> str | None:
+    """Why ``gm`` cannot be rewritten to ``placeholders -> one module -> output`` (None: it can)."""
+    if type(gm.graph._codegen) is not fx.graph.CodeGen:
+        return "the graph has structured (pytree) inputs or outputs"
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    if not (isinstance(out, fx.Node) or (isinstance(out, (tuple, list)) and all(isinstance(o, fx.Node) for o in out))):
+        return "the model's output is not a tensor or a flat tuple of tensors"
+    return None
+
+
 def _skip_reason(gm: fx.GraphModule, inputs) -> str | None:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if inputs is None:
@@ -33,12 +43,7 @@ def _skip_reason(gm: fx.GraphModule, inputs) -> str | None:
         isinstance(x, torch.Tensor) and x.dtype == torch.float32 for x in inputs
     ):
         return "the model's inputs are not all float32 tensors given as example inputs"
-    if type(gm.graph._codegen) is not fx.graph.CodeGen:
-        return "the graph has structured (pytree) inputs or outputs"
-    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
-    if not (isinstance(out, fx.Node) or (isinstance(out, (tuple, list)) and all(isinstance(o, fx.Node) for o in out))):
-        return "the model's output is not a tensor or a flat tuple of tensors"
-    return None
+    return flat_io_reason(gm)
 
 
 def ort_candidate(twin: fx.GraphModule, inputs):
@@ -54,16 +59,17 @@ def ort_candidate(twin: fx.GraphModule, inputs):
         return None, f"the dense model could not be run by onnxruntime: {type(exc).__name__}: {str(exc)[:200]}"
 
 
-def replace_with(gm: fx.GraphModule, module: torch.nn.Module) -> None:
-    """Rewrite ``gm`` in place to ``placeholders -> module -> output`` (same inputs, same output structure)."""
+def replace_with(gm: fx.GraphModule, module: torch.nn.Module, name: str = ORT_GRAPH_NAME) -> None:
+    """Rewrite ``gm`` in place to ``placeholders -> module -> output`` (same inputs, same output structure),
+    ``module`` registered as ``name``."""
     old_output = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     graph = fx.Graph()
     env = {}
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             env[node] = graph.node_copy(node, lambda n: env[n])
-    gm.add_submodule(ORT_GRAPH_NAME, module)
-    call = graph.call_module(ORT_GRAPH_NAME, tuple(env.values()))
+    gm.add_submodule(name, module)
+    call = graph.call_module(name, tuple(env.values()))
     if isinstance(old_output, fx.Node):
         graph.output(call)
     else:

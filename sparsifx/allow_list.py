@@ -365,6 +365,7 @@ for _module, _name in (
     ("fast_pool", "FastMaxPool2d"),
     ("ort_conv", "OrtConv2d"),
     ("ort_graph", "OrtGraph"),
+    ("micro_batch", "MicroBatched"),
 ):
     MODULE_CLASSES[f"sparsifx.backends.{_module}.{_name}"] = (f"sparsifx.backends.{_module}", _name)
 

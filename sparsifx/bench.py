@@ -120,8 +120,11 @@ def bench(
 def _runs_on(gm) -> str:
     from .meta_keys import LOWER_SUMMARY
 
-    kept = gm.meta.get(LOWER_SUMMARY, {}).get("whole_model", {}).get("kept")
-    return "onnxruntime" if kept == "onnxruntime" else "sparse kernels"
+    summary = gm.meta.get(LOWER_SUMMARY, {})
+    if summary.get("whole_model", {}).get("kept") == "onnxruntime":
+        return "onnxruntime"
+    chunks = summary.get("micro_batch", {})
+    return f"sparse kernels, {chunks['size']} at a time" if chunks.get("kept") == "chunks" else "sparse kernels"
 
 
 def _input(gm, batch: int, shape) -> torch.Tensor:

@@ -26,6 +26,9 @@ _MEMORY_FORMATS = {
 _LAYOUTS = {n: getattr(torch, n) for n in ("strided", "sparse_coo")}
 _PAYLOAD_KEYS = {"graph": list, "modules": dict, "attrs": dict, "meta": dict, "tensors": dict}
 _MODULE_KEYS = {"attrs": dict, "params": dict, "buffers": dict, "non_persistent": list, "children": dict}
+# a submodule that is itself a GraphModule (``MicroBatched``'s body): its graph, modules and attrs as at the top level
+GRAPH_CLASS = "$graph"
+_GRAPH_KEYS = {"graph": list, "modules": dict, "attrs": dict, "class_name": str}
 
 
 def expect(value: Any, kind: type | tuple, where: str) -> Any:
@@ -163,8 +166,7 @@ class PayloadReader:
             expect(payload.get(key), kind, f"file key '{key}': ")
         self.payload = payload
         self.tensors = payload["tensors"]
-        if len(payload["graph"]) > limits.max_nodes:
-            raise SerializationError(f"file has {len(payload['graph'])} nodes; the limit is {limits.max_nodes}")
+        self.node_count = 0
 
     def decode(self, value: Any, where: str, env: dict | None = None) -> Any:
         return _Decoder(env or {}, self.budget, self.limits.max_depth)(value, where)
@@ -182,6 +184,8 @@ class PayloadReader:
         if self.module_count > self.limits.max_modules or depth > self.limits.max_depth:
             raise SerializationError(f"{where}more or deeper submodules than the load limits allow")
         expect(record, dict, where)
+        if record.get("class") == GRAPH_CLASS:
+            return self.graph_module(record, path, depth)
         for key, kind in _MODULE_KEYS.items():
             expect(record.get(key), kind, f"{where}key '{key}': ")
         cls = resolve_module_class(record.get("class"), where)
@@ -214,12 +218,27 @@ class PayloadReader:
                 raise SerializationError(f"{where}{exc}") from exc
         return module
 
-    def root(self) -> dict[str, Any]:
+    def graph_module(self, record: dict, path: str = "", depth: int = 0) -> fx.GraphModule:
+        """A GraphModule from ``record`` (the payload itself at the top level, or a nested ``GRAPH_CLASS``
+        record); source is generated only after its graph and modules were checked."""
+        where = f"module '{path}': " if path else "file: "
+        for key, kind in _GRAPH_KEYS.items():
+            expect(record.get(key), kind, f"{where}key '{key}': ")
+        class_name = record["class_name"]
+        if not allow_list.is_identifier(class_name):
+            raise SerializationError(f"{where}class name {class_name[:60]!r} is not an identifier")
+        root = self.root(record, path, depth)
+        gm = fx.GraphModule(root, self.graph(record["graph"], root), class_name)  # all names checked above
+        gm.training = bool(record.get("training"))
+        return gm
+
+    def root(self, record: dict, path: str = "", depth: int = 0) -> dict[str, Any]:
         root: dict[str, Any] = {}
-        for target, rec in self.payload["modules"].items():
+        prefix = f"{path}." if path else ""
+        for target, rec in record["modules"].items():
             _name(target, allow_list.is_module_path, "module path", "file key 'modules': ")
-            root[target] = self.module(rec, target)
-        for target, rec in self.payload["attrs"].items():
+            root[target] = self.module(rec, prefix + target, depth + (1 if path else 0))
+        for target, rec in record["attrs"].items():
             where = f"get_attr '{str(target)[:60]}': "
             _name(target, allow_list.is_module_path, "attribute path", where)
             expect(rec, dict, where)
@@ -228,9 +247,12 @@ class PayloadReader:
         return root
 
     # ------------------------------------------------------------ graph
-    def graph(self, root: dict[str, Any]) -> fx.Graph:
+    def graph(self, records: list, root: dict[str, Any]) -> fx.Graph:
+        self.node_count += len(records)
+        if self.node_count > self.limits.max_nodes:
+            raise SerializationError(f"file has more than {self.limits.max_nodes} nodes, the load limit")
         graph, env = fx.Graph(), {}
-        for i, rec in enumerate(self.payload["graph"]):
+        for i, rec in enumerate(records):
             where = f"node #{i}: "
             expect(rec, dict, where)
             op, name = rec.get("op"), rec.get("name")

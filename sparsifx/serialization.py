@@ -35,7 +35,7 @@ import torch.nn as nn
 from . import allow_list
 from .atomic_io import atomic_write
 from .errors import SerializationError
-from .file_reader import _INIT_KEYS, PayloadReader, _check_call, resolve_function, resolve_module_class
+from .file_reader import _INIT_KEYS, GRAPH_CLASS, PayloadReader, _check_call, resolve_function, resolve_module_class
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,8 @@ def _encode(value: Any, where: str) -> Any:
 # ---------------------------------------------------------------- modules
 def _module_record(module: nn.Module, path: str, tensors: dict[str, torch.Tensor]) -> dict:
     where = f"module '{path}': "
+    if isinstance(module, fx.GraphModule):  # a nested graph (MicroBatched's body): stored like the top level
+        return {"class": GRAPH_CLASS, **_graph_record(module, tensors, f"{path}.", where)}
     cls_name = _class_name(type(module))
     resolve_module_class(cls_name, where)
     hooks = [
@@ -156,18 +158,36 @@ def _target_record(node: fx.Node) -> Any:
     return node.target
 
 
-def _encode_graph(gm: fx.GraphModule, tensors: dict) -> tuple[list, dict, dict]:
+def _graph_record(gm: fx.GraphModule, tensors: dict, prefix: str = "", where: str = "") -> dict:
+    """``gm``'s graph, modules and ``get_attr`` tensors as plain data (tensors into ``tensors``, keyed under
+    ``prefix``)."""
+    if type(gm.graph._codegen) is not fx.graph.CodeGen:
+        raise SerializationError(
+            f"{where}graph uses {type(gm.graph._codegen).__name__}; only the default codegen "
+            "(no pytree inputs/outputs) can be saved"
+        )
+    nodes, modules, attrs = _encode_graph(gm, tensors, prefix)
+    return {
+        "class_name": type(gm).__name__,
+        "training": gm.training,
+        "graph": nodes,
+        "modules": modules,
+        "attrs": attrs,
+    }
+
+
+def _encode_graph(gm: fx.GraphModule, tensors: dict, prefix: str = "") -> tuple[list, dict, dict]:
     nodes, modules, attrs = [], {}, {}
     for node in gm.graph.nodes:
-        where = f"node '{node.name}' ({node.op}): "
+        where = f"{prefix}node '{node.name}' ({node.op}): "
         target = _target_record(node)
         if node.op == "call_function":
             _check_getattr(node.name, node.target, node.args, node.kwargs)
         if node.op == "call_module" and node.target not in modules:
-            modules[node.target] = _module_record(gm.get_submodule(node.target), node.target, tensors)
+            modules[node.target] = _module_record(gm.get_submodule(node.target), prefix + node.target, tensors)
         if node.op == "get_attr" and node.target not in attrs:
             value = _fetch_attr(gm, node.target, where)
-            key = f"attr:{node.target}"
+            key = f"attr:{prefix}{node.target}"
             tensors[key] = value.detach()
             attrs[node.target] = {
                 "key": key,
@@ -207,13 +227,8 @@ def to_payload(gm: fx.GraphModule) -> dict:
     """The plain-data form of ``gm`` (what :func:`save` writes)."""
     if not isinstance(gm, fx.GraphModule):
         raise SerializationError(f"save needs a torch.fx.GraphModule (trace the model first), got {type(gm).__name__}")
-    if type(gm.graph._codegen) is not fx.graph.CodeGen:
-        raise SerializationError(
-            f"graph uses {type(gm.graph._codegen).__name__}; only the default codegen "
-            "(no pytree inputs/outputs) can be saved"
-        )
     tensors: dict[str, torch.Tensor] = {}
-    nodes, modules, attrs = _encode_graph(gm, tensors)
+    record = _graph_record(gm, tensors)
     meta = {}
     for key, value in gm.meta.items():
         try:
@@ -223,11 +238,7 @@ def to_payload(gm: fx.GraphModule) -> dict:
     return {
         "format": FORMAT,
         "version": VERSION,
-        "class_name": type(gm).__name__,
-        "training": gm.training,
-        "graph": nodes,
-        "modules": modules,
-        "attrs": attrs,
+        **record,
         "meta": meta,
         "tensors": tensors,
     }
@@ -243,20 +254,14 @@ def from_payload(payload: Any, limits: LoadLimits = LoadLimits()) -> fx.GraphMod
         )
     try:
         reader = PayloadReader(payload, limits)
-        class_name = payload.get("class_name")
-        if not allow_list.is_identifier(class_name):
-            raise SerializationError(f"class name {str(class_name)[:60]!r} is not an identifier")
-        root = reader.root()
-        graph = reader.graph(root)
+        gm = reader.graph_module(payload)  # generates and compiles source only after every name was checked
         meta = {k: reader.decode(v, f"meta '{k}': ") for k, v in payload["meta"].items() if isinstance(k, str)}
-        gm = fx.GraphModule(root, graph, class_name)  # generates and compiles source: all names checked above
     except SerializationError:
         raise
     except RecursionError as exc:
         raise SerializationError("malformed sparsifx file: nested too deeply") from exc
     except Exception as exc:  # a malformed file must never escape as another type
         raise SerializationError(f"malformed sparsifx file: {type(exc).__name__}: {_first_line(exc)}") from exc
-    gm.training = bool(payload.get("training"))
     gm.meta.update(meta)
     return gm
 

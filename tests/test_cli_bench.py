@@ -30,7 +30,7 @@ def test_bench_onnx_file_prints_rows_as_json(tmp_path, capsys):
     rows = json.loads(capsys.readouterr().out)
     assert [r["batch"] for r in rows] == [1, 2]
     assert all(r["max_abs_diff"] < 1e-3 and r["speedup"] > 0 for r in rows)
-    assert all(r["runs_on"] in ("sparse kernels", "onnxruntime") for r in rows)
+    assert all(r["runs_on"] == "onnxruntime" or r["runs_on"].startswith("sparse kernels") for r in rows)
 
 
 def test_bench_model_source_needs_sparsity(capsys):
