@@ -3,12 +3,12 @@
 import pytest
 import torch
 import torch.nn as nn
+from lower_helpers import fake_timer, masked
 
 import sparsifx
 from sparsifx.backends import cost_model, cpp_kernel
 from sparsifx.backends.micro_batch import MicroBatched
 from sparsifx.errors import BackendError, PreconditionError, SerializationError
-from sparsifx.testing import randomize_constants
 
 pytestmark = pytest.mark.skipif(not cpp_kernel.available(), reason="needs a C++ compiler")
 TOL = dict(rtol=1e-4, atol=1e-4)
@@ -31,19 +31,7 @@ class Net(nn.Module):
 
 def _masked(mix=False, batch=4):
     torch.manual_seed(0)
-    model = randomize_constants(Net(mix))[0].eval()
-    x = torch.randn(batch, 8, 10, 10)
-    stages = [{"pass": "magnitude", "sparsity": 0.8}, {"pass": "fold_bn"}]
-    return sparsifx.sparsify(model, {"stages": stages}, example_inputs=(x,)).eval(), x
-
-
-def _fake_timer(winner):
-    def median_ms(fns, reps=7, **_):
-        for f in fns.values():
-            f()
-        return {k: 1.0 if k == winner else 2.0 for k in fns}
-
-    return median_ms
+    return masked(Net(mix), torch.randn(batch, 8, 10, 10))
 
 
 def _lower(masked, x, **options):
@@ -54,7 +42,7 @@ def _lower(masked, x, **options):
 @pytest.mark.parametrize("winner", ["chunks", "whole_batch"])
 def test_the_faster_is_kept_and_outputs_match(monkeypatch, winner):
     masked, x = _masked()
-    monkeypatch.setattr(cost_model, "median_ms", _fake_timer(winner))
+    monkeypatch.setattr(cost_model, "median_ms", fake_timer(winner))
     lowered = _lower(masked, x)
     outcome = lowered.meta["lower_summary"]["micro_batch"]
     assert outcome["kept"] == ("chunks" if winner == "chunks" else "whole batch")
@@ -78,7 +66,7 @@ def test_the_faster_is_kept_and_outputs_match(monkeypatch, winner):
 
 def test_a_model_that_mixes_samples_is_never_chunked(monkeypatch):
     masked, x = _masked(mix=True)
-    monkeypatch.setattr(cost_model, "median_ms", _fake_timer("chunks"))
+    monkeypatch.setattr(cost_model, "median_ms", fake_timer("chunks"))
     lowered = _lower(masked, x)
     outcome = lowered.meta["lower_summary"]["micro_batch"]
     assert outcome["kept"] == "whole batch" and "differ" in outcome["skipped"]

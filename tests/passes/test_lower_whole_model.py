@@ -3,11 +3,11 @@
 import pytest
 import torch
 import torch.nn as nn
+from lower_helpers import fake_timer, masked
 
 import sparsifx
 from sparsifx.backends import cost_model, cpp_kernel
 from sparsifx.backends.ort_graph import OrtGraph
-from sparsifx.testing import randomize_constants
 
 pytestmark = pytest.mark.skipif(not cpp_kernel.available(), reason="needs a C++ compiler")
 TOL = dict(rtol=1e-4, atol=1e-4)
@@ -27,25 +27,13 @@ class Net(nn.Module):
 
 def _masked(cumsum=False):
     torch.manual_seed(0)
-    model = randomize_constants(Net(cumsum))[0].eval()
-    x = torch.randn(2, 8, 12, 12)
-    stages = [{"pass": "magnitude", "sparsity": 0.8}, {"pass": "fold_bn"}]
-    return sparsifx.sparsify(model, {"stages": stages}, example_inputs=(x,)).eval(), x
-
-
-def _fake_timer(winner):
-    def median_ms(fns, reps=7, **_):
-        for f in fns.values():
-            f()
-        return {k: 1.0 if k == winner else 2.0 for k in fns}
-
-    return median_ms
+    return masked(Net(cumsum), torch.randn(2, 8, 12, 12))
 
 
 @pytest.mark.parametrize("winner", ["onnxruntime", "lowered"])
 def test_the_faster_is_kept_and_outputs_match(monkeypatch, winner):
     masked, x = _masked()
-    monkeypatch.setattr(cost_model, "median_ms", _fake_timer(winner))
+    monkeypatch.setattr(cost_model, "median_ms", fake_timer(winner))
     lowered = sparsifx.sparsify(masked, {"stages": [{"pass": "lower"}]}, example_inputs=(x,)).eval()
     outcome = lowered.meta["lower_summary"]["whole_model"]
     assert outcome["kept"] == winner
