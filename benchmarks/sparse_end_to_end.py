@@ -307,9 +307,9 @@ def markdown(res: dict) -> str:
         f"{len(under)} of {len(res['cells'])}" + "".join(f"; {_cell(r)} ({r['lowered_x_ort']})" for r in under) + ".",
         f"Cells where `lower` measured the whole dense model in onnxruntime faster than its lowered form and kept "
         f"that (`lower kept` = onnxruntime): {len(whole)}" + "".join(f"; {_cell(r)}" for r in whole) + ".",
-        f"Cells where `lower`'s micro-batch step ran the batch one sample at a time (`lower kept` = lowered, 1 at a "
-        f"time; `micro_batch` in the JSON has both times): {len(chunked)}"
-        + "".join(f"; {_cell(r)}" for r in chunked)
+        f"Cells where `lower`'s micro-batch step ran the batch in chunks (`lower kept` = lowered, N at a time; "
+        f"`micro_batch` in the JSON has every time): {len(chunked)}"
+        + "".join(f"; {_cell(r)} ({r['micro_batch']['size']} at a time)" for r in chunked)
         + ".",
     ]
     lines += [

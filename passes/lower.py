@@ -397,28 +397,28 @@ class Lower(PassBase):
             note = self._lower_pools(gm)
         return infos, modified, note
 
-    def _chunk_copy(self, gm: fx.GraphModule, all_auto: bool) -> tuple[fx.GraphModule | None, int, str | None]:
-        """``(copy of gm to plan at the chunk size, size, None)``, or ``(None, size, why not)``."""
-        from .lower_micro_batch import AUTO_CHUNK, chunk_copy, skip_reason
+    def _chunk_copies(self, gm: fx.GraphModule, all_auto: bool) -> tuple[dict[int, fx.GraphModule], str | None]:
+        """``({chunk size: copy of gm to plan at that size}, None)``, or ``({}, why not)`` (``micro_batch``: auto
+        tries one sample and one per thread, a number that size only)."""
+        from .lower_micro_batch import auto_sizes, chunk_copy, skip_reason
 
-        size = AUTO_CHUNK if self.micro_batch == "auto" else self.micro_batch
         if self.micro_batch is None or (self.micro_batch == "auto" and not all_auto):
-            return None, size, None
+            return {}, None
+        sizes = auto_sizes(torch.get_num_threads()) if self.micro_batch == "auto" else (self.micro_batch,)
         inputs = _example_inputs(gm)
-        reason = skip_reason(gm, inputs, size)
-        if reason is not None:
-            if self.micro_batch != "auto":
-                raise PreconditionError(f"lower: micro_batch {size}: {reason}")
-            return None, size, reason
-        return chunk_copy(gm, inputs, size), size, None
+        reasons = {size: skip_reason(gm, inputs, size) for size in sizes}
+        if self.micro_batch != "auto" and reasons[self.micro_batch] is not None:
+            raise PreconditionError(f"lower: micro_batch {self.micro_batch}: {reasons[self.micro_batch]}")
+        copies = {size: chunk_copy(gm, inputs, size) for size, reason in reasons.items() if reason is None}
+        return copies, None if copies else reasons[sizes[0]]
 
-    def _keep_chunks(self, gm: fx.GraphModule, body: fx.GraphModule, size: int) -> dict:
-        from .lower_micro_batch import keep_faster
+    def _keep_chunks(self, gm: fx.GraphModule, bodies: dict[int, fx.GraphModule]) -> dict:
+        from .lower_micro_batch import keep_fastest
 
         force = self.micro_batch != "auto"
-        outcome = keep_faster(gm, body, size, _example_inputs(gm), CONV_TIMING_REPS, force)
+        outcome = keep_fastest(gm, bodies, _example_inputs(gm), CONV_TIMING_REPS, force)
         if force and outcome["kept"] != "chunks":
-            raise PreconditionError(f"lower: micro_batch {size}: {outcome['skipped']}")
+            raise PreconditionError(f"lower: micro_batch {self.micro_batch}: {outcome['skipped']}")
         return outcome
 
     def call(self, gm: fx.GraphModule) -> PassResult:
@@ -429,22 +429,26 @@ class Lower(PassBase):
         all_auto = all(backend == "auto" for _, _, backend in targets)
         compare_whole = self.whole_model and all_auto
         twin = self._dense_twin(gm, targets) if self.measure or compare_whole else None
-        body, size, chunk_skip = self._chunk_copy(gm, all_auto)  # copied before gm is lowered
+        bodies, chunk_skip = self._chunk_copies(gm, all_auto)  # copied before gm is lowered
         infos, modified, note = self._lower_graph(gm, targets)
         chunks = None
-        if body is not None and modified:
-            body_infos, _, _ = self._lower_graph(body, self._targets(body))
-            chunks = self._keep_chunks(gm, body, size)
+        if bodies and modified:
+            body_infos = {size: self._lower_graph(body, self._targets(body))[0] for size, body in bodies.items()}
+            chunks = self._keep_chunks(gm, bodies)
             if chunks["kept"] == "chunks":  # the report describes what runs: the layers planned for one chunk
-                infos = body_infos
+                size = chunks["size"]
+                infos = body_infos[size]
+                timed = chunks.get(f"chunks_of_{size}_ms")
                 gm.meta.setdefault(REPORT_NOTES, []).append(
-                    f"lower: the model runs {size} sample(s) at a time (planned at that batch): "
-                    f"{chunks['chunks_ms']} ms against {chunks['whole_batch_ms']} ms for the whole batch at once"
-                    if "chunks_ms" in chunks
-                    else f"lower: the model runs {size} sample(s) at a time (micro_batch: {size})"
+                    f"lower: the model runs {size} sample(s) at a time (planned at that batch)"
+                    + (
+                        f": {timed} ms against {chunks['whole_batch_ms']} ms for the whole batch at once"
+                        if timed
+                        else ""
+                    )
                 )
         elif chunk_skip is not None:
-            chunks = {"kept": "whole batch", "size": size, "skipped": chunk_skip}
+            chunks = {"kept": "whole batch", "skipped": chunk_skip}
         for name, info in infos.items():
             report.setdefault(name, {}).update(info)
         if note:

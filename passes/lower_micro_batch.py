@@ -23,7 +23,13 @@ from sparsifx.module_utils import eval_mode
 from .lower_whole_model import TOLERANCE, _as_tuple, flat_io_reason, replace_with
 
 MICRO_BATCH_NAME = "micro_batched"
-AUTO_CHUNK = 1  # resnet50 at batch 16: chunks of 1, 2 and 4 gave 2.5, 2.4 and 2.3x onnxruntime dense
+
+
+def auto_sizes(threads: int) -> tuple[int, ...]:
+    """The chunk sizes ``micro_batch: auto`` plans and times: one sample, and one per thread. resnet50 at 90%,
+    batch 16, measured against onnxruntime dense: on one thread chunks of 1, 2 and 4 gave 2.5, 2.4 and 2.3x; on
+    two threads 2.2-2.6, 2.7-2.8 and 2.4x."""
+    return tuple(sorted({1, max(1, threads)}))
 
 
 def skip_reason(gm: fx.GraphModule, inputs, size: int) -> str | None:
@@ -53,22 +59,34 @@ def chunk_copy(gm: fx.GraphModule, inputs, size: int) -> fx.GraphModule:
     return body
 
 
-def keep_faster(gm: fx.GraphModule, body: fx.GraphModule, size: int, inputs, reps: int, force: bool = False) -> dict:
-    """Time the lowered ``gm`` on the whole batch against ``body`` (lowered at ``size``) run in chunks; rewrite
-    ``gm`` to the chunked form where that is faster (``force``: whenever the outputs match)."""
+def keep_fastest(gm: fx.GraphModule, bodies: dict[int, fx.GraphModule], inputs, reps: int, force: bool = False):
+    """Time the lowered ``gm`` on the whole batch against each body (lowered at its chunk size) run in chunks of
+    that size; rewrite ``gm`` to the fastest chunked form where it beats the whole batch (``force``: one size,
+    kept whenever its outputs match). Returns ``(outcome, layer reports of the kept size or None)``."""
     from sparsifx.backends.cost_model import median_ms
     from sparsifx.backends.micro_batch import MicroBatched
 
-    body.meta = {}
-    chunked = MicroBatched(body, size).eval()
+    chunked = {size: MicroBatched(body, size).eval() for size, body in bodies.items()}
+    for body in bodies.values():
+        body.meta = {}
     inputs = tuple(inputs)
+    fns, differ = {"whole_batch": lambda: gm(*inputs)}, {}
     with eval_mode(gm), torch.inference_mode():
-        try:
-            torch.testing.assert_close(_as_tuple(chunked(*inputs)), _as_tuple(gm(*inputs)), **TOLERANCE)
-        except (AssertionError, SparsifxError) as exc:
-            return {"kept": "whole batch", "size": size, "skipped": f"the chunked outputs differ: {str(exc)[:200]}"}
-        ms = {} if force else median_ms({"whole_batch": lambda: gm(*inputs), "chunks": lambda: chunked(*inputs)}, reps)
-    kept = "chunks" if force or ms["chunks"] < ms["whole_batch"] else "whole batch"
-    if kept == "chunks":
-        replace_with(gm, chunked.train(gm.training), MICRO_BATCH_NAME)
-    return {"kept": kept, "size": size, **{f"{k}_ms": round(v, 3) for k, v in ms.items()}}
+        reference = _as_tuple(gm(*inputs))
+        for size, module in chunked.items():
+            try:
+                torch.testing.assert_close(_as_tuple(module(*inputs)), reference, **TOLERANCE)
+                fns[f"chunks_of_{size}"] = lambda module=module: module(*inputs)
+            except (AssertionError, SparsifxError) as exc:
+                differ[size] = str(exc)[:200]
+        if differ:  # a model that mixes samples: no size is trusted
+            why = next(iter(differ.values()))
+            return {"kept": "whole batch", "sizes": sorted(chunked), "skipped": f"the chunked outputs differ: {why}"}
+        ms = {} if force else median_ms(fns, reps)
+    best = f"chunks_of_{next(iter(chunked))}" if force else min(ms, key=ms.__getitem__)
+    outcome = {"kept": "whole batch", "sizes": sorted(chunked), **{f"{k}_ms": round(v, 3) for k, v in ms.items()}}
+    if best == "whole_batch":
+        return outcome
+    size = int(best.removeprefix("chunks_of_"))
+    replace_with(gm, chunked[size].train(gm.training), MICRO_BATCH_NAME)
+    return {**outcome, "kept": "chunks", "size": size}

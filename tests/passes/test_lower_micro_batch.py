@@ -39,16 +39,19 @@ def _lower(masked, x, **options):
     return sparsifx.sparsify(masked, {"stages": [stage]}, example_inputs=(x,)).eval()
 
 
-@pytest.mark.parametrize("winner", ["chunks", "whole_batch"])
-def test_the_faster_is_kept_and_outputs_match(monkeypatch, winner):
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("winner", ["chunks_of_1", "whole_batch"])
+def test_the_faster_is_kept_and_outputs_match(monkeypatch, winner, threads):
     masked, x = _masked()
     monkeypatch.setattr(cost_model, "median_ms", fake_timer(winner))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # auto tries one sample and one per thread
     lowered = _lower(masked, x)
     outcome = lowered.meta["lower_summary"]["micro_batch"]
-    assert outcome["kept"] == ("chunks" if winner == "chunks" else "whole batch")
-    assert outcome["size"] == 1 and {"chunks_ms", "whole_batch_ms"} <= set(outcome)
+    assert outcome["kept"] == ("chunks" if winner == "chunks_of_1" else "whole batch")
+    assert outcome["sizes"] == sorted({1, threads})
+    assert {f"chunks_of_{s}_ms" for s in outcome["sizes"]} | {"whole_batch_ms"} <= set(outcome)
     chunked = [m for m in lowered.modules() if isinstance(m, MicroBatched)]
-    assert len(chunked) == (winner == "chunks")
+    assert len(chunked) == (winner == "chunks_of_1")
     if chunked:
         ops = [n.op for n in lowered.graph.nodes]  # the two outputs taken from the module's tuple
         assert ops == ["placeholder", "call_module", "call_function", "call_function", "output"]
