@@ -37,6 +37,12 @@ def _forced_conv(backend: str, conv: nn.Conv2d, weight: torch.Tensor) -> nn.Modu
 
 
 CONV_TIMING_REPS = 7
+# how much faster than the whole dense model in onnxruntime the lowered model must be measured to be kept: this VM's
+# speed changes from minute to minute and the sparse kernels lose more than onnxruntime in its slow state. The
+# shifts measured between states: resnet50 90% 2.85 -> 2.50x (1.14), the BERT-style MLP at 80% batch 16 1.13x when
+# lowered, 0.93x an hour later (1.21); 1.1 let that cell end under onnxruntime
+# (benchmarks/results/sparse_end_to_end.md)
+WHOLE_MODEL_MARGIN = 1.2
 
 
 def _example_inputs(gm: fx.GraphModule) -> tuple | None:
@@ -80,11 +86,11 @@ class Lower(PassBase):
     input shape and the whole model before and after, and report the measured speedups), ``fuse`` (run
     ``fuse_epilogues`` afterwards: residual adds and ReLUs folded into the sparse convolutions; default on),
     ``whole_model`` (default on, where every layer's backend is ``auto``: time the lowered model against the whole
-    dense model run by onnxruntime on the example inputs and keep the lowered one only if ``min_speedup`` times
-    faster, ``passes/lower_whole_model.py``), ``micro_batch`` (``auto``, the default where every layer's backend is
-    ``auto`` and the example batch is larger than 1: also plan a copy of the model for one sample and keep it, run
-    sample by sample, where that is measured faster and its outputs match; a number: always run in chunks of that
-    size; ``false``: off; ``passes/lower_micro_batch.py``).
+    dense model run by onnxruntime on the example inputs and keep the lowered one only if ``whole_model_margin``
+    (1.2) times faster, ``passes/lower_whole_model.py``), ``micro_batch`` (``auto``, the default where every
+    layer's backend is ``auto`` and the example batch is larger than 1: also plan copies of the model for chunks of
+    one sample and of one sample per thread and keep the fastest of them and the whole batch, where its outputs
+    match; a number: always run in chunks of that size; ``false``: off; ``passes/lower_micro_batch.py``).
     Convolutions are planned by measurement: torch's dense convolution and the direct sparse convolution
     (``backends/cpp_kernel.py``) are timed on the layer's recorded input shape, each with the ReLU / ReLU6 that
     follows it (fused by the direct kernel), and the faster one is kept (``min_speedup`` applies to predictions). Each
@@ -110,6 +116,7 @@ class Lower(PassBase):
         measure: bool = False,
         fuse: bool = True,
         whole_model: bool = True,
+        whole_model_margin: float = WHOLE_MODEL_MARGIN,
         micro_batch: str | int | bool = "auto",
         selection: LayerSelection | None = None,
     ):
@@ -128,6 +135,7 @@ class Lower(PassBase):
         self.measure = validate.boolean("measure", measure)
         self.fuse = validate.boolean("fuse", fuse)
         self.whole_model = validate.boolean("whole_model", whole_model)
+        self.whole_model_margin = validate.number("whole_model_margin", whole_model_margin, 0, lo_open=True)
         if micro_batch is False or micro_batch is None:
             self.micro_batch = None
         elif micro_batch == "auto":
@@ -345,7 +353,7 @@ class Lower(PassBase):
     def _keep_faster(self, gm: fx.GraphModule, twin: fx.GraphModule) -> dict:
         from .lower_whole_model import keep_faster
 
-        outcome = keep_faster(gm, twin, _example_inputs(gm), CONV_TIMING_REPS, self.min_speedup)
+        outcome = keep_faster(gm, twin, _example_inputs(gm), CONV_TIMING_REPS, self.whole_model_margin)
         if outcome["kept"] == "onnxruntime":
             gm.meta.setdefault(REPORT_NOTES, []).append(
                 f"lower: the whole dense model in onnxruntime ({outcome['onnxruntime_ms']} ms) was faster than the "

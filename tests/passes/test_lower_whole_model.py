@@ -78,14 +78,14 @@ def test_skip_reasons():
     assert _skip_reason(gm, (x,)) is None
 
 
-@pytest.mark.parametrize("min_speedup, kept", [(1.1, "onnxruntime"), (1.01, "lowered")])
-def test_a_near_tie_goes_to_onnxruntime(monkeypatch, min_speedup, kept):
+@pytest.mark.parametrize("margin, kept", [(None, "onnxruntime"), (1.1, "onnxruntime"), (1.01, "lowered")])
+def test_a_near_tie_goes_to_onnxruntime(monkeypatch, margin, kept):
     masked, x = _masked()
 
     def median_ms(fns, reps=7, **_):
         return {k: {"lowered": 1.0, "onnxruntime": 1.05}.get(k, 1.0) for k in fns}
 
     monkeypatch.setattr(cost_model, "median_ms", median_ms)
-    stages = [{"pass": "lower", "min_speedup": min_speedup}]
+    stages = [{"pass": "lower", **({} if margin is None else {"whole_model_margin": margin})}]
     lowered = sparsifx.sparsify(masked, {"stages": stages}, example_inputs=(x,))
     assert lowered.meta["lower_summary"]["whole_model"]["kept"] == kept
