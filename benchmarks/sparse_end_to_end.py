@@ -40,6 +40,7 @@ import torchvision
 import sparsifx
 from benchmarks import harness
 from sparsifx.backends.ort_runtime import export_dense_onnx
+from sparsifx.bench import runs_on
 from sparsifx.masking import bake_masks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,7 +187,7 @@ def run_cell(name, sparsity, dense, path, threads, batch, reps, ds, tmp) -> dict
         "lowered_matches_masked": True,
         "rounds": rounds,
         "lower_s": round(lower_s, 1),
-        "kept": kept_label(summary),
+        "kept": runs_on(summary, "lowered"),
         "micro_batch": summary.get("micro_batch"),
         "backends": summary.get("backends"),
         "flop_speedup": summary.get("flop_speedup"),
@@ -194,15 +195,6 @@ def run_cell(name, sparsity, dense, path, threads, batch, reps, ds, tmp) -> dict
     }
     print(json.dumps(row), flush=True)
     return row
-
-
-def kept_label(summary: dict) -> str:
-    """What ``lower`` kept: onnxruntime on the whole dense graph, or the sparse kernels (run N samples at a time
-    where its micro-batch step chose that)."""
-    if summary.get("whole_model", {}).get("kept") == "onnxruntime":
-        return "onnxruntime"
-    chunks = summary.get("micro_batch") or {}
-    return f"lowered, {chunks['size']} at a time" if chunks.get("kept") == "chunks" else "lowered"
 
 
 def reload_check(tmp: Path, reps: int) -> dict:

@@ -3,10 +3,10 @@
 At a large batch the activations between two lowered layers overflow the caches (resnet50 at batch 16: up to
 51 MB), and the layer choices ``lower`` measures at that batch are made for memory-bound layers. Run a copy of the
 model planned at the chunk size over the batch chunk by chunk (``backends/micro_batch.py``) and each layer reads
-its input from cache. This step lowers such a copy, checks that its outputs match the whole-batch lowered model on
-the example inputs (a model that mixes the samples of a batch fails here), times both and keeps the faster: the
-graph becomes ``placeholders -> MicroBatched -> output``. ``lower_summary["micro_batch"]`` records the choice
-with both times, or why it was not tried.
+its input from cache. ``lower`` lowers such copies (``auto_sizes``), this step checks that their outputs match the
+whole-batch lowered model on the example inputs (a model that mixes the samples of a batch fails here), times them
+and the whole batch and keeps the fastest: the graph becomes ``placeholders -> MicroBatched -> output``.
+``lower_summary["micro_batch"]`` records the choice with every time, or why it was not tried.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def chunk_copy(gm: fx.GraphModule, inputs, size: int) -> fx.GraphModule:
 def keep_fastest(gm: fx.GraphModule, bodies: dict[int, fx.GraphModule], inputs, reps: int, force: bool = False):
     """Time the lowered ``gm`` on the whole batch against each body (lowered at its chunk size) run in chunks of
     that size; rewrite ``gm`` to the fastest chunked form where it beats the whole batch (``force``: one size,
-    kept whenever its outputs match). Returns ``(outcome, layer reports of the kept size or None)``."""
+    kept whenever its outputs match). Returns the outcome ``lower_summary["micro_batch"]`` records."""
     from sparsifx.backends.cost_model import median_ms
     from sparsifx.backends.micro_batch import MicroBatched
 

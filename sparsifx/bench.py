@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from .errors import CliError
+from .meta_keys import LOWER_SUMMARY
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ def bench(
                         round(1e3 * b / ms["sparsifx"], 1),
                         round(1e3 * b / ms["ort"], 1),
                         diff,
-                        _runs_on(gm),
+                        runs_on(gm.meta.get(LOWER_SUMMARY, {})),
                     )
                     rows.append(row)
                     if progress:
@@ -117,14 +118,13 @@ def bench(
     return rows
 
 
-def _runs_on(gm) -> str:
-    from .meta_keys import LOWER_SUMMARY
-
-    summary = gm.meta.get(LOWER_SUMMARY, {})
+def runs_on(summary: dict, kernels: str = "sparse kernels") -> str:
+    """What a lowered model runs on, from its ``lower_summary``: onnxruntime on the whole dense graph, or the
+    sparse kernels (``kernels``), N samples at a time where ``lower``'s micro-batch step chose chunks."""
     if summary.get("whole_model", {}).get("kept") == "onnxruntime":
         return "onnxruntime"
-    chunks = summary.get("micro_batch", {})
-    return f"sparse kernels, {chunks['size']} at a time" if chunks.get("kept") == "chunks" else "sparse kernels"
+    chunks = summary.get("micro_batch") or {}
+    return f"{kernels}, {chunks['size']} at a time" if chunks.get("kept") == "chunks" else kernels
 
 
 def _input(gm, batch: int, shape) -> torch.Tensor:

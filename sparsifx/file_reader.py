@@ -166,6 +166,8 @@ class PayloadReader:
             expect(payload.get(key), kind, f"file key '{key}': ")
         self.payload = payload
         self.tensors = payload["tensors"]
+        if len(payload["graph"]) > limits.max_nodes:  # before anything is built; nested graphs count in graph()
+            raise SerializationError(f"file has {len(payload['graph'])} nodes; the limit is {limits.max_nodes}")
         self.node_count = 0
 
     def decode(self, value: Any, where: str, env: dict | None = None) -> Any:

@@ -1,12 +1,16 @@
 """The table code of benchmarks/sparse_end_to_end.py and sparse_target_cell.py on hand-made results."""
 
 
-def test_kept_label_names_onnxruntime_chunks_or_lowered(load_benchmark):
-    e2e = load_benchmark("sparse_end_to_end")
-    assert e2e.kept_label({"whole_model": {"kept": "onnxruntime"}, "micro_batch": {"kept": "chunks"}}) == "onnxruntime"
-    assert e2e.kept_label({"micro_batch": {"kept": "chunks", "size": 1}}) == "lowered, 1 at a time"
-    assert e2e.kept_label({"micro_batch": {"kept": "whole batch", "size": 1}}) == "lowered"
-    assert e2e.kept_label({}) == "lowered"
+def test_kept_label_names_onnxruntime_chunks_or_lowered():
+    from sparsifx.bench import runs_on
+
+    assert runs_on({"whole_model": {"kept": "onnxruntime"}, "micro_batch": {"kept": "chunks"}}, "lowered") == (
+        "onnxruntime"
+    )
+    assert runs_on({"micro_batch": {"kept": "chunks", "size": 1}}, "lowered") == "lowered, 1 at a time"
+    assert runs_on({"micro_batch": {"kept": "whole batch", "size": 1}}, "lowered") == "lowered"
+    assert runs_on({}, "lowered") == "lowered"
+    assert runs_on({"micro_batch": {"kept": "chunks", "size": 2}}) == "sparse kernels, 2 at a time"
 
 
 def test_target_cell_markdown_lists_every_run_and_the_spread(load_benchmark):
