@@ -33,6 +33,7 @@ Work items (image, column tile, block of rows) are spread over ``at::parallel_fo
 
 from __future__ import annotations
 
+from .cpp_block import BLOCK_SOURCE
 from .cpp_build import CppExtension, cache_dir  # noqa: F401  (cache_dir: where kernels and calibrations live)
 
 CONV_SOURCE = r"""
@@ -532,7 +533,9 @@ torch::Tensor maxpool(torch::Tensor x, int64_t kh, int64_t kw, int64_t sh, int64
 }
 """
 
-KERNELS = CppExtension("sparsifx_kernels", CONV_SOURCE, ["conv", "maxpool", "spmm", "linear"], "sparse CPU kernels")
+KERNELS = CppExtension(
+    "sparsifx_kernels", CONV_SOURCE + BLOCK_SOURCE, ["conv", "maxpool", "spmm", "linear", "block"], "sparse CPU kernels"
+)
 
 
 def available() -> bool:

@@ -91,6 +91,10 @@ class Lower(PassBase):
     layer's backend is ``auto`` and the example batch is larger than 1: also plan copies of the model for chunks of
     one sample and of one sample per thread and keep the fastest of them and the whole batch, where its outputs
     match; a number: always run in chunks of that size; ``false``: off; ``passes/lower_micro_batch.py``).
+    ``fuse_blocks`` (default on, with ``fuse``): inverted residual blocks (``1x1 -> depthwise -> 1x1 (+ x)``, the
+    MobileNetV2 block) whose three layers are ``auto`` are timed as one fused sparse kernel that keeps the expanded
+    activation in cache (``backends/sparse_block.py``) and run that way where it beats the three lowered layers
+    (``passes/lower_blocks.py``).
     Convolutions are planned by measurement: torch's dense convolution and the direct sparse convolution
     (``backends/cpp_kernel.py``) are timed on the layer's recorded input shape, each with the ReLU / ReLU6 that
     follows it (fused by the direct kernel), and the faster one is kept (``min_speedup`` applies to predictions). Each
@@ -118,6 +122,7 @@ class Lower(PassBase):
         whole_model: bool = True,
         whole_model_margin: float = WHOLE_MODEL_MARGIN,
         micro_batch: str | int | bool = "auto",
+        fuse_blocks: bool = True,
         selection: LayerSelection | None = None,
     ):
         from sparsifx.backends.sparse_kernels import SPARSE_KERNELS
@@ -135,6 +140,7 @@ class Lower(PassBase):
         self.measure = validate.boolean("measure", measure)
         self.fuse = validate.boolean("fuse", fuse)
         self.whole_model = validate.boolean("whole_model", whole_model)
+        self.fuse_blocks = validate.boolean("fuse_blocks", fuse_blocks)
         self.whole_model_margin = validate.number("whole_model_margin", whole_model_margin, 0, lo_open=True)
         if micro_batch is False or micro_batch is None:
             self.micro_batch = None
@@ -387,6 +393,7 @@ class Lower(PassBase):
 
         shapes = self._input_shapes(gm)
         activations = fusable_activations(gm) if self.fuse else {}
+        blocks = self._blocks(gm, targets)  # found on the graph as it is, before its layers change
         infos, modified, note = {}, False, None
         for name, module, backend in targets:
             new, infos[name] = self._lower_one(name, module, backend, shapes.get(name), activations.get(name))
@@ -398,12 +405,41 @@ class Lower(PassBase):
             modified = True
         if modified:
             gm.recompile()
+        if blocks:
+            modified |= self._fuse_blocks(gm, blocks, targets, infos, shapes)
         if modified and self.fuse:
             from .fuse_epilogues import FuseEpilogues
 
             FuseEpilogues()(gm)
             note = self._lower_pools(gm)
         return infos, modified, note
+
+    def _blocks(self, gm: fx.GraphModule, targets) -> list:
+        """The inverted residual blocks ``lower`` may fuse: all three layers lowered with backend ``auto``."""
+        from sparsifx.backends import cpp_kernel
+
+        from .lower_blocks import find_blocks
+
+        if not (self.fuse and self.fuse_blocks and cpp_kernel.available()):
+            return []
+        auto = {name for name, _, backend in targets if backend == "auto"}
+        return [m for m in find_blocks(gm) if set(m.convs) <= auto]
+
+    def _fuse_blocks(self, gm: fx.GraphModule, blocks, targets, infos: dict, shapes: dict) -> bool:
+        """Each block fused where measured faster than its lowered layers; the first layer's report row says what
+        was decided (``fused_block``), the three rows of a fused block name it (``block``)."""
+        from .lower_blocks import plan_block
+
+        originals = {name: module for name, module, _ in targets}
+        weights = {name: effective_weight(module).detach() for name, module, _ in targets}
+        fused = False
+        for match in blocks:
+            outcome = plan_block(gm, match, originals, weights, infos, shapes.get(match.convs[0]), CONV_TIMING_REPS)
+            if outcome is not None:
+                infos[match.convs[0]]["fused_block"] = outcome
+                fused |= outcome["kept"] == "block"
+                log.info("lower block %s: %s", match.convs, outcome)
+        return fused
 
     def _chunk_copies(self, gm: fx.GraphModule, all_auto: bool) -> tuple[dict[int, fx.GraphModule], str | None]:
         """``({chunk size: copy of gm to plan at that size}, None)``, or ``({}, why not)`` (``micro_batch``: auto

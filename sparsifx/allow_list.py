@@ -362,6 +362,7 @@ for _module, _name in (
     ("sparse_modules", "SparseLinear"),
     ("sparse_modules", "SparseConv2d"),
     ("sparse_conv", "DirectSparseConv2d"),
+    ("sparse_block", "SparseInvertedResidual"),
     ("fast_pool", "FastMaxPool2d"),
     ("ort_conv", "OrtConv2d"),
     ("ort_graph", "OrtGraph"),
