@@ -132,6 +132,20 @@ def medians_ms(samples: Mapping[str, Sequence[float]]) -> dict[str, float]:
     return {k: statistics.median(v) * 1e3 for k, v in samples.items()}
 
 
+def paired_ratio_ci(
+    num: Sequence[float], den: Sequence[float], level: float = 0.95, boot: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
+    """``(median, low, high)`` of the per-round ratios ``num[i] / den[i]`` of two interleaved functions (one pair
+    per round: the drift of the machine between rounds cancels), with a percentile-bootstrap interval of the
+    median at ``level``."""
+    ratios = [a / b for a, b in zip(num, den)]
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(boot))
+    tail = (1 - level) / 2
+    lo, hi = meds[int(tail * (boot - 1))], meds[int((1 - tail) * (boot - 1))]
+    return statistics.median(ratios), lo, hi
+
+
 def interleaved_ms(
     fns: Mapping[str, Callable[[], Any]],
     budget_s: float = 6.0,

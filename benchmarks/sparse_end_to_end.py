@@ -173,7 +173,9 @@ def run_cell(name, sparsity, dense, path, threads, batch, reps, ds, tmp) -> dict
         fns["deepsparse"] = lambda: ds.ask("run")
     with torch.inference_mode():
         rounds = rounds_for(fns, reps)
-        ms = harness.medians_ms(harness.interleaved_samples(fns, rounds, warmup_rounds=1)["wall"])
+        samples = harness.interleaved_samples(fns, rounds, warmup_rounds=1)["wall"]
+        ms = harness.medians_ms(samples)
+    paired = harness.paired_ratio_ci(samples["ort_dense"], samples["lowered"])
     summary = lowered.meta.get("lower_summary", {})
     row = {
         "model": name,
@@ -182,6 +184,8 @@ def run_cell(name, sparsity, dense, path, threads, batch, reps, ds, tmp) -> dict
         "batch": batch,
         **{k: round(v, 3) for k, v in ms.items()},
         "lowered_x_ort": round(ms["ort_dense"] / ms["lowered"], 3),
+        # per-round ratios (paired within a round) with a 95% bootstrap interval of their median
+        "lowered_x_ort_paired": [round(v, 3) for v in paired],
         "deepsparse_x_ort": round(ms["ort_dense"] / ms["deepsparse"], 3) if "deepsparse" in ms else None,
         "lowered_x_deepsparse": round(ms["deepsparse"] / ms["lowered"], 3) if "deepsparse" in ms else None,
         "lowered_matches_masked": True,
@@ -268,6 +272,11 @@ def _cell(r: dict) -> str:
     return f"{r['model']} {r['sparsity']:.0%} b{r['batch']} t{r['threads']}"
 
 
+def _paired(r: dict) -> str:
+    p = r.get("lowered_x_ort_paired")
+    return f"{p[0]} [{p[1]}, {p[2]}]" if p else "-"
+
+
 def markdown(res: dict) -> str:
     meta = res["meta"]
     lines = [
@@ -276,27 +285,31 @@ def markdown(res: dict) -> str:
         harness.load_line(meta),
         "",
         "Median wall-clock ms of interleaved rounds (at least `--reps`, more for fast models: as many as fit "
-        "4 s, `rounds` in the JSON); ratios are onnxruntime dense time over each engine's. "
+        "4 s, `rounds` in the JSON); ratios are onnxruntime dense time over each engine's (`paired`: the median of the "
+        "per-round ratios, each round timing both side by side, with a 95% bootstrap interval). "
         "Random-init weights, magnitude pruning at the same sparsity per layer, first layer dense, BatchNorm "
         "folded. `lowered x DS` > 1: sparsifx faster than DeepSparse.",
         "",
         "| model | sparsity | threads | batch | torch dense | onnxruntime dense | sparsifx lowered | DeepSparse 1.8 |"
-        " lowered x ort | DS x ort | lowered x DS | lower kept |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        " lowered x ort | paired [95% CI] | DS x ort | lowered x DS | lower kept |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["cells"]:
         lines.append(
             f"| {r['model']} | {r['sparsity']} | {r['threads']} | {r['batch']} | {r['torch_dense']} | "
-            f"{r['ort_dense']} | {r['lowered']} | {r.get('deepsparse', '-')} | {r['lowered_x_ort']} | "
+            f"{r['ort_dense']} | {r['lowered']} | {r.get('deepsparse', '-')} | {r['lowered_x_ort']} | {_paired(r)} | "
             f"{r.get('deepsparse_x_ort') or '-'} | {r.get('lowered_x_deepsparse') or '-'} | {r.get('kept', '-')} |"
         )
     under = [r for r in res["cells"] if r["lowered_x_ort"] < FLOOR]
+    surely = [r for r in under if r.get("lowered_x_ort_paired") and r["lowered_x_ort_paired"][2] < FLOOR]
     whole = [r for r in res["cells"] if r.get("kept") == "onnxruntime"]
     chunked = [r for r in res["cells"] if "at a time" in str(r.get("kept"))]
     lines += [
         "",
         f"Cells where the lowered model is more than 5% slower than onnxruntime dense (ratio < {FLOOR}): "
-        f"{len(under)} of {len(res['cells'])}" + "".join(f"; {_cell(r)} ({r['lowered_x_ort']})" for r in under) + ".",
+        f"{len(under)} of {len(res['cells'])}" + "".join(f"; {_cell(r)} ({r['lowered_x_ort']})" for r in under) + ". "
+        f"Of these, {len(surely)} stay under {FLOOR} at the top of the 95% interval of the per-round paired ratio "
+        "(`lowered_x_ort_paired` in the JSON: median, low, high).",
         f"Cells where `lower` measured the whole dense model in onnxruntime faster than its lowered form and kept "
         f"that (`lower kept` = onnxruntime): {len(whole)}" + "".join(f"; {_cell(r)}" for r in whole) + ".",
         f"Cells where `lower`'s micro-batch step ran the batch in chunks (`lower kept` = lowered, N at a time; "
