@@ -98,6 +98,11 @@ def median_ms(
     }
 
 
+# the calibration always times for real, even where a test replaces ``median_ms`` to fake lower's choices (a
+# faked calibration would be cached on disk and mislead every later plan on this machine)
+_CALIBRATION_TIMER = median_ms
+
+
 def _quantile() -> float:
     """Calibration statistic: the median on the calling thread's CPU clock (one torch thread; immune to other
     processes, and what a layer costs in a run); the minimum on the wall clock (the uncontended cost)."""
@@ -231,7 +236,7 @@ def _calibrate_linear(
             fns = {name: _layer(name, w) for name in kernels}  # whole modules: call overhead included
             fns = {name: (lambda mod=mod: mod(x)) for name, mod in fns.items()}
             big = n >= 4096 and batch >= 256
-            times = median_ms(fns, max(3, reps // 2) if big else reps, quantile=_quantile(), before=evict)
+            times = _CALIBRATION_TIMER(fns, max(3, reps // 2) if big else reps, quantile=_quantile(), before=evict)
             for name in kernels:
                 work = int(w.count_nonzero()) if SPARSE_KERNELS.get(name).sparse else n * n
                 table[name][batch].append((work, times[name]))
@@ -243,7 +248,7 @@ def _calibrate_conv(reps: int) -> tuple[float, float, float]:
     x = torch.randn(r["n"], r["c"], r["hw"], r["hw"])
     w_big = torch.randn(r["c"], r["c"], r["k"], r["k"])
     w_small = torch.randn(r["c"] // 4, r["c"], r["k"], r["k"])
-    t = median_ms(
+    t = _CALIBRATION_TIMER(
         {
             "unfold": lambda: F.unfold(x, r["k"], padding=1).contiguous(),
             "big": lambda: F.conv2d(x, w_big, padding=1),

@@ -145,6 +145,15 @@ def test_small_real_calibration(tmp_path):
     assert cost_model.load_or_calibrate(("dense", "csr_tiled"), tmp_path).linear == cal.linear  # from cache
 
 
+def test_a_faked_timer_never_reaches_the_calibration(tmp_path, monkeypatch):
+    """Tests fake ``median_ms`` to steer lower's choices; a calibration run meanwhile (the first on a new kernel
+    build) must still time for real, or the fake times are cached on disk for every later plan."""
+    monkeypatch.setattr(cost_model, "median_ms", lambda fns, *a, **k: {name: 2.0 for name in fns})
+    cal = cost_model.load_or_calibrate(("dense", "csr_tiled"), tmp_path, reps=3, sizes=(64, 256), batches=(1, 16))
+    times = {t for k in cal.linear for pts in cal.linear[k].values() for _, t in pts}
+    assert 2.0 not in times and len(times) > 1
+
+
 def test_sparse_conv2d_chunked_unfold(monkeypatch):
     from sparsifx.backends import sparse_modules
 
