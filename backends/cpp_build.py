@@ -23,8 +23,10 @@ log = logging.getLogger(__name__)
 
 # -fopenmp: at::parallel_for is an OpenMP region in torch's CPU builds; compiled without it the region runs on
 # one thread whatever torch.set_num_threads says
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
-LDFLAGS = ["-fopenmp"]
+# tuples: torch's load_inline appends to the flag lists it is given, which changed build_name() (and with it the
+# calibration cache key) once the kernels were loaded
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=fast")
+LDFLAGS = ("-fopenmp",)
 
 
 def cache_dir() -> Path:
@@ -88,8 +90,8 @@ class CppExtension:
                     name=name,
                     cpp_sources=[self.source],
                     functions=self.functions,
-                    extra_cflags=CFLAGS,
-                    extra_ldflags=LDFLAGS,
+                    extra_cflags=list(CFLAGS),
+                    extra_ldflags=list(LDFLAGS),
                     build_directory=str(build),
                     verbose=False,
                 )
