@@ -101,10 +101,12 @@ static inline void finish_run(const float* __restrict a, const float* __restrict
     if (e.clamp) { v = v > lo ? v : lo; v = v < hi ? v : hi; }
     st8(y + t, v);
   }
-  for (; t < n; ++t) {
-    float v = a[t] + (res ? res[t] : 0.f);
-    if (e.clamp) v = std::min(std::max(v, e.lo), e.hi);
-    y[t] = v;
+  if (t < n) {  // the last 1-7 columns: masked loads and store
+    const int m = n - t;
+    v8 v = ld_part(a + t, m);
+    if (res) v += ld_part(res + t, m);
+    if (e.clamp) { v = v > lo ? v : lo; v = v < hi ? v : hi; }
+    st_part(y + t, v, m);
   }
 }
 
