@@ -2,7 +2,8 @@
 
 ``block(x, e_ptr, e_col, e_val, e_bias, dw, dw_bias, p_ptr, p_col, p_val, p_bias, geom, clamps)`` computes one
 MobileNetV2-style block, ``project(act(depthwise(act(expand(x))))) (+ x)``, with sparse 1x1 expand and project
-weights (CSR over output channels, ``int32`` input-channel columns) and a dense ``k x k`` depthwise filter, without
+weights (CSR over output channels, ``int32`` input-channel columns) and a ``k x k`` depthwise filter (only its
+non-zero taps where fewer than half are non-zero), without
 ever writing the expanded activation to memory: the output is computed in bands of output rows, and per band the
 expanded rows the band's depthwise taps need (``(R - 1) * s + k``) live in a buffer sized for the L2 cache, then
 the depthwise output of the band (``[C_e, R * Wo]``), and the project step reads it from there. Consecutive bands
@@ -44,6 +45,32 @@ static void depthwise_fixed(const float* __restrict E, const float* __restrict w
                             int64_t vr) {
   const v8 vlo = v8{} + lo, vhi = v8{} + hi;
   v8 wv[K * K];
+  int64_t toff[K * K];
+  int ttb[K * K], nt = 0;  // the non-zero taps: their offset (row * W + column), column and weight
+  for (int t = 0; t < K * K; ++t)
+    if (w[t] != 0.f) { toff[nt] = (t / K) * W + t % K; ttb[nt] = t % K; wv[nt++] = v8{} + w[t]; }
+  if (2 * nt < K * K) {  // a sparse filter (a pruned depthwise layer): only its non-zero taps
+    for (int64_t i = 0; i < R; ++i) {
+      const float* er = E + i * S * W - P;
+      float* d = D + i * Wo;
+      for (int64_t j = 0, v = 0; j < Wo; j += 8, ++v) {
+        const int n = (int)std::min<int64_t>(8, Wo - j);
+        const bool edge = v == 0 || v >= vr;
+        v8 acc = v8{} + bias;
+        for (int t = 0; t < nt; ++t) {
+          const float* e = er + j * S + toff[t];
+          v8 x = S == 1 ? (n == 8 ? ld8(e) : ld_part(e, n)) : ld_even(e);
+          if (edge) x *= mask[v * K + ttb[t]];
+          acc += wv[t] * x;
+        }
+        acc = acc > vlo ? acc : vlo;
+        acc = acc < vhi ? acc : vhi;
+        if (n == 8) st8(d + j, acc);
+        else st_part(d + j, acc, n);
+      }
+    }
+    return;
+  }
   for (int t = 0; t < K * K; ++t) wv[t] = v8{} + w[t];
   for (int64_t i = 0; i < R; ++i) {
     const float* er = E + i * S * W - P;

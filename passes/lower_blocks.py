@@ -122,15 +122,18 @@ def replace_block(gm: fx.GraphModule, match: BlockMatch, module: nn.Module) -> s
 def block_macs(module: nn.Module, shape: tuple[int, ...]) -> tuple[dict, dict, dict]:
     """``{"dense_macs", "executed_macs"}`` of the block's three layers on an input of ``shape``: the 1x1 layers
     their non-zeros per position (the expand also at the ``k - s`` rows recomputed where threads split an image,
-    not counted here), the depthwise layer dense."""
+    not counted here), the depthwise layer its non-zero taps per channel where fewer than half are non-zero (what
+    the kernel skips), else all of them."""
     n, _, h, w = shape
     k, s = module.kernel, module.stride
     ho, wo = (h + 2 * (k // 2) - k) // s + 1, (w + 2 * (k // 2) - k) // s + 1
     e_nnz, p_nnz = module.nnz
     expand = {"dense_macs": module.expanded * module.in_channels * n * h * w, "executed_macs": e_nnz * n * h * w}
-    dw_macs = module.expanded * k * k * n * ho * wo
+    taps = (module.dw != 0).sum(1)
+    run = int(torch.where(2 * taps < k * k, taps, k * k).sum())
+    dw = {"dense_macs": module.expanded * k * k * n * ho * wo, "executed_macs": run * n * ho * wo}
     project = {"dense_macs": module.out_channels * module.expanded * n * ho * wo, "executed_macs": p_nnz * n * ho * wo}
-    return expand, {"dense_macs": dw_macs, "executed_macs": dw_macs}, project
+    return expand, dw, project
 
 
 def plan_block(

@@ -29,12 +29,13 @@ SHAPES = {
 }
 
 
-def convs(cin, ce, cout, k, s, density=0.3):
+def convs(cin, ce, cout, k, s, density=0.3, dw_density=1.0):
     expand, project = nn.Conv2d(cin, ce, 1), nn.Conv2d(ce, cout, 1)
     depthwise = nn.Conv2d(ce, ce, k, s, k // 2, groups=ce)
     with torch.no_grad():
         for conv in (expand, project):
             conv.weight.mul_(torch.rand_like(conv.weight) < density)
+        depthwise.weight.mul_(torch.rand_like(depthwise.weight) < dw_density)
     return expand, depthwise, project
 
 
@@ -51,13 +52,14 @@ def block_of(expand, depthwise, project, activations=("relu6", "relu6"), residua
 @pytest.mark.parametrize("name", sorted(SHAPES))
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("band", ["default", "one_row"])  # one output row per band: rows carried between bands
-def test_block_matches_three_convolutions(name, batch, band, monkeypatch):
+@pytest.mark.parametrize("dw_density", [1.0, 0.3])  # a pruned depthwise filter runs only its non-zero taps
+def test_block_matches_three_convolutions(name, batch, band, dw_density, monkeypatch):
     if band == "one_row":
         monkeypatch.setattr(sparse_block_module, "BAND_BYTES", 1)
         monkeypatch.setattr(sparse_block_module, "BAND_COLUMNS", 1)
     cin, ce, cout, k, s, h, w, residual = SHAPES[name]
     torch.manual_seed(hash(name) % 1000)
-    expand, depthwise, project = convs(cin, ce, cout, k, s)
+    expand, depthwise, project = convs(cin, ce, cout, k, s, dw_density=dw_density)
     x = torch.randn(batch, cin, h, w)
     block = block_of(expand, depthwise, project, residual=residual)
     with torch.inference_mode():
