@@ -151,6 +151,14 @@ def rounds_for(fns: dict, reps: int) -> int:
     return max(reps, min(101, int(ROUND_BUDGET_S / max(per_round, 1e-6))))
 
 
+def _blocks(summary: dict) -> str:
+    """ ", N fused blocks" where lower ran inverted residual blocks as one kernel (three layers each)."""
+    if summary.get("whole_model", {}).get("kept") == "onnxruntime":
+        return ""
+    n = summary.get("backends", {}).get("block", 0) // 3
+    return f", {n} fused blocks" if n else ""
+
+
 def run_cell(name, sparsity, dense, path, threads, batch, reps, ds, tmp) -> dict:
     torch.set_num_threads(threads)
     shape = MODELS[name][1]
@@ -191,7 +199,7 @@ def run_cell(name, sparsity, dense, path, threads, batch, reps, ds, tmp) -> dict
         "lowered_matches_masked": True,
         "rounds": rounds,
         "lower_s": round(lower_s, 1),
-        "kept": runs_on(summary, "lowered"),
+        "kept": runs_on(summary, "lowered") + _blocks(summary),
         "micro_batch": summary.get("micro_batch"),
         "backends": summary.get("backends"),
         "flop_speedup": summary.get("flop_speedup"),

@@ -16,13 +16,14 @@ TOL = dict(rtol=1e-4, atol=1e-4)
 LOWER = {"pass": "lower", "whole_model": False, "micro_batch": False}
 
 
-def timer(block_ms: float):
-    """A ``median_ms`` that runs each candidate once: the fused block takes ``block_ms``, every layer 1 ms."""
+def timer(block_ms: float, onnxruntime_ms: float = 1.0):
+    """A ``median_ms`` that runs each candidate once: the fused block takes ``block_ms``, the whole model in
+    onnxruntime ``onnxruntime_ms``, everything else 1 ms."""
 
     def median_ms(fns, reps=7, **_):
         for f in fns.values():
             f()
-        return {k: block_ms if k == "block" else 1.0 for k in fns}
+        return {k: {"block": block_ms, "onnxruntime": onnxruntime_ms}.get(k, 1.0) for k in fns}
 
     return median_ms
 
@@ -98,6 +99,21 @@ def test_only_single_user_chains_are_blocks_and_the_output_block_matches(monkeyp
     assert [m.convs for m in find_blocks(model)] == [("e2", "d2", "p2")]
     monkeypatch.setattr(cost_model, "median_ms", timer(0.5))
     lowered = sparsifx.sparsify(model, {"stages": [LOWER]}, example_inputs=(x,)).eval()
+    assert sum(isinstance(m, SparseInvertedResidual) for m in lowered.modules()) == 1
+    with torch.inference_mode():
+        torch.testing.assert_close(lowered(x), model(x), **TOL)
+
+
+def test_blocks_of_an_onnx_file_are_fused(monkeypatch, tmp_path):
+    """``load_onnx`` lowers too: Clip(0, 6) imports as ReLU6, so a block exported to ONNX is found again."""
+    from sparsifx.backends.onnx_import import load_onnx
+    from sparsifx.backends.ort_runtime import export_dense_onnx
+
+    block = torchvision.models.mobilenetv2.InvertedResidual(8, 8, 1, 4)
+    model, x = masked(nn.Sequential(block, nn.ReLU()), torch.randn(1, 8, 10, 10))
+    export_dense_onnx(model, (x,), tmp_path / "m.onnx")
+    monkeypatch.setattr(cost_model, "median_ms", timer(0.5, onnxruntime_ms=10.0))  # the lowered model kept
+    lowered = load_onnx(tmp_path / "m.onnx")
     assert sum(isinstance(m, SparseInvertedResidual) for m in lowered.modules()) == 1
     with torch.inference_mode():
         torch.testing.assert_close(lowered(x), model(x), **TOL)
