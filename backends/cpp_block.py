@@ -49,6 +49,8 @@ static void depthwise_fixed(const float* __restrict E, const float* __restrict w
   int ttb[K * K], nt = 0;  // the non-zero taps: their offset (row * W + column), column and weight
   for (int t = 0; t < K * K; ++t)
     if (w[t] != 0.f) { toff[nt] = (t / K) * W + t % K; ttb[nt] = t % K; wv[nt++] = v8{} + w[t]; }
+  // two copies of the vector loop on purpose: folded into one helper taking the tap sum as a lambda, the dense
+  // filter's loop (all K * K taps unrolled) ran 5-9% slower on mobilenet_v2's blocks
   if (2 * nt < K * K) {  // a sparse filter (a pruned depthwise layer): only its non-zero taps
     for (int64_t i = 0; i < R; ++i) {
       const float* er = E + i * S * W - P;
