@@ -431,7 +431,7 @@ class Lower(PassBase):
         from .lower_blocks import plan_block
 
         originals = {name: module for name, module, _ in targets}
-        weights = {name: effective_weight(module).detach() for name, module, _ in targets}
+        weights = {name: effective_weight(originals[name]).detach() for match in blocks for name in match.convs}
         fused = False
         for match in blocks:
             outcome = plan_block(gm, match, originals, weights, infos, shapes.get(match.convs[0]), CONV_TIMING_REPS)
